@@ -1,0 +1,1 @@
+"""Data: raw-layout readers, TFDS builders, the grain input pipeline and the synthetic demo data."""

@@ -1,0 +1,28 @@
+"""Label vocabularies shared by the data pipeline, the model heads and the evaluation."""
+
+# The 14 ChestX-ray14 pathologies, spelled exactly as in Data_Entry_2017*.csv, in CheXNet's order.
+PATHOLOGIES = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+NO_FINDING = "No Finding"
+
+# The binary metadata head: one logit per entry, positive class named by the entry.
+#   view_ap:  1 = AP (anterior-posterior), 0 = PA (posterior-anterior)
+#   sex_male: 1 = male, 0 = female
+METADATA_TASKS = ("view_ap", "sex_male")
+
+# Ages outside this range (years) are treated as missing: the 2017 NIH CSV has a few impossible ages.
+PLAUSIBLE_AGE_YEARS = (0.0, 110.0)

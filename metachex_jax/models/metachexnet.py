@@ -1,0 +1,88 @@
+"""MetaChexNet: a DenseNet backbone whose pooled features feed pathology, metadata and age heads.
+
+    features = backbone(x)                        (N, 1024) for DenseNet-121
+    pathology  = Linear(features) -> 14 logits    (sigmoid; CheXNet's labels, `labels.PATHOLOGIES`)
+    metadata   = Linear(features) -> 2 logits     (sigmoid; `labels.METADATA_TASKS`: view AP?, sex male?)
+    age        = Linear -> ReLU -> Linear -> 1    (regression through an intermediate layer)
+
+The age head regresses a normalised age z; `age_years = age_mean + age_std * z`. Both are returned.
+Which heads exist comes from the config: the CheXNet baseline is the pathology head alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.models.densenet import DenseNet, linear_init
+
+
+def head(cin: int, cout: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(cin, cout, kernel_init=linear_init, bias_init=nnx.initializers.zeros, dtype=dtype,
+                      rngs=rngs)
+
+
+class MetaChexNet(nnx.Module):
+    """Multi-task chest X-ray network.
+
+    Args:
+      arch: backbone architecture, a key of `metachex_jax.models.SPECS`.
+      num_pathologies: size of the pathology head (0 for none).
+      metadata_tasks: names of the binary metadata logits (empty for no metadata head).
+      age_hidden: width of the age head's intermediate layer (0 for no age head).
+      age_mean, age_std: years; the age head predicts (age - age_mean) / age_std.
+      dtype: computation dtype; parameters stay float32.
+    """
+
+    def __init__(self, arch: str = "densenet121", *, num_pathologies: int = len(PATHOLOGIES),
+                 metadata_tasks: tuple[str, ...] = METADATA_TASKS, age_hidden: int = 256,
+                 age_mean: float = 47.0, age_std: float = 17.0, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.backbone = DenseNet(arch, num_classes=None, dtype=dtype, rngs=rngs)
+        f = self.backbone.num_features
+        self.metadata_tasks = tuple(metadata_tasks)
+        self.age_mean, self.age_std = float(age_mean), float(age_std)
+        self.pathology_head = head(f, num_pathologies, dtype, rngs) if num_pathologies else None
+        self.metadata_head = head(f, len(metadata_tasks), dtype, rngs) if metadata_tasks else None
+        self.age_hidden = head(f, age_hidden, dtype, rngs) if age_hidden else None
+        self.age_out = head(age_hidden, 1, dtype, rngs) if age_hidden else None
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def features(self, x):
+        """Frozen-probe features: the backbone's pooled (N, num_features) output, float32."""
+        return self.backbone.features(x).astype(jnp.float32)
+
+    def heads(self, features) -> dict[str, Any]:
+        """Apply the configured heads to pooled features; outputs are float32."""
+        out = {}
+        if self.pathology_head is not None:
+            out["pathology"] = self.pathology_head(features).astype(jnp.float32)
+        if self.metadata_head is not None:
+            out["metadata"] = self.metadata_head(features).astype(jnp.float32)
+        if self.age_out is not None:
+            z = self.age_out(nnx.relu(self.age_hidden(features)))[..., 0].astype(jnp.float32)
+            out["age_z"] = z
+            out["age"] = self.age_mean + self.age_std * z
+        return out
+
+    def __call__(self, x) -> dict[str, Any]:
+        return self.heads(self.backbone.features(x))
+
+
+def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
+    """Build the model a config's `model` section describes (see `metachex_jax.config_lib`)."""
+    return MetaChexNet(
+        model_config.arch,
+        num_pathologies=model_config.num_pathologies,
+        metadata_tasks=tuple(model_config.metadata_tasks),
+        age_hidden=model_config.age_hidden,
+        age_mean=model_config.age_mean,
+        age_std=model_config.age_std,
+        dtype=jnp.dtype(model_config.dtype),
+        rngs=rngs,
+    )
