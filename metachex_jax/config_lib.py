@@ -1,0 +1,151 @@
+"""Building blocks for the `configs/*.py` files (ml_collections), in the style of big_vision.
+
+A config file is `get_config(arg)`; `arg` is the short string after the colon in
+`--config=configs/pretrain.py:demo,arch=densenet_tiny`. `parse_arg` turns it into a ConfigDict whose values keep
+the types of the defaults, so `res=64` is an int and `demo` alone means `demo=True`. Any field can still be
+overridden on the command line: `--config.optim.lr=3e-4`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parse "a,b=3,c=x" against `defaults` (the allowed keys and their types); unknown keys are an error."""
+    out = ml_collections.ConfigDict(defaults)
+    bad = []
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            bad.append(key)
+            continue
+        default = defaults[key]
+        if not value:
+            value = True if isinstance(default, bool) else None
+            if value is None:
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+        elif isinstance(default, bool):
+            value = value.lower() in ("1", "true", "yes", "y")
+        elif default is not None:
+            value = type(default)(value)
+        out[key] = value
+    if bad:
+        raise ValueError(f"unknown config argument(s) {bad}; allowed: {sorted(defaults)}")
+    return out
+
+
+def model_config(arch: str = "densenet121", multitask: bool = True) -> ml_collections.ConfigDict:
+    """The `model` section: MetaChexNet (all heads) or, with multitask=False, the CheXNet baseline."""
+    return ml_collections.ConfigDict(dict(
+        arch=arch,
+        num_pathologies=len(PATHOLOGIES),
+        metadata_tasks=list(METADATA_TASKS) if multitask else [],
+        age_hidden=256 if multitask else 0,  # width of the age head's intermediate layer; 0 = no age head
+        age_mean=47.0,  # years; the age head regresses (age - age_mean) / age_std
+        age_std=17.0,
+        dtype="float32",  # computation dtype; "bfloat16" on accelerators. Parameters stay float32.
+    ))
+
+
+def loss_config(multitask: bool = True) -> ml_collections.ConfigDict:
+    """The `loss` section: per-task weights of the summed loss and the per-task options."""
+    return ml_collections.ConfigDict(dict(
+        weights=dict(pathology=1.0, metadata=1.0 if multitask else 0.0, age=1.0 if multitask else 0.0),
+        # "none", or "chexnet": per-class positive/negative weights |N|/(|P|+|N|) and |P|/(|P|+|N|) from the
+        # training set's label prevalence, as in CheXNet.
+        class_weighting="none",
+        age_loss="l1",  # "l1" or "huber", on the normalised age
+        huber_delta=1.0,  # in units of age_std
+    ))
+
+
+def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size: int = 224):
+    """The `data` section: where the prepared dataset lives, how images are cropped and augmented."""
+    return ml_collections.ConfigDict(dict(
+        dataset=dataset,
+        data_dir="~/tensorflow_datasets",  # where `python -m metachex_jax.prepare` wrote the dataset
+        manual_dir="",  # raw copy; if set and the dataset is missing, it is prepared first
+        resolution=resolution,  # stored R x R at build time
+        image_size=image_size,  # model input S x S (random crop for training, centre crop for eval)
+        val_fraction=0.1,  # of train_val patients, carved out by patient at build time
+        val_seed=0,
+        workers=0,  # grain multiprocess workers per host (0 = in-process)
+        augment=dict(flip_prob=0.5, rotation_deg=5.0, scale=(0.95, 1.05), translate=0.03),
+    ))
+
+
+def optim_config(lr: float = 1e-3):
+    """The `optim` section: CheXNet's recipe by default (Adam, lr 1e-3, reduce-on-plateau by 10x)."""
+    return ml_collections.ConfigDict(dict(
+        name="adam",  # "adam" or "adamw"
+        lr=lr,
+        b1=0.9,
+        b2=0.999,
+        weight_decay=0.0,
+        grad_clip_norm=0.0,  # 0 = off
+        schedule="plateau",  # "plateau" (on validation loss) or "cosine" (with linear warmup)
+        plateau_factor=0.1,
+        plateau_patience=1,  # evaluations without improvement before the lr is reduced
+        warmup_steps=0,
+        # Scale the lr with the global batch: lr * batch_size / reference_batch ("linear"), or "none".
+        lr_scaling="none",
+        reference_batch=16,  # CheXNet's batch size
+    ))
+
+
+def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDict:
+    """The whole pretraining config; `configs/pretrain.py` (multitask) and `configs/chexnet.py` call this.
+
+    `arg`: demo, runlocal, arch=..., res=IMAGE_SIZE, init=MODEL_INIT_PATH (see the config files' docstrings).
+    """
+    arg = parse_arg(arg, demo=False, runlocal=False, arch="densenet121", res=0, init="")
+    c = ml_collections.ConfigDict()
+    c.trainer = "pretrain"
+    c.seed = 0
+    # Stored resolution R and crop S keep CheXNet's 256 -> 224 ratio: R = S * 8 / 7.
+    image_size = arg.res or (64 if arg.demo else 224)
+    c.data = data_config("chestxray14", resolution=image_size * 8 // 7, image_size=image_size)
+    c.model = model_config(arg.arch, multitask)
+    c.loss = loss_config(multitask)
+    c.optim = optim_config(lr=1e-3)
+    c.batch_size_per_device = 16  # global batch = batch_size_per_device x devices (CheXNet: 16 on one GPU)
+    c.num_epochs = 15
+    c.eval_every_steps = 0  # 0 = once per epoch
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 0  # 0 = at every evaluation
+    c.keep_checkpoints = 2  # the latest N are kept, plus the best by validation mean AUROC
+    c.n_boot = 1000  # bootstrap resamples (by patient) for confidence intervals
+    c.eval_batch_size_per_device = 64
+    # Where the starting weights come from, in this order (written once, in train.initial_state):
+    #   1. this run's own workdir (automatic resume), 2. `resume` (another run's checkpoint, full state),
+    #   3. `model_init` (backbone weights only: converted ImageNet weights or another run; heads are new),
+    #   4. random initialisation.
+    c.resume = ""
+    c.model_init = arg.init
+    c.distributed = "auto"  # "auto": jax.distributed.initialize() when a cluster is detected; "yes"; "no"
+    c.demo = False  # generate and prepare the synthetic demo data if missing (see metachex_jax.demo_data)
+    c.demo_dir = "~/.cache/metachex_jax/demo"  # raw demo tree + prepared datasets live here
+    if arg.demo:
+        c.demo = True
+        c.data.val_fraction = 0.15
+        c.batch_size_per_device = 32
+        c.eval_batch_size_per_device = 64
+        c.num_epochs = 6
+        c.optim.schedule = "cosine"
+        c.optim.warmup_steps = 20
+        c.log_every_steps = 10
+        c.n_boot = 200
+    if arg.runlocal:
+        c.num_epochs = 1
+        c.max_steps = 4  # stop after this many steps (0 = no limit)
+        c.eval_max_batches = 2
+        c.log_every_steps = 1
+        c.n_boot = 20
+    else:
+        c.max_steps = 0
+        c.eval_max_batches = 0  # 0 = the whole split
+    return c

@@ -1,0 +1,71 @@
+"""The prepared datasets a run reads, found (or, for the demo, made) from the config's `data` section.
+
+Real data is prepared once with `python -m metachex_jax.prepare` (see the README). A run then opens the
+ArrayRecord splits with `tfds.data_source`. If the dataset is missing, the run prepares it when
+`config.data.manual_dir` names the raw copy; otherwise it stops with instructions. With `config.demo` the
+synthetic demo tree is generated (once) under `config.demo_dir` and prepared from there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from metachex_jax.data import builders
+
+NIH_SPLITS = ("train", "validation", "test")
+
+
+def _resolve_demo(config) -> tuple[str, str]:
+    """Generate the demo raw tree if missing; return (manual_dir for chestxray14, data_dir)."""
+    from metachex_jax import demo_data
+
+    root = os.path.expanduser(config.demo_dir)
+    demo_data.write_demo_data(os.path.join(root, "raw"), seed=0)
+    return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
+
+
+def _missing_message(name: str, data_dir: str) -> str:
+    return (
+        f"the prepared dataset {name} was not found in {data_dir}.\n"
+        "To use the real NIH ChestX-ray14 data: download it from https://nihcc.app.box.com/v/ChestXray-NIHCC "
+        "(images_001..012.tar.gz, Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt), unpack it, then\n"
+        f"  python -m metachex_jax.prepare --dataset=chestxray14 --manual_dir=RAW_DIR --data_dir={data_dir}\n"
+        "or pass --config.data.manual_dir=RAW_DIR to prepare it at the start of this run.\n"
+        "To try the pipeline without the real data, run the synthetic demo instead:\n"
+        "  python -m metachex_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/metachex_demo")
+
+
+def chestxray14_splits(config) -> dict:
+    """{"train", "validation", "test"} -> random-access sources of the prepared ChestX-ray14 dataset."""
+    data = config.data
+    manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
+    if config.demo:
+        manual_dir, data_dir = _resolve_demo(config)
+    config_name = builders.nih_config_name(data.resolution, data.val_fraction, data.val_seed)
+    name = f"chestxray14/{config_name}"
+    if not builders.is_prepared("chestxray14", config_name, data_dir):
+        if not manual_dir:
+            raise FileNotFoundError(_missing_message(name, data_dir))
+        if jax.process_count() > 1:
+            raise FileNotFoundError(f"{name} is not prepared in {data_dir}; prepare it once before a multi-host "
+                                    "run (python -m metachex_jax.prepare ...), not from every host at once")
+        from metachex_jax import prepare
+
+        logging.info("preparing %s from %s into %s", name, manual_dir, data_dir)
+        prepare.build_dataset("chestxray14", os.path.expanduser(manual_dir), data_dir,
+                              resolution=data.resolution, val_fraction=data.val_fraction, seed=data.val_seed)
+    return {split: builders.data_source("chestxray14", split, data_dir, config_name=config_name)
+            for split in NIH_SPLITS}
+
+
+def label_counts(source) -> tuple[np.ndarray, int]:
+    """(positives per pathology, number of images) of a split, for CheXNet's class weights."""
+    positives = np.zeros(0)
+    for i in range(len(source)):
+        labels = np.asarray(source[i]["labels"], np.int64)
+        positives = labels if i == 0 else positives + labels
+    return positives, len(source)

@@ -1,0 +1,92 @@
+"""Evaluation of a pretraining state on one split: per-image predictions -> metrics -> files.
+
+Every image is counted exactly once: the eval pipeline pads the last batches and marks padding rows with
+example_mask 0, and those rows are dropped here before any metric is computed. Predictions from all hosts
+are gathered; only the lead host writes:
+
+    WORKDIR/eval/{tag}_step{N}_predictions.csv   one row per image: name, patient, targets, probabilities
+    WORKDIR/eval/{tag}_step{N}.json              every metric with its 95% CI (bootstrap over patients)
+    WORKDIR/eval/{tag}_step{N}.md                the same as a markdown table
+
+`python -m metachex_jax.reports recompute PREDICTIONS_CSV` recomputes the metrics from the CSV alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from metachex_jax import metrics, reports
+from metachex_jax.data import pipeline
+from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+
+
+def predict(eval_step, state, source, *, global_batch, image_size, data_sharding, max_batches=0, workers=0):
+    """Run `eval_step` over a split. Returns (per-image columns of the real examples, mean loss terms)."""
+    columns: dict[str, list] = {}
+    loss_sums: dict[str, float] = {}
+    count = 0.0
+    with pipeline.eval_batches(source, kind="nih", global_batch_size=global_batch, image_size=image_size,
+                               num_workers=workers) as batches:
+        for i, local in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in local.items()}
+            preds, loss_terms, n = eval_step(state, batch)
+            keep = {k: v for k, v in batch.items() if k != "image"}
+            gathered = multihost_utils.process_allgather({**keep, **preds}, tiled=True)
+            for k, v in gathered.items():
+                columns.setdefault(k, []).append(np.asarray(v))
+            for k, v in loss_terms.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
+            count += float(n)
+    table = {k: np.concatenate(v) for k, v in columns.items()}
+    real = table.pop("example_mask") > 0
+    table = {k: v[real] for k, v in table.items()}
+    return table, {k: v / max(count, 1.0) for k, v in loss_sums.items()}
+
+
+def prediction_columns(table: dict, image_names: list[str]) -> dict:
+    """Named per-image columns for the CSV: targets, masks and predictions side by side."""
+    cols = {"image_name": np.asarray(image_names), "patient_id": table["patient_id"], "index": table["index"]}
+    if "pathology_prob" in table:
+        for j, name in enumerate(PATHOLOGIES):
+            cols[f"{name}_true"] = table["pathology"][:, j]
+            cols[f"{name}_prob"] = table["pathology_prob"][:, j]
+    if "metadata_prob" in table:
+        for j, name in enumerate(METADATA_TASKS):
+            cols[f"{name}_true"] = table["metadata"][:, j]
+            cols[f"{name}_prob"] = table["metadata_prob"][:, j]
+    if "age_pred" in table:
+        cols["age_true"] = table["age"]
+        cols["age_valid"] = table["age_mask"]
+        cols["age_pred"] = table["age_pred"]
+    return cols
+
+
+def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, global_batch, image_size,
+                   data_sharding, loss_weights, n_boot, seed, max_batches=0, workers=0) -> dict:
+    """Predict, compute every metric, write the files; returns the metrics (with the weighted loss)."""
+    table, loss_terms = predict(eval_step, state, source, global_batch=global_batch, image_size=image_size,
+                                data_sharding=data_sharding, max_batches=max_batches, workers=workers)
+    names = [_text(source[int(i)]["image_name"]) for i in table["index"]]
+    cols = prediction_columns(table, names)
+    result = metrics.evaluate_predictions(cols, n_boot=n_boot, seed=seed)
+    result["loss"] = float(sum(loss_weights[k] * v for k, v in loss_terms.items()))
+    result.update({f"loss_{k}": v for k, v in loss_terms.items()})
+    result["split"], result["step"] = split, int(step)
+    if jax.process_index() == 0:
+        out = os.path.join(workdir, "eval")
+        os.makedirs(out, exist_ok=True)
+        stem = os.path.join(out, f"{tag}_step{step}")
+        reports.write_predictions_csv(stem + "_predictions.csv", cols)
+        reports.write_json(stem + ".json", result)
+        reports.write_text(stem + ".md", reports.multitask_markdown(result, title=f"{split}, step {step}"))
+    return result
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

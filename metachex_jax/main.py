@@ -1,0 +1,45 @@
+"""Entry point: `python -m metachex_jax.main --config=configs/pretrain.py[:ARGS] --workdir=DIR`.
+
+Deliberately thin: parse flags, start the multi-host runtime when asked or detected, print the config, and
+hand over to the trainer the config names (`config.trainer`). Everything else is importable from tests and
+notebooks (`metachex_jax.train.train_and_evaluate(config, workdir)`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from metachex_jax import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and evaluation results are written.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str):
+    """Dispatch to the trainer that `config.trainer` names."""
+    if config.trainer == "pretrain":
+        from metachex_jax import train
+        return train.train_and_evaluate(config, workdir)
+    raise ValueError(f"unknown config.trainer {config.trainer!r}; expected 'pretrain'")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    distributed.maybe_initialize(config.get("distributed", "auto"))
+    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+    if jax.process_index() == 0:
+        logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+        logging.info("config:\n%s", config)
+    run(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,211 @@
+"""Pretraining: `train_and_evaluate(config, workdir)`, read top to bottom as the run happens.
+
+  1. mesh and shardings       one "data" axis over every device of every host; state replicated
+  2. input                    prepared ChestX-ray14 splits -> grain iterators -> global jax.Arrays
+  3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim
+  4. starting weights         own workdir (resume) > config.resume > config.model_init (backbone) > random
+  5. steps                    one jitted train step (state donated), one jitted eval step
+  6. loop                     log, evaluate on validation, reduce-on-plateau, checkpoint, stop loudly on NaN
+  7. final evaluation         the best checkpoint on the test split -> WORKDIR/eval/
+
+Everything a run writes lives in the workdir: checkpoints/, eval/, metrics.jsonl, tensorboard/.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from metachex_jax import checkpointing, convert, evaluate, optim, train_state
+from metachex_jax.data import datasets, pipeline
+from metachex_jax.losses import chexnet_class_weights
+from metachex_jax.metric_writer import MetricWriter
+from metachex_jax.models import build_model, count_params
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def make_mesh():
+    """A 1-D device mesh over all devices; the axis is named so a model axis can be added later."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def to_global(batch: dict, sharding) -> dict:
+    """Per-host numpy batch -> global jax.Arrays sharded along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, train_iter):
+    """Pick the starting weights, in this order, and say which was used:
+
+    1. this run's own checkpoints in WORKDIR/checkpoints (automatic resume, input position included);
+    2. `config.resume`: another run's checkpoint directory (full state; the input starts afresh);
+    3. `config.model_init`: backbone weights only (converted ImageNet weights or another run); new heads;
+    4. random initialisation (`fresh_state`, from config.seed).
+    Returns (state, meta, source).
+    """
+    abstract_state = checkpointing.abstract(fresh_state, replicated)
+    restored = checkpointing.restore_latest(manager, abstract_state, train_iter)
+    if restored is not None:
+        step, state, meta = restored
+        return state, meta, f"resumed from {workdir}/checkpoints step {step}"
+    if config.resume:
+        other = checkpointing.make_manager(os.path.expanduser(config.resume), keep=1 << 30, async_save=False)
+        restored = checkpointing.restore_latest(other, abstract_state)
+        if restored is None:
+            raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint")
+        step, state, meta = restored
+        other.close()
+        return state, {**meta, "resumed_from": config.resume}, f"full state from {config.resume} step {step}"
+    if config.model_init:
+        model = train_state.model_of(graphdef, fresh_state)
+        convert.load_backbone(os.path.expanduser(config.model_init), model)
+        _, params, stats = nnx.split(model, nnx.Param, ...)
+        state = fresh_state.replace(params=params, batch_stats=stats)
+        return jax.device_put(state, replicated), {}, f"backbone from {config.model_init}; heads random"
+    return fresh_state, {}, f"random initialisation (seed {config.seed})"
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train, evaluate on validation periodically and on test at the end. Returns the final test metrics."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    lead = jax.process_index() == 0
+
+    # 1. Mesh and shardings.
+    mesh = make_mesh()
+    data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    global_batch = config.batch_size_per_device * jax.device_count()
+    eval_batch = config.eval_batch_size_per_device * jax.device_count()
+
+    # 2. Input.
+    splits = datasets.chestxray14_splits(config)
+    steps_per_epoch = len(splits["train"]) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has {len(splits['train'])} images, fewer than one global batch "
+                         f"({global_batch}); lower config.batch_size_per_device")
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    eval_every = config.eval_every_steps or steps_per_epoch
+    checkpoint_every = config.checkpoint_every_steps or eval_every
+    train_iter = pipeline.train_batches(
+        splits["train"], kind="nih", global_batch_size=global_batch, image_size=config.data.image_size,
+        seed=config.seed, augmentation=pipeline.Augmentation(**config.data.augment),
+        num_workers=config.data.workers)
+
+    # 3. Model and optimiser.
+    model = build_model(config.model, nnx.Rngs(config.seed))
+    tx = optim.make_optimizer(config.optim, global_batch, total_steps)
+    graphdef, state = train_state.create(model, tx)
+    state = jax.device_put(state, replicated)
+    class_weights = None
+    if config.loss.class_weighting == "chexnet":
+        class_weights = chexnet_class_weights(*datasets.label_counts(splits["train"]))
+    elif config.loss.class_weighting != "none":
+        raise ValueError(f"config.loss.class_weighting must be 'none' or 'chexnet', got "
+                         f"{config.loss.class_weighting!r}")
+
+    # 4. Starting weights.
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    state, meta, source = initial_state(config, workdir, manager, graphdef, state, replicated, train_iter)
+    plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
+                            **meta.get("plateau", {}))
+    best = meta.get("best", {"val_mean_auroc": -math.inf, "step": None})
+    writer = MetricWriter(workdir)
+    if lead:
+        logging.info("model %s: %s parameters; %s", config.model.arch, f"{count_params(model):,}", source)
+        logging.info("%d devices, global batch %d, %d steps/epoch, %d steps", jax.device_count(), global_batch,
+                     steps_per_epoch, total_steps)
+
+    # 5. Steps.
+    dtype = jnp.dtype(config.model.dtype)
+    train_step = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, dtype, class_weights),
+                         donate_argnums=0, out_shardings=(replicated, replicated))
+    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, dtype))
+
+    def run_eval(split: str, step: int, tag: str) -> dict:
+        return evaluate.evaluate_split(
+            eval_step, state, splits[split], split=split, step=step, tag=tag, workdir=workdir,
+            global_batch=eval_batch, image_size=config.data.image_size, data_sharding=data_sharding,
+            loss_weights=config.loss.weights, n_boot=config.n_boot, seed=config.seed,
+            max_batches=config.eval_max_batches, workers=config.data.workers)
+
+    def save(step: int, metrics: dict | None = None):
+        bookkeeping = {"plateau": plateau.state(), "best": best, "config": config.to_dict()}
+        checkpointing.save(manager, step, state, train_iter, bookkeeping, metrics)
+
+    # 6. Loop.
+    step = int(state.step)
+    pending = None  # the previous step's metrics: checked for NaN one step late, so the device never idles
+    timer_step, timer = step, time.time()
+    try:
+        while step < total_steps:
+            batch = to_global(next(train_iter), data_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                check_finite(*pending)
+            pending = (step, metrics)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                check_finite(*pending)
+                elapsed = time.time() - timer
+                img_s = (step - timer_step) * global_batch / max(elapsed, 1e-9)
+                scalars = {k: float(v) for k, v in metrics.items()}
+                scalars["lr"] = optim.learning_rate(config.optim, global_batch, total_steps, step, state.opt_state)
+                scalars["img_per_s"] = img_s
+                eta = (total_steps - step) * global_batch / max(img_s, 1e-9)
+                writer.write(step, {f"train/{k}": v for k, v in scalars.items()},
+                             f"step {step}/{total_steps} loss {scalars['loss']:.4f} lr {scalars['lr']:.2e} "
+                             f"{img_s:.1f} img/s ETA {eta / 60:.1f} min")
+                timer_step, timer = step, time.time()
+            if step % eval_every == 0 or step == total_steps:
+                check_finite(*pending)
+                result = run_eval("validation", step, "validation")
+                val_loss, val_auroc = result["loss"], result["mean_auroc"]
+                if math.isfinite(val_auroc) and val_auroc > best["val_mean_auroc"]:
+                    best = {"val_mean_auroc": val_auroc, "step": step}
+                if config.optim.schedule == "plateau":
+                    scale = plateau.update(val_loss, optim.plateau_scale(state.opt_state))
+                    optim.set_plateau_scale(state.opt_state, scale)
+                writer.write(step, {f"val/{k}": v for k, v in result.items() if np.isscalar(v)},
+                             f"validation at step {step}: loss {val_loss:.4f} mean AUROC {val_auroc:.4f}")
+                save(step, {checkpointing.BEST_METRIC: val_auroc if math.isfinite(val_auroc) else -1.0})
+            elif step % checkpoint_every == 0:
+                check_finite(*pending)
+                save(step)
+        manager.wait_until_finished()
+
+        # 7. Final evaluation of the best checkpoint on the test split.
+        best_step = best["step"] or step
+        if best_step != step:
+            state, _ = checkpointing.restore_step(manager, best_step, checkpointing.abstract(state, replicated))
+        final = run_eval("test", best_step, "test")
+        writer.write(step, {f"test/{k}": v for k, v in final.items() if np.isscalar(v)},
+                     f"test (best validation checkpoint, step {best_step}): mean AUROC {final['mean_auroc']:.4f}")
+        return final
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        train_iter.close()
+        writer.close()
+
+
+def check_finite(step: int, metrics: dict) -> None:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        terms = {k: float(v) for k, v in metrics.items()}
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step} ({terms}); stopping. The last good checkpoint is left as it was; "
+            "lower optim.lr, enable optim.grad_clip_norm, or check the input data.")

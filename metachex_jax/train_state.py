@@ -1,0 +1,85 @@
+"""The training state and the jit-compiled steps that update it.
+
+    TrainState(step, params, batch_stats, opt_state)      a plain pytree: checkpointed by orbax as is
+
+The model's structure (`graphdef`) stays outside the state; the steps `nnx.merge` it with the arrays, run the
+model, and `nnx.split` the updated BatchNorm statistics back out. This keeps the jitted functions pure (no
+module or `nnx.Rngs` captured by a closure), as NNX's coming tree mode expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from metachex_jax import losses
+from metachex_jax.preprocessing import to_model_input
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of nnx.Param
+    batch_stats: Any  # nnx.State of everything else (BatchNorm running statistics)
+    opt_state: Any
+
+
+def create(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
+    state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+    return graphdef, state
+
+
+def model_of(graphdef, state: TrainState) -> nnx.Module:
+    """The NNX model holding the state's current weights (for evaluation, export, feature extraction)."""
+    return nnx.merge(graphdef, state.params, state.batch_stats)
+
+
+def make_train_step(graphdef, tx, loss_config, compute_dtype, class_weights=None):
+    """A pure function (state, batch) -> (state, metrics); the trainer jits it with the state donated."""
+
+    def train_step(state: TrainState, batch):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.batch_stats)
+            model.train()
+            outputs = model(to_model_input(batch["image"], compute_dtype))
+            total, terms = losses.multitask_loss(outputs, batch, loss_config, age_mean=model.age_mean,
+                                                 age_std=model.age_std, class_weights=class_weights)
+            _, new_stats = nnx.split(model, nnx.Param, ...)
+            return total, (terms, new_stats)
+
+        (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **{f"loss_{k}": v for k, v in terms.items()}}
+        return TrainState(state.step + 1, params, new_stats, opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, loss_config, compute_dtype):
+    """(state, batch) -> per-example predictions and the batch's summed loss terms (eval-mode BatchNorm)."""
+
+    def eval_step(state: TrainState, batch):
+        model = nnx.merge(graphdef, state.params, state.batch_stats)
+        model.eval()
+        outputs = model(to_model_input(batch["image"], compute_dtype))
+        _, terms = losses.multitask_loss(outputs, batch, loss_config, age_mean=model.age_mean,
+                                         age_std=model.age_std)
+        preds = {}
+        if "pathology" in outputs:
+            preds["pathology_prob"] = jax.nn.sigmoid(outputs["pathology"])
+        if "metadata" in outputs:
+            preds["metadata_prob"] = jax.nn.sigmoid(outputs["metadata"])
+        if "age" in outputs:
+            preds["age_pred"] = outputs["age"]
+        # Masked means per batch; the trainer weights them by the number of real examples.
+        n = jnp.sum(batch["example_mask"])
+        return preds, {k: v * n for k, v in terms.items()}, n
+
+    return eval_step

@@ -1,0 +1,60 @@
+"""Config files: argument parsing, the demo/baseline variants, loading through ml_collections' flag syntax."""
+
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from metachex_jax import config_lib, distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_arg_types_and_errors():
+    a = config_lib.parse_arg("demo,res=64,arch=densenet_tiny", demo=False, res=0, arch="densenet121", lr=1e-3)
+    assert a.demo is True and a.res == 64 and a.arch == "densenet_tiny" and a.lr == 1e-3
+    with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['bogus', 'other'\]"):
+        config_lib.parse_arg("bogus,other=1", demo=False)
+    with pytest.raises(ValueError, match="needs a value"):
+        config_lib.parse_arg("res", res=0)
+
+
+def _load(spec, *overrides):
+    fv = flags.FlagValues()
+    argv = ["prog", f"--config={spec}", *overrides]
+    # sys_argv: the override flags (--config.x.y) are found in argv, as in main where it is sys.argv.
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_pretrain_and_chexnet_configs_load_with_arguments_and_overrides():
+    c = _load(os.path.join(REPO, "configs/pretrain.py"))
+    assert c.model.arch == "densenet121" and c.data.image_size == 224 and c.data.resolution == 256
+    assert c.model.metadata_tasks == ["view_ap", "sex_male"] and c.model.age_hidden > 0
+    assert c.optim.name == "adam" and c.optim.lr == 1e-3 and c.optim.schedule == "plateau"
+    demo = _load(os.path.join(REPO, "configs/pretrain.py:demo"), "--config.optim.lr=3e-4")
+    assert demo.demo and demo.data.image_size == 64 and demo.optim.lr == 3e-4
+    base = _load(os.path.join(REPO, "configs/chexnet.py:runlocal,arch=densenet_tiny,res=32"))
+    assert base.model.metadata_tasks == [] and base.model.age_hidden == 0
+    assert base.loss.weights.metadata == 0 and base.loss.weights.age == 0
+    assert base.data.image_size == 32 and base.max_steps == 4 and base.model.arch == "densenet_tiny"
+
+
+def test_config_docstrings_carry_their_command():
+    for name in ("pretrain", "chexnet"):
+        text = open(os.path.join(REPO, "configs", f"{name}.py")).read()
+        assert f"python -m metachex_jax.main --config=configs/{name}.py" in text
+
+
+def test_distributed_initialised_only_when_asked_or_detected():
+    assert distributed.multiprocess_launch_detected({}) is None
+    assert distributed.multiprocess_launch_detected({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None
+    assert distributed.multiprocess_launch_detected({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}) == "SLURM"
+    assert distributed.multiprocess_launch_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU VM slice"
+    assert distributed.multiprocess_launch_detected({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert not distributed.maybe_initialize("auto", env={})  # a single-host run never initialises
+    assert not distributed.maybe_initialize("no", env={"JAX_COORDINATOR_ADDRESS": "x:1"})
+    with pytest.raises(ValueError, match="config.distributed"):
+        distributed.maybe_initialize("maybe", env={})
