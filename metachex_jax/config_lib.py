@@ -128,7 +128,8 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
     c.model_init = arg.init
     c.distributed = "auto"  # "auto": jax.distributed.initialize() when a cluster is detected; "yes"; "no"
     c.demo = False  # generate and prepare the synthetic demo data if missing (see metachex_jax.demo_data)
-    c.demo_dir = "~/.cache/metachex_jax/demo"  # raw demo tree + prepared datasets live here
+    c.demo_dir = "~/.cache/metachex_jax/demo"  # raw demo trees + prepared datasets live here
+    c.demo_data = dict(seed=0, num_nih=2000, num_shenzhen=300, num_montgomery=100, size=256)
     if arg.demo:
         c.demo = True
         c.data.val_fraction = 0.15

@@ -1,8 +1,9 @@
 """When to call `jax.distributed.initialize()`: exactly when asked, or when a multi-process launch is detected.
 
 `jax.distributed.initialize()` takes no arguments on Cloud TPU VM slices and under SLURM (JAX reads the
-environment), and an explicit coordinator elsewhere (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID, read by JAX itself). On a plain single host it raises, so a single-host run never calls it.
+environment). Elsewhere (a plain multi-node recipe, or several processes on one machine) set
+JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process; they are passed
+on explicitly. On a plain single host `initialize()` raises, so a single-host run never calls it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def maybe_initialize(mode: str = "auto", env=os.environ) -> bool:
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got {mode!r}")
     if mode == "yes" or (mode == "auto" and multiprocess_launch_detected(env)):
-        jax.distributed.initialize()
+        explicit = {}
+        if env.get("JAX_COORDINATOR_ADDRESS"):
+            explicit["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+            if "JAX_NUM_PROCESSES" in env:
+                explicit["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+            if "JAX_PROCESS_ID" in env:
+                explicit["process_id"] = int(env["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**explicit)
         return True
     return False

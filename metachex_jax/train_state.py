@@ -45,12 +45,13 @@ def make_train_step(graphdef, tx, loss_config, compute_dtype, class_weights=None
 
     def train_step(state: TrainState, batch):
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.batch_stats)
+            # copy: fresh Variables at this trace level, so BatchNorm may update its statistics here.
+            model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
             model.train()
             outputs = model(to_model_input(batch["image"], compute_dtype))
             total, terms = losses.multitask_loss(outputs, batch, loss_config, age_mean=model.age_mean,
                                                  age_std=model.age_std, class_weights=class_weights)
-            _, new_stats = nnx.split(model, nnx.Param, ...)
+            _, _, new_stats = nnx.split(model, nnx.Param, ...)
             return total, (terms, new_stats)
 
         (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -23,8 +23,11 @@ def _resolve_demo(config) -> tuple[str, str]:
     """Generate the demo raw tree if missing; return (manual_dir for chestxray14, data_dir)."""
     from metachex_jax import demo_data
 
-    root = os.path.expanduser(config.demo_dir)
-    demo_data.write_demo_data(os.path.join(root, "raw"), seed=0)
+    d = config.demo_data
+    # One folder per set of generator parameters, so a prepared dataset never outlives the tree it came from.
+    root = os.path.join(os.path.expanduser(config.demo_dir),
+                        f"seed{d.seed}_nih{d.num_nih}_sz{d.num_shenzhen}_mc{d.num_montgomery}_px{d.size}")
+    demo_data.write_demo_data(os.path.join(root, "raw"), **d)
     return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
 
 

@@ -1,0 +1,74 @@
+"""Helper for test_parallel.py: run a few real train steps of a tiny MetaChexNet on a fixed global batch and save
+the losses and final parameters. Run as a separate process so that the device count / process count can be set:
+
+  python tests/sharded_steps.py OUT.npz --mesh_devices=N            (N of this process's devices)
+  JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i python tests/sharded_steps.py OUT.npz
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from metachex_jax import config_lib, distributed, train, train_state  # noqa: E402
+from metachex_jax.models import build_model  # noqa: E402
+
+GLOBAL_BATCH, STEPS, SIZE = 16, 2, 32
+
+
+def global_batch(step: int) -> dict:
+    rng = np.random.default_rng(step)
+    return {
+        "image": rng.integers(0, 256, (GLOBAL_BATCH, SIZE, SIZE), dtype=np.uint8),
+        "pathology": rng.integers(0, 2, (GLOBAL_BATCH, 14)).astype(np.float32),
+        "pathology_mask": np.ones((GLOBAL_BATCH, 14), np.float32),
+        "metadata": rng.integers(0, 2, (GLOBAL_BATCH, 2)).astype(np.float32),
+        "metadata_mask": np.ones((GLOBAL_BATCH, 2), np.float32),
+        "age": rng.uniform(10, 90, GLOBAL_BATCH).astype(np.float32),
+        "age_mask": (rng.uniform(size=GLOBAL_BATCH) > 0.2).astype(np.float32),
+        "example_mask": np.ones(GLOBAL_BATCH, np.float32),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--mesh_devices", type=int, default=0, help="0 = every device of every process")
+    args = parser.parse_args()
+    distributed.maybe_initialize("auto")
+    devices = jax.devices()[: args.mesh_devices] if args.mesh_devices else jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    config = config_lib.pretrain_config(f"arch=densenet_tiny,res={SIZE}", multitask=True)
+    model = build_model(config.model, nnx.Rngs(0))
+    # Plain SGD: Adam divides by sqrt(v), which turns the last-bit noise of a near-zero gradient into a full
+    # lr-sized step of either sign, hiding what this checks (the sharded forward/backward and synchronised BN).
+    tx = optax.sgd(0.05)
+    graphdef, state = train_state.create(model, tx)
+    state = jax.device_put(state, replicated)
+    step_fn = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.float32), donate_argnums=0)
+
+    # Each process feeds its own contiguous slice of the global batch, as the input pipeline does per host.
+    n, i = jax.process_count(), jax.process_index()
+    per_process = GLOBAL_BATCH // n
+    losses = []
+    for step in range(STEPS):
+        local = {k: v[i * per_process:(i + 1) * per_process] for k, v in global_batch(step).items()}
+        state, metrics = step_fn(state, train.to_global(local, data_sharding))
+        losses.append(float(metrics["loss"]))
+    leaves = [np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats))]
+    if i == 0:
+        np.savez(args.out, losses=np.array(losses), *leaves)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The pretraining trainer end to end on a tiny synthetic ChestX-ray14 (the demo generator, 64 px) and a tiny
+DenseNet: outputs, metrics vs scikit-learn, resume after SIGKILL, NaN stop, corrupt-checkpoint fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from metachex_jax import checkpointing, config_lib, reports, train
+from metachex_jax.labels import PATHOLOGIES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = dict(seed=0, num_nih=160, num_shenzhen=12, num_montgomery=8, size=64)
+ARG = "demo,arch=densenet_tiny,res=32"
+
+
+def tiny_config(demo_dir, **overrides):
+    c = config_lib.pretrain_config(ARG, multitask=True)
+    c.demo_dir = str(demo_dir)
+    c.demo_data.update(DEMO)
+    c.batch_size_per_device = 8
+    c.eval_batch_size_per_device = 16
+    c.num_epochs = 1
+    c.max_steps = 6
+    c.eval_every_steps = 3
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+    c.n_boot = 20
+    c.optim.warmup_steps = 2
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def overrides_as_flags(c) -> list[str]:
+    """The same config for `python -m metachex_jax.main` (what differs from the `ARG` config file)."""
+    return [f"--config.demo_dir={c.demo_dir}"] + [f"--config.demo_data.{k}={v}" for k, v in DEMO.items()] + [
+        f"--config.{k}={c[k]}" for k in ("batch_size_per_device", "eval_batch_size_per_device", "num_epochs",
+                                         "max_steps", "eval_every_steps", "checkpoint_every_steps",
+                                         "log_every_steps", "n_boot")] + [
+        f"--config.optim.warmup_steps={c.optim.warmup_steps}"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_dir, tmp_path_factory):
+    """One uninterrupted tiny run (6 steps, evaluations at 3 and 6, checkpoints at 2, 3, 4, 6)."""
+    workdir = tmp_path_factory.mktemp("run")
+    result = train.train_and_evaluate(tiny_config(demo_dir), str(workdir))
+    return workdir, result
+
+
+def saved_state(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def test_run_writes_every_output_and_metrics_match_sklearn(finished_run):
+    workdir, result = finished_run
+    files = set(os.listdir(workdir / "eval"))
+    for stem in ("validation_step3", "validation_step6", "test_step6"):
+        assert {f"{stem}.json", f"{stem}.md", f"{stem}_predictions.csv"} <= files
+    lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
+    assert any("val/mean_auroc" in x for x in lines) and any("test/mean_auroc" in x for x in lines)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
+    # Every test image exactly once, and the per-pathology AUROCs agree with scikit-learn on the saved CSV.
+    cols = reports.read_predictions_csv(workdir / "eval" / "test_step6_predictions.csv")
+    assert len(set(cols["image_name"])) == len(cols["image_name"]) > 0
+    saved = json.load(open(workdir / "eval" / "test_step6.json"))
+    for name in PATHOLOGIES:
+        y, p = cols[f"{name}_true"], cols[f"{name}_prob"]
+        got = saved["pathology"][name]["auroc"]
+        if 0 < y.sum() < len(y):
+            assert abs(got - roc_auc_score(y, p)) < 1e-6
+        else:
+            assert got is None
+    assert result["mean_auroc"] == pytest.approx(saved["mean_auroc"])
+    # Kept: the latest two (4, 6) and the best by validation mean AUROC (3 or 6).
+    kept = {int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()}
+    assert {4, 6} <= kept <= {3, 4, 6}
+
+
+def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path):
+    reference, _ = finished_run
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "metachex_jax.main", f"--config={REPO}/configs/pretrain.py:{ARG}",
+           f"--workdir={workdir}"] + overrides_as_flags(tiny_config(demo_dir))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists():  # orbax renames a step directory into place when complete
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_at_kill = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert steps_at_kill and max(steps_at_kill) < 6
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    a, b = saved_state(reference, 6), saved_state(workdir, 6)
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _leaves(tree):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, finished_run, tmp_path):
+    workdir = tmp_path / "nan"
+    shutil.copytree(finished_run[0], workdir)
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    config = tiny_config(demo_dir, max_steps=12, num_epochs=5, **{"loss.weights.age": float("nan")})
+    with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 7"):
+        train.train_and_evaluate(config, str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path, caplog):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(finished_run[0], workdir)
+    state_dir = workdir / "checkpoints" / "6" / "state"
+    for root, _, names in os.walk(state_dir):
+        for name in names:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    manager = checkpointing.make_manager(str(workdir / "checkpoints"), keep=2, async_save=False)
+    like = saved_state(finished_run[0], 4)
+    import jax
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    step, state, meta = checkpointing.restore_latest(manager, checkpointing.abstract(like, cpu))
+    manager.close()
+    assert step == 4
+    assert any("step 6" in r.getMessage() and "could not be restored" in r.getMessage() for r in caplog.records)
+    for x, y in zip(_leaves(like), _leaves(state)):
+        np.testing.assert_array_equal(x, y)
