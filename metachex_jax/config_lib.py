@@ -74,7 +74,9 @@ def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size:
         val_fraction=0.1,  # of train_val patients, carved out by patient at build time
         val_seed=0,
         workers=0,  # grain multiprocess workers per host (0 = in-process)
-        augment=dict(flip_prob=0.5, rotation_deg=5.0, scale=(0.95, 1.05), translate=0.03),
+        # metachex_jax.data.augment.Augmentation's fields
+        augment=dict(random_crop=True, flip_probability=0.5, rotation_degrees=5.0, scale_range=(0.95, 1.05),
+                     translate_fraction=0.03),
     ))
 
 

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from metachex_jax import metrics, reports
 from metachex_jax.data import pipeline
-from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.labels import METADATA_TASKS
 
 
 def predict(eval_step, state, source, *, global_batch, image_size, data_sharding, max_batches=0, workers=0):
@@ -50,20 +50,18 @@ def predict(eval_step, state, source, *, global_batch, image_size, data_sharding
 
 
 def prediction_columns(table: dict, image_names: list[str]) -> dict:
-    """Named per-image columns for the CSV: targets, masks and predictions side by side."""
+    """Per-image columns for the CSV and for `metrics.evaluate_multitask`: targets, masks and predictions."""
     cols = {"image_name": np.asarray(image_names), "patient_id": table["patient_id"], "index": table["index"]}
     if "pathology_prob" in table:
-        for j, name in enumerate(PATHOLOGIES):
-            cols[f"{name}_true"] = table["pathology"][:, j]
-            cols[f"{name}_prob"] = table["pathology_prob"][:, j]
+        cols.update(pathology=table["pathology"], pathology_prob=table["pathology_prob"],
+                    pathology_mask=table["pathology_mask"])
     if "metadata_prob" in table:
-        for j, name in enumerate(METADATA_TASKS):
-            cols[f"{name}_true"] = table["metadata"][:, j]
-            cols[f"{name}_prob"] = table["metadata_prob"][:, j]
+        for j, task in enumerate(METADATA_TASKS):
+            cols[task] = table["metadata"][:, j]
+            cols[f"{task}_prob"] = table["metadata_prob"][:, j]
+            cols[f"{task}_mask"] = table["metadata_mask"][:, j]
     if "age_pred" in table:
-        cols["age_true"] = table["age"]
-        cols["age_valid"] = table["age_mask"]
-        cols["age_pred"] = table["age_pred"]
+        cols.update(age=table["age"], age_pred=table["age_pred"], age_mask=table["age_mask"])
     return cols
 
 
@@ -74,7 +72,7 @@ def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, globa
                                 data_sharding=data_sharding, max_batches=max_batches, workers=workers)
     names = [_text(source[int(i)]["image_name"]) for i in table["index"]]
     cols = prediction_columns(table, names)
-    result = metrics.evaluate_predictions(cols, n_boot=n_boot, seed=seed)
+    result = metrics.evaluate_multitask(cols, n_boot=n_boot, seed=seed)
     result["loss"] = float(sum(loss_weights[k] * v for k, v in loss_terms.items()))
     result.update({f"loss_{k}": v for k, v in loss_terms.items()})
     result["split"], result["step"] = split, int(step)
@@ -82,7 +80,7 @@ def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, globa
         out = os.path.join(workdir, "eval")
         os.makedirs(out, exist_ok=True)
         stem = os.path.join(out, f"{tag}_step{step}")
-        reports.write_predictions_csv(stem + "_predictions.csv", cols)
+        reports.write_predictions_csv(stem + "_predictions.csv", cols, column_names=reports.MULTITASK_COLUMN_NAMES)
         reports.write_json(stem + ".json", result)
         reports.write_text(stem + ".md", reports.multitask_markdown(result, title=f"{split}, step {step}"))
     return result

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from metachex_jax import checkpointing, convert, evaluate, optim, train_state
 from metachex_jax.data import datasets, pipeline
+from metachex_jax.data.augment import Augmentation
 from metachex_jax.losses import chexnet_class_weights
 from metachex_jax.metric_writer import MetricWriter
 from metachex_jax.models import build_model, count_params
@@ -102,7 +103,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpoint_every = config.checkpoint_every_steps or eval_every
     train_iter = pipeline.train_batches(
         splits["train"], kind="nih", global_batch_size=global_batch, image_size=config.data.image_size,
-        seed=config.seed, augmentation=pipeline.Augmentation(**config.data.augment),
+        seed=config.seed, augmentation=Augmentation(**config.data.augment),
         num_workers=config.data.workers)
 
     # 3. Model and optimiser.
@@ -122,7 +123,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, meta, source = initial_state(config, workdir, manager, graphdef, state, replicated, train_iter)
     plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
                             **meta.get("plateau", {}))
-    best = meta.get("best", {"val_mean_auroc": -math.inf, "step": None})
+    best = meta.get("best", {"val_mean_auroc": None, "step": None})  # by validation mean AUROC
     writer = MetricWriter(workdir)
     if lead:
         logging.info("model %s: %s parameters; %s", config.model.arch, f"{count_params(model):,}", source)
@@ -173,13 +174,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if step % eval_every == 0 or step == total_steps:
                 check_finite(*pending)
                 result = run_eval("validation", step, "validation")
-                val_loss, val_auroc = result["loss"], result["mean_auroc"]
-                if math.isfinite(val_auroc) and val_auroc > best["val_mean_auroc"]:
+                val_loss, val_auroc = result["loss"], result["mean_auroc"]["value"]
+                if math.isfinite(val_auroc) and (best["step"] is None or val_auroc > best["val_mean_auroc"]):
                     best = {"val_mean_auroc": val_auroc, "step": step}
                 if config.optim.schedule == "plateau":
                     scale = plateau.update(val_loss, optim.plateau_scale(state.opt_state))
                     optim.set_plateau_scale(state.opt_state, scale)
-                writer.write(step, {f"val/{k}": v for k, v in result.items() if np.isscalar(v)},
+                writer.write(step, summary_scalars("val", result),
                              f"validation at step {step}: loss {val_loss:.4f} mean AUROC {val_auroc:.4f}")
                 save(step, {checkpointing.BEST_METRIC: val_auroc if math.isfinite(val_auroc) else -1.0})
             elif step % checkpoint_every == 0:
@@ -192,14 +193,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if best_step != step:
             state, _ = checkpointing.restore_step(manager, best_step, checkpointing.abstract(state, replicated))
         final = run_eval("test", best_step, "test")
-        writer.write(step, {f"test/{k}": v for k, v in final.items() if np.isscalar(v)},
-                     f"test (best validation checkpoint, step {best_step}): mean AUROC {final['mean_auroc']:.4f}")
+        writer.write(step, summary_scalars("test", final),
+                     f"test (best validation checkpoint, step {best_step}): "
+                     f"mean AUROC {final['mean_auroc']['value']:.4f}")
         return final
     finally:
         manager.wait_until_finished()
         manager.close()
         train_iter.close()
         writer.close()
+
+
+def summary_scalars(prefix: str, result: dict) -> dict:
+    """The headline numbers of an evaluation, for metrics.jsonl and TensorBoard (the JSON file has them all)."""
+    out = {f"{prefix}/loss": result["loss"], f"{prefix}/mean_auroc": result["mean_auroc"]["value"]}
+    for task in ("sex_male", "view_ap"):
+        if task in result:
+            out[f"{prefix}/{task}_auroc"] = result[task]["auroc"]["value"]
+            out[f"{prefix}/{task}_accuracy"] = result[task]["accuracy"]["value"]
+    if "age" in result:
+        out[f"{prefix}/age_mae_years"] = result["age"]["mae_years"]["value"]
+        out[f"{prefix}/age_pearson_r"] = result["age"]["pearson_r"]["value"]
+    return out
 
 
 def check_finite(step: int, metrics: dict) -> None:

@@ -57,7 +57,7 @@ def make_train_step(graphdef, tx, loss_config, compute_dtype, class_weights=None
         (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **{f"loss_{k}": v for k, v in terms.items()}}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **{f"loss_{k}": v for k, v in terms.items()}}
         return TrainState(state.step + 1, params, new_stats, opt_state), metrics
 
     return train_step

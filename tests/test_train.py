@@ -82,14 +82,14 @@ def test_run_writes_every_output_and_metrics_match_sklearn(finished_run):
     cols = reports.read_predictions_csv(workdir / "eval" / "test_step6_predictions.csv")
     assert len(set(cols["image_name"])) == len(cols["image_name"]) > 0
     saved = json.load(open(workdir / "eval" / "test_step6.json"))
-    for name in PATHOLOGIES:
-        y, p = cols[f"{name}_true"], cols[f"{name}_prob"]
-        got = saved["pathology"][name]["auroc"]
+    for j, name in enumerate(PATHOLOGIES):
+        y, p = cols["pathology"][:, j], cols["pathology_prob"][:, j]
+        got = saved["pathology"][name]["auroc"]["value"]
         if 0 < y.sum() < len(y):
             assert abs(got - roc_auc_score(y, p)) < 1e-6
         else:
             assert got is None
-    assert result["mean_auroc"] == pytest.approx(saved["mean_auroc"])
+    assert result["mean_auroc"]["value"] == pytest.approx(saved["mean_auroc"]["value"])
     # Kept: the latest two (4, 6) and the best by validation mean AUROC (3 or 6).
     kept = {int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()}
     assert {4, 6} <= kept <= {3, 4, 6}

@@ -50,7 +50,7 @@ def chestxray14_splits(config) -> dict:
         manual_dir, data_dir = _resolve_demo(config)
     config_name = builders.nih_config_name(data.resolution, data.val_fraction, data.val_seed)
     name = f"chestxray14/{config_name}"
-    if not builders.is_prepared("chestxray14", config_name, data_dir):
+    if not builders.is_complete(data_dir, "chestxray14", config_name):
         if not manual_dir:
             raise FileNotFoundError(_missing_message(name, data_dir))
         if jax.process_count() > 1:
