@@ -1,0 +1,393 @@
+"""TFDS builders `chestxray14`, `shenzhen`, `montgomery`: raw copies -> ArrayRecord datasets (no TensorFlow).
+
+Build (the Python API; `tfds build` needs TensorFlow) -- or use metachex_jax.prepare.build_dataset:
+
+    builder = Chestxray14(config=nih_config(resolution=256), data_dir=OUT, skip_bad=False)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=RAW))
+
+Read (the exact call; importing this module is not needed to read):
+
+    source = tfds.data_source("chestxray14/r256", split="train", data_dir=OUT)   # also "validation", "test"
+    record = source[i]          # dict of numpy arrays / python scalars / bytes, see data_contract.md
+    tb_all = tfds.data_source("shenzhen/r256", split="train+validation+test", data_dir=OUT)  # split arithmetic
+                                                                                              # works (tested)
+or `builder.as_data_source()[split]`. `data_source(dataset, split, data_dir, ...)` below builds the name.
+
+Identity: the config name carries everything that changes the content, so two builds never mix:
+`r{resolution}` with the defaults, plus `_val{fraction}_seed{seed}` (chestxray14) or `_k{k}_seed{seed}` (TB)
+when those differ from the defaults ("." in a fraction is written "p": r256_val0p05_seed3). Configs outside
+BUILDER_CONFIGS are built with `config=nih_config(...)` and read by name exactly like the predefined ones (TFDS
+reads unknown configs from the files). `skip_bad` is not part of the identity: what it dropped is in the skip report.
+
+Storage: pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8)` (TFDS without TF cannot encode numpy
+through tfds.features.Image; the ArrayRecord writer compresses each record). Measured on the 2-core CPU dev box,
+300 synthetic X-ray-like 256x256 images (smooth anatomy + noise, BOX-downscaled from 1024), ArrayRecord, reading
+`source[i]["image"]` in a loop:
+    Tensor(uint8):       46.5 KiB/record, 0.50 ms/record read
+    PNG bytes (Image):   28.2 KiB/record, 0.77 ms/record read+decode
+PNG would save ~40% of disk (NIH at 256: ~3.2 instead of ~5.2 GB) at 1.5x the read cost and a Pillow decode in
+every input worker; reads are the hot path of every epoch while disk is paid once, so Tensor it is. (Synthetic
+images: real radiographs compress differently, so the size ratio is indicative.) Switching would change
+`_image_feature` and encode PNG bytes in the decoding workers.
+
+Records are written in the order the generator yields them (sorted by image name / id; `disable_shuffling=True`),
+so record index i is stable across builds of the same raw copy and config.
+
+Build pipeline: the raw copy is parsed (nih.load_nih / tb.load_tb: every problem collected; error or skip), images
+are decoded and resized in a process pool using every core (`num_workers`, images.decode_many) with a tqdm bar.
+An image that fails to decode is collected too; at the end of the build all failures raise one error (the build is
+then discarded) unless skip_bad. Raw-row problems stop the build before any decoding, so a copy with both kinds
+reports the image problems on the next attempt; `python -m metachex_jax.prepare --verify` reports both at once.
+
+Interrupted builds: TFDS writes into `<data_dir>/<name>/<config>/incomplete.XXXXXX_<version>/` and renames it to
+`<version>/` only after every split and dataset_info.json are written; an exception deletes the temporary folder.
+A killed process leaves `incomplete.*` behind, which readers never open (tfds only looks for `<version>/` with its
+dataset_info.json); `remove_incomplete_builds` clears such leftovers before a new build, under `build_lock`
+(one build per config at a time, so concurrent callers never delete each other's work; the second one waits and
+then reuses the finished dataset). The skip report
+(`skip_report.json`, format in `write_skip_report`) is written inside the temporary folder, so it appears exactly
+when the dataset does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from metachex_jax.data import images, nih, tb
+from metachex_jax.data.raw_common import Problem, RawDataError
+from metachex_jax.labels import PATHOLOGIES
+
+SKIP_REPORT_FILE = "skip_report.json"
+DEFAULT_RESOLUTION = 256
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_SEED = 0
+PREDEFINED_RESOLUTIONS = (256, 224, 512, 128, 1024)  # the first is the default config
+
+
+def _fraction_text(fraction: float) -> str:
+    return f"{fraction:g}".replace(".", "p")
+
+
+@dataclasses.dataclass(eq=False)
+class NihConfig(tfds.core.BuilderConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    seed: int = DEFAULT_SEED
+
+
+@dataclasses.dataclass(eq=False)
+class TbConfig(tfds.core.BuilderConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    num_folds: int = tb.DEFAULT_NUM_FOLDS
+    seed: int = DEFAULT_SEED
+
+
+def nih_config_name(resolution: int = DEFAULT_RESOLUTION, val_fraction: float = DEFAULT_VAL_FRACTION,
+                    seed: int = DEFAULT_SEED) -> str:
+    if (val_fraction, seed) == (DEFAULT_VAL_FRACTION, DEFAULT_SEED):
+        return f"r{resolution}"
+    return f"r{resolution}_val{_fraction_text(val_fraction)}_seed{seed}"
+
+
+def tb_config_name(resolution: int = DEFAULT_RESOLUTION, num_folds: int = tb.DEFAULT_NUM_FOLDS,
+                   seed: int = DEFAULT_SEED) -> str:
+    if (num_folds, seed) == (tb.DEFAULT_NUM_FOLDS, DEFAULT_SEED):
+        return f"r{resolution}"
+    return f"r{resolution}_k{num_folds}_seed{seed}"
+
+
+def nih_config(resolution: int = DEFAULT_RESOLUTION, val_fraction: float = DEFAULT_VAL_FRACTION,
+               seed: int = DEFAULT_SEED) -> NihConfig:
+    return NihConfig(name=nih_config_name(resolution, val_fraction, seed), resolution=resolution,
+                     val_fraction=val_fraction, seed=seed,
+                     description=f"{resolution}x{resolution} gray; validation = {val_fraction:g} of train_val "
+                                 f"patients (seed {seed})")
+
+
+def tb_config(resolution: int = DEFAULT_RESOLUTION, num_folds: int = tb.DEFAULT_NUM_FOLDS,
+              seed: int = DEFAULT_SEED) -> TbConfig:
+    return TbConfig(name=tb_config_name(resolution, num_folds, seed), resolution=resolution, num_folds=num_folds,
+                    seed=seed,
+                    description=f"{resolution}x{resolution} gray; {num_folds} stratified folds (seed {seed})")
+
+
+def _image_feature(resolution: int) -> tfds.features.Tensor:
+    return tfds.features.Tensor(shape=(resolution, resolution, 1), dtype=np.uint8)
+
+
+class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """What the three builders share: options, the decoding pool, decode-failure policy, the skip report."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, progress: bool = True,
+                 **kwargs):
+        kwargs.setdefault("file_format", "array_record")  # TFRecord would need TensorFlow
+        self._skip_bad = skip_bad
+        self._num_workers = num_workers
+        self._progress = progress
+        self._pool = None
+        self._problems: list[Problem] = []
+        self._flags: dict[str, list[str]] = {}
+        self._written: Counter = Counter()
+        super().__init__(**kwargs)
+
+    # -- subclass hooks --------------------------------------------------------------------------------------
+    def _read_raw(self, manual_dir: Path) -> dict[str, list]:
+        """Parse the raw copy -> {split: records}; record problems/flags on self."""
+        raise NotImplementedError
+
+    def _example(self, record, image: np.ndarray) -> tuple[str, dict]:
+        raise NotImplementedError
+
+    # -- tfds hooks ------------------------------------------------------------------------------------------
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        splits = self._read_raw(Path(dl_manager.manual_dir))
+        return {name: self._generate_examples(name, records) for name, records in splits.items()}
+
+    def _generate_examples(self, split: str, records: list):
+        decoded = images.decode_many([r.path for r in records], self.builder_config.resolution, pool=self._pool,
+                                     desc=f"{self.name} {split}", progress=self._progress)
+        for record, (image, error) in zip(records, decoded):
+            if error is not None:
+                self._problems.append(Problem("undecodable_image", _record_name(record), error))
+                continue
+            self._written[split] += 1
+            yield self._example(record, image[..., None])
+
+    def _download_and_prepare(self, dl_manager, download_config):
+        self._problems, self._flags, self._written = [], {}, Counter()
+        with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
+            super()._download_and_prepare(dl_manager, download_config)
+        decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
+        if decode_failures and not self._skip_bad:
+            raise RawDataError(self.name, decode_failures)  # the temporary dataset folder is then deleted
+        write_skip_report(Path(self.data_dir) / SKIP_REPORT_FILE, self, dl_manager.manual_dir)
+
+
+def _record_name(record) -> str:
+    return getattr(record, "image_name", None) or record.image_id
+
+
+def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None:
+    """The JSON written next to the records. Format:
+
+    {"dataset": "chestxray14", "config": "r256", "version": "1.0.0", "manual_dir": "...", "skip_bad": true,
+     "build_parameters": {"resolution": 256, ...},
+     "split_sizes": {"train": n, "validation": n, "test": n},         # records actually written
+     "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
+     "skipped_counts": {"kind": n, ...},
+     "flags": {"invalid_age": ["00000001_000.png", ...], ...}}        # kept, but with a value marked invalid
+    """
+    config = builder.builder_config
+    report = {
+        "dataset": builder.name,
+        "config": config.name,
+        "version": str(builder.version),
+        "manual_dir": os.fspath(manual_dir),
+        "skip_bad": builder._skip_bad,
+        "build_parameters": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                             if f.name in ("resolution", "val_fraction", "seed", "num_folds")},
+        "split_sizes": dict(sorted(builder._written.items())),
+        "skipped": [p.as_dict() for p in sorted(builder._problems)],
+        "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
+        "flags": builder._flags,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
+
+
+class Chestxray14(_RawImageBuilder):
+    """NIH ChestX-ray14 (112,120 frontal chest X-rays, 14 pathologies + age/sex/view metadata)."""
+
+    BUILDER_CONFIGS = [nih_config(r) for r in PREDEFINED_RESOLUTIONS]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download NIH ChestX-ray14 from https://nihcc.app.box.com/v/ChestXray-NIHCC (or a mirror). Put in one folder
+    (manual_dir): Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv), train_val_list.txt, test_list.txt and the
+    unpacked images_01..12.tar.gz (images/*.png or images_0NN/images/*.png; any depth). Then run
+    python -m metachex_jax.prepare --dataset=chestxray14 --manual_dir=THAT_FOLDER --data_dir=OUT
+    """
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.builder_config.resolution
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="NIH ChestX-ray14, 8-bit gray resized to RxR (aspect not preserved), official test split, "
+                        "validation carved from train_val by patient.",
+            features=tfds.features.FeaturesDict({
+                "image": _image_feature(r),
+                "image_name": tfds.features.Text(),
+                "patient_id": tfds.features.Scalar(dtype=np.int64),
+                "follow_up": tfds.features.Scalar(dtype=np.int64),
+                "labels": tfds.features.Tensor(shape=(len(PATHOLOGIES),), dtype=np.uint8),
+                "age": tfds.features.Scalar(dtype=np.float32),
+                "age_valid": tfds.features.Scalar(dtype=np.bool_),
+                "sex_male": tfds.features.Scalar(dtype=np.int64),
+                "view_ap": tfds.features.Scalar(dtype=np.int64),
+            }),
+            homepage="https://nihcc.app.box.com/v/ChestXray-NIHCC",
+            disable_shuffling=True,
+        )
+
+    def _read_raw(self, manual_dir: Path) -> dict[str, list]:
+        config = self.builder_config
+        raw = nih.load_nih(manual_dir, val_fraction=config.val_fraction, seed=config.seed, skip_bad=self._skip_bad)
+        self._problems += raw.problems
+        self._flags = {"invalid_age": raw.invalid_age_names}
+        return raw.splits
+
+    def _example(self, record: nih.NihRecord, image: np.ndarray) -> tuple[str, dict]:
+        return record.image_name, {
+            "image": image,
+            "image_name": record.image_name,
+            "patient_id": record.patient_id,
+            "follow_up": record.follow_up,
+            "labels": np.asarray(record.labels, dtype=np.uint8),
+            "age": np.float32(record.age),
+            "age_valid": record.age_valid,
+            "sex_male": record.sex_male,
+            "view_ap": record.view_ap,
+        }
+
+
+class _TbBuilder(_RawImageBuilder, skip_registration=True):
+    BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
+    SOURCE: tb.TbSource
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.builder_config.resolution
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"{self.SOURCE.folder} TB set, 8-bit gray resized to RxR; fixed stratified "
+                        "train/validation/test (70/10/20) and a stratified fold per record.",
+            features=tfds.features.FeaturesDict({
+                "image": _image_feature(r),
+                "image_id": tfds.features.Text(),
+                "tb": tfds.features.Scalar(dtype=np.int64),
+                "sex_male": tfds.features.Scalar(dtype=np.int64),
+                "age": tfds.features.Scalar(dtype=np.float32),
+                "age_valid": tfds.features.Scalar(dtype=np.bool_),
+                "fold": tfds.features.Scalar(dtype=np.int64),
+                "reading": tfds.features.Text(),
+            }),
+            homepage="https://lhncbc.nlm.nih.gov/LHC-downloads/tuberculosis-chest-x-ray-image-data-sets",
+            disable_shuffling=True,
+        )
+
+    def _read_raw(self, manual_dir: Path) -> dict[str, list]:
+        config = self.builder_config
+        raw = tb.load_tb(manual_dir, self.SOURCE.name, num_folds=config.num_folds, seed=config.seed,
+                         skip_bad=self._skip_bad)
+        self._problems += raw.problems
+        self._flags = raw.flags
+        return {split: raw.split(split) for split in ("train", "validation", "test")}
+
+    def _example(self, record: tb.TbRecord, image: np.ndarray) -> tuple[str, dict]:
+        return record.image_id, {
+            "image": image,
+            "image_id": record.image_id,
+            "tb": record.tb,
+            "sex_male": record.sex_male,
+            "age": np.float32(record.age),
+            "age_valid": record.age_valid,
+            "fold": record.fold,
+            "reading": record.reading,
+        }
+
+
+_TB_INSTRUCTIONS = """\
+    Download the {folder} set from https://lhncbc.nlm.nih.gov/LHC-downloads/tuberculosis-chest-x-ray-image-data-sets
+    and unpack it so that manual_dir is `{folder}` (holding CXR_png/ and ClinicalReadings/) or its parent. Then run
+    python -m metachex_jax.prepare --dataset={name} --manual_dir=THAT_FOLDER --data_dir=OUT
+    """
+
+
+class Shenzhen(_TbBuilder):
+    """Shenzhen TB set (662 images: 326 normal, 336 TB)."""
+
+    SOURCE = tb.SHENZHEN
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _TB_INSTRUCTIONS.format(folder=tb.SHENZHEN.folder, name="shenzhen")
+
+
+class Montgomery(_TbBuilder):
+    """Montgomery County TB set (138 images: 80 normal, 58 TB)."""
+
+    SOURCE = tb.MONTGOMERY
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _TB_INSTRUCTIONS.format(folder=tb.MONTGOMERY.folder, name="montgomery")
+
+
+BUILDERS = {"chestxray14": Chestxray14, "shenzhen": Shenzhen, "montgomery": Montgomery}
+
+
+def make_config(dataset: str, *, resolution: int = DEFAULT_RESOLUTION, val_fraction: float = DEFAULT_VAL_FRACTION,
+                num_folds: int = tb.DEFAULT_NUM_FOLDS, seed: int = DEFAULT_SEED) -> tfds.core.BuilderConfig:
+    """The config (hence the on-disk name) for a dataset; options that do not apply to it are ignored.
+
+    A predefined config is returned as the class's own object (TFDS refuses an equal copy under the same name).
+    """
+    if dataset == "chestxray14":
+        config = nih_config(resolution, val_fraction, seed)
+    elif dataset in ("shenzhen", "montgomery"):
+        config = tb_config(resolution, num_folds, seed)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[dataset].builder_configs.get(config.name, config)
+
+
+def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> Path:
+    """Where a complete build lives: <data_dir>/<dataset>/<config>/<version>."""
+    return Path(data_dir) / dataset / config_name / str(BUILDERS[dataset].VERSION)
+
+
+def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> bool:
+    """True when the build finished (tfds wrote dataset_info.json and renamed the folder into place)."""
+    return (dataset_dir(data_dir, dataset, config_name) / "dataset_info.json").is_file()
+
+
+@contextlib.contextmanager
+def build_lock(data_dir: str | os.PathLike, dataset: str, config_name: str) -> Iterator[None]:
+    """An exclusive lock (flock on <data_dir>/<dataset>/<config>/.build.lock) held while building that config."""
+    config_dir = Path(data_dir) / dataset / config_name
+    config_dir.mkdir(parents=True, exist_ok=True)
+    with open(config_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_incomplete_builds(data_dir: str | os.PathLike, dataset: str, config_name: str) -> list[Path]:
+    """Delete the `incomplete.*` folders an interrupted (killed) build left behind; returns what was removed.
+
+    Call it under `build_lock` (as prepare.build_dataset does), so that no live build's folder is removed.
+    """
+    config_dir = Path(data_dir) / dataset / config_name
+    leftovers = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path)
+    return leftovers
+
+
+def read_skip_report(data_dir: str | os.PathLike, dataset: str, config_name: str) -> dict:
+    return json.loads((dataset_dir(data_dir, dataset, config_name) / SKIP_REPORT_FILE).read_text())
+
+
+def data_source(dataset: str, split: str, data_dir: str | os.PathLike, *, config_name: str | None = None,
+                resolution: int = DEFAULT_RESOLUTION):
+    """`tfds.data_source("<dataset>/<config>", split=split, data_dir=data_dir)` (config defaults to r<resolution>)."""
+    config_name = config_name or f"r{resolution}"
+    return tfds.data_source(f"{dataset}/{config_name}", split=split, data_dir=os.fspath(data_dir))

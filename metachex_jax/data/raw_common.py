@@ -1,0 +1,83 @@
+"""What the raw-data readers (nih.py, tb.py) share: problem records, the all-at-once error, age parsing.
+
+Policy (the same for every dataset): a reader never stops at the first bad row. It collects every `Problem`
+(kind, item, detail), then either raises ONE `RawDataError` listing all of them, or, when the caller passed
+`skip_bad=True`, drops the offending items and returns the problems as the skip report. Soft issues that keep the
+item (an implausible or unparseable age, an unknown sex in a TB reading) are `flags`: counted and reported, never
+errors, and the value is marked invalid rather than guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+from metachex_jax.labels import PLAUSIBLE_AGE_YEARS
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Problem:
+    """One offending raw item. `item` names it (image name, file path or "file:line"); `kind` is machine-readable."""
+
+    kind: str
+    item: str
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+class RawDataError(ValueError):
+    """The raw copy has problems; `.problems` lists every one, the message names every offending item."""
+
+    def __init__(self, dataset: str, problems: Iterable[Problem], hint: str = "pass skip_bad=True (--skip_bad)"):
+        self.problems = sorted(problems)
+        counts = Counter(p.kind for p in self.problems)
+        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        lines = [f"{dataset}: {len(self.problems)} problem(s) in the raw data ({summary}):"]
+        lines += [f"  [{p.kind}] {p.item}: {p.detail}" for p in self.problems]
+        lines.append(f"Fix the raw copy, or {hint} to drop exactly these items and record them in the skip report.")
+        super().__init__("\n".join(lines))
+
+
+def raise_or_skip(dataset: str, problems: list[Problem], skip_bad: bool) -> list[Problem]:
+    """Raise RawDataError unless skip_bad; return the (sorted) problems that were skipped."""
+    if problems and not skip_bad:
+        raise RawDataError(dataset, problems)
+    return sorted(problems)
+
+
+_AGE_UNITS_IN_YEARS = {
+    "y": 1.0, "yr": 1.0, "yrs": 1.0, "year": 1.0, "years": 1.0,
+    "m": 1 / 12, "mo": 1 / 12, "mos": 1 / 12, "mon": 1 / 12, "month": 1 / 12, "months": 1 / 12, "mth": 1 / 12,
+    "mths": 1 / 12,
+    "w": 7 / 365.25, "wk": 7 / 365.25, "wks": 7 / 365.25, "week": 7 / 365.25, "weeks": 7 / 365.25,
+    "d": 1 / 365.25, "day": 1 / 365.25, "days": 1 / 365.25,
+}
+_AGE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]*)\.?$")
+
+
+def parse_age_years(text: str, *, bare_number_unit: str | None = None) -> float | None:
+    """Age text -> years, or None when it cannot be parsed.
+
+    Accepts "35", "035Y", "35yrs", "35 years", "8 months", "10days", "3wks" (case-insensitive). A bare number is
+    only accepted when the source defines its unit (`bare_number_unit="y"` for the NIH CSV's "Patient Age");
+    elsewhere it is unparseable, not guessed.
+    """
+    match = _AGE_RE.match(text.strip().lower())
+    if not match:
+        return None
+    number, unit = match.groups()
+    unit = unit or bare_number_unit
+    if unit not in _AGE_UNITS_IN_YEARS:
+        return None
+    years = float(number) * _AGE_UNITS_IN_YEARS[unit]
+    return years if math.isfinite(years) else None
+
+
+def is_plausible_age(years: float | None) -> bool:
+    low, high = PLAUSIBLE_AGE_YEARS
+    return years is not None and low <= years <= high

@@ -1,0 +1,1051 @@
+"""Synthetic demo data: chest-X-ray-like PNGs with planted, learnable signals, in the REAL on-disk layouts.
+
+The real ChestX-ray14, Shenzhen and Montgomery sets cannot be downloaded here, so the demo, the tests and the
+README quick start run on this generator. It writes (see /work/shared/reference/datasets.md for the real ones):
+
+    DIR/ChestX-ray14/images_001/images/PPPPPPPP_FFF.png ...   (mirror layout, split across >= 2 folders)
+    DIR/ChestX-ray14/Data_Entry_2017_v2020.csv                 (the real header, unquoted: 11 comma fields)
+    DIR/ChestX-ray14/train_val_list.txt, test_list.txt         (patient-disjoint, no newline after the last name)
+    DIR/ChinaSet_AllFiles/CXR_png/CHNCXR_NNNN_L.png            (some RGB-mode, sizes not square)
+    DIR/ChinaSet_AllFiles/ClinicalReadings/CHNCXR_NNNN_L.txt   ("male 35yrs", varied spacing/case; reading)
+    DIR/MontgomerySet/CXR_png/MCUCXR_NNNN_L.png                (portrait/landscape, some 16-bit)
+    DIR/MontgomerySet/ClinicalReadings/MCUCXR_NNNN_L.txt       ("Patient's Sex: M", "Patient's Age: 035Y")
+    DIR/MontgomerySet/ManualMask/{leftMask,rightMask}/MCUCXR_NNNN_L.png   (from the generator's lung geometry)
+    DIR/README_SYNTHETIC.txt, DIR/demo_data_complete.json      (what this is; the marker, written last)
+
+Design:
+- One renderer, `render_chest`, draws every image of every set from a `ChestFactors` (findings, TB, sex, age,
+  view, acquisition style). Anatomy is analytic in isotropic normalised coordinates (lungs are tapered
+  superellipses cut by diaphragm domes), so lung masks come for free and any image size works. Densities are
+  added up, then windowed, gamma-mapped, blurred and noised; everything is vectorised numpy (FFT blurs).
+- Each factor changes the image in its own way (see PLANTED_SIGNALS); TB reuses the NIH opacity, nodule and
+  fibrosis primitives but places them in the upper zones, so NIH pretraining has something to transfer.
+- Randomness: every image draws from `np.random.default_rng((seed, dataset, purpose, index, component))`, one
+  stream per component (pose, anatomy, each finding, ...). Parallelism therefore cannot change a byte, and
+  toggling one finding leaves every other part of the image identical (the tests use this).
+- `write_demo_data` builds the tree in a temporary sibling folder and renames it into place, with the marker
+  file written last, so an interrupted run never leaves a tree that looks complete. It returns at once when a
+  complete tree with the same parameters exists, and refuses any other non-empty folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from metachex_jax.labels import NO_FINDING, PATHOLOGIES
+
+GENERATOR_VERSION = 1
+MARKER_NAME = "demo_data_complete.json"
+README_NAME = "README_SYNTHETIC.txt"
+NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet"
+NIH_CSV_NAME = "Data_Entry_2017_v2020.csv"
+# The real header, byte for byte. The bracketed names contain commas and are NOT quoted in the real file, so
+# the csv module reads 11 fields: width, height, spacing x and spacing y are separate columns in every row.
+NIH_CSV_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
+
+# Per-image prevalence, scaled up from the real v2020 ranking so that even Hernia has 9% positives: a 2,000-image
+# set then has >= 30 positives per label in test and ~15 in a 10% validation carve, enough for AUROC to mean something.
+# Counts are exact per split (see _assign_labels), so the guarantee does not depend on the seed.
+NIH_PREVALENCE = {
+    "Atelectasis": 0.12, "Cardiomegaly": 0.09, "Effusion": 0.13, "Infiltration": 0.16, "Mass": 0.10,
+    "Nodule": 0.10, "Pneumonia": 0.09, "Pneumothorax": 0.10, "Consolidation": 0.09, "Edema": 0.09,
+    "Emphysema": 0.09, "Fibrosis": 0.09, "Pleural_Thickening": 0.09, "Hernia": 0.09,
+}
+NIH_TEST_PATIENT_FRACTION = 0.23  # the real split puts ~23% of images (by patient) in test
+NIH_IMAGES_PER_FOLDER = 1000
+NIH_MALE_FRACTION, NIH_AP_FRACTION = 0.56, 0.40
+SHENZHEN_TB_FRACTION = 336 / 662
+MONTGOMERY_TB_FRACTION = 58 / 138
+MONTGOMERY_ASPECT = 4892 / 4020  # real images are 4020x4892 (portrait) or 4892x4020 (landscape)
+
+PLANTED_SIGNALS = """\
+Planted signals (each factor changes the image in its own way, with random nuisance variation):
+  Atelectasis         a dense plate-like band in a lower zone, ipsilateral hemidiaphragm raised
+  Cardiomegaly        heart about 1.38x larger (wider cardiac silhouette)
+  Effusion            fluid filling a lung base with a lateral meniscus (blunted costophrenic angle)
+  Infiltration        large, diffuse, fine-textured faint patchy opacity
+  Mass                one large irregular bright blob
+  Nodule              1-3 small round bright spots
+  Pneumonia           medium patchy opacity, medium texture, lower/mid zones
+  Pneumothorax        an apical-lateral rim without vessels, darker, bounded by a thin bright pleural line
+  Consolidation       a large dense homogeneous opacity with lobulated edges
+  Edema               bilateral hazy perihilar ("butterfly") opacity
+  Emphysema           hyperlucent lungs, sparse vessels, low flattened diaphragm
+  Fibrosis            reticular network of fine lines, basal and peripheral
+  Pleural_Thickening  a bright rim along the lateral pleura
+  Hernia              a gas bubble with an air-fluid level behind the heart
+  Sex                 female: narrower, shorter thorax plus breast soft-tissue shadows
+  View AP             magnification: larger heart, wider mediastinum, clavicles higher, scapulae over the lungs
+  Age (years)         bone density: ribs, clavicles and spine get fainter linearly with age
+  TB                  upper-zone patchy opacities (the NIH textures), satellite nodules, cavities in ~45%,
+                      sometimes a pleural effusion or apical fibrotic lines
+Nuisance: position, scale, rotation, thorax shape, heart size, exposure window, gamma, blur and noise."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Random streams: one per (seed, dataset, purpose, index, component).
+# ----------------------------------------------------------------------------------------------------------
+
+DATASET_CODES = {"chestxray14": 1, "shenzhen": 2, "montgomery": 3}
+PURPOSE_METADATA, PURPOSE_IMAGE = 0, 1
+COMPONENTS = ("pose", "anatomy", "vessels", "style", "noise", "tb", "tb_lesions", "tb_effusion", "tb_fibrosis")
+COMPONENTS += PATHOLOGIES
+COMPONENT_CODES = {name: code for code, name in enumerate(COMPONENTS)}
+
+
+def metadata_rng(seed: int, dataset: str) -> np.random.Generator:
+    return np.random.default_rng([seed, DATASET_CODES[dataset], PURPOSE_METADATA, 0, 0])
+
+
+def image_key(seed: int, dataset: str, index: int) -> tuple[int, int, int, int]:
+    """The key every random draw of one image derives from (independent of processes and order)."""
+    return (seed, DATASET_CODES[dataset], PURPOSE_IMAGE, index)
+
+
+def component_rng(key: Sequence[int], component: str) -> np.random.Generator:
+    return np.random.default_rng([*key, COMPONENT_CODES[component]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image primitives (vectorised; coordinates are isotropic: 1 unit = half the shorter image side).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _gaussian_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur in the Fourier domain (periodic edges; fine for the small sigmas and noise used here)."""
+    h, w = image.shape
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    transfer = np.exp(-2.0 * (np.pi * sigma_px) ** 2 * (fx**2 + fy**2)).astype(np.float32)
+    return np.fft.irfft2(np.fft.rfft2(image) * transfer, s=image.shape).astype(np.float32, copy=False)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float, px_per_unit: float) -> np.ndarray:
+    """Zero-mean, unit-std random field with correlation length `sigma` (normalised units)."""
+    field = _gaussian_blur(rng.standard_normal(shape, dtype=np.float32), max(sigma * px_per_unit, 0.5))
+    return field / (field.std() + 1e-8)
+
+
+def _ridges(field: np.ndarray, width: float) -> np.ndarray:
+    """Thin curvy lines along the zero level set of a smooth random field (vessels, reticulation)."""
+    return np.exp(-((field / width) ** 2))
+
+
+def _soft_step(x: np.ndarray, edge: float) -> np.ndarray:
+    """0 for x < -edge, 1 for x > edge, a linear ramp between (the final blur rounds it off; cheap)."""
+    t = x * (0.5 / edge)
+    t += 0.5
+    return np.clip(t, 0.0, 1.0, out=t)
+
+
+def _soft_disk(u, v, cu: float, cv: float, radius, edge: float) -> np.ndarray:
+    return _soft_step(radius - np.sqrt((u - cu) ** 2 + (v - cv) ** 2), edge)
+
+
+def _ellipse(u, v, cu: float, cv: float, ru: float, rv: float, edge: float) -> np.ndarray:
+    distance = (np.sqrt(((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2) - 1.0) * min(ru, rv)
+    return _soft_step(-distance, edge)
+
+
+def _segment_distance(u, v, start: tuple[float, float], end: tuple[float, float]) -> np.ndarray:
+    (u0, v0), (u1, v1) = start, end
+    du, dv = u1 - u0, v1 - v0
+    t = np.clip(((u - u0) * du + (v - v0) * dv) / (du * du + dv * dv), 0.0, 1.0)
+    return np.sqrt((u - u0 - t * du) ** 2 + (v - v0 - t * dv) ** 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The renderer.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AcquisitionStyle:
+    """Per-dataset look (a domain shift between NIH, Shenzhen and Montgomery)."""
+
+    gamma: float
+    window_low: float
+    window_high: float
+    noise_std: float
+    blur: float  # normalised units
+
+
+STYLES = {
+    "chestxray14": AcquisitionStyle(gamma=1.0, window_low=-0.02, window_high=0.95, noise_std=0.012, blur=0.009),
+    "shenzhen": AcquisitionStyle(gamma=0.85, window_low=0.02, window_high=0.90, noise_std=0.008, blur=0.008),
+    "montgomery": AcquisitionStyle(gamma=1.15, window_low=-0.05, window_high=1.00, noise_std=0.010, blur=0.011),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChestFactors:
+    """Everything that is a label somewhere; all other variation is nuisance drawn from the image key."""
+
+    findings: frozenset[str] = frozenset()  # NIH pathologies (names from labels.PATHOLOGIES)
+    tb: bool = False
+    sex_male: bool = True
+    age: float = 45.0  # years
+    view_ap: bool = False
+    style: str = "chestxray14"
+
+
+@dataclasses.dataclass(frozen=True)
+class TBPlan:
+    """Where the TB lesions go; drawn from the image's "tb" stream so the reading text matches the image."""
+
+    sides: tuple[int, ...]  # -1 = image left (patient right), +1 = image right (patient left)
+    cavity: bool
+    effusion_side: int  # 0 = none
+    fibrosis: bool
+
+
+def sample_tb_plan(key: Sequence[int]) -> TBPlan:
+    rng = component_rng(key, "tb")
+    sides = (-1, 1) if rng.random() < 0.35 else (int(rng.choice([-1, 1])),)
+    return TBPlan(
+        sides=sides,
+        cavity=bool(rng.random() < 0.45),
+        effusion_side=int(rng.choice([-1, 1])) if rng.random() < 0.15 else 0,
+        fibrosis=bool(rng.random() < 0.25),
+    )
+
+
+@dataclasses.dataclass
+class _Lung:
+    """One lung: a superellipse tapered towards the apex, cut by a diaphragm dome."""
+
+    side: int
+    center_u: float
+    center_v: float
+    half_width: float
+    half_height: float
+    dome_top: float
+    dome_curvature: float
+
+    def half_width_at(self, v):
+        taper = np.clip((v - (self.center_v - self.half_height)) / (1.2 * self.half_height), 0.0, 1.0)
+        return self.half_width * (0.45 + 0.55 * np.sqrt(taper))
+
+    def local(self, u, v):
+        """(a, b): lung-local coordinates, a > 0 lateral, |a|, |b| < ~1 inside."""
+        a = self.side * (u - self.center_u) / self.half_width_at(v)
+        b = (v - self.center_v) / self.half_height
+        return a, b
+
+    def boundary_level(self, u, v):
+        """< 0 inside the superellipse, 0 on its boundary (unitless)."""
+        a, b = self.local(u, v)
+        p = 2.6
+        return (np.abs(a) ** p + np.abs(b) ** p) ** (1.0 / p) - 1.0
+
+    def dome(self, u):
+        return self.dome_top + self.dome_curvature * ((u - self.center_u) / self.half_width) ** 2
+
+    def point(self, rng: np.random.Generator, b_range: tuple[float, float], a_range=(-0.55, 0.6)):
+        """A random point inside the lung at relative height b (-1 apex .. +1 base)."""
+        b = rng.uniform(*b_range)
+        v = self.center_v + b * self.half_height
+        a = rng.uniform(*a_range)
+        u = self.center_u + self.side * a * float(self.half_width_at(v))
+        return float(u), float(min(v, self.dome(u) - 0.03))
+
+
+class _Canvas:
+    """Coordinate grids for one image plus helpers that need the pixel scale."""
+
+    def __init__(self, shape: tuple[int, int], pose_rng: np.random.Generator):
+        h, w = shape
+        self.shape = shape
+        self.px_per_unit = min(h, w) / 2.0
+        shift_u, shift_v = pose_rng.normal(0.0, 0.03, size=2).tolist()
+        zoom = 1.0 + float(pose_rng.normal(0.0, 0.03))
+        angle = float(pose_rng.normal(0.0, 0.03))
+        u0 = ((np.arange(w) - (w - 1) / 2.0) / self.px_per_unit)[None, :]
+        v0 = ((np.arange(h) - (h - 1) / 2.0) / self.px_per_unit)[:, None]
+        cos, sin = math.cos(angle), math.sin(angle)
+        # float32 halves the cost of every elementwise operation below.
+        self.u = ((cos * u0 + sin * v0) / zoom - shift_u).astype(np.float32)
+        self.v = ((-sin * u0 + cos * v0) / zoom - shift_v).astype(np.float32)
+        self.edge = max(0.012, 1.5 / self.px_per_unit)  # soft edges never sharper than ~1.5 px
+
+    def noise(self, rng: np.random.Generator, sigma: float) -> np.ndarray:
+        return _smooth_noise(rng, self.shape, sigma, self.px_per_unit)
+
+
+# (texture scale, threshold, roughness, softness): Consolidation = coarse, Pneumonia = medium, Infiltration = fine;
+# TB lesions pick one of the same three, which is what makes NIH pretraining useful for TB.
+OPACITY_TEXTURES = {
+    "coarse": (0.06, 0.45, 0.2, 0.12),
+    "medium": (0.03, 0.45, 0.4, 0.12),
+    "fine": (0.015, 0.55, 0.55, 0.25),
+}
+
+
+def _patchy_opacity(c: _Canvas, rng, center, radius, texture, threshold, roughness, softness):
+    """Shared opacity primitive (consolidation, pneumonia, infiltration, TB): a textured, thresholded blob."""
+    cu, cv = center
+    envelope = np.exp(-((c.u - cu) ** 2 + (c.v - cv) ** 2) / (2.0 * radius**2))
+    return np.clip((envelope * (1.0 + roughness * c.noise(rng, texture)) - threshold) / softness, 0.0, 1.0)
+
+
+def _nodules(c: _Canvas, centers, radii) -> np.ndarray:
+    """Shared small round bright spots (Nodule, TB satellite nodules)."""
+    out = np.zeros(c.shape, np.float32)
+    for (cu, cv), r in zip(centers, np.asarray(radii).tolist()):
+        out = np.maximum(out, _soft_disk(c.u, c.v, cu, cv, r, 0.3 * r + 0.5 / c.px_per_unit))
+    return out
+
+
+def _reticulation(c: _Canvas, rng) -> np.ndarray:
+    """Shared reticular network of fine lines (Fibrosis, TB fibrotic change)."""
+    return _ridges(c.noise(rng, 0.012), 0.18)
+
+
+def _effusion(c: _Canvas, lung: _Lung, rng) -> np.ndarray:
+    """Fluid in the lung base with a meniscus rising laterally (blunted costophrenic angle)."""
+    level = lung.dome_top - float(rng.uniform(0.05, 0.18))
+    lateral = np.clip(lung.side * (c.u - lung.center_u) / lung.half_width + 0.3, 0.0, 1.3)
+    meniscus = level - float(rng.uniform(0.08, 0.16)) * lateral**2
+    return _soft_step(c.v - meniscus, 0.02)
+
+
+@dataclasses.dataclass
+class _Chest:
+    """One radiograph under construction: geometry plus the density layers the painters add to."""
+
+    key: Sequence[int]
+    factors: ChestFactors
+    canvas: _Canvas
+    thorax_w: float
+    thorax_h: float
+    bone: float  # bone density factor: falls linearly with age
+    heart_center: tuple[float, float]
+    lungs: dict[int, _Lung]
+    lung_field: dict[int, np.ndarray]  # soft masks, -1 = image left (patient right), +1 = image right
+    body: np.ndarray
+    heart: np.ndarray
+    density: np.ndarray  # soft tissue, heart, mediastinum, direct additions by painters
+    air: np.ndarray  # aerated lung (fluid and organs remove air)
+    lesions: np.ndarray  # opacities inside the lungs
+    vessel_weight: np.ndarray
+
+    def rng(self, component: str) -> np.random.Generator:
+        return component_rng(self.key, component)
+
+    def lung_point(self, rng, zone=(-0.7, 0.5)) -> tuple[float, float]:
+        return self.lungs[int(rng.choice([-1, 1]))].point(rng, zone)
+
+
+def _atelectasis_side(key: Sequence[int]) -> int:
+    """The collapsed side: the first draw of the Atelectasis stream (the geometry and the painter agree)."""
+    return int(component_rng(key, "Atelectasis").choice([-1, 1]))
+
+
+def _build_anatomy(key: Sequence[int], shape: tuple[int, int], factors: ChestFactors) -> _Chest:
+    """Pose, thorax, lungs, heart, mediastinum. Sex, view, age and the geometric findings act here."""
+    has = factors.findings.__contains__
+    c = _Canvas(shape, component_rng(key, "pose"))
+    u, v, edge = c.u, c.v, c.edge
+    anatomy = component_rng(key, "anatomy")
+    thorax_w = (1.0 if factors.sex_male else 0.9) * (1.0 + float(anatomy.normal(0.0, 0.035)))
+    thorax_h = (1.0 if factors.sex_male else 0.96) * (1.0 + float(anatomy.normal(0.0, 0.03)))
+    magnification = 1.15 if factors.view_ap else 1.0  # AP: the heart is farther from the detector
+    heart_scale = magnification * (1.0 + float(anatomy.normal(0.0, 0.06))) * (1.38 if has("Cardiomegaly") else 1.0)
+    bone = max(1.25 - 0.0085 * factors.age, 0.3) * (1.0 + float(anatomy.normal(0.0, 0.015)))
+    heart_u, heart_v = 0.1 + float(anatomy.normal(0.0, 0.015)), 0.17 + float(anatomy.normal(0.0, 0.02))
+    dome_tilt = float(anatomy.normal(0.0, 0.015))
+
+    emphysema = has("Emphysema")  # hyperinflation: taller lungs, low flat diaphragm
+    lungs = {
+        side: _Lung(
+            side=side,
+            center_u=side * 0.40 * thorax_w,
+            center_v=-0.08,
+            half_width=0.29 * thorax_w,
+            half_height=0.58 * thorax_h * (1.05 if emphysema else 1.0),
+            dome_top=0.33 * thorax_h + (0.03 if side == 1 else 0.0) + side * dome_tilt + (0.09 if emphysema else 0.0),
+            dome_curvature=0.03 if emphysema else 0.12,
+        )
+        for side in (-1, 1)
+    }
+    if has("Atelectasis"):  # volume loss raises the hemidiaphragm on the collapsed side
+        lungs[_atelectasis_side(key)].dome_top -= 0.06
+
+    body = _ellipse(u, v, 0.0, 0.12, 0.88 * thorax_w, 1.35, edge)
+    for side in (-1, 1):  # shoulders
+        body = np.maximum(body, _ellipse(u, v, side * 0.72 * thorax_w, -0.9, 0.38, 0.3, edge))
+    thickness = np.sqrt(np.clip(1.0 - (u / (0.9 * thorax_w)) ** 2, 0.0, 1.0))
+    heart = _ellipse(u, v, heart_u, heart_v, 0.29 * heart_scale, 0.21 * heart_scale, edge)
+    mediastinum_half_width = 0.09 * (1.3 if factors.view_ap else 1.0) + 0.03 * np.clip(v + 0.5, 0.0, 0.8)
+    mediastinum = _soft_step(mediastinum_half_width - np.abs(u - 0.01), edge) * _soft_step(0.3 - v, edge)
+    mediastinum = np.maximum(mediastinum, _soft_disk(u, v, 0.1, -0.33, 0.07, edge))  # aortic knob
+    lung_field = {
+        side: _soft_step(-lung.boundary_level(u, v) * lung.half_height, edge) * _soft_step(lung.dome(u) - v, edge)
+        for side, lung in lungs.items()
+    }
+    abdomen = np.where(u < 0.0, _soft_step(v - lungs[-1].dome(u), edge), _soft_step(v - lungs[1].dome(u), edge))
+    hila = np.exp(-((np.abs(u) - 0.2) ** 2 + (v + 0.02) ** 2) / 0.18)
+    return _Chest(
+        key=key, factors=factors, canvas=c, thorax_w=thorax_w, thorax_h=thorax_h, bone=bone,
+        heart_center=(heart_u, heart_v), lungs=lungs, lung_field=lung_field, body=body, heart=heart,
+        density=0.5 * body * (0.75 + 0.25 * thickness) + 0.04 * abdomen * body + 0.15 * mediastinum + 0.2 * heart,
+        air=np.maximum(lung_field[-1], lung_field[1]) * (1.0 - heart) * (1.0 - mediastinum),
+        lesions=np.zeros(c.shape, np.float32),
+        vessel_weight=(0.35 + 0.65 * hila) * (0.35 if emphysema else 1.0),  # vessels densest at the hila
+    )
+
+
+# ---- Finding painters: each draws from its own stream and adds to the chest's layers. ----
+
+
+def _add_effusion(ch: _Chest, side: int, rng) -> None:
+    fluid = _effusion(ch.canvas, ch.lungs[side], rng) * ch.lung_field[side]
+    ch.air = ch.air * (1.0 - fluid)
+    ch.density += 0.04 * fluid
+
+
+def _paint_effusion(ch: _Chest, rng) -> None:
+    for side in (-1, 1) if rng.random() < 0.35 else (int(rng.choice([-1, 1])),):
+        _add_effusion(ch, side, rng)
+
+
+def _paint_pneumothorax(ch: _Chest, rng) -> None:
+    u, v = ch.canvas.u, ch.canvas.v
+    lung = ch.lungs[int(rng.choice([-1, 1]))]
+    width = float(rng.uniform(0.10, 0.18))
+    level = lung.boundary_level(u, v)
+    _, b = lung.local(u, v)
+    upper = _soft_step(0.35 - b, 0.1) * ch.lung_field[lung.side]
+    rim = _soft_step(level + width, 0.01) * upper  # collapsed-away zone: no vessels, more air
+    ch.vessel_weight = ch.vessel_weight * (1.0 - rim)
+    ch.density -= 0.07 * rim
+    ch.density += 0.16 * np.exp(-(((level + width) / 0.012) ** 2)) * upper  # visceral pleural line
+
+
+def _paint_atelectasis(ch: _Chest, rng) -> None:
+    u, v = ch.canvas.u, ch.canvas.v
+    side = int(rng.choice([-1, 1]))  # == _atelectasis_side(key): the same first draw
+    pu, pv = ch.lungs[side].point(rng, (0.05, 0.45))
+    angle = float(rng.uniform(-0.35, 0.35))
+    across = np.abs((u - pu) * math.sin(angle) - (v - pv) * math.cos(angle))
+    along = np.abs((u - pu) * math.cos(angle) + (v - pv) * math.sin(angle))
+    width = float(rng.uniform(0.025, 0.045))
+    ch.lesions += 0.24 * np.exp(-((across / width) ** 2)) * _soft_step(0.22 - along, 0.04)
+
+
+def _paint_nodule(ch: _Chest, rng) -> None:
+    count = int(rng.integers(1, 4))
+    centers = [ch.lung_point(rng) for _ in range(count)]
+    ch.lesions += 0.26 * _nodules(ch.canvas, centers, rng.uniform(0.022, 0.04, count))
+
+
+def _paint_mass(ch: _Chest, rng) -> None:
+    u, v = ch.canvas.u, ch.canvas.v
+    mu, mv = ch.lung_point(rng, (-0.5, 0.35))
+    radius = float(rng.uniform(0.09, 0.14))
+    theta = np.arctan2(v - mv, u - mu)
+    phase3, phase5 = rng.uniform(0.0, 2.0 * np.pi, 2).tolist()
+    lobes = 1.0 + 0.12 * np.sin(3 * theta + phase3) + 0.08 * np.sin(5 * theta + phase5)
+    ch.lesions += 0.28 * _soft_disk(u, v, mu, mv, radius * lobes, 0.02)
+
+
+def _opacity_painter(density: float, radius_range, zone, texture: str):
+    """Consolidation, Pneumonia and Infiltration differ only in extent, zone, texture and density."""
+
+    def paint(ch: _Chest, rng) -> None:
+        radius = float(rng.uniform(*radius_range))
+        center = ch.lung_point(rng, zone)
+        ch.lesions += density * _patchy_opacity(ch.canvas, rng, center, radius, *OPACITY_TEXTURES[texture])
+
+    return paint
+
+
+def _paint_edema(ch: _Chest, rng) -> None:
+    u, v = ch.canvas.u, ch.canvas.v
+    spread = float(rng.uniform(0.14, 0.19))
+    haze = sum(np.exp(-(((u - s * 0.22) / spread) ** 2 + ((v - 0.02) / (1.3 * spread)) ** 2) / 2.0) for s in (-1, 1))
+    ch.lesions += 0.17 * haze * (1.0 + 0.25 * ch.canvas.noise(rng, 0.04))
+
+
+def _paint_fibrosis(ch: _Chest, rng) -> None:
+    weight = np.zeros(ch.canvas.shape, np.float32)
+    for lung in ch.lungs.values():  # basal and peripheral
+        a, b = lung.local(ch.canvas.u, ch.canvas.v)
+        weight = np.maximum(weight, np.clip(0.3 + 0.6 * b + 0.6 * a, 0.0, 1.0))
+    ch.lesions += 0.15 * _reticulation(ch.canvas, rng) * weight
+
+
+def _paint_pleural_thickening(ch: _Chest, rng) -> None:
+    sides = (-1, 1) if rng.random() < 0.4 else (int(rng.choice([-1, 1])),)
+    thickness_level = float(rng.uniform(0.08, 0.13))
+    for side in sides:
+        lung = ch.lungs[side]
+        a, _ = lung.local(ch.canvas.u, ch.canvas.v)
+        lateral = _soft_step(a + 0.2, 0.1)
+        rim = _soft_step(lung.boundary_level(ch.canvas.u, ch.canvas.v) + thickness_level, 0.01) * lateral
+        ch.lesions += 0.35 * rim * ch.lung_field[side]
+
+
+def _paint_hernia(ch: _Chest, rng) -> None:
+    u, v = ch.canvas.u, ch.canvas.v
+    heart_u, heart_v = ch.heart_center
+    cu, cv = heart_u + float(rng.normal(0.0, 0.03)), heart_v + 0.06 + float(rng.normal(0.0, 0.02))
+    radius = float(rng.uniform(0.07, 0.1))
+    inside = _soft_disk(u, v, cu, cv, radius, 0.008)
+    gas = inside * _soft_step(cv + float(rng.uniform(0.0, 0.4)) * radius - v, 0.006)  # above the fluid level
+    wall = np.exp(-(((np.sqrt((u - cu) ** 2 + (v - cv) ** 2) - radius) / 0.01) ** 2))
+    ch.density += -0.24 * gas + 0.04 * (inside - gas) + 0.12 * wall
+
+
+# Cardiomegaly and Emphysema change the geometry (see _build_anatomy); Emphysema also darkens the lungs.
+FINDING_PAINTERS = {
+    "Atelectasis": _paint_atelectasis,
+    "Effusion": _paint_effusion,
+    "Infiltration": _opacity_painter(0.13, (0.22, 0.3), (-0.4, 0.4), "fine"),
+    "Mass": _paint_mass,
+    "Nodule": _paint_nodule,
+    "Pneumonia": _opacity_painter(0.22, (0.12, 0.17), (0.0, 0.5), "medium"),
+    "Pneumothorax": _paint_pneumothorax,
+    "Consolidation": _opacity_painter(0.3, (0.14, 0.2), (-0.3, 0.4), "coarse"),
+    "Edema": _paint_edema,
+    "Fibrosis": _paint_fibrosis,
+    "Pleural_Thickening": _paint_pleural_thickening,
+    "Hernia": _paint_hernia,
+}
+
+
+def _paint_tb(ch: _Chest) -> None:
+    """TB: the NIH opacity, nodule and fibrosis primitives, placed in the upper zones, plus cavities."""
+    plan = sample_tb_plan(ch.key)
+    rng = ch.rng("tb_lesions")
+    u, v = ch.canvas.u, ch.canvas.v
+    for side in plan.sides:
+        for _ in range(int(rng.integers(1, 3))):
+            cu, cv = ch.lungs[side].point(rng, (-0.85, -0.25))
+            radius = float(rng.uniform(0.08, 0.13))
+            texture = OPACITY_TEXTURES[str(rng.choice(sorted(OPACITY_TEXTURES)))]
+            ch.lesions += 0.24 * _patchy_opacity(ch.canvas, rng, (cu, cv), radius, *texture)
+            count = int(rng.integers(2, 5))
+            offsets = rng.normal(0.0, radius, (count, 2)) * (1.3, 1.0)
+            satellites = [(cu + du, cv + dv) for du, dv in offsets.tolist()]
+            ch.lesions += 0.22 * _nodules(ch.canvas, satellites, rng.uniform(0.015, 0.028, count))
+    if plan.cavity:
+        cu, cv = ch.lungs[plan.sides[0]].point(rng, (-0.8, -0.35), (-0.3, 0.5))
+        radius = float(rng.uniform(0.04, 0.07))
+        outer = _soft_disk(u, v, cu, cv, radius, 0.008)
+        inner = _soft_disk(u, v, cu, cv, 0.65 * radius, 0.008)
+        ch.lesions += 0.3 * (outer - inner)
+        ch.density -= 0.08 * inner
+    if plan.effusion_side:
+        _add_effusion(ch, plan.effusion_side, ch.rng("tb_effusion"))
+    if plan.fibrosis:
+        upper = np.maximum(*(_soft_step(-0.35 - lung.local(u, v)[1], 0.1) for lung in ch.lungs.values()))
+        ch.lesions += 0.15 * _reticulation(ch.canvas, ch.rng("tb_fibrosis")) * upper
+
+
+def _bones(ch: _Chest) -> np.ndarray:
+    """Ribs, clavicles, scapulae, spine (all scaled by bone density, i.e. age) and breast shadows."""
+    u, v = ch.canvas.u, ch.canvas.v
+    factors, bone = ch.factors, ch.bone
+    cage = _ellipse(u, v, 0.0, -0.05, 0.74 * ch.thorax_w, 0.78, 0.03) * _soft_step(np.abs(u) - 0.06, 0.01)
+    spread = np.abs(u)
+    rib_height = v - 0.9 * spread**2 + 0.45 * spread  # posterior ribs rise from the spine, then curve down
+    ribs = (0.5 + 0.5 * np.cos(2.0 * np.pi * rib_height / (0.125 * ch.thorax_h))) ** 4
+    density = 0.12 * bone * ribs * cage
+    clavicle_v = -0.66 - (0.12 if factors.view_ap else 0.0)  # AP projects the clavicles higher
+    for side in (-1, 1):
+        start, end = (side * 0.07, clavicle_v + 0.06), (side * 0.62 * ch.thorax_w, clavicle_v - 0.08)
+        density += 0.2 * bone * _soft_step(0.03 - _segment_distance(u, v, start, end), 0.008)
+        scapula_u = side * (0.6 if factors.view_ap else 0.86) * ch.thorax_w  # AP: scapulae over the lungs
+        density += 0.12 * bone * _ellipse(u, v, scapula_u, -0.4, 0.14, 0.28, 0.02) * ch.body
+    vertebrae = 0.7 + 0.3 * (0.5 + 0.5 * np.cos(2.0 * np.pi * v / 0.11)) ** 2
+    density += 0.14 * bone * vertebrae * _soft_step(0.06 - np.abs(u), 0.01) * ch.body
+    if not factors.sex_male:
+        for side in (-1, 1):
+            breast = _ellipse(u, v, side * 0.43 * ch.thorax_w, 0.36, 0.27, 0.19, 0.05) * _soft_step(v - 0.3, 0.06)
+            density += 0.1 * breast
+    return density
+
+
+def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFactors) -> dict[str, np.ndarray]:
+    """Draws one radiograph.
+
+    Returns {"image": float (H, W) in [0, 1], "left_lung": bool, "right_lung": bool}; left/right are the
+    PATIENT's lungs (radiological convention: the patient's left lung is on the image's right).
+    """
+    unknown = sorted(set(factors.findings) - set(PATHOLOGIES))
+    if unknown:
+        raise ValueError(f"unknown findings {unknown}; expected names from {PATHOLOGIES}")
+    ch = _build_anatomy(key, shape, factors)
+    for name in PATHOLOGIES:
+        if name in factors.findings and name in FINDING_PAINTERS:
+            FINDING_PAINTERS[name](ch, ch.rng(name))
+    if factors.tb:
+        _paint_tb(ch)
+
+    lungs_total = np.maximum(ch.lung_field[-1], ch.lung_field[1])
+    vessels = _ridges(ch.canvas.noise(ch.rng("vessels"), 0.035), 0.14)
+    density = ch.density + 0.1 * vessels * ch.vessel_weight * lungs_total * (1.0 - ch.heart)
+    density -= (0.42 if "Emphysema" in factors.findings else 0.33) * ch.air
+    density += ch.lesions * lungs_total * (1.0 - 0.6 * ch.heart)
+    density += _bones(ch)
+
+    # Acquisition: exposure window, gamma, blur, noise.
+    style = STYLES[factors.style]
+    look = ch.rng("style")
+    low = style.window_low + float(look.normal(0.0, 0.02))
+    high = style.window_high + float(look.normal(0.0, 0.03))
+    gamma = style.gamma * (1.0 + float(look.normal(0.0, 0.05)))
+    image = np.clip((density - low) / (high - low), 0.0, 1.0) ** gamma
+    image = _gaussian_blur(image, style.blur * ch.canvas.px_per_unit)
+    image += style.noise_std * ch.rng("noise").standard_normal(ch.canvas.shape, dtype=np.float32)
+    lung_mask = {side: ch.lung_field[side] * (1.0 - ch.heart) > 0.5 for side in (-1, 1)}
+    return {"image": np.clip(image, 0.0, 1.0), "left_lung": lung_mask[1], "right_lung": lung_mask[-1]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What each set contains (metadata drawn in the main process from the set's metadata stream).
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageJob:
+    """One PNG to render and write (plus lung masks for Montgomery). Picklable for the process pool."""
+
+    key: tuple[int, ...]
+    shape: tuple[int, int]  # (height, width)
+    factors: ChestFactors
+    path: str  # relative to the tree root
+    mode: str = "L"  # "L" 8-bit gray, "RGB" gray in 3 channels, "I;16" 16-bit gray
+    mask_paths: tuple[str, str] | None = None  # (leftMask, rightMask)
+
+
+@dataclasses.dataclass(frozen=True)
+class NIHRecord:
+    image_index: str
+    findings: tuple[str, ...]
+    follow_up: int
+    patient_id: int
+    age: int
+    sex: str
+    view: str
+    test: bool
+
+
+def _assign_labels(rng: np.random.Generator, num_images: int) -> list[set[str]]:
+    """Exactly max(1, round(p * n)) positives per label among n images, independent across labels."""
+    labels = [set() for _ in range(num_images)]
+    for name in PATHOLOGIES:
+        count = min(num_images, max(1, round(NIH_PREVALENCE[name] * num_images)))
+        for i in rng.choice(num_images, size=count, replace=False):
+            labels[int(i)].add(name)
+    return labels
+
+
+def sample_nih_records(seed: int, num_images: int) -> list[NIHRecord]:
+    rng = metadata_rng(seed, "chestxray14")
+    follow_ups = []
+    while sum(follow_ups) < num_images:
+        follow_ups.append(min(int(rng.geometric(0.4)), 12))
+    follow_ups[-1] -= sum(follow_ups) - num_images
+    num_patients = len(follow_ups)
+    num_test = min(max(1, round(NIH_TEST_PATIENT_FRACTION * num_patients)), num_patients - 1)
+    test_patients = set((rng.permutation(num_patients)[:num_test] + 1).tolist())
+
+    records = []
+    for patient_id, count in enumerate(follow_ups, start=1):
+        sex = "M" if rng.random() < NIH_MALE_FRACTION else "F"
+        base_age = int(rng.integers(1, 18)) if rng.random() < 0.06 else int(np.clip(rng.normal(50, 16), 18, 93))
+        for follow_up in range(count):
+            records.append(NIHRecord(
+                image_index=f"{patient_id:08d}_{follow_up:03d}.png",
+                findings=(),
+                follow_up=follow_up,
+                patient_id=patient_id,
+                age=min(base_age + follow_up // 2, 95),
+                sex=sex,
+                view="AP" if rng.random() < NIH_AP_FRACTION else "PA",
+                test=patient_id in test_patients,
+            ))
+    # Labels are assigned per split so each split holds an exact, seed-independent number of positives.
+    for is_test in (False, True):
+        members = [i for i, r in enumerate(records) if r.test == is_test]
+        for i, labels in zip(members, _assign_labels(rng, len(members))):
+            records[i] = dataclasses.replace(records[i], findings=tuple(sorted(labels)))
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class TBRecord:
+    image_id: str  # e.g. CHNCXR_0001_0
+    tb: bool
+    sex_male: bool
+    age_years: float
+    age_text: str  # how the reading writes the age
+    shape: tuple[int, int]
+    mode: str
+
+
+def _tb_counts(num_images: int, tb_fraction: float) -> tuple[int, int]:
+    num_tb = min(max(1, round(tb_fraction * num_images)), num_images - 1)
+    return num_images - num_tb, num_tb
+
+
+def sample_shenzhen_records(seed: int, num_images: int, size: int) -> list[TBRecord]:
+    """Normals first, then TB (as the real numbering); ~5% infants with ages in months; some RGB PNGs.
+
+    First lines vary like the real ones: "male 35yrs", "Female  45yrs", "MALE 60 yr", "male 8month".
+    """
+    rng = metadata_rng(seed, "shenzhen")
+    num_normal, _ = _tb_counts(num_images, SHENZHEN_TB_FRACTION)
+    records = []
+    for i in range(num_images):
+        sex_male = bool(rng.random() < 0.7)
+        sex_word = ["male", "female"][not sex_male]
+        sex_word = [sex_word, sex_word.capitalize(), sex_word.upper()][int(rng.choice(3, p=[0.8, 0.15, 0.05]))]
+        if rng.random() < 0.05:
+            months = int(rng.integers(3, 24))
+            age_years, number, unit = months / 12.0, months, "month"
+        else:
+            age_years = float(rng.integers(2, 86))
+            number, unit = int(age_years), str(rng.choice(["yrs", "yrs", "yrs", "yr"]))
+        gap = " " if rng.random() < 0.8 else "  "
+        unit_gap = " " if rng.random() < 0.1 else ""
+        shape = (size - int(rng.integers(0, size // 8 + 1)), size - int(rng.integers(0, size // 8 + 1)))
+        records.append(TBRecord(
+            image_id=f"CHNCXR_{i + 1:04d}_{int(i >= num_normal)}",
+            tb=i >= num_normal,
+            sex_male=sex_male,
+            age_years=age_years,
+            age_text=f"{sex_word}{gap}{number}{unit_gap}{unit}",
+            shape=shape,
+            mode="RGB" if i % 10 == 3 else "L",
+        ))
+    return records
+
+
+def sample_montgomery_records(seed: int, num_images: int, size: int) -> list[TBRecord]:
+    """Normals first, then TB; every 4th image landscape, every 3rd a 16-bit PNG."""
+    rng = metadata_rng(seed, "montgomery")
+    num_normal, _ = _tb_counts(num_images, MONTGOMERY_TB_FRACTION)
+    long_side = round(size * MONTGOMERY_ASPECT)
+    records = []
+    for i in range(num_images):
+        sex_male = bool(rng.random() < 0.5)
+        age = int(rng.integers(5, 90))
+        records.append(TBRecord(
+            image_id=f"MCUCXR_{i + 1:04d}_{int(i >= num_normal)}",
+            tb=i >= num_normal,
+            sex_male=sex_male,
+            age_years=float(age),
+            age_text=f"{age:03d}Y",
+            shape=(size, long_side) if i % 4 == 2 else (long_side, size),
+            mode="I;16" if i % 3 == 1 else "L",
+        ))
+    return records
+
+
+_SIDE_WORDS = {-1: "right", 1: "left"}  # image side -> patient side
+
+
+def shenzhen_reading(record: TBRecord, key: Sequence[int]) -> str:
+    if not record.tb:
+        return f"{record.age_text}\nnormal\n"
+    plan = sample_tb_plan(key)
+    where = "bilateral" if len(plan.sides) == 2 else _SIDE_WORDS[plan.sides[0]]
+    parts = [f"{where} upper PTB" + (" with cavity" if plan.cavity else "")]
+    if plan.fibrosis:
+        parts.append("fibrous lesions in upper lobes")
+    if plan.effusion_side:
+        parts.append(f"{_SIDE_WORDS[plan.effusion_side]} pleural effusion")
+    return f"{record.age_text}\n{', '.join(parts)}\n"
+
+
+def montgomery_reading(record: TBRecord, key: Sequence[int]) -> str:
+    header = f"Patient's Sex: {'M' if record.sex_male else 'F'}\nPatient's Age: {record.age_text}\n"
+    if not record.tb:
+        return header + "normal\n"
+    plan = sample_tb_plan(key)
+    where = "Bilateral upper lobe" if len(plan.sides) == 2 else f"{_SIDE_WORDS[plan.sides[0]].capitalize()} upper lobe"
+    text = f"{where} {'cavitary ' if plan.cavity else ''}infiltrates, consistent with TB."
+    if plan.effusion_side:
+        text += f" Small {_SIDE_WORDS[plan.effusion_side]} pleural effusion."
+    return header + text + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def to_png_array(image: np.ndarray, mode: str) -> np.ndarray:
+    """float [0, 1] -> the pixel array stored for `mode` (16-bit uses the full 0..65535 range)."""
+    if mode == "I;16":
+        return np.round(image * 65535.0).astype(np.uint16)
+    gray = np.round(image * 255.0).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1) if mode == "RGB" else gray
+
+
+def _save_png(array: np.ndarray, path: str) -> None:
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _render_and_write(job: ImageJob, root: str) -> None:
+    rendered = render_chest(job.key, job.shape, job.factors)
+    _save_png(to_png_array(rendered["image"], job.mode), os.path.join(root, job.path))
+    if job.mask_paths:
+        for mask, path in zip((rendered["left_lung"], rendered["right_lung"]), job.mask_paths):
+            _save_png(mask.astype(np.uint8) * 255, os.path.join(root, path))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def _nih_files(root: str, seed: int, num_images: int, size: int) -> tuple[list[ImageJob], dict]:
+    records = sample_nih_records(seed, num_images)
+    base = os.path.join(root, NIH_DIR)
+    num_folders = min(max(2, math.ceil(num_images / NIH_IMAGES_PER_FOLDER)), 12, num_images)
+    per_folder = math.ceil(num_images / num_folders)
+    spacing = f"{0.143 * 1024 / size:.3f}"
+    jobs, rows = [], [NIH_CSV_HEADER]
+    for i, r in enumerate(records):
+        folder = os.path.join(NIH_DIR, f"images_{i // per_folder + 1:03d}", "images")
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        factors = ChestFactors(frozenset(r.findings), False, r.sex == "M", float(r.age), r.view == "AP", "chestxray14")
+        path = os.path.join(folder, r.image_index)
+        jobs.append(ImageJob(image_key(seed, "chestxray14", i), (size, size), factors, path))
+        labels = "|".join(r.findings) if r.findings else NO_FINDING
+        rows.append(",".join(map(str, (
+            r.image_index, labels, r.follow_up, r.patient_id, r.age, r.sex, r.view, size, size, spacing, spacing
+        ))))
+    _write_text(os.path.join(base, NIH_CSV_NAME), "\n".join(rows) + "\n")
+    # Real copies sometimes lack the newline after the last name; reproduce that.
+    _write_text(os.path.join(base, "train_val_list.txt"), "\n".join(r.image_index for r in records if not r.test))
+    _write_text(os.path.join(base, "test_list.txt"), "\n".join(r.image_index for r in records if r.test))
+    counts = {
+        "num_nih": len(records),
+        "num_nih_patients": len({r.patient_id for r in records}),
+        "num_nih_train_val": sum(not r.test for r in records),
+        "num_nih_test": sum(r.test for r in records),
+    }
+    return jobs, counts
+
+
+def _tb_files(root: str, seed: int, dataset: str, records: list[TBRecord]) -> list[ImageJob]:
+    folder = SHENZHEN_DIR if dataset == "shenzhen" else MONTGOMERY_DIR
+    subfolders = ["CXR_png", "ClinicalReadings"]
+    if dataset == "montgomery":
+        subfolders += [os.path.join("ManualMask", "leftMask"), os.path.join("ManualMask", "rightMask")]
+    for sub in subfolders:
+        os.makedirs(os.path.join(root, folder, sub), exist_ok=True)
+    jobs = []
+    for i, r in enumerate(records):
+        key = image_key(seed, dataset, i)
+        reading = shenzhen_reading(r, key) if dataset == "shenzhen" else montgomery_reading(r, key)
+        _write_text(os.path.join(root, folder, "ClinicalReadings", r.image_id + ".txt"), reading)
+        masks = None
+        if dataset == "montgomery":
+            masks = tuple(os.path.join(folder, "ManualMask", m, r.image_id + ".png") for m in ("leftMask", "rightMask"))
+        factors = ChestFactors(frozenset(), r.tb, r.sex_male, r.age_years, False, dataset)
+        path = os.path.join(folder, "CXR_png", r.image_id + ".png")
+        jobs.append(ImageJob(key, r.shape, factors, path, r.mode, masks))
+    return jobs
+
+
+def _readme(params: dict) -> str:
+    return (
+        "THIS DATA IS SYNTHETIC. It is not ChestX-ray14, Shenzhen or Montgomery and contains no patient data.\n"
+        "It was drawn by metachex_jax.demo_data (a procedural chest-X-ray-like renderer) only to exercise the\n"
+        "real on-disk layouts, the pipeline and the training code. Numbers measured on it say nothing about\n"
+        "real chest X-rays.\n\n"
+        f"Parameters: {json.dumps(params, sort_keys=True)}\n"
+        "Regenerate byte for byte with:\n"
+        f"  python -m metachex_jax.demo_data --out=DIR --seed={params['seed']} --num_nih={params['num_nih']} "
+        f"--num_shenzhen={params['num_shenzhen']} --num_montgomery={params['num_montgomery']} "
+        f"--size={params['size']}\n\n"
+        f"{PLANTED_SIGNALS}\n"
+    )
+
+
+_WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "67108864"}
+
+
+def _run_jobs(jobs: list[ImageJob], root: str, num_workers: int) -> None:
+    if num_workers <= 1 or len(jobs) < 64:  # starting workers costs more than a few dozen small images
+        for job in jobs:
+            _render_and_write(job, root)
+        return
+    # "spawn": safe even when the caller has JAX (threads) loaded; results do not depend on the workers.
+    # The workers inherit a glibc setting that keeps the renderer's ~0.25 MB temporaries on the heap instead
+    # of mmap/munmap per array: without it a third of the CPU time goes to page faults.
+    context = multiprocessing.get_context("spawn")
+    saved = {name: os.environ.get(name) for name in _WORKER_MALLOC_ENV}
+    os.environ.update(_WORKER_MALLOC_ENV)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+            chunk = max(1, len(jobs) // (8 * num_workers))
+            for _ in pool.map(_render_and_write, jobs, [root] * len(jobs), chunksize=chunk):
+                pass
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _generate(root: str, params: dict, num_workers: int) -> dict:
+    seed, size = params["seed"], params["size"]
+    jobs, counts = _nih_files(root, seed, params["num_nih"], size)
+    shenzhen = sample_shenzhen_records(seed, params["num_shenzhen"], size)
+    montgomery = sample_montgomery_records(seed, params["num_montgomery"], size)
+    jobs += _tb_files(root, seed, "shenzhen", shenzhen)
+    jobs += _tb_files(root, seed, "montgomery", montgomery)
+    _run_jobs(jobs, root, num_workers)
+    counts |= {
+        "num_shenzhen": len(shenzhen),
+        "num_shenzhen_tb": sum(r.tb for r in shenzhen),
+        "num_montgomery": len(montgomery),
+        "num_montgomery_tb": sum(r.tb for r in montgomery),
+    }
+    _write_text(os.path.join(root, README_NAME), _readme(params))
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tree: validate, reuse, or build in a temporary sibling and rename into place.
+# ----------------------------------------------------------------------------------------------------------
+
+TREE_ENTRIES = {NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, README_NAME, MARKER_NAME}
+
+
+def _validate(params: dict) -> None:
+    minimum = {"num_nih": 20, "num_shenzhen": 2, "num_montgomery": 2, "size": 32}
+    problems = [f"{name}={params[name]} (must be an integer >= {low})" for name, low in minimum.items()
+                if not isinstance(params[name], int) or params[name] < low]
+    if not isinstance(params["seed"], int) or params["seed"] < 0:
+        problems.append(f"seed={params['seed']} (must be a non-negative integer)")
+    if problems:
+        raise ValueError("invalid demo data parameters: " + "; ".join(problems))
+
+
+def _read_marker(out_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(out_dir, MARKER_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _result(out_dir: str, marker: dict, reused: bool, seconds: float) -> dict:
+    return {
+        "root": out_dir,
+        "chestxray14_dir": os.path.join(out_dir, NIH_DIR),
+        "shenzhen_dir": os.path.join(out_dir, SHENZHEN_DIR),
+        "montgomery_dir": os.path.join(out_dir, MONTGOMERY_DIR),
+        **marker["params"],
+        **marker["counts"],
+        "reused": reused,
+        "seconds": seconds,
+    }
+
+
+def write_demo_data(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    num_nih: int = 2000,
+    num_shenzhen: int = 300,
+    num_montgomery: int = 100,
+    size: int = 256,
+    num_workers: int | None = None,
+) -> dict:
+    """Writes (or reuses) a complete synthetic demo tree at `out_dir`; returns its paths, parameters, counts.
+
+    - `out_dir` absent or empty: generated in a temporary sibling, then renamed into place.
+    - `out_dir` a complete demo tree with the same parameters: returned at once (`reused=True`).
+    - `out_dir` a complete demo tree with other parameters: rebuilt and swapped in (nothing else is touched;
+      a tree holding files the generator did not write is refused instead).
+    - anything else non-empty: FileExistsError naming what is there.
+    `num_workers` (default: the CPU count) changes speed only, never the bytes written.
+    """
+    start = time.perf_counter()
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    params = {"version": GENERATOR_VERSION, "seed": seed, "num_nih": num_nih, "num_shenzhen": num_shenzhen,
+              "num_montgomery": num_montgomery, "size": size}
+    _validate(params)
+    existing = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
+    if os.path.exists(out_dir) and existing is None:
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    marker = _read_marker(out_dir) if existing else None
+    if existing:
+        if marker is None:
+            raise FileExistsError(
+                f"refusing to write demo data into {out_dir}: it is not empty and has no {MARKER_NAME} "
+                f"(not a complete demo tree); it contains: {', '.join(existing)}"
+            )
+        if marker.get("params") == params:
+            return _result(out_dir, marker, reused=True, seconds=time.perf_counter() - start)
+        foreign = [name for name in existing if name not in TREE_ENTRIES]
+        if foreign:
+            raise FileExistsError(
+                f"refusing to replace the demo tree {out_dir} (parameters {marker.get('params')} -> {params}): "
+                f"it also holds entries the generator did not write: {', '.join(foreign)}"
+            )
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        counts = _generate(staging, params, num_workers or os.cpu_count() or 1)
+        marker = {"generator": __name__, "params": params, "counts": counts}
+        _write_text(os.path.join(staging, MARKER_NAME), json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        if existing:  # a complete demo tree with other parameters: swap, then delete the old one
+            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(retired, "tree"))
+            os.rename(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            if existing is not None:
+                os.rmdir(out_dir)  # empty
+            os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _result(out_dir, marker, reused=False, seconds=time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to create (or reuse if it holds the same demo tree)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_nih", type=int, default=2000)
+    parser.add_argument("--num_shenzhen", type=int, default=300)
+    parser.add_argument("--num_montgomery", type=int, default=100)
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (NIH images are size x size)")
+    parser.add_argument("--num_workers", type=int, default=None, help="processes (default: CPU count)")
+    args = parser.parse_args(argv)
+    result = write_demo_data(args.out, args.seed, args.num_nih, args.num_shenzhen, args.num_montgomery,
+                             args.size, args.num_workers)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,568 @@
+"""Evaluation metrics with patient-level bootstrap confidence intervals (numpy only).
+
+Design
+------
+Every metric takes an optional `weight_mask`: non-negative per-example weights. A 0/1 mask says which
+examples count (a label may be unknown, e.g. sex = -1); integer weights are multiplicities, so a weighted
+metric equals the metric of the data set in which example i appears weight_mask[i] times. `weight_mask`
+may also be 2-D, shape (N, B): B weightings at once (one column each), giving B results. The bootstrap
+uses exactly this: a resample is a vector of multiplicities, so B resamples are one (N, B) weight matrix
+and every metric is computed for a chunk of resamples in a few vectorised passes over it. Examples run
+along axis 0 so that the cumulative sums the ROC needs add contiguous rows of B values (fast in numpy).
+
+Entries whose weight is 0 in every weighting are ignored entirely: their labels and scores may hold
+anything (NaN, -1 for "unknown"). Entries that count must have 0/1 labels and finite scores; otherwise a
+ValueError names every offending index. All arithmetic is float64 whatever the input dtype (float32 scores
+are upcast exactly), so a metric recomputed from a lossless copy of the inputs is bit-identical.
+
+Undefined metrics are NaN, never an error: AUROC (and sensitivity / specificity) when a class is absent,
+MAE when nothing counts, Pearson r when either variable has zero variance.
+
+Bootstrap: `bootstrap_distribution` resamples GROUPS (patients) with replacement, as many groups as there
+are, so all images of a patient enter or leave a resample together (images of one patient are correlated;
+resampling rows would understate the uncertainty). Resample b is drawn from one numpy Generator seeded with
+`seed`, in order, so the resamples depend only on (groups, n_boot, seed): two calls with the same
+arguments see the same resamples, which makes CIs of several metrics paired. Resamples in which a metric is
+undefined give NaN; `percentile_ci` drops them and `count_undefined` counts them so reports can show it.
+
+`evaluate_multitask` (at the end) applies all of this to the MetaChexNet heads: per-pathology and mean
+AUROC, sex and view AUROC and accuracy, age MAE and Pearson r, each with a patient-bootstrap CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from metachex_jax.labels import PATHOLOGIES
+
+# Bootstrap weight matrices are built in chunks of at most this many elements (N * B float64 = 32 MB).
+_CHUNK_ELEMENTS = 4_000_000
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checking: every check names all offending entries, and entries that do not count are zeroed.
+# ----------------------------------------------------------------------------------------------------
+
+def _offenders(bad: np.ndarray, values: np.ndarray) -> str:
+    """'index: value, ...' for every True entry of `bad` (indices are tuples for 2-D arrays)."""
+    return ", ".join(f"{int(i[0]) if len(i) == 1 else tuple(int(j) for j in i)}: {v!r}"
+                     for i, v in zip(np.argwhere(bad), values[bad].tolist()))
+
+
+def _check_1d(name: str, x, n: int | None = None) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {a.shape}")
+    if n is not None and a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} entries, expected {n}")
+    return a
+
+
+def _check_weights(weight_mask, n: int, name: str = "weight_mask") -> np.ndarray:
+    """float64 weights of shape (N,) or (N, B); ones when None."""
+    if weight_mask is None:
+        return np.ones(n, dtype=np.float64)
+    w = np.asarray(weight_mask, dtype=np.float64)
+    if w.ndim not in (1, 2) or w.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) or ({n}, B); got {w.shape}")
+    if w.size and np.isfinite(w.sum()) and w.min() >= 0:  # fast path: two reductions, no temporaries
+        return w
+    bad = ~(w >= 0) | ~np.isfinite(w)
+    if bad.any():
+        raise ValueError(f"{name} must be finite and >= 0; offending entries (index: value): "
+                         + _offenders(bad, w))
+    return w
+
+
+def _rows_counted(w: np.ndarray) -> np.ndarray:
+    """(N,) bool: examples with a positive weight in at least one weighting."""
+    return (w > 0) if w.ndim == 1 else (w > 0).any(axis=1)
+
+
+def _check_binary(name: str, y, counted: np.ndarray) -> np.ndarray:
+    """float64 0/1 labels, 0 where not counted."""
+    y = np.asarray(y, dtype=np.float64)
+    bad = counted & (y != 0) & (y != 1)
+    if bad.any():
+        raise ValueError(f"{name} must be 0 or 1 where it counts (weight > 0); offending entries "
+                         f"(index: value): " + _offenders(bad, y))
+    return np.where(counted, y, 0.0)
+
+
+def _check_finite(name: str, x, counted: np.ndarray) -> np.ndarray:
+    """float64 values, 0 where not counted."""
+    x = np.asarray(x, dtype=np.float64)
+    bad = counted & ~np.isfinite(x)
+    if bad.any():
+        raise ValueError(f"{name} must be finite where it counts (weight > 0); offending entries "
+                         f"(index: value): " + _offenders(bad, x))
+    return np.where(counted, x, 0.0)
+
+
+def _binary_inputs(y_true, score, weight_mask):
+    """Checked (labels, scores, weights) of a binary task."""
+    y_true = _check_1d("y_true", y_true)
+    score = _check_1d("score", score, y_true.shape[0])
+    w = _check_weights(weight_mask, y_true.shape[0])
+    counted = _rows_counted(w)
+    return _check_binary("y_true", y_true, counted), _check_finite("score", score, counted), w
+
+
+def _ratio(num, den):
+    """num / den with NaN where den == 0; a Python float for scalar inputs."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def _weighted_sum(v: np.ndarray, w: np.ndarray):
+    """sum_n v[n] * w[n, ...]: a scalar for (N,) weights, (B,) for (N, B). (einsum: much faster than a
+    BLAS matrix-vector product for these shapes on a busy CPU.)"""
+    return np.einsum("n,n...->...", v, w)
+
+
+def _per_row(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Shape a per-example (N,) array to broadcast against weights of shape (N,) or (N, B)."""
+    return v if w.ndim == 1 else v[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ROC
+# ----------------------------------------------------------------------------------------------------
+
+def _auc(positive: np.ndarray, negative: np.ndarray, score: np.ndarray, w: np.ndarray):
+    """Weighted AUROC from per-example class factors (label * mask, (1 - label) * mask) and weights.
+
+    AUROC = P(a random positive scores above a random negative) + P(they tie) / 2. Sort the positives by
+    decreasing score and let cp[j] be the weight of the j highest; with k_gt(r) / k_ge(r) the number of
+    positives scoring > / >= score[r], the positive weight strictly above example r is cp[k_gt(r)] and
+    the tied positive weight is cp[k_ge(r)] - cp[k_gt(r)]. Summing these over the negatives, times their
+    weight, gives the Mann-Whitney statistic. The ranks do not depend on the weights, so B weightings
+    need one sort, one cumulative sum over the positives and one pass over the (N, B) weights.
+    """
+    distinct, group = np.unique(-score, return_inverse=True)  # group: rank of the score, highest first
+    pos_rows = np.flatnonzero(positive > 0)
+    pos_per_group = np.bincount(group[pos_rows], minlength=len(distinct))
+    k_ge = np.cumsum(pos_per_group)[group]
+    k_gt = k_ge - pos_per_group[group]
+    top = pos_rows[np.argsort(group[pos_rows], kind="stable")]
+    cp = np.zeros((len(top) + 1,) + w.shape[1:])  # cp[j]: weight of the j highest-scoring positives
+    np.cumsum(w[top] * _per_row(positive[top], w), axis=0, out=cp[1:])
+    above = np.einsum("n...,n,n...->...", w, negative, cp[k_gt])
+    tied = np.flatnonzero(k_ge != k_gt)  # examples tied with some positive (usually few)
+    ties = np.einsum("n...,n,n...->...", w[tied], negative[tied], cp[k_ge[tied]] - cp[k_gt[tied]])
+    return _ratio(above + 0.5 * ties, cp[-1] * _weighted_sum(negative, w))
+
+
+def roc_auc(y_true, score, weight_mask=None):
+    """Area under the ROC curve, exact, ties counted as half (= Mann-Whitney U / (n_pos * n_neg)).
+
+    Args:
+      y_true: (N,) 0/1 labels (anything where weight_mask is 0).
+      score: (N,) scores on any scale (probabilities or logits); float32 is fine.
+      weight_mask: None, (N,) or (N, B) non-negative weights (0/1 mask or multiplicities).
+    Returns:
+      a float, or (B,) float64 for a 2-D weight_mask; NaN where the counted examples hold one class only.
+    Agrees with sklearn.metrics.roc_auc_score(y_true, score, sample_weight=weight_mask), which raises
+    instead of returning NaN for one class.
+    """
+    y, s, w = _binary_inputs(y_true, score, weight_mask)
+    return _auc(y, 1.0 - y, s, w)
+
+
+def roc_auc_per_column(y_true, score, mask=None, weight_mask=None,
+                       column_names: Sequence[str] | None = None):
+    """AUROC of each column of (N, K) labels and scores; `mask` (N, K) marks known labels (weight 0/1).
+
+    Returns (K,) or, for an (N, B) weight_mask, (B, K); NaN for a column with one class. Errors name the
+    column (by `column_names` when given) and every offending entry.
+    """
+    y, s = np.asarray(y_true), np.asarray(score)
+    if y.ndim != 2 or s.shape != y.shape:
+        raise ValueError(f"y_true and score must both be (N, K); got {y.shape} and {s.shape}")
+    n, k = y.shape
+    names = list(column_names) if column_names is not None else [str(j) for j in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} column_names for {k} columns")
+    m = np.ones(y.shape) if mask is None else _check_weights(mask, n, "mask")
+    if m.shape != y.shape:
+        raise ValueError(f"mask must have shape {y.shape}; got {m.shape}")
+    w = _check_weights(weight_mask, n)
+    rows = _rows_counted(w)
+    errors, columns = [], []
+    for j in range(k):
+        counted = rows & (m[:, j] > 0)
+        try:
+            yj = _check_binary(f"y_true[:, {names[j]}]", y[:, j], counted)
+            sj = _check_finite(f"score[:, {names[j]}]", s[:, j], counted)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        columns.append((yj, sj, m[:, j]))
+    if errors:
+        raise ValueError("\n".join(errors))
+    # The label mask multiplies the per-example factors, never the (N, B) weight matrix.
+    return np.stack([_auc(yj * mj, (1.0 - yj) * mj, sj, w) for yj, sj, mj in columns], axis=-1)
+
+
+def roc_curve(y_true, score, weight_mask=None):
+    """ROC curve at every distinct score, like sklearn.metrics.roc_curve(..., drop_intermediate=False).
+
+    Examples with weight 0 are dropped first (as sklearn does). The curve starts at (0, 0) with threshold
+    +inf, then has one point per distinct counted score, highest first; a point's rates are those of the
+    rule "positive when score >= threshold". If a class is absent, its rate (fpr without negatives, tpr
+    without positives) is all NaN, as in sklearn (which also warns).
+
+    Returns:
+      fpr, tpr, thresholds: float64 arrays of length (number of distinct counted scores + 1).
+    """
+    y, s, w = _binary_inputs(y_true, score, weight_mask)
+    if w.ndim != 1:
+        raise ValueError("roc_curve takes a 1-D weight_mask")
+    keep = w > 0
+    # Distinct scores in decreasing order; each point adds the weight of every example at that score.
+    neg_thresholds, group = np.unique(-s[keep], return_inverse=True)
+    pos = np.bincount(group, weights=w[keep] * y[keep], minlength=len(neg_thresholds))
+    neg = np.bincount(group, weights=w[keep] * (1.0 - y[keep]), minlength=len(neg_thresholds))
+    tp, fp = np.r_[0.0, np.cumsum(pos)], np.r_[0.0, np.cumsum(neg)]
+    tpr = tp / tp[-1] if tp[-1] > 0 else np.full(tp.shape, np.nan)
+    fpr = fp / fp[-1] if fp[-1] > 0 else np.full(fp.shape, np.nan)
+    return fpr, tpr, np.r_[np.inf, -neg_thresholds]
+
+
+def youden_threshold(y_true, score, weight_mask=None) -> float:
+    """The score threshold maximising Youden's J = sensitivity + specificity - 1 = TPR - FPR.
+
+    Pick the operating point on TRAINING (or validation) data, then apply the returned threshold unchanged
+    to test data with `sensitivity` / `specificity` / `accuracy` (all "positive when score >= threshold").
+    Candidates are the distinct counted scores (sklearn's roc_curve thresholds without +inf); among equal
+    J the highest threshold (the most specific rule) wins. Raises if a class is absent (J is undefined).
+    """
+    fpr, tpr, thresholds = roc_curve(y_true, score, weight_mask)
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        raise ValueError("youden_threshold needs both classes among the counted examples")
+    j = tpr[1:] - fpr[1:]
+    return float(thresholds[1:][np.argmax(j)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Thresholded classification metrics: "positive when score >= threshold"
+# ----------------------------------------------------------------------------------------------------
+
+def accuracy(y_true, score, threshold: float = 0.5, weight_mask=None):
+    """Weighted fraction of examples with (score >= threshold) == y_true; NaN if nothing counts."""
+    y, s, w = _binary_inputs(y_true, score, weight_mask)
+    correct = ((s >= threshold) == (y == 1)).astype(np.float64)
+    return _ratio(_weighted_sum(correct, w), np.sum(w, axis=0))
+
+
+def sensitivity(y_true, score, threshold: float, weight_mask=None):
+    """True positive rate of "positive when score >= threshold"; NaN without positives."""
+    y, s, w = _binary_inputs(y_true, score, weight_mask)
+    return _ratio(_weighted_sum(y * (s >= threshold), w), _weighted_sum(y, w))
+
+
+def specificity(y_true, score, threshold: float, weight_mask=None):
+    """True negative rate of "positive when score >= threshold"; NaN without negatives."""
+    y, s, w = _binary_inputs(y_true, score, weight_mask)
+    return _ratio(_weighted_sum((1.0 - y) * (s < threshold), w), _weighted_sum(1.0 - y, w))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regression metrics
+# ----------------------------------------------------------------------------------------------------
+
+def _regression_inputs(a, b, weight_mask, names: tuple[str, str]):
+    a = _check_1d(names[0], a)
+    b = _check_1d(names[1], b, a.shape[0])
+    w = _check_weights(weight_mask, a.shape[0])
+    counted = _rows_counted(w)
+    errors = []
+    checked = []
+    for name, values in zip(names, (a, b)):
+        try:
+            checked.append(_check_finite(name, values, counted))
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("\n".join(errors))
+    return checked[0], checked[1], w, counted
+
+
+def mae(y_true, y_pred, weight_mask=None):
+    """Weighted mean absolute error (in the units of y, e.g. years); NaN if nothing counts."""
+    y, p, w, _ = _regression_inputs(y_true, y_pred, weight_mask, ("y_true", "y_pred"))
+    return _ratio(_weighted_sum(np.abs(y - p), w), np.sum(w, axis=0))
+
+
+def pearson_r(x, y, weight_mask=None):
+    """Weighted Pearson correlation; NaN if nothing counts or either variable is constant."""
+    x, y, w, counted = _regression_inputs(x, y, weight_mask, ("x", "y"))
+    # Shift by the counted mean first (r is shift-invariant) so the raw moments below do not cancel.
+    if counted.any():
+        x = np.where(counted, x - x[counted].mean(), 0.0)
+        y = np.where(counted, y - y[counted].mean(), 0.0)
+    total = np.sum(w, axis=0)
+    mean_x, mean_y = _ratio(_weighted_sum(x, w), total), _ratio(_weighted_sum(y, w), total)
+    cov = _weighted_sum(x * y, w) - total * mean_x * mean_y
+    var_x = _weighted_sum(x * x, w) - total * mean_x ** 2
+    var_y = _weighted_sum(y * y, w) - total * mean_y ** 2
+    with np.errstate(invalid="ignore"):
+        denominator = np.sqrt(np.maximum(var_x, 0.0) * np.maximum(var_y, 0.0))
+    r = np.clip(_ratio(cov, denominator), -1.0, 1.0)  # rounding may land a hair outside [-1, 1]
+    return float(r) if np.ndim(r) == 0 else r
+
+
+# ----------------------------------------------------------------------------------------------------
+# Group (patient) bootstrap
+# ----------------------------------------------------------------------------------------------------
+
+def iter_group_bootstrap_weights(groups, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield (N, b) float64 multiplicity matrices, one column per resample, n_boot columns in total.
+
+    Resample r draws G groups uniformly with replacement (G = the number of distinct `groups`); column r
+    gives every example the number of times its group was drawn. The draws come from one
+    `np.random.default_rng(seed)`, one resample after another, so they do not depend on the chunking.
+    """
+    groups = _check_1d("groups", groups)
+    if groups.shape[0] == 0:
+        raise ValueError("cannot bootstrap an empty data set")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1; got {n_boot}")
+    _, group_of_row = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of_row.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_ELEMENTS // groups.shape[0])
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        counts = np.empty((n_groups, b), dtype=np.float64)
+        for r in range(b):
+            counts[:, r] = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        yield counts[group_of_row]
+
+
+def bootstrap_distribution(metric_fn: Callable[..., Any], *arrays, groups, n_boot: int = 1000,
+                           seed: int = 0) -> np.ndarray:
+    """The metric on each of n_boot group-bootstrap resamples.
+
+    `metric_fn(*arrays, weight_mask=W)` must accept an (N, b) multiplicity matrix W and return b results,
+    shape (b,) or (b, K), as every metric in this module does. Fold a label mask in with e.g.
+    `lambda y, s, m, weight_mask: roc_auc(y, s, weight_mask=weight_mask * m[:, None])`.
+    Returns float64 (n_boot,) or (n_boot, K); NaN marks resamples where the metric is undefined.
+    """
+    parts = [np.asarray(metric_fn(*arrays, weight_mask=w), dtype=np.float64)
+             for w in iter_group_bootstrap_weights(groups, n_boot, seed)]
+    return np.concatenate(parts, axis=0)
+
+
+def percentile_ci(distribution, alpha: float = 0.05):
+    """Percentile interval (alpha/2, 1 - alpha/2) over the defined (non-NaN) resamples, along axis 0.
+
+    Undefined resamples are left out (`count_undefined` counts them); with none defined the interval is
+    (NaN, NaN). Percentiles use numpy's default linear interpolation. For a 2-D distribution, returns
+    (low (K,), high (K,)).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+    d = np.asarray(distribution, dtype=np.float64)
+    if d.ndim == 2:
+        lows, highs = zip(*(percentile_ci(d[:, j], alpha) for j in range(d.shape[1])))
+        return np.array(lows), np.array(highs)
+    defined = d[~np.isnan(d)]
+    if defined.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(defined, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def count_undefined(distribution):
+    """Number of resamples where the metric was undefined (NaN); per column for 2-D distributions."""
+    n = np.isnan(np.asarray(distribution, dtype=np.float64)).sum(axis=0)
+    return int(n) if np.ndim(n) == 0 else n
+
+
+def bootstrap_ci(metric_fn: Callable[..., Any], *arrays, groups, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05):
+    """(low, high) group-bootstrap percentile CI of `metric_fn(*arrays)`; see `bootstrap_distribution`.
+
+    Resamples where the metric is undefined are excluded from the percentiles; call
+    `bootstrap_distribution` and `count_undefined` to report how many there were.
+    """
+    distribution = bootstrap_distribution(metric_fn, *arrays, groups=groups, n_boot=n_boot, seed=seed)
+    return percentile_ci(distribution, alpha)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MetaChexNet multi-task evaluation
+# ----------------------------------------------------------------------------------------------------
+
+# Per-image prediction arrays evaluate_multitask reads: (target, prediction, mask) per task. A task whose
+# three arrays are all absent is skipped (e.g. the CheXNet baseline has the pathology head only). Targets
+# follow the data contract (pathology multi-hot in PATHOLOGIES order, sex_male 1 = male, view_ap 1 = AP,
+# age in years); predictions are probabilities (pathology, sex, view) and years (age); masks are 1 where
+# the target is known. `patient_id` (N,) is required: the bootstrap resamples patients.
+TASK_ARRAYS = {
+    "pathology": ("pathology", "pathology_prob", "pathology_mask"),
+    "sex_male": ("sex_male", "sex_male_prob", "sex_male_mask"),
+    "view_ap": ("view_ap", "view_ap_prob", "view_ap_mask"),
+    "age": ("age", "age_pred", "age_mask"),
+}
+# Sex and view accuracy: predict the positive class when its probability is >= this.
+ACCURACY_THRESHOLD = 0.5
+
+
+def _with_mask(mask: np.ndarray, weight_mask: np.ndarray) -> np.ndarray:
+    return weight_mask * _per_row(np.asarray(mask, dtype=np.float64), weight_mask)
+
+
+def _pathology_metrics(target, prob, mask, weight_mask):
+    """(14,) or (B, 14): AUROC per pathology."""
+    return roc_auc_per_column(target, prob, mask, weight_mask, column_names=PATHOLOGIES)
+
+
+def _binary_task_metrics(target, prob, mask, weight_mask):
+    """(2,) or (B, 2): AUROC, accuracy at ACCURACY_THRESHOLD."""
+    w = _with_mask(mask, weight_mask)
+    return np.stack([roc_auc(target, prob, w), accuracy(target, prob, ACCURACY_THRESHOLD, w)], axis=-1)
+
+
+def _age_metrics(age, age_pred, mask, weight_mask):
+    """(2,) or (B, 2): MAE in years, Pearson r."""
+    w = _with_mask(mask, weight_mask)
+    return np.stack([mae(age, age_pred, w), pearson_r(age, age_pred, w)], axis=-1)
+
+
+_TASK_METRICS = {"pathology": _pathology_metrics, "sex_male": _binary_task_metrics,
+                 "view_ap": _binary_task_metrics, "age": _age_metrics}
+
+
+def _check_predictions(predictions: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """(N, tasks present); raises naming every missing key and every array of the wrong shape."""
+    errors = []
+    if "patient_id" not in predictions:
+        errors.append("missing 'patient_id'")
+    tasks = []
+    for task, keys in TASK_ARRAYS.items():
+        present = [k for k in keys if k in predictions]
+        if present and len(present) < len(keys):
+            missing = [k for k in keys if k not in present]
+            errors.append(f"task {task!r} needs {list(keys)}; missing {missing}")
+        elif present:
+            tasks.append(task)
+    if not tasks:
+        errors.append(f"no task to evaluate: give the arrays of at least one of {TASK_ARRAYS}")
+    n = len(np.asarray(predictions["patient_id"])) if "patient_id" in predictions else None
+    for key in ["patient_id"] + [k for t in tasks for k in TASK_ARRAYS[t]]:
+        if key not in predictions:
+            continue
+        shape = np.shape(predictions[key])
+        expected = (n, len(PATHOLOGIES)) if key.startswith("pathology") else (n,)
+        if shape != expected:
+            errors.append(f"{key!r} has shape {shape}, expected {expected}")
+    if errors:
+        raise ValueError("invalid predictions:\n  " + "\n  ".join(errors))
+    return n, tasks
+
+
+def _entry(value, distribution, alpha: float) -> dict[str, Any]:
+    """One reported metric: point estimate, percentile CI, number of undefined resamples."""
+    if distribution.shape[0] == 0:
+        low, high, undefined = float("nan"), float("nan"), 0
+    else:
+        (low, high), undefined = percentile_ci(distribution, alpha), count_undefined(distribution)
+    return {"value": float(value), "ci_low": low, "ci_high": high, "n_undefined": undefined}
+
+
+def _counts(predictions: Mapping[str, Any], n: int, tasks: list[str]) -> dict[str, Any]:
+    counts: dict[str, Any] = {"images": n, "patients": int(len(np.unique(predictions["patient_id"])))}
+    for task in tasks:
+        target_key, _, mask_key = TASK_ARRAYS[task]
+        labelled = np.asarray(predictions[mask_key]) > 0
+        if task == "age":
+            counts["age"] = {"labelled": int(labelled.sum()), "masked": int(n - labelled.sum())}
+            continue
+        positives = labelled & (np.asarray(predictions[target_key]) == 1)
+        if task == "pathology":
+            counts["pathology"] = {
+                name: {"labelled": int(labelled[:, j].sum()), "positives": int(positives[:, j].sum())}
+                for j, name in enumerate(PATHOLOGIES)}
+        else:
+            counts[task] = {"labelled": int(labelled.sum()), "positives": int(positives.sum())}
+    return counts
+
+
+def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed: int = 0,
+                       alpha: float = 0.05) -> dict[str, Any]:
+    """Metrics of the MetaChexNet heads with patient-bootstrap CIs, as a JSON-able nested dict.
+
+    Args:
+      predictions: per-image arrays named as in TASK_ARRAYS, plus `patient_id`; other keys are ignored.
+        One row per real image (drop padding rows first).
+      n_boot: bootstrap resamples of patients (0: no CIs, reported as NaN). All tasks see the same
+        resamples (same seed and patients), so their CIs are paired.
+      seed, alpha: bootstrap seed; the CIs are (1 - alpha) percentile intervals.
+    Returns:
+      {"counts": images, patients, labelled / positive counts per task, ages masked,
+       "bootstrap": the settings,
+       "mean_auroc": entry + "labels" (the pathologies averaged),
+       "pathology": {name: {"auroc": entry}} in PATHOLOGIES order,
+       "sex_male" / "view_ap": {"auroc": entry, "accuracy": entry, "accuracy_threshold": 0.5},
+       "age": {"mae_years": entry, "pearson_r": entry}}
+      for the tasks present, where entry = {"value", "ci_low", "ci_high", "n_undefined"} and n_undefined
+      counts resamples in which the metric was undefined (left out of the CI). Undefined values are NaN.
+      The pathology mean is over the labels whose AUROC is defined on the full set; a resample's mean is
+      undefined when any of those labels is undefined in it.
+    """
+    n, tasks = _check_predictions(predictions)
+    if n_boot < 0 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 0 and 0 < alpha < 1; got n_boot={n_boot}, alpha={alpha}")
+    arrays = {t: [np.asarray(predictions[k]) for k in TASK_ARRAYS[t]] for t in tasks}
+    # Point estimates first: they check every input, and all problems are reported together.
+    point, errors = {}, []
+    for task in tasks:
+        try:
+            point[task] = _TASK_METRICS[task](*arrays[task], weight_mask=np.ones(n))
+        except ValueError as e:
+            errors.append(f"{task}: {e}")
+    if errors:
+        raise ValueError("invalid predictions:\n" + "\n".join(errors))
+
+    groups = np.asarray(predictions["patient_id"])
+    result: dict[str, Any] = {
+        "counts": _counts(predictions, n, tasks),
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha, "resampled": "patient_id",
+                      "interval": "percentile"},
+    }
+    # One bootstrap pass computes every task's metrics on each resample, side by side.
+    sizes = [point[t].size for t in tasks]
+
+    def all_tasks(weight_mask):
+        return np.concatenate([_TASK_METRICS[t](*arrays[t], weight_mask=weight_mask) for t in tasks], axis=1)
+
+    if n_boot:
+        all_dist = bootstrap_distribution(all_tasks, groups=groups, n_boot=n_boot, seed=seed)
+    else:
+        all_dist = np.empty((0, sum(sizes)))
+    dists = dict(zip(tasks, np.split(all_dist, np.cumsum(sizes)[:-1], axis=1)))
+    for task in tasks:
+        dist = dists[task]
+        if task == "pathology":
+            defined = ~np.isnan(point[task])
+            mean_dist = dist[:, defined].mean(axis=1) if defined.any() else np.full(dist.shape[0], np.nan)
+            mean = point[task][defined].mean() if defined.any() else float("nan")
+            result["mean_auroc"] = {**_entry(mean, mean_dist, alpha),
+                                    "labels": [name for name, d in zip(PATHOLOGIES, defined) if d]}
+            result[task] = {name: {"auroc": _entry(point[task][j], dist[:, j], alpha)}
+                            for j, name in enumerate(PATHOLOGIES)}
+        elif task == "age":
+            result[task] = {"mae_years": _entry(point[task][0], dist[:, 0], alpha),
+                            "pearson_r": _entry(point[task][1], dist[:, 1], alpha)}
+        else:
+            result[task] = {"auroc": _entry(point[task][0], dist[:, 0], alpha),
+                            "accuracy": _entry(point[task][1], dist[:, 1], alpha),
+                            "accuracy_threshold": ACCURACY_THRESHOLD}
+    return result

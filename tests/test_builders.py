@@ -1,0 +1,217 @@
+"""TFDS builders end to end: build tiny raw trees, read back with tfds.data_source, skip reports, interrupted builds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_fixtures import make_nih_tree, make_tb_tree
+from metachex_jax.data import builders, nih, tb
+from metachex_jax.data.raw_common import RawDataError
+from metachex_jax.prepare import build_dataset
+
+RESOLUTION = 16  # from 32 px raw images
+WORKERS = 2
+
+
+def build(dataset, raw_dir, out_dir, **kwargs):
+    return build_dataset(dataset, raw_dir, out_dir, resolution=RESOLUTION, num_workers=WORKERS, progress=False,
+                         **kwargs)
+
+
+def read_split(dataset, out_dir, split, config_name=f"r{RESOLUTION}"):
+    source = tfds.data_source(f"{dataset}/{config_name}", split=split, data_dir=str(out_dir))
+    return [source[i] for i in range(len(source))]
+
+
+@pytest.fixture(scope="module")
+def nih_build(tmp_path_factory):
+    base = tmp_path_factory.mktemp("nih")
+    tree = make_nih_tree(base / "raw" / "ChestX-ray14", n_patients=12, mirror_layout=True)
+    result = build("chestxray14", base / "raw" / "ChestX-ray14", base / "out")
+    return tree, base / "out", result
+
+
+def test_chestxray14_round_trip(nih_build):
+    tree, out_dir, result = nih_build
+    raw = nih.load_nih(tree.root)  # the default val fraction/seed, as the build used
+    assert result.config_name == f"r{RESOLUTION}" and not result.reused
+    for split in ("train", "validation", "test"):
+        records = read_split("chestxray14", out_dir, split)
+        expected = raw.splits[split]
+        assert [r["image_name"].decode() for r in records] == [e.image_name for e in expected]  # sorted, no loss
+        for record, want in zip(records, expected):
+            assert record["image"].dtype == np.uint8 and record["image"].shape == (RESOLUTION, RESOLUTION, 1)
+            assert np.all(record["image"] == tree.values[want.image_name])
+            np.testing.assert_array_equal(record["labels"], np.array(want.labels, np.uint8))
+            assert record["labels"].dtype == np.uint8
+            assert (record["patient_id"], record["follow_up"]) == (want.patient_id, want.follow_up)
+            assert record["age"] == pytest.approx(want.age) and record["age_valid"] == want.age_valid
+            assert (record["sex_male"], record["view_ap"]) == (want.sex_male, want.view_ap)
+    patients = {s: {r["patient_id"] for r in read_split("chestxray14", out_dir, s)} for s in ("train", "validation")}
+    assert patients["train"] and patients["validation"] and not patients["train"] & patients["validation"]
+    report = builders.read_skip_report(out_dir, "chestxray14", result.config_name)
+    assert report["skipped"] == [] and report["flags"]["invalid_age"] == raw.invalid_age_names
+    assert report["split_sizes"] == {s: len(raw.splits[s]) for s in ("test", "train", "validation")}
+
+
+def test_second_build_reuses_and_other_options_get_their_own_name(nih_build, tmp_path):
+    tree, out_dir, first = nih_build
+    assert build("chestxray14", tree.root, out_dir).reused
+    name = builders.nih_config_name(RESOLUTION, val_fraction=0.3, seed=1)
+    assert name == f"r{RESOLUTION}_val0p3_seed1"
+    assert builders.nih_config_name(256) == "r256"
+    other = build("chestxray14", tree.root, tmp_path, val_fraction=0.3, seed=1)
+    assert other.config_name == name
+    validation = builders.data_source("chestxray14", "validation", tmp_path, config_name=name)
+    assert len(validation) == other.report["split_sizes"]["validation"] > 0
+    assert len(builders.data_source("chestxray14", "train", out_dir, resolution=RESOLUTION)) == \
+        first.report["split_sizes"]["train"]
+
+
+@pytest.mark.parametrize("dataset", ["shenzhen", "montgomery"])
+def test_tb_round_trip_and_split_arithmetic(tmp_path, dataset):
+    tree = make_tb_tree(tmp_path / "raw", dataset)
+    result = build(dataset, tmp_path / "raw", tmp_path / "out")
+    raw = tb.load_tb(tmp_path / "raw", dataset)
+    everything = read_split(dataset, tmp_path / "out", "train+validation+test")
+    expected = [r for split in ("train", "validation", "test") for r in raw.split(split)]
+    assert [r["image_id"].decode() for r in everything] == [e.image_id for e in expected]
+    for record, want in zip(everything, expected):
+        assert np.all(record["image"] == tree.values[want.image_id])
+        assert (record["tb"], record["sex_male"], record["fold"]) == (want.tb, want.sex_male, want.fold)
+        assert record["age"] == pytest.approx(want.age) and record["age_valid"] == want.age_valid
+        assert record["reading"].decode() == want.reading
+    assert sorted(r["fold"] for r in everything) == sorted(r.fold for r in raw.records)
+    assert result.report["split_sizes"] == {s: len(raw.split(s)) for s in ("test", "train", "validation")}
+
+
+def corrupt_nih_tree(tree):
+    """One of each NIH bad-input case; returns the (kind, item) pairs a skip build must report."""
+    rows = tree.rows
+    rows[0]["labels"] = "Infiltrate"
+    rows[1]["age"] = "unknown"
+    rows[3]["sex"] = "?"
+    rows.append(dict(rows[4]))  # duplicate row
+    tree.write_csv()
+    tree.train_val.append("99999999_000.png")
+    tree.write_lists()
+    tree.image_path(rows[6]["name"]).unlink()
+    truncated, garbage = tree.image_path(rows[7]["name"]), tree.image_path(rows[8]["name"])
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    garbage.write_bytes(b"not a png")
+    return {("unknown_label", rows[0]["name"]), ("bad_age", rows[1]["name"]), ("bad_sex", rows[3]["name"]),
+            ("duplicate_csv_row", rows[4]["name"]), ("split_name_not_in_csv", "99999999_000.png"),
+            ("missing_image", rows[6]["name"]), ("undecodable_image", rows[7]["name"]),
+            ("undecodable_image", rows[8]["name"])}
+
+
+def test_chestxray14_skip_bad_builds_without_exactly_the_bad_items(tmp_path):
+    tree = make_nih_tree(tmp_path / "raw", n_patients=12)
+    expected = corrupt_nih_tree(tree)
+    with pytest.raises(RawDataError) as error:
+        build("chestxray14", tree.root, tmp_path / "out")
+    for kind, item in expected - {p for p in expected if p[0] == "undecodable_image"}:
+        assert f"[{kind}] {item}:" in str(error.value)
+    assert not builders.is_complete(tmp_path / "out", "chestxray14", f"r{RESOLUTION}")
+
+    result = build("chestxray14", tree.root, tmp_path / "out", skip_bad=True)
+    report = json.loads((result.path / builders.SKIP_REPORT_FILE).read_text())
+    assert report["skip_bad"] is True
+    assert {(s["kind"], s["item"]) for s in report["skipped"]} == expected
+    assert sum(report["skipped_counts"].values()) == len(expected)
+    names = {r["image_name"].decode() for s in ("train", "validation", "test")
+             for r in read_split("chestxray14", tmp_path / "out", s)}
+    assert names == {r["name"] for r in tree.rows} - {item for _, item in expected}
+
+
+def test_undecodable_images_fail_the_build_naming_each_and_leave_nothing(tmp_path):
+    tree = make_tb_tree(tmp_path / "raw", "shenzhen")
+    ids = sorted(tree.values)
+    tree.image_path(ids[2]).write_bytes(tree.image_path(ids[2]).read_bytes()[:50])
+    tree.image_path(ids[15]).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(RawDataError) as error:
+        build("shenzhen", tmp_path / "raw", tmp_path / "out")
+    assert {(p.kind, p.item) for p in error.value.problems} == {("undecodable_image", ids[2]),
+                                                                ("undecodable_image", ids[15])}
+    assert str(tree.image_path(ids[2])) in str(error.value) and str(tree.image_path(ids[15])) in str(error.value)
+    config_dir = tmp_path / "out" / "shenzhen" / f"r{RESOLUTION}"
+    assert [p.name for p in config_dir.iterdir()] == [".build.lock"]  # neither the dataset nor a temp folder
+    with pytest.raises(ValueError):  # tfds: no such dataset
+        tfds.data_source(f"shenzhen/r{RESOLUTION}", split="train", data_dir=str(tmp_path / "out"))
+
+
+def test_tb_skip_bad_reports_disagreements_and_flags(tmp_path):
+    tree = make_tb_tree(tmp_path / "raw", "montgomery")
+    ids = sorted(tree.values)
+    tree.write_reading(ids[0], "Patient's Sex: M\nPatient's Age: 040Y\npulmonary TB, cavitation\n")  # label 0
+    tree.write_reading(ids[1], "Patient's Sex: ?\nPatient's Age: unknown\nnormal\n")  # flags only
+    result = build("montgomery", tmp_path / "raw", tmp_path / "out", skip_bad=True)
+    assert [(s["kind"], s["item"]) for s in result.report["skipped"]] == [("label_disagreement", ids[0])]
+    assert result.report["flags"]["unknown_sex"] == [ids[1]] and result.report["flags"]["invalid_age"] == [ids[1]]
+    records = {r["image_id"].decode(): r for r in read_split("montgomery", tmp_path / "out", "train+validation+test")}
+    assert ids[0] not in records and records[ids[1]]["sex_male"] == -1 and not records[ids[1]]["age_valid"]
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from metachex_jax.data import builders
+import tensorflow_datasets as tfds
+
+class KilledMidway(builders.Shenzhen, skip_registration=True):
+    name = "shenzhen"
+    def _example(self, record, image):
+        if self._written["train"] == 5:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a power cut or the OOM killer would
+        return super()._example(record, image)
+
+if __name__ == "__main__":
+    builder = KilledMidway(config=builders.tb_config(16), data_dir=sys.argv[2], num_workers=1, progress=False)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[1]))
+"""
+
+
+CONCURRENT_SCRIPT = """
+import sys
+from metachex_jax.prepare import build_dataset
+if __name__ == "__main__":
+    result = build_dataset("montgomery", sys.argv[1], sys.argv[2], resolution=16, num_workers=1, progress=False)
+    print("REUSED" if result.reused else "BUILT", result.report["split_sizes"])
+"""
+
+
+def test_concurrent_builds_of_one_config_build_once(tmp_path):
+    make_tb_tree(tmp_path / "raw", "montgomery")
+    script = tmp_path / "build_once.py"
+    script.write_text(CONCURRENT_SCRIPT)
+    command = [sys.executable, str(script), str(tmp_path / "raw"), str(tmp_path / "out")]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err.decode()[-2000:] for _, err in outputs]
+    lines = sorted(out.decode().strip().splitlines()[-1] for out, _ in outputs)
+    assert lines[0].startswith("BUILT") and lines[1].startswith("REUSED") and lines[0][5:] == lines[1][6:]
+    assert len(read_split("montgomery", tmp_path / "out", "train+validation+test")) == 22
+
+
+def test_killed_build_never_reads_as_complete_and_is_cleaned_up(tmp_path):
+    make_tb_tree(tmp_path / "raw", "shenzhen")
+    script = tmp_path / "kill.py"
+    script.write_text(textwrap.dedent(KILL_SCRIPT))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "raw"), str(tmp_path / "out")],
+                          capture_output=True, timeout=120)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    config_dir = tmp_path / "out" / "shenzhen" / "r16"
+    assert list(config_dir.glob("incomplete.*"))  # the half-written build is there...
+    assert not builders.is_complete(tmp_path / "out", "shenzhen", "r16")  # ...but does not count as a dataset
+    with pytest.raises(ValueError):  # tfds: no such dataset
+        tfds.data_source("shenzhen/r16", split="train", data_dir=str(tmp_path / "out"))
+    result = build("shenzhen", tmp_path / "raw", tmp_path / "out")
+    assert result.removed_incomplete and not list(config_dir.glob("incomplete.*"))
+    assert sorted(p.name for p in config_dir.iterdir()) == [".build.lock", "1.0.0"]
+    assert len(read_split("shenzhen", tmp_path / "out", "train")) == result.report["split_sizes"]["train"]

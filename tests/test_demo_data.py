@@ -1,0 +1,343 @@
+"""Tests of the synthetic demo data generator: real layouts and formats, determinism, tree safety, and that
+the planted signals are really in the pixels (checked with simple statistics and scikit-learn)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from metachex_jax import demo_data
+from metachex_jax.labels import NO_FINDING, PATHOLOGIES
+
+SMALL = dict(num_nih=80, num_shenzhen=20, num_montgomery=9, size=40, num_workers=1)
+REAL_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = demo_data.write_demo_data(out, seed=0, **SMALL)
+    return out, result
+
+
+def _tree_digest(root) -> dict[str, str]:
+    digests = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                digests[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def _nih_rows(root):
+    with open(root / "ChestX-ray14" / "Data_Entry_2017_v2020.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def _read_list(path) -> list[str]:
+    with open(path, newline="") as f:
+        text = f.read()
+    assert not text.endswith("\n"), f"{path} should end without a newline, like some real copies"
+    return text.split("\n")
+
+
+# ---------------------------------------------------------------- layouts and formats
+
+
+def test_nih_layout_csv_and_images(tree):
+    root, result = tree
+    nih = root / "ChestX-ray14"
+    header, rows = _nih_rows(root)
+    with open(nih / "Data_Entry_2017_v2020.csv", newline="") as f:
+        assert f.readline() == REAL_HEADER + "\n"
+    # Unquoted like the real file: the bracketed names split, so header and rows have 11 fields.
+    assert header == [
+        "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+        "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]",
+    ]
+    assert len(rows) == SMALL["num_nih"] == result["num_nih"]
+    images = {p.name: p for p in nih.glob("images_*/images/*.png")}
+    assert sorted({p.parent.parent.name for p in images.values()}) == ["images_001", "images_002"]
+    assert set(images) == {r[0] for r in rows}
+    per_patient = {}
+    for name, labels, follow_up, patient, age, sex, view, width, height, sx, sy in rows:
+        assert re.fullmatch(r"\d{8}_\d{3}\.png", name)
+        assert name == f"{int(patient):08d}_{int(follow_up):03d}.png"
+        found = labels.split("|")
+        assert labels == NO_FINDING or set(found) <= set(PATHOLOGIES), labels
+        assert 1 <= int(age) <= 95 and sex in ("M", "F") and view in ("PA", "AP")
+        assert float(sx) == float(sy) > 0
+        with Image.open(images[name]) as im:
+            assert im.mode == "L" and im.size == (int(width), int(height)) == (SMALL["size"],) * 2
+        per_patient.setdefault(patient, set()).add(sex)
+    assert all(len(sexes) == 1 for sexes in per_patient.values())  # a patient keeps one sex
+    assert len(per_patient) == result["num_nih_patients"] < len(rows)  # follow-ups exist
+    assert {r[5] for r in rows} == {"M", "F"} and {r[6] for r in rows} == {"PA", "AP"}
+
+
+def test_nih_split_lists_patient_disjoint_and_cover_csv(tree):
+    root, result = tree
+    _, rows = _nih_rows(root)
+    train_val = _read_list(root / "ChestX-ray14" / "train_val_list.txt")
+    test = _read_list(root / "ChestX-ray14" / "test_list.txt")
+    assert sorted(train_val + test) == sorted(r[0] for r in rows)
+    assert len(train_val) == result["num_nih_train_val"] and len(test) == result["num_nih_test"]
+    patient = {r[0]: r[3] for r in rows}
+    assert not {patient[n] for n in train_val} & {patient[n] for n in test}
+    test_patient_fraction = len({patient[n] for n in test}) / len(set(patient.values()))
+    assert 0.15 < test_patient_fraction < 0.3
+
+
+def test_every_label_has_positives_in_both_splits(tree):
+    root, _ = tree
+    _, rows = _nih_rows(root)
+    test = set(_read_list(root / "ChestX-ray14" / "test_list.txt"))
+    for split in (True, False):
+        counts = {name: 0 for name in PATHOLOGIES}
+        for r in rows:
+            if (r[0] in test) == split and r[1] != NO_FINDING:
+                for name in r[1].split("|"):
+                    counts[name] += 1
+        assert min(counts.values()) >= 1, counts
+    assert any(r[1] == NO_FINDING for r in rows) and any("|" in r[1] for r in rows)
+
+
+def test_default_sizes_give_every_label_enough_test_positives():
+    records = demo_data.sample_nih_records(seed=0, num_images=2000)  # metadata only, no images
+    test = [r for r in records if r.test]
+    assert 0.2 < len(test) / len(records) < 0.26
+    for name in PATHOLOGIES:
+        assert sum(name in r.findings for r in test) >= 15, name
+    assert all(1 <= r.age <= 95 for r in records)
+
+
+def test_shenzhen_layout_readings_and_variants(tree):
+    root, result = tree
+    china = root / "ChinaSet_AllFiles"
+    images = sorted(p.name for p in (china / "CXR_png").iterdir())
+    readings = sorted(p.name for p in (china / "ClinicalReadings").iterdir())
+    assert len(images) == SMALL["num_shenzhen"] and [n[:-4] for n in images] == [n[:-4] for n in readings]
+    assert all(re.fullmatch(r"CHNCXR_\d{4}_[01]\.png", n) for n in images)
+    tb = [n.endswith("_1.png") for n in images]
+    assert sum(tb) == result["num_shenzhen_tb"] and 0.35 < np.mean(tb) < 0.65
+    first_line = re.compile(r"\s*(male|female)\s*(\d+)\s*(yrs?|months?)\s*", re.IGNORECASE)
+    modes, sizes = set(), set()
+    for name, is_tb in zip(images, tb):
+        lines = (china / "ClinicalReadings" / (name[:-4] + ".txt")).read_text().splitlines()
+        assert first_line.fullmatch(lines[0]), lines[0]
+        assert (lines[1] == "normal") != is_tb, lines
+        if is_tb:
+            assert "PTB" in lines[1]
+        with Image.open(china / "CXR_png" / name) as im:
+            modes.add(im.mode)
+            sizes.add(im.size)
+            if im.mode == "RGB":
+                pixels = np.asarray(im)
+                assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    assert modes == {"L", "RGB"}
+    assert any(w != h for w, h in sizes) and len(sizes) > 3
+
+
+def test_montgomery_layout_readings_16bit_and_masks(tree):
+    root, result = tree
+    mont = root / "MontgomerySet"
+    names = sorted(p.name for p in (mont / "CXR_png").iterdir())
+    assert len(names) == SMALL["num_montgomery"] and all(re.fullmatch(r"MCUCXR_\d{4}_[01]\.png", n) for n in names)
+    assert sum(n.endswith("_1.png") for n in names) == result["num_montgomery_tb"] >= 1
+    modes, orientations = set(), set()
+    for name in names:
+        text = (mont / "ClinicalReadings" / (name[:-4] + ".txt")).read_text().splitlines()
+        assert re.fullmatch(r"Patient's Sex: [MF]", text[0]) and re.fullmatch(r"Patient's Age: \d{3}Y", text[1])
+        assert (text[2] == "normal") == name.endswith("_0.png")
+        with Image.open(mont / "CXR_png" / name) as im:
+            modes.add(im.mode)
+            pixels = np.asarray(im)
+            orientations.add("portrait" if im.height > im.width else "landscape")
+            if im.mode.startswith("I"):
+                assert pixels.max() > 255  # genuinely 16-bit, full range
+        masks = {}
+        for side in ("leftMask", "rightMask"):
+            with Image.open(mont / "ManualMask" / side / name) as m:
+                masks[side] = np.asarray(m)
+            assert masks[side].shape == pixels.shape[:2] and set(np.unique(masks[side])) == {0, 255}
+        # Radiological convention: the patient's left lung is on the image's right.
+        columns = np.arange(pixels.shape[1])
+        assert (masks["leftMask"] > 0).any(0) @ columns > (masks["rightMask"] > 0).any(0) @ columns
+        assert not (masks["leftMask"] & masks["rightMask"]).any()
+        # Lungs are dark: the masked area is darker than the image as a whole.
+        gray = pixels.astype(float) / pixels.max()
+        assert gray[(masks["leftMask"] | masks["rightMask"]) > 0].mean() < gray.mean()
+    assert modes == {"L", "I;16"} and orientations == {"portrait", "landscape"}
+
+
+def test_readme_and_marker(tree):
+    root, result = tree
+    readme = (root / "README_SYNTHETIC.txt").read_text()
+    assert "SYNTHETIC" in readme and "--seed=0" in readme and "Cardiomegaly" in readme
+    assert result["reused"] is False and result["chestxray14_dir"] == str(root / "ChestX-ray14")
+    assert (root / demo_data.MARKER_NAME).is_file()
+
+
+# ---------------------------------------------------------------- determinism and tree safety
+
+
+def test_same_seed_same_bytes_different_seed_differs(tree, tmp_path):
+    root, _ = tree
+    params = dict(SMALL, num_workers=2)  # a process pool must not change a byte
+    demo_data.write_demo_data(tmp_path / "again", seed=0, **params)
+    demo_data.write_demo_data(tmp_path / "other", seed=1, **params)
+    reference = _tree_digest(root)
+    assert _tree_digest(tmp_path / "again") == reference
+    other = _tree_digest(tmp_path / "other")
+    common_pngs = [k for k in reference.keys() & other.keys() if k.endswith(".png")]
+    assert len(common_pngs) > 40  # the patient structure differs too, so only some names coincide
+    assert other["ChestX-ray14/Data_Entry_2017_v2020.csv"] != reference["ChestX-ray14/Data_Entry_2017_v2020.csv"]
+    assert sum(other[k] != reference[k] for k in common_pngs) > 0.95 * len(common_pngs)
+
+
+def test_reuses_complete_tree_and_refuses_foreign_folders(tmp_path):
+    params = dict(num_nih=20, num_shenzhen=2, num_montgomery=2, size=32, num_workers=1)
+    out = tmp_path / "demo"
+    first = demo_data.write_demo_data(out, **params)
+    csv_path = out / "ChestX-ray14" / "Data_Entry_2017_v2020.csv"
+    stamp = csv_path.stat().st_mtime_ns
+    again = demo_data.write_demo_data(out, **params)
+    assert again["reused"] and csv_path.stat().st_mtime_ns == stamp
+    assert {k: v for k, v in again.items() if k not in ("reused", "seconds")} == {
+        k: v for k, v in first.items() if k not in ("reused", "seconds")
+    }
+    # Other parameters: the tree is rebuilt and swapped in; no staging folders are left behind.
+    bigger = demo_data.write_demo_data(out, **dict(params, num_nih=24))
+    assert not bigger["reused"] and len(_nih_rows(out)[1]) == 24
+    assert sorted(os.listdir(tmp_path)) == ["demo"]
+    # A demo tree holding someone else's files is not replaced.
+    (out / "my_results").mkdir()
+    with pytest.raises(FileExistsError, match="my_results"):
+        demo_data.write_demo_data(out, **dict(params, seed=3))
+    assert (out / "my_results").is_dir()
+    # A non-empty folder that is not a complete demo tree (e.g. an interrupted copy) is refused, by name.
+    foreign = tmp_path / "foreign"
+    (foreign / "ChestX-ray14").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"ChestX-ray14, notes\.txt"):
+        demo_data.write_demo_data(foreign, **params)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_invalid_parameters_are_all_named(tmp_path):
+    with pytest.raises(ValueError) as error:
+        demo_data.write_demo_data(tmp_path / "x", seed=-1, num_nih=3, num_shenzhen=1, num_montgomery=2, size=8)
+    for fragment in ("num_nih=3", "num_shenzhen=1", "size=8", "seed=-1"):
+        assert fragment in str(error.value)
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- planted signals
+
+SIZE = 64
+
+
+def _factors(i: int, **overrides) -> demo_data.ChestFactors:
+    """Random sex/age/view (nuisance for the signal under test), with overrides."""
+    rng = np.random.default_rng([1234, i])
+    values = dict(sex_male=bool(rng.random() < 0.5), age=float(rng.integers(1, 96)), view_ap=bool(rng.random() < 0.4))
+    return demo_data.ChestFactors(**(values | overrides))
+
+
+def _render(i: int, factors, shape=(SIZE, SIZE)) -> np.ndarray:
+    return demo_data.render_chest(demo_data.image_key(0, "chestxray14", i), shape, factors)["image"]
+
+
+def _box_mean(image, v0, v1, u0, u1):
+    """Mean over a box in normalised coordinates (units of half the shorter side, origin at the centre)."""
+    h, w = image.shape
+    s = min(h, w) / 2
+    return image[int(h / 2 + v0 * s): int(h / 2 + v1 * s), int(w / 2 + u0 * s): int(w / 2 + u1 * s)].mean()
+
+
+def test_each_finding_changes_the_image_in_its_own_way():
+    differences = {}
+    for name in PATHOLOGIES:
+        diffs = [_render(i, _factors(i, findings=frozenset([name]))) - _render(i, _factors(i)) for i in range(3)]
+        assert all(np.abs(d).max() > 0.08 for d in diffs), name
+        differences[name] = np.concatenate([d.ravel() for d in diffs])
+    names = list(differences)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            x, y = differences[names[a]], differences[names[b]]
+            cosine = x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
+            assert cosine < 0.9, (names[a], names[b], cosine)
+
+
+def test_cardiomegaly_brightens_the_heart_region():
+    n = 40
+    labels = np.r_[np.zeros(n), np.ones(n)]
+    stats = [
+        _box_mean(_render(i, _factors(i, findings=frozenset(["Cardiomegaly"]) if i >= n else frozenset())),
+                  0.05, 0.3, 0.3, 0.45)
+        for i in range(2 * n)
+    ]
+    assert roc_auc_score(labels, stats) > 0.85
+
+
+def test_tb_sits_in_the_upper_zones():
+    n = 40
+    images = [_render(i, _factors(i, tb=i >= n, view_ap=False, style="shenzhen")) for i in range(2 * n)]
+    upper = [_box_mean(x, -0.6, -0.2, 0.2, 0.65) + _box_mean(x, -0.6, -0.2, -0.65, -0.2) for x in images]
+    assert roc_auc_score(np.r_[np.zeros(n), np.ones(n)], upper) > 0.75
+    # Paired: the same image with and without TB differs mostly above the lung mid-line.
+    diff = sum(
+        np.abs(_render(i, _factors(i, tb=True, style="shenzhen")) - _render(i, _factors(i, style="shenzhen")))
+        for i in range(8)
+    )
+    assert diff[: SIZE // 2].sum() > 3 * diff[SIZE // 2:].sum()
+
+
+def test_sex_and_view_are_linearly_decodable_from_pixels():
+    factors = [_factors(i) for i in range(240)]
+    half = SIZE // 2  # 2x2-average downsampling
+    pixels = np.stack([_render(i, f).reshape(half, 2, half, 2).mean((1, 3)).ravel() for i, f in enumerate(factors)])
+    for task in ("sex_male", "view_ap"):
+        target = np.array([getattr(f, task) for f in factors])
+        model = LogisticRegression(C=1.0, max_iter=3000).fit(pixels[:160], target[:160])
+        assert model.score(pixels[160:], target[160:]) > 0.85, task
+
+
+def test_age_sets_rib_contrast():
+    factors = [_factors(i) for i in range(80)]
+    ages = np.array([f.age for f in factors])
+
+    def rib_contrast(image):
+        h, w = image.shape
+        lung = image[int(h * 0.3): int(h * 0.6), int(w * 0.62): int(w * 0.8)]
+        return np.abs(np.diff(lung, axis=0)).mean()
+
+    contrast = np.array([rib_contrast(_render(i, f)) for i, f in enumerate(factors)])
+    assert np.corrcoef(np.argsort(np.argsort(ages)), np.argsort(np.argsort(contrast)))[0, 1] < -0.85
+
+
+def test_the_project_readers_load_the_tree_without_problems(tree):
+    from metachex_jax.data import nih, tb
+
+    root, result = tree
+    raw = nih.load_nih(root / "ChestX-ray14")
+    assert sum(len(records) for records in raw.splits.values()) == result["num_nih"]
+    assert len(raw.splits["test"]) == result["num_nih_test"] and not raw.problems and not raw.invalid_age_names
+    for dataset, count in (("shenzhen", result["num_shenzhen"]), ("montgomery", result["num_montgomery"])):
+        tb_raw = tb.load_tb(root, dataset)
+        assert len(tb_raw.records) == count and not tb_raw.problems
+        assert not any(tb_raw.flags.values()), tb_raw.flags
+        assert all(r.sex_male in (0, 1) and r.age > 0 for r in tb_raw.records)

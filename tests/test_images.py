@@ -1,0 +1,138 @@
+"""PNG decoding to 8-bit gray for every mode the raw copies use, resizing, and bad files."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metachex_jax.data import images
+
+RNG = np.random.default_rng(0)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma, computed independently of Pillow."""
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def test_8bit_gray_is_read_unchanged(tmp_path):
+    pixels = RNG.integers(0, 256, (24, 40), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "a.png")
+    np.testing.assert_array_equal(images.load_gray(tmp_path / "a.png", None), pixels)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_color_is_converted_with_luma_and_alpha_ignored(tmp_path, mode):
+    rgb = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    if mode == "RGBA":
+        alpha = RNG.integers(0, 256, (16, 16, 1), dtype=np.uint8)  # even a non-opaque alpha is dropped, not blended
+        Image.fromarray(np.concatenate([rgb, alpha], -1), mode="RGBA").save(tmp_path / "c.png")
+    else:
+        Image.fromarray(rgb, mode="RGB").save(tmp_path / "c.png")
+    gray = images.load_gray(tmp_path / "c.png", None)
+    assert gray.dtype == np.uint8 and gray.shape == (16, 16)
+    assert np.abs(gray.astype(float) - luma(rgb.astype(float))).max() <= 1.0
+
+
+def test_gray_with_alpha_keeps_the_gray_channel(tmp_path):
+    gray = RNG.integers(0, 256, (16, 16), dtype=np.uint8)
+    alpha = np.full((16, 16), 255, np.uint8)
+    Image.fromarray(np.stack([gray, alpha], -1), mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(images.load_gray(tmp_path / "la.png", None), gray)
+
+
+def test_palette_uses_the_palette_colours(tmp_path):
+    palette = np.array([[0, 0, 0], [255, 0, 0], [10, 200, 30], [255, 255, 255]], np.uint8)
+    indices = RNG.integers(0, 4, (12, 12), dtype=np.uint8)
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette(palette.ravel().tolist())
+    image.save(tmp_path / "p.png")
+    expected = luma(palette.astype(float))[indices]
+    assert np.abs(images.load_gray(tmp_path / "p.png", None) - expected).max() <= 1.0
+
+
+def test_16bit_gray_is_scaled_by_its_bit_range_not_clipped(tmp_path):
+    values = np.array([[0, 257, 1000, 32768], [40000, 65535, 12345, 2]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")  # Pillow writes a 16-bit gray PNG
+    with Image.open(tmp_path / "g16.png") as check:
+        assert check.mode.startswith("I")
+    gray = images.load_gray(tmp_path / "g16.png", None)
+    np.testing.assert_array_equal(gray, np.rint(values / 65535.0 * 255.0).astype(np.uint8))
+    assert gray[0, 2] == 4  # 1000/65535*255: a clipping conversion would give 255
+
+
+def test_32bit_int_mode_holding_16bit_samples():
+    values = np.array([[0, 65535], [30000, 5]], np.int32)
+    gray = images.resize_gray(images.to_gray(Image.fromarray(values, mode="I")), None)
+    np.testing.assert_array_equal(gray, np.rint(values / 65535.0 * 255.0).astype(np.uint8))
+    with pytest.raises(ValueError, match="outside 0..65535"):
+        images.to_gray(Image.fromarray(np.array([[70000]], np.int32), mode="I"))
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """Insert an sBIT chunk after IHDR (Pillow cannot write one)."""
+    ihdr_end = 8 + 8 + 13 + 4
+    chunk = struct.pack(">I4s", 1, b"sBIT") + bytes([bits])
+    chunk += struct.pack(">I", zlib.crc32(b"sBIT" + bytes([bits])) & 0xFFFFFFFF)
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def test_12bit_data_in_16bit_png_uses_sbit_range(tmp_path):
+    values = np.array([[0, 4095, 2048, 100]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "plain.png")
+    (tmp_path / "sbit.png").write_bytes(_with_sbit((tmp_path / "plain.png").read_bytes(), 12))
+    assert images.png_significant_bits(tmp_path / "sbit.png") == 12
+    assert images.png_significant_bits(tmp_path / "plain.png") is None
+    np.testing.assert_array_equal(images.load_gray(tmp_path / "sbit.png", None),
+                                  np.rint(values / 4095.0 * 255.0).astype(np.uint8))
+    # Without sBIT the container depth (16 bits) is the range.
+    np.testing.assert_array_equal(images.load_gray(tmp_path / "plain.png", None),
+                                  np.rint(values / 65535.0 * 255.0).astype(np.uint8))
+
+
+def test_box_downscale_is_the_block_mean(tmp_path):
+    pixels = RNG.integers(0, 256, (64, 48), dtype=np.uint8)  # non-square: aspect ratio is not preserved
+    Image.fromarray(pixels, mode="L").save(tmp_path / "big.png")
+    small = images.load_gray(tmp_path / "big.png", 16)
+    assert small.shape == (16, 16)
+    block_mean = pixels.reshape(16, 4, 16, 3).mean(axis=(1, 3))
+    error = np.abs(small - block_mean)
+    assert error.max() < 1.0 and error.mean() < 0.35  # Pillow's fixed-point weights: within one grey level
+
+
+def test_16bit_downscale_rounds_once(tmp_path):
+    values = RNG.integers(0, 65536, (32, 32)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    block_mean = (values / 65535.0 * 255.0).reshape(8, 4, 8, 4).mean(axis=(1, 3))
+    assert np.abs(images.load_gray(tmp_path / "g16.png", 8) - block_mean).max() <= 0.51
+
+
+def test_truncated_and_undecodable_files_raise_naming_the_file(tmp_path):
+    Image.fromarray(RNG.integers(0, 256, (64, 64), dtype=np.uint8), mode="L").save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"this is not an image at all")
+    for name in ("truncated.png", "garbage.png"):
+        with pytest.raises(images.ImageDecodeError, match=str(tmp_path / name)):
+            images.load_gray(tmp_path / name, 16)
+        assert str(tmp_path / name) in images.check_image(tmp_path / name)
+    assert images.check_image(tmp_path / "ok.png") is None
+
+
+def test_decode_many_in_a_pool_keeps_order_and_reports_failures(tmp_path):
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8), mode="L").save(paths[-1])
+    paths[3].write_bytes(b"broken")
+    with images.decoding_pool(2) as pool:
+        results = list(images.decode_many(paths, 4, pool=pool, progress=False))
+    assert [r[1] is None for r in results] == [True, True, True, False, True, True]
+    assert str(paths[3]) in results[3][1]
+    for i, (image, _) in enumerate(results):
+        if i != 3:
+            np.testing.assert_array_equal(image, np.full((4, 4), 40 * i, np.uint8))

@@ -1,0 +1,420 @@
+"""metachex_jax.metrics against independent references (scikit-learn, scipy, explicit resampling)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+from sklearn import metrics as skm
+
+from metachex_jax import metrics
+from metachex_jax.labels import PATHOLOGIES
+
+
+def binary_case(rng, n, n_levels=None, dtype=np.float64):
+    """Labels with both classes and scores; n_levels limits the distinct scores (ties)."""
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    score = rng.integers(0, n_levels, n) if n_levels else rng.normal(size=n) + y
+    return y, score.astype(dtype)
+
+
+# -------------------- AUROC
+
+@pytest.mark.parametrize("n", [2, 3, 7, 50, 2000])
+def test_roc_auc_matches_sklearn_continuous(n):
+    rng = np.random.default_rng(n)
+    y, score = binary_case(rng, n)
+    assert metrics.roc_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+
+
+@pytest.mark.parametrize("n_levels", [1, 2, 3, 10])
+def test_roc_auc_matches_sklearn_heavy_ties(n_levels):
+    rng = np.random.default_rng(n_levels)
+    for n in (4, 30, 500):
+        y, score = binary_case(rng, n, n_levels)
+        assert metrics.roc_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+    if n_levels == 1:  # every score tied: chance level exactly
+        assert metrics.roc_auc(y, score) == 0.5
+
+
+def test_roc_auc_float32_scores_with_float32_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 5000)
+    # Distinct float64 values that collapse to the same float32: ties must be judged on the given values.
+    score = (0.5 + rng.integers(0, 50, 5000) * 1e-3 + rng.uniform(0, 1e-9, 5000)).astype(np.float32)
+    assert len(np.unique(score)) < 60
+    assert metrics.roc_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score), abs=1e-9)
+
+
+def test_roc_auc_perfect_inverse_and_hand_case():
+    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert metrics.roc_auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    # pairs (pos, neg): (0.5 vs 0.5 tie) = 0.5, (0.5 vs 0.1) = 1, (0.9 vs both) = 2 -> 3.5 / 4
+    assert metrics.roc_auc([1, 1, 0, 0], [0.5, 0.9, 0.5, 0.1]) == 0.875
+
+
+def test_roc_auc_masked_entries_are_ignored_whatever_they_hold():
+    rng = np.random.default_rng(1)
+    y, score = binary_case(rng, 300, 8)
+    mask = rng.random(300) < 0.7
+    mask[:2] = True
+    y_dirty = np.where(mask, y, -1)  # e.g. unknown sex
+    score_dirty = np.where(mask, score, np.nan)
+    expected = skm.roc_auc_score(y[mask], score[mask])
+    assert metrics.roc_auc(y_dirty, score_dirty, weight_mask=mask) == pytest.approx(expected, abs=1e-12)
+
+
+def test_roc_auc_integer_weights_equal_repeated_rows_and_sklearn_weights():
+    rng = np.random.default_rng(2)
+    y, score = binary_case(rng, 200, 12)
+    weights = rng.integers(0, 4, 200)
+    weights[:2] = 1
+    repeated = metrics.roc_auc(np.repeat(y, weights), np.repeat(score, weights))
+    weighted = metrics.roc_auc(y, score, weight_mask=weights)
+    assert weighted == pytest.approx(repeated, abs=1e-12)
+    assert weighted == pytest.approx(skm.roc_auc_score(y, score, sample_weight=weights), abs=1e-12)
+
+
+def test_roc_auc_batched_weights_equal_one_by_one():
+    rng = np.random.default_rng(3)
+    y, score = binary_case(rng, 100, 6)
+    weights = rng.integers(0, 3, (100, 9)).astype(float)
+    weights[:, 4] = 0
+    weights[y == 1, 5] = 0  # column 5 has no positives
+    batched = metrics.roc_auc(y, score, weight_mask=weights)
+    assert batched.shape == (9,)
+    for b in range(9):
+        one = metrics.roc_auc(y, score, weight_mask=weights[:, b])
+        assert np.isnan(one) if b in (4, 5) else one == pytest.approx(batched[b], abs=1e-12)
+    assert np.isnan(batched[[4, 5]]).all()
+
+
+def test_roc_auc_single_class_is_nan():
+    assert np.isnan(metrics.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert np.isnan(metrics.roc_auc([0, 1, 1], [0.1, 0.2, 0.3], weight_mask=[0, 1, 1]))
+    assert np.isnan(metrics.roc_auc([], []))
+
+
+def test_roc_auc_bad_input_names_every_offender():
+    with pytest.raises(ValueError) as e:
+        metrics.roc_auc([0, 2, 1, -1, 1], [0.1, 0.2, 0.3, 0.4, 0.5])
+    assert "1: 2.0" in str(e.value) and "3: -1.0" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        metrics.roc_auc([0, 1, 1, 0], [np.nan, 0.2, np.inf, 0.1])
+    assert "0: nan" in str(e.value) and "2: inf" in str(e.value)
+    with pytest.raises(ValueError, match="0: -1.0"):
+        metrics.roc_auc([0, 1], [0.1, 0.2], weight_mask=[-1, 1])
+    with pytest.raises(ValueError, match="shape"):
+        metrics.roc_auc([0, 1], [0.1, 0.2], weight_mask=[1, 1, 1])
+
+
+def test_roc_auc_per_column_matches_sklearn_and_names_columns():
+    rng = np.random.default_rng(4)
+    y = (rng.random((120, 5)) < 0.3).astype(np.float32)
+    y[:2] = [[0] * 5, [1] * 5]
+    score = (y + rng.normal(size=(120, 5))).astype(np.float32)
+    mask = (rng.random((120, 5)) < 0.8).astype(np.float32)
+    mask[:2] = 1
+    mask[:, 3] = 0
+    out = metrics.roc_auc_per_column(y, score, mask)
+    for j in range(5):
+        keep = mask[:, j] > 0
+        assert np.isnan(out[j]) if j == 3 else out[j] == pytest.approx(
+            skm.roc_auc_score(y[keep, j], score[keep, j]), abs=1e-12)
+    y[7, 1], y[9, 4] = 3, 5
+    mask[[7, 9], [1, 4]] = 1
+    with pytest.raises(ValueError) as e:
+        metrics.roc_auc_per_column(y, score, mask, column_names=list("abcde"))
+    assert "y_true[:, b]" in str(e.value) and "7: 3.0" in str(e.value)
+    assert "y_true[:, e]" in str(e.value) and "9: 5.0" in str(e.value)
+
+
+# -------------------- ROC curve
+
+@pytest.mark.parametrize("n_levels", [None, 4])
+def test_roc_curve_matches_sklearn(n_levels):
+    rng = np.random.default_rng(5)
+    y, score = binary_case(rng, 400, n_levels, np.float32)
+    weights = rng.integers(0, 3, 400)
+    weights[:2] = 1
+    for w in (None, weights):
+        fpr, tpr, thresholds = metrics.roc_curve(y, score, weight_mask=w)
+        ref = skm.roc_curve(y, score, sample_weight=w, drop_intermediate=False)
+        np.testing.assert_allclose(fpr, ref[0], atol=1e-12)
+        np.testing.assert_allclose(tpr, ref[1], atol=1e-12)
+        np.testing.assert_array_equal(thresholds, ref[2])
+        assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(y, score, w), abs=1e-12)
+
+
+def test_roc_curve_single_class_rate_is_nan_like_sklearn():
+    fpr, tpr, _ = metrics.roc_curve([1, 1, 1], [0.1, 0.5, 0.9])
+    assert np.isnan(fpr).all() and not np.isnan(tpr).any()
+    with pytest.warns(Warning):
+        ref = skm.roc_curve([1, 1, 1], [0.1, 0.5, 0.9], drop_intermediate=False)
+    np.testing.assert_array_equal(tpr, ref[1])
+
+
+# -------------------- thresholds
+
+def test_accuracy_sensitivity_specificity_match_sklearn():
+    rng = np.random.default_rng(6)
+    y, _ = binary_case(rng, 300)
+    prob = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.25, 300), 0, 1).astype(np.float32)
+    prob[:3] = 0.5  # the threshold itself counts as positive
+    mask = rng.random(300) < 0.8
+    mask[:3] = True
+    for t in (0.3, 0.5):
+        pred = (prob >= t).astype(int)
+        assert metrics.accuracy(y, prob, t, mask) == pytest.approx(
+            skm.accuracy_score(y[mask], pred[mask]), abs=1e-12)
+        assert metrics.sensitivity(y, prob, t, mask) == pytest.approx(
+            skm.recall_score(y[mask], pred[mask], pos_label=1), abs=1e-12)
+        assert metrics.specificity(y, prob, t, mask) == pytest.approx(
+            skm.recall_score(y[mask], pred[mask], pos_label=0), abs=1e-12)
+    assert np.isnan(metrics.sensitivity([0, 0], [0.1, 0.9], 0.5))
+    assert np.isnan(metrics.accuracy([0, 1], [0.1, 0.9], weight_mask=[0, 0]))
+
+
+def test_youden_threshold_maximises_j_over_sklearn_curve():
+    rng = np.random.default_rng(7)
+    y, score = binary_case(rng, 500, 40)
+    t = metrics.youden_threshold(y, score)
+    fpr, tpr, thresholds = skm.roc_curve(y, score, drop_intermediate=False)
+    j = tpr - fpr
+    best = thresholds[np.isclose(j, j.max(), atol=1e-12)]
+    assert t == best.max()
+    j_at_t = metrics.sensitivity(y, score, t) + metrics.specificity(y, score, t) - 1
+    assert j_at_t == pytest.approx(j.max(), abs=1e-12)
+    with pytest.raises(ValueError, match="both classes"):
+        metrics.youden_threshold([1, 1], [0.2, 0.3])
+
+
+# -------------------- regression
+
+def test_mae_and_pearson_match_references():
+    rng = np.random.default_rng(8)
+    age = rng.uniform(1, 95, 400).astype(np.float32)
+    pred = (age + rng.normal(0, 8, 400)).astype(np.float32)
+    age64, pred64 = age.astype(np.float64), pred.astype(np.float64)  # sklearn would average in float32
+    mask = rng.random(400) < 0.9
+    age_dirty = np.where(mask, age, np.nan)  # masked ages may be anything
+    assert metrics.mae(age_dirty, pred, mask) == pytest.approx(
+        skm.mean_absolute_error(age64[mask], pred64[mask]), abs=1e-12)
+    assert metrics.pearson_r(age_dirty, pred, mask) == pytest.approx(
+        scipy.stats.pearsonr(age64[mask], pred64[mask]).statistic, abs=1e-12)
+    weights = rng.integers(0, 4, 400)
+    assert metrics.pearson_r(age, pred, weights) == pytest.approx(
+        scipy.stats.pearsonr(np.repeat(age64, weights), np.repeat(pred64, weights)).statistic, abs=1e-12)
+    assert metrics.mae(age, pred, weights) == pytest.approx(
+        skm.mean_absolute_error(age64, pred64, sample_weight=weights), abs=1e-12)
+
+
+def test_regression_undefined_and_bad_values():
+    assert np.isnan(metrics.pearson_r([1, 2, 3], [5, 5, 5]))
+    assert np.isnan(metrics.mae([1, 2], [1, 2], weight_mask=[0, 0]))
+    with pytest.raises(ValueError) as e:
+        metrics.mae([1, np.nan, 3], [1, 2, np.inf])
+    assert "y_true" in str(e.value) and "1: nan" in str(e.value)
+    assert "y_pred" in str(e.value) and "2: inf" in str(e.value)
+
+
+# -------------------- bootstrap
+
+def test_group_bootstrap_weights_resample_whole_groups_deterministically(monkeypatch):
+    rng = np.random.default_rng(9)
+    groups = rng.choice([11, 42, 7, 3, 99, 5], size=40)
+    chunks = list(metrics.iter_group_bootstrap_weights(groups, n_boot=25, seed=3))
+    weights = np.concatenate(chunks, axis=1)
+    assert weights.shape == (40, 25)
+    for g in np.unique(groups):  # one multiplicity per group and resample
+        rows = weights[groups == g]
+        assert (rows == rows[0]).all()
+    per_group = np.stack([weights[groups == g][0] for g in np.unique(groups)])
+    np.testing.assert_array_equal(per_group.sum(axis=0), 6)  # G groups drawn per resample
+    assert len({tuple(c) for c in per_group.T}) > 1  # resamples differ
+    # Same seed -> same resamples, whatever the chunk size; another seed -> others.
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 40 * 4)
+    small_chunks = list(metrics.iter_group_bootstrap_weights(groups, n_boot=25, seed=3))
+    assert len(small_chunks) > 1
+    np.testing.assert_array_equal(np.concatenate(small_chunks, axis=1), weights)
+    other = np.concatenate(list(metrics.iter_group_bootstrap_weights(groups, n_boot=25, seed=4)), axis=1)
+    assert not np.array_equal(other, weights)
+
+
+def test_bootstrap_distribution_equals_metric_on_explicitly_resampled_data():
+    rng = np.random.default_rng(10)
+    groups = rng.integers(0, 15, 80)
+    y, score = binary_case(rng, 80, 5)
+    dist = metrics.bootstrap_distribution(metrics.roc_auc, y, score, groups=groups, n_boot=20, seed=1)
+    weights = np.concatenate(list(metrics.iter_group_bootstrap_weights(groups, 20, 1)), axis=1).astype(int)
+    for b in range(20):
+        yb, sb = np.repeat(y, weights[:, b]), np.repeat(score, weights[:, b])
+        if len(np.unique(yb)) < 2:
+            assert np.isnan(dist[b])
+        else:
+            assert dist[b] == pytest.approx(skm.roc_auc_score(yb, sb), abs=1e-12)
+
+
+def test_bootstrap_ci_contains_estimate_and_is_deterministic():
+    rng = np.random.default_rng(11)
+    groups = np.repeat(np.arange(150), 3)
+    y, score = binary_case(rng, 450)
+    point = metrics.roc_auc(y, score)
+    low, high = metrics.bootstrap_ci(metrics.roc_auc, y, score, groups=groups, n_boot=300, seed=0)
+    assert low < point < high and high - low < 0.2
+    assert (low, high) == metrics.bootstrap_ci(metrics.roc_auc, y, score, groups=groups, n_boot=300, seed=0)
+    assert (low, high) != metrics.bootstrap_ci(metrics.roc_auc, y, score, groups=groups, n_boot=300, seed=1)
+    wide = metrics.bootstrap_ci(metrics.roc_auc, y, score, groups=groups, n_boot=300, seed=0, alpha=0.01)
+    assert wide[0] <= low and wide[1] >= high
+
+
+def test_group_bootstrap_of_identical_copies_equals_bootstrap_of_patients():
+    """Ten identical images per patient carry one patient's information: the group bootstrap CI is that
+    of the one-image-per-patient data, and much wider than a row bootstrap that treats copies as new data."""
+    rng = np.random.default_rng(12)
+    y, score = binary_case(rng, 60)
+    patients = np.arange(60) * 7 + 3
+    copies = 10
+    y10, score10, patients10 = (np.repeat(a, copies) for a in (y, score, patients))
+    per_patient = metrics.bootstrap_distribution(metrics.roc_auc, y, score, groups=patients, n_boot=200,
+                                                 seed=5)
+    grouped = metrics.bootstrap_distribution(metrics.roc_auc, y10, score10, groups=patients10, n_boot=200,
+                                             seed=5)
+    np.testing.assert_allclose(grouped, per_patient, atol=1e-12)
+    group_ci = metrics.percentile_ci(grouped)
+    row_ci = metrics.bootstrap_ci(metrics.roc_auc, y10, score10, groups=np.arange(600), n_boot=200, seed=5)
+    assert (group_ci[1] - group_ci[0]) > 2 * (row_ci[1] - row_ci[0])
+
+
+def test_bootstrap_counts_and_excludes_single_class_resamples():
+    # One positive patient among six: every resample without it has no positives.
+    groups = np.array([0, 0, 1, 1, 2, 3, 4, 5])
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0])
+    score = np.array([0.9, 0.4, 0.5, 0.3, 0.2, 0.8, 0.1, 0.6])
+    dist = metrics.bootstrap_distribution(metrics.roc_auc, y, score, groups=groups, n_boot=100, seed=0)
+    weights = np.concatenate(list(metrics.iter_group_bootstrap_weights(groups, 100, 0)), axis=1)
+    missing_positive = weights[0] == 0
+    assert 0 < missing_positive.sum() < 100
+    assert metrics.count_undefined(dist) == missing_positive.sum()
+    np.testing.assert_array_equal(np.isnan(dist), missing_positive)
+    low, high = metrics.percentile_ci(dist)
+    assert (low, high) == tuple(np.percentile(dist[~missing_positive], [2.5, 97.5]))
+    assert metrics.percentile_ci(np.full(5, np.nan)) == pytest.approx((np.nan, np.nan), nan_ok=True)
+
+
+# -------------------- multitask
+
+def multitask_predictions(rng, n=90, n_patients=25):
+    k = len(PATHOLOGIES)
+    pathology = (rng.random((n, k)) < 0.3).astype(np.float32)
+    pathology[:2, :] = [[0] * k, [1] * k]
+    pathology[:, -1] = 0  # Hernia: no positive at all
+    mask = (rng.random((n, k)) < 0.9).astype(np.float32)
+    mask[:2] = 1
+    sex = rng.integers(0, 2, n)
+    sex_mask = (rng.random(n) < 0.8).astype(np.float32)
+    sex_mask[:2] = 1
+    sex[:2] = [0, 1]
+    age = rng.uniform(20, 90, n).astype(np.float32)
+    age_mask = (rng.random(n) < 0.85).astype(np.float32)
+    return {
+        "patient_id": rng.integers(0, n_patients, n).astype(np.int64),
+        "pathology": pathology,
+        "pathology_prob": np.clip(0.3 * pathology + rng.random((n, k)), 0, 1).astype(np.float32),
+        "pathology_mask": mask,
+        "sex_male": np.where(sex_mask > 0, sex, -1),
+        "sex_male_prob": np.clip(0.3 * sex + rng.random(n), 0, 1).astype(np.float32),
+        "sex_male_mask": sex_mask,
+        "view_ap": rng.integers(0, 2, n),
+        "view_ap_prob": rng.random(n).astype(np.float32),
+        "view_ap_mask": np.ones(n, np.float32),
+        "age": np.where(age_mask > 0, age, 0).astype(np.float32),
+        "age_pred": (age + rng.normal(0, 10, n)).astype(np.float32),
+        "age_mask": age_mask,
+        "image_name": np.array([f"{i:08d}_000.png" for i in range(n)]),
+    }
+
+
+def test_evaluate_multitask_values_match_sklearn():
+    rng = np.random.default_rng(13)
+    p = multitask_predictions(rng)
+    r = metrics.evaluate_multitask(p, n_boot=200, seed=0)
+    assert list(r) == ["counts", "bootstrap", "mean_auroc", "pathology", "sex_male", "view_ap", "age"]
+    assert list(r["pathology"]) == list(PATHOLOGIES)
+    aurocs = []
+    for j, name in enumerate(PATHOLOGIES[:-1]):
+        keep = p["pathology_mask"][:, j] > 0
+        expected = skm.roc_auc_score(p["pathology"][keep, j], p["pathology_prob"][keep, j])
+        entry = r["pathology"][name]["auroc"]
+        assert entry["value"] == pytest.approx(expected, abs=1e-12)
+        assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+        aurocs.append(expected)
+    hernia = r["pathology"]["Hernia"]["auroc"]
+    assert np.isnan(hernia["value"]) and hernia["n_undefined"] == 200
+    mean = r["mean_auroc"]
+    assert mean["value"] == pytest.approx(np.mean(aurocs), abs=1e-12)
+    assert mean["labels"] == list(PATHOLOGIES[:-1])
+    assert mean["ci_low"] < mean["value"] < mean["ci_high"]
+
+    for task in ("sex_male", "view_ap"):
+        keep = p[f"{task}_mask"] > 0
+        y, prob = p[task][keep], p[f"{task}_prob"][keep]
+        assert r[task]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(y, prob), abs=1e-12)
+        assert r[task]["accuracy"]["value"] == pytest.approx(skm.accuracy_score(y, prob >= 0.5), abs=1e-12)
+        assert r[task]["accuracy_threshold"] == 0.5
+    keep = p["age_mask"] > 0
+    assert r["age"]["mae_years"]["value"] == pytest.approx(
+        skm.mean_absolute_error(p["age"][keep].astype(np.float64), p["age_pred"][keep].astype(np.float64)),
+        abs=1e-12)
+    age64, pred64 = p["age"][keep].astype(np.float64), p["age_pred"][keep].astype(np.float64)
+    assert r["age"]["pearson_r"]["value"] == pytest.approx(scipy.stats.pearsonr(age64, pred64).statistic,
+                                                           abs=1e-12)
+
+    counts = r["counts"]
+    assert counts["images"] == 90 and counts["patients"] == len(np.unique(p["patient_id"]))
+    assert counts["pathology"]["Atelectasis"] == {
+        "labelled": int((p["pathology_mask"][:, 0] > 0).sum()),
+        "positives": int(((p["pathology_mask"][:, 0] > 0) & (p["pathology"][:, 0] == 1)).sum())}
+    assert counts["sex_male"]["labelled"] == int(p["sex_male_mask"].sum())
+    assert counts["age"] == {"labelled": int(keep.sum()), "masked": int((~keep).sum())}
+    assert r["bootstrap"]["n_boot"] == 200
+
+    # The CIs are those of the patient bootstrap of the metric itself.
+    sex_dist = metrics.bootstrap_distribution(
+        lambda y, s, m, weight_mask: metrics.roc_auc(y, s, weight_mask * m[:, None]),
+        p["sex_male"], p["sex_male_prob"], p["sex_male_mask"], groups=p["patient_id"], n_boot=200, seed=0)
+    sex_auroc = r["sex_male"]["auroc"]
+    assert (sex_auroc["ci_low"], sex_auroc["ci_high"]) == metrics.percentile_ci(sex_dist)
+
+
+def test_evaluate_multitask_is_deterministic_and_handles_missing_heads():
+    rng = np.random.default_rng(14)
+    p = multitask_predictions(rng)
+    a = metrics.evaluate_multitask(p, n_boot=50, seed=2)
+    b = metrics.evaluate_multitask(p, n_boot=50, seed=2)
+    assert repr(a) == repr(b)
+    chexnet = {k: v for k, v in p.items() if k == "patient_id" or k.startswith("pathology")}
+    r = metrics.evaluate_multitask(chexnet, n_boot=0)
+    assert list(r) == ["counts", "bootstrap", "mean_auroc", "pathology"]
+    assert r["mean_auroc"]["value"] == a["mean_auroc"]["value"]
+    assert np.isnan(r["mean_auroc"]["ci_low"])
+
+
+def test_evaluate_multitask_reports_every_problem():
+    rng = np.random.default_rng(15)
+    p = multitask_predictions(rng)
+    broken = dict(p)
+    del broken["view_ap_mask"]
+    broken["age_pred"] = broken["age_pred"][:10]
+    with pytest.raises(ValueError) as e:
+        metrics.evaluate_multitask(broken, n_boot=10)
+    assert "view_ap_mask" in str(e.value) and "'age_pred' has shape (10,)" in str(e.value)
+    bad_values = dict(p)
+    bad_values["sex_male"] = np.where(p["sex_male_mask"] > 0, 2, -1)
+    bad_values["age_pred"] = np.full(90, np.nan, np.float32)
+    with pytest.raises(ValueError) as e:
+        metrics.evaluate_multitask(bad_values, n_boot=10)
+    assert "sex_male:" in str(e.value) and "age:" in str(e.value)
+    with pytest.raises(ValueError, match="patient_id"):
+        metrics.evaluate_multitask({k: v for k, v in p.items() if k != "patient_id"})

@@ -1,0 +1,143 @@
+"""Shenzhen / Montgomery raw parsing: readings, flags, label disagreement, folds and the default split."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from data_fixtures import make_tb_tree
+from metachex_jax.data import tb
+from metachex_jax.data.raw_common import RawDataError
+
+
+@pytest.mark.parametrize("line,sex,age", [
+    ("male 35yrs", 1, 35.0),
+    ("female  45yrs", 0, 45.0),
+    ("FEMALE 45 yrs", 0, 45.0),
+    ("Male, 6 months", 1, 0.5),
+    ("female 73days", 0, 73 / 365.25),
+    ("male35yrs", 1, 35.0),
+    ("male 35", 1, None),  # no unit: unparseable, not guessed
+    ("unknown 35yrs", -1, 35.0),
+    ("", -1, None),
+])
+def test_shenzhen_first_line(line, sex, age):
+    parsed_sex, parsed_age, reading = tb.parse_shenzhen_reading(f"{line}\nnormal\n")
+    assert parsed_sex == sex and reading == "normal"
+    assert parsed_age == pytest.approx(age) if age is not None else parsed_age is None
+
+
+@pytest.mark.parametrize("text,sex,age", [
+    ("Patient's Sex: M\nPatient's Age: 035Y\nnormal", 1, 35.0),
+    ("Patient's Sex: F\nPatient's Age: 018M\nnormal", 0, 1.5),
+    ("Patient's Sex: O\nPatient's Age: 0XXY\nnormal", -1, None),
+])
+def test_montgomery_fields(text, sex, age):
+    parsed_sex, parsed_age, reading = tb.parse_montgomery_reading(text)
+    assert parsed_sex == sex and reading == "normal"
+    assert parsed_age == pytest.approx(age) if age is not None else parsed_age is None
+
+
+@pytest.mark.parametrize("dataset", ["shenzhen", "montgomery"])
+def test_clean_copy_parses_labels_and_readings(tmp_path, dataset):
+    tree = make_tb_tree(tmp_path, dataset)
+    raw = tb.load_tb(tmp_path, dataset, num_folds=4)
+    assert raw.problems == [] and raw.root == tree.root
+    assert [r.image_id for r in raw.records] == sorted(tree.values)
+    for index, record in enumerate(raw.records):
+        assert record.tb == int(record.image_id[-1])
+        assert record.sex_male == int(index % 2 == 0)
+        assert record.age == 20 + (index * 7) % 60 and record.age_valid
+        assert record.reading == tree.readings[record.image_id].splitlines()[-1]
+    assert all(not ids for ids in raw.flags.values())
+
+
+def test_unparseable_readings_are_flagged_not_guessed(tmp_path):
+    tree = make_tb_tree(tmp_path, "shenzhen")
+    ids = sorted(tree.values)
+    tree.write_reading(ids[0], "patient 35\nnormal\n")  # neither sex nor age
+    tree.write_reading(ids[1], "female ??\nnormal\n")  # sex only
+    tree.write_reading(ids[2], "male 300yrs\nnormal\n")  # implausible age
+    tree.reading_path(ids[3]).unlink()
+    raw = tb.load_tb(tmp_path, "shenzhen")
+    assert raw.flags == {"unknown_sex": [ids[0], ids[3]], "invalid_age": ids[:4], "missing_reading": [ids[3]]}
+    records = {r.image_id: r for r in raw.records}
+    assert records[ids[0]].sex_male == -1 and records[ids[0]].age == 0.0 and not records[ids[0]].age_valid
+    assert records[ids[1]].sex_male == 0 and not records[ids[1]].age_valid
+    assert records[ids[2]].age == 300.0 and not records[ids[2]].age_valid
+    assert len(raw.records) == len(ids)  # flags never drop an image
+
+
+@pytest.mark.parametrize("dataset", ["shenzhen", "montgomery"])
+def test_reading_disagreeing_with_label_is_an_error_or_skipped(tmp_path, dataset):
+    tree = make_tb_tree(tmp_path, dataset)
+    normal_id = sorted(i for i in tree.values if i.endswith("_0"))[1]
+    tb_id = sorted(i for i in tree.values if i.endswith("_1"))[2]
+    header = "\n".join(tree.readings[normal_id].splitlines()[:-1])
+    tree.write_reading(normal_id, header + "\nsecondary tuberculosis, right upper lobe\n")
+    header = "\n".join(tree.readings[tb_id].splitlines()[:-1])
+    tree.write_reading(tb_id, header + "\nNormal.\n")
+    with pytest.raises(RawDataError) as error:
+        tb.load_tb(tmp_path, dataset)
+    assert f"[label_disagreement] {normal_id}:" in str(error.value)
+    assert f"[label_disagreement] {tb_id}:" in str(error.value)
+    raw = tb.load_tb(tmp_path, dataset, skip_bad=True)
+    expected = {("label_disagreement", normal_id), ("label_disagreement", tb_id)}
+    assert {(p.kind, p.item) for p in raw.problems} == expected
+    assert not {normal_id, tb_id} & {r.image_id for r in raw.records}
+
+
+@pytest.mark.parametrize("reading,tb_label,contradicts", [
+    ("normal", 1, True),
+    ("Normal.", 1, True),
+    ("normal", 0, False),
+    ("PTB in the left upper field", 0, True),
+    ("calcified granuloma; old tuberculosis", 0, True),
+    ("no evidence of active TB", 0, False),
+    ("clear lungs, negative for tuberculosis", 0, False),
+    ("calcified nodule", 0, False),
+    ("STB in the right upper field", 1, False),
+    ("", 1, False),
+])
+def test_reading_label_agreement_rule(reading, tb_label, contradicts):
+    assert tb.reading_contradicts_label(reading, tb_label) is contradicts
+
+
+def test_bad_names_duplicates_and_orphan_readings(tmp_path):
+    tree = make_tb_tree(tmp_path, "montgomery")
+    (tree.root / "CXR_png" / "MCUCXR_0001_1.png").write_bytes(tree.image_path("MCUCXR_0001_0").read_bytes())
+    (tree.root / "CXR_png" / "scan 7.png").write_bytes(b"")
+    (tree.root / "ClinicalReadings" / "MCUCXR_0999_0.txt").write_text("Patient's Sex: M\n")
+    with pytest.raises(RawDataError) as error:
+        tb.load_tb(tmp_path, "montgomery")
+    expected = {("duplicate_image_id", "MCUCXR_0001_0"), ("duplicate_image_id", "MCUCXR_0001_1"),
+                ("bad_file_name", "CXR_png/scan 7.png"),
+                ("reading_without_image", "ClinicalReadings/MCUCXR_0999_0.txt")}
+    assert {(p.kind, p.item) for p in error.value.problems} == expected
+    for _, item in expected:
+        assert item in str(error.value)
+
+
+def test_folds_are_stratified_balanced_and_deterministic(tmp_path):
+    make_tb_tree(tmp_path, "shenzhen", n_normal=23, n_tb=17)
+    raw = tb.load_tb(tmp_path, "shenzhen", num_folds=5, seed=7)
+    per_fold = {label: Counter(r.fold for r in raw.records if r.tb == label) for label in (0, 1)}
+    for label, n in ((0, 23), (1, 17)):
+        assert sorted(per_fold[label]) == list(range(5))
+        assert max(per_fold[label].values()) - min(per_fold[label].values()) <= 1
+        assert sum(per_fold[label].values()) == n
+    sizes = Counter(r.fold for r in raw.records)
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    assert tb.load_tb(tmp_path, "shenzhen", num_folds=5, seed=7).records == raw.records
+    other = tb.load_tb(tmp_path, "shenzhen", num_folds=5, seed=8).records
+    assert [r.fold for r in other] != [r.fold for r in raw.records]
+
+
+def test_default_split_is_stratified_70_10_20(tmp_path):
+    make_tb_tree(tmp_path, "shenzhen", n_normal=30, n_tb=20)
+    raw = tb.load_tb(tmp_path, "shenzhen")
+    counts = Counter((r.split, r.tb) for r in raw.records)
+    assert counts == {("test", 0): 6, ("validation", 0): 3, ("train", 0): 21,
+                      ("test", 1): 4, ("validation", 1): 2, ("train", 1): 14}
+    assert tb.load_tb(tmp_path, "shenzhen").records == raw.records
