@@ -80,3 +80,58 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter=Non
 def abstract(tree, sharding) -> Any:
     """ShapeDtypeStructs with `sharding` for every array of `tree` (the restore target)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_run_model(run_dir: str, step: int | str = "best"):
+    """The model of a pretraining run, for evaluation or transfer: (MetaChexNet in eval mode, info dict).
+
+    `run_dir` is a pretraining workdir (holding checkpoints/). `step` is "best" (by validation mean AUROC, as
+    recorded by the trainer), "latest", or a step number. The architecture and heads come from the config the
+    run saved with its checkpoint, so no config needs to be passed.
+    """
+    import ml_collections
+    from flax import nnx
+
+    from metachex_jax import train_state
+    from metachex_jax.models import build_model
+
+    directory = os.path.join(os.path.abspath(os.path.expanduser(run_dir)), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{run_dir} is not a pretraining workdir: {directory} does not exist")
+    manager = make_manager(directory, keep=1 << 30, async_save=False)
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        latest_meta = manager.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if step == "best":
+            step = (latest_meta.get("best") or {}).get("step") or max(steps)
+        elif step == "latest":
+            step = max(steps)
+        if int(step) not in steps:
+            raise FileNotFoundError(f"step {step} is not among the checkpoints in {directory}: {sorted(steps)}")
+        model_config = ml_collections.ConfigDict(latest_meta["config"]["model"])
+        model = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
+        graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+        restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    finally:
+        manager.close()
+    try:
+        nnx.replace_by_pure_dict(params, _unwrap_values(restored["params"]))
+        nnx.replace_by_pure_dict(stats, _unwrap_values(restored["batch_stats"]))
+    except Exception as e:
+        raise ValueError(f"checkpoint {directory}/{step} does not match the model its config describes "
+                         f"({model_config.arch}): {e}") from e
+    model = nnx.merge(graphdef, params, stats)
+    model.eval()
+    return model, {"run_dir": run_dir, "step": int(step), "arch": model_config.arch,
+                   "config": latest_meta["config"]}
+
+
+def _unwrap_values(tree):
+    """A checkpointed nnx.State read without a target nests each array as {"value": array}: unwrap it."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree

@@ -1,0 +1,137 @@
+"""Image augmentation for the input pipeline: stored R x R uint8 gray -> model resolution S x S uint8 gray.
+
+Training: a random S x S crop of the stored image, optionally a small random affine (rotation, scale,
+translation) about the crop centre, then an optional horizontal flip. The crop and the affine are ONE
+resampling (`PIL.Image.transform` with a composed matrix, bilinear), so an image is interpolated at most once;
+with no rotation/scale/translation configured the crop is a plain array slice (exact, ~30x faster).
+Pixels the affine pulls from outside the stored image are 0 (black, like the X-ray border).
+
+Evaluation: the centre S x S crop, no randomness. Centre crop (rather than resizing R -> S) keeps the pixel
+scale the model saw in training, where crops are taken at scale 1 from the same R x R images (the CheXNet
+recipe: resize to 256, random-crop 224 to train, centre-crop 224 to test).
+
+Images stay uint8 0..255 here. Normalisation is NOT done on the host: it happens on the device in
+`metachex_jax.preprocessing.to_model_input`, the one definition of model input.
+
+Every random draw comes from the `np.random.Generator` passed in, always in the same order, so an image's
+augmentation depends only on that generator's seed (the pipeline derives it from (seed, epoch, record index)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation settings. `Augmentation.none()` turns all randomness off (centre crop only)."""
+
+    random_crop: bool = True                      # False: centre crop
+    flip_probability: float = 0.5                 # horizontal flip
+    rotation_degrees: float = 0.0                 # rotation drawn uniformly from [-d, d]
+    scale_range: tuple[float, float] = (1.0, 1.0)  # zoom drawn uniformly; > 1 magnifies
+    translate_fraction: float = 0.0               # shift drawn uniformly from [-f, f] * S per axis
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 <= self.flip_probability <= 1.0:
+            problems.append(f"flip_probability={self.flip_probability} not in [0, 1]")
+        if not 0.0 <= self.rotation_degrees <= 180.0:
+            problems.append(f"rotation_degrees={self.rotation_degrees} not in [0, 180]")
+        low, high = self.scale_range
+        if not 0.0 < low <= high:
+            problems.append(f"scale_range={self.scale_range} must satisfy 0 < low <= high")
+        if not 0.0 <= self.translate_fraction < 1.0:
+            problems.append(f"translate_fraction={self.translate_fraction} not in [0, 1)")
+        if problems:
+            raise ValueError("invalid Augmentation: " + "; ".join(problems))
+
+    @classmethod
+    def none(cls) -> Augmentation:
+        return cls(random_crop=False, flip_probability=0.0)
+
+    @property
+    def has_affine(self) -> bool:
+        return (self.rotation_degrees > 0 or self.scale_range != (1.0, 1.0)
+                or self.translate_fraction > 0)
+
+
+def as_gray_2d(image: np.ndarray) -> np.ndarray:
+    """(H, W, 1) or (H, W) uint8 -> (H, W) uint8."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 gray image (H, W) or (H, W, 1), got {image.dtype} {image.shape}")
+    return image
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The centre size x size crop of a (H, W) image (the evaluation transform)."""
+    height, width = image.shape
+    _check_fits(image, size)
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
+def augment(image: np.ndarray, size: int, augmentation: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Random crop (+ affine) (+ flip) of a (H, W) uint8 image to (size, size) uint8."""
+    height, width = image.shape
+    _check_fits(image, size)
+    # Draw everything up front, in a fixed order, whatever the settings, so that changing one setting does
+    # not shift the random stream of the others.
+    u_top, u_left, u_angle, u_scale, u_dx, u_dy, u_flip = rng.random(7)
+    if augmentation.random_crop:
+        top = int(u_top * (height - size + 1))
+        left = int(u_left * (width - size + 1))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+
+    if augmentation.has_affine:
+        angle = (2 * u_angle - 1) * augmentation.rotation_degrees
+        low, high = augmentation.scale_range
+        scale = low + u_scale * (high - low)
+        shift = augmentation.translate_fraction * size
+        out = affine_crop(image, size, top=top, left=left, degrees=angle, scale=scale,
+                          dx=(2 * u_dx - 1) * shift, dy=(2 * u_dy - 1) * shift)
+    else:
+        out = image[top:top + size, left:left + size]
+
+    if u_flip < augmentation.flip_probability:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def affine_crop(image: np.ndarray, size: int, *, top: int, left: int, degrees: float = 0.0, scale: float = 1.0,
+                dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """The size x size window at (top, left), rotated by `degrees` (clockwise as displayed, rows pointing
+    down), zoomed by `scale` about its centre and shifted by (dx, dy) pixels, in one bilinear resampling.
+
+    Output pixel p maps to input c_in + R(-angle) (p - c_out - d) / scale, with c_out the output centre,
+    c_in the centre of the window, d = (dx, dy). PIL's AFFINE takes
+    that output->input map as (a, b, c, d, e, f) in continuous pixel coordinates (pixel centres at +0.5), for
+    which the identity with offset (1, 0, left, 0, 1, top) reproduces the array slice exactly.
+    """
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    half = size / 2.0
+    cx_in, cy_in = left + half, top + half
+    # input = C_in + M @ (out - C_out - d), M = [[cos, sin], [-sin, cos]]
+    ox, oy = half + dx, half + dy
+    a, b, d, e = cos, sin, -sin, cos
+    c = cx_in - a * ox - b * oy
+    f = cy_in - d * ox - e * oy
+    transformed = Image.fromarray(image).transform(
+        (size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
+        resample=Image.Resampling.BILINEAR, fillcolor=0)
+    return np.asarray(transformed)
+
+
+def _check_fits(image: np.ndarray, size: int) -> None:
+    if image.shape[0] < size or image.shape[1] < size:
+        raise ValueError(f"stored image {image.shape} is smaller than the model resolution {size}; "
+                         "build the dataset at a resolution >= the model resolution")

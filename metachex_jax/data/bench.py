@@ -1,0 +1,207 @@
+"""Input-pipeline benchmark: training batches per second from stored records vs. a naive full-size PNG loader.
+
+    python -m metachex_jax.data.bench --synthetic
+    python -m metachex_jax.data.bench --data_dir=~/tensorflow_datasets --dataset=chestxray14
+
+It measures `pipeline.train_batches` (crop to --image_size from the stored records, flip and the configured
+affine) with 0 workers (in-process) and with --num_workers worker processes, and, in the same run, the way
+ChestX-ray14 is commonly read: decode each original 1024 x 1024 PNG with PIL, resize it to the stored
+resolution and crop (written to a temp dir here: --naive_images PNGs, read round-robin). It prints one line per
+measurement and, last, one JSON object with all figures.
+
+--synthetic writes its own records (NIH format, --resolution px) to a temporary ArrayRecord file, pickled
+dicts, read back through `PickledArrayRecordSource`, so that reading goes through ArrayRecord like a built
+dataset does. The dataset *build* throughput (raw PNG -> records) belongs to the builders; `measure_build`
+times any build callable so it can be added here.
+
+Per-core figures divide by the processes doing the work (1 in-process, N with N workers); on a machine shared
+with other jobs they are lower bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from metachex_jax.data import pipeline
+from metachex_jax.data.augment import Augmentation, augment
+from metachex_jax.labels import PATHOLOGIES
+
+_SYNTHETIC = flags.DEFINE_bool("synthetic", False, "benchmark on generated records instead of a built dataset")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow_datasets data_dir holding the built dataset")
+_DATASET = flags.DEFINE_string("dataset", "chestxray14", "built dataset name (tfds builder)")
+_SPLIT = flags.DEFINE_string("split", "train", "split to read")
+_NUM_RECORDS = flags.DEFINE_integer("num_records", 512, "synthetic records to write")
+_RESOLUTION = flags.DEFINE_integer("resolution", 256, "stored resolution of synthetic records / naive resize")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "model resolution")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "batch size")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 100, "batches timed per configuration (after warm-up)")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
+                                    "workers for the multi-process run (0: in-process run only)")
+_READ_THREADS = flags.DEFINE_integer("read_threads", 1, "reader threads per process")
+_ROTATION = flags.DEFINE_float("rotation_degrees", 10.0, "augmentation: max rotation")
+_SCALE = flags.DEFINE_list("scale_range", ["0.9", "1.1"], "augmentation: zoom range")
+_TRANSLATE = flags.DEFINE_float("translate_fraction", 0.05, "augmentation: max shift / image size")
+_NAIVE_IMAGES = flags.DEFINE_integer("naive_images", 8, "1024x1024 PNGs written for the naive loader")
+_NAIVE_SAMPLES = flags.DEFINE_integer("naive_samples", 64, "samples timed for the naive loader")
+
+
+class PickledArrayRecordSource:
+    """A random-access source over ArrayRecord files whose records are pickled record dicts.
+
+    Picklable (grain's ArrayRecordDataSource reopens the files in each worker process).
+    """
+
+    def __init__(self, paths: str | Sequence[str]):
+        import grain
+        self._records = grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        return pickle.loads(self._records[index])
+
+    def __repr__(self) -> str:
+        return f"PickledArrayRecordSource({self._records!r})"
+
+
+def write_pickled_array_records(path: str | Path, records: Sequence[dict]) -> None:
+    """Write records (dicts of numpy arrays / scalars) as pickles to one ArrayRecord file (temp, then rename)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    writer = ArrayRecordWriter(str(partial), "group_size:1")
+    try:
+        for record in records:
+            writer.write(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+    finally:
+        writer.close()
+    partial.replace(path)
+
+
+def synthetic_xray(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth X-ray-like uint8 image (a bright ellipse, a gradient, a little noise): compresses like one."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    body = np.exp(-(((x - 0.5) / 0.35) ** 2 + ((y - 0.55) / 0.45) ** 2))
+    image = 40 + 150 * body + 30 * y + rng.normal(0, 4, (size, size))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def synthetic_nih_records(num_records: int, resolution: int, seed: int = 0) -> list[dict]:
+    """Records in the chestxray14 format of the data contract (a handful of base images, varied labels)."""
+    rng = np.random.default_rng(seed)
+    bases = [synthetic_xray(rng, resolution) for _ in range(4)]
+    return [{
+        "image": bases[i % len(bases)][..., None],
+        "image_name": f"{i:08d}_000.png",
+        "patient_id": np.int64(i // 2),
+        "follow_up": np.int64(i % 2),
+        "labels": (rng.random(len(PATHOLOGIES)) < 0.1).astype(np.uint8),
+        "age": np.float32(rng.uniform(1, 95)),
+        "age_valid": True,
+        "sex_male": np.int64(rng.integers(2)),
+        "view_ap": np.int64(rng.integers(2)),
+    } for i in range(num_records)]
+
+
+def measure_pipeline(source, *, kind: str, num_workers: int, augmentation: Augmentation, image_size: int,
+                     batch_size: int, num_batches: int, read_threads: int = 1, warmup_batches: int = 3) -> float:
+    """Training-pipeline images per second (after warm-up, which also absorbs worker start-up)."""
+    with pipeline.train_batches(source, kind=kind, global_batch_size=batch_size, image_size=image_size,
+                                seed=0, augmentation=augmentation, num_workers=num_workers, read_threads=read_threads,
+                                prefetch_batches=max(2, 2 * num_workers),
+                                process_index=0, process_count=1) as batches:
+        for _ in range(warmup_batches):
+            next(batches)
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            next(batches)
+        return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def measure_naive_png_loader(png_paths: Sequence[Path], *, resolution: int, image_size: int,
+                             augmentation: Augmentation, num_samples: int) -> float:
+    """Images per second of decode full-size PNG -> gray -> resize -> the same augmentation, one process."""
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for i in range(num_samples):
+        with Image.open(png_paths[i % len(png_paths)]) as png:
+            image = np.asarray(png.convert("L").resize((resolution, resolution), Image.Resampling.BILINEAR))
+        augment(image, image_size, augmentation, rng)
+    return num_samples / (time.perf_counter() - start)
+
+
+def measure_build(build: Callable[[], object], num_images: int) -> float:
+    """Images per second of any dataset-build callable (hook for the builders' raw PNG -> records timing)."""
+    start = time.perf_counter()
+    build()
+    return num_images / (time.perf_counter() - start)
+
+
+def _open_source(workdir: Path):
+    if _SYNTHETIC.value:
+        path = workdir / "synthetic.array_record"
+        write_pickled_array_records(path, synthetic_nih_records(_NUM_RECORDS.value, _RESOLUTION.value))
+        return PickledArrayRecordSource(str(path)), "synthetic"
+    if not _DATA_DIR.value:
+        raise app.UsageError("give --synthetic, or --data_dir (and --dataset) of a built dataset")
+    import tensorflow_datasets as tfds  # only here: no TensorFlow needed for array_record data sources
+    source = tfds.data_source(_DATASET.value, split=_SPLIT.value, data_dir=_DATA_DIR.value)
+    return source, f"{_DATASET.value}/{_SPLIT.value}"
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    low, high = (float(v) for v in _SCALE.value)
+    augmentation = Augmentation(rotation_degrees=_ROTATION.value, scale_range=(low, high),
+                                translate_fraction=_TRANSLATE.value)
+    common = dict(augmentation=augmentation, image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value,
+                  num_batches=_NUM_BATCHES.value, read_threads=_READ_THREADS.value)
+    results = {"image_size": _IMAGE_SIZE.value, "batch_size": _BATCH_SIZE.value,
+               "augmentation": repr(augmentation), "cpu_count": os.cpu_count(),
+               "read_threads": _READ_THREADS.value}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        source, results["source"] = _open_source(workdir)
+        common["kind"] = "nih" if _SYNTHETIC.value else pipeline.KIND_OF_DATASET[_DATASET.value]
+        results["stored_resolution"] = int(np.asarray(source[0]["image"]).shape[0])
+
+        in_process = measure_pipeline(source, num_workers=0, **common)
+        results["pipeline_0_workers_img_per_s"] = in_process
+        results["pipeline_0_workers_img_per_s_per_core"] = in_process
+        print(f"pipeline, in-process:   {in_process:8.1f} img/s (1 core)")
+
+        workers = _NUM_WORKERS.value
+        if workers > 0:
+            multi = measure_pipeline(source, num_workers=workers, **common)
+            results[f"pipeline_{workers}_workers_img_per_s"] = multi
+            results[f"pipeline_{workers}_workers_img_per_s_per_core"] = multi / workers
+            print(f"pipeline, {workers} workers:   {multi:8.1f} img/s ({multi / workers:.1f} per core)")
+
+        rng = np.random.default_rng(1)
+        png_paths = []
+        for i in range(_NAIVE_IMAGES.value):
+            png_paths.append(workdir / f"{i:08d}_000.png")
+            Image.fromarray(synthetic_xray(rng, 1024)).save(png_paths[-1])
+        naive = measure_naive_png_loader(png_paths, resolution=results["stored_resolution"],
+                                         image_size=_IMAGE_SIZE.value, augmentation=augmentation,
+                                         num_samples=_NAIVE_SAMPLES.value)
+        results["naive_png_img_per_s_per_core"] = naive
+        results["speedup_per_core_vs_naive_png"] = in_process / naive
+        print(f"naive PNG loader:       {naive:8.1f} img/s (1 core); "
+              f"pipeline/naive per core = {in_process / naive:.1f}x")
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    app.run(main)
