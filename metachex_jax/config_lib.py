@@ -93,8 +93,9 @@ def optim_config(lr: float = 1e-3):
         plateau_factor=0.1,
         plateau_patience=1,  # evaluations without improvement before the lr is reduced
         warmup_steps=0,
-        # Scale the lr with the global batch: lr * batch_size / reference_batch ("linear"), or "none".
-        lr_scaling="none",
+        # Scale the lr with the global batch: "linear" (lr * batch / reference_batch), "sqrt" (by its square root,
+        # gentler for Adam), or "none". With one device and batch 16 every rule gives CheXNet's 1e-3.
+        lr_scaling="sqrt",
         reference_batch=16,  # CheXNet's batch size
     ))
 
@@ -137,7 +138,7 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
         c.data.val_fraction = 0.15
         c.batch_size_per_device = 32
         c.eval_batch_size_per_device = 64
-        c.num_epochs = 6
+        c.num_epochs = 10
         c.optim.schedule = "cosine"
         c.optim.warmup_steps = 20
         c.log_every_steps = 10
@@ -151,4 +152,69 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
     else:
         c.max_steps = 0
         c.eval_max_batches = 0  # 0 = the whole split
+    return c
+
+
+def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
+    """The TB transfer comparison config; `configs/transfer.py`, `linear_probe.py` and `finetune.py` call this.
+
+    `arg`: demo, runlocal, methods=probe+finetune, init=PATH (init_from), res=IMAGE_SIZE, arch=... (see
+    configs/transfer.py). One run = every starting weight x every method x every protocol -> one report.
+    """
+    arg = parse_arg(arg, demo=False, runlocal=False, methods="probe+finetune", arch="densenet121", res=0,
+                    init="")
+    c = ml_collections.ConfigDict()
+    c.trainer = "transfer"
+    c.seed = 0
+    image_size = arg.res or (64 if arg.demo else 224)
+    c.data = data_config("shenzhen", resolution=image_size * 8 // 7, image_size=image_size)
+    c.data.num_folds = 10  # stratified folds stored in the TB records at build time (k-fold CV)
+    c.data.fold_seed = 0
+    c.model = model_config(arg.arch, multitask=True)  # every starting weight must have this architecture
+    # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its best
+    # checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), or "random".
+    c.init_from = arg.init  # the weights under study
+    c.compare_with = "random"  # more starting weights: comma-separated paths and/or "random"
+    c.checkpoint_step = "best"  # which checkpoint of a pretraining workdir: "best", "latest" or a step
+    c.methods = arg.methods  # "probe", "finetune" or "probe+finetune"
+    # cv_shenzhen / cv_montgomery: k-fold CV within a set; shenzhen_to_montgomery and the reverse: train on all
+    # of one set, test on all of the other (the unseen-dataset test).
+    c.protocols = "cv_shenzhen,cv_montgomery,shenzhen_to_montgomery,montgomery_to_shenzhen"
+    c.feature_cache_dir = "~/.cache/metachex_jax/features"  # keyed on the weights' and the dataset's content
+    c.feature_batch_size = 64
+    c.probe = dict(
+        inner_folds=5,  # inner stratified CV on the training folds only, to choose the L2 strength
+        l2_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),  # lambda: mean log loss + l2/2 |w|^2
+        selection="log_loss",  # inner-CV criterion: "log_loss" or "auroc"
+        max_iter=500,
+        tol=1e-6,  # preconditioned gradient norm at which L-BFGS stops
+    )
+    c.finetune = dict(
+        max_folds=0,  # 0 = every fold of a CV protocol; n = only the first n folds (the demo)
+        num_epochs=30,
+        patience=5,  # epochs without a better validation AUROC before stopping
+        batch_size=16,
+        eval_batch_size=64,
+        head_lr=1e-3,
+        backbone_lr=1e-4,  # lower than the head's: the pretrained backbone moves slowly
+    )
+    c.finetune.optim = optim_config(lr=1e-3)
+    c.finetune.optim.schedule = "cosine"
+    c.n_boot = 1000
+    c.distributed = "auto"
+    c.demo = False  # generate and prepare the synthetic demo data (the same tree the pretraining demo uses)
+    c.demo_dir = "~/.cache/metachex_jax/demo"
+    c.demo_data = dict(seed=0, num_nih=2000, num_shenzhen=300, num_montgomery=100, size=256)
+    if arg.demo:
+        c.demo = True
+        c.feature_batch_size = 100
+        c.finetune.max_folds = 2
+        c.finetune.num_epochs = 3
+        c.finetune.patience = 2
+        c.finetune.batch_size = 32
+        c.n_boot = 200
+    if arg.runlocal:
+        c.finetune.max_folds = 1
+        c.finetune.num_epochs = 1
+        c.n_boot = 20
     return c

@@ -19,23 +19,16 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from metachex_jax import config_lib, distributed, train, train_state  # noqa: E402
+from metachex_jax.data import pipeline  # noqa: E402
 from metachex_jax.models import build_model  # noqa: E402
 
 GLOBAL_BATCH, STEPS, SIZE = 16, 2, 32
 
 
 def global_batch(step: int) -> dict:
-    rng = np.random.default_rng(step)
-    return {
-        "image": rng.integers(0, 256, (GLOBAL_BATCH, SIZE, SIZE), dtype=np.uint8),
-        "pathology": rng.integers(0, 2, (GLOBAL_BATCH, 14)).astype(np.float32),
-        "pathology_mask": np.ones((GLOBAL_BATCH, 14), np.float32),
-        "metadata": rng.integers(0, 2, (GLOBAL_BATCH, 2)).astype(np.float32),
-        "metadata_mask": np.ones((GLOBAL_BATCH, 2), np.float32),
-        "age": rng.uniform(10, 90, GLOBAL_BATCH).astype(np.float32),
-        "age_mask": (rng.uniform(size=GLOBAL_BATCH) > 0.2).astype(np.float32),
-        "example_mask": np.ones(GLOBAL_BATCH, np.float32),
-    }
+    batch = pipeline.random_nih_batch(GLOBAL_BATCH, SIZE, seed=step)
+    batch["age_mask"][::5] = 0  # some ages missing, as in real data
+    return batch
 
 
 def main():

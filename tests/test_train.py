@@ -151,3 +151,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path
     assert any("step 6" in r.getMessage() and "could not be restored" in r.getMessage() for r in caplog.records)
     for x, y in zip(_leaves(like), _leaves(state)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_missing_dataset_says_how_to_prepare_it_or_run_the_demo(tmp_path):
+    config = config_lib.pretrain_config("arch=densenet_tiny", multitask=True)
+    config.data.data_dir = str(tmp_path / "no_data")
+    with pytest.raises(FileNotFoundError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+    message = str(e.value)
+    assert "chestxray14/r256" in message and str(tmp_path / "no_data") in message
+    assert "python -m metachex_jax.prepare --dataset=chestxray14" in message
+    assert "configs/pretrain.py:demo" in message

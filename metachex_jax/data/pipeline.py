@@ -390,3 +390,18 @@ def _is_single_source(sources) -> bool:
     if not isinstance(sources, (list, tuple)):
         return True
     return len(sources) == 0 or isinstance(sources[0], dict)
+
+
+def random_nih_batch(batch_size: int, image_size: int, seed: int = 0) -> Example:
+    """A random batch in the NIH batch format, all masks on (for benchmarks and train-step tests; not data)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (batch_size, image_size, image_size), dtype=np.uint8),
+        "pathology": rng.integers(0, 2, (batch_size, len(PATHOLOGIES))).astype(np.float32),
+        "pathology_mask": np.ones((batch_size, len(PATHOLOGIES)), np.float32),
+        "metadata": rng.integers(0, 2, (batch_size, len(METADATA_TASKS))).astype(np.float32),
+        "metadata_mask": np.ones((batch_size, len(METADATA_TASKS)), np.float32),
+        "age": rng.uniform(10, 90, batch_size).astype(np.float32),
+        "age_mask": np.ones(batch_size, np.float32),
+        "example_mask": np.ones(batch_size, np.float32),
+    }
