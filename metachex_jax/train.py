@@ -51,7 +51,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
     """Pick the starting weights, in this order, and say which was used:
 
     1. this run's own checkpoints in WORKDIR/checkpoints (automatic resume, input position included);
-    2. `config.resume`: another run's checkpoint directory (full state; the input starts afresh);
+    2. `config.resume`: another run's workdir or its checkpoints/ (full state; the input starts afresh);
     3. `config.model_init`: backbone weights only (converted ImageNet weights or another run); new heads;
     4. random initialisation (`fresh_state`, from config.seed).
     Returns (state, meta, source).
@@ -62,7 +62,10 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         step, state, meta = restored
         return state, meta, f"resumed from {workdir}/checkpoints step {step}"
     if config.resume:
-        other = checkpointing.make_manager(os.path.expanduser(config.resume), keep=1 << 30, async_save=False)
+        directory = os.path.expanduser(config.resume)
+        if os.path.isdir(os.path.join(directory, "checkpoints")):
+            directory = os.path.join(directory, "checkpoints")
+        other = checkpointing.make_manager(directory, keep=1 << 30, async_save=False)
         restored = checkpointing.restore_latest(other, abstract_state)
         if restored is None:
             raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint")

@@ -162,3 +162,48 @@ def test_missing_dataset_says_how_to_prepare_it_or_run_the_demo(tmp_path):
     assert "chestxray14/r256" in message and str(tmp_path / "no_data") in message
     assert "python -m metachex_jax.prepare --dataset=chestxray14" in message
     assert "configs/pretrain.py:demo" in message
+
+
+def test_start_order_own_workdir_then_resume_then_model_init(demo_dir, finished_run, tmp_path):
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from metachex_jax import convert, optim, train_state
+    from metachex_jax.models import DenseNet, build_model
+
+    donor = DenseNet("densenet_tiny", num_classes=None, rngs=nnx.Rngs(7))
+    convert.save_backbone(donor, tmp_path / "backbone", source="test")
+    config = tiny_config(demo_dir, model_init=str(tmp_path / "backbone"))
+    tx = optim.make_optimizer(config.optim, 8, 6)
+    graphdef, fresh = train_state.create(build_model(config.model, nnx.Rngs(0)), tx)
+    replicated = NamedSharding(train.make_mesh(), PartitionSpec())
+    fresh = jax.device_put(fresh, replicated)
+
+    def start(workdir):
+        manager = checkpointing.make_manager(str(workdir / "checkpoints"), keep=2, async_save=False)
+        try:
+            return train.initial_state(config, str(workdir), manager, graphdef, fresh, replicated, None)
+        finally:
+            manager.close()
+
+    # 3. model_init: the backbone is the donor's, the heads are the fresh random ones.
+    state, _, source = start(tmp_path / "a")
+    assert source.startswith("backbone from")
+    model = train_state.model_of(graphdef, state)
+    np.testing.assert_array_equal(model.backbone.conv0.kernel[...], donor.conv0.kernel[...])
+    np.testing.assert_array_equal(model.backbone.norm5.mean[...], donor.norm5.mean[...])
+    np.testing.assert_array_equal(model.pathology_head.kernel[...],
+                                  train_state.model_of(graphdef, fresh).pathology_head.kernel[...])
+    # 2. resume (another run's full state) wins over model_init.
+    config.resume = str(finished_run[0])
+    state, _, source = start(tmp_path / "b")
+    assert source.startswith("full state from") and int(state.step) == 6
+    for x, y in zip(_leaves(state.params), _leaves(saved_state(finished_run[0], 6)["params"])):
+        np.testing.assert_array_equal(x, y)
+    # 1. the run's own checkpoints win over everything.
+    own = tmp_path / "own"
+    shutil.copytree(finished_run[0] / "checkpoints", own / "checkpoints")
+    shutil.rmtree(own / "checkpoints" / "6")
+    state, _, source = start(own)
+    assert source.startswith("resumed from") and int(state.step) == 4
