@@ -19,9 +19,15 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val_mean_auroc"
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (with ~ expanded); a URL such as gs://bucket/run is returned unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -31,7 +37,7 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     ])
     options = ocp.CheckpointManagerOptions(preservation_policy=preservation, create=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    return ocp.CheckpointManager(absolute(directory), options=options,
                                  item_names=("state", "data_iter", "meta"))
 
 
@@ -48,7 +54,15 @@ def restore_step(manager, step: int, abstract_state, data_iter=None):
     """Restore one step: (state, meta); `data_iter`, when given, is moved to the saved position."""
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
-        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        # grain saves one input position per process (data_iter/process_<i>-of-<n>.json). A checkpoint from a
+        # different number of processes restores the state at this run's shardings; each host's data shard is
+        # new, so its input starts afresh.
+        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if (epath.Path(manager.directory) / str(step) / "data_iter" / own).exists():
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        else:
+            logging.warning("checkpoint %d was saved by a different number of processes (it has no data_iter/%s): "
+                            "restoring the train state; the input pipeline starts from the beginning", step, own)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
 
@@ -95,8 +109,8 @@ def load_run_model(run_dir: str, step: int | str = "best"):
     from metachex_jax import train_state
     from metachex_jax.models import build_model
 
-    directory = os.path.join(os.path.abspath(os.path.expanduser(run_dir)), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = os.path.join(absolute(run_dir), "checkpoints")
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{run_dir} is not a pretraining workdir: {directory} does not exist")
     manager = make_manager(directory, keep=1 << 30, async_save=False)
     try:
@@ -113,7 +127,11 @@ def load_run_model(run_dir: str, step: int | str = "best"):
         model_config = ml_collections.ConfigDict(latest_meta["config"]["model"])
         model = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
         graphdef, params, stats = nnx.split(model, nnx.Param, ...)
-        restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+        # Every array onto this process's first device, whatever devices (or how many processes) wrote the
+        # checkpoint: without restore args orbax reuses the saved shardings, whose devices may not exist here.
+        on_this_host = _on_local_device(os.path.join(directory, str(int(step)), "state"))
+        restored = manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(restore_args=on_this_host)))["state"]
     finally:
         manager.close()
     try:
@@ -126,6 +144,14 @@ def load_run_model(run_dir: str, step: int | str = "best"):
     model.eval()
     return model, {"run_dir": run_dir, "step": int(step), "arch": model_config.arch,
                    "config": latest_meta["config"]}
+
+
+def _on_local_device(state_dir: str):
+    """Restore args that put every array of the checkpointed tree in `state_dir` on jax.local_devices()[0]."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(state_dir).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), tree)
 
 
 def _unwrap_values(tree):

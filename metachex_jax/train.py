@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,7 +64,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         return state, meta, f"resumed from {workdir}/checkpoints step {step}"
     if config.resume:
         directory = os.path.expanduser(config.resume)
-        if os.path.isdir(os.path.join(directory, "checkpoints")):
+        if epath.Path(directory, "checkpoints").is_dir():
             directory = os.path.join(directory, "checkpoints")
         other = checkpointing.make_manager(directory, keep=1 << 30, async_save=False)
         restored = checkpointing.restore_latest(other, abstract_state)
@@ -83,7 +84,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train, evaluate on validation periodically and on test at the end. Returns the final test metrics."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = checkpointing.absolute(workdir)
     lead = jax.process_index() == 0
 
     # 1. Mesh and shardings.
