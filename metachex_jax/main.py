@@ -7,13 +7,11 @@ notebooks (`metachex_jax.train.train_and_evaluate(config, workdir)`).
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metachex_jax import distributed
+from metachex_jax import checkpointing, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
@@ -26,7 +24,10 @@ def run(config, workdir: str):
     if config.trainer == "pretrain":
         from metachex_jax import train
         return train.train_and_evaluate(config, workdir)
-    raise ValueError(f"unknown config.trainer {config.trainer!r}; expected 'pretrain'")
+    if config.trainer == "transfer":
+        from metachex_jax.transfer import run as transfer_run
+        return transfer_run.run(config, workdir)
+    raise ValueError(f"unknown config.trainer {config.trainer!r}; expected 'pretrain' or 'transfer'")
 
 
 def main(argv):
@@ -34,7 +35,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     distributed.maybe_initialize(config.get("distributed", "auto"))
-    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+    workdir = checkpointing.absolute(FLAGS.workdir)  # gs://... stays as it is
     if jax.process_index() == 0:
         logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
         logging.info("config:\n%s", config)
