@@ -97,3 +97,23 @@ def test_bfloat16_compute_keeps_float32_parameters():
     ref = MetaChexNet("densenet_tiny", rngs=nnx.Rngs(0))
     ref.eval()
     np.testing.assert_allclose(model(_tiny_batch())["pathology"], ref(_tiny_batch())["pathology"], atol=0.1)
+
+
+def test_fast_forward_helpers_equal_the_reference_flax_ops():
+    """The forward's CPU-friendly rewrites compute what nnx.Conv / nnx.max_pool / conv-then-avg_pool compute."""
+    from metachex_jax.models.densenet import (avg_pool_2x2, batch_norm, conv, max_pool_3x3_stride2,
+                                              pointwise_conv)
+
+    rngs = nnx.Rngs(0)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 11, 6))  # odd sizes: padding and dropped rows matter
+    c = conv(6, 5, 1, 1, 0, jnp.float32, rngs)
+    np.testing.assert_allclose(pointwise_conv(c, x), c(x), rtol=1e-5, atol=1e-6)
+    ref = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(max_pool_3x3_stride2(x), ref)
+    grad = jax.grad(lambda v: (max_pool_3x3_stride2(v) ** 2).sum())(x)
+    ref_grad = jax.grad(lambda v: (nnx.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))) ** 2).sum())(x)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-6)
+    # A transition pools before its 1x1 convolution; torchvision convolves first. Both are linear.
+    np.testing.assert_allclose(pointwise_conv(c, avg_pool_2x2(x)), nnx.avg_pool(c(x), (2, 2), strides=(2, 2)),
+                               rtol=1e-5, atol=1e-6)
+    assert batch_norm(6, jnp.float32, rngs).momentum == 0.9

@@ -17,11 +17,20 @@ difference from torch: torch updates `running_var` with the unbiased batch varia
 the biased one; n = N*H*W is at least a few hundred here, so the difference is below 0.3%.
 
 Train / eval mode: `model.train()` (batch statistics, updated in place) and `model.eval()` (running statistics).
+
+Speed on CPU: the forward computes exactly torchvision's function, but three steps are written in a form that
+XLA's CPU backend runs faster (each replaces one library call; see the helpers below): the 1x1 convolutions are
+matmuls over the channel axis, the stem's max-pool is a maximum over nine strided slices (XLA's gradient of a
+reduce_window max-pool is a slow select_and_scatter), and each transition pools before its 1x1 convolution
+(both are linear, so the order does not change the result; the convolution then sees 4x fewer pixels).
+Outputs, gradients and BatchNorm statistics agree with the straightforward version to float32 rounding; in
+float64 to ~1e-15. `python -m metachex_jax.bench --torch` measures the train step against torchvision.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -29,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +110,31 @@ def conv(cin: int, cout: int, kernel: int, stride: int, padding: int, dtype: Any
                     use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs)
 
 
+# Forward helpers: each computes what the nnx.Conv / nnx.max_pool / nnx.avg_pool call it replaces computes
+# (the same sums, possibly in another order) in a form XLA's CPU backend runs faster.
+
+def pointwise_conv(conv: nnx.Conv, x):
+    """`conv(x)` for a 1x1, stride-1, unpadded, bias-free `conv`, as a matmul over the channel axis."""
+    x, kernel = nnx.nn.dtypes.promote_dtype((x, conv.kernel[...]), dtype=conv.dtype)
+    return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def max_pool_3x3_stride2(x):
+    """torch's MaxPool2d(3, stride=2, padding=1) on NHWC: the maximum of the nine strided window offsets."""
+    _, h, w, _ = x.shape
+    out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    offsets = [padded[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2, :] for i in range(3) for j in range(3)]
+    return functools.reduce(jnp.maximum, offsets)
+
+
+def avg_pool_2x2(x):
+    """torch's AvgPool2d(2, stride=2) on NHWC (an odd last row/column is dropped, as torch does)."""
+    n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2, :]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
 class DenseLayer(nnx.Module):
     """BN-ReLU-1x1 conv-BN-ReLU-3x3 conv; returns only the `growth_rate` new channels."""
 
@@ -111,7 +146,7 @@ class DenseLayer(nnx.Module):
         self.conv2 = conv(width, spec.growth_rate, 3, 1, 1, dtype, rngs)
 
     def __call__(self, x):
-        x = self.conv1(nnx.relu(self.norm1(x)))
+        x = pointwise_conv(self.conv1, nnx.relu(self.norm1(x)))
         return self.conv2(nnx.relu(self.norm2(x)))
 
 
@@ -132,8 +167,9 @@ class Transition(nnx.Module):
         self.conv = conv(cin, cout, 1, 1, 0, dtype, rngs)
 
     def __call__(self, x):
-        x = self.conv(nnx.relu(self.norm(x)))
-        return nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        # torchvision convolves, then pools; both are linear, so pooling first gives the same result
+        # (up to float rounding) with a 4x cheaper convolution.
+        return pointwise_conv(self.conv, avg_pool_2x2(nnx.relu(self.norm(x))))
 
 
 class DenseNet(nnx.Module):
@@ -171,7 +207,7 @@ class DenseNet(nnx.Module):
     def features(self, x):
         """Pooled features (N, num_features) after the final BN-ReLU and global average pooling."""
         x = nnx.relu(self.norm0(self.conv0(x)))
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_stride2(x)
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i < len(self.transitions):

@@ -1,0 +1,216 @@
+"""The multi-host path on one machine: two CPU processes joined over gloo, launched with launch/multinode.sh
+(which sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID and execs `python -m metachex_jax.main`),
+on the tiny demo run of test_train.py. Checked: jax.distributed is initialised exactly when asked or detected;
+the run trains, evaluates every test image exactly once over both hosts, logs from the lead process only and
+checkpoints collectively, each host saving its own input position; a run SIGKILLed on both processes resumes
+from its last checkpoint and ends with bit-identical parameters. Moving to a different number of processes (the
+two-process checkpoint read by one process, with load_run_model and with the trainer's restore_latest) restores
+the state and starts the input afresh.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from metachex_jax import checkpointing, optim, reports, train_state
+from metachex_jax.data import datasets, pipeline
+from metachex_jax.models import build_model
+from test_train import ARG, REPO, overrides_as_flags, tiny_config
+
+LAUNCHER = os.path.join(REPO, "launch", "multinode.sh")
+NUM_PROCESSES = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir, demo_dir, launch: str = "first") -> list[subprocess.Popen]:
+    """Both processes of one two-process run; their output goes to WORKDIR.logs/<launch>.process<i>.txt."""
+    coordinator = f"localhost:{_free_port()}"
+    os.makedirs(f"{workdir}.logs", exist_ok=True)
+    # The three runs here compile the same steps: JAX's persistent cache compiles them once (same executables,
+    # so bit-for-bit comparisons are unaffected).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": os.path.join(demo_dir, "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    procs = []
+    for i in range(NUM_PROCESSES):
+        cmd = ["bash", LAUNCHER, f"--coordinator={coordinator}", f"--num-processes={NUM_PROCESSES}",
+               f"--process-id={i}", f"--config={REPO}/configs/pretrain.py:{ARG}", f"--workdir={workdir}",
+               f"--python={sys.executable}", "--"] + overrides_as_flags(tiny_config(demo_dir))
+        with open(log_path(workdir, launch, i), "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def log_path(workdir, launch: str, i: int) -> str:
+    return os.path.join(f"{workdir}.logs", f"{launch}.process{i}.txt")
+
+
+def output(workdir, i: int, launch: str = "first") -> str:
+    with open(log_path(workdir, launch, i)) as f:
+        return f.read()
+
+
+def finish(procs, workdir, launch: str = "first", timeout=300) -> None:
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{output(workdir, i, launch)[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """The tiny demo dataset, prepared once here: a multi-host run refuses to prepare data from every host."""
+    path = tmp_path_factory.mktemp("demo")
+    datasets.chestxray14_splits(tiny_config(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_process_run(demo_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("multihost") / "run"
+    finish(start(workdir, demo_dir), workdir)
+    return workdir
+
+
+def saved_state(workdir, step):
+    """A checkpointed train state read back as host numpy arrays, whatever devices wrote it."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path).item_metadata
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
+        return checkpointer.restore(path, restore_args=as_numpy)
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def by_path(tree) -> dict[str, np.ndarray]:
+    """{"[blocks][0][conv1][kernel]": array, ...}: list indices and dict keys spelled alike."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path).replace("'", ""): np.asarray(value) for path, value in flat}
+
+
+def test_initialize_is_called_exactly_when_asked_or_detected():
+    """maybe_initialize in a fresh process: the coordinator variables are passed on; "no" and a plain host skip it."""
+    probe = ("import sys, jax; from metachex_jax import distributed; "
+             "print(distributed.maybe_initialize(sys.argv[1]), jax.distributed.is_initialized(), jax.process_count())")
+    coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "1",
+                   "JAX_PROCESS_ID": "0"}
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC",
+                                                                       "JAX_PROCESS_ID", "SLURM_", "TPU_WORKER"))}
+    cases = {("auto", True): "True True 1", ("no", True): "False False 1", ("auto", False): "False False 1"}
+    procs = {case: subprocess.Popen([sys.executable, "-c", probe, case[0]], text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE,
+                                    env={**plain, "JAX_PLATFORMS": "cpu", **(coordinator if case[1] else {})})
+             for case in cases}
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        assert out.split("\n")[-2] == cases[case], (case, out, err[-3000:])
+
+
+def test_two_processes_train_evaluate_log_once_and_checkpoint(two_process_run, demo_dir):
+    workdir = two_process_run
+    assert f"process 0/{NUM_PROCESSES}" in output(workdir, 0)  # jax.distributed joined both processes
+    # Only the lead process logs: each step appears once in metrics.jsonl.
+    lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
+    assert "step 6/6" in output(workdir, 0) and "step 6/6" not in output(workdir, 1)
+    # Each host evaluated its own shard; gathered, every test image appears exactly once.
+    test_split = datasets.chestxray14_splits(tiny_config(demo_dir))["test"]
+    cols = reports.read_predictions_csv(workdir / "eval" / "test_step6_predictions.csv")
+    assert sorted(cols["index"].tolist()) == list(range(len(test_split)))
+    # Checkpoints hold the state once and each host's own input position.
+    kept = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert kept[-1] == 6
+    iterator_files = sorted(os.listdir(workdir / "checkpoints" / "6" / "data_iter"))
+    assert all(any(f"process_{i}-of-{NUM_PROCESSES}" in name for name in iterator_files)
+               for i in range(NUM_PROCESSES)), iterator_files
+
+
+def test_killed_two_process_run_resumes_bit_identical(two_process_run, demo_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    procs = start(workdir, demo_dir)
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "2").exists():  # orbax renames a step into place once complete
+            for i, p in enumerate(procs):
+                assert p.poll() is None, output(workdir, i)[-4000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.wait()
+    steps_at_kill = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert steps_at_kill and max(steps_at_kill) < 6
+    finish(start(workdir, demo_dir, "resumed"), workdir, "resumed")
+    assert f"resumed from {workdir}/checkpoints step {max(steps_at_kill)}" in output(workdir, 0, "resumed")
+    for x, y in zip(leaves(saved_state(two_process_run, 6)), leaves(saved_state(workdir, 6)), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_two_process_checkpoint_restores_in_one_process(two_process_run):
+    model, info = checkpointing.load_run_model(str(two_process_run), step="latest")
+    assert info["step"] == 6 and info["arch"] == "densenet_tiny"
+    saved = saved_state(two_process_run, 6)
+    _, params, batch_stats = nnx.split(model, nnx.Param, ...)
+    restored = {"params": params, "batch_stats": batch_stats}
+    for part in ("params", "batch_stats"):
+        expected, got = by_path(checkpointing._unwrap_values(saved[part])), by_path(restored[part].to_pure_dict())
+        assert expected.keys() == got.keys() and len(got) > 10
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=f"{part}{name}")
+    # The restored model runs on this process's single device.
+    out = model(np.zeros((2, 32, 32, 3), np.float32))
+    assert np.isfinite(np.asarray(out["pathology"])).all()
+
+
+def test_two_process_checkpoint_resumes_training_in_one_process(two_process_run, demo_dir):
+    """What the trainer does on start-up (train.initial_state), here with 1 process and 1 device."""
+    config = tiny_config(demo_dir)
+    global_batch = config.batch_size_per_device * NUM_PROCESSES
+    model = build_model(config.model, nnx.Rngs(config.seed))
+    _, fresh = train_state.create(model, optim.make_optimizer(config.optim, global_batch, config.max_steps))
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    manager = checkpointing.make_manager(str(two_process_run / "checkpoints"), keep=2, async_save=False)
+    train_split = datasets.chestxray14_splits(config)["train"]
+    try:
+        with pipeline.train_batches(train_split, kind="nih", global_batch_size=config.batch_size_per_device,
+                                    image_size=config.data.image_size, seed=config.seed) as batches:
+            step, state, meta = checkpointing.restore_latest(manager, checkpointing.abstract(fresh, here), batches)
+            assert next(batches)["image"].shape[0] == config.batch_size_per_device
+    finally:
+        manager.close()
+    assert step == 6 and int(state.step) == 6 and meta["best"]["step"] in (3, 6)
+    saved = saved_state(two_process_run, 6)
+    for part in ("params", "batch_stats"):
+        expected = by_path(checkpointing._unwrap_values(saved[part]))
+        got = by_path(getattr(state, part).to_pure_dict())
+        assert expected.keys() == got.keys() and len(got) > 10
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=f"{part}{name}")
