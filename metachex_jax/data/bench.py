@@ -11,8 +11,9 @@ measurement and, last, one JSON object with all figures.
 
 --synthetic writes its own records (NIH format, --resolution px) to a temporary ArrayRecord file, pickled
 dicts, read back through `PickledArrayRecordSource`, so that reading goes through ArrayRecord like a built
-dataset does. The dataset *build* throughput (raw PNG -> records) belongs to the builders; `measure_build`
-times any build callable so it can be added here.
+dataset does. The dataset *build* throughput (raw PNGs -> ArrayRecord dataset, `prepare.build_dataset` with a
+process pool over every core) is timed on a synthetic raw tree in the real NIH layout (--build_images PNGs of
+--build_size px, written by the demo generator; 0 skips it).
 
 Per-core figures divide by the processes doing the work (1 in-process, N with N workers); on a machine shared
 with other jobs they are lower bounds.
@@ -53,6 +54,8 @@ _SCALE = flags.DEFINE_list("scale_range", ["0.9", "1.1"], "augmentation: zoom ra
 _TRANSLATE = flags.DEFINE_float("translate_fraction", 0.05, "augmentation: max shift / image size")
 _NAIVE_IMAGES = flags.DEFINE_integer("naive_images", 8, "1024x1024 PNGs written for the naive loader")
 _NAIVE_SAMPLES = flags.DEFINE_integer("naive_samples", 64, "samples timed for the naive loader")
+_BUILD_IMAGES = flags.DEFINE_integer("build_images", 200, "raw NIH-layout PNGs for the build timing (0 = skip)")
+_BUILD_SIZE = flags.DEFINE_integer("build_size", 512, "side of those raw PNGs (the real ones are 1024)")
 
 
 class PickledArrayRecordSource:
@@ -148,6 +151,19 @@ def measure_build(build: Callable[[], object], num_images: int) -> float:
     return num_images / (time.perf_counter() - start)
 
 
+def measure_dataset_build(workdir: Path, num_images: int, png_size: int, resolution: int) -> dict:
+    """Raw NIH-layout PNGs -> a chestxray14 ArrayRecord dataset with `prepare.build_dataset` (every core)."""
+    from metachex_jax import demo_data, prepare
+
+    tree = demo_data.write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
+                                     size=png_size)
+    workers = os.cpu_count() or 1
+    rate = measure_build(lambda: prepare.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds",
+                                                       resolution=resolution, num_workers=workers,
+                                                       progress=False), num_images)
+    return {"build_img_per_s": rate, "build_workers": workers, "build_png_size": png_size}
+
+
 def _open_source(workdir: Path):
     if _SYNTHETIC.value:
         path = workdir / "synthetic.array_record"
@@ -200,6 +216,11 @@ def main(argv: Sequence[str]) -> None:
         results["speedup_per_core_vs_naive_png"] = in_process / naive
         print(f"naive PNG loader:       {naive:8.1f} img/s (1 core); "
               f"pipeline/naive per core = {in_process / naive:.1f}x")
+        if _BUILD_IMAGES.value:
+            build = measure_dataset_build(workdir, _BUILD_IMAGES.value, _BUILD_SIZE.value, _RESOLUTION.value)
+            results.update(build)
+            print(f"dataset build:          {build['build_img_per_s']:8.1f} img/s ({build['build_workers']} "
+                  f"processes, {_BUILD_SIZE.value} px PNGs -> {_RESOLUTION.value} px records)")
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))
 
 
