@@ -184,10 +184,10 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     c.feature_batch_size = 64
     c.probe = dict(
         inner_folds=5,  # inner stratified CV on the training folds only, to choose the L2 strength
-        l2_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),  # lambda: mean log loss + l2/2 |w|^2
+        l2_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0),  # lambda: mean log loss + l2/2 |w|^2
         selection="log_loss",  # inner-CV criterion: "log_loss" or "auroc"
         max_iter=500,
-        tol=1e-6,  # preconditioned gradient norm at which L-BFGS stops
+        tol=1e-5,  # preconditioned gradient norm at which L-BFGS stops
     )
     c.finetune = dict(
         max_folds=0,  # 0 = every fold of a CV protocol; n = only the first n folds (the demo)
@@ -198,8 +198,10 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
         head_lr=1e-3,
         backbone_lr=1e-4,  # lower than the head's: the pretrained backbone moves slowly
     )
-    c.finetune.optim = optim_config(lr=1e-3)
-    c.finetune.optim.schedule = "cosine"
+    c.finetune.optim = optim_config(lr=1e-3)  # name, betas, clipping, warmup; finetune.py sets the two lrs and a
+    # constant schedule (early stopping decides the length)
+    c.finetune.optim.warmup_steps = 0
+    c.finetune.augment = c.data.augment.to_dict()
     c.n_boot = 1000
     c.distributed = "auto"
     c.demo = False  # generate and prepare the synthetic demo data (the same tree the pretraining demo uses)

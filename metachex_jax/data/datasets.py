@@ -19,7 +19,7 @@ from metachex_jax.data import builders
 NIH_SPLITS = ("train", "validation", "test")
 
 
-def _resolve_demo(config) -> tuple[str, str]:
+def resolve_demo(config) -> tuple[str, str]:
     """Generate the demo raw tree if missing; return (manual_dir for chestxray14, data_dir)."""
     from metachex_jax import demo_data
 
@@ -47,7 +47,7 @@ def chestxray14_splits(config) -> dict:
     data = config.data
     manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
     if config.demo:
-        manual_dir, data_dir = _resolve_demo(config)
+        manual_dir, data_dir = resolve_demo(config)
     config_name = builders.nih_config_name(data.resolution, data.val_fraction, data.val_seed)
     name = f"chestxray14/{config_name}"
     if not builders.is_complete(data_dir, "chestxray14", config_name):

@@ -1,0 +1,120 @@
+"""Frozen features of a TB set under one starting weight, extracted once and cached on disk.
+
+    table = features_for(start, tb_set, image_size=..., batch_size=..., cache_dir=...)
+
+`table` holds, per record of the set in record order: `features` (N, F) the backbone's pooled output, the TB
+label, sex and age with their masks (the pipeline's TB batch), and the MetaChexNet heads' outputs on those
+features (`sex_male_prob`, `age_pred`; used by the external age/sex evaluation), plus `seconds` (all of
+the extraction, compilation included) and `images_per_s` (after the first batch), both 0 when read from the cache.
+
+Cache: CACHE_DIR/<key>.npz, key = SHA-256 of (the weights' content fingerprint, the dataset build's content
+fingerprint, image size, FORMAT_VERSION). A changed checkpoint or a rebuilt dataset gets a new key (the old
+file is simply no longer used); moving either keeps the key. Files are written to a temporary name and renamed,
+so a killed run never leaves a truncated cache entry that would be read later.
+
+Images go through the same eval pipeline as the trainer's evaluation (centre crop, uint8 to the device,
+`to_model_input` inside the jitted step), batches are sharded over all devices, padding rows dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from metachex_jax import train
+from metachex_jax.data import pipeline
+from metachex_jax.labels import METADATA_TASKS
+from metachex_jax.preprocessing import to_model_input
+
+FORMAT_VERSION = 1
+LABEL_COLUMNS = ("tb", "sex_male", "sex_mask", "age", "age_mask", "fold", "index")
+
+
+def cache_key(weights_fingerprint: str, dataset_fingerprint: str, image_size: int) -> str:
+    text = f"v{FORMAT_VERSION}|{weights_fingerprint}|{dataset_fingerprint}|{image_size}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@nnx.jit
+def _forward(model, images):
+    """Features and head outputs of uint8 images (nnx.jit: compiled once per model structure and shape)."""
+    features = model.features(to_model_input(images))
+    out = {"features": features}
+    heads = model.heads(features)
+    if "metadata" in heads:
+        out["sex_male_prob"] = jax.nn.sigmoid(heads["metadata"][:, METADATA_TASKS.index("sex_male")])
+    if "age" in heads:
+        out["age_pred"] = heads["age"]
+    return out
+
+
+def extract(model, source, *, image_size: int, batch_size: int) -> tuple[dict[str, np.ndarray], float]:
+    """Run the frozen model over every record: (table of the module docstring, images/s after the first batch).
+
+    The first batch pays the compilation; throughput is measured over the others (0 if there are none).
+    """
+    mesh = train.make_mesh()
+    data_sharding = NamedSharding(mesh, P("data"))
+    global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
+    model.eval()
+    columns: dict[str, list] = {}
+    timed_images, timed_from = 0, None
+    with pipeline.eval_batches(source, kind="tb", global_batch_size=global_batch,
+                               image_size=image_size) as batches:
+        for local in batches:
+            batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in local.items()}
+            out = _forward(model, batch["image"])
+            keep = {k: v for k, v in batch.items() if k != "image"}
+            gathered = multihost_utils.process_allgather({**keep, **out}, tiled=True)
+            for k, v in gathered.items():
+                columns.setdefault(k, []).append(np.asarray(v))
+            if timed_from is None:
+                timed_from = time.perf_counter()
+            else:
+                timed_images += int(np.sum(gathered["example_mask"] > 0))
+    rate = timed_images / (time.perf_counter() - timed_from) if timed_images else 0.0
+    table = {k: np.concatenate(v) for k, v in columns.items()}
+    real = table.pop("example_mask") > 0
+    table = {k: v[real] for k, v in table.items()}
+    order = np.argsort(table["index"], kind="stable")  # record order (hosts interleave records)
+    return {k: v[order] for k, v in table.items()}, rate
+
+
+def features_for(start, tb_set, *, image_size: int, batch_size: int, cache_dir: str) -> dict:
+    """The cached table for (start, tb_set), extracting it on a miss. Adds `cache` ("hit"/"miss") and timings."""
+    key = cache_key(start.fingerprint, tb_set.fingerprint, image_size)
+    path = os.path.join(os.path.expanduser(cache_dir), f"{key}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            table = {k: f[k] for k in f.files}
+        if len(table["features"]) != len(tb_set):  # cannot happen unless the file was tampered with
+            raise ValueError(f"feature cache {path} holds {len(table['features'])} rows for {tb_set.name} "
+                             f"({len(tb_set)} records); delete it")
+        return {**table, "cache": "hit", "cache_path": path, "seconds": 0.0, "images_per_s": 0.0}
+    start_time = time.perf_counter()
+    table, rate = extract(start.model, tb_set.source, image_size=image_size, batch_size=batch_size)
+    seconds = time.perf_counter() - start_time
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **table)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    logging.info("features of %s under %s: %d images in %.1f s incl. compilation; %.1f img/s after it", tb_set.name,
+                 start.name, len(table["features"]), seconds, rate)
+    return {**table, "cache": "miss", "cache_path": path, "seconds": seconds, "images_per_s": rate}

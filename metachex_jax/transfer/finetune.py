@@ -1,0 +1,183 @@
+"""Fine-tuning for TB: the starting backbone + a new one-logit TB head, trained end to end on one split.
+
+    tuner = Finetuner(settings, image_size, seed)           # builds the jitted steps once per run
+    result = tuner.run(start, split, tb_sets)                # -> FinetuneResult(test_prob, threshold, ...)
+
+- Model: `TbClassifier(backbone=copy of the start's DenseNet, tb_head=Linear(F, 1))`, binary cross-entropy.
+- Optimiser: `optax.multi_transform` of two `optim.make_optimizer` (the pretraining optimiser, config
+  `finetune.optim`), one with `finetune.backbone_lr` for the backbone and one with `finetune.head_lr` for the head.
+  The schedule is constant after the warmup (`plateau` without reductions), so every split of a run shares one
+  compiled step whatever its length.
+- Data: the split's training records minus its validation part (protocols.Split.fit), through the same grain
+  pipeline and augmentation as pretraining (`pipeline.train_batches(kind="tb")`), global batches on the mesh.
+- Early stopping: validation AUROC after every epoch; the best epoch's weights are kept (in host memory) and
+  training stops after `patience` epochs without improvement or after `num_epochs`. The decision threshold is
+  Youden's J on the validation predictions of the kept weights; then the test records are predicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from metachex_jax import metrics, optim, train, train_state
+from metachex_jax.data import pipeline
+from metachex_jax.data.augment import Augmentation
+from metachex_jax.models.densenet import linear_init
+from metachex_jax.preprocessing import to_model_input
+from metachex_jax.transfer.tb_data import RecordSubset
+
+
+class TbClassifier(nnx.Module):
+    def __init__(self, backbone, rngs: nnx.Rngs):
+        self.backbone = backbone
+        self.tb_head = nnx.Linear(backbone.num_features, 1, kernel_init=linear_init,
+                                  bias_init=nnx.initializers.zeros, rngs=rngs)
+
+    def __call__(self, x):
+        return self.tb_head(self.backbone.features(x).astype(jnp.float32))[:, 0]
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    test_prob: np.ndarray
+    threshold: float
+    best_epoch: int
+    epochs_run: int
+    val_auroc: list[float]  # per epoch
+    seconds: float
+
+
+def make_optimizer(settings, global_batch: int) -> optax.GradientTransformation:
+    """Backbone and head optimisers (the pretraining one, each with its own lr), selected by parameter path."""
+    parts = {}
+    for part, lr in (("backbone", settings.backbone_lr), ("tb_head", settings.head_lr)):
+        cfg = ml_collections.ConfigDict(settings.optim.to_dict())
+        cfg.lr = float(lr)
+        cfg.schedule = "plateau"  # constant after warmup; early stopping decides the length
+        parts[part] = optim.make_optimizer(cfg, global_batch, total_steps=1)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: str(path[0].key), params)
+
+    return optax.multi_transform(parts, labels)
+
+
+class Finetuner:
+    def __init__(self, settings, *, image_size: int, seed: int):
+        self.settings, self.image_size, self.seed = settings, image_size, seed
+        self.mesh = train.make_mesh()
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.global_batch = settings.batch_size
+        if self.global_batch % jax.device_count():
+            raise ValueError(f"finetune.batch_size={self.global_batch} must be a multiple of the "
+                             f"{jax.device_count()} devices")
+        self.eval_batch = -(-settings.eval_batch_size // jax.device_count()) * jax.device_count()
+        self.tx = make_optimizer(settings, self.global_batch)
+        self._steps = []  # [(graphdef, (train_step, predict_step))]: compiled once per model structure
+
+    def _compiled(self, graphdef):
+        for known, steps in self._steps:  # (a GraphDef compares by value but is not hashable)
+            if known == graphdef:
+                return steps
+        tx = self.tx
+
+        def train_step(state, batch):
+            def loss_fn(params):
+                model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+                model.train()
+                logits = model(to_model_input(batch["image"]))
+                per_example = optax.sigmoid_binary_cross_entropy(logits, batch["tb"])
+                mask = batch["example_mask"]
+                loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+                _, _, new_stats = nnx.split(model, nnx.Param, ...)
+                return loss, new_stats
+
+            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            return train_state.TrainState(state.step + 1, params, new_stats, opt_state), loss
+
+        def predict_step(state, images):
+            model = nnx.merge(graphdef, state.params, state.batch_stats)
+            model.eval()
+            return jax.nn.sigmoid(model(to_model_input(images)))
+
+        steps = (jax.jit(train_step, donate_argnums=0, out_shardings=(self.replicated, self.replicated)),
+                 jax.jit(predict_step))
+        self._steps.append((graphdef, steps))
+        return steps
+
+    def predict(self, predict_step, state, source) -> np.ndarray:
+        """P(TB) for every record of `source`, in record order."""
+        probs, index = [], []
+        with pipeline.eval_batches(source, kind="tb", global_batch_size=self.eval_batch,
+                                   image_size=self.image_size) as batches:
+            for local in batches:
+                batch = train.to_global({k: local[k] for k in ("image", "index", "example_mask")},
+                                        self.data_sharding)
+                prob = predict_step(state, batch["image"])
+                got = multihost_utils.process_allgather(
+                    {"prob": prob, "index": batch["index"], "mask": batch["example_mask"]}, tiled=True)
+                real = np.asarray(got["mask"]) > 0
+                probs.append(np.asarray(got["prob"])[real])
+                index.append(np.asarray(got["index"])[real])
+        probs, index = np.concatenate(probs), np.concatenate(index)
+        return probs[np.argsort(index, kind="stable")].astype(np.float64)
+
+    def run(self, start, split, tb_sets) -> FinetuneResult:
+        s = self.settings
+        began = time.perf_counter()
+        train_set, test_set = tb_sets[split.train_set], tb_sets[split.test_set]
+        fit = RecordSubset(train_set.source, split.fit)
+        validation = RecordSubset(train_set.source, split.validation)
+        test = RecordSubset(test_set.source, split.test)
+        steps_per_epoch = len(fit) // self.global_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"{split.protocol} fold {split.fold}: {len(fit)} training images, fewer than one "
+                             f"batch ({self.global_batch}); lower finetune.batch_size")
+
+        model = TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(self.seed))
+        graphdef, state = train_state.create(model, self.tx)
+        # A copy: the train step donates its state, and the start's own arrays serve the next split too.
+        state = jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
+        train_step, predict_step = self._compiled(graphdef)
+        val_y = train_set.tb[split.validation]
+
+        best = (-np.inf, 0, None)  # (validation AUROC, epoch, host copy of the state)
+        history = []
+        seed = self.seed * 1000 + max(split.fold, 0)
+        with pipeline.train_batches(fit, kind="tb", global_batch_size=self.global_batch,
+                                    image_size=self.image_size, seed=seed,
+                                    augmentation=Augmentation(**s.augment)) as batches:
+            for epoch in range(1, s.num_epochs + 1):
+                for _ in range(steps_per_epoch):
+                    state, loss = train_step(state, train.to_global(next(batches), self.data_sharding))
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    raise train.NonFiniteLossError(f"fine-tuning {start.name} on {split.protocol} fold "
+                                                   f"{split.fold}: loss is {loss} in epoch {epoch}")
+                auroc = float(metrics.roc_auc(val_y, self.predict(predict_step, state, validation)))
+                history.append(auroc)
+                logging.info("finetune %s %s fold %d epoch %d: train loss %.4f, validation AUROC %.4f",
+                             start.name, split.protocol, split.fold, epoch, loss, auroc)
+                if auroc > best[0]:
+                    best = (auroc, epoch, jax.device_get(state))
+                elif epoch - best[1] >= s.patience:
+                    break
+        state = jax.device_put(best[2], self.replicated)
+        threshold = metrics.youden_threshold(val_y, self.predict(predict_step, state, validation))
+        test_prob = self.predict(predict_step, state, test)
+        return FinetuneResult(test_prob, threshold, best[1], len(history), history, time.perf_counter() - began)

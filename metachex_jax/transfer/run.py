@@ -1,0 +1,160 @@
+"""The TB transfer comparison, `run(config, workdir)`, read top to bottom as the run happens:
+
+  1. starting weights    config.init_from + config.compare_with (weights.load_starts; all checked first)
+  2. data                prepared Shenzhen and Montgomery, every record with its fold (tb_data.tb_sources)
+  3. protocols           checked before any work: folds 0..k-1, both classes in every part (protocols)
+  4. features            frozen pooled features + head outputs per start x set, cached by content (features)
+  5. linear probe        per split: standardise, inner-CV L2 strength, refit, threshold, predict (probe)
+  6. fine-tuning         per split (the first finetune.max_folds of a CV protocol): new head, early stop (finetune)
+  7. age and sex         the MetaChexNet heads on the TB sets vs the clinical readings (report.age_sex_metrics)
+  8. report              WORKDIR/report/: JSON, markdown, ROC PNGs, per-image CSVs (report.write_report)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from metachex_jax.transfer import features as features_lib
+from metachex_jax.transfer import protocols as protocols_lib
+from metachex_jax.transfer import report as report_lib
+from metachex_jax.transfer import tb_data, weights
+from metachex_jax.transfer.finetune import Finetuner
+from metachex_jax.transfer.probe import ProbeSettings, fit_probe
+
+METHODS = ("probe", "finetune")
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.replace("+", ",").split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"config.methods: unknown {unknown} (or none given); use probe, finetune or probe+finetune")
+    return names
+
+
+def start_specs(config) -> list[str]:
+    specs = [s.strip() for s in [config.init_from, *config.compare_with.split(",")] if s.strip()]
+    if not specs:
+        raise ValueError("no starting weights: set config.init_from (a pretraining workdir or converted weights) "
+                         "and/or config.compare_with")
+    return specs
+
+
+def run(config, workdir: str) -> dict:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    began = time.perf_counter()
+    methods = parse_methods(config.methods)
+    protocol_names = protocols_lib.parse_protocols(config.protocols)
+    image_size = config.data.image_size
+
+    # 1-3. Starting weights, data, protocols: every input is checked before the long work starts.
+    starts = weights.load_starts(start_specs(config), config.model, config.seed, str(config.checkpoint_step))
+    needed = sorted({d for p in protocol_names for d in protocols_lib.PROTOCOLS[p]})
+    tb_sets = tb_data.tb_sources(config, tuple(needed))
+    problems, splits = [], {}
+    for protocol in protocol_names:
+        try:
+            splits[protocol] = protocols_lib.check_protocol(protocol, tb_sets, need_validation="finetune" in methods)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("\n".join(problems))
+    for start in starts:
+        logging.info("start %s: %s (weights %s)", start.name, start.info, start.fingerprint[:12])
+
+    # 4. Features (needed by the probe and by the age/sex evaluation).
+    tables, timings = {}, {}
+    want_age_sex = [s for s in starts if s.has_trained_metadata_heads]
+    for start in starts:
+        if "probe" not in methods and start not in want_age_sex:
+            continue
+        for name, tb_set in tb_sets.items():
+            table = features_lib.features_for(start, tb_set, image_size=image_size,
+                                              batch_size=config.feature_batch_size,
+                                              cache_dir=config.feature_cache_dir)
+            tables[start.name, name] = table
+            timings[f"features {start.name} {name} ({table['cache']}) s"] = table["seconds"]
+            if table["cache"] == "miss":
+                timings[f"features {start.name} {name} img/s"] = table["images_per_s"]
+
+    cells: dict[str, dict] = {}
+    predictions: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+
+    def add_cell(start, method, protocol, split_results, extra):
+        key = f"{start.name}/{method}"
+        cols = report_lib.cell_columns(split_results, tb_sets)
+        cells.setdefault(key, {})[protocol] = report_lib.cell_metrics(cols, config.n_boot, config.seed)
+        details.setdefault(key, {})[protocol] = extra
+        predictions[f"{start.name}_{method}_{protocol}"] = cols
+
+    # 5. Linear probe.
+    if "probe" in methods:
+        settings = ProbeSettings.from_config(config.probe, config.seed)
+        for start in starts:
+            for protocol in protocol_names:
+                t0 = time.perf_counter()
+                results, extra = [], {"l2": [], "threshold": [], "iterations": []}
+                for split in splits[protocol]:
+                    train_table, test_table = tables[start.name, split.train_set], tables[start.name, split.test_set]
+                    fit = fit_probe(train_table["features"][split.train], tb_sets[split.train_set].tb[split.train],
+                                    test_table["features"][split.test], settings)
+                    results.append((split, fit.test_prob, fit.threshold))
+                    for k in extra:
+                        extra[k].append(getattr(fit, k))
+                extra["fit_seconds"] = time.perf_counter() - t0
+                timings[f"probe fit {start.name} {protocol} ({len(splits[protocol])} splits) s"] = extra["fit_seconds"]
+                logging.info("probe %s %s: %d splits fitted in %.2f s", start.name, protocol,
+                             len(splits[protocol]), extra["fit_seconds"])
+                add_cell(start, "probe", protocol, results, extra)
+
+    # 6. Fine-tuning.
+    if "finetune" in methods:
+        s = config.finetune
+        tuner = Finetuner(s, image_size=image_size, seed=config.seed)
+        for start in starts:
+            for protocol in protocol_names:
+                chosen = splits[protocol][:s.max_folds] if s.max_folds else splits[protocol]
+                results, extra = [], {"best_epoch": [], "epochs_run": [], "val_auroc": [], "folds": []}
+                t0 = time.perf_counter()
+                for split in chosen:
+                    out = tuner.run(start, split, tb_sets)
+                    results.append((split, out.test_prob, out.threshold))
+                    extra["best_epoch"].append(out.best_epoch)
+                    extra["epochs_run"].append(out.epochs_run)
+                    extra["val_auroc"].append(out.val_auroc)
+                    extra["folds"].append(split.fold)
+                extra["seconds"] = time.perf_counter() - t0
+                timings[f"finetune {start.name} {protocol} ({len(chosen)} splits) s"] = extra["seconds"]
+                add_cell(start, "finetune", protocol, results, extra)
+
+    # 7. Age and sex, externally.
+    age_sex = {start.name: {name: report_lib.age_sex_metrics(tables[start.name, name], config.n_boot, config.seed)
+                            for name in tb_sets}
+               for start in want_age_sex}
+
+    # 8. Report.
+    timings["total s"] = time.perf_counter() - began
+    result = {
+        "protocols": protocol_names,
+        "methods": methods,
+        "cells": cells,
+        "details": details,
+        "age_sex": age_sex,
+        "timings": timings,
+        "starts": {s.name: {**s.info, "weights_fingerprint": s.fingerprint} for s in starts},
+        "datasets": {name: {"build": str(t.build_dir), "fingerprint": t.fingerprint, "n_images": len(t),
+                            "n_tb": int(t.tb.sum()), "num_folds": int(t.fold.max()) + 1}
+                     for name, t in tb_sets.items()},
+        "config": config.to_dict(),
+    }
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "report")
+        report_lib.write_report(out_dir, result, predictions)
+        logging.info("report written to %s\n%s", out_dir, report_lib.markdown(result))
+    return result

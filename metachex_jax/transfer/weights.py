@@ -1,0 +1,125 @@
+"""Starting weights for transfer: a pretraining workdir, a converted backbone directory, or "random".
+
+    load_start(spec, model_config, seed) -> Start(name, kind, model, fingerprint, info)
+
+- a pretraining workdir (holds checkpoints/): `checkpointing.load_run_model` (MetaChexNet or the CheXNet baseline,
+  as the run's saved config says), checkpoint `step` ("best", "latest" or a number);
+- a `convert_torchvision` output (holds metadata.json): `convert.load_backbone` into a fresh MetaChexNet of
+  `model_config` (its heads stay random and are never evaluated);
+- "random": MetaChexNet of `model_config` from `seed`.
+Every start must have the architecture of `model_config.arch`, so that a comparison compares weights, not
+architectures; anything else is an error naming the path and both architectures. Unreadable or incomplete
+checkpoints raise `StartingWeightsError` naming the path and orbax's complaint.
+
+`fingerprint` is a SHA-256 of every array of the model (names, shapes, dtypes, bytes): the feature cache is keyed
+on it, so moving or copying a checkpoint keeps its cache and retraining into the same path invalidates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from metachex_jax import checkpointing, convert
+from metachex_jax.models import build_model
+from metachex_jax.models.metachexnet import MetaChexNet
+
+
+class StartingWeightsError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Start:
+    name: str  # e.g. "metachexnet", "chexnet", "imagenet", "random"
+    kind: str  # "run", "backbone" or "random"
+    model: MetaChexNet  # eval mode
+    fingerprint: str
+    info: dict  # where the weights came from (json-ready)
+
+    @property
+    def has_trained_metadata_heads(self) -> bool:
+        """The MetaChexNet age and sex heads were trained (a multi-task pretraining run)."""
+        return self.kind == "run" and self.model.metadata_head is not None and self.model.age_out is not None
+
+
+def weights_fingerprint(model: nnx.Module) -> str:
+    digest = hashlib.sha256()
+    flat = nnx.to_flat_state(nnx.state(model))
+    for path, variable in sorted(flat, key=lambda item: tuple(map(str, item[0]))):
+        array = np.asarray(jax.device_get(variable.get_value() if hasattr(variable, "get_value") else variable))
+        digest.update(f"{'/'.join(map(str, path))}:{array.dtype}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def load_start(spec: str, model_config, seed: int, step: str = "best") -> Start:
+    """The starting weights `spec` names (a path or "random"); see the module docstring."""
+    if spec == "random":
+        model = build_model(model_config, nnx.Rngs(seed))
+        model.eval()
+        return Start("random", "random", model, weights_fingerprint(model),
+                     {"source": "random", "seed": seed, "arch": model_config.arch})
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return _load_run(path, model_config, step)
+    if os.path.isfile(os.path.join(path, convert.METADATA_FILE)):
+        return _load_backbone(path, model_config, seed)
+    what = "does not exist" if not os.path.exists(path) else "holds neither checkpoints/ (a pretraining workdir) " \
+        f"nor {convert.METADATA_FILE} (a convert_torchvision output)"
+    raise StartingWeightsError(f"starting weights {spec!r}: {path} {what}; expected a pretraining workdir, a "
+                               "convert_torchvision output directory, or 'random'")
+
+
+def _load_run(path: str, model_config, step: str) -> Start:
+    step_arg = step if step in ("best", "latest") else int(step)
+    try:
+        model, info = checkpointing.load_run_model(path, step_arg)
+    except FileNotFoundError as e:
+        raise StartingWeightsError(f"starting weights {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files: name them all
+        raise StartingWeightsError(f"starting weights {path}: the checkpoint could not be read (incomplete or "
+                                   f"corrupt?): {type(e).__name__}: {e}") from e
+    if info["arch"] != model_config.arch:
+        raise StartingWeightsError(f"starting weights {path}: the checkpoint is a {info['arch']} but this "
+                                   f"comparison uses {model_config.arch} (config.model.arch)")
+    name = "metachexnet" if model.metadata_head is not None else "chexnet"
+    info = {"source": path, "step": info["step"], "arch": info["arch"],
+            "multitask": model.metadata_head is not None}
+    return Start(name, "run", model, weights_fingerprint(model), info)
+
+
+def _load_backbone(path: str, model_config, seed: int) -> Start:
+    model = build_model(model_config, nnx.Rngs(seed))
+    try:
+        metadata = convert.load_backbone(path, model)
+    except (convert.StateDictMismatchError, convert.CheckpointReadError) as e:
+        raise StartingWeightsError(f"starting weights {path}: {e}") from e
+    model.eval()
+    source = str(metadata.get("source", ""))
+    name = "imagenet" if "imagenet" in source.lower() or "torchvision" in source.lower() else "backbone"
+    info = {"source": path, "arch": metadata.get("arch"), "converted_from": source}
+    return Start(name, "backbone", model, weights_fingerprint(model), info)
+
+
+def load_starts(specs: list[str], model_config, seed: int, step: str = "best") -> list[Start]:
+    """Every start (errors collected and raised together); duplicate names get a numeric suffix."""
+    starts, errors = [], []
+    for spec in specs:
+        try:
+            starts.append(load_start(spec, model_config, seed, step))
+        except StartingWeightsError as e:
+            errors.append(str(e))
+    if errors:
+        raise StartingWeightsError("\n".join(errors))
+    seen: dict[str, int] = {}
+    for start in starts:
+        seen[start.name] = seen.get(start.name, 0) + 1
+        if seen[start.name] > 1:
+            start.name = f"{start.name}{seen[start.name]}"
+    return starts

@@ -1,0 +1,98 @@
+"""The linear probe's solver and model selection against scikit-learn, fold assignment, protocol checks, and the
+report's metrics (numpy only: no model, no dataset)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from metachex_jax.transfer import probe, protocols, report
+from metachex_jax.transfer.tb_data import TbSet
+
+
+def toy_features(n=120, d=40, seed=0, signal=0.6):
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(np.int64)
+    x = rng.normal(size=(n, d)) + signal * y[:, None] * rng.normal(size=d)[None]
+    return np.maximum(x, 0.0), y  # ReLU-like, like pooled DenseNet features
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-1, 3.0])
+def test_solver_matches_sklearn(l2):
+    x, y = toy_features()
+    z = (x - x.mean(0)) / x.std(0)
+    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    coef, bias, iterations = probe.fit_logistic(u * s, y, np.ones((1, len(y))), np.array([l2]), tol=1e-7,
+                                                max_iter=2000)
+    assert iterations[0] < 2000
+    reference = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-12, max_iter=10000).fit(z, y)
+    np.testing.assert_allclose(vt.T @ coef[0], reference.coef_[0], atol=1e-5 * max(1, np.abs(reference.coef_).max()))
+    assert bias[0] == pytest.approx(reference.intercept_[0], abs=1e-5)
+
+
+def test_weighted_problems_equal_subsets():
+    x, y = toy_features(n=60, d=10)
+    keep = np.arange(60) % 3 != 0
+    both = probe.fit_logistic(x, y, np.stack([keep, np.ones(60)]).astype(float), np.array([0.1, 0.1]), tol=1e-7)
+    alone = probe.fit_logistic(x[keep], y[keep], np.ones((1, keep.sum())), np.array([0.1]), tol=1e-7)
+    np.testing.assert_allclose(both[0][0], alone[0][0], atol=1e-6)
+
+
+def test_fit_probe_chooses_by_inner_cv_and_is_deterministic():
+    x, y = toy_features(n=200, d=60, seed=1)
+    settings = probe.ProbeSettings(inner_folds=4, l2_grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0))
+    train, test = np.arange(200) < 150, np.arange(200) >= 150
+    a = probe.fit_probe(x[train], y[train], x[test], settings)
+    b = probe.fit_probe(x[train], y[train], x[test], settings)
+    np.testing.assert_array_equal(a.test_prob, b.test_prob)
+    # The chosen lambda is the inner-CV optimum, and the refit equals sklearn's fit with that lambda.
+    assert a.l2 == min(a.inner_scores, key=a.inner_scores.get)
+    z = (x[train] - a.mean) / a.scale
+    reference = LogisticRegression(C=1.0 / (a.l2 * 150), tol=1e-12, max_iter=10000).fit(z, y[train])
+    np.testing.assert_allclose(a.test_prob, reference.predict_proba((x[test] - a.mean) / a.scale)[:, 1], atol=1e-4)
+    assert roc_auc_score(y[test], a.test_prob) > 0.8
+    with pytest.raises(ValueError, match=r"single class \(150 normal, 0 TB\)"):
+        probe.fit_probe(x[train], np.zeros(150, np.int64), x[test], settings)
+
+
+def test_inner_folds_stratified_and_deterministic():
+    y = np.array([0] * 23 + [1] * 17)
+    folds = probe.stratified_folds(y, 5, seed=3)
+    np.testing.assert_array_equal(folds, probe.stratified_folds(y, 5, seed=3))
+    for f in range(5):
+        assert np.sum(y[folds == f] == 0) in (4, 5) and np.sum(y[folds == f] == 1) in (3, 4)
+
+
+def tb_set(name, tb, fold):
+    return TbSet(name, None, np.asarray(tb), np.asarray(fold), [f"{name}_{i}" for i in range(len(tb))], "x", None)
+
+
+def test_protocol_splits_are_disjoint_and_single_class_folds_are_named():
+    tb = np.array([0, 1] * 9)
+    sets = {"shenzhen": tb_set("shenzhen", tb, np.arange(18) % 3), "montgomery": tb_set("montgomery", tb[:12],
+                                                                                          np.arange(12) % 3)}
+    for name in protocols.PROTOCOLS:
+        for split in protocols.check_protocol(name, sets, need_validation=True):
+            if split.train_set == split.test_set:
+                assert not set(split.train) & set(split.test)
+            assert set(split.validation) < set(split.train)
+    bad = {"shenzhen": tb_set("shenzhen", tb, np.where(tb == 1, 0, np.arange(18) % 3)), "montgomery": sets["montgomery"]}
+    with pytest.raises(ValueError) as e:
+        protocols.check_protocol("cv_shenzhen", bad, need_validation=False)
+    assert "shenzhen fold 1: the test part has a single class (3 normal, 0 TB)" in str(e.value)
+    assert "shenzhen fold 2: the test part has a single class" in str(e.value)
+
+
+def test_cell_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    cols = {"tb": y, "prob": np.clip(0.3 * y + rng.random(80) * 0.7, 0, 1), "fold": np.arange(80) % 4}
+    cols["margin"] = cols["prob"] - np.where(cols["fold"] < 2, 0.5, 0.4)
+    cell = report.cell_metrics(cols, n_boot=50, seed=0)
+    assert cell["auroc"]["value"] == pytest.approx(roc_auc_score(y, cols["prob"]), abs=1e-12)
+    assert cell["specificity"]["value"] == pytest.approx(np.mean(cols["margin"][y == 0] < 0), abs=1e-12)
+    for f in range(4):
+        rows = cols["fold"] == f
+        assert cell["per_fold_auroc"][str(f)] == pytest.approx(roc_auc_score(y[rows], cols["prob"][rows]))

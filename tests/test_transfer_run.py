@@ -1,0 +1,168 @@
+"""The TB transfer comparison end to end on tiny data: a tiny MetaChexNet pretraining run on the demo generator's
+tree (densenet_tiny, 32 px), then probe + fine-tune on the same tree's Shenzhen/Montgomery; report files, metrics
+vs scikit-learn, the feature cache (reuse and invalidation), fold hygiene, and each bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from metachex_jax import config_lib, reports, train
+from metachex_jax.transfer import features as features_lib
+from metachex_jax.transfer import protocols, run, tb_data, weights
+
+DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, size=64)
+ARCH, RES = "densenet_tiny", 32
+
+
+def pretrain_config(demo_dir):
+    c = config_lib.pretrain_config(f"demo,arch={ARCH},res={RES}", multitask=True)
+    c.demo_dir = str(demo_dir)
+    c.demo_data.update(DEMO)
+    c.batch_size_per_device, c.eval_batch_size_per_device = 16, 32
+    c.num_epochs, c.max_steps, c.eval_every_steps, c.log_every_steps, c.n_boot = 1, 3, 3, 1, 10
+    c.optim.warmup_steps = 1
+    return c
+
+
+def transfer_config(demo_dir, init_from, cache_dir, **overrides):
+    c = config_lib.transfer_config(f"demo,arch={ARCH},res={RES}")
+    c.demo_dir = str(demo_dir)
+    c.demo_data.update(DEMO)
+    c.init_from = str(init_from)
+    c.feature_cache_dir = str(cache_dir)
+    c.data.num_folds = 3
+    c.probe.inner_folds = 3
+    c.finetune.update(max_folds=1, num_epochs=2, patience=1, batch_size=8, eval_batch_size=32)
+    c.n_boot = 20
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    demo_dir = tmp_path_factory.mktemp("demo")
+    pre = tmp_path_factory.mktemp("pre")
+    train.train_and_evaluate(pretrain_config(demo_dir), str(pre))
+    return demo_dir, pre
+
+
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory):
+    demo_dir, pre = setup
+    workdir, cache = tmp_path_factory.mktemp("tb"), tmp_path_factory.mktemp("cache")
+    config = transfer_config(demo_dir, pre, cache)
+    return config, workdir, run.run(config, str(workdir))
+
+
+def test_report_has_every_cell_and_metrics_match_sklearn(finished):
+    config, workdir, result = finished
+    out = workdir / "report"
+    names = {"comparison.json", "comparison.md"} | {f"roc_{p}.png" for p in result["protocols"]}
+    assert names <= set(os.listdir(out))
+    saved = json.loads((out / "comparison.json").read_text())
+    assert set(saved["cells"]) == {"metachexnet/probe", "metachexnet/finetune", "random/probe", "random/finetune"}
+    for key, per_protocol in saved["cells"].items():
+        assert set(per_protocol) == set(protocols.PROTOCOLS)
+        start, method = key.split("/")
+        for protocol, cell in per_protocol.items():
+            cols = reports.read_predictions_csv(out / "predictions" / f"{start}_{method}_{protocol}.csv")
+            y, prob, margin = cols["tb"], cols["prob"], cols["margin"]
+            assert cell["auroc"]["value"] == pytest.approx(roc_auc_score(y, prob), abs=1e-12)
+            assert cell["accuracy"]["value"] == pytest.approx(np.mean((margin >= 0) == (y == 1)), abs=1e-12)
+            assert cell["sensitivity"]["value"] == pytest.approx(np.mean(margin[y == 1] >= 0), abs=1e-12)
+            assert cell["auroc"]["ci_low"] <= cell["auroc"]["value"] <= cell["auroc"]["ci_high"]
+            # Every test image exactly once; the probe covers whole sets, fine-tuning its first fold.
+            ids = list(cols["image_id"])
+            assert len(ids) == len(set(ids)) == cell["n_images"]
+            test_set = protocol.split("_to_")[-1].replace("cv_", "")
+            full = saved["datasets"][test_set]["n_images"]
+            assert cell["n_images"] == full if (method == "probe" or "_to_" in protocol) else cell["n_images"] < full
+    md = (out / "comparison.md").read_text()
+    assert "metachexnet/probe" in md and "age MAE" in md
+    # The MetaChexNet heads are evaluated on the TB sets, against the readings, masked where unknown.
+    age_sex = saved["age_sex"]["metachexnet"]["shenzhen"]
+    assert age_sex["n_age_known"] > 0 and age_sex["age_mae_years"]["value"] > 0
+    assert "random" not in saved["age_sex"]
+
+
+def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
+    config, workdir, result = finished
+    sets = tb_data.tb_sources(config)
+    for protocol in protocols.PROTOCOLS:
+        splits = protocols.check_protocol(protocol, sets, need_validation=True)
+        for split in splits:
+            if split.train_set == split.test_set:
+                assert not set(split.train) & set(split.test)
+            assert set(split.validation) <= set(split.train) and not set(split.validation) & set(split.fit)
+        if protocol.startswith("cv_"):
+            tested = np.concatenate([s.test for s in splits])
+            assert sorted(tested) == list(range(len(sets[splits[0].train_set])))
+    # Same config, same result (features from the cache): the probe's numbers are identical.
+    again = run.run(transfer_config(setup[0], setup[1], config.feature_cache_dir, methods="probe"), str(tmp_path))
+    for protocol in protocols.PROTOCOLS:
+        assert again["cells"]["metachexnet/probe"][protocol] == result["cells"]["metachexnet/probe"][protocol]
+    assert all("(hit)" in k for k in again["timings"] if k.startswith("features") and k.endswith(" s"))
+
+
+def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
+    config, _, _ = finished
+    demo_dir, pre = setup
+    sets = tb_data.tb_sources(config)
+    start = weights.load_start(str(pre), config.model, 0)
+    kwargs = dict(image_size=RES, batch_size=32, cache_dir=config.feature_cache_dir)
+    hit = features_lib.features_for(start, sets["montgomery"], **kwargs)
+    assert hit["cache"] == "hit"
+    # A copy of the checkpoint elsewhere: same content, same cache entry.
+    moved = tmp_path / "moved"
+    shutil.copytree(pre, moved)
+    assert features_lib.features_for(weights.load_start(str(moved), config.model, 0), sets["montgomery"],
+                                     **kwargs)["cache"] == "hit"
+    # Changed weights: a new entry, whose features differ.
+    other = weights.load_start("random", config.model, 1)  # seed 0 was extracted by the run
+    miss = features_lib.features_for(other, sets["montgomery"], **kwargs)
+    assert miss["cache"] == "miss" and not np.allclose(miss["features"], hit["features"])
+    assert features_lib.features_for(other, sets["montgomery"], **kwargs)["cache"] == "hit"
+    # A changed dataset build (another fold seed -> other records): a new entry.
+    reseeded = transfer_config(demo_dir, pre, config.feature_cache_dir, **{"data.fold_seed": 1})
+    changed = tb_data.tb_sources(reseeded, ("montgomery",))["montgomery"]
+    assert changed.fingerprint != sets["montgomery"].fingerprint
+    assert features_lib.features_for(start, changed, **kwargs)["cache"] == "miss"
+
+
+def test_bad_inputs_give_clear_errors(finished, setup, tmp_path):
+    config, _, _ = finished
+    demo_dir, pre = setup
+    # A checkpoint of another architecture than the comparison's.
+    wrong_arch = transfer_config(demo_dir, pre, tmp_path, **{"model.arch": "densenet121"})
+    with pytest.raises(weights.StartingWeightsError, match=r"is a densenet_tiny but this comparison uses densenet121"):
+        run.run(wrong_arch, str(tmp_path / "a"))
+    # An incomplete checkpoint directory, and a corrupt one.
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(weights.StartingWeightsError, match=f"{empty}.*no checkpoint"):
+        weights.load_start(str(empty), config.model, 0)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(pre, corrupt)
+    for root, _, names in os.walk(corrupt / "checkpoints"):
+        for name in names:
+            if "state" in root:
+                (open(os.path.join(root, name), "wb")).write(b"garbage")
+    with pytest.raises(weights.StartingWeightsError, match=f"{corrupt}.*could not be read"):
+        weights.load_start(str(corrupt), config.model, 0)
+    with pytest.raises(weights.StartingWeightsError, match="does not exist"):
+        weights.load_start(str(tmp_path / "nowhere"), config.model, 0)
+    # A dataset not yet prepared (real-data config, empty data_dir).
+    unprepared = transfer_config(demo_dir, pre, tmp_path, demo=False, **{"data.data_dir": str(tmp_path / "tfds")})
+    with pytest.raises(FileNotFoundError, match=r"(?s)montgomery/r36_k3_seed0 was not found.*"
+                       r"shenzhen/r36_k3_seed0 was not found.*python -m metachex_jax.prepare --dataset=shenzhen"):
+        run.run(unprepared, str(tmp_path / "b"))
+    # A fold with a single class: Montgomery's 24 images in 12 folds leave single-class test folds.
+    many_folds = transfer_config(demo_dir, pre, tmp_path, **{"data.num_folds": 12})
+    with pytest.raises(ValueError, match=r"montgomery fold \d+: the test part has a single class"):
+        run.run(many_folds, str(tmp_path / "c"))
