@@ -47,7 +47,7 @@ from PIL import Image
 
 from metachex_jax.labels import NO_FINDING, PATHOLOGIES
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_NAME = "demo_data_complete.json"
 README_NAME = "README_SYNTHETIC.txt"
 NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet"
@@ -75,23 +75,26 @@ MONTGOMERY_TB_FRACTION = 58 / 138
 MONTGOMERY_ASPECT = 4892 / 4020  # real images are 4020x4892 (portrait) or 4892x4020 (landscape)
 
 PLANTED_SIGNALS = """\
-Planted signals (each factor changes the image in its own way, with random nuisance variation):
+Planted signals (each factor changes the image in its own way, with random nuisance variation). Findings are
+sized and contrasted to stay visible at the demo's 64 px (a lesion >= ~3 px wide, line >= ~1 px); ribs are
+fainter than findings. Sex and view cues overlap between the classes, so they are learnable but not trivial:
   Atelectasis         a dense plate-like band in a lower zone, ipsilateral hemidiaphragm raised
   Cardiomegaly        heart about 1.38x larger (wider cardiac silhouette)
   Effusion            fluid filling a lung base with a lateral meniscus (blunted costophrenic angle)
-  Infiltration        large, diffuse, fine-textured faint patchy opacity
+  Infiltration        large, diffuse, fine-textured fainter patchy opacity
   Mass                one large irregular bright blob
-  Nodule              1-3 small round bright spots
-  Pneumonia           medium patchy opacity, medium texture, lower/mid zones
-  Pneumothorax        an apical-lateral rim without vessels, darker, bounded by a thin bright pleural line
+  Nodule              2-4 small round bright spots
+  Pneumonia           medium patchy opacity, medium texture, mid/lower zones
+  Pneumothorax        a wide apical-lateral rim without vessels, darker, bounded by a bright pleural line
   Consolidation       a large dense homogeneous opacity with lobulated edges
   Edema               bilateral hazy perihilar ("butterfly") opacity
   Emphysema           hyperlucent lungs, sparse vessels, low flattened diaphragm
-  Fibrosis            reticular network of fine lines, basal and peripheral
-  Pleural_Thickening  a bright rim along the lateral pleura
+  Fibrosis            bright reticular network of lines, basal and peripheral
+  Pleural_Thickening  a bright lumpy rim along the lateral pleura
   Hernia              a gas bubble with an air-fluid level behind the heart
-  Sex                 female: narrower, shorter thorax plus breast soft-tissue shadows
-  View AP             magnification: larger heart, wider mediastinum, clavicles higher, scapulae over the lungs
+  Sex                 female: narrower, shorter thorax; breast soft-tissue shadows (fainter ones in some men)
+  View AP             magnification: larger heart, wider mediastinum; clavicles higher and scapulae over the
+                      lungs (ranges overlap with PA)
   Age (years)         bone density: ribs, clavicles and spine get fainter linearly with age
   TB                  upper-zone patchy opacities (the NIH textures), satellite nodules, cavities in ~45%,
                       sometimes a pleural effusion or apical fibrotic lines
@@ -293,7 +296,7 @@ class _Canvas:
 OPACITY_TEXTURES = {
     "coarse": (0.06, 0.45, 0.2, 0.12),
     "medium": (0.03, 0.45, 0.4, 0.12),
-    "fine": (0.015, 0.55, 0.55, 0.25),
+    "fine": (0.022, 0.5, 0.6, 0.25),
 }
 
 
@@ -314,7 +317,7 @@ def _nodules(c: _Canvas, centers, radii) -> np.ndarray:
 
 def _reticulation(c: _Canvas, rng) -> np.ndarray:
     """Shared reticular network of fine lines (Fibrosis, TB fibrotic change)."""
-    return _ridges(c.noise(rng, 0.012), 0.18)
+    return _ridges(c.noise(rng, 0.03), 0.3)  # mesh ~0.1 units: resolved at 64 px
 
 
 def _effusion(c: _Canvas, lung: _Lung, rng) -> np.ndarray:
@@ -335,6 +338,9 @@ class _Chest:
     thorax_w: float
     thorax_h: float
     bone: float  # bone density factor: falls linearly with age
+    breast: float  # breast soft-tissue density (ranges overlap between the sexes)
+    clavicle_v: float  # clavicle height (AP projects them higher)
+    scapula_u: float  # scapula distance from the midline (AP: over the lungs)
     heart_center: tuple[float, float]
     lungs: dict[int, _Lung]
     lung_field: dict[int, np.ndarray]  # soft masks, -1 = image left (patient right), +1 = image right
@@ -363,13 +369,17 @@ def _build_anatomy(key: Sequence[int], shape: tuple[int, int], factors: ChestFac
     c = _Canvas(shape, component_rng(key, "pose"))
     u, v, edge = c.u, c.v, c.edge
     anatomy = component_rng(key, "anatomy")
-    thorax_w = (1.0 if factors.sex_male else 0.9) * (1.0 + float(anatomy.normal(0.0, 0.035)))
-    thorax_h = (1.0 if factors.sex_male else 0.96) * (1.0 + float(anatomy.normal(0.0, 0.03)))
-    magnification = 1.15 if factors.view_ap else 1.0  # AP: the heart is farther from the detector
+    thorax_w = (1.0 if factors.sex_male else 0.95) * (1.0 + float(anatomy.normal(0.0, 0.035)))
+    thorax_h = (1.0 if factors.sex_male else 0.98) * (1.0 + float(anatomy.normal(0.0, 0.03)))
+    magnification = 1.1 if factors.view_ap else 1.0  # AP: the heart is farther from the detector
     heart_scale = magnification * (1.0 + float(anatomy.normal(0.0, 0.06))) * (1.38 if has("Cardiomegaly") else 1.0)
     bone = max(1.25 - 0.0085 * factors.age, 0.3) * (1.0 + float(anatomy.normal(0.0, 0.015)))
     heart_u, heart_v = 0.1 + float(anatomy.normal(0.0, 0.015)), 0.17 + float(anatomy.normal(0.0, 0.02))
     dome_tilt = float(anatomy.normal(0.0, 0.015))
+    # Sex and view cues overlap between the classes, so neither is perfectly decodable from one image.
+    breast = float(anatomy.uniform(0.0, 0.035) if factors.sex_male else anatomy.uniform(0.02, 0.09))
+    clavicle_v = -0.66 - (0.08 if factors.view_ap else 0.0) + float(anatomy.normal(0.0, 0.03))
+    scapula_u = float(anatomy.uniform(0.62, 0.8) if factors.view_ap else anatomy.uniform(0.74, 0.9))
 
     emphysema = has("Emphysema")  # hyperinflation: taller lungs, low flat diaphragm
     lungs = {
@@ -385,14 +395,14 @@ def _build_anatomy(key: Sequence[int], shape: tuple[int, int], factors: ChestFac
         for side in (-1, 1)
     }
     if has("Atelectasis"):  # volume loss raises the hemidiaphragm on the collapsed side
-        lungs[_atelectasis_side(key)].dome_top -= 0.06
+        lungs[_atelectasis_side(key)].dome_top -= 0.1
 
     body = _ellipse(u, v, 0.0, 0.12, 0.88 * thorax_w, 1.35, edge)
     for side in (-1, 1):  # shoulders
         body = np.maximum(body, _ellipse(u, v, side * 0.72 * thorax_w, -0.9, 0.38, 0.3, edge))
     thickness = np.sqrt(np.clip(1.0 - (u / (0.9 * thorax_w)) ** 2, 0.0, 1.0))
     heart = _ellipse(u, v, heart_u, heart_v, 0.29 * heart_scale, 0.21 * heart_scale, edge)
-    mediastinum_half_width = 0.09 * (1.3 if factors.view_ap else 1.0) + 0.03 * np.clip(v + 0.5, 0.0, 0.8)
+    mediastinum_half_width = 0.09 * (1.2 if factors.view_ap else 1.0) + 0.03 * np.clip(v + 0.5, 0.0, 0.8)
     mediastinum = _soft_step(mediastinum_half_width - np.abs(u - 0.01), edge) * _soft_step(0.3 - v, edge)
     mediastinum = np.maximum(mediastinum, _soft_disk(u, v, 0.1, -0.33, 0.07, edge))  # aortic knob
     lung_field = {
@@ -402,7 +412,8 @@ def _build_anatomy(key: Sequence[int], shape: tuple[int, int], factors: ChestFac
     abdomen = np.where(u < 0.0, _soft_step(v - lungs[-1].dome(u), edge), _soft_step(v - lungs[1].dome(u), edge))
     hila = np.exp(-((np.abs(u) - 0.2) ** 2 + (v + 0.02) ** 2) / 0.18)
     return _Chest(
-        key=key, factors=factors, canvas=c, thorax_w=thorax_w, thorax_h=thorax_h, bone=bone,
+        key=key, factors=factors, canvas=c, thorax_w=thorax_w, thorax_h=thorax_h, bone=bone, breast=breast,
+        clavicle_v=clavicle_v, scapula_u=scapula_u,
         heart_center=(heart_u, heart_v), lungs=lungs, lung_field=lung_field, body=body, heart=heart,
         density=0.5 * body * (0.75 + 0.25 * thickness) + 0.04 * abdomen * body + 0.15 * mediastinum + 0.2 * heart,
         air=np.maximum(lung_field[-1], lung_field[1]) * (1.0 - heart) * (1.0 - mediastinum),
@@ -417,7 +428,7 @@ def _build_anatomy(key: Sequence[int], shape: tuple[int, int], factors: ChestFac
 def _add_effusion(ch: _Chest, side: int, rng) -> None:
     fluid = _effusion(ch.canvas, ch.lungs[side], rng) * ch.lung_field[side]
     ch.air = ch.air * (1.0 - fluid)
-    ch.density += 0.04 * fluid
+    ch.density += 0.08 * fluid
 
 
 def _paint_effusion(ch: _Chest, rng) -> None:
@@ -428,14 +439,14 @@ def _paint_effusion(ch: _Chest, rng) -> None:
 def _paint_pneumothorax(ch: _Chest, rng) -> None:
     u, v = ch.canvas.u, ch.canvas.v
     lung = ch.lungs[int(rng.choice([-1, 1]))]
-    width = float(rng.uniform(0.10, 0.18))
+    width = float(rng.uniform(0.2, 0.3))
     level = lung.boundary_level(u, v)
     _, b = lung.local(u, v)
-    upper = _soft_step(0.35 - b, 0.1) * ch.lung_field[lung.side]
+    upper = _soft_step(0.45 - b, 0.1) * ch.lung_field[lung.side]
     rim = _soft_step(level + width, 0.01) * upper  # collapsed-away zone: no vessels, more air
     ch.vessel_weight = ch.vessel_weight * (1.0 - rim)
-    ch.density -= 0.07 * rim
-    ch.density += 0.16 * np.exp(-(((level + width) / 0.012) ** 2)) * upper  # visceral pleural line
+    ch.density -= 0.2 * rim
+    ch.density += 0.3 * np.exp(-(((level + width) / 0.03) ** 2)) * upper  # visceral pleural line (>= 1 px)
 
 
 def _paint_atelectasis(ch: _Chest, rng) -> None:
@@ -445,24 +456,24 @@ def _paint_atelectasis(ch: _Chest, rng) -> None:
     angle = float(rng.uniform(-0.35, 0.35))
     across = np.abs((u - pu) * math.sin(angle) - (v - pv) * math.cos(angle))
     along = np.abs((u - pu) * math.cos(angle) + (v - pv) * math.sin(angle))
-    width = float(rng.uniform(0.025, 0.045))
-    ch.lesions += 0.24 * np.exp(-((across / width) ** 2)) * _soft_step(0.22 - along, 0.04)
+    width = float(rng.uniform(0.05, 0.07))
+    ch.lesions += 0.4 * np.exp(-((across / width) ** 2)) * _soft_step(0.3 - along, 0.04)
 
 
 def _paint_nodule(ch: _Chest, rng) -> None:
-    count = int(rng.integers(1, 4))
+    count = int(rng.integers(2, 5))
     centers = [ch.lung_point(rng) for _ in range(count)]
-    ch.lesions += 0.26 * _nodules(ch.canvas, centers, rng.uniform(0.022, 0.04, count))
+    ch.lesions += 0.42 * _nodules(ch.canvas, centers, rng.uniform(0.045, 0.065, count))
 
 
 def _paint_mass(ch: _Chest, rng) -> None:
     u, v = ch.canvas.u, ch.canvas.v
     mu, mv = ch.lung_point(rng, (-0.5, 0.35))
-    radius = float(rng.uniform(0.09, 0.14))
+    radius = float(rng.uniform(0.12, 0.17))
     theta = np.arctan2(v - mv, u - mu)
     phase3, phase5 = rng.uniform(0.0, 2.0 * np.pi, 2).tolist()
     lobes = 1.0 + 0.12 * np.sin(3 * theta + phase3) + 0.08 * np.sin(5 * theta + phase5)
-    ch.lesions += 0.28 * _soft_disk(u, v, mu, mv, radius * lobes, 0.02)
+    ch.lesions += 0.42 * _soft_disk(u, v, mu, mv, radius * lobes, 0.02)
 
 
 def _opacity_painter(density: float, radius_range, zone, texture: str):
@@ -480,7 +491,7 @@ def _paint_edema(ch: _Chest, rng) -> None:
     u, v = ch.canvas.u, ch.canvas.v
     spread = float(rng.uniform(0.14, 0.19))
     haze = sum(np.exp(-(((u - s * 0.22) / spread) ** 2 + ((v - 0.02) / (1.3 * spread)) ** 2) / 2.0) for s in (-1, 1))
-    ch.lesions += 0.17 * haze * (1.0 + 0.25 * ch.canvas.noise(rng, 0.04))
+    ch.lesions += 0.28 * haze * (1.0 + 0.25 * ch.canvas.noise(rng, 0.04))
 
 
 def _paint_fibrosis(ch: _Chest, rng) -> None:
@@ -488,41 +499,41 @@ def _paint_fibrosis(ch: _Chest, rng) -> None:
     for lung in ch.lungs.values():  # basal and peripheral
         a, b = lung.local(ch.canvas.u, ch.canvas.v)
         weight = np.maximum(weight, np.clip(0.3 + 0.6 * b + 0.6 * a, 0.0, 1.0))
-    ch.lesions += 0.15 * _reticulation(ch.canvas, rng) * weight
+    ch.lesions += 0.5 * _reticulation(ch.canvas, rng) * weight
 
 
 def _paint_pleural_thickening(ch: _Chest, rng) -> None:
     sides = (-1, 1) if rng.random() < 0.4 else (int(rng.choice([-1, 1])),)
-    thickness_level = float(rng.uniform(0.08, 0.13))
+    thickness_level = float(rng.uniform(0.1, 0.15)) * (1.0 + 0.5 * ch.canvas.noise(rng, 0.06))
     for side in sides:
         lung = ch.lungs[side]
         a, _ = lung.local(ch.canvas.u, ch.canvas.v)
         lateral = _soft_step(a + 0.2, 0.1)
         rim = _soft_step(lung.boundary_level(ch.canvas.u, ch.canvas.v) + thickness_level, 0.01) * lateral
-        ch.lesions += 0.35 * rim * ch.lung_field[side]
+        ch.lesions += 0.55 * rim * ch.lung_field[side]
 
 
 def _paint_hernia(ch: _Chest, rng) -> None:
     u, v = ch.canvas.u, ch.canvas.v
     heart_u, heart_v = ch.heart_center
     cu, cv = heart_u + float(rng.normal(0.0, 0.03)), heart_v + 0.06 + float(rng.normal(0.0, 0.02))
-    radius = float(rng.uniform(0.07, 0.1))
+    radius = float(rng.uniform(0.1, 0.14))
     inside = _soft_disk(u, v, cu, cv, radius, 0.008)
     gas = inside * _soft_step(cv + float(rng.uniform(0.0, 0.4)) * radius - v, 0.006)  # above the fluid level
-    wall = np.exp(-(((np.sqrt((u - cu) ** 2 + (v - cv) ** 2) - radius) / 0.01) ** 2))
-    ch.density += -0.24 * gas + 0.04 * (inside - gas) + 0.12 * wall
+    wall = np.exp(-(((np.sqrt((u - cu) ** 2 + (v - cv) ** 2) - radius) / 0.02) ** 2))
+    ch.density += -0.36 * gas + 0.06 * (inside - gas) + 0.16 * wall
 
 
 # Cardiomegaly and Emphysema change the geometry (see _build_anatomy); Emphysema also darkens the lungs.
 FINDING_PAINTERS = {
     "Atelectasis": _paint_atelectasis,
     "Effusion": _paint_effusion,
-    "Infiltration": _opacity_painter(0.13, (0.22, 0.3), (-0.4, 0.4), "fine"),
+    "Infiltration": _opacity_painter(0.24, (0.22, 0.3), (-0.4, 0.4), "fine"),
     "Mass": _paint_mass,
     "Nodule": _paint_nodule,
-    "Pneumonia": _opacity_painter(0.22, (0.12, 0.17), (0.0, 0.5), "medium"),
+    "Pneumonia": _opacity_painter(0.42, (0.14, 0.2), (-0.2, 0.45), "medium"),
     "Pneumothorax": _paint_pneumothorax,
-    "Consolidation": _opacity_painter(0.3, (0.14, 0.2), (-0.3, 0.4), "coarse"),
+    "Consolidation": _opacity_painter(0.42, (0.16, 0.22), (-0.3, 0.4), "coarse"),
     "Edema": _paint_edema,
     "Fibrosis": _paint_fibrosis,
     "Pleural_Thickening": _paint_pleural_thickening,
@@ -562,24 +573,23 @@ def _paint_tb(ch: _Chest) -> None:
 def _bones(ch: _Chest) -> np.ndarray:
     """Ribs, clavicles, scapulae, spine (all scaled by bone density, i.e. age) and breast shadows."""
     u, v = ch.canvas.u, ch.canvas.v
-    factors, bone = ch.factors, ch.bone
+    bone = ch.bone
     cage = _ellipse(u, v, 0.0, -0.05, 0.74 * ch.thorax_w, 0.78, 0.03) * _soft_step(np.abs(u) - 0.06, 0.01)
     spread = np.abs(u)
     rib_height = v - 0.9 * spread**2 + 0.45 * spread  # posterior ribs rise from the spine, then curve down
     ribs = (0.5 + 0.5 * np.cos(2.0 * np.pi * rib_height / (0.125 * ch.thorax_h))) ** 4
-    density = 0.12 * bone * ribs * cage
-    clavicle_v = -0.66 - (0.12 if factors.view_ap else 0.0)  # AP projects the clavicles higher
+    # Ribs are fainter than the lesions: at the demo's 64 px a strong rib pattern hides most findings.
+    density = 0.1 * bone * ribs * cage
     for side in (-1, 1):
-        start, end = (side * 0.07, clavicle_v + 0.06), (side * 0.62 * ch.thorax_w, clavicle_v - 0.08)
+        start, end = (side * 0.07, ch.clavicle_v + 0.06), (side * 0.62 * ch.thorax_w, ch.clavicle_v - 0.08)
         density += 0.2 * bone * _soft_step(0.03 - _segment_distance(u, v, start, end), 0.008)
-        scapula_u = side * (0.6 if factors.view_ap else 0.86) * ch.thorax_w  # AP: scapulae over the lungs
+        scapula_u = side * ch.scapula_u * ch.thorax_w
         density += 0.12 * bone * _ellipse(u, v, scapula_u, -0.4, 0.14, 0.28, 0.02) * ch.body
     vertebrae = 0.7 + 0.3 * (0.5 + 0.5 * np.cos(2.0 * np.pi * v / 0.11)) ** 2
     density += 0.14 * bone * vertebrae * _soft_step(0.06 - np.abs(u), 0.01) * ch.body
-    if not factors.sex_male:
-        for side in (-1, 1):
-            breast = _ellipse(u, v, side * 0.43 * ch.thorax_w, 0.36, 0.27, 0.19, 0.05) * _soft_step(v - 0.3, 0.06)
-            density += 0.1 * breast
+    for side in (-1, 1):
+        breast = _ellipse(u, v, side * 0.43 * ch.thorax_w, 0.36, 0.27, 0.19, 0.05) * _soft_step(v - 0.3, 0.06)
+        density += ch.breast * breast
     return density
 
 

@@ -272,7 +272,8 @@ def test_each_finding_changes_the_image_in_its_own_way():
     differences = {}
     for name in PATHOLOGIES:
         diffs = [_render(i, _factors(i, findings=frozenset([name]))) - _render(i, _factors(i)) for i in range(3)]
-        assert all(np.abs(d).max() > 0.08 for d in diffs), name
+        # Visible at the demo's 64 px: a clear change (> 0.2 of the gray range) over >= 20 pixels.
+        assert all(np.abs(d).max() > 0.2 and (np.abs(d) > 0.1).sum() >= 20 for d in diffs), name
         differences[name] = np.concatenate([d.ravel() for d in diffs])
     names = list(differences)
     for a in range(len(names)):
@@ -306,14 +307,16 @@ def test_tb_sits_in_the_upper_zones():
     assert diff[: SIZE // 2].sum() > 3 * diff[SIZE // 2:].sum()
 
 
-def test_sex_and_view_are_linearly_decodable_from_pixels():
-    factors = [_factors(i) for i in range(240)]
+def test_sex_and_view_are_decodable_from_pixels_but_not_trivially():
+    """Both are linearly decodable, but the sex cues (thorax size, breast shadows) overlap between the sexes by
+    design: a demo model that reads sex perfectly would show nothing, so the linear decoder stays imperfect."""
+    factors = [_factors(i) for i in range(600)]
     half = SIZE // 2  # 2x2-average downsampling
     pixels = np.stack([_render(i, f).reshape(half, 2, half, 2).mean((1, 3)).ravel() for i, f in enumerate(factors)])
-    for task in ("sex_male", "view_ap"):
+    for task, low, high in (("sex_male", 0.88, 0.985), ("view_ap", 0.97, 1.0)):
         target = np.array([getattr(f, task) for f in factors])
-        model = LogisticRegression(C=1.0, max_iter=3000).fit(pixels[:160], target[:160])
-        assert model.score(pixels[160:], target[160:]) > 0.85, task
+        model = LogisticRegression(C=10.0, max_iter=5000).fit(pixels[:400], target[:400])
+        assert low < roc_auc_score(target[400:], model.decision_function(pixels[400:])) <= high, task
 
 
 def test_age_sets_rib_contrast():

@@ -24,9 +24,10 @@ def resolve_demo(config) -> tuple[str, str]:
     from metachex_jax import demo_data
 
     d = config.demo_data
-    # One folder per set of generator parameters, so a prepared dataset never outlives the tree it came from.
+    # One folder per generator version and parameters, so a prepared dataset never outlives the tree it came from.
     root = os.path.join(os.path.expanduser(config.demo_dir),
-                        f"seed{d.seed}_nih{d.num_nih}_sz{d.num_shenzhen}_mc{d.num_montgomery}_px{d.size}")
+                        f"v{demo_data.GENERATOR_VERSION}_seed{d.seed}_nih{d.num_nih}_sz{d.num_shenzhen}"
+                        f"_mc{d.num_montgomery}_px{d.size}")
     demo_data.write_demo_data(os.path.join(root, "raw"), **d)
     return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
 
