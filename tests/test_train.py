@@ -207,3 +207,15 @@ def test_start_order_own_workdir_then_resume_then_model_init(demo_dir, finished_
     shutil.rmtree(own / "checkpoints" / "6")
     state, _, source = start(own)
     assert source.startswith("resumed from") and int(state.step) == 4
+
+
+def test_chexnet_baseline_trains_through_the_same_trainer(demo_dir, tmp_path):
+    config = config_lib.pretrain_config("demo,arch=densenet_tiny,res=32", multitask=False)
+    config.demo_dir = str(demo_dir)
+    config.demo_data.update(DEMO)
+    config.update_from_flattened_dict({"batch_size_per_device": 8, "eval_batch_size_per_device": 16, "max_steps": 2,
+                                       "eval_every_steps": 2, "log_every_steps": 1, "n_boot": 10})
+    result = train.train_and_evaluate(config, str(tmp_path / "chexnet"))
+    assert set(result) >= {"pathology", "mean_auroc"} and "age" not in result and "sex_male" not in result
+    cols = reports.read_predictions_csv(tmp_path / "chexnet" / "eval" / "test_step2_predictions.csv")
+    assert "pathology_prob" in cols and "age_pred" not in cols
