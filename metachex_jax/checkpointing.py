@@ -106,7 +106,6 @@ def load_run_model(run_dir: str, step: int | str = "best"):
     import ml_collections
     from flax import nnx
 
-    from metachex_jax import train_state
     from metachex_jax.models import build_model
 
     directory = os.path.join(absolute(run_dir), "checkpoints")

@@ -117,3 +117,8 @@ def test_fast_forward_helpers_equal_the_reference_flax_ops():
     np.testing.assert_allclose(pointwise_conv(c, avg_pool_2x2(x)), nnx.avg_pool(c(x), (2, 2), strides=(2, 2)),
                                rtol=1e-5, atol=1e-6)
     assert batch_norm(6, jnp.float32, rngs).momentum == 0.9
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown DenseNet architecture 'densenet999'; choose one of \['densenet121'"):
+        DenseNet("densenet999", rngs=nnx.Rngs(0))

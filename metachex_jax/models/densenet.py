@@ -183,6 +183,8 @@ class DenseNet(nnx.Module):
 
     def __init__(self, arch: str | DenseNetSpec = "densenet121", *, num_classes: int | None = 1000,
                  dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if isinstance(arch, str) and arch not in SPECS:
+            raise ValueError(f"unknown DenseNet architecture {arch!r}; choose one of {sorted(SPECS)}")
         spec = SPECS[arch] if isinstance(arch, str) else arch
         self.spec = spec
         self.conv0 = conv(3, spec.num_init_features, 7, 2, 3, dtype, rngs)

@@ -16,7 +16,6 @@ import os
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from metachex_jax.transfer import features as features_lib
