@@ -12,7 +12,8 @@ Usage: $(basename "$0") COMMAND --zone=ZONE [options] [-- MAIN_FLAGS...]
 Commands (each prints the gcloud commands it runs; with --dry-run it only prints them):
   create   create the TPU VM (--accelerator-type, --version, --spot)
   push     copy the committed code (git archive of HEAD in --source) to ~/metachex-jax on every worker
-  setup    idempotent: uv + Python $PYTHON_VERSION + venv ~/metachex-venv with jax[tpu], gcsfs and metachex_jax
+  setup    idempotent: uv + Python $PYTHON_VERSION + venv ~/metachex-venv with jax[tpu], gcsfs,
+           google-cloud-storage (gs:// workdirs) and metachex_jax
   run      start 'python -m metachex_jax.main --config=CONFIG --workdir=WORKDIR --config.distributed=yes'
            on all workers at once (detached: it survives a dropped ssh connection), then stream worker 0's log
   logs     stream worker 0's log (~/metachex-run.log); Ctrl-C stops streaming, not the run
@@ -146,7 +147,7 @@ do_setup() {
   on_workers all "set -e; export PATH=\$HOME/.local/bin:\$PATH; \
 command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
 test -x $REMOTE_VENV/bin/python || uv venv --python $PYTHON_VERSION $REMOTE_VENV; \
-uv pip install --python $REMOTE_VENV/bin/python 'jax[tpu]' gcsfs -e $REMOTE_CODE"
+uv pip install --python $REMOTE_VENV/bin/python 'jax[tpu]' gcsfs google-cloud-storage -e $REMOTE_CODE"
 }
 
 do_run() {

@@ -12,7 +12,6 @@ reported loudly and the previous one is used.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -22,12 +21,12 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from metachex_jax import files
+
 BEST_METRIC = "val_mean_auroc"
 
 
-def absolute(path: str) -> str:
-    """A local path made absolute (with ~ expanded); a URL such as gs://bucket/run is returned unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+absolute = files.absolute  # kept here too: callers of checkpointing.absolute predate metachex_jax.files
 
 
 def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -108,7 +107,7 @@ def load_run_model(run_dir: str, step: int | str = "best"):
 
     from metachex_jax.models import build_model
 
-    directory = os.path.join(absolute(run_dir), "checkpoints")
+    directory = files.join(absolute(run_dir), "checkpoints")
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{run_dir} is not a pretraining workdir: {directory} does not exist")
     manager = make_manager(directory, keep=1 << 30, async_save=False)
@@ -128,7 +127,7 @@ def load_run_model(run_dir: str, step: int | str = "best"):
         graphdef, params, stats = nnx.split(model, nnx.Param, ...)
         # Every array onto this process's first device, whatever devices (or how many processes) wrote the
         # checkpoint: without restore args orbax reuses the saved shardings, whose devices may not exist here.
-        on_this_host = _on_local_device(os.path.join(directory, str(int(step)), "state"))
+        on_this_host = _on_local_device(files.join(directory, str(int(step)), "state"))
         restored = manager.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(restore_args=on_this_host)))["state"]
     finally:

@@ -45,8 +45,10 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from metachex_jax import files
 from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, count_params
 
 BACKBONE_FORMAT = "metachex_jax.backbone/1"
@@ -457,7 +459,7 @@ def save_backbone(model: nnx.Module, dest: str | os.PathLike, *, source: str, ov
 
 def read_backbone_metadata(src: str | os.PathLike) -> dict:
     """metadata.json of a backbone checkpoint, checked for the expected format."""
-    src = Path(src)
+    src = epath.Path(files.absolute(src))  # local or gs://
     meta_path = src / METADATA_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{src} is not a backbone checkpoint: {meta_path} not found "
@@ -481,7 +483,7 @@ def load_backbone(src: str | os.PathLike, model: nnx.Module) -> dict:
     """
     import orbax.checkpoint as ocp
 
-    src = Path(src).absolute()
+    src = files.absolute(src)  # a gs:// checkpoint stays a URL (orbax reads it)
     metadata = read_backbone_metadata(src)
     backbone = _backbone_of(model)
     target = _backbone_state(backbone)

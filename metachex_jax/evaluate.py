@@ -13,13 +13,11 @@ are gathered; only the lead host writes:
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from metachex_jax import metrics, reports
+from metachex_jax import files, metrics, reports
 from metachex_jax.data import pipeline
 from metachex_jax.labels import METADATA_TASKS
 
@@ -77,13 +75,19 @@ def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, globa
     result.update({f"loss_{k}": v for k, v in loss_terms.items()})
     result["split"], result["step"] = split, int(step)
     if jax.process_index() == 0:
-        out = os.path.join(workdir, "eval")
-        os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, f"{tag}_step{step}")
-        reports.write_predictions_csv(stem + "_predictions.csv", cols, column_names=reports.MULTITASK_COLUMN_NAMES)
-        reports.write_json(stem + ".json", result)
-        reports.write_text(stem + ".md", reports.multitask_markdown(result, title=f"{split}, step {step}"))
+        write_outputs(workdir, tag, step, split, cols, result)
     return result
+
+
+def write_outputs(workdir: str, tag: str, step: int, split: str, cols: dict, result: dict) -> str:
+    """Write the three files of the module docstring into WORKDIR/eval (local or gs://); returns their stem."""
+    out = files.join(workdir, "eval")
+    files.makedirs(out)
+    stem = files.join(out, f"{tag}_step{step}")
+    reports.write_predictions_csv(stem + "_predictions.csv", cols, column_names=reports.MULTITASK_COLUMN_NAMES)
+    reports.write_json(stem + ".json", result)
+    reports.write_text(stem + ".md", reports.multitask_markdown(result, title=f"{split}, step {step}"))
+    return stem
 
 
 def _text(value) -> str:

@@ -31,6 +31,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from etils import epath
+
+from metachex_jax import files
 from metachex_jax.data import images, nih, tb
 from metachex_jax.data.raw_common import Problem, RawDataError
 from metachex_jax.labels import PATHOLOGIES
@@ -38,11 +41,19 @@ from metachex_jax.labels import PATHOLOGIES
 DATASETS = ("chestxray14", "shenzhen", "montgomery")
 
 
+def remote_data_dir_message(dataset: str, data_dir: str | os.PathLike) -> str:
+    """Why a dataset cannot be built INTO gs:// (the build lock is a local flock, tfds writes local temp folders)."""
+    return (f"cannot prepare {dataset} into {os.fspath(data_dir)}: building into Cloud Storage is not supported. "
+            "Prepare it into a local folder, then copy it: python -m metachex_jax.prepare --dataset=... "
+            f"--manual_dir=... --data_dir=LOCAL_DIR && gsutil -m cp -r LOCAL_DIR/{dataset} "
+            f"{os.fspath(data_dir)}/ (or build into a gcsfuse mount of the bucket, which is a local path)")
+
+
 @dataclasses.dataclass
 class BuildResult:
     dataset: str
     config_name: str
-    path: Path  # <data_dir>/<dataset>/<config>/<version>
+    path: epath.Path  # <data_dir>/<dataset>/<config>/<version>
     reused: bool  # True when a complete build was already there
     removed_incomplete: list[Path]  # leftovers of interrupted builds that were deleted first
     report: dict  # the skip report (builders.write_skip_report)
@@ -75,6 +86,8 @@ def build_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str | o
     Raises RawDataError naming every problem (raw rows/files or undecodable images) unless skip_bad; then nothing
     readable is left behind.
     """
+    if files.is_url(data_dir):
+        raise ValueError(remote_data_dir_message(dataset, data_dir))
     import tensorflow_datasets as tfds
 
     from metachex_jax.data import builders
@@ -211,6 +224,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.verify and not args.data_dir:
         parser.error("--data_dir is required to build")
+    if not args.verify and files.is_url(args.data_dir):
+        parser.error(remote_data_dir_message(args.dataset, args.data_dir))
     return args
 
 

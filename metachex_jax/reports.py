@@ -15,8 +15,9 @@ float64 (`repr`); float16/32 values upcast to float64 exactly, so they are read 
 `nan`. Integers are written in full, booleans as 0/1, strings as text (bytes are decoded as UTF-8).
 Metrics recomputed from the CSV are therefore identical to the ones computed in memory.
 
-Writes are atomic: the text is built completely in memory, written to a temporary file next to the target
-and moved over it with os.replace, so an error never leaves a partial file or damages an existing one.
+Writes are atomic: the text is built completely in memory, then written with `files.write_atomic` (a local
+file via a temporary file and os.replace; a gs:// object with one upload), so an error never leaves a partial
+file or damages an existing one. Paths may be local or gs:// URLs, for reading too.
 JSON: NaN (undefined metrics) is written as null, infinities are refused, keys keep their insertion order
 (deterministic: `evaluate_multitask` builds its dict in a fixed order).
 """
@@ -31,13 +32,12 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from metachex_jax import metrics
+from metachex_jax import files, metrics
 from metachex_jax.labels import PATHOLOGIES
 
 # Column names of the 2-D arrays of `metrics.evaluate_multitask` predictions, for write_predictions_csv.
@@ -51,20 +51,8 @@ _HEADER_CELL = re.compile(r"^(?P<name>[^\[\]:]+)(\[(?P<sub>[^\[\]]+)\])?:(?P<dty
 # ----------------------------------------------------------------------------------------------------
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically: via a temporary file in the same directory and os.replace."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `text` to `path` (local or gs://) atomically: readers see the old file or the new one."""
+    files.write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,8 +213,8 @@ def read_predictions_csv(path: str | os.PathLike,
     short or long row, unparseable value and unexpected sub-column names.
     """
     path = os.fspath(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    # Bytes decoded as they are (no newline translation), as open(..., newline="") would give the csv reader.
+    rows = list(csv.reader(io.StringIO(files.read_bytes(path).decode("utf-8"), newline="")))
     if not rows:
         raise ValueError(f"{path}: empty file, expected a header row")
     header, body = rows[0], rows[1:]

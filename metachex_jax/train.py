@@ -14,18 +14,16 @@ Everything a run writes lives in the workdir: checkpoints/, eval/, metrics.jsonl
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 from absl import logging
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import checkpointing, convert, evaluate, optim, train_state
+from metachex_jax import checkpointing, convert, evaluate, files, optim, train_state
 from metachex_jax.data import datasets, pipeline
 from metachex_jax.data.augment import Augmentation
 from metachex_jax.losses import chexnet_class_weights
@@ -62,9 +60,9 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         step, state, meta = restored
         return state, meta, f"resumed from {workdir}/checkpoints step {step}"
     if config.resume:
-        directory = os.path.expanduser(config.resume)
-        if epath.Path(directory, "checkpoints").is_dir():
-            directory = os.path.join(directory, "checkpoints")
+        directory = files.absolute(config.resume)  # local or gs://
+        if files.is_dir(files.join(directory, "checkpoints")):
+            directory = files.join(directory, "checkpoints")
         other = checkpointing.make_manager(directory, keep=1 << 30, async_save=False)
         restored = checkpointing.restore_latest(other, abstract_state)
         if restored is None:
@@ -74,7 +72,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         return state, {**meta, "resumed_from": config.resume}, f"full state from {config.resume} step {step}"
     if config.model_init:
         model = train_state.model_of(graphdef, fresh_state)
-        convert.load_backbone(os.path.expanduser(config.model_init), model)
+        convert.load_backbone(files.absolute(config.model_init), model)
         _, params, stats = nnx.split(model, nnx.Param, ...)
         state = fresh_state.replace(params=params, batch_stats=stats)
         return jax.device_put(state, replicated), {}, f"backbone from {config.model_init}; heads random"
@@ -122,7 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          f"{config.loss.class_weighting!r}")
 
     # 4. Starting weights.
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    manager = checkpointing.make_manager(files.join(workdir, "checkpoints"), config.keep_checkpoints)
     state, meta, source = initial_state(config, workdir, manager, graphdef, state, replicated, train_iter)
     plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
                             **meta.get("plateau", {}))

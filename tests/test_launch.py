@@ -87,7 +87,8 @@ def test_tpu_vm_up_on_a_v4_8_spot_vm():
         assert ssh[:8] == tpu + ["ssh", "metachex-tester", "--zone=us-central2-b", "--worker=all"]
     assert "tar -xzf" in remote_command(unpack)
     setup_command = remote_command(setup)
-    assert "uv venv --python 3.12" in setup_command and "'jax[tpu]' gcsfs -e $HOME/metachex-jax" in setup_command
+    assert "uv venv --python 3.12" in setup_command
+    assert "'jax[tpu]' gcsfs google-cloud-storage -e $HOME/metachex-jax" in setup_command
     # Every worker starts the same trainer command, detached, with the multi-host runtime switched on.
     run_words = shlex.split(remote_command(start).split("nohup ", 1)[1].split(" >", 1)[0])
     assert run_words == ["$HOME/metachex-venv/bin/python", "-m", "metachex_jax.main", f"--config={config}",

@@ -81,10 +81,8 @@ def finish(procs, workdir, launch: str = "first", timeout=300) -> None:
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """The tiny demo dataset, prepared once here: a multi-host run refuses to prepare data from every host."""
-    path = tmp_path_factory.mktemp("demo")
-    datasets.chestxray14_splits(tiny_config(path))
-    return path
+    """An empty demo_dir: the two-process run generates and prepares the demo data itself, in turns."""
+    return tmp_path_factory.mktemp("demo")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +133,8 @@ def test_initialize_is_called_exactly_when_asked_or_detected():
 def test_two_processes_train_evaluate_log_once_and_checkpoint(two_process_run, demo_dir):
     workdir = two_process_run
     assert f"process 0/{NUM_PROCESSES}" in output(workdir, 0)  # jax.distributed joined both processes
+    # The demo data (missing at the start) was prepared by process 0 alone; process 1 waited and reused it.
+    assert "preparing chestxray14/" in output(workdir, 0) and "preparing" not in output(workdir, 1)
     # Only the lead process logs: each step appears once in metrics.jsonl.
     lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]

@@ -166,3 +166,26 @@ def test_bad_inputs_give_clear_errors(finished, setup, tmp_path):
     many_folds = transfer_config(demo_dir, pre, tmp_path, **{"data.num_folds": 12})
     with pytest.raises(ValueError, match=r"montgomery fold \d+: the test part has a single class"):
         run.run(many_folds, str(tmp_path / "c"))
+
+
+def test_gs_workdir_and_feature_cache(finished, setup, fake_gcs):
+    """A probe-only comparison writing its report and feature cache to gs:// (the fake_gcs stand-in): every file
+    lands there and the numbers equal the local run's (same weights, same features)."""
+    local_config, _, local_result = finished
+    demo_dir, pre = setup
+    config = transfer_config(demo_dir, pre, fake_gcs.url + "/cache", methods="probe")
+    result = run.run(config, fake_gcs.url + "/tb")
+    assert all("(miss)" in k for k in result["timings"] if k.startswith("features") and k.endswith(" s"))
+    out = fake_gcs.local(fake_gcs.url + "/tb/report")
+    assert {"comparison.json", "comparison.md"} | {f"roc_{p}.png" for p in result["protocols"]} <= set(os.listdir(out))
+    saved = json.loads((out / "comparison.json").read_text())
+    for key in ("metachexnet/probe", "random/probe"):
+        assert saved["cells"][key] == json.loads(reports.to_json_text(local_result["cells"][key]))
+        for protocol in result["protocols"]:
+            csv_url = f"{fake_gcs.url}/tb/report/predictions/{key.replace('/', '_')}_{protocol}.csv"
+            assert len(reports.read_predictions_csv(csv_url)["tb"]) == saved["cells"][key][protocol]["n_images"]
+    cached = sorted(os.listdir(fake_gcs.local(fake_gcs.url + "/cache")))
+    assert len(cached) == 4 and all(name.endswith(".npz") for name in cached)  # 2 starts x 2 sets
+    again = run.run(config, fake_gcs.url + "/tb2")  # read back from the gs:// cache
+    assert all("(hit)" in k for k in again["timings"] if k.startswith("features") and k.endswith(" s"))
+    assert again["cells"] == result["cells"]

@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from metachex_jax.data import images, nih, tb
 from metachex_jax.data.raw_common import Problem, RawDataError
@@ -347,9 +348,9 @@ def make_config(dataset: str, *, resolution: int = DEFAULT_RESOLUTION, val_fract
     return BUILDERS[dataset].builder_configs.get(config.name, config)
 
 
-def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> Path:
-    """Where a complete build lives: <data_dir>/<dataset>/<config>/<version>."""
-    return Path(data_dir) / dataset / config_name / str(BUILDERS[dataset].VERSION)
+def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> epath.Path:
+    """Where a complete build lives: <data_dir>/<dataset>/<config>/<version> (data_dir local or gs://)."""
+    return epath.Path(os.fspath(data_dir)) / dataset / config_name / str(BUILDERS[dataset].VERSION)
 
 
 def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> bool:
@@ -359,7 +360,10 @@ def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> 
 
 @contextlib.contextmanager
 def build_lock(data_dir: str | os.PathLike, dataset: str, config_name: str) -> Iterator[None]:
-    """An exclusive lock (flock on <data_dir>/<dataset>/<config>/.build.lock) held while building that config."""
+    """An exclusive lock (flock on <data_dir>/<dataset>/<config>/.build.lock) held while building that config.
+
+    Local data_dir only (flock needs a local or shared POSIX file system; prepare.build_dataset refuses gs://).
+    """
     config_dir = Path(data_dir) / dataset / config_name
     config_dir.mkdir(parents=True, exist_ok=True)
     with open(config_dir / ".build.lock", "w") as lock:

@@ -9,8 +9,9 @@ the extraction, compilation included) and `images_per_s` (after the first batch)
 
 Cache: CACHE_DIR/<key>.npz, key = SHA-256 of (the weights' content fingerprint, the dataset build's content
 fingerprint, image size, FORMAT_VERSION). A changed checkpoint or a rebuilt dataset gets a new key (the old
-file is simply no longer used); moving either keeps the key. Files are written to a temporary name and renamed,
-so a killed run never leaves a truncated cache entry that would be read later.
+file is simply no longer used); moving either keeps the key. CACHE_DIR may be local or gs://. Entries are written
+with `files.write_atomic` (a temporary file renamed into place, or one upload), so a killed run never leaves a
+truncated cache entry that would be read later.
 
 Images go through the same eval pipeline as the trainer's evaluation (centre crop, uint8 to the device,
 `to_model_input` inside the jitted step), batches are sharded over all devices, padding rows dropped.
@@ -19,8 +20,7 @@ Images go through the same eval pipeline as the trainer's evaluation (centre cro
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 import time
 
 import jax
@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import train
+from metachex_jax import files, train
 from metachex_jax.data import pipeline
 from metachex_jax.labels import METADATA_TASKS
 from metachex_jax.preprocessing import to_model_input
@@ -93,9 +93,9 @@ def extract(model, source, *, image_size: int, batch_size: int) -> tuple[dict[st
 def features_for(start, tb_set, *, image_size: int, batch_size: int, cache_dir: str) -> dict:
     """The cached table for (start, tb_set), extracting it on a miss. Adds `cache` ("hit"/"miss") and timings."""
     key = cache_key(start.fingerprint, tb_set.fingerprint, image_size)
-    path = os.path.join(os.path.expanduser(cache_dir), f"{key}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as f:
+    path = files.join(files.absolute(cache_dir), f"{key}.npz")  # local or gs://
+    if files.is_file(path):
+        with np.load(io.BytesIO(files.read_bytes(path))) as f:
             table = {k: f[k] for k in f.files}
         if len(table["features"]) != len(tb_set):  # cannot happen unless the file was tampered with
             raise ValueError(f"feature cache {path} holds {len(table['features'])} rows for {tb_set.name} "
@@ -105,16 +105,9 @@ def features_for(start, tb_set, *, image_size: int, batch_size: int, cache_dir: 
     table, rate = extract(start.model, tb_set.source, image_size=image_size, batch_size=batch_size)
     seconds = time.perf_counter() - start_time
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **table)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        npz = io.BytesIO()
+        np.savez(npz, **table)
+        files.write_atomic(path, npz.getvalue())
     logging.info("features of %s under %s: %d images in %.1f s incl. compilation; %.1f img/s after it", tb_set.name,
                  start.name, len(table["features"]), seconds, rate)
     return {**table, "cache": "miss", "cache_path": path, "seconds": seconds, "images_per_s": rate}

@@ -1,16 +1,18 @@
 """ROC curves as a PNG, drawn with Pillow (already a dependency; no plotting library needed).
 
 `write_roc_png(path, title, curves)` draws each (label, fpr, tpr) as a step curve on the unit square with the
-chance diagonal, axes ticks every 0.2 and a legend; written atomically (temporary file, then rename).
+chance diagonal, axes ticks every 0.2 and a legend; written atomically to a local or gs:// path
+(`files.write_atomic`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from metachex_jax import files
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -44,12 +46,6 @@ def write_roc_png(path: str, title: str, curves: list[tuple[str, np.ndarray, np.
         y = top + plot + 44 + 16 * i
         draw.line([left, y + 6, left + 20, y + 6], fill=color, width=3)
         draw.text((left + 26, y), label, fill="black")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".roc.", suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    files.write_atomic(path, png.getvalue())

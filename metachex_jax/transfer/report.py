@@ -16,11 +16,9 @@ Files (`write_report`, into WORKDIR/report/, each written atomically):
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from metachex_jax import metrics, reports
+from metachex_jax import files, metrics, reports
 from metachex_jax.transfer.plot import write_roc_png
 
 
@@ -146,13 +144,13 @@ def markdown(result: dict) -> str:
 
 def write_report(out_dir: str, result: dict, predictions: dict[str, dict]) -> None:
     """Write every file of the module docstring; `predictions`: "start_method_protocol" -> columns."""
-    os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
+    files.makedirs(files.join(out_dir, "predictions"))  # out_dir: local or gs://
     for name, cols in predictions.items():
-        reports.write_predictions_csv(os.path.join(out_dir, "predictions", f"{name}.csv"), cols)
+        reports.write_predictions_csv(files.join(out_dir, "predictions", f"{name}.csv"), cols)
     for protocol in result["protocols"]:
         curves = [(f"{key} (AUROC {cell[protocol]['auroc']['value']:.3f})", np.asarray(cell[protocol]["roc_curve"]["fpr"]),
                    np.asarray(cell[protocol]["roc_curve"]["tpr"]))
                   for key, cell in result["cells"].items() if protocol in cell]
-        write_roc_png(os.path.join(out_dir, f"roc_{protocol}.png"), f"TB detection, {protocol}", curves)
-    reports.write_json(os.path.join(out_dir, "comparison.json"), result)
-    reports.write_text(os.path.join(out_dir, "comparison.md"), markdown(result))
+        write_roc_png(files.join(out_dir, f"roc_{protocol}.png"), f"TB detection, {protocol}", curves)
+    reports.write_json(files.join(out_dir, "comparison.json"), result)
+    reports.write_text(files.join(out_dir, "comparison.md"), markdown(result))

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 from absl import logging
 
+from metachex_jax import files
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols as protocols_lib
 from metachex_jax.transfer import report as report_lib
@@ -45,7 +45,7 @@ def start_specs(config) -> list[str]:
 
 
 def run(config, workdir: str) -> dict:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = files.absolute(workdir)  # a gs:// workdir stays a URL
     began = time.perf_counter()
     methods = parse_methods(config.methods)
     protocol_names = protocols_lib.parse_protocols(config.protocols)
@@ -153,7 +153,7 @@ def run(config, workdir: str) -> dict:
         "config": config.to_dict(),
     }
     if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "report")
+        out_dir = files.join(workdir, "report")
         report_lib.write_report(out_dir, result, predictions)
         logging.info("report written to %s\n%s", out_dir, report_lib.markdown(result))
     return result

@@ -58,7 +58,7 @@ def build_fingerprint(build_dir: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in build_dir.iterdir() if p.is_file()):
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
+        with path.open("rb") as f:  # an epath.Path: local or gs://
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 digest.update(chunk)
     return digest.hexdigest()

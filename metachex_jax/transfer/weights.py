@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 
 import jax
 import numpy as np
 from flax import nnx
 
-from metachex_jax import checkpointing, convert
+from metachex_jax import checkpointing, convert, files
 from metachex_jax.models import build_model
 from metachex_jax.models.metachexnet import MetaChexNet
 
@@ -65,12 +64,12 @@ def load_start(spec: str, model_config, seed: int, step: str = "best") -> Start:
         model.eval()
         return Start("random", "random", model, weights_fingerprint(model),
                      {"source": "random", "seed": seed, "arch": model_config.arch})
-    path = os.path.abspath(os.path.expanduser(spec))
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = files.absolute(spec)  # local or gs://
+    if files.is_dir(files.join(path, "checkpoints")):
         return _load_run(path, model_config, step)
-    if os.path.isfile(os.path.join(path, convert.METADATA_FILE)):
+    if files.is_file(files.join(path, convert.METADATA_FILE)):
         return _load_backbone(path, model_config, seed)
-    what = "does not exist" if not os.path.exists(path) else "holds neither checkpoints/ (a pretraining workdir) " \
+    what = "does not exist" if not files.exists(path) else "holds neither checkpoints/ (a pretraining workdir) " \
         f"nor {convert.METADATA_FILE} (a convert_torchvision output)"
     raise StartingWeightsError(f"starting weights {spec!r}: {path} {what}; expected a pretraining workdir, a "
                                "convert_torchvision output directory, or 'random'")
