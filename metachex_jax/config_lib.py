@@ -73,7 +73,9 @@ def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size:
         image_size=image_size,  # model input S x S (random crop for training, centre crop for eval)
         val_fraction=0.1,  # of train_val patients, carved out by patient at build time
         val_seed=0,
-        workers=0,  # grain multiprocess workers per host (0 = in-process)
+        # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
+        # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers
+        workers=-1,
         # metachex_jax.data.augment.Augmentation's fields
         augment=dict(random_crop=True, flip_probability=0.5, rotation_degrees=5.0, scale_range=(0.95, 1.05),
                      translate_fraction=0.03),

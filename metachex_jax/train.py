@@ -102,10 +102,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         total_steps = min(total_steps, config.max_steps)
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or eval_every
+    workers = pipeline.resolve_workers(config.data.workers, jax.default_backend())
     train_iter = pipeline.train_batches(
         splits["train"], kind="nih", global_batch_size=global_batch, image_size=config.data.image_size,
         seed=config.seed, augmentation=Augmentation(**config.data.augment),
-        num_workers=config.data.workers)
+        num_workers=workers)
 
     # 3. Model and optimiser.
     model = build_model(config.model, nnx.Rngs(config.seed))
@@ -128,8 +129,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = MetricWriter(workdir)
     if lead:
         logging.info("model %s: %s parameters; %s", config.model.arch, f"{count_params(model):,}", source)
-        logging.info("%d devices, global batch %d, %d steps/epoch, %d steps", jax.device_count(), global_batch,
-                     steps_per_epoch, total_steps)
+        logging.info("%d devices, global batch %d, %d steps/epoch, %d steps, %d input workers per host",
+                     jax.device_count(), global_batch, steps_per_epoch, total_steps, workers)
 
     # 5. Steps.
     dtype = jnp.dtype(config.model.dtype)
@@ -142,7 +143,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             eval_step, state, splits[split], split=split, step=step, tag=tag, workdir=workdir,
             global_batch=eval_batch, image_size=config.data.image_size, data_sharding=data_sharding,
             loss_weights=config.loss.weights, n_boot=config.n_boot, seed=config.seed,
-            max_batches=config.eval_max_batches, workers=config.data.workers)
+            max_batches=config.eval_max_batches, workers=workers)
 
     def save(step: int, metrics: dict | None = None):
         bookkeeping = {"plateau": plateau.state(), "best": best, "config": config.to_dict()}

@@ -356,3 +356,13 @@ def test_bench_reports_pipeline_and_naive_throughput(capsys):
     assert figures["pipeline_0_workers_img_per_s"] > 0 and figures["naive_png_img_per_s_per_core"] > 0
     assert figures["speedup_per_core_vs_naive_png"] == pytest.approx(
         figures["pipeline_0_workers_img_per_s"] / figures["naive_png_img_per_s_per_core"], rel=0.01)
+
+
+def test_auto_worker_count_is_in_process_on_cpu_and_spare_cores_on_accelerators():
+    assert pipeline.resolve_workers(-1, "cpu", cpu_count=64) == 0  # XLA's CPU thread pool needs the cores
+    assert pipeline.resolve_workers(-1, "gpu", cpu_count=16) == 14
+    assert pipeline.resolve_workers(-1, "tpu", cpu_count=240) == pipeline.MAX_AUTO_WORKERS
+    assert pipeline.resolve_workers(-1, "gpu", cpu_count=2) == 1
+    assert pipeline.resolve_workers(3, "cpu", cpu_count=2) == 3  # an explicit count is kept
+    with pytest.raises(ValueError, match="workers=-2"):
+        pipeline.resolve_workers(-2, "gpu")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -306,6 +307,30 @@ class BatchIterator(grain.DatasetIterator):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+MAX_AUTO_WORKERS = 32
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) -> int:
+    """Worker processes for `requested` (config.data.workers): -1 = auto, else itself.
+
+    Auto: 0 (in-process) on the CPU backend, whose XLA thread pool already uses every core; on GPU/TPU hosts one
+    worker per core, less two for the training process and the device runtime, at most MAX_AUTO_WORKERS. Why it
+    matters: decoding and augmenting in one process fed an H200 424 img/s at 224 px while its step alone ran at
+    1318 img/s (measured with loop_bench, bf16, batch 64). The batches do not depend on the worker count.
+    """
+    if requested == -1:
+        cpu_count = available_cpus() if cpu_count is None else cpu_count
+        return 0 if backend == "cpu" else max(1, min(MAX_AUTO_WORKERS, cpu_count - 2))
+    if requested < 0:
+        raise ValueError(f"config.data.workers={requested}: use -1 (auto), 0 (in-process) or a positive count")
+    return requested
 
 
 def _to_iterator(batches: grain.MapDataset, num_batches: int | None, num_workers: int, read_threads: int,
