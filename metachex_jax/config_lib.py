@@ -176,7 +176,11 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its best
     # checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), or "random".
     c.init_from = arg.init  # the weights under study
-    c.compare_with = "random"  # more starting weights: comma-separated paths and/or "random"
+    # More starting weights: comma-separated paths, "random" (BatchNorm at its initial statistics) and/or
+    # "random_bn" (random weights, BatchNorm statistics from bn_statistics_images ChestX-ray14 training images
+    # read from data.data_dir at this resolution: needs that dataset prepared).
+    c.compare_with = "random"
+    c.bn_statistics_images = 1280
     c.checkpoint_step = "best"  # which checkpoint of a pretraining workdir: "best", "latest" or a step
     c.methods = arg.methods  # "probe", "finetune" or "probe+finetune"
     # cv_shenzhen / cv_montgomery: k-fold CV within a set; shenzhen_to_montgomery and the reverse: train on all
@@ -213,6 +217,8 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
         c.demo = True
         c.feature_batch_size = 100
         c.finetune.max_folds = 2
+        c.compare_with = "random,random_bn"
+        c.data.val_fraction = 0.15  # as the pretraining demo: random_bn reads the same ChestX-ray14 build
         c.finetune.num_epochs = 3
         c.finetune.patience = 2
         c.finetune.batch_size = 32

@@ -8,11 +8,17 @@ import json
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from sklearn.metrics import roc_auc_score
 
 from metachex_jax import config_lib, reports, train
+from metachex_jax.data import datasets as nih_datasets
+from metachex_jax.data import pipeline
+from metachex_jax.preprocessing import to_model_input
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols, run, tb_data, weights
 
@@ -40,6 +46,7 @@ def transfer_config(demo_dir, init_from, cache_dir, **overrides):
     c.probe.inner_folds = 3
     c.finetune.update(max_folds=1, num_epochs=2, patience=1, batch_size=8, eval_batch_size=32)
     c.n_boot = 20
+    c.feature_batch_size = 16  # random_bn's statistics need full batches of the 57 tiny NIH training images
     c.update_from_flattened_dict(overrides)
     return c
 
@@ -66,7 +73,10 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     names = {"comparison.json", "comparison.md"} | {f"roc_{p}.png" for p in result["protocols"]}
     assert names <= set(os.listdir(out))
     saved = json.loads((out / "comparison.json").read_text())
-    assert set(saved["cells"]) == {"metachexnet/probe", "metachexnet/finetune", "random/probe", "random/finetune"}
+    assert set(saved["cells"]) == {"metachexnet/probe", "metachexnet/finetune", "random/probe", "random/finetune",
+                                   "random_bn/probe"}  # the demo compares both random baselines
+    assert any("random_bn is not fine-tuned" in note for note in saved["notes"])
+    assert saved["starts"]["random_bn"]["bn_statistics_images"] > 0
     for key, per_protocol in saved["cells"].items():
         assert set(per_protocol) == set(protocols.PROTOCOLS)
         start, method = key.split("/")
@@ -89,6 +99,31 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     age_sex = saved["age_sex"]["metachexnet"]["shenzhen"]
     assert age_sex["n_age_known"] > 0 and age_sex["age_mae_years"]["value"] > 0
     assert "random" not in saved["age_sex"]
+
+
+def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(setup):
+    demo_dir, _ = setup
+    config = transfer_config(demo_dir, "", "")
+    source = nih_datasets.chestxray14_splits(config)["train"]
+    start = weights.load_start("random_bn", config.model, 0)
+    model = start.model
+    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    assert features_lib.calibrate_batchnorm(model, source, image_size=RES, batch_size=8, max_images=24) == 24
+    # Independently: the stem's BatchNorm now holds the average over the first 3 batches of conv0's batch
+    # mean and (biased) variance per channel.
+    means, variances = [], []
+    with pipeline.eval_batches(source, kind="nih", global_batch_size=8, image_size=RES) as batches:
+        for batch, _ in zip(batches, range(3)):
+            y = np.asarray(model.backbone.conv0(to_model_input(jnp.asarray(batch["image"]))), np.float64)
+            means.append(y.mean((0, 1, 2)))
+            variances.append(y.var((0, 1, 2)))
+    norm0 = model.backbone.norm0
+    np.testing.assert_allclose(norm0.mean[...], np.mean(means, 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(norm0.var[...], np.mean(variances, 0), rtol=1e-3, atol=1e-6)
+    assert not np.allclose(norm0.var[...], 1.0)  # no longer the initial statistics
+    # Weights untouched; momentum and eval mode restored.
+    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
+    assert norm0.momentum == 0.9 and norm0.use_running_average
 
 
 def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
@@ -185,7 +220,7 @@ def test_gs_workdir_and_feature_cache(finished, setup, fake_gcs):
             csv_url = f"{fake_gcs.url}/tb/report/predictions/{key.replace('/', '_')}_{protocol}.csv"
             assert len(reports.read_predictions_csv(csv_url)["tb"]) == saved["cells"][key][protocol]["n_images"]
     cached = sorted(os.listdir(fake_gcs.local(fake_gcs.url + "/cache")))
-    assert len(cached) == 4 and all(name.endswith(".npz") for name in cached)  # 2 starts x 2 sets
+    assert len(cached) == 6 and all(name.endswith(".npz") for name in cached)  # 3 starts x 2 sets
     again = run.run(config, fake_gcs.url + "/tb2")  # read back from the gs:// cache
     assert all("(hit)" in k for k in again["timings"] if k.startswith("features") and k.endswith(" s"))
     assert again["cells"] == result["cells"]

@@ -13,6 +13,9 @@ file is simply no longer used); moving either keeps the key. CACHE_DIR may be lo
 with `files.write_atomic` (a temporary file renamed into place, or one upload), so a killed run never leaves a
 truncated cache entry that would be read later.
 
+`calibrate_batchnorm(model, source, ...)` gives a random network data-estimated BatchNorm statistics (the
+"random_bn" start; see `weights`).
+
 Images go through the same eval pipeline as the trainer's evaluation (centre crop, uint8 to the device,
 `to_model_input` inside the jitted step), batches are sharded over all devices, padding rows dropped.
 """
@@ -88,6 +91,53 @@ def extract(model, source, *, image_size: int, batch_size: int) -> tuple[dict[st
     table = {k: v[real] for k, v in table.items()}
     order = np.argsort(table["index"], kind="stable")  # record order (hosts interleave records)
     return {k: v[order] for k, v in table.items()}, rate
+
+
+@nnx.jit
+def _batch_statistics(model, images):
+    """A train-mode forward pass: every BatchNorm records this batch's statistics (momentum 0, see below)."""
+    model.features(to_model_input(images))
+
+
+def calibrate_batchnorm(model, source, *, image_size: int, batch_size: int, max_images: int) -> int:
+    """"Precise BatchNorm": every BatchNorm's running mean and variance := the average of its batch statistics
+    over the first full batches of `source` (up to `max_images` images, centre crops); weights unchanged.
+
+    A freshly built network in eval mode normalises with its initial statistics (mean 0, variance 1), i.e. not
+    at all; a pretrained one with statistics of its training images. Estimating a random network's statistics
+    on the same kind of images makes a baseline that differs from the pretrained network in its learned
+    weights only. Batches are global (sharded over every device and host, like `extract`), so every host
+    computes the same statistics. Returns the number of images used.
+    """
+    mesh = train.make_mesh()
+    data_sharding = NamedSharding(mesh, P("data"))
+    global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
+    norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    sums, batches = None, 0
+    model.train()
+    try:
+        for bn in norms:
+            bn.momentum = 0.0  # the running statistics become the current batch's
+        with pipeline.eval_batches(source, kind="nih", global_batch_size=global_batch,
+                                   image_size=image_size) as iterator:
+            for local in iterator:
+                if batches * global_batch >= max_images or local["example_mask"].min() == 0:
+                    break  # enough, or a padded batch (padding rows would bias the statistics)
+                _batch_statistics(model, jax.make_array_from_process_local_data(data_sharding, local["image"]))
+                stats = [(bn.mean[...], bn.var[...]) for bn in norms]
+                sums = stats if sums is None else [(a + m, b + v) for (a, b), (m, v) in zip(sums, stats)]
+                batches += 1
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.eval()
+    if not batches:
+        raise ValueError(f"no full batch of {global_batch} images in {len(source)} records to estimate "
+                         "BatchNorm statistics from")
+    for bn, (mean, var) in zip(norms, sums):
+        bn.mean[...], bn.var[...] = mean / batches, var / batches
+    return batches * global_batch
 
 
 def features_for(start, tb_set, *, image_size: int, batch_size: int, cache_dir: str) -> dict:

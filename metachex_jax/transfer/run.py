@@ -1,6 +1,7 @@
 """The TB transfer comparison, `run(config, workdir)`, read top to bottom as the run happens:
 
-  1. starting weights    config.init_from + config.compare_with (weights.load_starts; all checked first)
+  1. starting weights    config.init_from + config.compare_with (weights.load_starts; all checked first;
+                         "random_bn" gets BatchNorm statistics from ChestX-ray14 training images)
   2. data                prepared Shenzhen and Montgomery, every record with its fold (tb_data.tb_sources)
   3. protocols           checked before any work: folds 0..k-1, both classes in every part (protocols)
   4. features            frozen pooled features + head outputs per start x set, cached by content (features)
@@ -18,6 +19,7 @@ import jax
 from absl import logging
 
 from metachex_jax import files
+from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols as protocols_lib
 from metachex_jax.transfer import report as report_lib
@@ -64,6 +66,12 @@ def run(config, workdir: str) -> dict:
     if problems:
         raise ValueError("\n".join(problems))
     for start in starts:
+        if start.kind == "random_bn":  # BatchNorm statistics from ChestX-ray14 training images (weights.py)
+            nih_train = nih_datasets.chestxray14_splits(config)["train"]
+            start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
+                start.model, nih_train, image_size=image_size, batch_size=config.feature_batch_size,
+                max_images=config.bn_statistics_images)
+            start.fingerprint = weights.weights_fingerprint(start.model)
         logging.info("start %s: %s (weights %s)", start.name, start.info, start.fingerprint[:12])
 
     # 4. Features (needed by the probe and by the age/sex evaluation).
@@ -82,6 +90,7 @@ def run(config, workdir: str) -> dict:
                 timings[f"features {start.name} {name} img/s (after compilation)"] = table["images_per_s"]
 
     cells: dict[str, dict] = {}
+    notes: list[str] = []
     predictions: dict[str, dict] = {}
     details: dict[str, dict] = {}
 
@@ -117,6 +126,10 @@ def run(config, workdir: str) -> dict:
         s = config.finetune
         tuner = Finetuner(s, image_size=image_size, seed=config.seed)
         for start in starts:
+            if start.kind == "random_bn":
+                notes.append(f"{start.name} is not fine-tuned: fine-tuning normalises with batch statistics and "
+                             "replaces the running ones within its first steps, so it would repeat 'random'.")
+                continue
             for protocol in protocol_names:
                 chosen = splits[protocol][:s.max_folds] if s.max_folds else splits[protocol]
                 results, extra = [], {"best_epoch": [], "epochs_run": [], "val_auroc": [], "folds": []}
@@ -145,6 +158,7 @@ def run(config, workdir: str) -> dict:
         "cells": cells,
         "details": details,
         "age_sex": age_sex,
+        "notes": notes,
         "timings": timings,
         "starts": {s.name: {**s.info, "weights_fingerprint": s.fingerprint} for s in starts},
         "datasets": {name: {"build": str(t.build_dir), "fingerprint": t.fingerprint, "n_images": len(t),

@@ -6,7 +6,11 @@
   as the run's saved config says), checkpoint `step` ("best", "latest" or a number);
 - a `convert_torchvision` output (holds metadata.json): `convert.load_backbone` into a fresh MetaChexNet of
   `model_config` (its heads stay random and are never evaluated);
-- "random": MetaChexNet of `model_config` from `seed`.
+- "random": MetaChexNet of `model_config` from `seed`, BatchNorm at its initial statistics (mean 0, variance 1:
+  in eval mode it does not normalise at all), as a freshly built network computes;
+- "random_bn": the same random weights, with BatchNorm statistics estimated on ChestX-ray14 training images by
+  the caller (`run` calls `features.calibrate_batchnorm`), the images a pretrained network's statistics come
+  from: a baseline that differs from the pretrained network in its learned weights only.
 Every start must have the architecture of `model_config.arch`, so that a comparison compares weights, not
 architectures; anything else is an error naming the path and both architectures. Unreadable or incomplete
 checkpoints raise `StartingWeightsError` naming the path and orbax's complaint.
@@ -29,14 +33,17 @@ from metachex_jax.models import build_model
 from metachex_jax.models.metachexnet import MetaChexNet
 
 
+RANDOM_KINDS = ("random", "random_bn")
+
+
 class StartingWeightsError(ValueError):
     pass
 
 
 @dataclasses.dataclass
 class Start:
-    name: str  # e.g. "metachexnet", "chexnet", "imagenet", "random"
-    kind: str  # "run", "backbone" or "random"
+    name: str  # e.g. "metachexnet", "chexnet", "imagenet", "random", "random_bn"
+    kind: str  # "run", "backbone", "random" or "random_bn"
     model: MetaChexNet  # eval mode
     fingerprint: str
     info: dict  # where the weights came from (json-ready)
@@ -59,11 +66,11 @@ def weights_fingerprint(model: nnx.Module) -> str:
 
 def load_start(spec: str, model_config, seed: int, step: str = "best") -> Start:
     """The starting weights `spec` names (a path or "random"); see the module docstring."""
-    if spec == "random":
+    if spec in RANDOM_KINDS:
         model = build_model(model_config, nnx.Rngs(seed))
         model.eval()
-        return Start("random", "random", model, weights_fingerprint(model),
-                     {"source": "random", "seed": seed, "arch": model_config.arch})
+        return Start(spec, spec, model, weights_fingerprint(model),
+                     {"source": spec, "seed": seed, "arch": model_config.arch})
     path = files.absolute(spec)  # local or gs://
     if files.is_dir(files.join(path, "checkpoints")):
         return _load_run(path, model_config, step)
@@ -72,7 +79,7 @@ def load_start(spec: str, model_config, seed: int, step: str = "best") -> Start:
     what = "does not exist" if not files.exists(path) else "holds neither checkpoints/ (a pretraining workdir) " \
         f"nor {convert.METADATA_FILE} (a convert_torchvision output)"
     raise StartingWeightsError(f"starting weights {spec!r}: {path} {what}; expected a pretraining workdir, a "
-                               "convert_torchvision output directory, or 'random'")
+                               "convert_torchvision output directory, 'random' or 'random_bn'")
 
 
 def _load_run(path: str, model_config, step: str) -> Start:
