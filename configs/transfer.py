@@ -8,6 +8,9 @@ The demo (after `python -m metachex_jax.main --config=configs/pretrain.py:demo -
 prepared from the same synthetic tree):
   python -m metachex_jax.main --config=configs/transfer.py:demo --config.init_from=PRE --workdir=/tmp/tb_demo
 
+Starting weights in compare_with: paths, "random" (BatchNorm at its initial statistics) and "random_bn" (random
+weights, BatchNorm statistics from ChestX-ray14 training images in data.data_dir; the demo compares both).
+
 Arguments after the colon (comma-separated): demo, runlocal (one fine-tuning fold, one epoch),
 methods=probe|finetune|probe+finetune, init=PATH (init_from), res=IMAGE_SIZE (default 224; demo 64),
 arch=densenet121|...|densenet_tiny. Outputs: WORKDIR/report/{comparison.json,comparison.md,roc_*.png,predictions/}.

@@ -101,7 +101,8 @@ def _batch_statistics(model, images):
 
 def calibrate_batchnorm(model, source, *, image_size: int, batch_size: int, max_images: int) -> int:
     """"Precise BatchNorm": every BatchNorm's running mean and variance := the average of its batch statistics
-    over the first full batches of `source` (up to `max_images` images, centre crops); weights unchanged.
+    over the first full batches of `source` (centre crops; whole batches until `max_images` images are
+    reached); weights unchanged.
 
     A freshly built network in eval mode normalises with its initial statistics (mean 0, variance 1), i.e. not
     at all; a pretrained one with statistics of its training images. Estimating a random network's statistics

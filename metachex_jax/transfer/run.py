@@ -67,7 +67,11 @@ def run(config, workdir: str) -> dict:
         raise ValueError("\n".join(problems))
     for start in starts:
         if start.kind == "random_bn":  # BatchNorm statistics from ChestX-ray14 training images (weights.py)
-            nih_train = nih_datasets.chestxray14_splits(config)["train"]
+            try:
+                nih_train = nih_datasets.chestxray14_splits(config)["train"]
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
+                                        f"ChestX-ray14 training images, which were not found:\n{e}") from e
             start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
                 start.model, nih_train, image_size=image_size, batch_size=config.feature_batch_size,
                 max_images=config.bn_statistics_images)
