@@ -16,7 +16,19 @@ from metachex_jax import checkpointing, distributed
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and evaluation results are written.")
+flags.DEFINE_string("compilation_cache_dir", "~/.cache/metachex_jax/xla",
+                    "JAX's persistent compilation cache: a restarted or repeated run loads its compiled steps "
+                    "instead of compiling them again (DenseNet-121's train step took 103 s to compile on an "
+                    "H200). Local or gs://; '' turns it off.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Point JAX's persistent compilation cache at `directory` ('' = leave it off). Only the lead process
+    writes entries (JAX's rule), every process reads them; entries are keyed on the program, the JAX/XLA
+    versions and the devices, so a stale entry is never used."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", checkpointing.absolute(directory))
 
 
 def run(config, workdir: str):
@@ -34,6 +46,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    use_compilation_cache(FLAGS.compilation_cache_dir)
     distributed.maybe_initialize(config.get("distributed", "auto"))
     workdir = checkpointing.absolute(FLAGS.workdir)  # gs://... stays as it is
     if jax.process_index() == 0:

@@ -98,9 +98,11 @@ def test_run_writes_every_output_and_metrics_match_sklearn(finished_run):
 def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path):
     reference, _ = finished_run
     workdir = tmp_path / "killed"
+    cache = tmp_path / "xla"  # the persistent compilation cache: the restart loads what the killed run compiled
     cmd = [sys.executable, "-m", "metachex_jax.main", f"--config={REPO}/configs/pretrain.py:{ARG}",
-           f"--workdir={workdir}"] + overrides_as_flags(tiny_config(demo_dir))
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           f"--workdir={workdir}", f"--compilation_cache_dir={cache}"] + overrides_as_flags(tiny_config(demo_dir))
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cache even the tiny model's steps
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "2").exists():  # orbax renames a step directory into place when complete
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -110,7 +112,8 @@ def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path)
     proc.wait()
     steps_at_kill = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert steps_at_kill and max(steps_at_kill) < 6
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert any(cache.iterdir())
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
     a, b = saved_state(reference, 6), saved_state(workdir, 6)
