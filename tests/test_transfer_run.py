@@ -124,6 +124,8 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
     # Weights untouched; momentum and eval mode restored.
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
     assert norm0.momentum == 0.9 and norm0.use_running_average
+    with pytest.raises(ValueError, match=rf"no full batch of 64 images in {len(source)} records"):
+        features_lib.calibrate_batchnorm(model, source, image_size=RES, batch_size=64, max_images=64)
 
 
 def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):

@@ -113,32 +113,34 @@ def calibrate_batchnorm(model, source, *, image_size: int, batch_size: int, max_
     mesh = train.make_mesh()
     data_sharding = NamedSharding(mesh, P("data"))
     global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
+    # Every host must take the same number of steps (each is a collective): the batches that are full on every
+    # host (host shards are strided, padded at the end; the smallest has len // process_count records).
+    per_host = global_batch // jax.process_count()
+    num_batches = min((len(source) // jax.process_count()) // per_host, -(-max_images // global_batch))
+    if num_batches == 0:
+        raise ValueError(f"no full batch of {global_batch} images in {len(source)} records to estimate "
+                         "BatchNorm statistics from")
     norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
     momenta = [bn.momentum for bn in norms]
-    sums, batches = None, 0
+    sums = None
     model.train()
     try:
         for bn in norms:
             bn.momentum = 0.0  # the running statistics become the current batch's
         with pipeline.eval_batches(source, kind="nih", global_batch_size=global_batch,
                                    image_size=image_size) as iterator:
-            for local in iterator:
-                if batches * global_batch >= max_images or local["example_mask"].min() == 0:
-                    break  # enough, or a padded batch (padding rows would bias the statistics)
+            for _, local in zip(range(num_batches), iterator):
+                assert local["example_mask"].min() > 0  # padding rows would bias the statistics
                 _batch_statistics(model, jax.make_array_from_process_local_data(data_sharding, local["image"]))
                 stats = [(bn.mean[...], bn.var[...]) for bn in norms]
                 sums = stats if sums is None else [(a + m, b + v) for (a, b), (m, v) in zip(sums, stats)]
-                batches += 1
     finally:
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
         model.eval()
-    if not batches:
-        raise ValueError(f"no full batch of {global_batch} images in {len(source)} records to estimate "
-                         "BatchNorm statistics from")
     for bn, (mean, var) in zip(norms, sums):
-        bn.mean[...], bn.var[...] = mean / batches, var / batches
-    return batches * global_batch
+        bn.mean[...], bn.var[...] = mean / num_batches, var / num_batches
+    return num_batches * global_batch
 
 
 def features_for(start, tb_set, *, image_size: int, batch_size: int, cache_dir: str) -> dict:
