@@ -66,6 +66,16 @@ def restore_step(manager, step: int, abstract_state, data_iter=None):
     return restored["state"], restored["meta"]
 
 
+def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
+    """The bookkeeping (meta) of the newest checkpoint whose meta is readable, or None without checkpoints."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001 - restore_latest reports unreadable checkpoints; here: try older ones
+            continue
+    return None
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter=None):
     """Restore the newest readable checkpoint: (step, state, meta), or None if there is none.
 

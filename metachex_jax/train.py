@@ -102,7 +102,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         total_steps = min(total_steps, config.max_steps)
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or eval_every
-    workers = pipeline.resolve_workers(config.data.workers, jax.default_backend())
+    manager = checkpointing.make_manager(files.join(workdir, "checkpoints"), config.keep_checkpoints)
+    saved = checkpointing.latest_meta(manager)  # a resumed run keeps the worker count its input position needs
+    workers = pipeline.workers_for_resume(config.data.workers,
+                                          pipeline.resolve_workers(config.data.workers, jax.default_backend()),
+                                          None if saved is None else saved.get("input_workers", 0))
     train_iter = pipeline.train_batches(
         splits["train"], kind="nih", global_batch_size=global_batch, image_size=config.data.image_size,
         seed=config.seed, augmentation=Augmentation(**config.data.augment),
@@ -121,7 +125,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          f"{config.loss.class_weighting!r}")
 
     # 4. Starting weights.
-    manager = checkpointing.make_manager(files.join(workdir, "checkpoints"), config.keep_checkpoints)
     state, meta, source = initial_state(config, workdir, manager, graphdef, state, replicated, train_iter)
     plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
                             **meta.get("plateau", {}))
@@ -146,7 +149,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             max_batches=config.eval_max_batches, workers=workers)
 
     def save(step: int, metrics: dict | None = None):
-        bookkeeping = {"plateau": plateau.state(), "best": best, "config": config.to_dict()}
+        bookkeeping = {"plateau": plateau.state(), "best": best, "config": config.to_dict(),
+                       "input_workers": workers}
         checkpointing.save(manager, step, state, train_iter, bookkeeping, metrics)
 
     # 6. Loop.

@@ -366,3 +366,11 @@ def test_auto_worker_count_is_in_process_on_cpu_and_spare_cores_on_accelerators(
     assert pipeline.resolve_workers(3, "cpu", cpu_count=2) == 3  # an explicit count is kept
     with pytest.raises(ValueError, match="workers=-2"):
         pipeline.resolve_workers(-2, "gpu")
+
+
+def test_a_resumed_run_keeps_the_checkpoints_worker_count():
+    assert pipeline.workers_for_resume(-1, 14, saved=None) == 14  # fresh run: auto
+    assert pipeline.workers_for_resume(-1, 14, saved=0) == 0  # resume: the saved input position's count
+    assert pipeline.workers_for_resume(3, 3, saved=3) == 3
+    with pytest.raises(ValueError, match=r"workers=3, but .* with 0 worker\(s\); resume with --config.data.workers=0"):
+        pipeline.workers_for_resume(3, 3, saved=0)

@@ -136,6 +136,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, finished_ru
     assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
+def test_resume_keeps_the_worker_count_its_input_position_was_saved_with(demo_dir, finished_run, tmp_path):
+    workdir = tmp_path / "workers"
+    shutil.copytree(finished_run[0], workdir)
+    meta = json.loads((workdir / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["input_workers"] == 0  # auto (-1) on the CPU backend: in-process
+    config = tiny_config(demo_dir, max_steps=8, **{"data.workers": 2})
+    with pytest.raises(ValueError, match=r"config.data.workers=2, but the checkpoint .* with 0 worker\(s\); "
+                                         r"resume with --config.data.workers=0"):
+        train.train_and_evaluate(config, str(workdir))
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path, caplog):
     workdir = tmp_path / "corrupt"
     shutil.copytree(finished_run[0], workdir)

@@ -312,6 +312,21 @@ class BatchIterator(grain.DatasetIterator):
 MAX_AUTO_WORKERS = 32
 
 
+def workers_for_resume(requested: int, resolved: int, saved: int | None) -> int:
+    """The worker count of a resumed run: the one its checkpoint's input position was saved with.
+
+    The batches do not depend on the worker count, but grain's saved iterator state does (a state saved with
+    N workers restored with M skips or repeats batches, or fails). `saved` is None for a fresh run.
+    """
+    if saved is None or requested == -1:
+        return resolved if saved is None else saved
+    if requested != saved:
+        raise ValueError(f"config.data.workers={requested}, but the checkpoint to resume from saved its input "
+                         f"position with {saved} worker(s); resume with --config.data.workers={saved} (or -1, "
+                         "which follows the checkpoint)")
+    return requested
+
+
 def available_cpus() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -323,7 +338,8 @@ def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) 
     Auto: 0 (in-process) on the CPU backend, whose XLA thread pool already uses every core; on GPU/TPU hosts one
     worker per core, less two for the training process and the device runtime, at most MAX_AUTO_WORKERS. Why it
     matters: decoding and augmenting in one process fed an H200 424 img/s at 224 px while its step alone ran at
-    1318 img/s (measured with loop_bench, bf16, batch 64). The batches do not depend on the worker count.
+    1318 img/s (measured with loop_bench, bf16, batch 64). The batches do not depend on the worker count, but a
+    saved input position does: a resumed run keeps its checkpoint's count (`workers_for_resume`).
     """
     if requested == -1:
         cpu_count = available_cpus() if cpu_count is None else cpu_count
