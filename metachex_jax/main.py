@@ -19,16 +19,19 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and evaluation res
 flags.DEFINE_string("compilation_cache_dir", "~/.cache/metachex_jax/xla",
                     "JAX's persistent compilation cache: a restarted or repeated run loads its compiled steps "
                     "instead of compiling them again (DenseNet-121's train step took 103 s to compile on an "
-                    "H200). Local or gs://; '' turns it off.")
+                    "H200). Local or gs://; '' turns it off. Default: JAX_COMPILATION_CACHE_DIR if set, else "
+                    "this.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def use_compilation_cache(directory: str) -> None:
-    """Point JAX's persistent compilation cache at `directory` ('' = leave it off). Only the lead process
-    writes entries (JAX's rule), every process reads them; entries are keyed on the program, the JAX/XLA
-    versions and the devices, so a stale entry is never used."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", checkpointing.absolute(directory))
+def use_compilation_cache(directory: str, explicit: bool = True) -> None:
+    """Point JAX's persistent compilation cache at `directory` ('' = off). Without an explicit flag, a cache that
+    JAX_COMPILATION_CACHE_DIR already set is kept. Only the lead process writes entries (JAX's rule), every
+    process reads them; entries are keyed on the program, the JAX/XLA versions and the devices, so a stale
+    entry is never used."""
+    if not explicit and jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", checkpointing.absolute(directory) if directory else None)
 
 
 def run(config, workdir: str):
@@ -46,7 +49,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config
-    use_compilation_cache(FLAGS.compilation_cache_dir)
+    use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
     distributed.maybe_initialize(config.get("distributed", "auto"))
     workdir = checkpointing.absolute(FLAGS.workdir)  # gs://... stays as it is
     if jax.process_index() == 0:

@@ -80,7 +80,12 @@ class _RewriteRemote:
         self._lines.append(line)
         self._dirty = True
         if time.monotonic() - self._last_upload >= self._flush_secs:
-            self._upload()
+            try:
+                self._upload()
+            except Exception as e:  # noqa: BLE001 - a transient storage error must not stop training
+                self._last_upload = time.monotonic()  # retried at the next interval (and at close, which raises)
+                logging.warning("could not upload %s (%s: %s); retrying in %.0f s", self._path, type(e).__name__, e,
+                                self._flush_secs)
 
     def _upload(self) -> None:
         files.write_atomic(self._path, "".join(self._lines))

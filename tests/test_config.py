@@ -58,3 +58,23 @@ def test_distributed_initialised_only_when_asked_or_detected():
     assert not distributed.maybe_initialize("no", env={"JAX_COORDINATOR_ADDRESS": "x:1"})
     with pytest.raises(ValueError, match="config.distributed"):
         distributed.maybe_initialize("maybe", env={})
+
+
+def test_compilation_cache_flag_sets_jax_and_respects_the_environment(tmp_path):
+    import jax
+
+    from metachex_jax import main
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        main.use_compilation_cache(str(tmp_path / "a"), explicit=False)  # the default, nothing set: used
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+        main.use_compilation_cache(str(tmp_path / "b"), explicit=False)  # already set (as by the env var): kept
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+        main.use_compilation_cache(str(tmp_path / "c"), explicit=True)  # the flag given: wins
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+        main.use_compilation_cache("", explicit=True)  # '' turns it off
+        assert not jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

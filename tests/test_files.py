@@ -87,6 +87,22 @@ def test_metric_writer_gs_uploads_after_flush_secs(fake_gcs):
     writer.close()
 
 
+def test_metric_writer_gs_survives_a_failed_upload_and_retries(fake_gcs, monkeypatch):
+    from metachex_jax import metric_writer
+
+    jsonl = fake_gcs.local(fake_gcs.url + "/run/metrics.jsonl")
+    writer = MetricWriter(fake_gcs.url + "/run", enabled=True, flush_secs=0)
+    real_write = metric_writer.files.write_atomic
+    monkeypatch.setattr(metric_writer.files, "write_atomic",
+                        lambda path, data: (_ for _ in ()).throw(OSError("503 Service Unavailable")))
+    writer.write(1, {"loss": 2.0})  # the upload fails: training goes on
+    assert not jsonl.exists()
+    monkeypatch.setattr(metric_writer.files, "write_atomic", real_write)
+    writer.write(2, {"loss": 1.0})  # the next flush uploads everything
+    assert [r["step"] for r in read_jsonl(jsonl)] == [1, 2]
+    writer.close()
+
+
 def test_metric_writer_local_appends(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 3.0}\n')
     writer = MetricWriter(str(tmp_path), enabled=True)

@@ -98,7 +98,7 @@ def test_run_writes_every_output_and_metrics_match_sklearn(finished_run):
 def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path):
     reference, _ = finished_run
     workdir = tmp_path / "killed"
-    cache = tmp_path / "xla"  # the persistent compilation cache: the restart loads what the killed run compiled
+    cache = tmp_path / "xla"  # the restart runs with the compilation cache the killed run wrote
     cmd = [sys.executable, "-m", "metachex_jax.main", f"--config={REPO}/configs/pretrain.py:{ARG}",
            f"--workdir={workdir}", f"--compilation_cache_dir={cache}"] + overrides_as_flags(tiny_config(demo_dir))
     env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cache even the tiny model's steps

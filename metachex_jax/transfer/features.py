@@ -110,6 +110,8 @@ def calibrate_batchnorm(model, source, *, image_size: int, batch_size: int, max_
     weights only. Batches are global (sharded over every device and host, like `extract`), so every host
     computes the same statistics. Returns the number of images used.
     """
+    if max_images < 1:
+        raise ValueError(f"bn_statistics_images={max_images}: BatchNorm statistics need at least one image")
     mesh = train.make_mesh()
     data_sharding = NamedSharding(mesh, P("data"))
     global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
@@ -147,7 +149,10 @@ def features_for(start, tb_set, *, image_size: int, batch_size: int, cache_dir: 
     """The cached table for (start, tb_set), extracting it on a miss. Adds `cache` ("hit"/"miss") and timings."""
     key = cache_key(start.fingerprint, tb_set.fingerprint, image_size)
     path = files.join(files.absolute(cache_dir), f"{key}.npz")  # local or gs://
-    if files.is_file(path):
+    hit = files.is_file(path)
+    if jax.process_count() > 1:  # hosts with their own disks may disagree; extraction is collective, so all miss
+        hit = bool(multihost_utils.process_allgather(np.int32(hit)).min())
+    if hit:
         with np.load(io.BytesIO(files.read_bytes(path))) as f:
             table = {k: f[k] for k in f.files}
         if len(table["features"]) != len(tb_set):  # cannot happen unless the file was tampered with

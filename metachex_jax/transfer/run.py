@@ -58,6 +58,10 @@ def run(config, workdir: str) -> dict:
     needed = sorted({d for p in protocol_names for d in protocols_lib.PROTOCOLS[p]})
     tb_sets = tb_data.tb_sources(config, tuple(needed))
     problems, splits = [], {}
+    if "probe" not in methods:
+        problems += [f"starting weights {s.name!r} are a linear-probe baseline (fine-tuning would repeat 'random'); "
+                     "drop them from config.compare_with or add the probe to config.methods"
+                     for s in starts if s.kind == "random_bn"]
     for protocol in protocol_names:
         try:
             splits[protocol] = protocols_lib.check_protocol(protocol, tb_sets, need_validation="finetune" in methods)
@@ -67,8 +71,11 @@ def run(config, workdir: str) -> dict:
         raise ValueError("\n".join(problems))
     for start in starts:
         if start.kind == "random_bn":  # BatchNorm statistics from ChestX-ray14 training images (weights.py)
+            nih_config = config.copy_and_resolve_references()
+            if not config.demo:
+                nih_config.data.manual_dir = ""  # the TB raw folder: never prepare ChestX-ray14 from it here
             try:
-                nih_train = nih_datasets.chestxray14_splits(config)["train"]
+                nih_train = nih_datasets.chestxray14_splits(nih_config)["train"]
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
                                         f"ChestX-ray14 training images, which were not found:\n{e}") from e

@@ -18,9 +18,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 from absl import logging
 
+from metachex_jax import distributed
 from metachex_jax.data import builders
 
 TB_DATASETS = ("shenzhen", "montgomery")
@@ -84,14 +86,25 @@ def tb_sources(config, datasets: tuple[str, ...] = TB_DATASETS) -> dict[str, TbS
     missing = [f"{d}/{config_name}" for d in datasets if not builders.is_complete(data_dir, d, config_name)]
     if missing and not manual_dir:
         raise FileNotFoundError("\n".join(_missing_message(name, data_dir) for name in missing))
+
+    def prepare_missing():
+        for dataset in datasets:
+            if not builders.is_complete(data_dir, dataset, config_name):
+                from metachex_jax import prepare
+
+                logging.info("preparing %s/%s from %s into %s", dataset, config_name, manual_dir, data_dir)
+                prepare.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
+                                      num_folds=data.num_folds, seed=data.fold_seed, progress=False)
+
+    if config.demo:  # a local cache, prepared by the processes in turns (see datasets.resolve_demo)
+        distributed.one_process_at_a_time(prepare_missing, "demo TB sets")
+    elif missing and jax.process_count() > 1:
+        raise FileNotFoundError(f"{', '.join(missing)} not prepared in {data_dir}; prepare them once before a "
+                                "multi-host run (python -m metachex_jax.prepare ...), not from every host at once")
+    else:
+        prepare_missing()
     out = {}
     for dataset in datasets:
-        if not builders.is_complete(data_dir, dataset, config_name):
-            from metachex_jax import prepare
-
-            logging.info("preparing %s/%s from %s into %s", dataset, config_name, manual_dir, data_dir)
-            prepare.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
-                                  num_folds=data.num_folds, seed=data.fold_seed, progress=False)
         source = builders.data_source(dataset, ALL_RECORDS, data_dir, config_name=config_name)
         tb, fold, ids = [], [], []
         for i in range(len(source)):
