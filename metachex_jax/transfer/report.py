@@ -122,7 +122,8 @@ def markdown(result: dict) -> str:
             row.append(f"{_ci_cell(cell['auroc'])} (n={cell['n_images']})" if cell else "-")
         rows.append(row)
     lines.append(reports.markdown_table(["start / method"] + protocols, rows))
-    lines += [f"Note: {note}" for note in result.get("notes", [])] + [""] * bool(result.get("notes"))
+    if result.get("notes"):
+        lines += [f"Note: {note}" for note in result["notes"]] + [""]
     lines += ["Accuracy / sensitivity / specificity at the threshold chosen on the training data (Youden):", ""]
     rows = []
     for key, cell_group in result["cells"].items():
