@@ -217,7 +217,7 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
         c.demo = True
         c.feature_batch_size = 100
         c.finetune.max_folds = 2
-        c.compare_with = "random,random_bn"
+        c.compare_with = "random,random_bn" if "probe" in arg.methods else "random"  # random_bn: probe only
         c.data.val_fraction = 0.15  # as the pretraining demo: random_bn reads the same ChestX-ray14 build
         c.finetune.num_epochs = 3
         c.finetune.patience = 2

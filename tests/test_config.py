@@ -78,3 +78,13 @@ def test_compilation_cache_flag_sets_jax_and_respects_the_environment(tmp_path):
         assert not jax.config.jax_compilation_cache_dir
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_demo_transfer_configs_compare_random_bn_only_where_a_probe_runs():
+    from metachex_jax.transfer import run
+
+    for name, expected in [("transfer", "random,random_bn"), ("linear_probe", "random,random_bn"),
+                           ("finetune", "random")]:
+        config = _load(os.path.join(REPO, f"configs/{name}.py:demo"))
+        assert config.compare_with == expected
+        assert ("probe" in run.parse_methods(config.methods)) == ("random_bn" in config.compare_with)
