@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from metachex_jax import files
 
@@ -18,16 +18,22 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
 def write_roc_png(path: str, title: str, curves: list[tuple[str, np.ndarray, np.ndarray]], size: int = 560) -> None:
-    left, top, plot = 60, 40, size - 100
-    legend_h = 16 * len(curves) + 10
-    image = Image.new("RGB", (size, size + legend_h), "white")
+    left, top, plot = 60, 56, size - 100
+    image = Image.new("RGB", (size, top + plot + 54 + 16 * len(curves)), "white")
     draw = ImageDraw.Draw(image)
 
     def xy(fpr, tpr):
         return left + fpr * plot, top + (1 - tpr) * plot
 
-    draw.text((left, 12), title, fill="black")
+    draw.text((left, 10), title, fill="black", font=_font(18))
     draw.rectangle([left, top, left + plot, top + plot], outline="black")
     for t in np.linspace(0, 1, 6):
         x, y = xy(t, t)
@@ -36,7 +42,7 @@ def write_roc_png(path: str, title: str, curves: list[tuple[str, np.ndarray, np.
         draw.line([left - 5, y, left, y], fill="black")
         draw.text((left - 30, y - 6), f"{t:.1f}", fill="black")
     draw.text((left + plot // 2 - 60, top + plot + 24), "false positive rate", fill="black")
-    draw.text((4, top - 20), "true positive rate", fill="black")
+    draw.text((4, top - 16), "true positive rate", fill="black")
     draw.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
     for i, (label, fpr, tpr) in enumerate(curves):
         color = COLORS[i % len(COLORS)]
