@@ -26,9 +26,6 @@ from metachex_jax import files
 BEST_METRIC = "val_mean_auroc"
 
 
-absolute = files.absolute  # kept here too: callers of checkpointing.absolute predate metachex_jax.files
-
-
 def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     preservation = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
@@ -36,7 +33,7 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     ])
     options = ocp.CheckpointManagerOptions(preservation_policy=preservation, create=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(absolute(directory), options=options,
+    return ocp.CheckpointManager(files.absolute(directory), options=options,
                                  item_names=("state", "data_iter", "meta"))
 
 
@@ -117,7 +114,7 @@ def load_run_model(run_dir: str, step: int | str = "best"):
 
     from metachex_jax.models import build_model
 
-    directory = files.join(absolute(run_dir), "checkpoints")
+    directory = files.join(files.absolute(run_dir), "checkpoints")
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{run_dir} is not a pretraining workdir: {directory} does not exist")
     manager = make_manager(directory, keep=1 << 30, async_save=False)

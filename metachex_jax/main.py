@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metachex_jax import checkpointing, distributed
+from metachex_jax import distributed, files
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
@@ -31,7 +31,7 @@ def use_compilation_cache(directory: str, explicit: bool = True) -> None:
     entry is never used."""
     if not explicit and jax.config.jax_compilation_cache_dir:
         return
-    jax.config.update("jax_compilation_cache_dir", checkpointing.absolute(directory) if directory else None)
+    jax.config.update("jax_compilation_cache_dir", files.absolute(directory) if directory else None)
 
 
 def run(config, workdir: str):
@@ -51,7 +51,7 @@ def main(argv):
     config = FLAGS.config
     use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
     distributed.maybe_initialize(config.get("distributed", "auto"))
-    workdir = checkpointing.absolute(FLAGS.workdir)  # gs://... stays as it is
+    workdir = files.absolute(FLAGS.workdir)  # gs://... stays as it is
     if jax.process_index() == 0:
         logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
         logging.info("config:\n%s", config)

@@ -81,7 +81,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train, evaluate on validation periodically and on test at the end. Returns the final test metrics."""
-    workdir = checkpointing.absolute(workdir)
+    workdir = files.absolute(workdir)
     lead = jax.process_index() == 0
 
     # 1. Mesh and shardings.

@@ -318,13 +318,13 @@ def workers_for_resume(requested: int, resolved: int, saved: int | None) -> int:
     The batches do not depend on the worker count, but grain's saved iterator state does (a state saved with
     N workers restored with M skips or repeats batches, or fails). `saved` is None for a fresh run.
     """
-    if saved is None or requested == -1:
-        return resolved if saved is None else saved
-    if requested != saved:
+    if saved is None:
+        return resolved
+    if requested not in (-1, saved):
         raise ValueError(f"config.data.workers={requested}, but the checkpoint to resume from saved its input "
                          f"position with {saved} worker(s); resume with --config.data.workers={saved} (or -1, "
                          "which follows the checkpoint)")
-    return requested
+    return saved
 
 
 def available_cpus() -> int:

@@ -46,6 +46,22 @@ def start_specs(config) -> list[str]:
     return specs
 
 
+def _estimate_batchnorm_statistics(start, config) -> None:
+    """The "random_bn" start: BatchNorm statistics from ChestX-ray14 training images (see weights.py)."""
+    nih_config = config.copy_and_resolve_references()
+    if not config.demo:
+        nih_config.data.manual_dir = ""  # the TB raw folder: never prepare ChestX-ray14 from it here
+    try:
+        nih_train = nih_datasets.chestxray14_splits(nih_config)["train"]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
+                                f"ChestX-ray14 training images, which were not found:\n{e}") from e
+    start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
+        start.model, nih_train, image_size=config.data.image_size, batch_size=config.feature_batch_size,
+        max_images=config.bn_statistics_images)
+    start.fingerprint = weights.weights_fingerprint(start.model)  # the feature cache must see the new statistics
+
+
 def run(config, workdir: str) -> dict:
     workdir = files.absolute(workdir)  # a gs:// workdir stays a URL
     began = time.perf_counter()
@@ -70,19 +86,8 @@ def run(config, workdir: str) -> dict:
     if problems:
         raise ValueError("\n".join(problems))
     for start in starts:
-        if start.kind == "random_bn":  # BatchNorm statistics from ChestX-ray14 training images (weights.py)
-            nih_config = config.copy_and_resolve_references()
-            if not config.demo:
-                nih_config.data.manual_dir = ""  # the TB raw folder: never prepare ChestX-ray14 from it here
-            try:
-                nih_train = nih_datasets.chestxray14_splits(nih_config)["train"]
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
-                                        f"ChestX-ray14 training images, which were not found:\n{e}") from e
-            start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
-                start.model, nih_train, image_size=image_size, batch_size=config.feature_batch_size,
-                max_images=config.bn_statistics_images)
-            start.fingerprint = weights.weights_fingerprint(start.model)
+        if start.kind == "random_bn":
+            _estimate_batchnorm_statistics(start, config)
         logging.info("start %s: %s (weights %s)", start.name, start.info, start.fingerprint[:12])
 
     # 4. Features (needed by the probe and by the age/sex evaluation).
