@@ -213,5 +213,5 @@ def test_killed_build_never_reads_as_complete_and_is_cleaned_up(tmp_path):
         tfds.data_source("shenzhen/r16", split="train", data_dir=str(tmp_path / "out"))
     result = build("shenzhen", tmp_path / "raw", tmp_path / "out")
     assert result.removed_incomplete and not list(config_dir.glob("incomplete.*"))
-    assert sorted(p.name for p in config_dir.iterdir()) == [".build.lock", "1.0.0"]
+    assert sorted(p.name for p in config_dir.iterdir()) == [".build.lock", str(builders.Shenzhen.VERSION)]
     assert len(read_split("shenzhen", tmp_path / "out", "train")) == result.report["split_sizes"]["train"]

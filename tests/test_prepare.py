@@ -6,6 +6,7 @@ import pytest
 
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax import prepare
+from metachex_jax.data import builders
 
 
 def test_verify_clean_synthetic_copy_reports_counts_but_passes(tmp_path, capsys):
@@ -68,8 +69,8 @@ def test_main_builds_and_prints_the_read_call(tmp_path, capsys):
     assert "skipped: 0" in out
     assert prepare.main(argv) == 0 and "already built" in capsys.readouterr().out
     assert prepare.main(argv + ["--overwrite"]) == 0 and "r16_k3_seed0: built at" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "out" / "shenzhen" / "r16_k3_seed0").iterdir()) == [".build.lock",
-                                                                                                "1.0.0"]
+    built = sorted(p.name for p in (tmp_path / "out" / "shenzhen" / "r16_k3_seed0").iterdir())
+    assert built == [".build.lock", str(builders.Shenzhen.VERSION)]
 
 
 def test_main_reports_raw_problems_and_exits_1(tmp_path, capsys):

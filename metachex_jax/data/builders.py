@@ -130,8 +130,12 @@ def _image_feature(resolution: int) -> tfds.features.Tensor:
 class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """What the three builders share: options, the decoding pool, decode-failure policy, the skip report."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "16-bit PNGs holding 12-bit data without sBIT are scaled by 4095, not 65535 (they came out almost "
+                 "black); format by content; DICOM; per-record `bit_depth`; bit depths in the skip report.",
+    }
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, progress: bool = True,
                  **kwargs):
@@ -143,6 +147,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
         self._written: Counter = Counter()
+        self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
         super().__init__(**kwargs)
 
     # -- subclass hooks --------------------------------------------------------------------------------------
@@ -160,16 +165,18 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, records: list):
         decoded = images.decode_many([r.path for r in records], self.builder_config.resolution, pool=self._pool,
-                                     desc=f"{self.name} {split}", progress=self._progress)
-        for record, (image, error) in zip(records, decoded):
+                                     desc=f"{self.name} {split}", progress=self._progress, with_info=True)
+        for record, (image, error, info) in zip(records, decoded):
             if error is not None:
                 self._problems.append(Problem("undecodable_image", _record_name(record), error))
                 continue
             self._written[split] += 1
-            yield self._example(record, image[..., None])
+            self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
+            key, example = self._example(record, image[..., None])
+            yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._written = [], {}, Counter()
+        self._problems, self._flags, self._written, self._bit_depths = [], {}, Counter(), Counter()
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             super()._download_and_prepare(dl_manager, download_config)
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
@@ -190,7 +197,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "split_sizes": {"train": n, "validation": n, "test": n},         # records actually written
      "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
      "skipped_counts": {"kind": n, ...},
-     "flags": {"invalid_age": ["00000001_000.png", ...], ...}}        # kept, but with a value marked invalid
+     "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
+     "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...]}  # the reader's decisions (images.py)
     """
     config = builder.builder_config
     report = {
@@ -205,6 +213,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
         "flags": builder._flags,
+        "bit_depths": [{"bits": bits, "source": source, "images": n}
+                       for (bits, source), n in sorted(builder._bit_depths.items())],
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -238,6 +248,7 @@ class Chestxray14(_RawImageBuilder):
                 "age_valid": tfds.features.Scalar(dtype=np.bool_),
                 "sex_male": tfds.features.Scalar(dtype=np.int64),
                 "view_ap": tfds.features.Scalar(dtype=np.int64),
+                "bit_depth": tfds.features.Scalar(dtype=np.int64),  # of the raw file, as the reader decided
             }),
             homepage="https://nihcc.app.box.com/v/ChestXray-NIHCC",
             disable_shuffling=True,
@@ -283,6 +294,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
                 "age_valid": tfds.features.Scalar(dtype=np.bool_),
                 "fold": tfds.features.Scalar(dtype=np.int64),
                 "reading": tfds.features.Text(),
+                "bit_depth": tfds.features.Scalar(dtype=np.int64),  # of the raw file, as the reader decided
             }),
             homepage="https://lhncbc.nlm.nih.gov/LHC-downloads/tuberculosis-chest-x-ray-image-data-sets",
             disable_shuffling=True,
