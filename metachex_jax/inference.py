@@ -113,6 +113,9 @@ class _FlaxModel:
         self._forward = jax.jit(make_forward(self.graphdef, tuple(o.kind for o in outputs), contract))
         self._gradcam = {}  # (outputs, layer) -> jitted Grad-CAM
 
+    def replicate(self, sharding) -> None:
+        self.state = jax.device_put(self.state, sharding)
+
     def forward(self, images):
         return self._forward(self.state, images)
 
@@ -137,6 +140,9 @@ class _ExportedModel:
         self.num_features = int(card["num_features"])
         self.layer_names = ()
         self._forward = jax.jit(self.function.call)
+
+    def replicate(self, sharding) -> None:
+        self.weights = jax.device_put(self.weights, sharding)
 
     def forward(self, images):
         return self._forward(self.weights, images)
@@ -180,6 +186,7 @@ class Predictor:
         devices = jax.local_devices()
         self.mesh = Mesh(np.asarray(devices), ("data",))
         self._sharding = NamedSharding(self.mesh, P("data"))
+        backend.replicate(NamedSharding(self.mesh, P()))  # weights on every local device
         self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the local devices
 
     # ----- loading -----------------------------------------------------------------------------------------
