@@ -235,7 +235,7 @@ def test_gradcam_overlay_geometry():
     heat, covered = gradcam.to_original(cam, contract, 120, 60)
     assert covered[:, :10].max() < 0.5 and covered[30, 60] == 1.0  # the crop cut 2 of 12 columns per side
     result = gradcam.pointing_game([(x, y), (1, 1)], [[(60, 20, 10, 10)], [(50, 50, 5, 5)]], [7200, 7200])
-    assert (result["hits"], result["cases"]) == (1, 2)
+    assert (result["hits"], result["cases"]) == (1, 2) and list(result["case_hits"]) == [1.0, 0.0]
     assert result["random_point_baseline"] == pytest.approx((100 / 7200 + 25 / 7200) / 2)
 
 
