@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax.data import builders, nih, tb
 from metachex_jax.data.raw_common import RawDataError
-from metachex_jax.prepare import build_dataset
+from metachex_jax.data.build import build_dataset
 
 RESOLUTION = 16  # from 32 px raw images
 WORKERS = 2
@@ -194,7 +194,7 @@ if __name__ == "__main__":
 
 CONCURRENT_SCRIPT = """
 import sys
-from metachex_jax.prepare import build_dataset
+from metachex_jax.data.build import build_dataset
 if __name__ == "__main__":
     result = build_dataset("montgomery", sys.argv[1], sys.argv[2], resolution=16, num_workers=1, progress=False)
     print("REUSED" if result.reused else "BUILT", result.report["split_sizes"])

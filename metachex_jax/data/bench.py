@@ -11,7 +11,7 @@ measurement and, last, one JSON object with all figures.
 
 --synthetic writes its own records (NIH format, --resolution px) to a temporary ArrayRecord file, pickled
 dicts, read back through `PickledArrayRecordSource`, so that reading goes through ArrayRecord like a built
-dataset does. The dataset *build* throughput (raw PNGs -> ArrayRecord dataset, `prepare.build_dataset` with a
+dataset does. The dataset *build* throughput (raw PNGs -> ArrayRecord dataset, `data.build.build_dataset` with a
 process pool over every core) is timed on a synthetic raw tree in the real NIH layout (--build_images PNGs of
 --build_size px, written by the demo generator; 0 skips it).
 
@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from metachex_jax.data import pipeline
+from metachex_jax.data import pipeline, registry
 from metachex_jax.data.augment import Augmentation, augment
 from metachex_jax.labels import PATHOLOGIES
 
@@ -152,13 +152,14 @@ def measure_build(build: Callable[[], object], num_images: int) -> float:
 
 
 def measure_dataset_build(workdir: Path, num_images: int, png_size: int, resolution: int) -> dict:
-    """Raw NIH-layout PNGs -> a chestxray14 ArrayRecord dataset with `prepare.build_dataset` (every core)."""
-    from metachex_jax import demo_data, prepare
+    """Raw NIH-layout PNGs -> a chestxray14 ArrayRecord dataset with `build.build_dataset` (every core)."""
+    from metachex_jax import demo_data
+    from metachex_jax.data import build
 
     tree = demo_data.write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
                                      size=png_size)
     workers = os.cpu_count() or 1
-    rate = measure_build(lambda: prepare.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds",
+    rate = measure_build(lambda: build.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds",
                                                        resolution=resolution, num_workers=workers,
                                                        progress=False), num_images)
     return {"build_img_per_s": rate, "build_workers": workers, "build_png_size": png_size}
@@ -189,7 +190,7 @@ def main(argv: Sequence[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         source, results["source"] = _open_source(workdir)
-        common["kind"] = "nih" if _SYNTHETIC.value else pipeline.KIND_OF_DATASET[_DATASET.value]
+        common["kind"] = "nih" if _SYNTHETIC.value else registry.family(_DATASET.value).kind
         results["stored_resolution"] = int(np.asarray(source[0]["image"]).shape[0])
 
         in_process = measure_pipeline(source, num_workers=0, **common)

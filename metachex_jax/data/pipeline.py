@@ -120,9 +120,7 @@ EXAMPLE_FORMATS = {
     "nih": ExampleFormat(nih_example, ("image", "labels", "age", "age_valid", "patient_id")
                          + METADATA_TASKS),
     "tb": ExampleFormat(tb_example, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
-}
-# Which example format each built dataset (builder name) uses.
-KIND_OF_DATASET = {"chestxray14": "nih", "shenzhen": "tb", "montgomery": "tb"}
+}  # each dataset's kind: data/registry.py
 
 
 def padding_example(kind: str, image_size: int) -> Example:
@@ -372,7 +370,7 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
 
     Args:
       sources: one source, or several (all of the same `kind`) mixed by `weights`.
-      kind: "nih" (ChestX-ray14 multi-task batches) or "tb" (Shenzhen/Montgomery); see KIND_OF_DATASET.
+      kind: "nih" (ChestX-ray14 multi-task batches) or "tb" (Shenzhen/Montgomery); a dataset's kind is in data/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.
