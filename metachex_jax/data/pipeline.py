@@ -336,7 +336,7 @@ def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) 
     Auto: 0 (in-process) on the CPU backend, whose XLA thread pool already uses every core; on GPU/TPU hosts one
     worker per core, less two for the training process and the device runtime, at most MAX_AUTO_WORKERS. Why it
     matters: decoding and augmenting in one process fed an H200 424 img/s at 224 px while its step alone ran at
-    1318 img/s (measured with loop_bench, bf16, batch 64). The batches do not depend on the worker count, but a
+    1318 img/s (measured with `bench loop`, bf16, batch 64). The batches do not depend on the worker count, but a
     saved input position does: a resumed run keeps its checkpoint's count (`workers_for_resume`).
     """
     if requested == -1:

@@ -24,7 +24,7 @@ matmuls over the channel axis, the stem's max-pool is a maximum over nine stride
 reduce_window max-pool is a slow select_and_scatter), and each transition pools before its 1x1 convolution
 (both are linear, so the order does not change the result; the convolution then sees 4x fewer pixels).
 Outputs, gradients and BatchNorm statistics agree with the straightforward version to float32 rounding; in
-float64 to ~1e-15. `python -m metachex_jax.bench --torch` measures the train step against torchvision.
+float64 to ~1e-15. `python -m metachex_jax.bench train --torch` measures the train step against torchvision.
 """
 
 from __future__ import annotations
