@@ -21,8 +21,9 @@ keys, unexpected keys, shape mismatches) is collected and reported in one error.
 Old torchvision checkpoints spell dense-layer modules `norm.1`, `conv.2`, ...; they are renamed exactly as
 torchvision's own `_load_state_dict` does (its regex, extended to `num_batches_tracked`).
 
-Files: `.pth`/`.pt` need torch and are read with `torch.load(..., weights_only=True)`, so no code from the file
-runs; `.npz` and `.safetensors` are read with numpy / safetensors alone.
+Files: `.pth`/`.pt` are read by `metachex_jax.torch_pickle` (no torch needed; a restricted unpickler that runs
+nothing from the file; a plain state dict or a whole pickled module); `.npz` and `.safetensors` with numpy /
+safetensors alone.
 
 Backbone checkpoints (`save_backbone` / `load_backbone`, the trainer's `--config.model_init=DEST`): DEST is an
 orbax StandardCheckpointer checkpoint of `{"backbone": nnx.to_pure_dict(<DenseNet state without classifier>)}`
@@ -48,7 +49,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from metachex_jax import files
+from metachex_jax import files, torch_pickle
 from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, count_params
 
 BACKBONE_FORMAT = "metachex_jax.backbone/1"
@@ -286,7 +287,8 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 # Reading weights files.
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a flat state dict of numpy arrays from `.pth`/`.pt` (torch), `.npz` or `.safetensors`."""
+    """Read a flat state dict of numpy arrays from `.pth`/`.pt` (torch's zip or legacy format: a state dict or a
+    whole pickled module, read by `metachex_jax.torch_pickle` without torch), `.npz` or `.safetensors`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -294,12 +296,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if suffix not in READABLE_SUFFIXES:
         raise CheckpointReadError(f"{path}: unsupported weights file type {suffix!r}; expected one of "
                                   + ", ".join(READABLE_SUFFIXES))
-    if suffix in (".pth", ".pt"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs torch (pip install 'metachex-jax[torch]'), or convert it to "
-                              ".safetensors / .npz where torch is installed") from e
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
@@ -308,8 +304,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             import safetensors.numpy
             loaded = safetensors.numpy.load_file(path)
         else:
-            # weights_only: the unpickler accepts tensors and plain containers only, so no code in the file runs.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            # Our own restricted unpickler (no torch needed): a state dict or a whole pickled module; nothing
+            # from the file is imported or run.
+            loaded = torch_pickle.read_state_dict(path)
     except Exception as e:  # every reader has its own exception types; all mean "this file is unreadable"
         raise CheckpointReadError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
     return _as_numpy_state_dict(loaded, path)

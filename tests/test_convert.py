@@ -214,11 +214,16 @@ def test_missing_file_and_unknown_suffix(tmp_path):
         load_torchvision_densenet(tmp_path / "w.h5")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("torch") is not None, reason="torch is installed")
-def test_pth_without_torch_says_what_to_do(tmp_path):
-    (tmp_path / "w.pth").write_bytes(b"whatever")
-    with pytest.raises(ImportError, match=r"w\.pth needs torch.*safetensors"):
-        load_torchvision_densenet(tmp_path / "w.pth")
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_pth_is_read_without_torch(tmp_path, layout):
+    """A torchvision state dict in either torch layout (written here without torch) loads like the npz."""
+    import torch_files
+
+    state_dict = random_state_dict(TINY, 10)
+    torch_files.write_state_dict(tmp_path / "w.pth", state_dict, layout)
+    np.savez(tmp_path / "w.npz", **state_dict)
+    assert_same_arrays(model_arrays(load_torchvision_densenet(tmp_path / "w.pth", 10)),
+                       model_arrays(load_torchvision_densenet(tmp_path / "w.npz", 10)))
 
 
 # --------------------------------------------------------------------------------------------------------------
