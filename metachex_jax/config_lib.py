@@ -48,6 +48,12 @@ def model_config(arch: str = "densenet121", multitask: bool = True) -> ml_collec
         age_mean=47.0,  # years; the age head regresses (age - age_mean) / age_std
         age_std=17.0,
         dtype="float32",  # computation dtype; "bfloat16" on accelerators. Parameters stay float32.
+        # The model's pixel contract besides the sizes in `data` (metachex_jax.preprocessing.PixelContract):
+        # "imagenet" (gray -> 3 channels, ImageNet mean/std) or "xrv" (1 channel, [-1024, 1024]; the stem gets 1
+        # input channel), and "resize_crop" (resize to R, centre/random crop S) or "crop_resize" (centre square,
+        # resize to S). A model_init from a converted torchxrayvision model sets both to its own.
+        normalization="imagenet",
+        geometry="resize_crop",
     ))
 
 

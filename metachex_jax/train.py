@@ -2,7 +2,8 @@
 
   1. mesh and shardings       one "data" axis over every device of every host; state replicated
   2. input                    prepared ChestX-ray14 splits -> grain iterators -> global jax.Arrays
-  3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim
+  3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim;
+                              its pixel contract (preprocessing.PixelContract) from config.data + config.model
   4. starting weights         own workdir (resume) > config.resume > config.model_init (backbone) > random
   5. steps                    one jitted train step (state donated), one jitted eval step
   6. loop                     log, evaluate on validation, reduce-on-plateau, checkpoint, stop loudly on NaN
@@ -23,12 +24,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import checkpointing, convert, evaluate, files, optim, train_state
+from metachex_jax import checkpointing, convert, evaluate, files, optim, saved_model, train_state
 from metachex_jax.data import datasets, pipeline
 from metachex_jax.data.augment import Augmentation
 from metachex_jax.losses import chexnet_class_weights
 from metachex_jax.metric_writer import MetricWriter
 from metachex_jax.models import build_model, count_params
+from metachex_jax.preprocessing import PixelContract
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,7 +52,8 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
 
     1. this run's own checkpoints in WORKDIR/checkpoints (automatic resume, input position included);
     2. `config.resume`: another run's workdir or its checkpoints/ (full state; the input starts afresh);
-    3. `config.model_init`: backbone weights only (converted ImageNet weights or another run); new heads;
+    3. `config.model_init`: backbone weights only (a convert_torchvision backbone, or the backbone of a model
+       directory such as a converted torchxrayvision model); new heads;
     4. random initialisation (`fresh_state`, from config.seed).
     Returns (state, meta, source).
     """
@@ -79,10 +82,37 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
     return fresh_state, {}, f"random initialisation (seed {config.seed})"
 
 
+def adopt_model_init_contract(config):
+    """A `config.model_init` that is a model directory (a converted torchxrayvision model) brings its own pixel
+    contract: its stem is kept, so the run's `model.normalization` and `model.geometry` become the backbone's (the
+    sizes stay the run's `data.image_size` / `data.resolution`). Returns the config, a changed copy if needed; the
+    run saves that copy with its checkpoints, so everything that reads the run later sees the contract it used.
+    A `convert_torchvision` backbone (metadata.json) takes ImageNet-normalised 3-channel input: the default."""
+    if not config.model_init:
+        return config
+    path = files.absolute(config.model_init)
+    if not saved_model.is_model_dir(path):
+        return config
+    backbone = PixelContract.from_json(saved_model.read_card(path)["input"])
+    wanted = {"normalization": backbone.normalization, "geometry": backbone.geometry}
+    current = {k: config.model.get(k) for k in wanted}
+    if current == wanted:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.update(wanted)
+    if jax.process_index() == 0:
+        logging.info("model_init %s: the run takes the backbone's pixel contract %s (the config said %s)",
+                     config.model_init, wanted, current)
+    return config
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train, evaluate on validation periodically and on test at the end. Returns the final test metrics."""
     workdir = files.absolute(workdir)
     lead = jax.process_index() == 0
+    config = adopt_model_init_contract(config)
+    contract = PixelContract.from_config(config)
 
     # 1. Mesh and shardings.
     mesh = make_mesh()
@@ -108,9 +138,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           pipeline.resolve_workers(config.data.workers, jax.default_backend()),
                                           None if saved is None else saved.get("input_workers", 0))
     train_iter = pipeline.train_batches(
-        splits["train"], kind="nih", global_batch_size=global_batch, image_size=config.data.image_size,
+        splits["train"], kind="nih", global_batch_size=global_batch, image_size=contract.image_size,
         seed=config.seed, augmentation=Augmentation(**config.data.augment),
-        num_workers=workers)
+        num_workers=workers, geometry=contract.geometry)
 
     # 3. Model and optimiser.
     model = build_model(config.model, nnx.Rngs(config.seed))
@@ -132,19 +162,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = MetricWriter(workdir)
     if lead:
         logging.info("model %s: %s parameters; %s", config.model.arch, f"{count_params(model):,}", source)
+        logging.info("pixel contract: %s", contract.describe())
         logging.info("%d devices, global batch %d, %d steps/epoch, %d steps, %d input workers per host",
                      jax.device_count(), global_batch, steps_per_epoch, total_steps, workers)
 
     # 5. Steps.
     dtype = jnp.dtype(config.model.dtype)
-    train_step = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, dtype, class_weights),
+    train_step = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, dtype, class_weights,
+                                                     contract=contract),
                          donate_argnums=0, out_shardings=(replicated, replicated))
-    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, dtype))
+    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, dtype, contract=contract))
 
     def run_eval(split: str, step: int, tag: str) -> dict:
         return evaluate.evaluate_split(
             eval_step, state, splits[split], split=split, step=step, tag=tag, workdir=workdir,
-            global_batch=eval_batch, image_size=config.data.image_size, data_sharding=data_sharding,
+            global_batch=eval_batch, contract=contract, data_sharding=data_sharding,
             loss_weights=config.loss.weights, n_boot=config.n_boot, seed=config.seed,
             max_batches=config.eval_max_batches, workers=workers)
 

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from metachex_jax import optim, train, train_state
 from metachex_jax.data import pipeline
 from metachex_jax.models import build_model
+from metachex_jax.preprocessing import PixelContract
 
 def loop_throughput(config, steps: int, log_every: int) -> float:
     """Median img/s the trainer logs over `steps` steps (first interval dropped)."""
@@ -54,7 +55,8 @@ def bare_step_throughput(config, steps: int) -> float:
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = jax.device_put(state, replicated)
     batch = train.to_global(pipeline.random_nih_batch(batch_size, config.data.image_size), data)
-    step = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype)),
+    step = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype),
+                                                 contract=PixelContract.from_config(config)),
                    donate_argnums=0)
     for _ in range(2):  # compile and warm up
         state, metrics = step(state, batch)

@@ -10,6 +10,17 @@ Evaluation: the centre S x S crop, no randomness. Centre crop (rather than resiz
 scale the model saw in training, where crops are taken at scale 1 from the same R x R images (the CheXNet
 recipe: resize to 256, random-crop 224 to train, centre-crop 224 to test).
 
+Geometry (`GEOMETRIES`; a model's pixel contract says which it expects, `metachex_jax.preprocessing`):
+- "resize_crop" (ours, CheXNet's): the stored R x R image (resized at build time), centre S x S crop to evaluate,
+  random S x S crops to train, as above.
+- "crop_resize" (torchxrayvision's): the centre square of the image (`square_box`, XRayCenterCrop's arithmetic),
+  resized to S x S (the builders' area filter). A prepared dataset's records are already R x R (the builder
+  resized the whole image, aspect ratio not kept), so on a stored record the square crop changes nothing and the
+  record is resized R -> S: the model sees the whole radiograph squeezed to a square, where from a raw
+  non-square file (`predict`) it sees the centre square. The two agree for square originals (NIH's 1024 x 1024).
+  Training resizes to S first, then applies the affine and flip (a random S x S crop of an S x S image is the
+  whole image).
+
 Images stay uint8 0..255 here. Normalisation is NOT done on the host: it happens on the device in
 `metachex_jax.preprocessing.to_model_input`, the one definition of model input.
 
@@ -24,6 +35,8 @@ import math
 
 import numpy as np
 from PIL import Image
+
+GEOMETRIES = ("resize_crop", "crop_resize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +89,39 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     _check_fits(image, size)
     top, left = (height - size) // 2, (width - size) // 2
     return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
+def square_box(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the centre square, as torchxrayvision's XRayCenterCrop computes it."""
+    side = min(height, width)
+    return height // 2 - side // 2, width // 2 - side // 2, side
+
+
+def eval_view(image: np.ndarray, size: int, geometry: str = "resize_crop") -> np.ndarray:
+    """A (H, W) uint8 image (a stored record, or a raw image already resized) -> the model's size x size input, no
+    randomness: evaluation, feature extraction and `predict` (through the pixel contract)."""
+    if geometry == "resize_crop":
+        return center_crop(image, size)
+    if geometry == "crop_resize":
+        _check_fits(image, size)
+        top, left, side = square_box(*image.shape)
+        square = image[top:top + side, left:left + side]
+        if side == size:
+            return np.ascontiguousarray(square)
+        from metachex_jax.data.images import resize_gray
+
+        return resize_gray(Image.fromarray(square), size)
+    raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+
+
+def train_view(image: np.ndarray, size: int, augmentation: Augmentation, rng: np.random.Generator,
+               geometry: str = "resize_crop") -> np.ndarray:
+    """A stored (H, W) uint8 record -> an augmented size x size training input in `geometry`."""
+    if geometry == "crop_resize":
+        image = eval_view(image, size, geometry)
+    elif geometry != "resize_crop":
+        raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+    return augment(image, size, augmentation, rng)
 
 
 def augment(image: np.ndarray, size: int, augmentation: Augmentation, rng: np.random.Generator) -> np.ndarray:

@@ -16,7 +16,8 @@ batched (per-host batch = global batch / process count, remainder dropped). Beca
 random-access dataset, each batch is a pure function of its position: `mp_prefetch` workers each build whole
 batches (worker w builds batches w, w+W, ...) and the output is identical for any worker count, including 0.
 
-Evaluation (`eval_batches`) visits every record exactly once: no shuffle, no repeat, centre crop. Host h takes
+Evaluation (`eval_batches`) visits every record exactly once: no shuffle, no repeat, centre crop (or, for
+`geometry="crop_resize"`, the record resized to S; see `augment.py`). Host h takes
 records h, h + P, h + 2P, ... and every host is padded to the same number of full batches
 (`ceil(ceil(n / P) / B)`), because a multi-host jitted step needs every host to take the same number of steps.
 Padding rows have image 0, index -1 and ALL masks 0 (example_mask included), so metrics that weight by the masks
@@ -43,7 +44,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from metachex_jax.data.augment import Augmentation, as_gray_2d, augment, center_crop
+from metachex_jax.data.augment import Augmentation, as_gray_2d, eval_view, train_view
 from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
 
 Record = dict[str, Any]
@@ -199,12 +200,13 @@ class _ReadTrainExample(grain.transforms.Map):
     augmentation: Augmentation
     seed: int
     source_number: int
+    geometry: str = "resize_crop"
 
     def map(self, epoch_and_index: tuple[int, int]) -> Example:
         epoch, index = epoch_and_index
         rng = np.random.default_rng([self.seed, self.source_number, epoch, index])
         record = self.source[index]
-        image = augment(as_gray_2d(record["image"]), self.image_size, self.augmentation, rng)
+        image = train_view(as_gray_2d(record["image"]), self.image_size, self.augmentation, rng, self.geometry)
         return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
 
 
@@ -216,13 +218,14 @@ class _ReadEvalExample(grain.transforms.Map):
     image_size: int
     process_index: int
     process_count: int
+    geometry: str = "resize_crop"
 
     def map(self, position: int) -> Example:
         index = self.process_index + position * self.process_count
         if index >= len(self.source):
             return padding_example(self.kind, self.image_size)
         record = self.source[index]
-        image = center_crop(as_gray_2d(record["image"]), self.image_size)
+        image = eval_view(as_gray_2d(record["image"]), self.image_size, self.geometry)
         return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
 
 
@@ -250,7 +253,7 @@ def _per_host_batch_size(global_batch_size: int, process_count: int) -> int:
 def train_examples(source: RandomAccessSource, *, kind: str, image_size: int, seed: int,
                    augmentation: Augmentation, process_index: int, process_count: int,
                    num_epochs: int | None = None, shuffle: bool = True,
-                   source_number: int = 0) -> grain.MapDataset:
+                   source_number: int = 0, geometry: str = "resize_crop") -> grain.MapDataset:
     """This host's stream of augmented training examples from one source (infinite when num_epochs is None)."""
     check_source(source, kind, image_size)
     shard_size = len(range(process_index, len(source), process_count))
@@ -261,16 +264,16 @@ def train_examples(source: RandomAccessSource, *, kind: str, image_size: int, se
                            shuffle=shuffle)
     return (grain.MapDataset.range(shard_size).repeat(num_epochs)
             .map_with_index(order)
-            .map(_ReadTrainExample(source, kind, image_size, augmentation, seed, source_number)))
+            .map(_ReadTrainExample(source, kind, image_size, augmentation, seed, source_number, geometry)))
 
 
 def eval_examples(source: RandomAccessSource, *, kind: str, image_size: int, per_host_batch_size: int,
-                  process_index: int, process_count: int) -> grain.MapDataset:
+                  process_index: int, process_count: int, geometry: str = "resize_crop") -> grain.MapDataset:
     """This host's evaluation examples in record order, padded to the batch count shared by all hosts."""
     check_source(source, kind, image_size)
     num_batches = eval_num_batches(len(source), per_host_batch_size, process_count)
     return (grain.MapDataset.range(num_batches * per_host_batch_size)
-            .map(_ReadEvalExample(source, kind, image_size, process_index, process_count)))
+            .map(_ReadEvalExample(source, kind, image_size, process_index, process_count, geometry)))
 
 
 def eval_num_batches(num_records: int, per_host_batch_size: int, process_count: int) -> int:
@@ -365,7 +368,8 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
                   weights: Sequence[float] | None = None,
                   num_epochs: int | None = None,
                   num_workers: int = 0, read_threads: int = 1, prefetch_batches: int = 2,
-                  process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
+                  process_index: int | None = None, process_count: int | None = None,
+                  geometry: str = "resize_crop") -> BatchIterator:
     """This host's training batches: sharded, shuffled each epoch, repeated, augmented, mixed, batched.
 
     Args:
@@ -373,6 +377,8 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
       kind: "nih" (ChestX-ray14 multi-task batches) or "tb" (Shenzhen/Montgomery); a dataset's kind is in data/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
+      geometry: the model's pixel geometry (`augment.GEOMETRIES`; `PixelContract.geometry`): "resize_crop" crops
+        S from the stored R x R, "crop_resize" resizes the record's centre square to S.
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.
       augmentation: see `Augmentation`; `Augmentation.none()` gives centre crops.
       weights: relative sampling weights of `sources` (default uniform).
@@ -391,7 +397,7 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
     streams = [train_examples(source, kind=kind, image_size=image_size, seed=seed, augmentation=augmentation,
                               process_index=process_index, process_count=process_count,
-                              num_epochs=num_epochs, source_number=number)
+                              num_epochs=num_epochs, source_number=number, geometry=geometry)
                for number, source in enumerate(sources)]
     batches = _mix(streams, weights).batch(per_host, drop_remainder=True)
     num_batches = None
@@ -411,7 +417,8 @@ def _mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float] | None) 
 
 def eval_batches(source: RandomAccessSource, *, kind: str, global_batch_size: int, image_size: int,
                  num_workers: int = 0, read_threads: int = 1, prefetch_batches: int = 2,
-                 process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
+                 process_index: int | None = None, process_count: int | None = None,
+                 geometry: str = "resize_crop") -> BatchIterator:
     """This host's evaluation batches: every record once over all hosts, padded, equal batch count per host.
 
     `iterator.num_batches` is the same on every host. Arguments as in `train_batches`.
@@ -419,7 +426,7 @@ def eval_batches(source: RandomAccessSource, *, kind: str, global_batch_size: in
     process_index, process_count = _host(process_index, process_count)
     per_host = _per_host_batch_size(global_batch_size, process_count)
     examples = eval_examples(source, kind=kind, image_size=image_size, per_host_batch_size=per_host,
-                             process_index=process_index, process_count=process_count)
+                             process_index=process_index, process_count=process_count, geometry=geometry)
     batches = examples.batch(per_host, drop_remainder=True)  # exact: padded to whole batches
     return _to_iterator(batches, len(batches), num_workers, read_threads, prefetch_batches)
 
