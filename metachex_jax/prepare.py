@@ -71,6 +71,8 @@ class BuildResult:
         lines += [f"    [{s['kind']}] {s['item']}: {s['detail']}" for s in skipped]
         for flag, items in self.report["flags"].items():
             lines.append(f"  flagged {flag}: {len(items)}" + (f" (e.g. {', '.join(items[:5])})" if items else ""))
+        for flag, details in self.report.get("flag_details", {}).items():
+            lines += [f"    {flag} {item}: {detail!r}" for item, detail in details.items()]
         lines.append(f"  skip report: {self.path / 'skip_report.json'}")
         data_dir = self.path.parent.parent.parent
         lines.append(f'  read: tfds.data_source("{self.tfds_name}", split="train", data_dir="{data_dir}")')
@@ -194,6 +196,8 @@ def verify_raw(dataset: str, manual_dir: str | os.PathLike, *, val_fraction: flo
         notes.append(f"{raw.num_folds} folds, sizes {[fold_sizes[f] for f in range(raw.num_folds)]}")
         notes += [f"flagged {flag}: {len(ids)}" + (f" ({', '.join(ids[:5])})" if ids else "")
                   for flag, ids in raw.flags.items()]
+        notes += [f"  {flag} {item}: {detail!r}" for flag, details in raw.flag_details.items()
+                  for item, detail in details.items()]
         if dataset == "montgomery":
             for side in ("leftMask", "rightMask"):
                 masks = len(list((raw.root / "ManualMask" / side).glob("*.png")))

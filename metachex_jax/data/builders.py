@@ -142,6 +142,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._pool = None
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
+        self._flag_details: dict[str, dict[str, str]] = {}  # kind -> {item: detail}, e.g. the reading text
         self._written: Counter = Counter()
         super().__init__(**kwargs)
 
@@ -169,7 +170,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield self._example(record, image[..., None])
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._written = [], {}, Counter()
+        self._problems, self._flags, self._flag_details, self._written = [], {}, {}, Counter()
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             super()._download_and_prepare(dl_manager, download_config)
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
@@ -190,7 +191,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "split_sizes": {"train": n, "validation": n, "test": n},         # records actually written
      "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
      "skipped_counts": {"kind": n, ...},
-     "flags": {"invalid_age": ["00000001_000.png", ...], ...}}        # kept, but with a value marked invalid
+     "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
+     "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}}}  # what a flag is about
     """
     config = builder.builder_config
     report = {
@@ -205,6 +207,7 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
         "flags": builder._flags,
+        "flag_details": builder._flag_details,
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -266,6 +269,13 @@ class Chestxray14(_RawImageBuilder):
 
 class _TbBuilder(_RawImageBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Readings: 'femal' read as female; a normal image whose reading names TB (old or healed TB) is "
+                 "kept and flagged (tb_mention_in_normal, with its reading in the skip report) instead of being "
+                 "a label disagreement; negations after the word ('TB is not seen') understood.",
+    }
     SOURCE: tb.TbSource
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -293,7 +303,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
         raw = tb.load_tb(manual_dir, self.SOURCE.name, num_folds=config.num_folds, seed=config.seed,
                          skip_bad=self._skip_bad)
         self._problems += raw.problems
-        self._flags = raw.flags
+        self._flags, self._flag_details = raw.flags, raw.flag_details
         return {split: raw.split(split) for split in ("train", "validation", "test")}
 
     def _example(self, record: tb.TbRecord, image: np.ndarray) -> tuple[str, dict]:
