@@ -78,7 +78,7 @@ def write_reliability_png(path: str, title: str, panels: list[dict], size: int |
             ax.plot(curve["mean_predicted"], curve["observed"], color=f"C{i % 10}", linewidth=1.0)
             ax.scatter(curve["mean_predicted"], curve["observed"], s=8 + 120 * counts / max(counts.sum(), 1),
                        color=f"C{i % 10}", zorder=3)
-            ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal",
+            ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal",
                    title=f"{panel['label']}\nBrier {panel['brier']:.3f}, ECE {panel['ece']:.3f}")
             if i % columns == 0:
                 ax.set_ylabel("observed TB fraction")

@@ -61,6 +61,13 @@ def start_specs(config) -> list[str]:
     return specs
 
 
+def _not_converged_note(start, split, fit, settings) -> str:
+    where = f"fold {split.fold}" if split.fold >= 0 else "the whole set"
+    lambdas = ", ".join(f"{u['l2']:g} ({u['problems']} solves)" for u in fit.unconverged)
+    return (f"probe {start.name} {split.protocol} {where}: L-BFGS stopped at probe.max_iter={settings.max_iter} "
+            f"without reaching tol={settings.tol:g} for lambda {lambdas}; the chosen lambda is {fit.l2:g}")
+
+
 def _estimate_batchnorm_statistics(start, config) -> None:
     """The "random_bn" start: BatchNorm statistics from ChestX-ray14 training images (see weights.py)."""
     nih_config = config.copy_and_resolve_references()
@@ -155,14 +162,8 @@ def run(config, workdir: str) -> dict:
                         extra[k].append(getattr(fit, k))
                     extra["thresholds"].append(thresholds)
                     if not fit.converged:
-                        where = f"fold {split.fold}" if split.fold >= 0 else "the whole set"
-                        message = (f"probe {start.name} {protocol} {where}: L-BFGS stopped at probe.max_iter="
-                                   f"{settings.max_iter} without reaching tol={settings.tol:g} for lambda "
-                                   + ", ".join(f"{u['l2']:g} ({u['problems']} of {settings.inner_folds + 1} "
-                                               "solves)" for u in fit.unconverged)
-                                   + f"; the chosen lambda is {fit.l2:g}")
-                        logging.warning("%s", message)
-                        notes.append(message)
+                        notes.append(_not_converged_note(start, split, fit, settings))
+                        logging.warning("%s", notes[-1])
                 extra["fit_seconds"] = time.perf_counter() - t0
                 timings[f"probe fit {start.name} {protocol} ({len(splits[protocol])} splits) s"] = extra["fit_seconds"]
                 logging.info("probe %s %s: %d splits fitted in %.2f s", start.name, protocol,
