@@ -16,7 +16,8 @@ normalised: a map's scale says how strongly that layer drives the output; overla
 maximum.
 
 `overlay(original, cam, contract)` maps a map back onto the original image through the pixel contract's geometry
-(crop and resize, either order; the part of the image the model did not see gets no colour) and blends it with a matplotlib colour map.
+(crop and resize, either order; the part of the image the model did not see gets no colour) and blends it with a
+matplotlib colour map.
 `pointing_game` scores maps against bounding boxes: a hit when the map's maximum lies inside a box of that finding.
 """
 
