@@ -180,7 +180,8 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     c.data.fold_seed = 0
     c.model = model_config(arg.arch, multitask=True)  # every starting weight must have this architecture
     # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its best
-    # checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), or "random".
+    # checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), a model directory such as a
+    # convert_torchxrayvision output (fed its own pixels: 1 channel, [-1024, 1024], centre square), or "random".
     c.init_from = arg.init  # the weights under study; required unless baselines_only
     c.baselines_only = False  # True: run the compare_with baselines without init_from (else its absence is an error)
     # More starting weights: comma-separated paths, "random" (BatchNorm at its initial statistics) and/or
