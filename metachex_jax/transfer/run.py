@@ -14,7 +14,9 @@
   7. cell metrics        AUROC, operating points, calibration per cell (report.cell_metrics); every pair of
                          cells compared on their common test images per protocol (paired)
   8. age and sex         the MetaChexNet heads on the TB sets vs the clinical readings (report.age_sex_metrics)
-  9. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report)
+  9. deployable model    config.deploy's start and method fitted on every training image, threshold from
+                         out-of-fold predictions -> WORKDIR/model/ for `predict` (deploy)
+ 10. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from absl import logging
 from metachex_jax import files
 from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.preprocessing import PixelContract
+from metachex_jax.transfer import deploy as deploy_lib
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import paired as paired_lib
 from metachex_jax.transfer import protocols as protocols_lib
@@ -108,6 +111,10 @@ def run(config, workdir: str) -> dict:
             splits[protocol] = protocols_lib.check_protocol(protocol, tb_sets, need_validation="finetune" in methods)
         except ValueError as e:
             problems.append(str(e))
+    try:
+        deploy_spec = deploy_lib.deploy_spec(config, starts, protocol_names, methods)
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
         raise ValueError("\n".join(problems))
     for start in starts:
@@ -147,8 +154,8 @@ def run(config, workdir: str) -> dict:
         columns.setdefault(protocol, {})[key] = cols
 
     # 5. Linear probe.
+    settings = ProbeSettings.from_config(config.probe, config.seed)
     if "probe" in methods:
-        settings = ProbeSettings.from_config(config.probe, config.seed)
         for start in starts:
             for protocol in protocol_names:
                 t0 = time.perf_counter()
@@ -173,6 +180,7 @@ def run(config, workdir: str) -> dict:
                 add_cell(start, "probe", protocol, results, extra)
 
     # 6. Fine-tuning.
+    tuner = None
     if "finetune" in methods:
         s = config.finetune
         tuner = Finetuner(s, seed=config.seed)
@@ -211,7 +219,16 @@ def run(config, workdir: str) -> dict:
                             for name in tb_sets}
                for start in want_age_sex}
 
-    # 9. Report.
+    # 9. The deployable model.
+    deployed = None
+    if deploy_spec is not None:
+        t0 = time.perf_counter()
+        deployed = deploy_lib.fit_and_save(deploy_spec, config, workdir, starts=starts, tb_sets=tb_sets,
+                                           tables=tables, columns=columns, cells=cells, details=details,
+                                           settings=settings, tuner=tuner)
+        timings["deployable model s"] = time.perf_counter() - t0
+
+    # 10. Report.
     timings["total s"] = time.perf_counter() - began
     result = {
         "protocols": protocol_names,
@@ -223,6 +240,7 @@ def run(config, workdir: str) -> dict:
         "finetune": finetune_info if "finetune" in methods else None,
         "details": details,
         "age_sex": age_sex,
+        "deployed_model": deployed,
         "notes": notes,
         "timings": timings,
         "starts": {s.name: {**s.info, "weights_fingerprint": s.fingerprint} for s in starts},
