@@ -519,7 +519,7 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     convert_torchxrayvision.convert_to_directory(str(tmp_path / "nih.pt"), str(xrv_dir), "densenet121-res224-nih",
                                                  arch=ARCH)
     config = transfer_config(demo_dir, pre, tmp_path / "cache", compare_with=f"random,{xrv_dir}",
-                             methods="probe+finetune", protocols="cv_montgomery")
+                             methods="probe+finetune", protocols="cv_montgomery", **{"deploy.start": "xrv_nih"})
     result = run.run(config, str(tmp_path / "tb"))
     assert set(result["cells"]) == {f"{s}/{m}" for s in ("metachexnet", "random", "xrv_nih")
                                     for m in ("probe", "finetune")}
@@ -540,3 +540,15 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     crops = np.stack([np.asarray(Image.fromarray(r).resize((RES, RES), Image.Resampling.BOX)) for r in records])
     expected = np.asarray(reference.features(jnp.asarray(xrv_input(crops))))
     np.testing.assert_allclose(table["features"][:3], expected, rtol=1e-4, atol=1e-5)
+
+    # Deployed from that start, the TB model keeps its contract: predict feeds it 1-channel [-1024, 1024] pixels.
+    from metachex_jax import saved_model
+    from metachex_jax.inference import Predictor
+
+    card = json.loads((tmp_path / "tb" / "model" / "model.json").read_text())
+    assert card["training"]["start"] == "xrv_nih" and card["input"]["normalization"] == "xrv"
+    predictor = Predictor.load(str(tmp_path / "tb"))
+    model, _ = saved_model.load(str(tmp_path / "tb" / "model"))
+    assert predictor.contract == start.contract and model.backbone.in_channels == 1
+    expected = np.asarray(jax.nn.sigmoid(model(jnp.asarray(xrv_input(crops)))))
+    np.testing.assert_allclose(predictor(crops)["tb"], expected, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ import pytest
 import torch_files
 from flax import nnx
 from PIL import Image
-from test_convert import mismatch_lines, random_state_dict
+from test_convert import mismatch_lines
 
 from metachex_jax import convert, convert_torchxrayvision, export, gradcam, predict
 from metachex_jax.convert_torchxrayvision import LABELS, WEIGHTS
@@ -396,3 +396,16 @@ def test_model_init_keeps_the_one_channel_stem_and_takes_the_contract(converted,
                                   np.asarray(reference.blocks[3].layers[1].conv2.kernel[...]))
     predictor = Predictor.load(str(tmp_path / "run"))
     assert predictor.contract == PixelContract(32, 36, "xrv", "crop_resize")
+    # One definition of the pixels: predicting the raw (square) demo files gives the trainer's own test-split
+    # predictions, made from the prepared records through the same contract.
+    from metachex_jax import reports
+    from metachex_jax.labels import PATHOLOGIES
+
+    (evaluated,) = (tmp_path / "run" / "eval").glob("test_step*_predictions.csv")
+    cols = reports.read_predictions_csv(evaluated)
+    (raw,) = list((tmp_path / "demo").glob("*/raw"))
+    found = {p.name: p for p in (raw / "ChestX-ray14").rglob("*.png")}
+    names = [str(n) for n in cols["image_name"][:12]]
+    from_files = predictor.predict_files([found[n] for n in names])
+    for j, label in enumerate(PATHOLOGIES):
+        np.testing.assert_allclose(from_files.column(label), cols["pathology_prob"][:12, j], atol=1e-5)
