@@ -296,7 +296,8 @@ def test_backbone_round_trip_into_metachexnet(tmp_path, tiny_imported):
     assert metadata == {"format": "metachex_jax.backbone/1", "arch": "densenet_tiny",
                         "spec": {"growth_rate": 8, "block_config": [2, 2, 2, 2], "num_init_features": 16,
                                  "bn_size": 2},
-                        "num_features": 32, "num_params": metadata["num_params"], "source": "tiny.npz"}
+                        "num_features": 32, "in_channels": 3, "num_params": metadata["num_params"],
+                        "source": "tiny.npz"}
     torch_parameters = [v for k, v in to_torchvision_state_dict(tiny_imported).items()
                         if k.rsplit(".", 1)[1] in ("weight", "bias") and not k.startswith("classifier")]
     assert metadata["num_params"] == sum(v.size for v in torch_parameters)
