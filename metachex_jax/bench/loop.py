@@ -28,6 +28,7 @@ from metachex_jax import optim, train, train_state
 from metachex_jax.data import pipeline
 from metachex_jax.models import build_model
 
+
 def loop_throughput(config, steps: int, log_every: int) -> float:
     """Median img/s the trainer logs over `steps` steps (first interval dropped)."""
     config = config.copy_and_resolve_references()
