@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from metachex_jax.errors import UserError
 from metachex_jax.labels import PLAUSIBLE_AGE_YEARS
 
 
@@ -32,7 +33,7 @@ class Problem:
         return dataclasses.asdict(self)
 
 
-class RawDataError(ValueError):
+class RawDataError(UserError, ValueError):
     """The raw copy has problems; `.problems` lists every one, the message names every offending item."""
 
     def __init__(self, dataset: str, problems: Iterable[Problem], hint: str = "pass skip_bad=True (--skip_bad)"):
