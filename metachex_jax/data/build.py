@@ -72,6 +72,10 @@ class BuildResult:
         lines += [f"    [{s['kind']}] {s['item']}: {s['detail']}" for s in skipped]
         for flag, items in self.report["flags"].items():
             lines.append(f"  flagged {flag}: {len(items)}" + (f" (e.g. {', '.join(items[:5])})" if items else ""))
+        ignored = self.report.get("ignored_files", {})  # (builds made before this field have none)
+        if ignored:
+            lines.append("  ignored, not images of the dataset: " + ", ".join(
+                f"{i['count']} {kind} (e.g. {', '.join(i['examples'][:3])})" for kind, i in ignored.items()))
         lines.append(f"  skip report: {self.path / 'skip_report.json'}")
         data_dir = self.path.parent.parent.parent
         lines.append(f'  read: tfds.data_source("{self.tfds_name}", split="train", data_dir="{data_dir}")')

@@ -144,6 +144,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._pool = None
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
+        self._ignored: dict[str, list[str]] = {}  # files that are no part of the dataset, by kind
         self._written: Counter = Counter()
         super().__init__(**kwargs)
 
@@ -171,7 +172,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield self._example(record, image[..., None])
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._written = [], {}, Counter()
+        self._problems, self._flags, self._ignored, self._written = [], {}, {}, Counter()
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             super()._download_and_prepare(dl_manager, download_config)
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
@@ -192,7 +193,9 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "split_sizes": {"train": n, "validation": n, "test": n},         # records actually written
      "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
      "skipped_counts": {"kind": n, ...},
-     "flags": {"invalid_age": ["00000001_000.png", ...], ...}}        # kept, but with a value marked invalid
+     "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
+     "ignored_files": {"appledouble": {"count": n, "examples": [...]}, ...}}  # no part of the dataset (._*,
+                                                                      # hidden, Thumbs.db): not read
     """
     config = builder.builder_config
     report = {
@@ -207,6 +210,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
         "flags": builder._flags,
+        "ignored_files": {kind: {"count": len(paths), "examples": paths[:5]}
+                          for kind, paths in sorted(builder._ignored.items())},
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -250,6 +255,7 @@ class Chestxray14(_RawImageBuilder):
         raw = nih.load_nih(manual_dir, val_fraction=config.val_fraction, seed=config.seed, skip_bad=self._skip_bad)
         self._problems += raw.problems
         self._flags = {"invalid_age": raw.invalid_age_names}
+        self._ignored = raw.ignored_files
         return raw.splits
 
     def _example(self, record: nih.NihRecord, image: np.ndarray) -> tuple[str, dict]:
@@ -296,6 +302,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
                          skip_bad=self._skip_bad)
         self._problems += raw.problems
         self._flags = raw.flags
+        self._ignored = raw.ignored_files
         return {split: raw.split(split) for split in ("train", "validation", "test")}
 
     def _example(self, record: tb.TbRecord, image: np.ndarray) -> tuple[str, dict]:

@@ -21,6 +21,8 @@ PROBLEMS (an error naming every item unless skip_bad, then dropped and reported;
                        corrupts a 138/662-image evaluation; --skip_bad drops the image and records it.
   reading_without_image a readings file with no image (a copy that lost images)
 Readings that are neither "normal" nor name TB (e.g. "calcified nodule") are not judged.
+Files that are no part of the set (AppleDouble `._*`, hidden files, Thumbs.db: raw_common.not_dataset_file) are
+left out and counted in `TbRaw.ignored_files`, never problems.
 
 Folds: stratified by tb, deterministic. Within each class the ids (sorted) are permuted with
 default_rng(seed); class 0 takes fold i % k for its i-th id, class 1 continues the count (offset n0), so every fold
@@ -40,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age, parse_age_years,
-                                          raise_or_skip)
+from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age,
+                                          not_dataset_file, parse_age_years, raise_or_skip, summarize_ignored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class TbRaw:
     flags: dict[str, list[str]]  # flag kind -> image ids: unknown_sex, invalid_age, missing_reading
     num_folds: int
     images_on_disk: int
+    ignored_files: dict[str, list[str]]  # not_dataset_file kind -> paths relative to root
 
     def split(self, name: str) -> list[TbRecord]:
         return [r for r in self.records if r.split == name]
@@ -183,7 +186,19 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
     problems: list[Problem] = []
     flags: dict[str, list[str]] = {"unknown_sex": [], "invalid_age": [], "missing_reading": []}
 
-    pngs = sorted(p for p in (root / "CXR_png").iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    ignored: dict[str, list[str]] = {}
+
+    def dataset_files(folder: str, suffix: str) -> list[Path]:
+        found = []
+        for path in sorted((root / folder).iterdir()) if (root / folder).is_dir() else []:
+            kind = not_dataset_file(path.relative_to(root))
+            if kind and path.is_file():
+                ignored.setdefault(kind, []).append(str(path.relative_to(root)))
+            elif path.is_file() and path.suffix.lower() == suffix:
+                found.append(path)
+        return found
+
+    pngs = dataset_files("CXR_png", ".png")
     by_number: dict[str, list[Path]] = {}
     for path in pngs:
         match = name_re.match(path.name)
@@ -221,7 +236,7 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
 
     image_stems = {p.stem for p in pngs}
     if readings_dir.is_dir():
-        for txt in sorted(readings_dir.glob("*.txt")):
+        for txt in dataset_files("ClinicalReadings", ".txt"):
             if txt.stem not in image_stems:
                 problems.append(Problem("reading_without_image", f"ClinicalReadings/{txt.name}",
                                         "no matching image in CXR_png"))
@@ -231,7 +246,7 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
     splits = assign_default_split(ids, labels, seed)
     records = [dataclasses.replace(r, fold=folds[r.image_id], split=splits[r.image_id]) for r in records]
     return TbRaw(source=source, root=root, records=records, problems=sorted(problems), flags=flags,
-                 num_folds=num_folds, images_on_disk=len(pngs))
+                 num_folds=num_folds, images_on_disk=len(pngs), ignored_files=ignored)
 
 
 def load_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEFAULT_NUM_FOLDS, seed: int = 0,
@@ -259,6 +274,8 @@ def verify(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEFA
     notes.append(f"{raw.num_folds} folds, sizes {[fold_sizes[f] for f in range(raw.num_folds)]}")
     notes += [f"flagged {flag}: {len(ids)}" + (f" ({', '.join(ids[:5])})" if ids else "")
               for flag, ids in raw.flags.items()]
+    if raw.ignored_files:
+        notes.append(f"ignored, not images of the dataset: {summarize_ignored(raw.ignored_files)}")
     if raw.source is MONTGOMERY:
         for side in ("leftMask", "rightMask"):
             masks = len(list((raw.root / "ManualMask" / side).glob("*.png")))
