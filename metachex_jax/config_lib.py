@@ -111,6 +111,10 @@ def number(min=None, max=None, above=None, below=None) -> Rule:
     return rule
 
 
+def string(value) -> str | None:
+    return None if isinstance(value, str) else "must be a string"
+
+
 def text(value) -> str | None:
     return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
 
@@ -193,6 +197,11 @@ def _protocol_names() -> tuple[str, ...]:
     from metachex_jax.transfer.protocols import PROTOCOLS
 
     return tuple(PROTOCOLS)
+
+
+def protocol_or_empty(value) -> str | None:
+    known = _protocol_names()
+    return None if value == "" or value in known else f"must be empty or one of {', '.join(known)}"
 
 
 def checkpoint_step(value) -> str | None:
@@ -536,13 +545,16 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     data = data_config("shenzhen", resolution=image_size * 8 // 7, image_size=image_size)
     c = section(
         "transfer",
-        checks=(_some_starting_weights, _random_bn_is_a_probe_baseline, _transfer_data_is_there),
+        checks=(_starting_weights_given, _random_bn_is_a_probe_baseline, _deploy_fits_the_run,
+                _transfer_data_is_there),
         trainer=("transfer", one_of(*TRAINERS)),
         data=data,
         model=model_config(arg.arch, multitask=True),  # every starting weight must have this architecture
         # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its
         # best checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), or "random".
-        init_from=(arg.init, starting_weights),  # the weights under study
+        init_from=(arg.init, starting_weights),  # the weights under study; required unless baselines_only
+        # True: run the compare_with baselines without init_from (else its absence is an error)
+        baselines_only=(False, boolean),
         # More starting weights: comma-separated paths, "random" (BatchNorm at its initial statistics) and/or
         # "random_bn" (random weights, BatchNorm statistics from bn_statistics_images ChestX-ray14 training
         # images read from data.data_dir at this resolution: needs that dataset prepared).
@@ -575,14 +587,38 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
             eval_batch_size=(64, integer(min=1)),
             head_lr=(1e-3, number(above=0)),
             backbone_lr=(1e-4, number(min=0)),  # lower than the head's: the pretrained backbone moves slowly
+            # BatchNorm statistics of the test predictions in the cross-dataset protocols (recomputed for the
+            # fine-tuned weights either way): "fit" = the training set's fit images; "target" = the unlabelled
+            # test images (test-time adaptation). Within a dataset they always come from the fit images.
+            bn_stats=("fit", one_of("fit", "target")),
             # name, betas, clipping, warmup; finetune.py sets the two lrs and a constant schedule (early stopping
             # decides the length)
             optim=optim_config(lr=1e-3),
             augment=augment_config(),
         ),
+        # Screening operating points, thresholds chosen on training data: WHO's target product profile for a TB
+        # triage test asks for sensitivity >= 0.90 with specificity >= 0.70.
+        screening=section(
+            "screening",
+            sensitivity=(0.9, number(above=0, max=1)),
+            specificity=(0.7, number(above=0, max=1)),
+        ),
+        # The deployable TB model fitted at the end on every training image and saved to WORKDIR/model/ for
+        # `predict` (transfer/deploy.py; chosen by the config, never by test results).
+        deploy=section(
+            "deploy",
+            start=("", string),  # a start's name ("" = init_from's, "none" = no model); checked once loaded
+            method=("", one_of("", *METHODS)),  # "" = finetune when the run fine-tunes, else probe
+            protocol=("", protocol_or_empty),  # "" = the first of protocols; its training set is fitted
+            # "sensitivity": the largest threshold with out-of-fold sensitivity >= screening.sensitivity; "youden"
+            threshold_rule=("sensitivity", one_of("sensitivity", "youden")),
+        ),
+        # equal-width probability bins of the expected calibration error and reliability plots
+        calibration_bins=(10, integer(min=1)),
         **_run_fields(),
     )
     c.finetune.optim.warmup_steps = 0
+    c.finetune.optim.lr_scaling = "none"  # head_lr and backbone_lr are used as written, whatever the batch size
     if arg.demo:
         c.demo = True
         c.feature_batch_size = 100
@@ -604,11 +640,17 @@ def _starts(c) -> list[str]:
     return split_list(c.init_from) + split_list(c.compare_with)
 
 
-def _some_starting_weights(c) -> list[Problem]:
-    if _starts(c):
-        return []
-    return [(("init_from", "compare_with"), "no starting weights; set init_from (a pretraining workdir or "
-             "converted weights) and/or compare_with")]
+def _starting_weights_given(c) -> list[Problem]:
+    """init_from is the weights under study; comparing baselines only must be asked for (baselines_only)."""
+    init_from = c.init_from.strip()
+    if not init_from and not c.baselines_only:
+        return [(("init_from",), "empty: set it to the weights under study (a pretraining workdir or a "
+                 "convert_torchvision output), or set baselines_only=True to compare only compare_with")]
+    if init_from and c.baselines_only:
+        return [(("baselines_only", "init_from"), "both are set; drop one of them")]
+    if c.baselines_only and not split_list(c.compare_with):
+        return [(("baselines_only", "compare_with"), "baselines_only needs baselines in compare_with")]
+    return []
 
 
 def _random_bn_is_a_probe_baseline(c) -> list[Problem]:
@@ -616,6 +658,34 @@ def _random_bn_is_a_probe_baseline(c) -> list[Problem]:
         return [(("compare_with", "methods"), "random_bn is a linear-probe baseline (fine-tuning would repeat "
                  "'random'); drop it from compare_with or add the probe to methods")]
     return []
+
+
+def _deploy_fits_the_run(c) -> list[Problem]:
+    """What the config alone says about the deployable model (the start's name is checked once starts load)."""
+    d = c.deploy
+    if d.start == "none" or (not d.start and not c.init_from.strip()):
+        return []
+    methods, protocols = split_list(c.methods), split_list(c.protocols)
+    method = d.method or ("finetune" if "finetune" in methods else "probe")
+    out = []
+    if method not in methods:
+        out.append((("deploy.method", "methods"), "the deployed method must be one the run uses"))
+    elif method == "finetune" and d.start == "random_bn":
+        out.append((("deploy.start", "deploy.method"), "random_bn is a probe-only baseline; deploy it with "
+                    "deploy.method=probe"))
+    if names_from(_protocol_names)(c.protocols):  # reported by the protocols rule
+        return out
+    from metachex_jax.transfer.protocols import PROTOCOLS
+
+    protocol = d.protocol or protocols[0]
+    if protocol not in protocols:
+        out.append((("deploy.protocol", "protocols"), "the deployed protocol must be one the run uses"))
+    else:
+        cv = f"cv_{PROTOCOLS[protocol][0]}"  # its training set's cross-validation
+        if cv not in protocols:
+            out.append((("deploy.protocol", "protocols"), f"the model deployed from {protocol} takes its threshold "
+                        f"and epoch count from {cv}, which must be among protocols"))
+    return out
 
 
 def _transfer_data_is_there(c) -> list[Problem]:

@@ -22,15 +22,19 @@ def pretrain(arg="demo", **overrides):
 
 
 def transfer(arg="demo", **overrides):
+    """A transfer config comparing the demo's baselines (no init_from, so no deployable model)."""
     config = config_lib.transfer_config(arg)
+    config.baselines_only = True
     config.update_from_flattened_dict(overrides)
     return config
 
 
 def test_every_config_file_is_valid_as_shipped(tmp_path):
+    init = f"init={tmp_path}"  # the transfer configs need the weights under study: any existing path passes here
     for config in (pretrain(), pretrain("runlocal,arch=densenet_tiny,res=32,demo"),
-                   config_lib.pretrain_config("demo", multitask=False), transfer(),
-                   config_lib.transfer_config("demo,methods=probe"), config_lib.transfer_config("demo,methods=finetune")):
+                   config_lib.pretrain_config("demo", multitask=False), config_lib.transfer_config(f"demo,{init}"),
+                   config_lib.transfer_config(f"demo,methods=probe,{init}"),
+                   config_lib.transfer_config(f"demo,methods=finetune,{init}"), transfer()):
         assert config_lib.problems(config) == []
     # Real-data configs are valid but for the data, which is not prepared here.
     for config in (pretrain("", **{"data.data_dir": str(tmp_path)}),
@@ -115,7 +119,9 @@ TRANSFER_CASES = [
     ({"init_from": "/no/such/run"}, "--config.init_from='/no/such/run': /no/such/run does not exist (each must be "
                                     "random, random_bn or an existing path)"),
     ({"compare_with": "random,/no/such"}, "/no/such does not exist"),
-    ({"compare_with": "", "init_from": ""}, "--config.init_from='', --config.compare_with='': no starting weights"),
+    ({"compare_with": ""}, "--config.baselines_only=True, --config.compare_with='': baselines_only needs baselines"),
+    ({"baselines_only": False}, "--config.init_from='': empty: set it to the weights under study"),
+    ({"init_from": "random"}, "--config.baselines_only=True, --config.init_from='random': both are set"),
     ({"methods": "finetune"}, "--config.compare_with='random,random_bn', --config.methods='finetune': random_bn is "
                               "a linear-probe baseline"),
     ({"bn_statistics_images": 0}, "--config.bn_statistics_images=0: must be >= 1"),
@@ -140,6 +146,25 @@ TRANSFER_CASES = [
     ({"finetune.optim.weight_decay": 0.1}, "--config.finetune.optim.weight_decay=0.1, "
                                            "--config.finetune.optim.name='adam': weight decay needs"),
     ({"finetune.augment.flip_probability": -0.1}, "--config.finetune.augment.flip_probability=-0.1: must be >= 0"),
+    ({"finetune.bn_stats": "test"}, "--config.finetune.bn_stats='test': must be one of fit, target"),
+    ({"screening.sensitivity": 1.5}, "--config.screening.sensitivity=1.5: must be <= 1"),
+    ({"screening.specificity": 0.0}, "--config.screening.specificity=0.0: must be > 0"),
+    ({"calibration_bins": 0}, "--config.calibration_bins=0: must be >= 1"),
+    ({"deploy.method": "svm"}, "--config.deploy.method='svm': must be one of , probe, finetune"),
+    ({"deploy.protocol": "cv_nih"}, "--config.deploy.protocol='cv_nih': must be empty or one of cv_shenzhen"),
+    ({"deploy.threshold_rule": "f1"}, "--config.deploy.threshold_rule='f1': must be one of sensitivity, youden"),
+    # the deployable model is judged against the run when there is one (init_from set or deploy.start named)
+    ({"deploy.start": "random", "deploy.method": "finetune", "methods": "probe", "compare_with": "random"},
+     "--config.deploy.method='finetune', --config.methods='probe': the deployed method must be one the run uses"),
+    ({"deploy.start": "random_bn", "deploy.method": "finetune"}, "--config.deploy.start='random_bn', "
+                                                                 "--config.deploy.method='finetune': random_bn is "
+                                                                 "a probe-only baseline"),
+    ({"deploy.start": "random", "deploy.protocol": "shenzhen_to_montgomery", "protocols": "shenzhen_to_montgomery"},
+     "the model deployed from shenzhen_to_montgomery takes its threshold and epoch count from cv_shenzhen, which "
+     "must be among protocols"),
+    ({"deploy.start": "random", "deploy.protocol": "cv_montgomery", "protocols": "cv_shenzhen"},
+     "--config.deploy.protocol='cv_montgomery', --config.protocols='cv_shenzhen': the deployed protocol must be "
+     "one the run uses"),
 ]
 
 
@@ -152,7 +177,8 @@ def test_transfer_rule(overrides, expected):
 def test_existing_paths_pass(tmp_path):
     (tmp_path / "run").mkdir()
     assert config_lib.problems(pretrain(resume=str(tmp_path / "run"), model_init=str(tmp_path / "run"))) == []
-    assert config_lib.problems(transfer(init_from=str(tmp_path / "run"), compare_with=f"random,{tmp_path}")) == []
+    assert config_lib.problems(transfer(init_from=str(tmp_path / "run"), compare_with=f"random,{tmp_path}",
+                                        baselines_only=False)) == []
 
 
 def test_every_problem_in_one_error():

@@ -56,7 +56,7 @@ def test_transfer_message_prepares_both_tb_sets_and_random_bns_chestxray14(tmp_p
     make_nih_tree(raw / "ChestX-ray14", n_patients=12)
     config = config_lib.transfer_config("arch=densenet_tiny,res=24,methods=probe")
     config.update_from_flattened_dict({"data.data_dir": str(tmp_path / "tfds"), "data.num_folds": 3,
-                                       "data.fold_seed": 1, "data.val_fraction": 0.2, "init_from": "",
+                                       "data.fold_seed": 1, "data.val_fraction": 0.2, "baselines_only": True,
                                        "compare_with": "random,random_bn"})
     tb_message, nih_message = config_lib.problems(config)
     assert "montgomery/r27_k3_seed1, shenzhen/r27_k3_seed1 not found" in tb_message

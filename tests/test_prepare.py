@@ -70,17 +70,17 @@ def test_main_builds_and_prints_the_read_call(tmp_path, capsys):
     assert "skipped: 0" in out
     assert prepare.main(argv) == 0 and "already built" in capsys.readouterr().out
     assert prepare.main(argv + ["--overwrite"]) == 0 and "r16_k3_seed0: built at" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "out" / "shenzhen" / "r16_k3_seed0").iterdir()) == [".build.lock",
-                                                                                                "1.0.0"]
+    built = sorted(p.name for p in (tmp_path / "out" / "shenzhen" / "r16_k3_seed0").iterdir())
+    assert built == [".build.lock", str(builders.Shenzhen.VERSION)]
 
 
 def test_main_reports_raw_problems_and_exits_1(tmp_path, capsys):
     tree = make_tb_tree(tmp_path, "shenzhen", n_normal=4, n_tb=4)
-    normal_id = sorted(tree.values)[0]
-    tree.write_reading(normal_id, "male 30yrs\nTB in the right apex\n")
+    tb_id = sorted(tree.values)[-1]
+    tree.write_reading(tb_id, "male 30yrs\nnormal\n")
     assert prepare.main(["--dataset=shenzhen", f"--manual_dir={tmp_path}", f"--data_dir={tmp_path / 'out'}"]) == 1
-    assert f"[label_disagreement] {normal_id}:" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "shenzhen" / "r256" / "1.0.0").exists()
+    assert f"[label_disagreement] {tb_id}:" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "shenzhen" / "r256" / str(builders.Shenzhen.VERSION)).exists()
 
 
 def test_the_dataset_table_drives_prepare_and_names_builds(tmp_path, capsys):

@@ -72,6 +72,10 @@ class BuildResult:
         lines += [f"    [{s['kind']}] {s['item']}: {s['detail']}" for s in skipped]
         for flag, items in self.report["flags"].items():
             lines.append(f"  flagged {flag}: {len(items)}" + (f" (e.g. {', '.join(items[:5])})" if items else ""))
+        for flag, details in self.report.get("flag_details", {}).items():
+            lines += [f"    {flag} {item}: {detail!r}" for item, detail in details.items()]
+        for depth in self.report.get("bit_depths", []):
+            lines.append(f"  bit depth {depth['bits']} ({depth['source']}): {depth['images']} images")
         ignored = self.report.get("ignored_files", {})  # (builds made before this field have none)
         if ignored:
             lines.append("  ignored, not images of the dataset: " + ", ".join(

@@ -132,8 +132,12 @@ def _image_feature(resolution: int) -> tfds.features.Tensor:
 class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """What the three builders share: options, the decoding pool, decode-failure policy, the skip report."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "16-bit PNGs holding 12-bit data without sBIT are scaled by 4095, not 65535 (they came out almost "
+                 "black); format by content; DICOM; per-record `bit_depth`; bit depths in the skip report.",
+    }
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, progress: bool = True,
                  **kwargs):
@@ -144,8 +148,10 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._pool = None
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
+        self._flag_details: dict[str, dict[str, str]] = {}  # kind -> {item: detail}, e.g. the reading text
         self._ignored: dict[str, list[str]] = {}  # files that are no part of the dataset, by kind
         self._written: Counter = Counter()
+        self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
         super().__init__(**kwargs)
 
     # -- subclass hooks --------------------------------------------------------------------------------------
@@ -163,16 +169,19 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, records: list):
         decoded = images.decode_many([r.path for r in records], self.builder_config.resolution, pool=self._pool,
-                                     desc=f"{self.name} {split}", progress=self._progress)
-        for record, (image, error) in zip(records, decoded):
+                                     desc=f"{self.name} {split}", progress=self._progress, with_info=True)
+        for record, (image, error, info) in zip(records, decoded):
             if error is not None:
                 self._problems.append(Problem("undecodable_image", _record_name(record), error))
                 continue
             self._written[split] += 1
-            yield self._example(record, image[..., None])
+            self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
+            key, example = self._example(record, image[..., None])
+            yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._ignored, self._written = [], {}, {}, Counter()
+        self._problems, self._flags, self._flag_details, self._ignored = [], {}, {}, {}
+        self._written, self._bit_depths = Counter(), Counter()
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             super()._download_and_prepare(dl_manager, download_config)
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
@@ -194,6 +203,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
      "skipped_counts": {"kind": n, ...},
      "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
+     "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}},  # what a flag is about
+     "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...],  # the reader's decisions (images.py)
      "ignored_files": {"appledouble": {"count": n, "examples": [...]}, ...}}  # no part of the dataset (._*,
                                                                       # hidden, Thumbs.db): not read
     """
@@ -210,6 +221,9 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
         "flags": builder._flags,
+        "flag_details": builder._flag_details,
+        "bit_depths": [{"bits": bits, "source": source, "images": n}
+                       for (bits, source), n in sorted(builder._bit_depths.items())],
         "ignored_files": {kind: {"count": len(paths), "examples": paths[:5]}
                           for kind, paths in sorted(builder._ignored.items())},
     }
@@ -245,6 +259,7 @@ class Chestxray14(_RawImageBuilder):
                 "age_valid": tfds.features.Scalar(dtype=np.bool_),
                 "sex_male": tfds.features.Scalar(dtype=np.int64),
                 "view_ap": tfds.features.Scalar(dtype=np.int64),
+                "bit_depth": tfds.features.Scalar(dtype=np.int64),  # of the raw file, as the reader decided
             }),
             homepage="https://nihcc.app.box.com/v/ChestXray-NIHCC",
             disable_shuffling=True,
@@ -274,6 +289,13 @@ class Chestxray14(_RawImageBuilder):
 
 class _TbBuilder(_RawImageBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {
+        **_RawImageBuilder.RELEASE_NOTES,
+        "1.2.0": "Readings: 'femal' read as female; a normal image whose reading names TB (old or healed TB) is "
+                 "kept and flagged (tb_mention_in_normal, with its reading in the skip report) instead of being "
+                 "a label disagreement; negations after the word ('TB is not seen') understood.",
+    }
     SOURCE: tb.TbSource
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -291,6 +313,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
                 "age_valid": tfds.features.Scalar(dtype=np.bool_),
                 "fold": tfds.features.Scalar(dtype=np.int64),
                 "reading": tfds.features.Text(),
+                "bit_depth": tfds.features.Scalar(dtype=np.int64),  # of the raw file, as the reader decided
             }),
             homepage="https://lhncbc.nlm.nih.gov/LHC-downloads/tuberculosis-chest-x-ray-image-data-sets",
             disable_shuffling=True,
@@ -301,7 +324,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
         raw = tb.load_tb(manual_dir, self.SOURCE.name, num_folds=config.num_folds, seed=config.seed,
                          skip_bad=self._skip_bad)
         self._problems += raw.problems
-        self._flags = raw.flags
+        self._flags, self._flag_details = raw.flags, raw.flag_details
         self._ignored = raw.ignored_files
         return {split: raw.split(split) for split in ("train", "validation", "test")}
 
