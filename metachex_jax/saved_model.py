@@ -77,24 +77,35 @@ def save(path: str, model, card: dict) -> None:
 
     if card.get("kind") not in BUILDERS:
         raise ValueError(f"unknown model kind {card.get('kind')!r}; known: {sorted(BUILDERS)}")
-    card_text = json.dumps({"format": FORMAT, **card}, indent=1) + "\n"
     buffer = io.BytesIO()
     np.savez(buffer, **_flatten(nnx.to_pure_dict(nnx.state(model))))
+    write_directory(path, {WEIGHTS_FILE: buffer.getvalue()}, card)
+
+
+def write_directory(path: str, contents: dict[str, bytes], card: dict) -> None:
+    """Write a model directory: `contents` (relative path -> bytes) and the card, never half of it.
+
+    Locally everything goes into a temporary sibling that is renamed into place (replacing an older directory).
+    On gs:// there is no rename: the old card is removed first and the new one written last, so the directory is
+    a model directory (`is_model_dir`) only when complete.
+    """
+    card_text = json.dumps({"format": FORMAT, **card}, indent=1) + "\n"
     if files.is_url(path):
         from etils import epath
 
-        epath.Path(files.join(path, CARD_FILE)).unlink(missing_ok=True)  # no card while the weights change
-        files.write_atomic(files.join(path, WEIGHTS_FILE), buffer.getvalue())
+        epath.Path(files.join(path, CARD_FILE)).unlink(missing_ok=True)
+        for name, data in contents.items():
+            files.write_atomic(files.join(path, name), data)
         files.write_atomic(files.join(path, CARD_FILE), card_text)
         return
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     try:
-        with open(os.path.join(tmp, WEIGHTS_FILE), "wb") as f:
-            f.write(buffer.getvalue())
-        with open(os.path.join(tmp, CARD_FILE), "w") as f:
-            f.write(card_text)
+        for name, data in {**contents, CARD_FILE: card_text.encode()}.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for the temporary name only
         if os.path.exists(path):
             shutil.rmtree(path)
