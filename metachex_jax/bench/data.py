@@ -37,6 +37,7 @@ from metachex_jax.data import pipeline, registry
 from metachex_jax.data.augment import Augmentation, augment
 from metachex_jax.labels import PATHOLOGIES
 
+
 class PickledArrayRecordSource:
     """A random-access source over ArrayRecord files whose records are pickled record dicts.
 

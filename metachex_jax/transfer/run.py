@@ -28,6 +28,7 @@ from absl import logging
 
 from metachex_jax import files
 from metachex_jax.data import datasets as nih_datasets
+from metachex_jax.errors import ConfigError, MissingDataError
 from metachex_jax.preprocessing import PixelContract
 from metachex_jax.transfer import deploy as deploy_lib
 from metachex_jax.transfer import features as features_lib
@@ -81,8 +82,8 @@ def _estimate_batchnorm_statistics(start, config) -> None:
     try:
         nih_train = nih_datasets.chestxray14_splits(nih_config)["train"]
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
-                                f"ChestX-ray14 training images, which were not found:\n{e}") from e
+        raise MissingDataError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
+                               f"ChestX-ray14 training images, which were not found:\n{e}") from e
     start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
         start.model, nih_train, kind="nih", contract=start.contract, batch_size=config.feature_batch_size,
         max_images=config.bn_statistics_images)
@@ -115,8 +116,8 @@ def run(config, workdir: str) -> dict:
         deploy_spec = deploy_lib.deploy_spec(config, starts, protocol_names, methods)
     except ValueError as e:
         problems.append(str(e))
-    if problems:
-        raise ValueError("\n".join(problems))
+    if problems:  # the data cannot serve this config (its folds, methods): a ValueError the user fixes
+        raise ConfigError(problems)
     for start in starts:
         if start.kind == "random_bn":
             _estimate_batchnorm_statistics(start, config)
