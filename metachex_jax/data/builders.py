@@ -45,8 +45,9 @@ A killed process leaves `incomplete.*` behind, which readers never open (tfds on
 dataset_info.json); `remove_incomplete_builds` clears such leftovers before a new build, under `build_lock`
 (one build per config at a time, so concurrent callers never delete each other's work; the second one waits and
 then reuses the finished dataset). The skip report
-(`skip_report.json`, format in `write_skip_report`) is written inside the temporary folder, so it appears exactly
-when the dataset does.
+(`skip_report.json`, format in `write_skip_report`) and the per-split label counts (`label_counts.json`,
+`write_label_counts`: what `class_weighting="chexnet"` needs, without reading every record) are written inside
+the temporary folder, so they appear exactly when the dataset does.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from metachex_jax.data.raw_common import Problem, RawDataError
 from metachex_jax.labels import PATHOLOGIES
 
 SKIP_REPORT_FILE = "skip_report.json"
+LABEL_COUNTS_FILE = "label_counts.json"
 DEFAULT_RESOLUTION = 256
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SEED = 0
@@ -148,6 +150,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._flags: dict[str, list[str]] = {}
         self._written: Counter = Counter()
         self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
+        self._positives: dict[str, Counter] = {}  # split -> label name -> records with that label = 1
         super().__init__(**kwargs)
 
     # -- subclass hooks --------------------------------------------------------------------------------------
@@ -173,16 +176,47 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._written[split] += 1
             self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
             key, example = self._example(record, image[..., None])
+            self._positives.setdefault(split, Counter()).update(positive_labels(example))
             yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
         self._problems, self._flags, self._written, self._bit_depths = [], {}, Counter(), Counter()
+        self._positives = {}
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             super()._download_and_prepare(dl_manager, download_config)
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
         if decode_failures and not self._skip_bad:
             raise RawDataError(self.name, decode_failures)  # the temporary dataset folder is then deleted
         write_skip_report(Path(self.data_dir) / SKIP_REPORT_FILE, self, dl_manager.manual_dir)
+        write_label_counts(Path(self.data_dir) / LABEL_COUNTS_FILE, self)
+
+
+def positive_labels(example: dict) -> list[str]:
+    """The binary labels set to 1 in a record: pathology names (chestxray14), "tb", "sex_male", "view_ap"."""
+    names = [name for name, value in zip(PATHOLOGIES, example.get("labels", ())) if value == 1]
+    return names + [name for name in ("tb", "sex_male", "view_ap") if example.get(name) == 1]
+
+
+def write_label_counts(path: Path, builder: _RawImageBuilder) -> None:
+    """Per-split label counts of the records written, so that runs need not read every record (which decodes its
+    image) to weight classes. Written next to the records, like the skip report. Format:
+
+    {"dataset": "chestxray14", "config": "r256", "version": "1.1.0",
+     "splits": {"train": {"num_examples": n, "positives": {"Atelectasis": n, ..., "sex_male": n, "view_ap": n}},
+                ...}}                               # every label of the dataset listed, 0 included
+    """
+    names = (list(PATHOLOGIES) + ["sex_male", "view_ap"]) if builder.name == "chestxray14" else ["tb", "sex_male"]
+    counts = {
+        "dataset": builder.name,
+        "config": builder.builder_config.name,
+        "version": str(builder.version),
+        "splits": {split: {"num_examples": n,
+                           "positives": {name: builder._positives.get(split, Counter())[name] for name in names}}
+                   for split, n in sorted(builder._written.items())},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(counts, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _record_name(record) -> str:
@@ -400,6 +434,18 @@ def remove_incomplete_builds(data_dir: str | os.PathLike, dataset: str, config_n
 
 def read_skip_report(data_dir: str | os.PathLike, dataset: str, config_name: str) -> dict:
     return json.loads((dataset_dir(data_dir, dataset, config_name) / SKIP_REPORT_FILE).read_text())
+
+
+def read_label_counts(data_dir: str | os.PathLike, dataset: str, config_name: str) -> dict | None:
+    """The build's `write_label_counts` JSON (local or gs://), or None for a build made before it existed."""
+    return read_label_counts_at(dataset_dir(data_dir, dataset, config_name))
+
+
+def read_label_counts_at(build_dir: str | os.PathLike) -> dict | None:
+    """`read_label_counts` of the build in `build_dir` (<data_dir>/<dataset>/<config>/<version>, as
+    `tfds.data_source(...).dataset_info.data_dir` names it)."""
+    path = epath.Path(os.fspath(build_dir)) / LABEL_COUNTS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def data_source(dataset: str, split: str, data_dir: str | os.PathLike, *, config_name: str | None = None,
