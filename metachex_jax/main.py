@@ -1,8 +1,9 @@
 """Entry point: `python -m metachex_jax.main --config=configs/pretrain.py[:ARGS] --workdir=DIR`.
 
 Deliberately thin: parse flags, start the multi-host runtime when asked or detected, print the config, and
-hand over to the trainer the config names (`config.trainer`). Everything else is importable from tests and
-notebooks (`metachex_jax.train.train_and_evaluate(config, workdir)`).
+hand over to the trainer the config names (`config.trainer`). A pretraining run stopped by SIGTERM/SIGINT
+(`preemption.Preempted`, after its checkpoint is saved) exits with status 0. Everything else is importable from
+tests and notebooks (`metachex_jax.train.train_and_evaluate(config, workdir)`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metachex_jax import distributed, files
+from metachex_jax import distributed, files, preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
@@ -55,7 +56,10 @@ def main(argv):
     if jax.process_index() == 0:
         logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
         logging.info("config:\n%s", config)
-    run(config, workdir)
+    try:
+        run(config, workdir)
+    except preemption.Preempted as e:
+        logging.warning("%s", e)  # a clean stop: exit status 0
 
 
 if __name__ == "__main__":

@@ -121,6 +121,12 @@ def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path)
         np.testing.assert_array_equal(x, y)
 
 
+def logged_losses(workdir) -> list[tuple[int, float]]:
+    """(step, loss) of every train line of metrics.jsonl so far (complete lines only: it may be being written)."""
+    lines = [x for x in (workdir / "metrics.jsonl").read_text().splitlines(keepends=True) if x.endswith("\n")]
+    return [(x["step"], x["train/loss"]) for x in map(json.loads, lines) if "train/loss" in x]
+
+
 def _leaves(tree):
     import jax
     return [np.asarray(x) for x in jax.tree.leaves(tree)]

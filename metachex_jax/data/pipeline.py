@@ -349,6 +349,16 @@ def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) 
     return requested
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """In grain's worker processes: ignore SIGINT and SIGTERM. Ctrl-C and schedulers signal the whole process
+    group; the trainer then saves a checkpoint at the next step boundary (`metachex_jax.preemption`), which
+    needs the workers alive until it closes them."""
+    import signal
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _to_iterator(batches: grain.MapDataset, num_batches: int | None, num_workers: int, read_threads: int,
                  prefetch_batches: int) -> BatchIterator:
     if num_workers < 0 or read_threads < 0:
@@ -357,7 +367,8 @@ def _to_iterator(batches: grain.MapDataset, num_batches: int | None, num_workers
                                                         prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches // num_workers)))
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches // num_workers)),
+            worker_init_fn=_ignore_stop_signals)
     return BatchIterator(dataset, num_batches)
 
 
