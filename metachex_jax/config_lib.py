@@ -114,6 +114,10 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
     # Stored resolution R and crop S keep CheXNet's 256 -> 224 ratio: R = S * 8 / 7.
     image_size = arg.res or (64 if arg.demo else 224)
     c.data = data_config("chestxray14", resolution=image_size * 8 // 7, image_size=image_size)
+    # Where training images are cropped, flipped and warped (config.data.augment): "host" (the input pipeline),
+    # "device" (inside the jitted train step; the host only reads and batches the stored images), or "auto":
+    # "host" on a CPU backend, "device" on GPU/TPU (measurements in the README), or what a resumed run used.
+    c.data.augment_on = "auto"
     c.model = model_config(arg.arch, multitask)
     c.loss = loss_config(multitask)
     c.optim = optim_config(lr=1e-3)

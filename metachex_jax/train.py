@@ -1,7 +1,8 @@
 """Pretraining: `train_and_evaluate(config, workdir)`, read top to bottom as the run happens.
 
   1. mesh and shardings       one "data" axis over every device of every host; state replicated
-  2. input                    prepared ChestX-ray14 splits -> grain iterators -> global jax.Arrays
+  2. input                    prepared ChestX-ray14 splits -> grain iterators -> global jax.Arrays; training
+                              images augmented on the host or in the train step (config.data.augment_on)
   3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim
   4. starting weights         own workdir (resume) > config.resume > config.model_init (backbone) > random
   5. steps                    one jitted train step (state donated), one jitted eval step
@@ -14,6 +15,7 @@ Everything a run writes lives in the workdir: checkpoints/, eval/, metrics.jsonl
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -25,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metachex_jax import checkpointing, convert, evaluate, files, optim, preemption, train_state
-from metachex_jax.data import datasets, pipeline
+from metachex_jax.data import datasets, device_augment, pipeline
 from metachex_jax.data.augment import Augmentation
 from metachex_jax.losses import chexnet_class_weights
 from metachex_jax.metric_writer import MetricWriter
@@ -108,9 +110,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workers = pipeline.workers_for_resume(config.data.workers,
                                           pipeline.resolve_workers(config.data.workers, jax.default_backend()),
                                           saved.get("input_workers", 0) if saved else None)
+    augment_on = pipeline.resolve_augment_on(config.data.augment_on, jax.default_backend(), saved.get("augment_on"))
+    augmentation = Augmentation(**config.data.augment)
     train_iter = pipeline.train_batches(
         splits["train"], kind="nih", global_batch_size=global_batch, image_size=config.data.image_size,
-        seed=config.seed, augmentation=Augmentation(**config.data.augment),
+        seed=config.seed, augmentation=augmentation if augment_on == "host" else None,  # None: read + batch only
         num_workers=workers)
 
     # 3. Model and optimiser.
@@ -133,12 +137,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = MetricWriter(workdir)
     if lead:
         logging.info("model %s: %s parameters; %s", config.model.arch, f"{count_params(model):,}", source)
-        logging.info("%d devices, global batch %d, %d steps/epoch, %d steps, %d input workers per host",
-                     jax.device_count(), global_batch, steps_per_epoch, total_steps, workers)
+        logging.info("%d devices, global batch %d, %d steps/epoch, %d steps, %d input workers per host, "
+                     "augmentation on the %s", jax.device_count(), global_batch, steps_per_epoch, total_steps,
+                     workers, augment_on)
 
     # 5. Steps.
     dtype = jnp.dtype(config.model.dtype)
-    step_fn = train_state.make_train_step(graphdef, tx, config.loss, dtype, class_weights)
+    augment = None
+    if augment_on == "device":
+        augment = functools.partial(device_augment.train_images, seed=config.seed, size=config.data.image_size,
+                                    augmentation=augmentation)
+    step_fn = train_state.make_train_step(graphdef, tx, config.loss, dtype, class_weights, augment=augment)
 
     def train_step(state, batch, stop_flags):
         state, metrics = step_fn(state, batch)
@@ -157,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def save(step: int, metrics: dict | None = None):
         nonlocal saved_step
         bookkeeping = {"plateau": plateau.state(), "best": best, "config": config.to_dict(),
-                       "input_workers": workers}
+                       "input_workers": workers, "augment_on": augment_on}
         checkpointing.save(manager, step, state, train_iter, bookkeeping, metrics)
         saved_step = step
 

@@ -78,30 +78,48 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
+NUM_UNIFORMS = 7  # u_top, u_left, u_angle, u_scale, u_dx, u_dy, u_flip: the draws of one image's augmentation
+
+
 def augment(image: np.ndarray, size: int, augmentation: Augmentation, rng: np.random.Generator) -> np.ndarray:
     """Random crop (+ affine) (+ flip) of a (H, W) uint8 image to (size, size) uint8."""
-    height, width = image.shape
-    _check_fits(image, size)
     # Draw everything up front, in a fixed order, whatever the settings, so that changing one setting does
     # not shift the random stream of the others.
-    u_top, u_left, u_angle, u_scale, u_dx, u_dy, u_flip = rng.random(7)
-    if augmentation.random_crop:
-        top = int(u_top * (height - size + 1))
-        left = int(u_left * (width - size + 1))
-    else:
-        top, left = (height - size) // 2, (width - size) // 2
+    return augment_with(image, size, augmentation, rng.random(NUM_UNIFORMS))
 
+
+def geometry(uniforms, height: int, width: int, size: int, augmentation: Augmentation) -> dict:
+    """The augmentation of one image from its NUM_UNIFORMS draws in [0, 1): crop corner (top, left) as floats
+    holding whole numbers, rotation (degrees), scale, shift (dx, dy in pixels) and flip (bool).
+
+    Only arithmetic and comparisons, so the same function serves the host (numpy/Python floats, `augment_with`)
+    and the device (jax arrays of a whole batch, `metachex_jax.data.device_augment`): both augmentations have
+    the same parameter ranges and meaning by construction.
+    """
+    u_top, u_left, u_angle, u_scale, u_dx, u_dy, u_flip = (uniforms[..., i] for i in range(NUM_UNIFORMS))
+    if augmentation.random_crop:
+        top, left = (u_top * (height - size + 1)) // 1, (u_left * (width - size + 1)) // 1
+    else:
+        top, left = 0 * u_top + (height - size) // 2, 0 * u_left + (width - size) // 2
+    low, high = augmentation.scale_range
+    shift = augmentation.translate_fraction * size
+    return {"top": top, "left": left, "degrees": (2 * u_angle - 1) * augmentation.rotation_degrees,
+            "scale": low + u_scale * (high - low), "dx": (2 * u_dx - 1) * shift, "dy": (2 * u_dy - 1) * shift,
+            "flip": u_flip < augmentation.flip_probability}
+
+
+def augment_with(image: np.ndarray, size: int, augmentation: Augmentation, uniforms: np.ndarray) -> np.ndarray:
+    """`augment` with its NUM_UNIFORMS draws given (see `geometry`)."""
+    height, width = image.shape
+    _check_fits(image, size)
+    g = geometry(np.asarray(uniforms, np.float64), height, width, size, augmentation)
+    top, left = int(g["top"]), int(g["left"])
     if augmentation.has_affine:
-        angle = (2 * u_angle - 1) * augmentation.rotation_degrees
-        low, high = augmentation.scale_range
-        scale = low + u_scale * (high - low)
-        shift = augmentation.translate_fraction * size
-        out = affine_crop(image, size, top=top, left=left, degrees=angle, scale=scale,
-                          dx=(2 * u_dx - 1) * shift, dy=(2 * u_dy - 1) * shift)
+        out = affine_crop(image, size, top=top, left=left, degrees=float(g["degrees"]), scale=float(g["scale"]),
+                          dx=float(g["dx"]), dy=float(g["dy"]))
     else:
         out = image[top:top + size, left:left + size]
-
-    if u_flip < augmentation.flip_probability:
+    if g["flip"]:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
 

@@ -10,7 +10,9 @@ Training (`train_batches`), per source:
       -> (epoch, record index)  epoch = position // shard size; this host's shard is records
                                 process_index, process_index + process_count, ..., visited in a new
                                 permutation each epoch, drawn from (seed, source number, epoch)
-      -> read + augment         augmentation RNG seeded by (seed, source number, epoch, record index)
+      -> read + augment         augmentation RNG seeded by (seed, source number, epoch, record index);
+                                with augmentation=None (config.data.augment_on="device") read only: the
+                                stored R x R image is batched whole and augmented in the train step
 several sources are then interleaved by weight (`grain.MapDataset.mix`, a fixed deterministic pattern), and
 batched (per-host batch = global batch / process count, remainder dropped). Because batching happens on the
 random-access dataset, each batch is a pure function of its position: `mp_prefetch` workers each build whole
@@ -198,15 +200,17 @@ class _ReadTrainExample(grain.transforms.Map):
     source: RandomAccessSource
     kind: str
     image_size: int
-    augmentation: Augmentation
+    augmentation: Augmentation | None  # None: the stored image as it is (augmentation on the device)
     seed: int
     source_number: int
 
     def map(self, epoch_and_index: tuple[int, int]) -> Example:
         epoch, index = epoch_and_index
-        rng = np.random.default_rng([self.seed, self.source_number, epoch, index])
         record = self.source[index]
-        image = augment(as_gray_2d(record["image"]), self.image_size, self.augmentation, rng)
+        image = as_gray_2d(record["image"])
+        if self.augmentation is not None:
+            rng = np.random.default_rng([self.seed, self.source_number, epoch, index])
+            image = augment(image, self.image_size, self.augmentation, rng)
         return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
 
 
@@ -250,10 +254,12 @@ def _per_host_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def train_examples(source: RandomAccessSource, *, kind: str, image_size: int, seed: int,
-                   augmentation: Augmentation, process_index: int, process_count: int,
+                   augmentation: Augmentation | None, process_index: int, process_count: int,
                    num_epochs: int | None = None, shuffle: bool = True,
                    source_number: int = 0) -> grain.MapDataset:
-    """This host's stream of augmented training examples from one source (infinite when num_epochs is None)."""
+    """This host's stream of augmented training examples from one source (infinite when num_epochs is None).
+
+    `augmentation=None` leaves the stored image whole (for augmentation on the device)."""
     check_source(source, kind, image_size)
     shard_size = len(range(process_index, len(source), process_count))
     if shard_size == 0:
@@ -327,6 +333,24 @@ def workers_for_resume(requested: int, resolved: int, saved: int | None) -> int:
     return saved
 
 
+AUGMENT_ON = ("host", "device")
+
+
+def resolve_augment_on(requested: str, backend: str, saved: str | None = None) -> str:
+    """Where training images are augmented, for `requested` (config.data.augment_on): "host", "device" or "auto".
+
+    Auto: what a checkpoint being resumed used (`saved`), else "host" on the CPU backend and "device" on GPU/TPU.
+    Why (README, Benchmarks): on CPU the "device" is the same cores, and the train step with augmentation in it
+    measured slower than host augmentation in-process; on an accelerator the step's augmentation costs the
+    device little, while the host's work per image drops from crop + affine (the pipeline's hot spot) to a read.
+    """
+    if requested == "auto":
+        return saved or ("host" if backend == "cpu" else "device")
+    if requested not in AUGMENT_ON:
+        raise ValueError(f"config.data.augment_on={requested!r}: use 'host', 'device' or 'auto'")
+    return requested
+
+
 def available_cpus() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -374,7 +398,7 @@ def _to_iterator(batches: grain.MapDataset, num_batches: int | None, num_workers
 
 def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *, kind: str,
                   global_batch_size: int, image_size: int, seed: int,
-                  augmentation: Augmentation = Augmentation(),
+                  augmentation: Augmentation | None = Augmentation(),
                   weights: Sequence[float] | None = None,
                   num_epochs: int | None = None,
                   num_workers: int = 0, read_threads: int = 1, prefetch_batches: int = 2,
@@ -387,7 +411,9 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.
-      augmentation: see `Augmentation`; `Augmentation.none()` gives centre crops.
+      augmentation: see `Augmentation`; `Augmentation.none()` gives centre crops; None gives the stored R x R
+        images uncropped, for augmentation in the train step (`metachex_jax.data.device_augment`): the host
+        then only reads and batches.
       weights: relative sampling weights of `sources` (default uniform).
       num_epochs: None repeats forever (count steps in the trainer); otherwise stops after that many passes
         (over the shortest source relative to its weight when mixing), the last incomplete batch dropped,
