@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax.data import builders, nih, tb
 from metachex_jax.data.raw_common import RawDataError
-from metachex_jax.prepare import build_dataset
+from metachex_jax.data.build import build_dataset
 
 RESOLUTION = 16  # from 32 px raw images
 WORKERS = 2
@@ -133,6 +133,21 @@ def test_tb_round_trip_and_split_arithmetic(tmp_path, dataset):
         assert counts[split] == {"num_examples": len(raw.split(split)),
                                  "positives": {"tb": sum(r.tb == 1 for r in raw.split(split)),
                                                "sex_male": sum(r.sex_male == 1 for r in raw.split(split))}}
+    assert {r["bit_depth"] for r in everything} == {8}
+    assert result.report["bit_depths"] == [{"bits": 8, "source": "8-bit file", "images": len(everything)}]
+
+
+def test_12bit_png_without_sbit_is_built_at_full_contrast_and_its_depth_recorded(tmp_path):
+    """The bug of builder version 1.0.0: 0..4095 in a 16-bit PNG came out at most 16 of 255."""
+    from PIL import Image
+
+    tree = make_tb_tree(tmp_path / "raw", "montgomery")
+    image_id = sorted(tree.values)[0]
+    Image.fromarray(np.full((32, 32), 4095, np.uint16)).save(tree.image_path(image_id))
+    result = build("montgomery", tmp_path / "raw", tmp_path / "out")
+    records = {r["image_id"].decode(): r for r in read_split("montgomery", tmp_path / "out", "train+validation+test")}
+    assert np.all(records[image_id]["image"] == 255) and records[image_id]["bit_depth"] == 12
+    assert {"bits": 12, "source": "data", "images": 1} in result.report["bit_depths"]
 
 
 def corrupt_nih_tree(tree):
@@ -222,7 +237,7 @@ if __name__ == "__main__":
 
 CONCURRENT_SCRIPT = """
 import sys
-from metachex_jax.prepare import build_dataset
+from metachex_jax.data.build import build_dataset
 if __name__ == "__main__":
     result = build_dataset("montgomery", sys.argv[1], sys.argv[2], resolution=16, num_workers=1, progress=False)
     print("REUSED" if result.reused else "BUILT", result.report["split_sizes"])

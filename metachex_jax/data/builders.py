@@ -1,6 +1,8 @@
 """TFDS builders `chestxray14`, `shenzhen`, `montgomery`: raw copies -> ArrayRecord datasets (no TensorFlow).
 
-Build (the Python API; `tfds build` needs TensorFlow) -- or use metachex_jax.prepare.build_dataset:
+Each is one entry of the dataset table, `registry.DATASETS`.
+
+Build (the Python API; `tfds build` needs TensorFlow) -- or use metachex_jax.data.build.build_dataset:
 
     builder = Chestxray14(config=nih_config(resolution=256), data_dir=OUT, skip_bad=False)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=RAW))
@@ -376,27 +378,11 @@ class Montgomery(_TbBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = _TB_INSTRUCTIONS.format(folder=tb.MONTGOMERY.folder, name="montgomery")
 
 
-BUILDERS = {"chestxray14": Chestxray14, "shenzhen": Shenzhen, "montgomery": Montgomery}
-
-
-def make_config(dataset: str, *, resolution: int = DEFAULT_RESOLUTION, val_fraction: float = DEFAULT_VAL_FRACTION,
-                num_folds: int = tb.DEFAULT_NUM_FOLDS, seed: int = DEFAULT_SEED) -> tfds.core.BuilderConfig:
-    """The config (hence the on-disk name) for a dataset; options that do not apply to it are ignored.
-
-    A predefined config is returned as the class's own object (TFDS refuses an equal copy under the same name).
-    """
-    if dataset == "chestxray14":
-        config = nih_config(resolution, val_fraction, seed)
-    elif dataset in ("shenzhen", "montgomery"):
-        config = tb_config(resolution, num_folds, seed)
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[dataset].builder_configs.get(config.name, config)
-
-
 def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> epath.Path:
     """Where a complete build lives: <data_dir>/<dataset>/<config>/<version> (data_dir local or gs://)."""
-    return epath.Path(os.fspath(data_dir)) / dataset / config_name / str(BUILDERS[dataset].VERSION)
+    from metachex_jax.data import registry  # the table of families imports this module
+
+    return epath.Path(os.fspath(data_dir)) / dataset / config_name / str(registry.family(dataset).builder.VERSION)
 
 
 def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> bool:
@@ -408,7 +394,7 @@ def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> 
 def build_lock(data_dir: str | os.PathLike, dataset: str, config_name: str) -> Iterator[None]:
     """An exclusive lock (flock on <data_dir>/<dataset>/<config>/.build.lock) held while building that config.
 
-    Local data_dir only (flock needs a local or shared POSIX file system; prepare.build_dataset refuses gs://).
+    Local data_dir only (flock needs a local or shared POSIX file system; build.build_dataset refuses gs://).
     """
     config_dir = Path(data_dir) / dataset / config_name
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -423,7 +409,7 @@ def build_lock(data_dir: str | os.PathLike, dataset: str, config_name: str) -> I
 def remove_incomplete_builds(data_dir: str | os.PathLike, dataset: str, config_name: str) -> list[Path]:
     """Delete the `incomplete.*` folders an interrupted (killed) build left behind; returns what was removed.
 
-    Call it under `build_lock` (as prepare.build_dataset does), so that no live build's folder is removed.
+    Call it under `build_lock` (as build.build_dataset does), so that no live build's folder is removed.
     """
     config_dir = Path(data_dir) / dataset / config_name
     leftovers = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []

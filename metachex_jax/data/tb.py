@@ -35,11 +35,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import Problem, is_plausible_age, parse_age_years, raise_or_skip
+from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age, parse_age_years,
+                                          raise_or_skip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,3 +240,28 @@ def load_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEF
     raw = collect_tb(manual_dir, dataset, num_folds=num_folds, seed=seed)
     raise_or_skip(dataset, raw.problems, skip_bad)
     return raw
+
+
+def verify(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEFAULT_NUM_FOLDS, seed: int = 0,
+           strict_counts: bool = False) -> RawCheck:
+    """The registry's verify hook: every reader problem, counts against the published ones, the default split,
+    fold sizes and flags (`python -m metachex_jax.prepare --verify`)."""
+    raw = collect_tb(manual_dir, dataset, num_folds=num_folds, seed=seed)
+    problems, notes = list(raw.problems), []
+    labels = Counter(r.tb for r in raw.records)
+    found = {"images": raw.images_on_disk, "normal": labels[0], "tb": labels[1]}
+    count_notes, count_problems = compare_counts(found, raw.source.expected_counts, strict_counts)
+    notes += count_notes
+    problems += count_problems
+    notes.append("default split: " + ", ".join(
+        f"{s} {len(raw.split(s))} ({sum(r.tb for r in raw.split(s))} TB)" for s in ("train", "validation", "test")))
+    fold_sizes = Counter(r.fold for r in raw.records)
+    notes.append(f"{raw.num_folds} folds, sizes {[fold_sizes[f] for f in range(raw.num_folds)]}")
+    notes += [f"flagged {flag}: {len(ids)}" + (f" ({', '.join(ids[:5])})" if ids else "")
+              for flag, ids in raw.flags.items()]
+    if raw.source is MONTGOMERY:
+        for side in ("leftMask", "rightMask"):
+            masks = len(list((raw.root / "ManualMask" / side).glob("*.png")))
+            notes.append(f"ManualMask/{side}: {masks} masks (not used for training; 138 published)")
+    return RawCheck(root=raw.root, problems=problems, notes=notes,
+                    image_paths={r.image_id: r.path for r in raw.records})

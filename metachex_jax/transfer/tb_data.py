@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from metachex_jax import distributed
-from metachex_jax.data import builders
+from metachex_jax.data import build, builders
 
 TB_DATASETS = ("shenzhen", "montgomery")
 ALL_RECORDS = "train+validation+test"
@@ -90,11 +90,9 @@ def tb_sources(config, datasets: tuple[str, ...] = TB_DATASETS) -> dict[str, TbS
     def prepare_missing():
         for dataset in datasets:
             if not builders.is_complete(data_dir, dataset, config_name):
-                from metachex_jax import prepare
-
                 logging.info("preparing %s/%s from %s into %s", dataset, config_name, manual_dir, data_dir)
-                prepare.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
-                                      num_folds=data.num_folds, seed=data.fold_seed, progress=False)
+                build.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
+                                    num_folds=data.num_folds, seed=data.fold_seed, progress=False)
 
     if config.demo:  # a local cache, prepared by the processes in turns (see datasets.resolve_demo)
         distributed.one_process_at_a_time(prepare_missing, "demo TB sets")
