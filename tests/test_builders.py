@@ -99,6 +99,40 @@ def test_chestxray14_label_counts_are_stored_and_read_once(nih_build, caplog, tm
     assert f"has no {builders.LABEL_COUNTS_FILE} (built before" in caplog.text
 
 
+@pytest.mark.parametrize("dataset", ["chestxray14", "montgomery"])
+def test_fast_record_source_returns_exactly_what_tfds_returns(nih_build, tmp_path, dataset):
+    """builders.data_source (records.RecordSource) decodes every record to the dict tfds.data_source gives: same
+    keys, types, dtypes, shapes and values; images and labels are stored as raw bytes, uncompressed."""
+    import pickle
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if dataset == "chestxray14":
+        out_dir, config_name = nih_build[1], nih_build[2].config_name
+    else:
+        make_tb_tree(tmp_path / "raw", dataset)
+        out_dir, config_name = tmp_path / "out", build(dataset, tmp_path / "raw", tmp_path / "out").config_name
+    for split in ("train", "validation", "test", "train+test"):
+        fast = builders.data_source(dataset, split, out_dir, config_name=config_name)
+        fast = pickle.loads(pickle.dumps(fast))  # as grain sends it to worker processes
+        expected = read_split(dataset, out_dir, split, config_name)
+        assert len(fast) == len(expected) > 0 and str(fast.split) == split
+        for i, want in enumerate(expected):
+            got = fast[i]
+            assert got.keys() == want.keys()
+            for key, value in want.items():
+                assert type(got[key]) is type(value), key
+                if isinstance(value, np.ndarray):
+                    assert (got[key].dtype, got[key].shape) == (value.dtype, value.shape), key
+                    np.testing.assert_array_equal(got[key], value, err_msg=key)
+                else:
+                    assert got[key] == value, key
+    files = sorted(builders.dataset_dir(out_dir, dataset, config_name).glob("*.array_record-*"))
+    reader = ArrayRecordReader(str(files[0]))
+    assert "uncompressed" in reader.writer_options_string()
+    reader.close()
+
+
 def test_second_build_reuses_and_other_options_get_their_own_name(nih_build, tmp_path):
     tree, out_dir, first = nih_build
     assert build("chestxray14", tree.root, out_dir).reused
