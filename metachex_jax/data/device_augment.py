@@ -5,10 +5,10 @@ augmentation=None)`); this module turns such a batch into the S x S uint8 crops 
 have made on the host, with the same parameter ranges and meaning (`augment.geometry` is shared):
 
     random crop (top, left)   exactly the host's integer window: `lax.dynamic_slice`, no resampling
-    small affine              rotation / scale / shift about the crop centre, one bilinear resampling with
-                              Pillow's conventions (pixel centres at +0.5, edge pixels repeated inside the
-                              image, 0 outside, the result truncated to uint8), so it matches the host's
-                              `PIL.Image.transform` up to float32 rounding (+-1 grey level, rarely)
+    small affine              rotation / scale / shift about the crop centre, one bilinear resampling with the
+                              host's conventions (the same matrix, neighbours outside the image count as 0,
+                              rounded to uint8), so it matches the host's OpenCV `warpAffine` up to rounding
+                              (OpenCV quantises coordinates to 1/32 pixel: +-1 grey level here and there)
     horizontal flip           after the above, exactly as on the host
 
 Randomness: example i of the global batch at train step t draws its NUM_UNIFORMS uniforms from
@@ -73,18 +73,16 @@ def _affine_crop(image, top, left, degrees, scale, dx, dy, size: int):
     px, py = centre[None, :] - (half + dx), centre[:, None] - (half + dy)
     x_in = left + half + cos * px + sin * py
     y_in = top + half - sin * px + cos * py
-    inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)
-    x, y = x_in - 0.5, y_in - 0.5
+    x, y = x_in - 0.5, y_in - 0.5  # pixel centres at whole numbers from here on
     x0, y0 = jnp.floor(x), jnp.floor(y)
     fx, fy = x - x0, y - y0
     x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
     pixels = image.astype(jnp.float32)
 
-    def at(yy, xx):  # neighbours beyond the edge repeat the edge pixel, as Pillow's bilinear filter does
-        return pixels[jnp.clip(yy, 0, height - 1), jnp.clip(xx, 0, width - 1)]
+    def at(yy, xx):  # a neighbour outside the image is 0 (OpenCV's constant border)
+        inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+        return jnp.where(inside, pixels[jnp.clip(yy, 0, height - 1), jnp.clip(xx, 0, width - 1)], 0.0)
 
-    upper = at(y0, x0) + fx * (at(y0, x0 + 1) - at(y0, x0))
-    lower = at(y0 + 1, x0) + fx * (at(y0 + 1, x0 + 1) - at(y0 + 1, x0))
-    value = upper + fy * (lower - upper)
-    # Pillow truncates the interpolated value to uint8; doing the same keeps the two modes' pixel statistics equal.
-    return jnp.where(inside, jnp.clip(jnp.floor(value), 0, 255), 0).astype(jnp.uint8)
+    upper = (1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1)
+    lower = (1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)
+    return jnp.clip(jnp.round((1 - fy) * upper + fy * lower), 0, 255).astype(jnp.uint8)

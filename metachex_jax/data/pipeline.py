@@ -59,7 +59,9 @@ class RandomAccessSource(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Record -> example, per dataset kind (the batch formats of the data contract).
+# Records -> batch, per dataset kind (the batch formats of the data contract). Columnar: one numpy array per
+# field for the whole batch, built once per batch (per-example dicts stacked afterwards cost more than the
+# record reads they follow).
 # ---------------------------------------------------------------------------------------------------------
 
 def _known_or_zero(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,69 +70,72 @@ def _known_or_zero(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(known, value, 0).astype(np.float32), known.astype(np.float32)
 
 
-def _age(record: Record) -> tuple[np.float32, np.float32]:
-    valid = bool(record["age_valid"])
-    return np.float32(record["age"] if valid else 0.0), np.float32(valid)
+def _ages(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+    valid = np.array([bool(r["age_valid"]) for r in records])
+    age = np.where(valid, np.array([r["age"] for r in records], np.float32), 0.0).astype(np.float32)
+    return age, valid.astype(np.float32)
 
 
-def nih_example(record: Record, image: np.ndarray, index: int) -> Example:
-    """A ChestX-ray14 record (already cropped image) -> the multi-task example."""
-    pathology = np.asarray(record["labels"], np.float32)
-    if pathology.shape != (len(PATHOLOGIES),):
-        raise ValueError(f"record {index}: labels has shape {pathology.shape}, expected ({len(PATHOLOGIES)},)")
+def nih_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """ChestX-ray14 records and their (already cropped) images -> the multi-task batch."""
+    bad = [int(i) for i, r in zip(indices, records) if np.shape(r["labels"]) != (len(PATHOLOGIES),)]
+    if bad:
+        raise ValueError(f"records {bad}: labels must have shape ({len(PATHOLOGIES)},)")
+    pathology = np.array([r["labels"] for r in records], np.float32)
     metadata, metadata_mask = _known_or_zero(
-        np.array([record[name] for name in METADATA_TASKS], np.float32))
-    age, age_mask = _age(record)
+        np.array([[r[name] for name in METADATA_TASKS] for r in records], np.float32))
+    age, age_mask = _ages(records)
     return {
-        "image": image,
+        "image": images,
         "pathology": pathology,
-        "pathology_mask": np.ones(len(PATHOLOGIES), np.float32),
+        "pathology_mask": np.ones_like(pathology),
         "metadata": metadata,
         "metadata_mask": metadata_mask,
         "age": age,
         "age_mask": age_mask,
-        "patient_id": np.int64(record["patient_id"]),
-        "index": np.int64(index),
-        "example_mask": np.float32(1.0),
+        "patient_id": np.array([r["patient_id"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
     }
 
 
-def tb_example(record: Record, image: np.ndarray, index: int) -> Example:
-    """A Shenzhen/Montgomery record (already cropped image) -> the TB example."""
-    sex_male, sex_mask = _known_or_zero(np.float32(record["sex_male"]))
-    age, age_mask = _age(record)
+def tb_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """Shenzhen/Montgomery records and their (already cropped) images -> the TB batch."""
+    sex_male, sex_mask = _known_or_zero(np.array([r["sex_male"] for r in records], np.float32))
+    age, age_mask = _ages(records)
     return {
-        "image": image,
-        "tb": np.float32(record["tb"]),
+        "image": images,
+        "tb": np.array([r["tb"] for r in records], np.float32),
         "sex_male": sex_male,
         "sex_mask": sex_mask,
         "age": age,
         "age_mask": age_mask,
-        "fold": np.int64(record["fold"]),
-        "index": np.int64(index),
-        "example_mask": np.float32(1.0),
+        "fold": np.array([r["fold"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
     }
 
 
 @dataclasses.dataclass(frozen=True)
 class ExampleFormat:
-    to_example: Callable[[Record, np.ndarray, int], Example]
+    to_batch: Callable[[Sequence[Record], np.ndarray, np.ndarray], Example]
     required_keys: tuple[str, ...]
 
 
 EXAMPLE_FORMATS = {
-    "nih": ExampleFormat(nih_example, ("image", "labels", "age", "age_valid", "patient_id")
-                         + METADATA_TASKS),
-    "tb": ExampleFormat(tb_example, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
-}  # each dataset's kind: data/registry.py
+    "nih": ExampleFormat(nih_batch, ("image", "labels", "age", "age_valid", "patient_id") + METADATA_TASKS),
+    "tb": ExampleFormat(tb_batch, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
+}
+# Which example format each built dataset (builder name) uses.
+KIND_OF_DATASET = {"chestxray14": "nih", "shenzhen": "tb", "montgomery": "tb"}
 
 
-def padding_example(kind: str, image_size: int) -> Example:
-    """A padding row: same structure as a real example, image 0, every mask 0, ids -1."""
-    example = EXAMPLE_FORMATS[kind].to_example(_ZERO_RECORD, np.zeros((image_size, image_size), np.uint8), -1)
-    for name, value in example.items():
-        example[name] = np.full_like(value, -1) if value.dtype == np.int64 else np.zeros_like(value)
-    return example
+def _blank_padding(batch: Example, padding: np.ndarray) -> Example:
+    """Padding rows keep the structure: image 0, every mask 0, ids -1."""
+    if padding.any():
+        for value in batch.values():
+            value[padding] = -1 if value.dtype == np.int64 else 0
+    return batch
 
 
 _ZERO_RECORD = {"labels": np.zeros(len(PATHOLOGIES)), "age": 0.0, "age_valid": False, "patient_id": -1,
@@ -166,7 +171,7 @@ def _describe(source: RandomAccessSource) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 class _ShuffledShard(grain.transforms.MapWithIndex):
-    """(position in the repeated stream, position within the epoch) -> (epoch, record index).
+    """(position in the repeated stream, position within the epoch) -> (source number, epoch, record index).
 
     The shard is records first, first + step, ... (size of them); each epoch visits it in a fresh permutation
     drawn from (seed, source number, epoch). numpy permutations, cached for the current epoch, rather than
@@ -179,11 +184,11 @@ class _ShuffledShard(grain.transforms.MapWithIndex):
         self.seed, self.source_number, self.shuffle = seed, source_number, shuffle
         self._cached = (-1, None)   # (epoch, order); replaced as a whole, so safe with reader threads
 
-    def map_with_index(self, position: int, position_in_epoch: int) -> tuple[int, int]:
+    def map_with_index(self, position: int, position_in_epoch: int) -> tuple[int, int, int]:
         epoch = position // self.size
         if self.shuffle:
             position_in_epoch = int(self._order(epoch)[position_in_epoch])
-        return epoch, self.first + self.step * position_in_epoch
+        return self.source_number, epoch, self.first + self.step * position_in_epoch
 
     def _order(self, epoch: int) -> np.ndarray:
         cached_epoch, order = self._cached
@@ -193,41 +198,51 @@ class _ShuffledShard(grain.transforms.MapWithIndex):
         return order
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity hash; the source need not be hashable
-class _ReadTrainExample(grain.transforms.Map):
-    source: RandomAccessSource
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity hash; the sources need not be hashable
+class _ReadTrainBatch(grain.transforms.Map):
+    """[(source number, epoch, record index), ...] -> the batch of those records, augmented."""
+    sources: tuple[RandomAccessSource, ...]
     kind: str
     image_size: int
-    augmentation: Augmentation | None  # None: the stored image as it is (augmentation on the device)
+    augmentation: Augmentation | None  # None: the stored images as they are (augmentation on the device)
     seed: int
-    source_number: int
 
-    def map(self, epoch_and_index: tuple[int, int]) -> Example:
-        epoch, index = epoch_and_index
-        record = self.source[index]
-        image = as_gray_2d(record["image"])
-        if self.augmentation is not None:
-            rng = np.random.default_rng([self.seed, self.source_number, epoch, index])
-            image = augment(image, self.image_size, self.augmentation, rng)
-        return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
+    def map(self, positions: Sequence[tuple[int, int, int]]) -> Example:
+        records = [self.sources[number][index] for number, _, index in positions]
+        images = None
+        for row, (record, (number, epoch, index)) in enumerate(zip(records, positions)):
+            image = as_gray_2d(record["image"])
+            if self.augmentation is not None:
+                rng = np.random.default_rng([self.seed, number, epoch, index])
+                image = augment(image, self.image_size, self.augmentation, rng)
+            if images is None:
+                images = np.empty((len(positions), *image.shape), np.uint8)
+            images[row] = image
+        indices = np.array([index for _, _, index in positions], np.int64)
+        return EXAMPLE_FORMATS[self.kind].to_batch(records, images, indices)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _ReadEvalExample(grain.transforms.Map):
-    """Host-local position -> the example of record process_index + position * process_count, or padding."""
+class _ReadEvalBatch(grain.transforms.Map):
+    """Batch number b -> this host's records process_index + p * process_count for the batch's positions p, centre
+    cropped; positions past the end of the source are padding rows."""
     source: RandomAccessSource
     kind: str
     image_size: int
+    per_host_batch_size: int
     process_index: int
     process_count: int
 
-    def map(self, position: int) -> Example:
-        index = self.process_index + position * self.process_count
-        if index >= len(self.source):
-            return padding_example(self.kind, self.image_size)
-        record = self.source[index]
-        image = center_crop(as_gray_2d(record["image"]), self.image_size)
-        return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
+    def map(self, batch_number: int) -> Example:
+        positions = batch_number * self.per_host_batch_size + np.arange(self.per_host_batch_size)
+        indices = self.process_index + positions * self.process_count
+        padding = indices >= len(self.source)
+        records = [_ZERO_RECORD if pad else self.source[int(i)] for i, pad in zip(indices, padding)]
+        blank = np.zeros((self.image_size, self.image_size), np.uint8)
+        images = np.stack([blank if pad else center_crop(as_gray_2d(r["image"]), self.image_size)
+                           for r, pad in zip(records, padding)])
+        batch = EXAMPLE_FORMATS[self.kind].to_batch(records, images, np.where(padding, -1, indices))
+        return _blank_padding(batch, padding)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,32 +266,16 @@ def _per_host_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def train_examples(source: RandomAccessSource, *, kind: str, image_size: int, seed: int,
-                   augmentation: Augmentation | None, process_index: int, process_count: int,
-                   num_epochs: int | None = None, shuffle: bool = True,
-                   source_number: int = 0) -> grain.MapDataset:
-    """This host's stream of augmented training examples from one source (infinite when num_epochs is None).
-
-    `augmentation=None` leaves the stored image whole (for augmentation on the device)."""
-    check_source(source, kind, image_size)
+def _shard_positions(source: RandomAccessSource, *, seed: int, process_index: int, process_count: int,
+                     num_epochs: int | None, shuffle: bool, source_number: int) -> grain.MapDataset:
+    """This host's (source number, epoch, record index) stream over one source (infinite when num_epochs is None)."""
     shard_size = len(range(process_index, len(source), process_count))
     if shard_size == 0:
         raise ValueError(f"source of {len(source)} records has no records for host {process_index} of "
                          f"{process_count}")
     order = _ShuffledShard(process_index, process_count, shard_size, seed=seed, source_number=source_number,
                            shuffle=shuffle)
-    return (grain.MapDataset.range(shard_size).repeat(num_epochs)
-            .map_with_index(order)
-            .map(_ReadTrainExample(source, kind, image_size, augmentation, seed, source_number)))
-
-
-def eval_examples(source: RandomAccessSource, *, kind: str, image_size: int, per_host_batch_size: int,
-                  process_index: int, process_count: int) -> grain.MapDataset:
-    """This host's evaluation examples in record order, padded to the batch count shared by all hosts."""
-    check_source(source, kind, image_size)
-    num_batches = eval_num_batches(len(source), per_host_batch_size, process_count)
-    return (grain.MapDataset.range(num_batches * per_host_batch_size)
-            .map(_ReadEvalExample(source, kind, image_size, process_index, process_count)))
+    return grain.MapDataset.range(shard_size).repeat(num_epochs).map_with_index(order)
 
 
 def eval_num_batches(num_records: int, per_host_batch_size: int, process_count: int) -> int:
@@ -426,11 +425,13 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
     sources = [sources] if _is_single_source(sources) else list(sources)
     if weights is not None and len(weights) != len(sources):
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
-    streams = [train_examples(source, kind=kind, image_size=image_size, seed=seed, augmentation=augmentation,
-                              process_index=process_index, process_count=process_count,
-                              num_epochs=num_epochs, source_number=number)
+    for source in sources:
+        check_source(source, kind, image_size)
+    streams = [_shard_positions(source, seed=seed, process_index=process_index, process_count=process_count,
+                                num_epochs=num_epochs, shuffle=True, source_number=number)
                for number, source in enumerate(sources)]
-    batches = _mix(streams, weights).batch(per_host, drop_remainder=True)
+    read = _ReadTrainBatch(tuple(sources), kind, image_size, augmentation, seed)
+    batches = _mix(streams, weights).batch(per_host, drop_remainder=True, batch_fn=list).map(read)
     num_batches = None
     if num_epochs is not None:
         # Host shards differ in size by up to one record; every host stops where the smallest one does, so
@@ -455,10 +456,11 @@ def eval_batches(source: RandomAccessSource, *, kind: str, global_batch_size: in
     """
     process_index, process_count = _host(process_index, process_count)
     per_host = _per_host_batch_size(global_batch_size, process_count)
-    examples = eval_examples(source, kind=kind, image_size=image_size, per_host_batch_size=per_host,
-                             process_index=process_index, process_count=process_count)
-    batches = examples.batch(per_host, drop_remainder=True)  # exact: padded to whole batches
-    return _to_iterator(batches, len(batches), num_workers, read_threads, prefetch_batches)
+    check_source(source, kind, image_size)
+    num_batches = eval_num_batches(len(source), per_host, process_count)
+    batches = grain.MapDataset.range(num_batches).map(
+        _ReadEvalBatch(source, kind, image_size, per_host, process_index, process_count))
+    return _to_iterator(batches, num_batches, num_workers, read_threads, prefetch_batches)
 
 
 def _is_single_source(sources) -> bool:
