@@ -48,6 +48,25 @@ def to_global(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def jit_train_step(config, graphdef, tx, class_weights, augment_on: str, replicated):
+    """The trainer's jitted step: (state, batch, stop_flags) -> (state, metrics, 1 if any process asked to stop).
+
+    State donated. With augment_on="device" the batch holds the stored images, cropped, flipped and warped here
+    (`device_augment.train_images`); `stop_flags` is `preemption.StopSignals.flags()`."""
+    augment = None
+    if augment_on == "device":
+        augment = functools.partial(device_augment.train_images, seed=config.seed, size=config.data.image_size,
+                                    augmentation=Augmentation(**config.data.augment))
+    step_fn = train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype), class_weights,
+                                          augment=augment)
+
+    def train_step(state, batch, stop_flags):
+        state, metrics = step_fn(state, batch)
+        return state, metrics, preemption.any_process_stops(stop_flags)
+
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated, replicated))
+
+
 def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, train_iter):
     """Pick the starting weights, in this order, and say which was used:
 
@@ -142,19 +161,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      workers, augment_on)
 
     # 5. Steps.
-    dtype = jnp.dtype(config.model.dtype)
-    augment = None
-    if augment_on == "device":
-        augment = functools.partial(device_augment.train_images, seed=config.seed, size=config.data.image_size,
-                                    augmentation=augmentation)
-    step_fn = train_state.make_train_step(graphdef, tx, config.loss, dtype, class_weights, augment=augment)
-
-    def train_step(state, batch, stop_flags):
-        state, metrics = step_fn(state, batch)
-        return state, metrics, preemption.any_process_stops(stop_flags)
-
-    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated, replicated))
-    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, dtype))
+    train_step = jit_train_step(config, graphdef, tx, class_weights, augment_on, replicated)
+    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, jnp.dtype(config.model.dtype)))
 
     def run_eval(split: str, step: int, tag: str) -> dict:
         return evaluate.evaluate_split(

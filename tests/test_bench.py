@@ -116,11 +116,17 @@ def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
     demo = ["--config.demo_data.num_nih=160", "--config.demo_data.num_shenzhen=12",
             "--config.demo_data.num_montgomery=8", "--config.demo_data.size=64"]
     result = loop.main([f"--config={config}", f"--config.demo_dir={tmp_path}", *demo,
-                        "--config.batch_size_per_device=8", "--steps=2", "--log_every=1"])
+                        "--config.batch_size_per_device=8", "--steps=2", "--log_every=1", "--augment_on=device",
+                        "--norepeat_bare"])
     assert last_json(capsys.readouterr().out) == result
     assert result["arch"] == "densenet_tiny" and result["image_size"] == 32
-    assert result["loop_img_per_s"] > 0 and result["bare_step_img_per_s"] > 0
-    assert result["ratio"] == pytest.approx(result["loop_img_per_s"] / result["bare_step_img_per_s"], rel=1e-3)
+    assert result["bare_step_img_per_s"] > 0 and len(result["bare_step_runs"]) == 1
+    for name in ("loop_device", "trainer_step_host", "trainer_step_device"):
+        assert result[f"{name}_img_per_s"] > 0, name
+        assert result[f"{name}_ratio"] == pytest.approx(
+            result[f"{name}_img_per_s"] / result["bare_step_img_per_s"], rel=1e-3), name
+    assert "loop_host_img_per_s" not in result and "ratio" not in result  # auto is "host" on CPU: not run here
+    assert set(result["load"]) == {"bare_step", "loop_device", "trainer_step_host", "trainer_step_device"}
     with pytest.raises(SystemExit) as e:
         loop.main(["--steps=2"])
     assert e.value.code == 2 and "--config is required" in capsys.readouterr().err

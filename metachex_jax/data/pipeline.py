@@ -7,16 +7,22 @@ or a plain list in tests. Records are read lazily; nothing is loaded up front.
 Training (`train_batches`), per source:
 
     positions 0, 1, 2, ... (repeat(num_epochs); None = forever)
-      -> (epoch, record index)  epoch = position // shard size; this host's shard is records
+      -> (source number, epoch, record index)
+                                epoch = position // shard size; this host's shard is records
                                 process_index, process_index + process_count, ..., visited in a new
                                 permutation each epoch, drawn from (seed, source number, epoch)
-      -> read + augment         augmentation RNG seeded by (seed, source number, epoch, record index);
-                                with augmentation=None (config.data.augment_on="device") read only: the
-                                stored R x R image is batched whole and augmented in the train step
-several sources are then interleaved by weight (`grain.MapDataset.mix`, a fixed deterministic pattern), and
-batched (per-host batch = global batch / process count, remainder dropped). Because batching happens on the
-random-access dataset, each batch is a pure function of its position: `mp_prefetch` workers each build whole
-batches (worker w builds batches w, w+W, ...) and the output is identical for any worker count, including 0.
+several sources are then interleaved by weight (`grain.MapDataset.mix`, a fixed deterministic pattern) and the
+positions batched (per-host batch = global batch / process count, remainder dropped); then each batch is
+
+      -> read + augment + assemble
+                                records read, each augmentation RNG seeded by (seed, source number, epoch,
+                                record index), one array per field for the whole batch (`nih_batch`,
+                                `tb_batch`); with augmentation=None (config.data.augment_on="device") read
+                                only: the stored R x R images are batched whole and augmented in the train step
+
+Because batching happens on the random-access dataset, each batch is a pure function of its position:
+`mp_prefetch` workers each build whole batches (worker w builds batches w, w+W, ...) and the output is identical
+for any worker count, including 0.
 
 Evaluation (`eval_batches`) visits every record exactly once: no shuffle, no repeat, centre crop. Host h takes
 records h, h + P, h + 2P, ... and every host is padded to the same number of full batches
@@ -24,7 +30,7 @@ records h, h + P, h + 2P, ... and every host is padded to the same number of ful
 Padding rows have image 0, index -1 and ALL masks 0 (example_mask included), so metrics that weight by the masks
 count every real example exactly once.
 
-Images leave the pipeline as uint8 (B, S, S), values 0..255. The pipeline does NOT normalise: the device does,
+Images leave the pipeline as uint8 (B, S, S) (training with augmentation=None: (B, R, R)), values 0..255. The pipeline does NOT normalise: the device does,
 inside the jitted step, with `metachex_jax.preprocessing.to_model_input`.
 
 Iterators (`BatchIterator`) are grain `DatasetIterator`s: `get_state()`/`set_state()` resume at exactly the same
