@@ -21,7 +21,7 @@ when those differ from the defaults ("." in a fraction is written "p": r256_val0
 BUILDER_CONFIGS are built with `config=nih_config(...)` and read by name exactly like the predefined ones (TFDS
 reads unknown configs from the files). `skip_bad` is not part of the identity: what it dropped is in the skip report.
 
-Storage (version 1.2.0): pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8, encoding=BYTES)` (one
+Storage (chestxray14 1.2.0, TB 1.3.0): pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8, encoding=BYTES)` (one
 raw byte string; TFDS without TF cannot encode numpy through tfds.features.Image), the labels too, in ArrayRecord
 files written uncompressed (`_writing_uncompressed_array_records`: TFDS's writer would apply ArrayRecord's default
 zstd and offers no option). Reading is the input pipeline's hot path on every epoch; disk is paid once. Measured
@@ -183,6 +183,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._pool = None
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
+        self._flag_details: dict[str, dict[str, str]] = {}  # kind -> {item: detail}, e.g. the reading text
         self._written: Counter = Counter()
         self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
         self._positives: dict[str, Counter] = {}  # split -> label name -> records with that label = 1
@@ -215,8 +216,8 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._written, self._bit_depths = [], {}, Counter(), Counter()
-        self._positives = {}
+        self._problems, self._flags, self._flag_details = [], {}, {}
+        self._written, self._bit_depths, self._positives = Counter(), Counter(), {}
         with images.decoding_pool(self._num_workers) as self._pool, _writing_uncompressed_array_records():
             super()._download_and_prepare(dl_manager, download_config)  # one decoding pool for all splits
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
@@ -236,7 +237,7 @@ def write_label_counts(path: Path, builder: _RawImageBuilder) -> None:
     """Per-split label counts of the records written, so that runs need not read every record (which decodes its
     image) to weight classes. Written next to the records, like the skip report. Format:
 
-    {"dataset": "chestxray14", "config": "r256", "version": "1.1.0",
+    {"dataset": "chestxray14", "config": "r256", "version": "1.2.0",
      "splits": {"train": {"num_examples": n, "positives": {"Atelectasis": n, ..., "sex_male": n, "view_ap": n}},
                 ...}}                               # every label of the dataset listed, 0 included
     """
@@ -267,6 +268,7 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
      "skipped_counts": {"kind": n, ...},
      "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
+     "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}},  # what a flag is about
      "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...]}  # the reader's decisions (images.py)
     """
     config = builder.builder_config
@@ -282,6 +284,7 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
         "flags": builder._flags,
+        "flag_details": builder._flag_details,
         "bit_depths": [{"bits": bits, "source": source, "images": n}
                        for (bits, source), n in sorted(builder._bit_depths.items())],
     }
@@ -347,6 +350,14 @@ class Chestxray14(_RawImageBuilder):
 
 class _TbBuilder(_RawImageBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
+    VERSION = tfds.core.Version("1.3.0")
+    RELEASE_NOTES = {
+        **_RawImageBuilder.RELEASE_NOTES,
+        "1.2.0": "Readings: 'femal' read as female; a normal image whose reading names TB (old or healed TB) is "
+                 "kept and flagged (tb_mention_in_normal, with its reading in the skip report) instead of being "
+                 "a label disagreement; negations after the word ('TB is not seen') understood.",
+        "1.3.0": "The record layout of chestxray14's 1.2.0: images as raw bytes in uncompressed ArrayRecord files.",
+    }
     SOURCE: tb.TbSource
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -375,7 +386,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
         raw = tb.load_tb(manual_dir, self.SOURCE.name, num_folds=config.num_folds, seed=config.seed,
                          skip_bad=self._skip_bad)
         self._problems += raw.problems
-        self._flags = raw.flags
+        self._flags, self._flag_details = raw.flags, raw.flag_details
         return {split: raw.split(split) for split in ("train", "validation", "test")}
 
     def _example(self, record: tb.TbRecord, image: np.ndarray) -> tuple[str, dict]:
