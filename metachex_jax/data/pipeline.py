@@ -379,11 +379,17 @@ def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) 
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
     """In grain's worker processes: ignore SIGINT and SIGTERM. Ctrl-C and schedulers signal the whole process
     group; the trainer then saves a checkpoint at the next step boundary (`metachex_jax.preemption`), which
-    needs the workers alive until it closes them."""
+    needs the workers alive until it closes them. So that a worker never outlives its trainer (killed, say), it
+    asks Linux for SIGKILL when its parent dies."""
+    import ctypes
     import signal
+    import sys
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _to_iterator(batches: grain.MapDataset, num_batches: int | None, num_workers: int, read_threads: int,
