@@ -404,6 +404,11 @@ def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size:
         # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
         # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers
         workers=(-1, integer(min=-1)),
+        # Pretraining: where training images are cropped, flipped and warped (`augment`): "host" (the input
+        # pipeline), "device" (inside the jitted train step; the host only reads and batches the stored images),
+        # or "auto": "host" on a CPU backend, "device" on GPU/TPU (measurements in the README), or what a resumed
+        # run used; always "host" for a crop_resize (torchxrayvision) model. Fine-tuning augments on the host.
+        augment_on=("auto", one_of("auto", "host", "device")),
         augment=augment_config(),
     )
 

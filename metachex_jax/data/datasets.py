@@ -21,6 +21,7 @@ from absl import logging
 from metachex_jax import config_lib, distributed, files
 from metachex_jax.data import build, builders, registry
 from metachex_jax.errors import MissingDataError
+from metachex_jax.labels import PATHOLOGIES
 
 NIH_SPLITS = ("train", "validation", "test")
 
@@ -112,9 +113,32 @@ def chestxray14_splits(config) -> dict:
 
 
 def label_counts(source) -> tuple[np.ndarray, int]:
-    """(positives per pathology, number of images) of a split, for CheXNet's class weights."""
-    positives = np.zeros(0)
+    """(positives per pathology, number of images) of a ChestX-ray14 split, for CheXNet's class weights.
+
+    Read from the counts the build stored next to the records (`builders.write_label_counts`), once per run. A
+    dataset built before the builders stored them (or a source that is no built split) has none: the split's
+    records are then read one by one, which decodes every image (minutes for NIH), with a warning saying how to
+    avoid it. The stored counts are checked against the split's size.
+    """
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    counts = builders.read_label_counts_at(info.data_dir) if info is not None else None
+    if counts is None or str(split) not in counts["splits"]:
+        where = f"{info.data_dir} has no {builders.LABEL_COUNTS_FILE} (built before the builders stored label " \
+                f"counts)" if info is not None else "the source is not a built dataset"
+        logging.warning("%s: counting the labels by reading all %d records of the split, which decodes every "
+                        "image; rebuild the dataset (python -m metachex_jax.prepare ...) to skip this", where,
+                        len(source))
+        return count_labels_by_reading(source)
+    stored = counts["splits"][str(split)]
+    if stored["num_examples"] != len(source):
+        raise ValueError(f"{info.data_dir}/{builders.LABEL_COUNTS_FILE} counts {stored['num_examples']} {split} "
+                         f"records, the split has {len(source)}: the folder was changed after its build; rebuild it")
+    return np.array([stored["positives"][name] for name in PATHOLOGIES], np.int64), stored["num_examples"]
+
+
+def count_labels_by_reading(source) -> tuple[np.ndarray, int]:
+    """(positives per pathology, number of images) counted over every record of a split."""
+    positives = np.zeros(len(PATHOLOGIES), np.int64)
     for i in range(len(source)):
-        labels = np.asarray(source[i]["labels"], np.int64)
-        positives = labels if i == 0 else positives + labels
+        positives += np.asarray(source[i]["labels"], np.int64)
     return positives, len(source)
