@@ -110,3 +110,7 @@ def test_augment_on_auto_follows_the_backend_and_a_resumed_run():
     assert pipeline.resolve_augment_on("device", "cpu", saved="host") == "device"  # explicit wins
     with pytest.raises(ValueError, match="augment_on='gpu'"):
         pipeline.resolve_augment_on("gpu", "cpu")
+    # A torchxrayvision-geometry model (centre square, resize) augments on the host: the device crops R x R.
+    assert pipeline.resolve_augment_on("auto", "gpu", geometry="crop_resize") == "host"
+    with pytest.raises(ValueError, match="geometry is crop_resize"):
+        pipeline.resolve_augment_on("device", "gpu", geometry="crop_resize")

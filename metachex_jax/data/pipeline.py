@@ -353,7 +353,7 @@ def resolve_augment_on(requested: str, backend: str, saved: str | None = None,
     host's crop + OpenCV affine is ~0.5 ms against a ~30 ms step per image); on an accelerator the step's
     augmentation costs the device little, while the host's work per image drops to a read (~0.15 ms).
     """
-    if requested not in AUGMENT_ON:
+    if requested not in (*AUGMENT_ON, "auto"):
         raise ValueError(f"config.data.augment_on={requested!r}: use 'host', 'device' or 'auto'")
     if geometry != "resize_crop":
         if requested == "device":
