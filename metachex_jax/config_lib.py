@@ -48,6 +48,11 @@ def model_config(arch: str = "densenet121", multitask: bool = True) -> ml_collec
         age_mean=47.0,  # years; the age head regresses (age - age_mean) / age_std
         age_std=17.0,
         dtype="float32",  # computation dtype; "bfloat16" on accelerators. Parameters stay float32.
+        # Dense blocks stored stacked and run as one lax.scan each (compiles in seconds; same function, and
+        # checkpoints convert between the forms): "auto" (yes on CPU, no on GPU/TPU; README "Benchmarks"),
+        # "yes" or "no".
+        scan_layers="auto",
+        remat=False,  # recompute each dense layer in the backward pass: less memory, more compute
     ))
 
 

@@ -49,7 +49,7 @@ from etils import epath
 from flax import nnx
 
 from metachex_jax import files
-from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, count_params
+from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, convert_layout, count_params, unrolled
 
 BACKBONE_FORMAT = "metachex_jax.backbone/1"
 METADATA_FILE = "metadata.json"
@@ -240,7 +240,7 @@ def to_torchvision_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
 
     `num_batches_tracked` is not part of the NNX state and is not emitted."""
     return {torchvision_key(path): np.ascontiguousarray(to_torch_layout(np.asarray(value)))
-            for path, value in variable_paths(model).items()}
+            for path, value in variable_paths(unrolled(model)).items()}
 
 
 def _looks_like(state_dict: Mapping[str, Any]) -> str:
@@ -397,8 +397,8 @@ def _backbone_of(model: nnx.Module) -> DenseNet:
 
 
 def _backbone_state(backbone: DenseNet) -> dict:
-    """The backbone's pure state dict without the classifier."""
-    state = nnx.to_pure_dict(nnx.state(backbone))
+    """The backbone's pure state dict without the classifier, in torchvision's (unrolled) layout."""
+    state = nnx.to_pure_dict(nnx.state(unrolled(backbone)))
     state.pop("classifier", None)
     return state
 
@@ -509,6 +509,8 @@ def load_backbone(src: str | os.PathLike, model: nnx.Module) -> dict:
             restored = checkpointer.restore(src, {"backbone": abstract})["backbone"]
         except Exception as e:
             raise CheckpointReadError(f"cannot restore the orbax checkpoint {src}: {type(e).__name__}: {e}") from e
+    if backbone.blocks[0].scan_layers:
+        restored = convert_layout(restored, backbone.spec, scan_layers=True)
     state = nnx.state(backbone)
     nnx.replace_by_pure_dict(state, restored)  # a classifier, absent from `restored`, keeps its values
     nnx.update(backbone, state)
