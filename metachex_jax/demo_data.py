@@ -6,6 +6,8 @@ README quick start run on this generator. It writes (see /work/shared/reference/
     DIR/ChestX-ray14/images_001/images/PPPPPPPP_FFF.png ...   (mirror layout, split across >= 2 folders)
     DIR/ChestX-ray14/Data_Entry_2017_v2020.csv                 (the real header, unquoted: 11 comma fields)
     DIR/ChestX-ray14/train_val_list.txt, test_list.txt         (patient-disjoint, no newline after the last name)
+    DIR/ChestX-ray14/BBox_List_2017.csv                        (the real format: a box per focal finding of the
+                                                                test images, for the eight boxed labels)
     DIR/ChinaSet_AllFiles/CXR_png/CHNCXR_NNNN_L.png            (some RGB-mode, sizes not square)
     DIR/ChinaSet_AllFiles/ClinicalReadings/CHNCXR_NNNN_L.txt   ("male 35yrs", varied spacing/case; reading)
     DIR/MontgomerySet/CXR_png/MCUCXR_NNNN_L.png                (portrait/landscape, some 16-bit)
@@ -47,11 +49,17 @@ from PIL import Image
 
 from metachex_jax.labels import NO_FINDING, PATHOLOGIES
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: BBox_List_2017.csv
 MARKER_NAME = "demo_data_complete.json"
 README_NAME = "README_SYNTHETIC.txt"
 NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet"
 NIH_CSV_NAME = "Data_Entry_2017_v2020.csv"
+BBOX_CSV_NAME = "BBox_List_2017.csv"
+BBOX_CSV_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # the real header: 6 fields, 3 of them empty
+# The eight findings the real BBox_List_2017.csv has boxes for (it spells Infiltration "Infiltrate").
+BOX_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                "Pneumothorax")
+BBOX_LABEL_SPELLING = {"Infiltration": "Infiltrate"}
 # The real header, byte for byte. The bracketed names contain commas and are NOT quoted in the real file, so
 # the csv module reads 11 fields: width, height, spacing x and spacing y are separate columns in every row.
 NIH_CSV_HEADER = (
@@ -596,20 +604,29 @@ def _bones(ch: _Chest) -> np.ndarray:
 def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFactors) -> dict[str, np.ndarray]:
     """Draws one radiograph.
 
-    Returns {"image": float (H, W) in [0, 1], "left_lung": bool, "right_lung": bool}; left/right are the
-    PATIENT's lungs (radiological convention: the patient's left lung is on the image's right).
+    Returns {"image": float (H, W) in [0, 1], "left_lung": bool, "right_lung": bool, "boxes": {finding: (x, y,
+    w, h)}}; left/right are the PATIENT's lungs (radiological convention: the patient's left lung is on the
+    image's right). `boxes` holds a pixel bounding box for each of BOX_FINDINGS present: where its painter changed
+    the image (Cardiomegaly: the heart).
     """
     unknown = sorted(set(factors.findings) - set(PATHOLOGIES))
     if unknown:
         raise ValueError(f"unknown findings {unknown}; expected names from {PATHOLOGIES}")
     ch = _build_anatomy(key, shape, factors)
+    layers = {}  # a boxed finding -> what its painter changed (for its bounding box)
     for name in PATHOLOGIES:
         if name in factors.findings and name in FINDING_PAINTERS:
+            before = (ch.lesions.copy(), ch.density.copy(), ch.air.copy()) if name in BOX_FINDINGS else None
             FINDING_PAINTERS[name](ch, ch.rng(name))
+            if before is not None:
+                layers[name] = (np.abs(ch.lesions - before[0]), np.abs(ch.density - before[1]) + np.abs(ch.air - before[2]))
     if factors.tb:
         _paint_tb(ch)
 
     lungs_total = np.maximum(ch.lung_field[-1], ch.lung_field[1])
+    boxes = {name: _bounding_box(lesion * lungs_total + other) for name, (lesion, other) in layers.items()}
+    if "Cardiomegaly" in factors.findings:  # a change of geometry: the (enlarged) heart's silhouette
+        boxes["Cardiomegaly"] = _bounding_box(ch.heart)
     vessels = _ridges(ch.canvas.noise(ch.rng("vessels"), 0.035), 0.14)
     density = ch.density + 0.1 * vessels * ch.vessel_weight * lungs_total * (1.0 - ch.heart)
     density -= (0.42 if "Emphysema" in factors.findings else 0.33) * ch.air
@@ -626,7 +643,17 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
     image = _gaussian_blur(image, style.blur * ch.canvas.px_per_unit)
     image += style.noise_std * ch.rng("noise").standard_normal(ch.canvas.shape, dtype=np.float32)
     lung_mask = {side: ch.lung_field[side] * (1.0 - ch.heart) > 0.5 for side in (-1, 1)}
-    return {"image": np.clip(image, 0.0, 1.0), "left_lung": lung_mask[1], "right_lung": lung_mask[-1]}
+    return {"image": np.clip(image, 0.0, 1.0), "left_lung": lung_mask[1], "right_lung": lung_mask[-1],
+            "boxes": {name: box for name, box in boxes.items() if box is not None}}
+
+
+def _bounding_box(layer: np.ndarray, fraction: float = 0.25) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) in pixels of where `layer` exceeds `fraction` of its maximum (None when it is empty)."""
+    peak = float(layer.max())
+    if peak <= 1e-6:
+        return None
+    rows, cols = np.nonzero(layer > fraction * peak)
+    return int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -816,12 +843,14 @@ def _save_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
-def _render_and_write(job: ImageJob, root: str) -> None:
+def _render_and_write(job: ImageJob, root: str) -> dict:
+    """Render and write one image; returns its boxes."""
     rendered = render_chest(job.key, job.shape, job.factors)
     _save_png(to_png_array(rendered["image"], job.mode), os.path.join(root, job.path))
     if job.mask_paths:
         for mask, path in zip((rendered["left_lung"], rendered["right_lung"]), job.mask_paths):
             _save_png(mask.astype(np.uint8) * 255, os.path.join(root, path))
+    return rendered["boxes"]
 
 
 def _write_text(path: str, text: str) -> None:
@@ -829,7 +858,7 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _nih_files(root: str, seed: int, num_images: int, size: int) -> tuple[list[ImageJob], dict]:
+def _nih_files(root: str, seed: int, num_images: int, size: int) -> tuple[list[ImageJob], dict, list[NIHRecord]]:
     records = sample_nih_records(seed, num_images)
     base = os.path.join(root, NIH_DIR)
     num_folders = min(max(2, math.ceil(num_images / NIH_IMAGES_PER_FOLDER)), 12, num_images)
@@ -856,7 +885,21 @@ def _nih_files(root: str, seed: int, num_images: int, size: int) -> tuple[list[I
         "num_nih_train_val": sum(not r.test for r in records),
         "num_nih_test": sum(r.test for r in records),
     }
-    return jobs, counts
+    return jobs, counts, records
+
+
+def _write_bbox_list(root: str, records: list[NIHRecord], boxes: list[dict]) -> int:
+    """BBox_List_2017.csv in the real format, for the test images (where the real boxes are); returns the count."""
+    rows = [BBOX_CSV_HEADER]
+    for record, image_boxes in zip(records, boxes):
+        if not record.test:
+            continue
+        for name in BOX_FINDINGS:
+            if name in image_boxes:
+                x, y, w, h = image_boxes[name]
+                rows.append(f"{record.image_index},{BBOX_LABEL_SPELLING.get(name, name)},{x},{y},{w},{h}")
+    _write_text(os.path.join(root, NIH_DIR, BBOX_CSV_NAME), "\n".join(rows) + "\n")
+    return len(rows) - 1
 
 
 def _tb_files(root: str, seed: int, dataset: str, records: list[TBRecord]) -> list[ImageJob]:
@@ -898,11 +941,10 @@ def _readme(params: dict) -> str:
 _WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "67108864"}
 
 
-def _run_jobs(jobs: list[ImageJob], root: str, num_workers: int) -> None:
+def _run_jobs(jobs: list[ImageJob], root: str, num_workers: int) -> list[dict]:
+    """Render and write every job; returns each job's boxes, in job order."""
     if num_workers <= 1 or len(jobs) < 64:  # starting workers costs more than a few dozen small images
-        for job in jobs:
-            _render_and_write(job, root)
-        return
+        return [_render_and_write(job, root) for job in jobs]
     # "spawn": safe even when the caller has JAX (threads) loaded; results do not depend on the workers.
     # The workers inherit a glibc setting that keeps the renderer's ~0.25 MB temporaries on the heap instead
     # of mmap/munmap per array: without it a third of the CPU time goes to page faults.
@@ -912,8 +954,7 @@ def _run_jobs(jobs: list[ImageJob], root: str, num_workers: int) -> None:
     try:
         with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
             chunk = max(1, len(jobs) // (8 * num_workers))
-            for _ in pool.map(_render_and_write, jobs, [root] * len(jobs), chunksize=chunk):
-                pass
+            return list(pool.map(_render_and_write, jobs, [root] * len(jobs), chunksize=chunk))
     finally:
         for name, value in saved.items():
             if value is None:
@@ -924,12 +965,14 @@ def _run_jobs(jobs: list[ImageJob], root: str, num_workers: int) -> None:
 
 def _generate(root: str, params: dict, num_workers: int) -> dict:
     seed, size = params["seed"], params["size"]
-    jobs, counts = _nih_files(root, seed, params["num_nih"], size)
+    jobs, counts, nih_records = _nih_files(root, seed, params["num_nih"], size)
+    num_nih = len(jobs)
     shenzhen = sample_shenzhen_records(seed, params["num_shenzhen"], size)
     montgomery = sample_montgomery_records(seed, params["num_montgomery"], size)
     jobs += _tb_files(root, seed, "shenzhen", shenzhen)
     jobs += _tb_files(root, seed, "montgomery", montgomery)
-    _run_jobs(jobs, root, num_workers)
+    boxes = _run_jobs(jobs, root, num_workers)
+    counts["num_nih_boxes"] = _write_bbox_list(root, nih_records, boxes[:num_nih])
     counts |= {
         "num_shenzhen": len(shenzhen),
         "num_shenzhen_tb": sum(r.tb for r in shenzhen),

@@ -1,31 +1,75 @@
-"""The train-step benchmark runs end to end on a tiny DenseNet and ends with one parseable JSON line."""
+"""The benchmarks: `python -m metachex_jax.bench MODE` dispatches to every mode, and each mode runs end to end on
+tiny inputs and ends with one parseable JSON line."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
-from metachex_jax import bench
+from metachex_jax.bench import MODES
+from metachex_jax.bench import __main__ as dispatcher
+from metachex_jax.bench import train as train_bench
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def last_json(text: str) -> dict:
+    lines = text.strip().splitlines()
+    assert len(lines) >= 2  # human-readable lines first
+    return json.loads(lines[-1])
+
+
+# --- the entry point ------------------------------------------------------------------------------------------
+
+def test_every_mode_is_a_module_with_main_and_listed_once_in_the_readme():
+    assert list(MODES) == ["train", "loop", "data", "probe", "predict"]
+    for mode in MODES:
+        assert callable(importlib.import_module(f"metachex_jax.bench.{mode}").main)
+    readme = open(os.path.join(REPO, "README.md")).read()
+    for mode in MODES:
+        assert len(re.findall(rf"`python -m metachex_jax\.bench {mode}\b", readme)) == 1, mode
+    for old in ("metachex_jax.loop_bench", "metachex_jax.data.bench", "metachex_jax.transfer.bench"):
+        assert old not in readme
+
+
+def test_dispatcher_lists_modes_and_refuses_unknown_ones(capsys):
+    assert dispatcher.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {mode} " in out for mode in MODES)
+    assert dispatcher.main([]) == 2
+    assert dispatcher.main(["speed"]) == 2 and "unknown benchmark mode 'speed'" in capsys.readouterr().err
+
+
+def test_a_mode_runs_through_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "metachex_jax.bench", "probe", "--folds=3"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = last_json(done.stdout)
+    assert figures["folds"] == 3 and figures["probe_s"] > 0
+
+
+# --- train: the DenseNet train step ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bench_run():
+def train_run():
     """One real benchmark run (with the torch comparison where torch is installed): printed text and figures."""
     out = io.StringIO()
-    figures = bench.run("densenet_tiny", batch=4, resolution=32, steps=2, warmup=1, torch=HAS_TORCH, out=out)
+    figures = train_bench.run("densenet_tiny", batch=4, resolution=32, steps=2, warmup=1, torch=HAS_TORCH, out=out)
     return out.getvalue(), figures
 
 
-def test_bench_prints_json_last_with_positive_figures(bench_run):
-    text, result = bench_run
-    lines = text.strip().splitlines()
-    assert len(lines) >= 2  # human-readable lines first
-    figures = json.loads(lines[-1])
+def test_train_prints_json_last_with_positive_figures(train_run):
+    text, result = train_run
+    figures = last_json(text)
     assert figures == pytest.approx(result)
     assert (figures["arch"], figures["batch"], figures["resolution"]) == ("densenet_tiny", 4, 32)
     assert figures["backend"] == "cpu"
@@ -34,30 +78,95 @@ def test_bench_prints_json_last_with_positive_figures(bench_run):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (optional extra)")
-def test_bench_torch_comparison_reports_ratio(bench_run):
-    _, figures = bench_run
+def test_train_torch_comparison_reports_ratio(train_run):
+    _, figures = train_run
     assert figures["torch_img_per_s"] > 0
     assert figures["ratio"] == pytest.approx(figures["img_per_s"] / figures["torch_img_per_s"])
 
 
 @pytest.mark.skipif(HAS_TORCH, reason="torch is installed")
-def test_bench_torch_missing_is_a_clear_error():
+def test_train_torch_missing_is_a_clear_error():
     with pytest.raises(SystemExit, match="--torch needs torch"):
-        bench.run("densenet_tiny", batch=2, resolution=32, steps=1, warmup=0, torch=True, out=io.StringIO())
+        train_bench.run("densenet_tiny", batch=2, resolution=32, steps=1, warmup=0, torch=True, out=io.StringIO())
 
 
-def test_bench_times_the_trainers_step_which_really_trains():
+def test_train_times_the_trainers_step_which_really_trains():
     """The timed step is the trainer's real step: it lowers the loss and moves the BatchNorm running statistics."""
-    figures, step = bench.setup_jax("densenet_tiny", batch=4, resolution=32, dtype="float32")
+    figures, step = train_bench.setup_jax("densenet_tiny", batch=4, resolution=32, dtype="float32")
     assert figures["params"] > 0
     losses = [step() for _ in range(4)]
     assert losses[-1] < losses[0]
 
 
-def test_bench_rejects_bad_arguments():
+def test_train_rejects_bad_arguments():
     with pytest.raises(ValueError, match="densenet999"):
-        bench.run("densenet999")
+        train_bench.run("densenet999")
     with pytest.raises(ValueError, match="resolution=8"):
-        bench.run("densenet_tiny", resolution=8)
+        train_bench.run("densenet_tiny", resolution=8)
     with pytest.raises(SystemExit):
-        bench.main(["--dtype", "float16"])
+        dispatcher.main(["train", "--dtype", "float16"])
+
+
+# --- loop: the training loop against the bare step ------------------------------------------------------------
+
+def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
+    from metachex_jax.bench import loop
+
+    config = os.path.join(REPO, "configs/pretrain.py:demo,arch=densenet_tiny,res=32")
+    demo = ["--config.demo_data.num_nih=160", "--config.demo_data.num_shenzhen=12",
+            "--config.demo_data.num_montgomery=8", "--config.demo_data.size=64"]
+    result = loop.main([f"--config={config}", f"--config.demo_dir={tmp_path}", *demo,
+                        "--config.batch_size_per_device=8", "--steps=2", "--log_every=1"])
+    assert last_json(capsys.readouterr().out) == result
+    assert result["arch"] == "densenet_tiny" and result["image_size"] == 32
+    assert result["loop_img_per_s"] > 0 and result["bare_step_img_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["loop_img_per_s"] / result["bare_step_img_per_s"], rel=1e-3)
+    with pytest.raises(SystemExit) as e:
+        loop.main(["--steps=2"])
+    assert e.value.code == 2 and "--config is required" in capsys.readouterr().err
+
+
+# --- data: the input pipeline -----------------------------------------------------------------------------------
+
+def test_data_reports_pipeline_naive_and_build_throughput(capsys):
+    from metachex_jax.bench import data
+
+    result = data.main(["--synthetic", "--num_records=16", "--resolution=40", "--image_size=32", "--batch_size=4",
+                        "--num_batches=3", "--num_workers=0", "--naive_images=2", "--naive_samples=4",
+                        "--build_images=20", "--build_size=64"])
+    figures = last_json(capsys.readouterr().out)
+    assert figures == result
+    assert figures["stored_resolution"] == 40 and figures["image_size"] == 32
+    assert figures["pipeline_0_workers_img_per_s"] > 0 and figures["naive_png_img_per_s_per_core"] > 0
+    assert figures["speedup_per_core_vs_naive_png"] == pytest.approx(
+        figures["pipeline_0_workers_img_per_s"] / figures["naive_png_img_per_s_per_core"], rel=0.01)
+    assert figures["build_img_per_s"] > 0
+    with pytest.raises(SystemExit):
+        data.main(["--num_records=16"])  # neither --synthetic nor --data_dir
+    assert "give --synthetic, or --data_dir" in capsys.readouterr().err
+
+
+# --- probe: the TB linear probe ---------------------------------------------------------------------------------
+
+def test_probe_runs_the_cross_validated_probe_and_its_references(capsys):
+    from metachex_jax.bench import probe
+
+    result = probe.main(["--folds=3", "--sklearn", "--extract", "--arch=densenet_tiny", "--resolution=32",
+                         "--batch=4", "--batches=1"])
+    assert (result["n"], result["d"]) == (probe.NUM_IMAGES, probe.NUM_FEATURES)
+    assert result["probe_oof_auroc"] > 0.7  # the planted signal is found
+    assert result["probe_s"] > 0 and result["sklearn_s_per_fold"] > 0 and result["extract_img_per_s"] > 0
+    assert last_json(capsys.readouterr().out) == result
+
+
+# --- predict: inference ---------------------------------------------------------------------------------------
+
+def test_predict_mode_reports_forward_files_and_gradcam():
+    from metachex_jax.bench import predict as predict_bench
+
+    out = io.StringIO()
+    figures = predict_bench.run("densenet_tiny", batch=4, image_size=32, steps=2, files=6, torch=HAS_TORCH, out=out)
+    assert last_json(out.getvalue()) == json.loads(json.dumps(figures))
+    for key in ("forward_img_per_s", "files_img_per_s", "files_ratio", "gradcam_s_per_image", "gradcam_vs_forward"):
+        assert figures[key] > 0, key
+    assert ("ratio_vs_torch" in figures) == HAS_TORCH

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax.data import builders, nih, tb
 from metachex_jax.data.raw_common import RawDataError
-from metachex_jax.prepare import build_dataset
+from metachex_jax.data.build import build_dataset
 
 RESOLUTION = 16  # from 32 px raw images
 WORKERS = 2
@@ -90,6 +90,21 @@ def test_tb_round_trip_and_split_arithmetic(tmp_path, dataset):
         assert record["reading"].decode() == want.reading
     assert sorted(r["fold"] for r in everything) == sorted(r.fold for r in raw.records)
     assert result.report["split_sizes"] == {s: len(raw.split(s)) for s in ("test", "train", "validation")}
+    assert {r["bit_depth"] for r in everything} == {8}
+    assert result.report["bit_depths"] == [{"bits": 8, "source": "8-bit file", "images": len(everything)}]
+
+
+def test_12bit_png_without_sbit_is_built_at_full_contrast_and_its_depth_recorded(tmp_path):
+    """The bug of builder version 1.0.0: 0..4095 in a 16-bit PNG came out at most 16 of 255."""
+    from PIL import Image
+
+    tree = make_tb_tree(tmp_path / "raw", "montgomery")
+    image_id = sorted(tree.values)[0]
+    Image.fromarray(np.full((32, 32), 4095, np.uint16)).save(tree.image_path(image_id))
+    result = build("montgomery", tmp_path / "raw", tmp_path / "out")
+    records = {r["image_id"].decode(): r for r in read_split("montgomery", tmp_path / "out", "train+validation+test")}
+    assert np.all(records[image_id]["image"] == 255) and records[image_id]["bit_depth"] == 12
+    assert {"bits": 12, "source": "data", "images": 1} in result.report["bit_depths"]
 
 
 def corrupt_nih_tree(tree):
@@ -150,13 +165,20 @@ def test_undecodable_images_fail_the_build_naming_each_and_leave_nothing(tmp_pat
 def test_tb_skip_bad_reports_disagreements_and_flags(tmp_path):
     tree = make_tb_tree(tmp_path / "raw", "montgomery")
     ids = sorted(tree.values)
-    tree.write_reading(ids[0], "Patient's Sex: M\nPatient's Age: 040Y\npulmonary TB, cavitation\n")  # label 0
+    old_tb = "old healed TB in the right apex, no active disease"
+    tree.write_reading(ids[0], f"Patient's Sex: M\nPatient's Age: 040Y\n{old_tb}\n")  # label 0: a flag
     tree.write_reading(ids[1], "Patient's Sex: ?\nPatient's Age: unknown\nnormal\n")  # flags only
+    tree.write_reading(ids[-1], "Patient's Sex: F \nPatient's Age: 027Y\nnormal\n")  # label 1: a contradiction
     result = build("montgomery", tmp_path / "raw", tmp_path / "out", skip_bad=True)
-    assert [(s["kind"], s["item"]) for s in result.report["skipped"]] == [("label_disagreement", ids[0])]
+    assert [(s["kind"], s["item"]) for s in result.report["skipped"]] == [("label_disagreement", ids[-1])]
     assert result.report["flags"]["unknown_sex"] == [ids[1]] and result.report["flags"]["invalid_age"] == [ids[1]]
+    # The TB mention in a normal reading is kept, flagged, and listed with its reading in the skip report.
+    assert result.report["flags"]["tb_mention_in_normal"] == [ids[0]]
+    assert result.report["flag_details"] == {"tb_mention_in_normal": {ids[0]: old_tb}}
+    assert f"tb_mention_in_normal {ids[0]}: {old_tb!r}" in result.format()
     records = {r["image_id"].decode(): r for r in read_split("montgomery", tmp_path / "out", "train+validation+test")}
-    assert ids[0] not in records and records[ids[1]]["sex_male"] == -1 and not records[ids[1]]["age_valid"]
+    assert ids[-1] not in records and records[ids[1]]["sex_male"] == -1 and not records[ids[1]]["age_valid"]
+    assert records[ids[0]]["tb"] == 0 and records[ids[0]]["reading"].decode() == old_tb
 
 
 KILL_SCRIPT = """
@@ -179,7 +201,7 @@ if __name__ == "__main__":
 
 CONCURRENT_SCRIPT = """
 import sys
-from metachex_jax.prepare import build_dataset
+from metachex_jax.data.build import build_dataset
 if __name__ == "__main__":
     result = build_dataset("montgomery", sys.argv[1], sys.argv[2], resolution=16, num_workers=1, progress=False)
     print("REUSED" if result.reused else "BUILT", result.report["split_sizes"])
@@ -213,5 +235,5 @@ def test_killed_build_never_reads_as_complete_and_is_cleaned_up(tmp_path):
         tfds.data_source("shenzhen/r16", split="train", data_dir=str(tmp_path / "out"))
     result = build("shenzhen", tmp_path / "raw", tmp_path / "out")
     assert result.removed_incomplete and not list(config_dir.glob("incomplete.*"))
-    assert sorted(p.name for p in config_dir.iterdir()) == [".build.lock", "1.0.0"]
+    assert sorted(p.name for p in config_dir.iterdir()) == [".build.lock", str(builders.Shenzhen.VERSION)]
     assert len(read_split("shenzhen", tmp_path / "out", "train")) == result.report["split_sizes"]["train"]

@@ -283,6 +283,40 @@ def test_each_finding_changes_the_image_in_its_own_way():
             assert cosine < 0.9, (names[a], names[b], cosine)
 
 
+def test_boxes_hold_where_each_boxed_finding_changed_the_image():
+    """A box per boxed finding: most of the change the finding makes to the pixels lies inside its box.
+
+    Atelectasis also raises the hemidiaphragm (volume loss); its box, like a real one, holds the collapsed band."""
+    for name in demo_data.BOX_FINDINGS:
+        for i in range(3):
+            with_finding = demo_data.render_chest(demo_data.image_key(0, "chestxray14", i), (SIZE, SIZE),
+                                                  _factors(i, findings=frozenset([name])))
+            change = np.abs(with_finding["image"] - _render(i, _factors(i)))
+            x, y, w, h = with_finding["boxes"][name]
+            assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE and w * h < 0.6 * SIZE * SIZE, name
+            inside = change[y:y + h, x:x + w].sum() / change.sum()
+            assert inside > (0.4 if name == "Atelectasis" else 0.9), (name, i, inside)
+    plain = demo_data.render_chest(demo_data.image_key(0, "chestxray14", 0), (SIZE, SIZE),
+                                   _factors(0, findings=frozenset(["Emphysema"])))
+    assert plain["boxes"] == {}  # only the eight boxed findings of the real list get boxes
+
+
+def test_bbox_list_in_the_real_format_for_test_images(tree):
+    root, result = tree
+    with open(root / "ChestX-ray14" / "BBox_List_2017.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert ",".join(rows[0]) == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    assert len(rows) - 1 == result["num_nih_boxes"] > 0
+    test = set(_read_list(root / "ChestX-ray14" / "test_list.txt"))
+    _, csv_rows = _nih_rows(root)
+    labels = {r[0]: r[1].split("|") for r in csv_rows}
+    for name, label, *box in rows[1:]:
+        assert name in test and len(box) == 4
+        assert {"Infiltrate": "Infiltration"}.get(label, label) in labels[name]  # the real spelling
+        x, y, w, h = map(float, box)
+        assert 0 <= x and 0 <= y and x + w <= SMALL["size"] and y + h <= SMALL["size"]
+
+
 def test_cardiomegaly_brightens_the_heart_region():
     n = 40
     labels = np.r_[np.zeros(n), np.ones(n)]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from metachex_jax import distributed, evaluate, files, metrics, prepare, reports
 from metachex_jax.data import builders
+from metachex_jax.data.build import build_dataset
 from metachex_jax.metric_writer import MetricWriter
 from metachex_jax.transfer import plot, weights
 from test_metrics import multitask_predictions
@@ -145,7 +146,7 @@ def test_eval_outputs_land_in_a_gs_workdir(fake_gcs):
 def test_builders_is_complete_and_skip_report_on_gs(fake_gcs):
     data_dir = fake_gcs.url + "/tensorflow_datasets"
     build = builders.dataset_dir(data_dir, "shenzhen", "r16")
-    assert os.fspath(build) == f"{data_dir}/shenzhen/r16/{builders.BUILDERS['shenzhen'].VERSION}"
+    assert os.fspath(build) == f"{data_dir}/shenzhen/r16/{builders.Shenzhen.VERSION}"
     assert not builders.is_complete(data_dir, "shenzhen", "r16")
     files.write_atomic(os.fspath(build / builders.SKIP_REPORT_FILE), json.dumps({"skipped": []}))
     assert not builders.is_complete(data_dir, "shenzhen", "r16")  # no dataset_info.json: an unfinished copy
@@ -156,7 +157,7 @@ def test_builders_is_complete_and_skip_report_on_gs(fake_gcs):
 
 def test_prepare_into_gs_is_refused_clearly(tmp_path, capsys):
     with pytest.raises(ValueError) as e:
-        prepare.build_dataset("shenzhen", tmp_path, "gs://bucket/tfds", resolution=16)
+        build_dataset("shenzhen", tmp_path, "gs://bucket/tfds", resolution=16)
     assert "gs://bucket/tfds" in str(e.value) and "gsutil -m cp -r" in str(e.value) and "gcsfuse" in str(e.value)
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["--dataset=shenzhen", f"--manual_dir={tmp_path}", "--data_dir=gs://bucket/tfds"])

@@ -87,11 +87,72 @@ def test_12bit_data_in_16bit_png_uses_sbit_range(tmp_path):
     (tmp_path / "sbit.png").write_bytes(_with_sbit((tmp_path / "plain.png").read_bytes(), 12))
     assert images.png_significant_bits(tmp_path / "sbit.png") == 12
     assert images.png_significant_bits(tmp_path / "plain.png") is None
-    np.testing.assert_array_equal(images.load_gray(tmp_path / "sbit.png", None),
-                                  np.rint(values / 4095.0 * 255.0).astype(np.uint8))
-    # Without sBIT the container depth (16 bits) is the range.
-    np.testing.assert_array_equal(images.load_gray(tmp_path / "plain.png", None),
-                                  np.rint(values / 65535.0 * 255.0).astype(np.uint8))
+    expected = np.rint(values / 4095.0 * 255.0).astype(np.uint8)
+    np.testing.assert_array_equal(images.load_gray(tmp_path / "sbit.png", None), expected)
+    assert images.load_gray_with_info(tmp_path / "sbit.png", None)[1].bit_depth_source == "png sBIT"
+
+
+def test_12bit_data_in_16bit_png_without_sbit_is_not_black(tmp_path):
+    """The bug this reader fixed: 0..4095 in a 16-bit PNG without sBIT was divided by 65535 (at most 16 of 255)."""
+    values = np.array([[0, 4095, 2048, 100]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "plain.png")
+    gray, info = images.load_gray_with_info(tmp_path / "plain.png", None)
+    np.testing.assert_array_equal(gray, np.rint(values / 4095.0 * 255.0).astype(np.uint8))
+    assert gray.max() == 255
+    assert (info.format, info.bit_depth, info.bit_depth_source) == ("png", 12, "data")
+
+
+def test_sbit_with_shifted_samples_is_16bit_data(tmp_path):
+    """A writer that followed the PNG standard shifted 12-bit samples up: they exceed 4095, so 16 bits is right."""
+    values = (np.array([[0, 4095, 2048, 100]], np.uint16) << 4)
+    Image.fromarray(values).save(tmp_path / "plain.png")
+    (tmp_path / "sbit.png").write_bytes(_with_sbit((tmp_path / "plain.png").read_bytes(), 12))
+    gray, info = images.load_gray_with_info(tmp_path / "sbit.png", None)
+    np.testing.assert_array_equal(gray, np.rint(values / 65535.0 * 255.0).astype(np.uint8))
+    assert (info.bit_depth, info.bit_depth_source) == (16, "data")
+
+
+def test_precedence_override_then_metadata_then_sbit_then_data(tmp_path):
+    values = np.array([[0, 1023, 512, 7]], np.uint16)  # 10-bit data (PadChest has 10- and 12-bit images)
+    Image.fromarray(values).save(tmp_path / "plain.png")
+    (tmp_path / "sbit.png").write_bytes(_with_sbit((tmp_path / "plain.png").read_bytes(), 11))
+
+    def read(name, **kw):
+        gray, info = images.load_gray_with_info(tmp_path / name, None, **kw)
+        return gray, info.bit_depth, info.bit_depth_source
+
+    def scaled(bits):
+        return np.rint(values / (2.0 ** bits - 1) * 255.0).astype(np.uint8)
+
+    gray, bits, source = read("plain.png")
+    assert (bits, source) == (12, "data")
+    np.testing.assert_array_equal(gray, scaled(12))
+    assert read("sbit.png")[1:] == (11, "png sBIT")
+    gray, bits, source = read("sbit.png", declared_bits=10)  # the dataset's metadata wins over sBIT
+    assert (bits, source) == (10, "dataset metadata")
+    np.testing.assert_array_equal(gray, scaled(10))
+    assert read("sbit.png", declared_bits=10, bit_depth=16)[1:] == (16, "override")  # and the override over all
+    # Metadata the samples contradict is not used (recorded), and an override they exceed is an error.
+    assert read("plain.png", declared_bits=8)[1:] == (12, "data (declared 8 bits, but samples reach 1023)")
+    with pytest.raises(images.ImageDecodeError, match="samples reach 1023"):
+        read("plain.png", bit_depth=9)
+    with pytest.raises(images.ImageDecodeError, match="8-bit"):
+        Image.fromarray(values.astype(np.uint8), mode="L").save(tmp_path / "eight.png")
+        read("eight.png", bit_depth=12)
+
+
+def test_format_is_decided_by_content_not_extension(tmp_path):
+    pixels = RNG.integers(0, 256, (32, 32), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "a_jpeg.png", format="JPEG", quality=100)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "a_png.JPG", format="PNG")
+    Image.fromarray(pixels, mode="L").save(tmp_path / "UPPER.PNG", format="PNG")
+    Image.fromarray(np.stack([pixels] * 3, -1), mode="RGB").save(tmp_path / "rgb_gray.png")
+    jpeg, info = images.load_gray_with_info(tmp_path / "a_jpeg.png", None)
+    assert info.format == "jpeg" and np.abs(jpeg.astype(int) - pixels).max() <= 8
+    for name in ("a_png.JPG", "UPPER.PNG", "rgb_gray.png"):  # R = G = B: gray comes back exactly
+        gray, info = images.load_gray_with_info(tmp_path / name, None)
+        assert info.format == "png" and info.bit_depth == 8
+        np.testing.assert_array_equal(gray, pixels)
 
 
 def test_box_downscale_is_the_block_mean(tmp_path):
@@ -111,15 +172,18 @@ def test_16bit_downscale_rounds_once(tmp_path):
     assert np.abs(images.load_gray(tmp_path / "g16.png", 8) - block_mean).max() <= 0.51
 
 
-def test_truncated_and_undecodable_files_raise_naming_the_file(tmp_path):
+def test_truncated_empty_and_undecodable_files_raise_naming_the_file(tmp_path):
     Image.fromarray(RNG.integers(0, 256, (64, 64), dtype=np.uint8), mode="L").save(tmp_path / "ok.png")
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "garbage.png").write_bytes(b"this is not an image at all")
-    for name in ("truncated.png", "garbage.png"):
+    (tmp_path / "empty.png").write_bytes(b"")
+    reasons = {"truncated.png": "", "garbage.png": "not an image file", "empty.png": "empty"}
+    for name, reason in reasons.items():
         with pytest.raises(images.ImageDecodeError, match=str(tmp_path / name)):
             images.load_gray(tmp_path / name, 16)
         assert str(tmp_path / name) in images.check_image(tmp_path / name)
+        assert reason in images.check_image(tmp_path / name)
     assert images.check_image(tmp_path / "ok.png") is None
 
 
@@ -136,3 +200,15 @@ def test_decode_many_in_a_pool_keeps_order_and_reports_failures(tmp_path):
     for i, (image, _) in enumerate(results):
         if i != 3:
             np.testing.assert_array_equal(image, np.full((4, 4), 40 * i, np.uint8))
+
+
+def test_decode_many_with_info_and_declared_bits(tmp_path):
+    values = np.array([[0, 1023]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "a.png")
+    Image.fromarray(values).save(tmp_path / "b.png")
+    results = list(images.decode_many([tmp_path / "a.png", tmp_path / "b.png"], None, declared_bits=[10, None],
+                                      with_info=True, progress=False))
+    assert [r[2].bit_depth for r in results] == [10, 12]
+    np.testing.assert_array_equal(results[0][0], [[0, 255]])
+    with pytest.raises(ValueError, match="2 paths"):
+        list(images.decode_many([tmp_path / "a.png", tmp_path / "b.png"], None, declared_bits=[10]))

@@ -11,7 +11,7 @@ import pytest
 
 from metachex_jax.data import pipeline
 from metachex_jax.data.augment import Augmentation, affine_crop, augment, center_crop
-from metachex_jax.data.bench import PickledArrayRecordSource, write_pickled_array_records
+from metachex_jax.bench.data import PickledArrayRecordSource, write_pickled_array_records
 from metachex_jax.labels import PATHOLOGIES
 
 STORED = 40   # stored resolution R of the test records
@@ -336,26 +336,6 @@ def test_worker_processes_read_array_records_identically_and_resume(tmp_path):
     with pipeline.train_batches(source, num_workers=2, **args) as resumed:
         resumed.set_state(state)
         assert_same_batches(expected[3:], [next(resumed) for _ in range(3)])
-
-
-# --- benchmark ---------------------------------------------------------------------------------------------
-
-def test_bench_reports_pipeline_and_naive_throughput(capsys):
-    import json
-
-    from absl.testing import flagsaver
-
-    from metachex_jax.data import bench
-
-    with flagsaver.flagsaver(synthetic=True, num_records=16, resolution=40, image_size=SIZE, batch_size=4,
-                             num_batches=3, num_workers=0, naive_images=2, naive_samples=4):
-        bench.main([])
-    lines = capsys.readouterr().out.strip().splitlines()
-    figures = json.loads(lines[-1])
-    assert figures["stored_resolution"] == 40 and figures["image_size"] == SIZE
-    assert figures["pipeline_0_workers_img_per_s"] > 0 and figures["naive_png_img_per_s_per_core"] > 0
-    assert figures["speedup_per_core_vs_naive_png"] == pytest.approx(
-        figures["pipeline_0_workers_img_per_s"] / figures["naive_png_img_per_s_per_core"], rel=0.01)
 
 
 def test_auto_worker_count_is_in_process_on_cpu_and_spare_cores_on_accelerators():

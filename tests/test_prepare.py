@@ -1,4 +1,5 @@
-"""The prepare CLI and library: --verify reports (counts, problems, exit codes) and a build through main()."""
+"""The prepare CLI and the build library (data/build.py): --verify reports (counts, problems, exit codes), a build
+through main(), and the dataset table (data/registry.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax import prepare
+from metachex_jax.data import build, builders, registry
 
 
 def test_verify_clean_synthetic_copy_reports_counts_but_passes(tmp_path, capsys):
@@ -17,7 +19,7 @@ def test_verify_clean_synthetic_copy_reports_counts_but_passes(tmp_path, capsys)
     assert "patient-disjoint" in out and "implausible ages (kept, age_valid=False): 1" in out
     assert "OK: no problems" in out
     # The same copy claimed complete fails.
-    report = prepare.verify_raw("chestxray14", tmp_path, strict_counts=True, check_images=False)
+    report = build.verify_raw("chestxray14", tmp_path, strict_counts=True, check_images=False)
     assert {p.item for p in report.problems} == {"images", "patients", "train_val", "test"}
 
 
@@ -39,7 +41,7 @@ def test_verify_lists_every_problem_including_bad_images_and_exits_1(tmp_path, c
 
 def test_verify_more_images_than_published_is_a_problem(tmp_path):
     make_tb_tree(tmp_path, "montgomery", n_normal=81, n_tb=2, size=8)  # 81 normals > the published 80
-    report = prepare.verify_raw("montgomery", tmp_path, check_images=False)
+    report = build.verify_raw("montgomery", tmp_path, check_images=False)
     assert [(p.kind, p.item) for p in report.problems] == [("count_mismatch", "normal")]
     assert "images: 138 expected, 83 found (a subset or synthetic copy; not an error)" in report.notes
 
@@ -51,7 +53,7 @@ def test_verify_tb_reports_disagreement_and_flags(tmp_path, dataset):
     header = "\n".join(tree.readings[tb_id].splitlines()[:-1])
     tree.write_reading(tb_id, header + "\nnormal\n")
     tree.reading_path(sorted(tree.values)[0]).unlink()
-    report = prepare.verify_raw(dataset, tmp_path, num_workers=1, progress=False)
+    report = build.verify_raw(dataset, tmp_path, num_workers=1, progress=False)
     assert [(p.kind, p.item) for p in report.problems] == [("label_disagreement", tb_id)]
     assert f"flagged missing_reading: 1 ({sorted(tree.values)[0]})" in report.notes
     assert "default split: train" in report.format() and "10 folds" in report.format()
@@ -68,14 +70,28 @@ def test_main_builds_and_prints_the_read_call(tmp_path, capsys):
     assert "skipped: 0" in out
     assert prepare.main(argv) == 0 and "already built" in capsys.readouterr().out
     assert prepare.main(argv + ["--overwrite"]) == 0 and "r16_k3_seed0: built at" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "out" / "shenzhen" / "r16_k3_seed0").iterdir()) == [".build.lock",
-                                                                                                "1.0.0"]
+    built = sorted(p.name for p in (tmp_path / "out" / "shenzhen" / "r16_k3_seed0").iterdir())
+    assert built == [".build.lock", str(builders.Shenzhen.VERSION)]
 
 
 def test_main_reports_raw_problems_and_exits_1(tmp_path, capsys):
     tree = make_tb_tree(tmp_path, "shenzhen", n_normal=4, n_tb=4)
-    normal_id = sorted(tree.values)[0]
-    tree.write_reading(normal_id, "male 30yrs\nTB in the right apex\n")
+    tb_id = sorted(tree.values)[-1]
+    tree.write_reading(tb_id, "male 30yrs\nnormal\n")
     assert prepare.main(["--dataset=shenzhen", f"--manual_dir={tmp_path}", f"--data_dir={tmp_path / 'out'}"]) == 1
-    assert f"[label_disagreement] {normal_id}:" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "shenzhen" / "r256" / "1.0.0").exists()
+    assert f"[label_disagreement] {tb_id}:" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "shenzhen" / "r256" / str(builders.Shenzhen.VERSION)).exists()
+
+
+def test_the_dataset_table_drives_prepare_and_names_builds(tmp_path, capsys):
+    assert set(registry.DATASETS) == {"chestxray14", "shenzhen", "montgomery"}
+    assert registry.family("chestxray14").config_name(224, val_fraction=0.05, seed=3) == "r224_val0p05_seed3"
+    assert registry.family("montgomery").config_name(256) == "r256"
+    assert registry.family("shenzhen").config(256) is builders.Shenzhen.builder_configs["r256"]  # tfds's own
+    with pytest.raises(ValueError, match=r"shenzhen takes no build parameter\(s\) \['val_fraction'\]"):
+        build.build_dataset("shenzhen", tmp_path, tmp_path / "out", val_fraction=0.2)
+    with pytest.raises(ValueError, match="unknown dataset 'chexpert'"):
+        build.verify_raw("chexpert", tmp_path)
+    with pytest.raises(SystemExit):
+        prepare.main(["--dataset=chexpert", f"--manual_dir={tmp_path}", "--verify"])
+    assert "invalid choice: 'chexpert'" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """TFDS builders `chestxray14`, `shenzhen`, `montgomery`: raw copies -> ArrayRecord datasets (no TensorFlow).
 
-Build (the Python API; `tfds build` needs TensorFlow) -- or use metachex_jax.prepare.build_dataset:
+Each is one entry of the dataset table, `registry.DATASETS`.
+
+Build (the Python API; `tfds build` needs TensorFlow) -- or use metachex_jax.data.build.build_dataset:
 
     builder = Chestxray14(config=nih_config(resolution=256), data_dir=OUT, skip_bad=False)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=RAW))
@@ -130,8 +132,12 @@ def _image_feature(resolution: int) -> tfds.features.Tensor:
 class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """What the three builders share: options, the decoding pool, decode-failure policy, the skip report."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "16-bit PNGs holding 12-bit data without sBIT are scaled by 4095, not 65535 (they came out almost "
+                 "black); format by content; DICOM; per-record `bit_depth`; bit depths in the skip report.",
+    }
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, progress: bool = True,
                  **kwargs):
@@ -142,7 +148,9 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._pool = None
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
+        self._flag_details: dict[str, dict[str, str]] = {}  # kind -> {item: detail}, e.g. the reading text
         self._written: Counter = Counter()
+        self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
         super().__init__(**kwargs)
 
     # -- subclass hooks --------------------------------------------------------------------------------------
@@ -160,16 +168,19 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, records: list):
         decoded = images.decode_many([r.path for r in records], self.builder_config.resolution, pool=self._pool,
-                                     desc=f"{self.name} {split}", progress=self._progress)
-        for record, (image, error) in zip(records, decoded):
+                                     desc=f"{self.name} {split}", progress=self._progress, with_info=True)
+        for record, (image, error, info) in zip(records, decoded):
             if error is not None:
                 self._problems.append(Problem("undecodable_image", _record_name(record), error))
                 continue
             self._written[split] += 1
-            yield self._example(record, image[..., None])
+            self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
+            key, example = self._example(record, image[..., None])
+            yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._written = [], {}, Counter()
+        self._problems, self._flags, self._flag_details = [], {}, {}
+        self._written, self._bit_depths = Counter(), Counter()
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             super()._download_and_prepare(dl_manager, download_config)
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
@@ -190,7 +201,9 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "split_sizes": {"train": n, "validation": n, "test": n},         # records actually written
      "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
      "skipped_counts": {"kind": n, ...},
-     "flags": {"invalid_age": ["00000001_000.png", ...], ...}}        # kept, but with a value marked invalid
+     "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
+     "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}},  # what a flag is about
+     "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...]}  # the reader's decisions (images.py)
     """
     config = builder.builder_config
     report = {
@@ -205,6 +218,9 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
         "flags": builder._flags,
+        "flag_details": builder._flag_details,
+        "bit_depths": [{"bits": bits, "source": source, "images": n}
+                       for (bits, source), n in sorted(builder._bit_depths.items())],
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -238,6 +254,7 @@ class Chestxray14(_RawImageBuilder):
                 "age_valid": tfds.features.Scalar(dtype=np.bool_),
                 "sex_male": tfds.features.Scalar(dtype=np.int64),
                 "view_ap": tfds.features.Scalar(dtype=np.int64),
+                "bit_depth": tfds.features.Scalar(dtype=np.int64),  # of the raw file, as the reader decided
             }),
             homepage="https://nihcc.app.box.com/v/ChestXray-NIHCC",
             disable_shuffling=True,
@@ -266,6 +283,13 @@ class Chestxray14(_RawImageBuilder):
 
 class _TbBuilder(_RawImageBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {
+        **_RawImageBuilder.RELEASE_NOTES,
+        "1.2.0": "Readings: 'femal' read as female; a normal image whose reading names TB (old or healed TB) is "
+                 "kept and flagged (tb_mention_in_normal, with its reading in the skip report) instead of being "
+                 "a label disagreement; negations after the word ('TB is not seen') understood.",
+    }
     SOURCE: tb.TbSource
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -283,6 +307,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
                 "age_valid": tfds.features.Scalar(dtype=np.bool_),
                 "fold": tfds.features.Scalar(dtype=np.int64),
                 "reading": tfds.features.Text(),
+                "bit_depth": tfds.features.Scalar(dtype=np.int64),  # of the raw file, as the reader decided
             }),
             homepage="https://lhncbc.nlm.nih.gov/LHC-downloads/tuberculosis-chest-x-ray-image-data-sets",
             disable_shuffling=True,
@@ -293,7 +318,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
         raw = tb.load_tb(manual_dir, self.SOURCE.name, num_folds=config.num_folds, seed=config.seed,
                          skip_bad=self._skip_bad)
         self._problems += raw.problems
-        self._flags = raw.flags
+        self._flags, self._flag_details = raw.flags, raw.flag_details
         return {split: raw.split(split) for split in ("train", "validation", "test")}
 
     def _example(self, record: tb.TbRecord, image: np.ndarray) -> tuple[str, dict]:
@@ -330,27 +355,11 @@ class Montgomery(_TbBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = _TB_INSTRUCTIONS.format(folder=tb.MONTGOMERY.folder, name="montgomery")
 
 
-BUILDERS = {"chestxray14": Chestxray14, "shenzhen": Shenzhen, "montgomery": Montgomery}
-
-
-def make_config(dataset: str, *, resolution: int = DEFAULT_RESOLUTION, val_fraction: float = DEFAULT_VAL_FRACTION,
-                num_folds: int = tb.DEFAULT_NUM_FOLDS, seed: int = DEFAULT_SEED) -> tfds.core.BuilderConfig:
-    """The config (hence the on-disk name) for a dataset; options that do not apply to it are ignored.
-
-    A predefined config is returned as the class's own object (TFDS refuses an equal copy under the same name).
-    """
-    if dataset == "chestxray14":
-        config = nih_config(resolution, val_fraction, seed)
-    elif dataset in ("shenzhen", "montgomery"):
-        config = tb_config(resolution, num_folds, seed)
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[dataset].builder_configs.get(config.name, config)
-
-
 def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> epath.Path:
     """Where a complete build lives: <data_dir>/<dataset>/<config>/<version> (data_dir local or gs://)."""
-    return epath.Path(os.fspath(data_dir)) / dataset / config_name / str(BUILDERS[dataset].VERSION)
+    from metachex_jax.data import registry  # the table of families imports this module
+
+    return epath.Path(os.fspath(data_dir)) / dataset / config_name / str(registry.family(dataset).builder.VERSION)
 
 
 def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> bool:
@@ -362,7 +371,7 @@ def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> 
 def build_lock(data_dir: str | os.PathLike, dataset: str, config_name: str) -> Iterator[None]:
     """An exclusive lock (flock on <data_dir>/<dataset>/<config>/.build.lock) held while building that config.
 
-    Local data_dir only (flock needs a local or shared POSIX file system; prepare.build_dataset refuses gs://).
+    Local data_dir only (flock needs a local or shared POSIX file system; build.build_dataset refuses gs://).
     """
     config_dir = Path(data_dir) / dataset / config_name
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -377,7 +386,7 @@ def build_lock(data_dir: str | os.PathLike, dataset: str, config_name: str) -> I
 def remove_incomplete_builds(data_dir: str | os.PathLike, dataset: str, config_name: str) -> list[Path]:
     """Delete the `incomplete.*` folders an interrupted (killed) build left behind; returns what was removed.
 
-    Call it under `build_lock` (as prepare.build_dataset does), so that no live build's folder is removed.
+    Call it under `build_lock` (as build.build_dataset does), so that no live build's folder is removed.
     """
     config_dir = Path(data_dir) / dataset / config_name
     leftovers = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from metachex_jax import distributed
-from metachex_jax.data import builders
+from metachex_jax.data import build, builders
 
 NIH_SPLITS = ("train", "validation", "test")
 
@@ -65,11 +65,9 @@ def chestxray14_splits(config) -> dict:
             return
         if not manual_dir:
             raise FileNotFoundError(_missing_message(name, data_dir))
-        from metachex_jax import prepare
-
         logging.info("preparing %s from %s into %s", name, manual_dir, data_dir)
-        prepare.build_dataset("chestxray14", os.path.expanduser(manual_dir), data_dir,
-                              resolution=data.resolution, val_fraction=data.val_fraction, seed=data.val_seed)
+        build.build_dataset("chestxray14", os.path.expanduser(manual_dir), data_dir,
+                            resolution=data.resolution, val_fraction=data.val_fraction, seed=data.val_seed)
 
     if config.demo:  # a local cache like the demo tree: prepared in turns, as resolve_demo explains
         distributed.one_process_at_a_time(prepare_if_missing, "demo chestxray14")

@@ -1,21 +1,32 @@
-"""Decode raw chest X-ray PNGs to 8-bit gray and resize them once, at dataset build time.
+"""The image reader: raw chest X-ray files (PNG, JPEG, DICOM, ...) -> 8-bit gray, used by the dataset builders
+and by inference (`metachex_jax.predict`) alike.
 
-Every raw image goes through `load_gray(path, resolution)`:
+Every raw image goes through `read_gray(path)` (full size) or `load_gray(path, resolution)` (resized):
 
-1. Open with Pillow and force a full decode (`Image.load()`), so a truncated or corrupt file fails here with an
-   `ImageDecodeError` naming the file (Pillow's `LOAD_TRUNCATED_IMAGES` is never enabled).
-2. Convert to gray on a 0..255 scale (`to_gray`):
+1. The format is decided by CONTENT, never by the extension (real collections hold JPEGs named .png, PNGs named
+   .jpg, upper-case extensions): DICOM ('DICM' at byte 128, or a file without the preamble that starts with a
+   group 0002/0008 tag) goes to `metachex_jax.data.dicom` (pydicom; its rules are documented there); everything
+   else is opened by Pillow, which also identifies formats from their first bytes (PNG, JPEG, TIFF, BMP, ...).
+   A full decode is forced, so a truncated or corrupt file fails here with an `ImageDecodeError` naming the file
+   (Pillow's `LOAD_TRUNCATED_IMAGES` is never enabled).
+2. Conversion to gray on a 0..255 scale:
    - 8-bit gray ("L") is used as is; "1" (bilevel) becomes 0/255.
    - RGB / RGBA / LA / palette ("P") go through Pillow's ITU-R 601-2 luma conversion; alpha is dropped (the X-ray
-     copies that carry alpha have it fully opaque).
-   - 16-bit gray ("I;16", "I;16B", "I;16L") and 32-bit integer "I" holding 16-bit samples are scaled LINEARLY by
-     their true bit range, v * 255 / (2**bits - 1), never clipped at 255 (Pillow's own I->L conversion clips, which
-     turns a 16-bit X-ray into a white sheet). `bits` is 16, the PNG container depth, unless the file carries an
-     sBIT chunk with fewer significant bits AND all samples fit in that many bits (a writer that stored 12-bit data
-     unshifted); then the 12-bit range is used. There is no per-image min/max stretch: contrast is the file's.
+     copies that carry alpha have it fully opaque). Gray stored as colour (R = G = B) thus comes out unchanged.
+   - 16-bit gray ("I;16*", or 32-bit "I" holding 16-bit samples) is scaled LINEARLY, v * 255 / (2**bits - 1),
+     never clipped at 255 and never min/max-stretched, with `bits` chosen by `choose_bit_depth`, in this order:
+       a. `bit_depth` given by the caller (`--bit_depth`): used as is (samples above it are an error);
+       b. the dataset's own metadata (`declared_bits`, e.g. PadChest's BitsStored_DICOM), when every sample fits;
+       c. the PNG's sBIT chunk, when every sample fits (a writer that shifted 12-bit data up to 16 bits, as the
+          PNG standard intends, has samples above 4095: those are 16-bit data);
+       d. the data: 12 bits if every sample is below 4096 (12-bit X-rays are commonly stored in 16-bit PNGs
+          without sBIT; dividing them by 65535 leaves them almost black), else 16.
+     DICOM's BitsStored plays the part of (b) inside the DICOM rules.
+   The bit depth used and where it came from are returned (`ImageInfo`): builds store it per record, `predict`
+   writes it per row.
 3. Resize to R x R with aspect ratio NOT preserved (CheXNet-style). Downscaling uses Pillow's BOX filter, an exact
    area average (like OpenCV's INTER_AREA): no ringing, no aliasing. Upscaling (only tiny synthetic images) uses
-   BILINEAR. 16-bit sources are resized in float ("F" mode) before rounding, so only one rounding happens.
+   BILINEAR. High-depth sources are resized in float ("F" mode) before rounding, so only one rounding happens.
 
 `decode_many` runs `load_gray` over many files in a process pool (`decoding_pool`, every core by default; order
 preserved, so builds are deterministic) and reports failures as values instead of raising, so a caller can
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import struct
@@ -36,13 +48,27 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 from PIL import Image, ImageFile
 
+from metachex_jax.data import dicom
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, never decode half-grey
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_HEAD_BYTES = 132  # enough for the DICOM preamble + 'DICM'
 
 
 class ImageDecodeError(ValueError):
     """A raw image file cannot be decoded; the message starts with the file path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What the reader found and decided for one file."""
+
+    format: str  # "png", "jpeg", "dicom", ... (from the content, not the name)
+    width: int  # of the file, before any resizing
+    height: int
+    bit_depth: int  # the sample depth the 0..255 scale was computed from (8 for 8-bit files)
+    bit_depth_source: str  # "8-bit file", "override", "dataset metadata", "png sBIT", "data", or the DICOM rule
 
 
 def png_significant_bits(path: str | os.PathLike) -> int | None:
@@ -66,26 +92,81 @@ def png_significant_bits(path: str | os.PathLike) -> int | None:
                 return data[0]
 
 
-def to_gray(image: Image.Image, significant_bits: int | None = None) -> Image.Image:
+def choose_bit_depth(max_sample: int, *, bit_depth: int | None = None, declared_bits: int | None = None,
+                     sbit: int | None = None) -> tuple[int, str]:
+    """(bits, source) for a 16-bit container whose largest sample is `max_sample`; see the module docstring."""
+    if bit_depth:
+        if max_sample >= 2 ** bit_depth:
+            raise ValueError(f"bit_depth={bit_depth} was requested but samples reach {max_sample} "
+                             f"(> {2 ** bit_depth - 1})")
+        return bit_depth, "override"
+    if declared_bits and max_sample < 2 ** declared_bits:
+        return declared_bits, "dataset metadata"
+    if sbit and sbit < 16 and max_sample < 2 ** sbit:
+        return sbit, "png sBIT"
+    note = f" (declared {declared_bits} bits, but samples reach {max_sample})" if declared_bits else ""
+    return (12, "data" + note) if max_sample < 4096 else (16, "data" + note)
+
+
+def to_gray(image: Image.Image, significant_bits: int | None = None, *, bit_depth: int | None = None,
+            declared_bits: int | None = None) -> Image.Image:
     """Convert a decoded image to gray on a 0..255 scale: mode "L", or mode "F" for 16-bit sources."""
-    if image.mode == "L":
-        return image
+    return _to_gray(image, significant_bits, bit_depth=bit_depth, declared_bits=declared_bits)[0]
+
+
+def _to_gray(image: Image.Image, sbit: int | None, *, bit_depth: int | None,
+             declared_bits: int | None) -> tuple[Image.Image, int, str]:
+    """(gray image, bits, source) for a Pillow image."""
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image)  # uint16 for "I;16*", int32 for "I"
         low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
         if low < 0 or high > 65535:
             raise ValueError(f"mode {image.mode} image with samples outside 0..65535 is not a 16-bit gray image")
-        bits = 16
-        if significant_bits and significant_bits < 16 and high < 2**significant_bits:
-            bits = significant_bits
+        bits, source = choose_bit_depth(high, bit_depth=bit_depth, declared_bits=declared_bits, sbit=sbit)
         scaled = values.astype(np.float32)
         scaled *= np.float32(255.0 / (2**bits - 1))
-        return Image.fromarray(scaled, mode="F")
+        return Image.fromarray(scaled, mode="F"), bits, source
+    if bit_depth and bit_depth != 8:
+        raise ValueError(f"bit_depth={bit_depth} was requested for an 8-bit {image.mode} image")
+    if image.mode == "L":
+        return image, 8, "8-bit file"
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         image = image.convert("RGB")  # drop alpha before the luma conversion
     if image.mode in ("RGB", "P", "1", "CMYK", "YCbCr", "LAB", "HSV"):
-        return image.convert("L")
+        return image.convert("L"), 8, "8-bit file"
     raise ValueError(f"unsupported image mode {image.mode!r}")
+
+
+def read_gray(path: str | os.PathLike, *, bit_depth: int | None = None,
+              declared_bits: int | None = None) -> tuple[Image.Image, ImageInfo]:
+    """Decode `path` at full size to a gray Pillow image ("L", or "F" on 0..255 for high-depth sources).
+
+    Raises ImageDecodeError naming the file for empty, truncated, corrupt, unsupported or refused files.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+        if not head:
+            raise ValueError("the file is empty")
+        if dicom.is_dicom(head):
+            pixels, bits, rule = dicom.read_dicom(path, bit_depth)
+            gray = Image.fromarray(pixels, mode="F")
+            return gray, ImageInfo("dicom", gray.width, gray.height, bits, rule)
+        with Image.open(path) as image:
+            image.load()
+            sbit = png_significant_bits(path) if image.mode in _SIXTEEN_BIT_MODES else None
+            gray, bits, source = _to_gray(image, sbit, bit_depth=bit_depth, declared_bits=declared_bits)
+            return gray, ImageInfo((image.format or "unknown").lower(), image.width, image.height, bits, source)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... for bad files
+        raise ImageDecodeError(f"{os.fspath(path)}: cannot decode image ({_reason(exc)})") from exc
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, dicom.DicomError):
+        return str(exc)
+    if type(exc).__name__ == "UnidentifiedImageError":
+        return "not an image file this reader knows (PNG, JPEG, DICOM, TIFF, ...)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def resize_gray(gray: Image.Image, resolution: int | None) -> np.ndarray:
@@ -102,29 +183,40 @@ def resize_gray(gray: Image.Image, resolution: int | None) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
-def load_gray(path: str | os.PathLike, resolution: int | None) -> np.ndarray:
+def load_gray(path: str | os.PathLike, resolution: int | None, *, bit_depth: int | None = None,
+              declared_bits: int | None = None) -> np.ndarray:
     """Decode `path` to uint8 gray, resized to (resolution, resolution) (or full size when resolution is None).
 
     Raises ImageDecodeError naming the file for truncated, corrupt or unsupported images.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            gray = to_gray(image, png_significant_bits(path) if image.mode in _SIXTEEN_BIT_MODES else None)
-            return resize_gray(gray, resolution)
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... for bad files
-        raise ImageDecodeError(f"{os.fspath(path)}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return load_gray_with_info(path, resolution, bit_depth=bit_depth, declared_bits=declared_bits)[0]
 
 
-def _decode_one(job: tuple[str, int | None]) -> tuple[np.ndarray | None, str | None]:
-    path, resolution = job
+def load_gray_with_info(path: str | os.PathLike, resolution: int | None, *, bit_depth: int | None = None,
+                        declared_bits: int | None = None) -> tuple[np.ndarray, ImageInfo]:
+    """`load_gray` and the reader's `ImageInfo` (format, original size, bit depth used)."""
+    gray, info = read_gray(path, bit_depth=bit_depth, declared_bits=declared_bits)
+    return resize_gray(gray, resolution), info
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    path: str
+    resolution: int | None
+    bit_depth: int | None = None
+    declared_bits: int | None = None
+
+
+def _decode_one(job: _Job) -> tuple[np.ndarray | None, str | None, ImageInfo | None]:
     try:
-        return load_gray(path, resolution), None
+        image, info = load_gray_with_info(job.path, job.resolution, bit_depth=job.bit_depth,
+                                          declared_bits=job.declared_bits)
+        return image, None, info
     except ImageDecodeError as exc:
-        return None, str(exc)
+        return None, str(exc), None
 
 
-def _decode_chunk(jobs: list[tuple[str, int | None]]) -> list[tuple[np.ndarray | None, str | None]]:
+def _decode_chunk(jobs: list[_Job]) -> list[tuple[np.ndarray | None, str | None, ImageInfo | None]]:
     return [_decode_one(job) for job in jobs]
 
 
@@ -163,15 +255,23 @@ def decode_many(
     pool: ProcessPoolExecutor | None = None,
     desc: str = "decoding images",
     progress: bool = True,
-) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Yield (image, None) or (None, error message) for each path, in order (so builds are deterministic).
+    bit_depth: int | None = None,
+    declared_bits: Sequence[int | None] | None = None,
+    with_info: bool = False,
+) -> Iterator[tuple]:
+    """Yield (image, None) or (None, error message) for each path, in order (so builds are deterministic);
+    with `with_info`, (image, None, ImageInfo) or (None, error, None).
 
     Decodes in `pool` (see `decoding_pool`) or, when pool is None, in this process. With resolution=None images
-    are decoded at full size (a check).
+    are decoded at full size (a check). `bit_depth` overrides every file's depth; `declared_bits` gives each
+    path's depth from the dataset's metadata (None where unknown); see `choose_bit_depth`.
     """
     from tqdm import tqdm
 
-    jobs = [(os.fspath(p), resolution) for p in paths]
+    if declared_bits is not None and len(declared_bits) != len(paths):
+        raise ValueError(f"{len(declared_bits)} declared bit depths for {len(paths)} paths")
+    declared = declared_bits if declared_bits is not None else [None] * len(paths)
+    jobs = [_Job(os.fspath(p), resolution, bit_depth, d) for p, d in zip(paths, declared)]
     chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar:
         if pool is None:
@@ -181,7 +281,8 @@ def decode_many(
                                            in_flight=_CHUNKS_IN_FLIGHT_PER_WORKER * default_num_workers())
         for chunk_results in results:
             bar.update(len(chunk_results))
-            yield from chunk_results
+            for result in chunk_results:
+                yield result if with_info else result[:2]
 
 
 def _ordered_bounded_map(pool: ProcessPoolExecutor, fn, items: list, in_flight: int) -> Iterator:
@@ -201,11 +302,15 @@ def _ordered_bounded_map(pool: ProcessPoolExecutor, fn, items: list, in_flight: 
 
 def check_image(path: str | os.PathLike) -> str | None:
     """None when `path` decodes fully, else the error message (used by the raw-data verifier)."""
-    return _decode_one((os.fspath(path), None))[1]
+    return _decode_one(_Job(os.fspath(path), None))[1]
 
 
 __all__ = [
     "ImageDecodeError",
+    "ImageInfo",
+    "choose_bit_depth",
+    "read_gray",
+    "load_gray_with_info",
     "check_image",
     "decode_many",
     "decoding_pool",

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import Problem, is_plausible_age, parse_age_years, raise_or_skip
+from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age, parse_age_years,
+                                          raise_or_skip)
 from metachex_jax.labels import NO_FINDING, PATHOLOGIES
 
 DATASET = "chestxray14"
@@ -304,3 +305,30 @@ def load_nih(manual_dir: str | os.PathLike, *, val_fraction: float = 0.1, seed: 
     raw = collect_nih(manual_dir, val_fraction=val_fraction, seed=seed)
     raise_or_skip(DATASET, raw.problems, skip_bad)
     return raw
+
+
+def verify(manual_dir: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0,
+           strict_counts: bool = False) -> RawCheck:
+    """The registry's verify hook: every reader problem, counts against the published ones, patient-disjoint
+    splits, label prevalence and implausible ages (`python -m metachex_jax.prepare --verify`)."""
+    raw = collect_nih(manual_dir, val_fraction=val_fraction, seed=seed)
+    records = [r for split in raw.splits.values() for r in split]
+    problems, notes = list(raw.problems), [f"metadata: {raw.csv_path.name}"]
+    found = {"images": raw.csv_rows, "patients": len({r.patient_id for r in records}),
+             "train_val": raw.split_list_sizes[TRAIN_VAL_LIST], "test": raw.split_list_sizes[TEST_LIST]}
+    count_notes, count_problems = compare_counts(found, EXPECTED_COUNTS, strict_counts)
+    notes += count_notes + [f"images on disk: {raw.images_on_disk:,}"]
+    problems += count_problems
+    patients = {split: {r.patient_id for r in rs} for split, rs in raw.splits.items()}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        for patient in sorted(patients[a] & patients[b]):  # cannot happen after collect_nih; checked anyway
+            problems.append(Problem("patient_overlap", f"patient {patient}", f"in both {a} and {b}"))
+    notes.append("split sizes (images / patients): " + ", ".join(
+        f"{s} {len(rs):,} / {len(patients[s]):,}" for s, rs in raw.splits.items()) + "; patient-disjoint")
+    prevalence = Counter(p for r in records for p, v in zip(PATHOLOGIES, r.labels) if v)
+    notes.append("labels: " + ", ".join(f"{p} {prevalence[p]:,}" for p in PATHOLOGIES)
+                 + f", No Finding {sum(1 for r in records if not any(r.labels)):,}")
+    notes.append(f"implausible ages (kept, age_valid=False): {len(raw.invalid_age_names)}"
+                 + (f" e.g. {', '.join(raw.invalid_age_names[:5])}" if raw.invalid_age_names else ""))
+    return RawCheck(root=raw.root, problems=problems, notes=notes,
+                    image_paths={r.image_name: r.path for r in records})

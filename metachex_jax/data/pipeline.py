@@ -120,9 +120,7 @@ EXAMPLE_FORMATS = {
     "nih": ExampleFormat(nih_example, ("image", "labels", "age", "age_valid", "patient_id")
                          + METADATA_TASKS),
     "tb": ExampleFormat(tb_example, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
-}
-# Which example format each built dataset (builder name) uses.
-KIND_OF_DATASET = {"chestxray14": "nih", "shenzhen": "tb", "montgomery": "tb"}
+}  # each dataset's kind: data/registry.py
 
 
 def padding_example(kind: str, image_size: int) -> Example:
@@ -338,7 +336,7 @@ def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) 
     Auto: 0 (in-process) on the CPU backend, whose XLA thread pool already uses every core; on GPU/TPU hosts one
     worker per core, less two for the training process and the device runtime, at most MAX_AUTO_WORKERS. Why it
     matters: decoding and augmenting in one process fed an H200 424 img/s at 224 px while its step alone ran at
-    1318 img/s (measured with loop_bench, bf16, batch 64). The batches do not depend on the worker count, but a
+    1318 img/s (measured with `bench loop`, bf16, batch 64). The batches do not depend on the worker count, but a
     saved input position does: a resumed run keeps its checkpoint's count (`workers_for_resume`).
     """
     if requested == -1:
@@ -372,7 +370,7 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
 
     Args:
       sources: one source, or several (all of the same `kind`) mixed by `weights`.
-      kind: "nih" (ChestX-ray14 multi-task batches) or "tb" (Shenzhen/Montgomery); see KIND_OF_DATASET.
+      kind: "nih" (ChestX-ray14 multi-task batches) or "tb" (Shenzhen/Montgomery); a dataset's kind is in data/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.

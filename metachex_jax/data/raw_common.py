@@ -1,4 +1,5 @@
-"""What the raw-data readers (nih.py, tb.py) share: problem records, the all-at-once error, age parsing.
+"""What the raw-data readers (nih.py, tb.py) share: problem records, the all-at-once error, the verify result and
+count comparison, age parsing.
 
 Policy (the same for every dataset): a reader never stops at the first bad row. It collects every `Problem`
 (kind, item, detail), then either raises ONE `RawDataError` listing all of them, or, when the caller passed
@@ -14,6 +15,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 from metachex_jax.labels import PLAUSIBLE_AGE_YEARS
 
@@ -41,6 +43,38 @@ class RawDataError(ValueError):
         lines += [f"  [{p.kind}] {p.item}: {p.detail}" for p in self.problems]
         lines.append(f"Fix the raw copy, or {hint} to drop exactly these items and record them in the skip report.")
         super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass
+class RawCheck:
+    """What a reader's `verify` hook finds in a raw copy (data/build.py: verify_raw adds the image decode check)."""
+
+    root: Path  # the dataset's folder found under manual_dir
+    problems: list[Problem]
+    notes: list[str]  # counts, split sizes, prevalence, flags: informational
+    image_paths: dict[str, str]  # item name -> image file, for every record that would be built
+
+
+def compare_counts(found: dict[str, int], expected: dict[str, int], strict: bool) -> tuple[list[str], list[Problem]]:
+    """(notes, problems) comparing a copy's counts with the published ones.
+
+    A copy is judged only informationally against the published counts (a subset or a synthetic copy is
+    legitimate), except for a count ABOVE the published one, or any difference when `strict` (the copy is said to
+    be complete).
+    """
+    notes, problems = [], []
+    for key, want in expected.items():
+        have = found[key]
+        if have == want:
+            notes.append(f"{key}: {have:,} (as published)")
+            continue
+        text = f"{key}: {want:,} expected, {have:,} found"
+        if have > want or strict:
+            problems.append(Problem("count_mismatch", key, text + (" (more than the published dataset)"
+                                                                   if have > want else " (--strict_counts)")))
+        else:
+            notes.append(text + " (a subset or synthetic copy; not an error)")
+    return notes, problems
 
 
 def raise_or_skip(dataset: str, problems: list[Problem], skip_bad: bool) -> list[Problem]:

@@ -28,8 +28,8 @@ XLA's CPU backend runs faster: the 1x1 convolutions are matmuls over the channel
 before its 1x1 convolution (both are linear, so the order does not change the result; the convolution then sees
 4x fewer pixels), and on CPU the backward passes of BN-ReLU-conv, the stem convolution and the max-pool are
 written by hand (`metachex_jax.models.ops`). Outputs, gradients and BatchNorm statistics agree with the
-straightforward version to float32 rounding; in float64 to ~1e-15. `python -m metachex_jax.bench --torch`
-measures the train step against torchvision.
+straightforward version to float32 rounding; in float64 to ~1e-15. `python -m metachex_jax.bench train
+--torch` measures the train step against torchvision.
 """
 
 from __future__ import annotations
@@ -421,17 +421,47 @@ class DenseNet(nnx.Module):
                        dtype=dtype, rngs=rngs)
             if num_classes else None)
 
+    def layer_names(self) -> tuple[str, ...]:
+        """The stages `feature_map` can tap, in forward order ("final" is the tensor that is pooled)."""
+        names = ["stem"]
+        for i in range(len(self.blocks)):
+            names.append(f"block{i + 1}")
+            if i < len(self.transitions):
+                names.append(f"transition{i + 1}")
+        return (*names, "final")
+
+    def feature_map(self, x, tap: str | None = None, delta=None):
+        """The tensor that is pooled: ReLU(norm5(...)), (N, h, w, num_features).
+
+        With `tap` (a name of `layer_names()`), returns (feature map, that stage's output) and adds `delta` (same
+        shape, or None) to the stage's output first: the gradient of anything computed from the result with
+        respect to `delta` at 0 is the gradient with respect to that activation (Grad-CAM uses this).
+        """
+        tapped = None
+
+        def stage(name, value):
+            nonlocal tapped
+            if name == tap:
+                value = value if delta is None else value + delta
+                tapped = value
+            return value
+
+        x, kernel = nnx.nn.dtypes.promote_dtype((x, self.conv0.kernel[...]), dtype=self.conv0.dtype)
+        x = stage("stem", ops.max_pool_3x3_stride2(nnx.relu(self.norm0(ops.stem_conv(x, kernel)))))
+        for i, block in enumerate(self.blocks):
+            x = stage(f"block{i + 1}", block(x))
+            if i < len(self.transitions):
+                x = stage(f"transition{i + 1}", self.transitions[i](x))
+        x = stage("final", nnx.relu(self.norm5(x)))
+        if tap is None:
+            return x
+        if tapped is None:
+            raise ValueError(f"unknown layer {tap!r}; choose one of {', '.join(self.layer_names())}")
+        return x, tapped
+
     def features(self, x):
         """Pooled features (N, num_features) after the final BN-ReLU and global average pooling."""
-        x, kernel = nnx.nn.dtypes.promote_dtype((x, self.conv0.kernel[...]), dtype=self.conv0.dtype)
-        x = nnx.relu(self.norm0(ops.stem_conv(x, kernel)))
-        x = ops.max_pool_3x3_stride2(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i < len(self.transitions):
-                x = self.transitions[i](x)
-        x = nnx.relu(self.norm5(x))
-        return jnp.mean(x, axis=(1, 2))
+        return jnp.mean(self.feature_map(x), axis=(1, 2))
 
     def __call__(self, x):
         f = self.features(x)

@@ -77,6 +77,39 @@ class MetaChexNet(nnx.Module):
     def __call__(self, x) -> dict[str, Any]:
         return self.heads(self.backbone.features(x))
 
+    def output_kinds(self) -> dict[str, str]:
+        """The named outputs `predict` reports, in order: name -> "probability" (a sigmoid of a logit) or "years".
+
+        Pathologies by their label names (CheXNet's order), then the metadata tasks (`view_ap`: P(AP view),
+        `sex_male`: P(male)), then `age`.
+        """
+        kinds = {name: "probability" for name in self.pathology_names()}
+        kinds.update({task: "probability" for task in self.metadata_tasks})
+        if self.age_out is not None:
+            kinds["age"] = "years"
+        return kinds
+
+    def output_scores(self, features) -> dict[str, Any]:
+        """Each named output's score from pooled features, (N,) float32: the logit of a probability, or years.
+
+        Grad-CAM differentiates these (logits rather than probabilities, which saturate).
+        """
+        heads = self.heads(features)
+        scores = {}
+        for j, name in enumerate(self.pathology_names()):
+            scores[name] = heads["pathology"][:, j]
+        for j, task in enumerate(self.metadata_tasks):
+            scores[task] = heads["metadata"][:, j]
+        if "age" in heads:
+            scores["age"] = heads["age"]
+        return scores
+
+    def pathology_names(self) -> tuple[str, ...]:
+        if self.pathology_head is None:
+            return ()
+        n = self.pathology_head.out_features
+        return PATHOLOGIES if n == len(PATHOLOGIES) else tuple(f"pathology_{i}" for i in range(n))
+
 
 def resolve_scan_layers(value, backend: str | None = None) -> bool:
     """config.model.scan_layers -> bool: "auto" scans the dense blocks on CPU and unrolls them elsewhere (the

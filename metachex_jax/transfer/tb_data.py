@@ -8,7 +8,8 @@ otherwise `config.data.data_dir`, prepared first from `config.data.manual_dir` w
 FileNotFoundError says how to prepare it.
 
 The fingerprint hashes the build's files (ArrayRecord shards and dataset_info.json, names and bytes), so
-the feature cache follows the data's content, not its path.
+the feature cache follows the data's content, not its path. `flagged_readings` are the normal images whose
+reading names TB (the build's skip report, `tb.mentions_tb`), for the transfer report.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from metachex_jax import distributed
-from metachex_jax.data import builders
+from metachex_jax.data import build, builders
 
 TB_DATASETS = ("shenzhen", "montgomery")
 ALL_RECORDS = "train+validation+test"
@@ -38,6 +39,7 @@ class TbSet:
     image_id: list[str]
     fingerprint: str
     build_dir: Path
+    flagged_readings: dict[str, str] = dataclasses.field(default_factory=dict)  # image id -> reading text
 
     def __len__(self) -> int:
         return len(self.tb)
@@ -90,11 +92,9 @@ def tb_sources(config, datasets: tuple[str, ...] = TB_DATASETS) -> dict[str, TbS
     def prepare_missing():
         for dataset in datasets:
             if not builders.is_complete(data_dir, dataset, config_name):
-                from metachex_jax import prepare
-
                 logging.info("preparing %s/%s from %s into %s", dataset, config_name, manual_dir, data_dir)
-                prepare.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
-                                      num_folds=data.num_folds, seed=data.fold_seed, progress=False)
+                build.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
+                                    num_folds=data.num_folds, seed=data.fold_seed, progress=False)
 
     if config.demo:  # a local cache, prepared by the processes in turns (see datasets.resolve_demo)
         distributed.one_process_at_a_time(prepare_missing, "demo TB sets")
@@ -114,6 +114,7 @@ def tb_sources(config, datasets: tuple[str, ...] = TB_DATASETS) -> dict[str, TbS
             image_id = record["image_id"]
             ids.append(image_id.decode() if isinstance(image_id, bytes) else str(image_id))
         build_dir = builders.dataset_dir(data_dir, dataset, config_name)
+        details = builders.read_skip_report(data_dir, dataset, config_name).get("flag_details", {})
         out[dataset] = TbSet(dataset, source, np.asarray(tb, np.int64), np.asarray(fold, np.int64), ids,
-                             build_fingerprint(build_dir), build_dir)
+                             build_fingerprint(build_dir), build_dir, details.get("tb_mention_in_normal", {}))
     return out

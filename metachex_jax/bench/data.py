@@ -1,7 +1,7 @@
 """Input-pipeline benchmark: training batches per second from stored records vs. a naive full-size PNG loader.
 
-    python -m metachex_jax.data.bench --synthetic
-    python -m metachex_jax.data.bench --data_dir=~/tensorflow_datasets --dataset=chestxray14
+    python -m metachex_jax.bench data --synthetic
+    python -m metachex_jax.bench data --data_dir=~/tensorflow_datasets --dataset=chestxray14
 
 It measures `pipeline.train_batches` (crop to --image_size from the stored records, flip and the configured
 affine) with 0 workers (in-process) and with --num_workers worker processes, and, in the same run, the way
@@ -11,7 +11,7 @@ measurement and, last, one JSON object with all figures.
 
 --synthetic writes its own records (NIH format, --resolution px) to a temporary ArrayRecord file, pickled
 dicts, read back through `PickledArrayRecordSource`, so that reading goes through ArrayRecord like a built
-dataset does. The dataset *build* throughput (raw PNGs -> ArrayRecord dataset, `prepare.build_dataset` with a
+dataset does. The dataset *build* throughput (raw PNGs -> ArrayRecord dataset, `data.build.build_dataset` with a
 process pool over every core) is timed on a synthetic raw tree in the real NIH layout (--build_images PNGs of
 --build_size px, written by the demo generator; 0 skips it).
 
@@ -21,6 +21,7 @@ with other jobs they are lower bounds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -30,33 +31,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
 from PIL import Image
 
-from metachex_jax.data import pipeline
+from metachex_jax.data import pipeline, registry
 from metachex_jax.data.augment import Augmentation, augment
 from metachex_jax.labels import PATHOLOGIES
-
-_SYNTHETIC = flags.DEFINE_bool("synthetic", False, "benchmark on generated records instead of a built dataset")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow_datasets data_dir holding the built dataset")
-_DATASET = flags.DEFINE_string("dataset", "chestxray14", "built dataset name (tfds builder)")
-_SPLIT = flags.DEFINE_string("split", "train", "split to read")
-_NUM_RECORDS = flags.DEFINE_integer("num_records", 512, "synthetic records to write")
-_RESOLUTION = flags.DEFINE_integer("resolution", 256, "stored resolution of synthetic records / naive resize")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "model resolution")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "batch size")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 100, "batches timed per configuration (after warm-up)")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
-                                    "workers for the multi-process run (0: in-process run only)")
-_READ_THREADS = flags.DEFINE_integer("read_threads", 1, "reader threads per process")
-_ROTATION = flags.DEFINE_float("rotation_degrees", 10.0, "augmentation: max rotation")
-_SCALE = flags.DEFINE_list("scale_range", ["0.9", "1.1"], "augmentation: zoom range")
-_TRANSLATE = flags.DEFINE_float("translate_fraction", 0.05, "augmentation: max shift / image size")
-_NAIVE_IMAGES = flags.DEFINE_integer("naive_images", 8, "1024x1024 PNGs written for the naive loader")
-_NAIVE_SAMPLES = flags.DEFINE_integer("naive_samples", 64, "samples timed for the naive loader")
-_BUILD_IMAGES = flags.DEFINE_integer("build_images", 200, "raw NIH-layout PNGs for the build timing (0 = skip)")
-_BUILD_SIZE = flags.DEFINE_integer("build_size", 512, "side of those raw PNGs (the real ones are 1024)")
-
 
 class PickledArrayRecordSource:
     """A random-access source over ArrayRecord files whose records are pickled record dicts.
@@ -152,44 +131,75 @@ def measure_build(build: Callable[[], object], num_images: int) -> float:
 
 
 def measure_dataset_build(workdir: Path, num_images: int, png_size: int, resolution: int) -> dict:
-    """Raw NIH-layout PNGs -> a chestxray14 ArrayRecord dataset with `prepare.build_dataset` (every core)."""
-    from metachex_jax import demo_data, prepare
+    """Raw NIH-layout PNGs -> a chestxray14 ArrayRecord dataset with `build.build_dataset` (every core)."""
+    from metachex_jax import demo_data
+    from metachex_jax.data import build
 
     tree = demo_data.write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
                                      size=png_size)
     workers = os.cpu_count() or 1
-    rate = measure_build(lambda: prepare.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds",
+    rate = measure_build(lambda: build.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds",
                                                        resolution=resolution, num_workers=workers,
                                                        progress=False), num_images)
     return {"build_img_per_s": rate, "build_workers": workers, "build_png_size": png_size}
 
 
-def _open_source(workdir: Path):
-    if _SYNTHETIC.value:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m metachex_jax.bench data", description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--synthetic", action=argparse.BooleanOptionalAction, default=False,
+        help="benchmark on generated records instead of a built dataset")
+    add("--data_dir", help="tensorflow_datasets data_dir holding the built dataset")
+    add("--dataset", default="chestxray14", help="built dataset (tfds name, e.g. chestxray14/r256)")
+    add("--split", default="train", help="split to read")
+    add("--num_records", type=int, default=512, help="synthetic records to write")
+    add("--resolution", type=int, default=256, help="stored resolution of synthetic records / naive resize")
+    add("--image_size", type=int, default=224, help="model resolution")
+    add("--batch_size", type=int, default=32, help="batch size")
+    add("--num_batches", type=int, default=100, help="batches timed per configuration (after warm-up)")
+    add("--num_workers", type=int, default=os.cpu_count() or 1,
+        help="workers for the multi-process run (0: in-process run only)")
+    add("--read_threads", type=int, default=1, help="reader threads per process")
+    add("--rotation_degrees", type=float, default=10.0, help="augmentation: max rotation")
+    add("--scale_range", type=lambda text: [float(v) for v in text.split(",")], default=[0.9, 1.1],
+        help="augmentation: zoom range, LOW,HIGH")
+    add("--translate_fraction", type=float, default=0.05, help="augmentation: max shift / image size")
+    add("--naive_images", type=int, default=8, help="1024x1024 PNGs written for the naive loader")
+    add("--naive_samples", type=int, default=64, help="samples timed for the naive loader")
+    add("--build_images", type=int, default=200, help="raw NIH-layout PNGs for the build timing (0 = skip)")
+    add("--build_size", type=int, default=512, help="side of those raw PNGs (the real ones are 1024)")
+    args = parser.parse_args(argv)
+    if not args.synthetic and not args.data_dir:
+        parser.error("give --synthetic, or --data_dir (and --dataset) of a built dataset")
+    if len(args.scale_range) != 2:
+        parser.error(f"--scale_range takes LOW,HIGH, got {args.scale_range}")
+    return args
+
+
+def _open_source(args: argparse.Namespace, workdir: Path):
+    if args.synthetic:
         path = workdir / "synthetic.array_record"
-        write_pickled_array_records(path, synthetic_nih_records(_NUM_RECORDS.value, _RESOLUTION.value))
+        write_pickled_array_records(path, synthetic_nih_records(args.num_records, args.resolution))
         return PickledArrayRecordSource(str(path)), "synthetic"
-    if not _DATA_DIR.value:
-        raise app.UsageError("give --synthetic, or --data_dir (and --dataset) of a built dataset")
     import tensorflow_datasets as tfds  # only here: no TensorFlow needed for array_record data sources
-    source = tfds.data_source(_DATASET.value, split=_SPLIT.value, data_dir=_DATA_DIR.value)
-    return source, f"{_DATASET.value}/{_SPLIT.value}"
+    source = tfds.data_source(args.dataset, split=args.split, data_dir=args.data_dir)
+    return source, f"{args.dataset}/{args.split}"
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    low, high = (float(v) for v in _SCALE.value)
-    augmentation = Augmentation(rotation_degrees=_ROTATION.value, scale_range=(low, high),
-                                translate_fraction=_TRANSLATE.value)
-    common = dict(augmentation=augmentation, image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value,
-                  num_batches=_NUM_BATCHES.value, read_threads=_READ_THREADS.value)
-    results = {"image_size": _IMAGE_SIZE.value, "batch_size": _BATCH_SIZE.value,
+def main(argv: Sequence[str]) -> dict:
+    args = parse_args(argv)
+    low, high = args.scale_range
+    augmentation = Augmentation(rotation_degrees=args.rotation_degrees, scale_range=(low, high),
+                                translate_fraction=args.translate_fraction)
+    common = dict(augmentation=augmentation, image_size=args.image_size, batch_size=args.batch_size,
+                  num_batches=args.num_batches, read_threads=args.read_threads)
+    results = {"image_size": args.image_size, "batch_size": args.batch_size,
                "augmentation": repr(augmentation), "cpu_count": os.cpu_count(),
-               "read_threads": _READ_THREADS.value}
+               "read_threads": args.read_threads}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        source, results["source"] = _open_source(workdir)
-        common["kind"] = "nih" if _SYNTHETIC.value else pipeline.KIND_OF_DATASET[_DATASET.value]
+        source, results["source"] = _open_source(args, workdir)
+        common["kind"] = "nih" if args.synthetic else registry.family(args.dataset.split("/")[0]).kind
         results["stored_resolution"] = int(np.asarray(source[0]["image"]).shape[0])
 
         in_process = measure_pipeline(source, num_workers=0, **common)
@@ -197,7 +207,7 @@ def main(argv: Sequence[str]) -> None:
         results["pipeline_0_workers_img_per_s_per_core"] = in_process
         print(f"pipeline, in-process:   {in_process:8.1f} img/s (1 core)")
 
-        workers = _NUM_WORKERS.value
+        workers = args.num_workers
         if workers > 0:
             multi = measure_pipeline(source, num_workers=workers, **common)
             results[f"pipeline_{workers}_workers_img_per_s"] = multi
@@ -206,23 +216,21 @@ def main(argv: Sequence[str]) -> None:
 
         rng = np.random.default_rng(1)
         png_paths = []
-        for i in range(_NAIVE_IMAGES.value):
+        for i in range(args.naive_images):
             png_paths.append(workdir / f"{i:08d}_000.png")
             Image.fromarray(synthetic_xray(rng, 1024)).save(png_paths[-1])
         naive = measure_naive_png_loader(png_paths, resolution=results["stored_resolution"],
-                                         image_size=_IMAGE_SIZE.value, augmentation=augmentation,
-                                         num_samples=_NAIVE_SAMPLES.value)
+                                         image_size=args.image_size, augmentation=augmentation,
+                                         num_samples=args.naive_samples)
         results["naive_png_img_per_s_per_core"] = naive
         results["speedup_per_core_vs_naive_png"] = in_process / naive
         print(f"naive PNG loader:       {naive:8.1f} img/s (1 core); "
               f"pipeline/naive per core = {in_process / naive:.1f}x")
-        if _BUILD_IMAGES.value:
-            build = measure_dataset_build(workdir, _BUILD_IMAGES.value, _BUILD_SIZE.value, _RESOLUTION.value)
+        if args.build_images:
+            build = measure_dataset_build(workdir, args.build_images, args.build_size, args.resolution)
             results.update(build)
             print(f"dataset build:          {build['build_img_per_s']:8.1f} img/s ({build['build_workers']} "
-                  f"processes, {_BUILD_SIZE.value} px PNGs -> {_RESOLUTION.value} px records)")
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))
-
-
-if __name__ == "__main__":
-    app.run(main)
+                  f"processes, {args.build_size} px PNGs -> {args.resolution} px records)")
+    results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
+    print(json.dumps(results), flush=True)
+    return results

@@ -1,6 +1,6 @@
 """Benchmark: the full training loop (input pipeline + step + logging) against the bare train step.
 
-    python -m metachex_jax.loop_bench --config=configs/pretrain.py:demo --steps=60
+    python -m metachex_jax.bench loop --config=configs/pretrain.py:demo --steps=60
 
 Runs the real trainer (`train.train_and_evaluate`) for `--steps` steps in a scratch workdir and reads its logged
 img/s (every `log_every` steps; the first interval, which includes compilation, is dropped). Then times the same
@@ -14,24 +14,19 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from metachex_jax import optim, train, train_state
 from metachex_jax.data import pipeline
 from metachex_jax.models import build_model
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/pretrain.py:demo")
-flags.DEFINE_integer("steps", 60, "Timed steps (after the first logging interval).")
-flags.DEFINE_integer("log_every", 10, "Logging interval of the loop run.")
-
 
 def loop_throughput(config, steps: int, log_every: int) -> float:
     """Median img/s the trainer logs over `steps` steps (first interval dropped)."""
@@ -71,19 +66,39 @@ def bare_step_throughput(config, steps: int) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def main(argv):
-    del argv
-    config = FLAGS.config
-    loop = loop_throughput(config, FLAGS.steps, FLAGS.log_every)
-    bare = bare_step_throughput(config, FLAGS.steps)
+def parse_args(argv: list[str]):
+    """(config, steps, log_every) from `--config=FILE[:ARGS] [--config.x=y ...] [--steps=N] [--log_every=N]`.
+
+    Flags of its own (not absl's global ones), so that importing this module defines nothing globally."""
+    argv = ["python -m metachex_jax.bench loop", *argv]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/pretrain.py:demo",
+                                    flag_values=fv, sys_argv=argv)
+    flags.DEFINE_integer("steps", 60, "Timed steps (after the first logging interval).", flag_values=fv)
+    flags.DEFINE_integer("log_every", 10, "Logging interval of the loop run.", flag_values=fv)
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: {argv[0]} --config=CONFIG[:ARGS] [--config.FIELD=VALUE ...] [--steps=N] [--log_every=N]\n"
+              f"{__doc__.splitlines()[0]}\n\n{fv.get_help()}")
+        raise SystemExit(0)
+    try:
+        fv(argv)
+        if fv.config is None:
+            raise flags.Error("--config is required")
+    except flags.Error as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return fv.config, fv.steps, fv.log_every
+
+
+def main(argv: list[str]) -> dict:
+    config, steps, log_every = parse_args(argv)
+    loop = loop_throughput(config, steps, log_every)
+    bare = bare_step_throughput(config, steps)
     print(f"{config.model.arch} {config.data.image_size}px, global batch "
           f"{config.batch_size_per_device * jax.device_count()}, {jax.default_backend()}: "
           f"loop {loop:.1f} img/s, bare step {bare:.1f} img/s, ratio {loop / bare:.3f}")
-    print(json.dumps({"backend": jax.default_backend(), "arch": config.model.arch,
-                      "image_size": config.data.image_size, "loop_img_per_s": round(loop, 2),
-                      "bare_step_img_per_s": round(bare, 2), "ratio": round(loop / bare, 4)}))
-
-
-if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    result = {"backend": jax.default_backend(), "arch": config.model.arch, "image_size": config.data.image_size,
+              "loop_img_per_s": round(loop, 2), "bare_step_img_per_s": round(bare, 2),
+              "ratio": round(loop / bare, 4)}
+    print(json.dumps(result), flush=True)
+    return result

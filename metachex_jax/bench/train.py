@@ -1,4 +1,4 @@
-"""Train-step benchmark for the DenseNet backbones: `python -m metachex_jax.bench [--torch]`.
+"""Train-step benchmark for the DenseNet backbones: `python -m metachex_jax.bench train [--torch]`.
 
 What is timed is the trainer's own step (`train_state.make_train_step`) for the CheXNet configuration (the
 DenseNet with the 14-way pathology head alone) on one batch of random uint8 images: normalisation on the device,
@@ -190,7 +190,7 @@ def run(arch: str = "densenet121", batch: int = 8, resolution: int = 224, steps:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m metachex_jax.bench train", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="densenet121", choices=sorted(SPECS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=224)
@@ -200,7 +200,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--torch", action="store_true", help="also time torchvision in the same run")
     args = parser.parse_args(argv)
     return run(args.arch, args.batch, args.resolution, args.steps, args.warmup, args.dtype, args.torch)
-
-
-if __name__ == "__main__":
-    main()

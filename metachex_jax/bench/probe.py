@@ -1,4 +1,4 @@
-"""Benchmark of the TB transfer's two costs: `python -m metachex_jax.transfer.bench [--sklearn] [--extract]`.
+"""Benchmark of the TB transfer's two costs: `python -m metachex_jax.bench probe [--sklearn] [--extract]`.
 
     probe     a full 10-fold cross-validated linear probe (each fold: standardise, inner 5-fold search over the
               9 L2 strengths, refit, threshold, predict) on a Shenzhen-sized feature table: 662 x 1024, 336 TB,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 
@@ -97,7 +96,7 @@ def extraction_throughput(arch: str, resolution: int, batch: int, batches: int) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.transfer.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m metachex_jax.bench probe", description=__doc__.split("\n")[0])
     parser.add_argument("--features", default="", help="a feature-cache .npz (default: planted 662 x 1024)")
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--sklearn", action="store_true", help="also time scikit-learn's LogisticRegressionCV")
@@ -134,7 +133,3 @@ def main(argv: list[str] | None = None) -> dict:
               "compile")
     print(json.dumps(result), flush=True)
     return result
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

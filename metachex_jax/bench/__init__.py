@@ -1,0 +1,18 @@
+"""Benchmarks: `python -m metachex_jax.bench MODE [options]` (`MODE --help` lists a mode's options).
+
+Every mode prints human-readable lines, then, last, exactly one JSON object with all its figures, and compares
+against its reference in the same run (machines are noisy: ratios within one run are what count). Each mode is a
+module of this package with `main(argv) -> dict` (the figures it printed last).
+
+Adding a mode: write `bench/<mode>.py` with that `main`, and add one line to MODES.
+"""
+
+MODES = {  # mode -> what it measures (its module is metachex_jax.bench.<mode>)
+    "train": "DenseNet train step (forward, backward, Adam): img/s, compile time, peak memory; --torch: "
+             "torchvision's in the same run",
+    "loop": "the full training loop (input + step + logging) of a config against its bare train step",
+    "data": "the input pipeline's img/s against a naive per-sample PNG decode + resize loader; dataset build img/s",
+    "probe": "the TB linear probe (10-fold CV, inner L2 search) against scikit-learn; frozen-feature extraction",
+    "predict": "inference: batched forward (--torch: against torchvision's eager inference), files to predictions "
+               "with decoding overlapped, Grad-CAM cost per image",
+}

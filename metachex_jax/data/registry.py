@@ -1,0 +1,77 @@
+"""Every dataset family the project can prepare, in one table: `DATASETS`, name -> `DatasetFamily`.
+
+A family plugs in here. Its parts:
+  reader       data/<family>.py: raw copy -> records, every problem collected (nih.py, tb.py)
+  verify       the reader's check of a raw copy without building -> raw_common.RawCheck
+  builder      its TFDS builder class (builders.py): raw copy -> ArrayRecord splits
+  make_config  (resolution, **parameters) -> the builder config; its name (r256, r256_k5_seed1) is the build's
+               identity on disk, so builds with different parameters never mix
+  parameters   the build parameters besides resolution, with their defaults; `prepare` offers each as a flag
+  kind         the record format the input pipeline turns into batches (pipeline.py: "nih" or "tb")
+
+To add a family (CheXpert, say): write data/chexpert.py (reader + `verify`), a builder class in builders.py, and
+one entry in DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
+--dataset=chexpert` (build and --verify), `build.build_dataset` and `build.verify_raw` then know it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from metachex_jax.data import builders, nih, tb
+from metachex_jax.data.raw_common import RawCheck
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFamily:
+    name: str
+    builder: type  # a builders._RawImageBuilder subclass
+    make_config: Callable[..., Any]  # (resolution, **parameters) -> tfds BuilderConfig
+    parameters: dict[str, Any]  # build parameter -> default (resolution is common to all)
+    verify: Callable[..., RawCheck]  # (manual_dir, *, strict_counts, **parameters) -> RawCheck
+    kind: str  # record format for pipeline.py
+
+    def resolve(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The family's parameters with defaults filled in; a parameter it does not take is an error."""
+        unknown = sorted(set(parameters) - set(self.parameters))
+        if unknown:
+            raise ValueError(f"{self.name} takes no build parameter(s) {unknown}; its parameters: "
+                             f"resolution, {', '.join(self.parameters)}")
+        return {**self.parameters, **parameters}
+
+    def config(self, resolution: int = builders.DEFAULT_RESOLUTION, **parameters):
+        """The builder config for these parameters. A predefined config is returned as the builder's own object
+        (TFDS refuses an equal copy under the same name)."""
+        config = self.make_config(resolution, **self.resolve(parameters))
+        return self.builder.builder_configs.get(config.name, config)
+
+    def config_name(self, resolution: int = builders.DEFAULT_RESOLUTION, **parameters) -> str:
+        return self.config(resolution, **parameters).name
+
+
+_NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED}
+_TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED}
+
+DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
+    DatasetFamily("chestxray14", builders.Chestxray14, builders.nih_config, _NIH_PARAMETERS, nih.verify, "nih"),
+    DatasetFamily("shenzhen", builders.Shenzhen, builders.tb_config, _TB_PARAMETERS,
+                  functools.partial(tb.verify, dataset="shenzhen"), "tb"),
+    DatasetFamily("montgomery", builders.Montgomery, builders.tb_config, _TB_PARAMETERS,
+                  functools.partial(tb.verify, dataset="montgomery"), "tb"),
+)}
+
+# What each build parameter means (the `prepare` flags' help).
+PARAMETER_HELP = {
+    "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation",
+    "num_folds": "shenzhen/montgomery: stratified cross-validation folds stored per record",
+    "seed": "the seed of the validation carve-out (chestxray14) or of the folds and split (TB sets)",
+}
+
+
+def family(name: str) -> DatasetFamily:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]

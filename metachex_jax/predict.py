@@ -1,0 +1,260 @@
+"""Apply a model to X-ray files: `python -m metachex_jax.predict --model=MODEL INPUT...`.
+
+    python -m metachex_jax.predict --model=/tmp/metachex_demo ~/xrays/ scan.dcm 'more/*.png' --out=preds
+    python -m metachex_jax.predict --model=/tmp/tb_demo --list=files.txt --tta=flip
+    python -m metachex_jax.predict --model=/tmp/metachex_demo img.png --heatmaps=Cardiomegaly,age --features
+
+MODEL: a pretraining workdir (best checkpoint; --step), a transfer workdir (its deployable TB model), a model
+directory (a TB model, an exported model) or a convert_torchvision backbone (features only); see
+`metachex_jax.inference`. INPUT: files (any name: the format is read from the content), folders (searched
+recursively for files named like images: .png .jpg .jpeg .dcm .dicom .tif .tiff .bmp in any case, or with no
+extension, as DICOM files often are; hidden and AppleDouble `._*` files are left out and counted), and globs;
+`--list=FILE` adds one path per line.
+
+Writes into --out (default ./predictions):
+    predictions.csv     one row per input, in input order: path, every output of the model (probabilities,
+                        age in years; `<name>_decision` for outputs with a threshold, e.g. tb), the reader's
+                        format, original size, bit depth and its source, and `error` (empty when the file was read)
+    summary.json        the model, its pixel contract and outputs, counts, failures with reasons, timings
+    features.npy        (--features) float32 (N, F) pooled features, row i = CSV row i (NaN rows for failures)
+    heatmaps/REL/NAME.npy, NAME.png   (--heatmaps) the Grad-CAM map at model-input resolution and an overlay on
+                        the original image; REL mirrors the input's path below the inputs' common folder, so equal
+                        file names in different folders never overwrite each other
+Files are written atomically. A file that cannot be read gets its error in the CSV and the summary; the others
+still run; the exit status is 1 if any file failed, 2 for usage errors (bad MODEL, unknown output, no inputs),
+reported before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from metachex_jax import files
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def expand_inputs(inputs: list[str], list_file: str | None = None) -> tuple[list[str], dict]:
+    """Input arguments -> (absolute file paths in order, duplicates removed; what folders held besides images)."""
+    items = list(inputs)
+    if list_file:
+        try:
+            with open(list_file) as f:
+                items += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise UsageError(f"--list={list_file}: {e}") from e
+    paths, missing, left_out = [], [], {"hidden_or_appledouble": [], "not_named_like_images": []}
+    for item in items:
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            for root, dirs, names in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    path = os.path.join(root, name)
+                    suffix = os.path.splitext(name)[1].lower()
+                    if name.startswith("."):
+                        left_out["hidden_or_appledouble"].append(path)
+                    elif suffix in IMAGE_SUFFIXES or not suffix:
+                        paths.append(path)
+                    else:
+                        left_out["not_named_like_images"].append(path)
+        elif os.path.isfile(item):
+            paths.append(item)
+        elif glob.has_magic(item):
+            matched = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matched:
+                missing.append(f"{item} (the pattern matches no file)")
+            paths += matched
+        else:
+            missing.append(f"{item} (no such file or folder)")
+    if missing:
+        raise UsageError("input(s) not found:\n  " + "\n  ".join(missing))
+    paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    if not paths:
+        raise UsageError("no input images found (give files, folders, globs or --list=FILE)")
+    return paths, left_out
+
+
+def heatmap_stem(path: str, base: str) -> str:
+    """heatmaps/ sub-path of an input: its path below `base` without the extension."""
+    return os.path.splitext(os.path.relpath(path, base))[0]
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_atomic(path, buffer.getvalue())
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    files.write_atomic(path, buffer.getvalue())
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    files.write_atomic(path, buffer.getvalue())
+
+
+def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str, bit_depth: int | None) -> list[str]:
+    """Grad-CAM for every readable input and output in `names`: .npy maps and overlay PNGs. Returns the files."""
+    from metachex_jax import gradcam
+    from metachex_jax.data import images as image_reader
+
+    ok = [i for i, e in enumerate(result.errors) if e is None]
+    base = os.path.commonpath([os.path.dirname(result.paths[i]) for i in ok]) if ok else ""
+    written = []
+    for start in range(0, len(ok), predictor.batch_size):
+        rows = ok[start:start + predictor.batch_size]
+        crops = np.stack([predictor.contract.from_file(result.paths[i], bit_depth=bit_depth)[0] for i in rows])
+        maps = predictor.gradcam(crops, names, layer=layer)
+        for k, i in enumerate(rows):
+            original, _ = image_reader.read_gray(result.paths[i], bit_depth=bit_depth)
+            original = np.asarray(original, np.float32)
+            folder = os.path.join(out_dir, "heatmaps", heatmap_stem(result.paths[i], base))
+            os.makedirs(folder, exist_ok=True)
+            for name in names:
+                write_npy(os.path.join(folder, f"{name}.npy"), maps[name][k])
+                write_png(os.path.join(folder, f"{name}.png"), gradcam.overlay(original, maps[name][k],
+                                                                               predictor.contract))
+                written += [os.path.join(folder, f"{name}.npy"), os.path.join(folder, f"{name}.png")]
+    return written
+
+
+def summary(predictor, result, args, left_out: dict, heatmap_files: list[str]) -> dict:
+    out = {
+        "model": predictor.info,
+        "input_contract": predictor.contract.to_json(),
+        "outputs": [o.to_json() for o in predictor.outputs],
+        "images": len(result.paths),
+        "predicted": len(result.paths) - len(result.failed),
+        "failed": len(result.failed),
+        "failures": [{"path": result.paths[i], "error": result.errors[i]} for i in result.failed],
+        "left_out_of_folders": {k: {"count": len(v), "examples": v[:10]} for k, v in left_out.items()},
+        "tta": args.tta,
+        "bit_depth_override": args.bit_depth,
+        "bit_depths": _count([(i.bit_depth, i.bit_depth_source) for i in result.infos if i is not None]),
+        "seconds": result.seconds,
+        "images_per_s": (len(result.paths) - len(result.failed)) / max(result.seconds, 1e-9),
+        "heatmaps": {"outputs": args.heatmaps, "layer": args.heatmap_layer, "files": len(heatmap_files)}
+        if heatmap_files else None,
+        "features": "features.npy" if args.features else None,
+    }
+    for output in predictor.outputs:
+        if output.threshold is not None:
+            values = result.column(output.name)
+            out.setdefault("decisions", {})[output.name] = {
+                "threshold": output.threshold, "positive": int(np.sum(values[~np.isnan(values)] >= output.threshold))}
+    return out
+
+
+def _count(pairs) -> list[dict]:
+    counts: dict = {}
+    for bits, source in pairs:
+        counts[bits, source] = counts.get((bits, source), 0) + 1
+    return [{"bits": b, "source": s, "images": n} for (b, s), n in sorted(counts.items())]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m metachex_jax.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", help="image files, folders (recursive) or globs")
+    parser.add_argument("--model", required=True, help="pretraining/transfer workdir, model directory, backbone")
+    parser.add_argument("--list", dest="list_file", help="a text file with one input path per line")
+    parser.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
+    parser.add_argument("--features", action="store_true", help="also write features.npy (pooled features)")
+    parser.add_argument("--tta", choices=["flip"], default=None, help="test-time augmentation")
+    parser.add_argument("--heatmaps", default="", help="comma-separated output names, or 'all': Grad-CAM maps")
+    parser.add_argument("--heatmap_layer", default="final",
+                        help="the layer Grad-CAM uses (final = ReLU of the last BatchNorm, the pooled tensor; "
+                             "e.g. block3 for low-resolution models)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--bit_depth", type=int, default=None,
+                        help="force the sample depth of 16-bit sources (default: the reader's rule)")
+    parser.add_argument("--step", default="best", help="pretraining checkpoint: best, latest or a step")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
+    parser.add_argument("--image_size", type=int, default=None, help="backbone-only models: model input size")
+    parser.add_argument("--resolution", type=int, default=None, help="backbone-only models: resize before crop")
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
+    from metachex_jax.inference import ModelError, Predictor
+
+    if args.bit_depth is not None and not 1 <= args.bit_depth <= 16:
+        raise UsageError(f"--bit_depth={args.bit_depth}: must be in 1..16")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size={args.batch_size}: must be >= 1")
+    paths, left_out = expand_inputs(args.inputs, args.list_file)
+    step = args.step if args.step in ("best", "latest") else int(args.step)
+    try:
+        predictor = Predictor.load(args.model, step=step, batch_size=args.batch_size, image_size=args.image_size,
+                                   resolution=args.resolution)
+        heatmaps = [n.strip() for n in args.heatmaps.split(",") if n.strip()]
+        if heatmaps:
+            if predictor.exported:
+                raise ModelError(f"--heatmaps: {args.model} is an exported model, which carries no Grad-CAM; run "
+                                 "predict on the workdir it was exported from to get heatmaps")
+            heatmaps = predictor.check_outputs(heatmaps)
+            if args.heatmap_layer not in predictor.layer_names:
+                raise ModelError(f"--heatmap_layer={args.heatmap_layer}: choose one of "
+                                 f"{', '.join(predictor.layer_names)}")
+    except (ModelError, FileNotFoundError, ValueError) as e:  # an unusable MODEL or option: before any work
+        raise UsageError(str(e)) from e
+    if not predictor.outputs and not args.features:
+        raise UsageError(f"{args.model} has no outputs (a bare backbone): pass --features to write its features")
+    out_dir = os.path.abspath(args.out)
+    os.makedirs(out_dir, exist_ok=True)
+    skipped = {k: len(v) for k, v in left_out.items() if v}
+    print(f"model: {predictor.info}; {len(paths)} images" + (f" (left out of folders: {skipped})" if skipped else ""),
+          file=sys.stderr)
+
+    result = predictor.predict_files(paths, tta=args.tta, features=args.features, bit_depth=args.bit_depth,
+                                     workers=args.workers, progress=True)
+    heatmap_files = write_heatmaps(predictor, result, heatmaps, args.heatmap_layer, out_dir, args.bit_depth) \
+        if heatmaps else []
+    write_csv(os.path.join(out_dir, "predictions.csv"), result.rows())
+    if args.features:
+        write_npy(os.path.join(out_dir, "features.npy"), result.features)
+    report = summary(predictor, result, args, left_out, heatmap_files)
+    files.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(report, indent=1, default=str) + "\n")
+    print(f"{report['predicted']} of {report['images']} images predicted in {result.seconds:.1f} s "
+          f"({report['images_per_s']:.1f} img/s) -> {out_dir}/predictions.csv", file=sys.stderr)
+    for failure in report["failures"]:
+        print(f"failed: {failure['error']}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    try:
+        status = run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

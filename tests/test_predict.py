@@ -1,0 +1,296 @@
+"""`predict`, the Predictor API, Grad-CAM and export on a tiny pretraining run of the demo generator's tree.
+
+The run (densenet_tiny, 32 px, 3 steps) is real; so are the raw files predict reads: the demo tree's PNGs, plus
+files written here (DICOM, 12-bit PNG, broken files).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from metachex_jax import convert, export, predict, reports, train
+from metachex_jax.inference import ModelError, Predictor
+from metachex_jax.labels import PATHOLOGIES
+from test_transfer_run import ARCH, RES, pretrain_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The transfer tests' tiny pretraining run (densenet_tiny, 32 px, 3 steps) on its own demo tree."""
+    demo_dir, workdir = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("run")
+    train.train_and_evaluate(pretrain_config(demo_dir), str(workdir))
+    (raw,) = list(demo_dir.glob("*/raw"))
+    return workdir, raw / "ChestX-ray14"
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def nih_test_files(nih_root):
+    names = (nih_root / "test_list.txt").read_text().split()
+    found = {p.name: p for p in nih_root.rglob("*.png")}
+    return [found[n] for n in names]
+
+
+def test_predict_from_raw_files_equals_evaluation_of_the_prepared_records(run_dir, tmp_path, capsys):
+    workdir, nih_root = run_dir
+    status = predict.main([f"--model={workdir}", str(nih_root), f"--out={tmp_path}/p", "--features"])
+    assert status == 0
+    rows = {os.path.basename(r["path"]): r for r in read_rows(tmp_path / "p" / "predictions.csv")}
+    assert len(rows) == 96  # every image of the tree; the CSV and list files beside them are left out, counted
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["left_out_of_folders"]["not_named_like_images"]["count"] == 4  # 2 csv + 2 txt
+    assert summary["failed"] == 0 and summary["bit_depths"] == [{"bits": 8, "source": "8-bit file", "images": 96}]
+    (evaluated,) = (workdir / "eval").glob("test_step*_predictions.csv")
+    cols = reports.read_predictions_csv(evaluated)
+    assert len(cols["image_name"]) > 10
+    for i, name in enumerate(cols["image_name"]):
+        row = rows[str(name)]
+        np.testing.assert_allclose([float(row[p]) for p in PATHOLOGIES], cols["pathology_prob"][i], atol=1e-5)
+        np.testing.assert_allclose(float(row["sex_male"]), cols["sex_male_prob"][i], atol=1e-5)
+        np.testing.assert_allclose(float(row["view_ap"]), cols["view_ap_prob"][i], atol=1e-5)
+        np.testing.assert_allclose(float(row["age"]), cols["age_pred"][i], rtol=1e-5)
+    features = np.load(tmp_path / "p" / "features.npy")
+    assert features.shape == (96, 32) and np.isfinite(features).all()
+
+
+def test_python_api_batches_tta_and_features(run_dir):
+    workdir, nih_root = run_dir
+    predictor = Predictor.load(str(workdir), batch_size=8)
+    assert predictor.output_names == [*PATHOLOGIES, "view_ap", "sex_male", "age"]
+    paths = nih_test_files(nih_root)[:11]  # not a multiple of the batch: the last batch is padded
+    from_files = predictor.predict_files(paths, features=True)
+    crops = np.stack([predictor.contract.from_file(p)[0] for p in paths])
+    direct = predictor(crops, features=True)
+    np.testing.assert_allclose(direct["Cardiomegaly"], from_files.column("Cardiomegaly"), atol=1e-6)
+    np.testing.assert_allclose(direct["features"], from_files.features, atol=1e-5)
+    one_by_one = np.concatenate([predictor(crops[i:i + 1])["age"] for i in range(len(crops))])
+    np.testing.assert_allclose(one_by_one, direct["age"], rtol=1e-5)
+    flipped = predictor(crops[:, :, ::-1].copy())
+    with_tta = predictor(crops, tta="flip")
+    for name in ("Mass", "age"):
+        np.testing.assert_allclose(with_tta[name], (direct[name] + flipped[name]) / 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        predictor(crops.astype(np.float32))
+
+
+def test_bad_files_get_their_error_and_the_rest_still_run(run_dir, tmp_path):
+    workdir, nih_root = run_dir
+    good = nih_test_files(nih_root)[:3]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "empty.png").write_bytes(b"")
+    (inputs / "notes.png").write_text("not an image")
+    (inputs / "truncated.png").write_bytes(good[0].read_bytes()[:100])
+    status = predict.main([f"--model={workdir}", *map(str, good), str(inputs), f"--out={tmp_path}/p"])
+    assert status == 1
+    rows = read_rows(tmp_path / "p" / "predictions.csv")
+    assert [os.path.basename(r["path"]) for r in rows[:3]] == [p.name for p in good]  # input order
+    errors = {os.path.basename(r["path"]): r["error"] for r in rows}
+    assert all(errors[p.name] == "" for p in good)
+    assert "empty" in errors["empty.png"] and "not an image" in errors["notes.png"]
+    assert errors["truncated.png"].startswith(str(inputs / "truncated.png"))
+    assert all(rows[i]["Mass"] == "" for i in range(3, 6)) and all(rows[i]["Mass"] for i in range(3))
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["failed"] == 3 and {f["path"] for f in summary["failures"]} == {
+        str(inputs / n) for n in ("empty.png", "notes.png", "truncated.png")}
+    assert sorted(os.listdir(tmp_path / "p")) == ["predictions.csv", "summary.json"]  # no temporary leftovers
+
+
+def test_usage_errors_stop_before_any_work(run_dir, tmp_path, capsys):
+    workdir, nih_root = run_dir
+    image = str(nih_test_files(nih_root)[0])
+    cases = [
+        ([f"--model={tmp_path}/nowhere", image], "does not exist"),
+        ([f"--model={tmp_path}", image], "neither a model directory"),
+        ([f"--model={workdir}", image, "--heatmaps=tb"], "no output(s) ['tb']"),
+        ([f"--model={workdir}", image, "--heatmaps=age", "--heatmap_layer=block9"], "choose one of stem"),
+        ([f"--model={workdir}", f"{tmp_path}/missing.png"], "no such file or folder"),
+        ([f"--model={workdir}", f"{tmp_path}/*.dcm"], "matches no file"),
+        ([f"--model={workdir}"], "no input images"),
+        ([f"--model={workdir}", image, "--image_size=64"], "pixel contract is fixed"),
+    ]
+    for argv, message in cases:
+        out = tmp_path / "out"
+        assert predict.main([*argv, f"--out={out}"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+        assert not out.exists()  # nothing written
+
+
+def test_other_formats_and_bit_depths_through_predict(run_dir, tmp_path):
+    pydicom_test = pytest.importorskip("test_dicom")
+    workdir, _ = run_dir
+    rng = np.random.default_rng(1)
+    twelve = rng.integers(0, 4096, (80, 60)).astype(np.uint16)
+    Image.fromarray(twelve).save(tmp_path / "twelve_bit.png")
+    pydicom_test.write(pydicom_test.make_dataset(twelve), tmp_path / "scan")  # DICOM without an extension
+    Image.fromarray((twelve >> 4).astype(np.uint8), mode="L").save(tmp_path / "jpeg_named.png", format="JPEG")
+    status = predict.main([f"--model={workdir}", str(tmp_path / "twelve_bit.png"), str(tmp_path / "scan"),
+                           str(tmp_path / "jpeg_named.png"), f"--out={tmp_path}/p"])
+    assert status == 0
+    rows = {os.path.basename(r["path"]): r for r in read_rows(tmp_path / "p" / "predictions.csv")}
+    assert (rows["twelve_bit.png"]["format"], rows["twelve_bit.png"]["bit_depth"]) == ("png", "12")
+    assert (rows["scan"]["format"], rows["scan"]["bit_depth"]) == ("dicom", "12")
+    assert (rows["jpeg_named.png"]["format"], rows["jpeg_named.png"]["width"]) == ("jpeg", "60")
+    # The same 12-bit samples give the same prediction from the PNG and from the DICOM.
+    assert abs(float(rows["scan"]["Mass"]) - float(rows["twelve_bit.png"]["Mass"])) < 1e-6
+    assert predict.main([f"--model={workdir}", str(tmp_path / "twelve_bit.png"), "--bit_depth=16",
+                         f"--out={tmp_path}/p16"]) == 0
+    assert read_rows(tmp_path / "p16" / "predictions.csv")[0]["bit_depth_source"] == "override"
+
+
+def _independent_gradcam(model, images, name, layer):
+    """Grad-CAM written out without the delta mechanism: the network is cut at `layer` by hand and the rest is
+    differentiated per example with jax.grad."""
+    bb = model.backbone
+    x = jnp.asarray(images)
+    from metachex_jax.preprocessing import to_model_input
+
+    _, activation = bb.feature_map(to_model_input(x), tap=layer)
+    assert layer == "transition3"
+
+    def rest(a):  # transition3's output -> block4 -> norm5 -> pool -> the output's score
+        final = nnx.relu(bb.norm5(bb.blocks[3](a[None])))
+        return model.output_scores(jnp.mean(final, axis=(1, 2)))[name][0]
+
+    grads = jnp.stack([jax.grad(rest)(a) for a in activation])
+    weights = grads.mean(axis=(1, 2))
+    cam = np.maximum(np.einsum("nhwc,nc->nhw", np.asarray(activation), np.asarray(weights)), 0)
+    return np.asarray(jax.image.resize(cam, (len(cam), images.shape[1], images.shape[2]), "linear"))
+
+
+def test_gradcam_matches_an_independent_computation(run_dir):
+    workdir, nih_root = run_dir
+    predictor = Predictor.load(str(workdir), batch_size=4)
+    crops = np.stack([predictor.contract.from_file(p)[0] for p in nih_test_files(nih_root)[:5]])
+    model = predictor._backend.module
+    maps = predictor.gradcam(crops, ["Mass", "age"], layer="transition3")
+    for name in ("Mass", "age"):
+        assert maps[name].shape == (5, RES, RES) and (maps[name] >= 0).all()
+        np.testing.assert_allclose(maps[name], _independent_gradcam(model, crops, name, "transition3"),
+                                   rtol=1e-4, atol=1e-6)
+    # At the final layer a linear head makes Grad-CAM closed-form: ReLU(A . w_k) / (h w), upsampled.
+    final = predictor.gradcam(crops, ["Mass"])["Mass"]
+    from metachex_jax.preprocessing import to_model_input
+
+    activation = np.asarray(model.backbone.feature_map(to_model_input(jnp.asarray(crops))))
+    w = np.asarray(model.pathology_head.kernel[...])[:, PATHOLOGIES.index("Mass")]
+    h, wd = activation.shape[1:3]
+    cam = np.maximum(activation @ w / (h * wd), 0)
+    expected = np.asarray(jax.image.resize(cam, (5, RES, RES), "linear"))
+    np.testing.assert_allclose(final, expected, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ModelError, match="no output"):
+        predictor.gradcam(crops, ["tb"])
+
+
+def test_heatmap_files_mirror_input_paths_and_overlay_the_original(run_dir, tmp_path):
+    workdir, nih_root = run_dir
+    source = nih_test_files(nih_root)[0]
+    for folder in ("a", "b"):  # equal base names in two folders
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        Image.open(source).resize((96, 80)).save(tmp_path / "in" / folder / "x.png")
+    status = predict.main([f"--model={workdir}", str(tmp_path / "in"), "--heatmaps=all",
+                           "--heatmap_layer=transition3", f"--out={tmp_path}/p"])
+    assert status == 0
+    for folder in ("a", "b"):
+        out = tmp_path / "p" / "heatmaps" / folder / "x"
+        assert sorted(os.listdir(out)) == sorted(f"{n}.{e}" for n in [*PATHOLOGIES, "view_ap", "sex_male", "age"]
+                                                 for e in ("npy", "png"))
+        assert np.load(out / "age.npy").shape == (RES, RES)
+        with Image.open(out / "age.png") as overlay:
+            assert overlay.size == (96, 80) and overlay.mode == "RGB"
+
+
+def test_gradcam_overlay_geometry():
+    """The map goes back through the crop and the resize: a peak at the crop's centre lands at the image's."""
+    from metachex_jax import gradcam
+    from metachex_jax.preprocessing import PixelContract
+
+    contract = PixelContract(image_size=8, resolution=12)
+    cam = np.zeros((8, 8), np.float32)
+    cam[3, 4] = 1.0
+    x, y = gradcam.peak_in_original(cam, contract, width=120, height=60)
+    assert (x, y) == ((4 + 2 + 0.5) * 10, (3 + 2 + 0.5) * 5)
+    heat, covered = gradcam.to_original(cam, contract, 120, 60)
+    assert covered[:, :10].max() < 0.5 and covered[30, 60] == 1.0  # the crop cut 2 of 12 columns per side
+    result = gradcam.pointing_game([(x, y), (1, 1)], [[(60, 20, 10, 10)], [(50, 50, 5, 5)]], [7200, 7200])
+    assert (result["hits"], result["cases"]) == (1, 2) and list(result["case_hits"]) == [1.0, 0.0]
+    assert result["random_point_baseline"] == pytest.approx((100 / 7200 + 25 / 7200) / 2)
+
+
+def test_export_runs_without_the_model_code_and_equals_the_workdir(run_dir, tmp_path):
+    workdir, nih_root = run_dir
+    out = export.export(str(workdir), str(tmp_path / "exported"))
+    card = json.loads((tmp_path / "exported" / "model.json").read_text())
+    assert card["input"]["image_size"] == RES and card["exported"]["platforms"] == ["cpu", "cuda", "tpu"]
+    assert [o["name"] for o in card["outputs"]][-1] == "age" and card["metrics"]["mean_auroc"]["value"] > 0
+    assert card["training"]["demo_data"] is True
+    images = [str(p) for p in nih_test_files(nih_root)[:7]]
+    assert predict.main([f"--model={workdir}", *images, f"--out={tmp_path}/flax"]) == 0
+    # A fresh interpreter: predict from the exported model, then check what was imported.
+    code = (f"import sys; from metachex_jax import predict; "
+            f"status = predict.main(['--model={out}', *{images!r}, '--out={tmp_path}/exp', '--batch_size=4']); "
+            "bad = [m for m in sys.modules if m.startswith(('flax', 'metachex_jax.models', 'orbax'))]; "
+            "print('IMPORTED', bad); sys.exit(status or (3 if bad else 0))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "IMPORTED []" in done.stdout
+    flax_rows, exported_rows = (read_rows(tmp_path / d / "predictions.csv") for d in ("flax", "exp"))
+    for a, b in zip(flax_rows, exported_rows):
+        for name in [*PATHOLOGIES, "view_ap", "sex_male", "age"]:
+            assert abs(float(a[name]) - float(b[name])) <= 1e-5 * max(1.0, abs(float(a[name])))
+    assert predict.main([f"--model={out}", images[0], "--heatmaps=age", f"--out={tmp_path}/h"]) == 2
+    with pytest.raises(FileExistsError):
+        export.export(str(workdir), str(tmp_path / "exported"))
+
+
+def test_predict_shards_over_several_devices(run_dir, tmp_path):
+    """Two CPU devices (a fresh process): the batch is split over both and the predictions do not change."""
+    workdir, nih_root = run_dir
+    images = [str(p) for p in nih_test_files(nih_root)[:9]]
+    assert predict.main([f"--model={workdir}", *images, f"--out={tmp_path}/one", "--batch_size=4"]) == 0
+    code = (f"import jax; from metachex_jax import predict; assert jax.local_device_count() == 2; "
+            f"raise SystemExit(predict.main(['--model={workdir}', *{images!r}, '--out={tmp_path}/two', "
+            "'--batch_size=3']))")  # rounded up to 4, a multiple of the devices
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    for a, b in zip(*(read_rows(tmp_path / d / "predictions.csv") for d in ("one", "two"))):
+        assert abs(float(a["age"]) - float(b["age"])) < 1e-4 and abs(float(a["Mass"]) - float(b["Mass"])) < 1e-6
+
+
+def test_backbone_directory_gives_features_only(tmp_path, run_dir):
+    from metachex_jax.models import DenseNet
+
+    _, nih_root = run_dir
+    backbone = DenseNet(ARCH, num_classes=None, rngs=nnx.Rngs(3))
+    convert.save_backbone(backbone, tmp_path / "bb", source="test")
+    image = str(nih_test_files(nih_root)[0])
+    assert predict.main([f"--model={tmp_path}/bb", image, f"--out={tmp_path}/none"]) == 2  # nothing to output
+    assert predict.main([f"--model={tmp_path}/bb", image, "--features", "--image_size=32", "--resolution=36",
+                         f"--out={tmp_path}/f"]) == 0
+    features = np.load(tmp_path / "f" / "features.npy")
+    backbone.eval()
+    from metachex_jax.preprocessing import PixelContract
+
+    crop, _ = PixelContract(32, 36).from_file(image)
+    from metachex_jax.preprocessing import to_model_input
+
+    expected = np.asarray(backbone.features(to_model_input(jnp.asarray(crop[None]))))
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
