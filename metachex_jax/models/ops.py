@@ -1,25 +1,28 @@
 """The DenseNet's operations as pure functions of arrays, with hand-written backward passes for XLA's CPU backend.
 
 Every function here computes exactly what the straightforward JAX/Flax code computes (the same sums, possibly in
-another order; `tests/test_models.py` checks values and gradients against that code). What differs on CPU is the
-backward pass, where XLA's own gradients are slow or, inside a `lax.scan`, fall back to naive loops:
+another order; `tests/test_model_forms.py` checks values and gradients against JAX's own differentiation). What
+differs on CPU is the backward pass, where XLA's own gradients are slow or, inside a `lax.scan`, fall back to naive
+loops:
 
-    bn_relu_conv          BatchNorm (batch statistics) -> ReLU -> 1x1 or 3x3 convolution, the unit a dense layer
-                          has twice. Keeps only its input for the backward pass (the normalised and rectified
-                          activations are recomputed there, one cheap elementwise pass) and computes the
-                          convolution's gradients as matmuls: for a 3x3 kernel over nine shifted copies of the
-                          narrow (growth-rate wide) output gradient, instead of XLA's gradient convolutions,
-                          which transpose their operands to batch-minor layouts and, inside a while loop (the
-                          scanned blocks), are emitted as naive loops (~100x slower).
+    dense_block_scan      a scanned dense block (`DenseBlock` with scan_layers). Its backward pass is a reverse
+                          scan written here: it keeps only the block's final buffer (layer l's input is its first
+                          widths[l] channels) and one bottleneck activation per layer, recomputes the normalised
+                          and rectified activations (one cheap elementwise pass), and computes the convolutions'
+                          gradients as matmuls, for a 3x3 kernel over nine shifted copies of the narrow
+                          (growth-rate wide) output gradient (`conv_gradients`). XLA's own gradient
+                          convolutions inside a while loop are emitted as naive loops (~10x slower step), and its
+                          differentiated scan stores each layer's full-width input.
     stem_conv             the 7x7/2 stem convolution; its kernel gradient (the only one needed: the input is
                           data) as one matmul over image patches (XLA's gradient convolution with 3 input channels
                           is slow).
     max_pool_3x3_stride2  torch's MaxPool2d(3, 2, padding=1); the gradient goes to the first maximum of each
                           window (torch's rule) through nine strided pads, instead of the select chain XLA derives.
 
-The hand-written backward passes are used on the CPU backend only (`hand_written_gradients`): on GPU and TPU
-the compilers' own convolution gradients are fast (cuDNN, the TPU's), and they are what the benchmarks there
-measured. `reference_gradients()` switches them off (tests compare both).
+The unrolled dense layers (`bn_relu_conv`) keep XLA's gradients: hand-written ones measured slower there and
+doubled the compile time. The hand-written backward passes are used on the CPU backend only
+(`hand_written_gradients`): on GPU and TPU the compilers' own convolution gradients are fast (cuDNN, the TPU's),
+and they are what the benchmarks there measured. `reference_gradients()` switches them off (tests compare both).
 """
 
 from __future__ import annotations
@@ -225,60 +228,41 @@ def avg_pool_2x2(x):
 # ---------------------------------------------------------------------------------------------------------------
 # BN-ReLU-conv, the unit a dense layer has twice.
 
-def bn_relu_conv(x, norm: dict[str, Any], kernel, *, train: bool, epsilon: float, dtype: Any):
+def bn_relu_conv(x, norm: dict[str, Any], kernel, *, train: bool, epsilon: float, dtype: Any,
+                 matmul_gradients: bool = False):
     """conv(relu(batch_norm(x))) and the batch statistics (None in evaluation mode).
 
     `norm` holds scale, bias, mean, var (`mean` / `var` are used in evaluation mode only); `kernel` is (in, out)
-    for a 1x1 convolution or (3, 3, in, out).
+    for a 1x1 convolution or (3, 3, in, out). `matmul_gradients`: differentiate a 3x3 convolution through
+    `conv_gradients` (inside a scan on CPU, where XLA's gradient convolutions become naive loops).
     """
-    if train and hand_written_gradients():
-        x, scale, bias, kernel = nnx.nn.dtypes.promote_dtype((x, norm["scale"], norm["bias"], kernel), dtype=dtype)
-        out, mean, var = _bn_relu_conv_train(x, scale, bias, kernel, epsilon)
-        return out, (mean, var)
     a, stats = batch_norm(x, **norm, train=train, epsilon=epsilon, dtype=dtype)
     a, kernel = nnx.nn.dtypes.promote_dtype((nnx.relu(a), kernel), dtype=dtype)
-    if kernel.ndim == 4 and hand_written_gradients():
+    if kernel.ndim == 4 and matmul_gradients:
         return _conv3x3_hand_written(a, kernel), stats
     return conv(a, kernel), stats
 
 
 def _normalise(x, scale, bias, mean, var, epsilon):
     """relu(batch_norm(x)) in x's dtype (the same arithmetic as `batch_norm`), and the float32 normalised x and
-    pre-ReLU values that the backward pass needs."""
+    pre-ReLU values that a backward pass needs."""
     rstd = lax.rsqrt(var + epsilon)
     centred = x.astype(mean.dtype) - mean
     y = centred * (rstd * scale.astype(mean.dtype)) + bias.astype(mean.dtype)
     return jnp.maximum(y.astype(x.dtype), 0), centred * rstd, y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _bn_relu_conv_train(x, scale, bias, kernel, epsilon):
-    return _bn_relu_conv_train_fwd(x, scale, bias, kernel, epsilon)[0]
-
-
-def _bn_relu_conv_train_fwd(x, scale, bias, kernel, epsilon):
-    mean, var = batch_statistics(x)
-    a = _normalise(x, scale, bias, mean, var, epsilon)[0]
-    return (conv(a, kernel), mean, var), (x, scale, bias, kernel, mean, var)
-
-
-def _bn_relu_conv_train_bwd(epsilon, res, cotangents):
-    x, scale, bias, kernel, mean, var = res
-    g, g_mean, g_var = cotangents
-    a, xhat, y = _normalise(x, scale, bias, mean, var, epsilon)
-    da, dkernel = conv_gradients(a, kernel, g)
-    dy = jnp.where(y > 0, da.astype(mean.dtype), 0.0)
+def _bn_relu_backward(dy_relu, x, scale, bias, mean, var, epsilon, g_mean, g_var):
+    """Gradients (dx, dscale, dbias) of relu(batch_norm(x)) with batch statistics, given the output gradient
+    and the statistics' own cotangents (zero when they only feed the running averages, as in training)."""
+    _, xhat, y = _normalise(x, scale, bias, mean, var, epsilon)
+    dy = jnp.where(y > 0, dy_relu.astype(mean.dtype), 0.0)
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
     dbias, dscale = jnp.sum(dy, axes), jnp.sum(dy * xhat, axes)
-    rstd = lax.rsqrt(var + epsilon)
-    dx = (scale.astype(mean.dtype) * rstd) * (dy - (dbias + xhat * dscale) / count)
-    # The statistics' own cotangents (zero when they only feed the running averages, as in training).
+    dx = (scale.astype(mean.dtype) * lax.rsqrt(var + epsilon)) * (dy - (dbias + xhat * dscale) / count)
     dx = dx + (g_mean + 2.0 * g_var * (x.astype(mean.dtype) - mean)) / count
-    return (dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype), dkernel.astype(kernel.dtype))
-
-
-_bn_relu_conv_train.defvjp(_bn_relu_conv_train_fwd, _bn_relu_conv_train_bwd)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 @jax.custom_vjp
@@ -325,10 +309,13 @@ def dense_block_scan(x, p: dict[str, Any], widths, *, train: bool, epsilon: floa
         out, mean1, var1, mean2, var2 = _scanned_block_train(buffer, *arrays, offsets, epsilon, remat)
         return out, {"norm1": (mean1, var1), "norm2": (mean2, var2)}
 
+    unit = functools.partial(bn_relu_conv, train=train, epsilon=epsilon, dtype=dtype,
+                             matmul_gradients=hand_written_gradients())
+
     def body(buffer, p_and_offset):
         p, offset = p_and_offset
-        h, stats1 = bn_relu_conv(buffer, p["norm1"], p["conv1"], train=train, epsilon=epsilon, dtype=dtype)
-        new, stats2 = bn_relu_conv(h, p["norm2"], p["conv2"], train=train, epsilon=epsilon, dtype=dtype)
+        h, stats1 = unit(buffer, p["norm1"], p["conv1"])
+        new, stats2 = unit(h, p["norm2"], p["conv2"])
         stats = {"norm1": stats1, "norm2": stats2} if train else None
         return lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), offset, axis=-1), stats
 
@@ -362,19 +349,6 @@ def _scanned_block_train_fwd(buffer, scale1, bias1, scale2, bias2, kernel1, kern
     saved = (out, scale1, bias1, scale2, bias2, kernel1, kernel2, offsets, mean1, var1, mean2, var2,
              None if remat else h)
     return (out, mean1, var1, mean2, var2), saved
-
-
-def _bn_relu_backward(dy_relu, x, scale, bias, mean, var, epsilon, g_mean, g_var):
-    """Gradients (dx, dscale, dbias) of relu(batch_norm(x)) with batch statistics, given the output gradient
-    (and the statistics' own cotangents)."""
-    _, xhat, y = _normalise(x, scale, bias, mean, var, epsilon)
-    dy = jnp.where(y > 0, dy_relu.astype(mean.dtype), 0.0)
-    axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
-    dbias, dscale = jnp.sum(dy, axes), jnp.sum(dy * xhat, axes)
-    dx = (scale.astype(mean.dtype) * lax.rsqrt(var + epsilon)) * (dy - (dbias + xhat * dscale) / count)
-    dx = dx + (g_mean + 2.0 * g_var * (x.astype(mean.dtype) - mean)) / count
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 def _scanned_block_train_bwd(epsilon, remat, saved, cotangents):
