@@ -14,8 +14,8 @@ loops:
                           convolutions inside a while loop are emitted as naive loops (~10x slower step), and its
                           differentiated scan stores each layer's full-width input.
     stem_conv             the 7x7/2 stem convolution; its kernel gradient (the only one needed: the input is
-                          data) as one matmul over image patches (XLA's gradient convolution with 3 input channels
-                          is slow).
+                          data) as matmuls over each image's patches (XLA's gradient convolution with 3 input
+                          channels is slow).
     max_pool_3x3_stride2  torch's MaxPool2d(3, 2, padding=1); the gradient goes to the first maximum of each
                           window (torch's rule) through nine strided pads, instead of the select chain XLA derives.
 
@@ -156,7 +156,14 @@ def _stem_fwd(x, kernel):
 
 def _stem_bwd(res, g):
     x, kernel = res
-    dk = lax.dot_general(stem_patches(x), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
+
+    def add_image(dk, image_and_g):  # one image at a time: its patches are 49x its pixels
+        image, g_image = image_and_g
+        patches = stem_patches(image[None])
+        return dk + lax.dot_general(patches, g_image.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ()))), None
+
+    dk = jnp.zeros((kernel.size // kernel.shape[-1], kernel.shape[-1]), jnp.promote_types(g.dtype, jnp.float32))
+    dk = lax.scan(add_image, dk, (x, g))[0]
     dx = jax.vjp(lambda v: _stem(v, kernel), x)[1](g)[0]  # unused in training (the input is data): XLA drops it
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
@@ -359,8 +366,12 @@ def _scanned_block_train_bwd(epsilon, remat, saved, cotangents):
 
     def body(d_buffer, xs):
         s1, b1, s2, b2, k1, k2, offset, m1, v1, m2, v2, gm1, gv1, gm2, gv2, h = xs
-        x = jnp.where(channel < offset, out, jnp.zeros((), out.dtype))  # the layer's input, as it was
-        a1 = _normalise(x, s1, b1, m1, v1, epsilon)[0]
+        # Layer l read the buffer when channels >= offset were still zero; the final buffer holds other values
+        # there, but the layer's scale and bias are zero on those channels (and their statistics' cotangents
+        # are masked here), so everything computed from them below is exactly zero, as it was.
+        unwritten = channel >= offset
+        gm1, gv1 = jnp.where(unwritten, 0.0, gm1), jnp.where(unwritten, 0.0, gv1)
+        a1 = _normalise(out, s1, b1, m1, v1, epsilon)[0]
         if h is None:
             h = pointwise(a1, k1)
         a2 = _normalise(h, s2, b2, m2, v2, epsilon)[0]
@@ -368,7 +379,7 @@ def _scanned_block_train_bwd(epsilon, remat, saved, cotangents):
         da2, dk2 = conv_gradients(a2, k2, g_new)
         dh, ds2, db2 = _bn_relu_backward(da2, h, s2, b2, m2, v2, epsilon, gm2, gv2)
         da1, dk1 = conv_gradients(a1, k1, dh)
-        dx, ds1, db1 = _bn_relu_backward(da1, x, s1, b1, m1, v1, epsilon, gm1, gv1)
+        dx, ds1, db1 = _bn_relu_backward(da1, out, s1, b1, m1, v1, epsilon, gm1, gv1)
         return d_buffer + dx, (ds1, db1, ds2, db2, dk1.astype(k1.dtype), dk2.astype(k2.dtype))
 
     xs = (scale1, bias1, scale2, bias2, kernel1, kernel2, offsets, mean1, var1, mean2, var2,
