@@ -54,7 +54,8 @@ def restore_latest(manager, config, tx, fresh_state, replicated, data_iter=None)
     scan = resolve_scan_layers(config.model.scan_layers)
     target = fresh_state
     if saved_scan is not None and saved_scan != scan:
-        saved_model = ml_collections.ConfigDict({**config.model.to_dict(), "scan_layers": "yes" if saved_scan else "no"})
+        saved_model = ml_collections.ConfigDict({**config.model.to_dict(),
+                                                  "scan_layers": "yes" if saved_scan else "no"})
         target = jax.eval_shape(lambda: train_state.create(build_model(saved_model, nnx.Rngs(0)), tx)[1])
     restored = checkpointing.restore_latest(manager, checkpointing.abstract(target, replicated), data_iter)
     if restored is None or target is fresh_state:

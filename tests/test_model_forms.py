@@ -80,7 +80,8 @@ def test_every_form_computes_the_reference_function():
             if model.blocks[0].scan_layers:  # the zero padding of stacked variables gets exactly zero gradient
                 block = nnx.to_pure_dict(raw_grads)["blocks"][1]["stacked"]
                 cin = TINY.num_init_features // 2 + TINY.block_config[0] * TINY.growth_rate // 2
-                assert not np.any(block["norm1"]["scale"][0, cin:]) and not np.any(block["conv1"]["kernel"][0, ..., cin:, :])
+                assert not np.any(block["norm1"]["scale"][0, cin:])
+                assert not np.any(block["conv1"]["kernel"][0, ..., cin:, :])
                 assert np.any(block["norm1"]["scale"][1, cin:cin + TINY.growth_rate])
 
 
@@ -111,11 +112,13 @@ def test_layout_conversion_is_exact_both_ways():
     _assert_trees_equal(convert_layout(_pure(scanned), TINY, scan_layers=False), _pure(unrolled))
     stacked = scanned.blocks[0].stacked
     assert stacked["conv1"].kernel.shape == (2, 1, 1, 32, 16) and stacked["conv2"].kernel.shape == (2, 3, 3, 16, 8)
-    np.testing.assert_array_equal(stacked["conv1"].kernel[1, 0, 0, :24], unrolled.blocks[0].layers[1].conv1.kernel[0, 0])
+    np.testing.assert_array_equal(stacked["conv1"].kernel[1, 0, 0, :24],
+                                  unrolled.blocks[0].layers[1].conv1.kernel[0, 0])
     assert not np.any(stacked["conv1"].kernel[0, 0, 0, 16:]) and not np.any(stacked["norm1"].scale[0, 16:])
     np.testing.assert_array_equal(stacked["norm1"].var[0, 16:], 1.0)
     assert count_params(scanned) == count_params(unrolled)
-    assert len(batch_norms(scanned)) == 2 * 4 + 3 + 2 and any(isinstance(n, StackedBatchNorm) for n in batch_norms(scanned))
+    assert len(batch_norms(scanned)) == 2 * 4 + 3 + 2  # two stacked per block, transitions, norm0, norm5
+    assert sum(isinstance(n, StackedBatchNorm) for n in batch_norms(scanned)) == 8
     # In place, there and back: bit for bit.
     original = _pure(unrolled)
     set_block_options(unrolled, scan_layers=True, remat=True)
@@ -203,3 +206,36 @@ def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
     model = train_state.model_of(graphdef, restored)
     assert model.backbone.blocks[0].layers is not None
     manager.close()
+    # Evaluation and transfer read the same checkpoint: the run's saved config says "yes", a transfer config "no".
+    run_model, info = checkpointing.load_run_model(str(tmp_path), "latest")
+    assert run_model.backbone.blocks[0].scan_layers and info["step"] == 1
+    from metachex_jax.transfer import weights
+
+    transfer_model = config_lib.model_config("densenet_tiny", multitask=False)
+    transfer_model.scan_layers = "no"
+    start = weights.load_start(str(tmp_path), transfer_model, seed=0, step="latest")
+    assert not start.model.backbone.blocks[0].scan_layers
+    _assert_trees_equal(_pure(start.model), _pure(model))
+    assert start.fingerprint == weights.weights_fingerprint(run_model)  # the feature cache ignores the form
+
+
+def test_transfer_starts_and_batchnorm_calibration_follow_the_configs_form():
+    from metachex_jax.transfer import weights
+
+    config = config_lib.model_config("densenet_tiny", multitask=True)
+    config.scan_layers, config.remat = "yes", True
+    scanned = weights.load_start("random", config, seed=0)
+    assert scanned.model.backbone.blocks[0].scan_layers and scanned.model.backbone.blocks[0].remat
+    config.scan_layers, config.remat = "no", False
+    unrolled = weights.load_start("random", config, seed=0)
+    assert not unrolled.model.backbone.blocks[0].scan_layers
+    assert scanned.fingerprint == unrolled.fingerprint
+    # A train-mode pass with momentum 0 (what features.calibrate_batchnorm does) sets the same statistics.
+    x = jax.random.normal(jax.random.key(4), (4, 32, 32, 3))
+    for start in (scanned, unrolled):
+        for norm in batch_norms(start.model):
+            norm.momentum = 0.0
+        start.model.train()
+        start.model(x)
+    _assert_trees_close(convert_layout(_pure(scanned.model), TINY, scan_layers=False), _pure(unrolled.model),
+                        rtol=1e-5)

@@ -281,10 +281,11 @@ class DenseBlock(nnx.Module):
                            0 for channels not yet written, masked so they stay 0, so those channels contribute
                            exactly nothing) and writes its `growth_rate` channels at cin + l * growth_rate. XLA
                            compiles one layer body per block, at the cost of norm1 / conv1 over the full width
-                           (about 1.6x their work in DenseNet-121).
+                           (about 1.6x their work in DenseNet-121). Training runs `ops.dense_block_scan`.
     `set_scan_layers` converts between them in place (`stack_layers` / `unstack_layers`, exact).
-    remat=True: `jax.checkpoint` on each layer; the backward pass recomputes the layer from its inputs instead of
-    keeping its activations (torchvision's memory_efficient=True): less memory, more compute.
+    remat=True: the backward pass recomputes each layer instead of keeping its activations (torchvision's
+    memory_efficient=True): unrolled, `jax.checkpoint` on each layer, which takes the separate feature maps (so
+    that not even the concatenation is kept); scanned, the bottleneck activations are recomputed.
     """
 
     def __init__(self, num_layers: int, cin: int, spec: DenseNetSpec, dtype: Any, rngs: nnx.Rngs, *,
@@ -322,8 +323,9 @@ class DenseBlock(nnx.Module):
             norm = lambda name: StackedBatchNorm(
                 **stacked[name], momentum=getattr(first, name).momentum, epsilon=getattr(first, name).epsilon,
                 dtype=getattr(first, name).dtype, use_running_average=getattr(first, name).use_running_average)
-            self.stacked = nnx.Dict(norm1=norm("norm1"), conv1=StackedConv(stacked["conv1"]["kernel"], first.conv1.dtype),
-                                    norm2=norm("norm2"), conv2=StackedConv(stacked["conv2"]["kernel"], first.conv2.dtype))
+            self.stacked = nnx.Dict(
+                norm1=norm("norm1"), conv1=StackedConv(stacked["conv1"]["kernel"], first.conv1.dtype),
+                norm2=norm("norm2"), conv2=StackedConv(stacked["conv2"]["kernel"], first.conv2.dtype))
             self.layers = nnx.data(None)
         else:
             s = self.stacked
