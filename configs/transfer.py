@@ -8,6 +8,9 @@ The demo (after `python -m metachex_jax.main --config=configs/pretrain.py:demo -
 prepared from the same synthetic tree):
   python -m metachex_jax.main --config=configs/transfer.py:demo --config.init_from=PRE --workdir=/tmp/tb_demo
 
+With torchxrayvision's chest X-ray weights (converted with `python -m metachex_jax.convert_torchxrayvision`):
+      --config.compare_with=random,/path/to/imagenet_backbone,/path/to/xrv-nih,/path/to/xrv-all
+
 Starting weights in compare_with: paths, "random" (BatchNorm at its initial statistics) and "random_bn" (random
 weights, BatchNorm statistics from ChestX-ray14 training images in data.data_dir; probe only; the demo compares
 both). init_from is required; --config.baselines_only=True runs the compare_with baselines alone.

@@ -13,6 +13,7 @@ from metachex_jax.data import pipeline
 from metachex_jax.models import (SPECS, DenseNet, batch_norms, build_model, convert_layout, count_params, ops,
                                  set_block_options)
 from metachex_jax.models.densenet import StackedBatchNorm
+from metachex_jax.preprocessing import PixelContract
 
 TINY = SPECS["densenet_tiny"]
 FORMS = {"unrolled": {}, "scanned": {"scan_layers": True}, "remat": {"remat": True},
@@ -157,7 +158,9 @@ def test_train_state_converts_between_forms_mid_training():
     for scan in (True, False):
         config.scan_layers = "yes" if scan else "no"
         graphdefs[scan], states[scan] = train_state.create(build_model(config, nnx.Rngs(0)), tx)
-    steps = {scan: jax.jit(train_state.make_train_step(graphdefs[scan], tx, loss_config, jnp.float32))
+    contract = PixelContract(32, 36, "imagenet", "resize_crop")
+    steps = {scan: jax.jit(train_state.make_train_step(graphdefs[scan], tx, loss_config, jnp.float32,
+                                                       contract=contract))
              for scan in (True, False)}
     batches = [{k: jnp.asarray(v) for k, v in pipeline.random_nih_batch(4, 32, seed=s).items()} for s in range(3)]
     state = states[True]
@@ -193,8 +196,8 @@ def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
     batch = {k: jnp.asarray(v) for k, v in pipeline.random_nih_batch(4, 32).items()}
     config.model.scan_layers = "yes"
     scanned_graphdef = train_state.create(build_model(config.model, nnx.Rngs(1)), tx)[0]
-    trained, _ = jax.jit(train_state.make_train_step(scanned_graphdef, tx, config.loss, jnp.float32))(
-        states["yes"], batch)
+    trained, _ = jax.jit(train_state.make_train_step(scanned_graphdef, tx, config.loss, jnp.float32,
+                                                     contract=PixelContract.from_config(config)))(states["yes"], batch)
     manager = checkpointing.make_manager(str(tmp_path / "checkpoints"), keep=2, async_save=False)
     checkpointing.save(manager, 1, trained, None, {"config": config.to_dict()})
     manager.wait_until_finished()
@@ -213,7 +216,8 @@ def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
 
     transfer_model = config_lib.model_config("densenet_tiny", multitask=False)
     transfer_model.scan_layers = "no"
-    start = weights.load_start(str(tmp_path), transfer_model, seed=0, step="latest")
+    start = weights.load_start(str(tmp_path), transfer_model, seed=0, step="latest",
+                               contract=PixelContract.from_config(config))
     assert not start.model.backbone.blocks[0].scan_layers
     _assert_trees_equal(_pure(start.model), _pure(model))
     assert start.fingerprint == weights.weights_fingerprint(run_model)  # the feature cache ignores the form
@@ -223,11 +227,12 @@ def test_transfer_starts_and_batchnorm_calibration_follow_the_configs_form():
     from metachex_jax.transfer import weights
 
     config = config_lib.model_config("densenet_tiny", multitask=True)
+    contract = PixelContract(32, 36, "imagenet", "resize_crop")
     config.scan_layers, config.remat = "yes", True
-    scanned = weights.load_start("random", config, seed=0)
+    scanned = weights.load_start("random", config, seed=0, contract=contract)
     assert scanned.model.backbone.blocks[0].scan_layers and scanned.model.backbone.blocks[0].remat
     config.scan_layers, config.remat = "no", False
-    unrolled = weights.load_start("random", config, seed=0)
+    unrolled = weights.load_start("random", config, seed=0, contract=contract)
     assert not unrolled.model.backbone.blocks[0].scan_layers
     assert scanned.fingerprint == unrolled.fingerprint
     # A train-mode pass with momentum 0 (what features.calibrate_batchnorm does) sets the same statistics.

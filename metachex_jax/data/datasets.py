@@ -2,8 +2,10 @@
 
 Real data is prepared once with `python -m metachex_jax.prepare` (see the README). A run then opens the
 ArrayRecord splits with `tfds.data_source`. If the dataset is missing, the run prepares it when
-`config.data.manual_dir` names the raw copy; otherwise it stops with instructions (a multi-process run refuses
-to prepare real data: prepare it once first). With `config.demo` the synthetic demo tree is generated (once)
+`config.data.manual_dir` names the raw copy; otherwise it stops with a MissingDataError holding the exact
+`prepare` commands (`missing_data_message`, which config validation prints before any work too; a multi-process
+run refuses to prepare real data: prepare it once first). `required_build` maps the config to the build it
+reads (registry: each family's `from_config`). With `config.demo` the synthetic demo tree is generated (once)
 under `config.demo_dir` and prepared from there, by several processes in turns (`resolve_demo`).
 data_dir may be a gs:// URL of a dataset prepared elsewhere (see launch/README.md for reading it).
 """
@@ -16,8 +18,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from metachex_jax import distributed
-from metachex_jax.data import build, builders
+from metachex_jax import config_lib, distributed, files
+from metachex_jax.data import build, builders, registry
+from metachex_jax.errors import MissingDataError
+from metachex_jax.labels import PATHOLOGIES
 
 NIH_SPLITS = ("train", "validation", "test")
 
@@ -40,15 +44,41 @@ def resolve_demo(config) -> tuple[str, str]:
     return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
 
 
-def _missing_message(name: str, data_dir: str) -> str:
-    return (
-        f"the prepared dataset {name} was not found in {data_dir}.\n"
-        "To use the real NIH ChestX-ray14 data: download it from https://nihcc.app.box.com/v/ChestXray-NIHCC "
-        "(images_001..012.tar.gz, Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt), unpack it, then\n"
-        f"  python -m metachex_jax.prepare --dataset=chestxray14 --manual_dir=RAW_DIR --data_dir={data_dir}\n"
-        "or pass --config.data.manual_dir=RAW_DIR to prepare it at the start of this run.\n"
-        "To try the pipeline without the real data, run the synthetic demo instead:\n"
-        "  python -m metachex_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/metachex_demo")
+def required_build(dataset: str, data) -> tuple[str, dict]:
+    """(config name, build parameters) of the build of `dataset` that a run with `data` (config.data) reads."""
+    family = registry.family(dataset)
+    parameters = family.from_config(data)
+    return family.config_name(data.resolution, **parameters), parameters
+
+
+def missing_data_message(data, names: list[str], demo_command: str | None = None,
+                         prepare_at_start: bool = True) -> str:
+    """"" when the builds of `names` that `data` (config.data) needs are in data.data_dir; otherwise what is
+    missing and, for each, the complete `prepare` command that makes it, ready to paste but for RAW_DIR; then,
+    with `prepare_at_start`, the run's own alternative (data.manual_dir), and the demo command if given."""
+    data_dir = files.absolute(data.data_dir)
+    missing = []
+    for name in sorted(names):
+        config_name, parameters = required_build(name, data)
+        if not builders.is_complete(data_dir, name, config_name):
+            missing.append((name, config_name, parameters))
+    if not missing:
+        return ""
+    lines = [f"prepared dataset(s) {', '.join(f'{n}/{c}' for n, c, _ in missing)} not found in {data_dir} "
+             f"(resolution {data.resolution} for image_size {data.image_size}). Prepare them once, with RAW_DIR the "
+             "raw copy:"]
+    remote = files.is_url(data_dir)  # builds are made locally, then copied (build.remote_data_dir_message)
+    for name, config_name, parameters in missing:
+        lines.append(f"  # {name}: RAW_DIR = {registry.family(name).raw_copy}")
+        lines.append("  " + build.prepare_command(name, "LOCAL_DIR" if remote else data_dir,
+                                                  resolution=data.resolution, **parameters))
+        if remote:
+            lines.append(f"  gcloud storage cp -r LOCAL_DIR/{name}/{config_name} {data_dir}/{name}/")
+    if prepare_at_start and not remote:
+        lines.append("or pass --config.data.manual_dir=RAW_DIR to prepare them at the start of this run.")
+    if demo_command:
+        lines.append(f"To try the pipeline without the real data, run the synthetic demo instead:\n  {demo_command}")
+    return "\n".join(lines)
 
 
 def chestxray14_splits(config) -> dict:
@@ -57,23 +87,25 @@ def chestxray14_splits(config) -> dict:
     manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
     if config.demo:
         manual_dir, data_dir = resolve_demo(config)
-    config_name = builders.nih_config_name(data.resolution, data.val_fraction, data.val_seed)
+    config_name, parameters = required_build("chestxray14", data)
     name = f"chestxray14/{config_name}"
 
     def prepare_if_missing():
         if builders.is_complete(data_dir, "chestxray14", config_name):
             return
         if not manual_dir:
-            raise FileNotFoundError(_missing_message(name, data_dir))
+            raise MissingDataError(missing_data_message(data, ["chestxray14"], config_lib.PRETRAIN_DEMO_COMMAND))
         logging.info("preparing %s from %s into %s", name, manual_dir, data_dir)
-        build.build_dataset("chestxray14", os.path.expanduser(manual_dir), data_dir,
-                            resolution=data.resolution, val_fraction=data.val_fraction, seed=data.val_seed)
+        build.build_dataset("chestxray14", os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
+                            **parameters)
 
     if config.demo:  # a local cache like the demo tree: prepared in turns, as resolve_demo explains
         distributed.one_process_at_a_time(prepare_if_missing, "demo chestxray14")
     elif jax.process_count() > 1 and not builders.is_complete(data_dir, "chestxray14", config_name):
-        raise FileNotFoundError(f"{name} is not prepared in {data_dir}; prepare it once before a multi-host "
-                                "run (python -m metachex_jax.prepare ...), not from every host at once")
+        raise MissingDataError(f"{name} is not prepared in {data_dir}; prepare it once before a multi-host run "
+                               "(not from every host at once):\n  "
+                               + build.prepare_command("chestxray14", data_dir, manual_dir=manual_dir or "RAW_DIR",
+                                                       resolution=data.resolution, **parameters))
     else:
         prepare_if_missing()
     return {split: builders.data_source("chestxray14", split, data_dir, config_name=config_name)
@@ -81,9 +113,32 @@ def chestxray14_splits(config) -> dict:
 
 
 def label_counts(source) -> tuple[np.ndarray, int]:
-    """(positives per pathology, number of images) of a split, for CheXNet's class weights."""
-    positives = np.zeros(0)
+    """(positives per pathology, number of images) of a ChestX-ray14 split, for CheXNet's class weights.
+
+    Read from the counts the build stored next to the records (`builders.write_label_counts`), once per run. A
+    dataset built before the builders stored them (or a source that is no built split) has none: the split's
+    records are then read one by one, which decodes every image (minutes for NIH), with a warning saying how to
+    avoid it. The stored counts are checked against the split's size.
+    """
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    counts = builders.read_label_counts_at(info.data_dir) if info is not None else None
+    if counts is None or str(split) not in counts["splits"]:
+        where = f"{info.data_dir} has no {builders.LABEL_COUNTS_FILE} (built before the builders stored label " \
+                f"counts)" if info is not None else "the source is not a built dataset"
+        logging.warning("%s: counting the labels by reading all %d records of the split, which decodes every "
+                        "image; rebuild the dataset (python -m metachex_jax.prepare ...) to skip this", where,
+                        len(source))
+        return count_labels_by_reading(source)
+    stored = counts["splits"][str(split)]
+    if stored["num_examples"] != len(source):
+        raise ValueError(f"{info.data_dir}/{builders.LABEL_COUNTS_FILE} counts {stored['num_examples']} {split} "
+                         f"records, the split has {len(source)}: the folder was changed after its build; rebuild it")
+    return np.array([stored["positives"][name] for name in PATHOLOGIES], np.int64), stored["num_examples"]
+
+
+def count_labels_by_reading(source) -> tuple[np.ndarray, int]:
+    """(positives per pathology, number of images) counted over every record of a split."""
+    positives = np.zeros(len(PATHOLOGIES), np.int64)
     for i in range(len(source)):
-        labels = np.asarray(source[i]["labels"], np.int64)
-        positives = labels if i == 0 else positives + labels
+        positives += np.asarray(source[i]["labels"], np.int64)
     return positives, len(source)

@@ -8,6 +8,8 @@ A family plugs in here. Its parts:
                identity on disk, so builds with different parameters never mix
   parameters   the build parameters besides resolution, with their defaults; `prepare` offers each as a flag
   kind         the record format the input pipeline turns into batches (pipeline.py: "nih" or "tb")
+  from_config  the run config's `data` section -> the build parameters a run needs (the build it looks for)
+  raw_copy     what --manual_dir must hold, and where to get it (for the messages that print `prepare` commands)
 
 To add a family (CheXpert, say): write data/chexpert.py (reader + `verify`), a builder class in builders.py, and
 one entry in DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
@@ -33,6 +35,8 @@ class DatasetFamily:
     parameters: dict[str, Any]  # build parameter -> default (resolution is common to all)
     verify: Callable[..., RawCheck]  # (manual_dir, *, strict_counts, **parameters) -> RawCheck
     kind: str  # record format for pipeline.py
+    from_config: Callable[[Any], dict[str, Any]]  # config.data -> parameters
+    raw_copy: str  # what manual_dir holds and where to download it
 
     def resolve(self, parameters: dict[str, Any]) -> dict[str, Any]:
         """The family's parameters with defaults filled in; a parameter it does not take is an error."""
@@ -55,12 +59,29 @@ class DatasetFamily:
 _NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED}
 _TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED}
 
+
+def _nih_from_config(data) -> dict[str, Any]:
+    return {"val_fraction": data.val_fraction, "seed": data.val_seed}
+
+
+def _tb_from_config(data) -> dict[str, Any]:
+    return {"num_folds": data.num_folds, "seed": data.fold_seed}
+
+
+_TB_RAW = ("the folder holding {folder}/ (CXR_png/ and ClinicalReadings/), from "
+           "https://lhncbc.nlm.nih.gov/LHC-downloads/tuberculosis-chest-x-ray-image-data-sets")
+
 DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
-    DatasetFamily("chestxray14", builders.Chestxray14, builders.nih_config, _NIH_PARAMETERS, nih.verify, "nih"),
+    DatasetFamily("chestxray14", builders.Chestxray14, builders.nih_config, _NIH_PARAMETERS, nih.verify, "nih",
+                  _nih_from_config,
+                  "the folder holding Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt and the "
+                  "unpacked images_001..012, from https://nihcc.app.box.com/v/ChestXray-NIHCC"),
     DatasetFamily("shenzhen", builders.Shenzhen, builders.tb_config, _TB_PARAMETERS,
-                  functools.partial(tb.verify, dataset="shenzhen"), "tb"),
+                  functools.partial(tb.verify, dataset="shenzhen"), "tb", _tb_from_config,
+                  _TB_RAW.format(folder=tb.SHENZHEN.folder)),
     DatasetFamily("montgomery", builders.Montgomery, builders.tb_config, _TB_PARAMETERS,
-                  functools.partial(tb.verify, dataset="montgomery"), "tb"),
+                  functools.partial(tb.verify, dataset="montgomery"), "tb", _tb_from_config,
+                  _TB_RAW.format(folder=tb.MONTGOMERY.folder)),
 )}
 
 # What each build parameter means (the `prepare` flags' help).

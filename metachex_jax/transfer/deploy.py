@@ -35,7 +35,6 @@ from flax import nnx
 
 from metachex_jax import files, metrics, saved_model
 from metachex_jax.models.tb_classifier import TbClassifier, fold_standardisation
-from metachex_jax.preprocessing import PixelContract
 from metachex_jax.transfer import protocols as protocols_lib
 
 THRESHOLD_RULES = ("sensitivity", "youden")
@@ -131,8 +130,9 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, tb_sets, tab
     model.eval()
     card = {
         "kind": "tb_classifier",
-        "model_config": {"arch": config.model.arch},
-        "input": PixelContract.from_config(config).to_json(),
+        # The start's pixel contract (its normalisation also fixes the stem's input channels).
+        "model_config": {"arch": config.model.arch, "normalization": start.contract.normalization},
+        "input": start.contract.to_json(),
         "outputs": [{"name": "tb", "kind": "probability", "threshold": threshold["threshold"]}],
         "threshold_rule": threshold,
         "training": training,

@@ -5,7 +5,7 @@
 the datasets come from follows `metachex_jax.data.datasets` exactly: with `config.demo` the synthetic demo tree
 (the same one the pretraining demo generated, `datasets.resolve_demo`) is prepared under the demo folder;
 otherwise `config.data.data_dir`, prepared first from `config.data.manual_dir` when that is set; otherwise a
-FileNotFoundError says how to prepare it.
+MissingDataError (a FileNotFoundError) prints the `prepare` commands that make it.
 
 The fingerprint hashes the build's files (ArrayRecord shards and dataset_info.json, names and bytes), so
 the feature cache follows the data's content, not its path. `flagged_readings` are the normal images whose
@@ -23,8 +23,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from metachex_jax import distributed
+from metachex_jax import config_lib, distributed
 from metachex_jax.data import build, builders
+from metachex_jax.data import datasets as nih_datasets
+from metachex_jax.errors import MissingDataError
 
 TB_DATASETS = ("shenzhen", "montgomery")
 ALL_RECORDS = "train+validation+test"
@@ -68,39 +70,33 @@ def build_fingerprint(build_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _missing_message(name: str, data_dir: str) -> str:
-    return (f"the prepared dataset {name} was not found in {data_dir}.\n"
-            f"Prepare it: python -m metachex_jax.prepare --dataset={name.split('/')[0]} --manual_dir=RAW_DIR "
-            f"--data_dir={data_dir} --resolution=... --num_folds=...\n"
-            "or pass --config.data.manual_dir=RAW_DIR (the folder holding ChinaSet_AllFiles/ and MontgomerySet/) to "
-            "prepare it at the start of this run; or run the demo (configs/transfer.py:demo).")
-
-
 def tb_sources(config, datasets: tuple[str, ...] = TB_DATASETS) -> dict[str, TbSet]:
     data = config.data
     manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
     if config.demo:
-        from metachex_jax.data import datasets as nih_datasets
-
         nih_manual_dir, data_dir = nih_datasets.resolve_demo(config)
         manual_dir = os.path.dirname(nih_manual_dir)  # the demo tree: ChinaSet_AllFiles/, MontgomerySet/
-    config_name = builders.tb_config_name(data.resolution, data.num_folds, data.fold_seed)
+    config_name, parameters = nih_datasets.required_build("shenzhen", data)  # the same for both TB sets
     missing = [f"{d}/{config_name}" for d in datasets if not builders.is_complete(data_dir, d, config_name)]
     if missing and not manual_dir:
-        raise FileNotFoundError("\n".join(_missing_message(name, data_dir) for name in missing))
+        raise MissingDataError(nih_datasets.missing_data_message(data, list(datasets),
+                                                                 config_lib.TRANSFER_DEMO_COMMAND))
 
     def prepare_missing():
         for dataset in datasets:
             if not builders.is_complete(data_dir, dataset, config_name):
                 logging.info("preparing %s/%s from %s into %s", dataset, config_name, manual_dir, data_dir)
                 build.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
-                                    num_folds=data.num_folds, seed=data.fold_seed, progress=False)
+                                    progress=False, **parameters)
 
     if config.demo:  # a local cache, prepared by the processes in turns (see datasets.resolve_demo)
         distributed.one_process_at_a_time(prepare_missing, "demo TB sets")
     elif missing and jax.process_count() > 1:
-        raise FileNotFoundError(f"{', '.join(missing)} not prepared in {data_dir}; prepare them once before a "
-                                "multi-host run (python -m metachex_jax.prepare ...), not from every host at once")
+        raise MissingDataError(f"{', '.join(missing)} not prepared in {data_dir}; prepare them once before a "
+                               "multi-host run (not from every host at once):\n" + "\n".join(
+                                   "  " + build.prepare_command(name.split("/")[0], data_dir, manual_dir=manual_dir,
+                                                                resolution=data.resolution, **parameters)
+                                   for name in missing))
     else:
         prepare_missing()
     out = {}
