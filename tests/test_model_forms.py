@@ -70,14 +70,14 @@ def test_every_form_computes_the_reference_function():
         x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3), jnp.float64)
         with ops.reference_gradients():
             reference, _ = _training_pass(_float64_tiny(), x)
-        eval_reference = _float64_tiny()
-        eval_reference.eval()
         for name, form in FORMS.items():
             model = _float64_tiny(**form)
             result, raw_grads = _training_pass(model, x)
             _assert_trees_close(result, reference, rtol=1e-9)
-            model.eval()
-            np.testing.assert_allclose(model(x), eval_reference(x), rtol=1e-12, err_msg=name)
+            if name == "scanned":  # evaluation mode (running statistics; remat changes nothing there)
+                unrolled = _float64_tiny()
+                model.eval(), unrolled.eval()
+                np.testing.assert_allclose(model(x), unrolled(x), rtol=1e-12)
             if model.blocks[0].scan_layers:  # the zero padding of stacked variables gets exactly zero gradient
                 block = nnx.to_pure_dict(raw_grads)["blocks"][1]["stacked"]
                 cin = TINY.num_init_features // 2 + TINY.block_config[0] * TINY.growth_rate // 2
