@@ -112,7 +112,7 @@ def load_run_model(run_dir: str, step: int | str = "best"):
     import ml_collections
     from flax import nnx
 
-    from metachex_jax.models import build_model
+    from metachex_jax.models import build_model, convert_layout
 
     directory = files.join(files.absolute(run_dir), "checkpoints")
     if not epath.Path(directory).is_dir():
@@ -139,9 +139,12 @@ def load_run_model(run_dir: str, step: int | str = "best"):
             state=ocp.args.PyTreeRestore(restore_args=on_this_host)))["state"]
     finally:
         manager.close()
+    # The checkpoint's dense blocks may be stored in the other form (model.scan_layers) than this model's.
+    scan = any(getattr(block, "scan_layers", False) for block in getattr(model.backbone, "blocks", []))
+    spec = model.backbone.spec
     try:
-        nnx.replace_by_pure_dict(params, _unwrap_values(restored["params"]))
-        nnx.replace_by_pure_dict(stats, _unwrap_values(restored["batch_stats"]))
+        nnx.replace_by_pure_dict(params, convert_layout(_unwrap_values(restored["params"]), spec, scan))
+        nnx.replace_by_pure_dict(stats, convert_layout(_unwrap_values(restored["batch_stats"]), spec, scan))
     except Exception as e:
         raise ValueError(f"checkpoint {directory}/{step} does not match the model its config describes "
                          f"({model_config.arch}): {e}") from e
@@ -149,6 +152,19 @@ def load_run_model(run_dir: str, step: int | str = "best"):
     model.eval()
     return model, {"run_dir": run_dir, "step": int(step), "arch": model_config.arch,
                    "config": latest_meta["config"]}
+
+
+def scanned_layout(manager: ocp.CheckpointManager) -> bool | None:
+    """Whether the newest checkpoint holds scanned dense blocks (`blocks[b].stacked`, model.scan_layers) or
+    unrolled ones (`blocks[b].layers`); None without checkpoints. Read from the checkpoint's tree metadata."""
+    steps = manager.all_steps()
+    if not steps:
+        return None
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(files.join(str(manager.directory), str(max(steps)), "state")).item_metadata.tree
+    found = []
+    jax.tree_util.tree_map_with_path(lambda path, _: found.append("'stacked'" in jax.tree_util.keystr(path)), tree)
+    return any(found)
 
 
 def _on_local_device(state_dir: str):

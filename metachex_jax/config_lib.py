@@ -343,6 +343,11 @@ def model_config(arch: str = "densenet121", multitask: bool = True) -> ml_collec
         # resize to S). A model_init from a converted torchxrayvision model sets both to its own.
         normalization=("imagenet", pixel_normalization),
         geometry=("resize_crop", pixel_geometry),
+        # Dense blocks stored stacked and run as one lax.scan each: one compiled layer body per block, so the
+        # train step compiles in seconds; the same function, and checkpoints convert between the forms. "auto"
+        # (yes on CPU, no on GPU/TPU; README "Model forms"), "yes" or "no".
+        scan_layers=("auto", one_of("auto", "yes", "no")),
+        remat=(False, boolean),  # recompute each dense layer in the backward pass: less memory, more compute
     )
 
 

@@ -51,7 +51,7 @@ from etils import epath
 from flax import nnx
 
 from metachex_jax import files, torch_pickle
-from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, count_params
+from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, convert_layout, count_params, unrolled
 
 BACKBONE_FORMAT = "metachex_jax.backbone/1"
 METADATA_FILE = "metadata.json"
@@ -245,7 +245,7 @@ def to_torchvision_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
 
     `num_batches_tracked` is not part of the NNX state and is not emitted."""
     return {torchvision_key(path): np.ascontiguousarray(to_torch_layout(np.asarray(value)))
-            for path, value in variable_paths(model).items()}
+            for path, value in variable_paths(unrolled(model)).items()}
 
 
 def _looks_like(state_dict: Mapping[str, Any]) -> str:
@@ -297,9 +297,7 @@ def _load_backbone_from_model_dir(src: str, model: nnx.Module) -> dict:
             f"with {backbone.in_channels}", missing=missing, unexpected=unexpected, mismatched=mismatched))
     restored = jax.tree.map(lambda value, current: jax.device_put(value, current.sharding),
                             _backbone_state(source_backbone), _backbone_state(backbone))
-    state = nnx.state(backbone)
-    nnx.replace_by_pure_dict(state, restored)  # a classifier, absent from `restored`, keeps its values
-    nnx.update(backbone, state)
+    _set_backbone_state(backbone, restored)
     return card
 
 
@@ -436,9 +434,18 @@ def _backbone_of(model: nnx.Module) -> DenseNet:
     return backbone
 
 
+def _set_backbone_state(backbone: DenseNet, restored: dict) -> None:
+    """Put a `_backbone_state` (torchvision's layout) into `backbone`, whichever form its dense blocks take."""
+    if backbone.blocks[0].scan_layers:
+        restored = convert_layout(restored, backbone.spec, scan_layers=True)
+    state = nnx.state(backbone)
+    nnx.replace_by_pure_dict(state, restored)  # a classifier, absent from `restored`, keeps its values
+    nnx.update(backbone, state)
+
+
 def _backbone_state(backbone: DenseNet) -> dict:
-    """The backbone's pure state dict without the classifier."""
-    state = nnx.to_pure_dict(nnx.state(backbone))
+    """The backbone's pure state dict without the classifier, in torchvision's (unrolled) layout."""
+    state = nnx.to_pure_dict(nnx.state(unrolled(backbone)))
     state.pop("classifier", None)
     return state
 
@@ -556,7 +563,5 @@ def load_backbone(src: str | os.PathLike, model: nnx.Module) -> dict:
             restored = checkpointer.restore(src, {"backbone": abstract})["backbone"]
         except Exception as e:
             raise CheckpointReadError(f"cannot restore the orbax checkpoint {src}: {type(e).__name__}: {e}") from e
-    state = nnx.state(backbone)
-    nnx.replace_by_pure_dict(state, restored)  # a classifier, absent from `restored`, keeps its values
-    nnx.update(backbone, state)
+    _set_backbone_state(backbone, restored)
     return metadata

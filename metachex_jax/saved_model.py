@@ -86,8 +86,10 @@ def save(path: str, model, card: dict) -> None:
 
     if card.get("kind") not in BUILDERS:
         raise ValueError(f"unknown model kind {card.get('kind')!r}; known: {sorted(BUILDERS)}")
-    buffer = io.BytesIO()
-    np.savez(buffer, **_flatten(nnx.to_pure_dict(nnx.state(model))))
+    from metachex_jax.models import unrolled
+
+    buffer = io.BytesIO()  # torchvision's (unrolled) layout, whatever form the dense blocks run in
+    np.savez(buffer, **_flatten(nnx.to_pure_dict(nnx.state(unrolled(model)))))
     write_directory(path, {WEIGHTS_FILE: buffer.getvalue()}, card)
 
 
@@ -129,11 +131,16 @@ def load(path: str):
     import ml_collections
     from flax import nnx
 
+    from metachex_jax.models import resolve_scan_layers, set_block_options
+
     card = read_card(path)
     kind = card.get("kind")
     if kind not in BUILDERS:
         raise ValueError(f"{path}: unknown model kind {kind!r}; known: {sorted(BUILDERS)}")
-    model = nnx.eval_shape(lambda: BUILDERS[kind](ml_collections.ConfigDict(card["model_config"])))
+    model_config = ml_collections.ConfigDict(card["model_config"])
+    scan = resolve_scan_layers(model_config.get("scan_layers", "no"))
+    unrolled_config = ml_collections.ConfigDict({**model_config.to_dict(), "scan_layers": "no"})
+    model = nnx.eval_shape(lambda: BUILDERS[kind](unrolled_config))  # the stored layout
     graphdef, state = nnx.split(model)
     expected = _flatten(jax_shapes(nnx.to_pure_dict(state)))
     with np.load(io.BytesIO(files.read_bytes(files.join(path, WEIGHTS_FILE)))) as npz:
@@ -147,6 +154,7 @@ def load(path: str):
                          f"unexpected {unexpected}, misshapen {misshapen}")
     nnx.replace_by_pure_dict(state, _unflatten(stored))
     model = nnx.merge(graphdef, state)
+    set_block_options(model, scan_layers=scan)  # dense blocks as the card's model_config says
     model.eval()
     return model, card
 

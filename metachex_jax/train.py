@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -33,7 +34,7 @@ from metachex_jax.data.augment import Augmentation
 from metachex_jax.errors import MissingDataError
 from metachex_jax.losses import chexnet_class_weights
 from metachex_jax.metric_writer import MetricWriter
-from metachex_jax.models import build_model, count_params
+from metachex_jax.models import SPECS, build_model, count_params, resolve_scan_layers
 from metachex_jax.preprocessing import PixelContract
 
 
@@ -49,6 +50,25 @@ def make_mesh():
 def to_global(batch: dict, sharding) -> dict:
     """Per-host numpy batch -> global jax.Arrays sharded along the batch axis."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def restore_latest(manager, config, tx, fresh_state, replicated, data_iter=None):
+    """`checkpointing.restore_latest` into this run's state. A checkpoint written with the dense blocks in the
+    other form (config.model.scan_layers) is restored in that form and converted, exactly: parameters,
+    BatchNorm statistics and optimiser moments."""
+    saved_scan = checkpointing.scanned_layout(manager)
+    scan = resolve_scan_layers(config.model.scan_layers)
+    target = fresh_state
+    if saved_scan is not None and saved_scan != scan:
+        saved_model = ml_collections.ConfigDict({**config.model.to_dict(),
+                                                  "scan_layers": "yes" if saved_scan else "no"})
+        target = jax.eval_shape(lambda: train_state.create(build_model(saved_model, nnx.Rngs(0)), tx)[1])
+    restored = checkpointing.restore_latest(manager, checkpointing.abstract(target, replicated), data_iter)
+    if restored is None or target is fresh_state:
+        return restored
+    step, state, meta = restored
+    state = train_state.convert_layout(state, fresh_state, SPECS[config.model.arch], scan)
+    return step, jax.device_put(state, replicated), meta
 
 
 def jit_train_step(config, graphdef, tx, class_weights, augment_on: str, replicated, contract):
@@ -70,7 +90,7 @@ def jit_train_step(config, graphdef, tx, class_weights, augment_on: str, replica
     return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated, replicated))
 
 
-def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, train_iter):
+def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, train_iter, tx):
     """Pick the starting weights, in this order, and say which was used:
 
     1. this run's own checkpoints in WORKDIR/checkpoints (automatic resume, input position included);
@@ -80,8 +100,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
     4. random initialisation (`fresh_state`, from config.seed).
     Returns (state, meta, source).
     """
-    abstract_state = checkpointing.abstract(fresh_state, replicated)
-    restored = checkpointing.restore_latest(manager, abstract_state, train_iter)
+    restored = restore_latest(manager, config, tx, fresh_state, replicated, train_iter)
     if restored is not None:
         step, state, meta = restored
         return state, meta, f"resumed from {workdir}/checkpoints step {step}"
@@ -90,7 +109,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         if files.is_dir(files.join(directory, "checkpoints")):
             directory = files.join(directory, "checkpoints")
         other = checkpointing.make_manager(directory, keep=1 << 30, async_save=False)
-        restored = checkpointing.restore_latest(other, abstract_state)
+        restored = restore_latest(other, config, tx, fresh_state, replicated)
         if restored is None:
             raise MissingDataError(f"config.resume={config.resume!r} holds no checkpoint")
         step, state, meta = restored
@@ -181,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          f"{config.loss.class_weighting!r}")
 
     # 4. Starting weights.
-    state, meta, source = initial_state(config, workdir, manager, graphdef, state, replicated, train_iter)
+    state, meta, source = initial_state(config, workdir, manager, graphdef, state, replicated, train_iter, tx)
     plateau = optim.Plateau(config.optim.plateau_factor, config.optim.plateau_patience,
                             **meta.get("plateau", {}))
     best = meta.get("best", {"val_mean_auroc": None, "step": None})  # by validation mean AUROC

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from metachex_jax import losses
+from metachex_jax import losses, models
 from metachex_jax.preprocessing import PixelContract
 
 
@@ -33,6 +33,21 @@ def create(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.Gra
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
     return graphdef, state
+
+
+def convert_layout(state, target, spec, scan_layers: bool):
+    """`state` (a TrainState, or any pytree of nnx.States: parameters, statistics, optimiser moments) of a model
+    whose dense blocks are in the other form, converted to `target`'s structure (same model, blocks scanned or
+    unrolled as `scan_layers` says; `models.convert_layout`, exact). Leaves that are not nnx.States (the step,
+    optimiser counts) are kept."""
+    def convert(source, destination):
+        if not isinstance(source, nnx.State):
+            return source
+        out = jax.tree.map(lambda x: x, destination)  # a fresh State of the target's structure
+        nnx.replace_by_pure_dict(out, models.convert_layout(nnx.to_pure_dict(source), spec, scan_layers))
+        return out
+
+    return jax.tree.map(convert, state, target, is_leaf=lambda x: isinstance(x, nnx.State))
 
 
 def model_of(graphdef, state: TrainState) -> nnx.Module:

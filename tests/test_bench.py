@@ -70,11 +70,22 @@ def train_run():
 def test_train_prints_json_last_with_positive_figures(train_run):
     text, result = train_run
     figures = last_json(text)
-    assert figures == pytest.approx(result)
+    assert figures == result
     assert (figures["arch"], figures["batch"], figures["resolution"]) == ("densenet_tiny", 4, 32)
     assert figures["backend"] == "cpu"
     for key in ("img_per_s", "compile_s", "peak_mem_mb", "params"):
         assert figures[key] > 0, key
+    # One run compares the forms: unrolled vs scanned (speed, compile time), remat vs not (step memory).
+    assert list(figures["forms"]) == list(train_bench.FORMS)
+    for form in figures["forms"].values():
+        assert form["img_per_s"] > 0 and form["compile_s"] > 0 and form["step_mem_mb"] > 0
+    assert figures["default_form"] == "scanned"  # scan_layers="auto" on CPU
+    assert figures["img_per_s"] == figures["forms"]["scanned"]["img_per_s"]
+    for base in ("unrolled", "scanned"):
+        assert figures["remat_memory_ratio"][base] == pytest.approx(
+            figures["forms"][f"{base}+remat"]["step_mem_mb"] / figures["forms"][base]["step_mem_mb"])
+        assert figures["remat_memory_ratio"][base] < 1  # remat keeps less for the backward pass
+    assert len(figures["load_avg_start"]) == 3 and "load average" in text
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (optional extra)")
@@ -105,6 +116,8 @@ def test_train_rejects_bad_arguments():
         train_bench.run("densenet_tiny", resolution=8)
     with pytest.raises(SystemExit):
         dispatcher.main(["train", "--dtype", "float16"])
+    with pytest.raises(ValueError, match="unknown --forms .'folded'."):
+        train_bench.run("densenet_tiny", resolution=32, forms=("scanned", "folded"))
 
 
 # --- loop: the training loop against the bare step ------------------------------------------------------------

@@ -101,8 +101,8 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 def test_fast_forward_helpers_equal_the_reference_flax_ops():
     """The forward's CPU-friendly rewrites compute what nnx.Conv / nnx.max_pool / conv-then-avg_pool compute."""
-    from metachex_jax.models.densenet import (avg_pool_2x2, batch_norm, conv, max_pool_3x3_stride2,
-                                              pointwise_conv)
+    from metachex_jax.models.densenet import batch_norm, conv, pointwise_conv
+    from metachex_jax.models.ops import avg_pool_2x2, max_pool_3x3_stride2
 
     rngs = nnx.Rngs(0)
     x = jax.random.normal(jax.random.key(1), (2, 9, 11, 6))  # odd sizes: padding and dropped rows matter

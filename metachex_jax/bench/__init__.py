@@ -8,8 +8,8 @@ Adding a mode: write `bench/<mode>.py` with that `main`, and add one line to MOD
 """
 
 MODES = {  # mode -> what it measures (its module is metachex_jax.bench.<mode>)
-    "train": "DenseNet train step (forward, backward, Adam): img/s, compile time, peak memory; --torch: "
-             "torchvision's in the same run",
+    "train": "DenseNet train step (forward, backward, Adam) in each form (unrolled / scanned dense blocks, with "
+             "and without remat): img/s, compile time, step memory; --torch: torchvision's in the same run",
     "loop": "the full training loop (input + step + logging) of a config against its bare train step",
     "data": "the input pipeline's img/s against a naive per-sample PNG decode + resize loader; dataset build img/s",
     "probe": "the TB linear probe (10-fold CV, inner L2 search) against scikit-learn; frozen-feature extraction",

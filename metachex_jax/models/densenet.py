@@ -18,13 +18,18 @@ the biased one; n = N*H*W is at least a few hundred here, so the difference is b
 
 Train / eval mode: `model.train()` (batch statistics, updated in place) and `model.eval()` (running statistics).
 
-Speed on CPU: the forward computes exactly torchvision's function, but three steps are written in a form that
-XLA's CPU backend runs faster (each replaces one library call; see the helpers below): the 1x1 convolutions are
-matmuls over the channel axis, the stem's max-pool is a maximum over nine strided slices (XLA's gradient of a
-reduce_window max-pool is a slow select_and_scatter), and each transition pools before its 1x1 convolution
-(both are linear, so the order does not change the result; the convolution then sees 4x fewer pixels).
-Outputs, gradients and BatchNorm statistics agree with the straightforward version to float32 rounding; in
-float64 to ~1e-15. `python -m metachex_jax.bench train --torch` measures the train step against torchvision.
+Two forms of the same network (`scan_layers`; see `DenseBlock`): unrolled (the layout above) and scanned, which
+stores each block's layers stacked (`blocks[b].stacked.*`, zero-padded to the block's final width) and runs them
+with one `lax.scan`, so that XLA compiles one layer body per block instead of every layer. `convert_layout` and
+`set_block_options` convert between the two exactly; `remat` recomputes each dense layer in the backward pass.
+
+Speed on CPU: the forward computes exactly torchvision's function, but some steps are written in a form that
+XLA's CPU backend runs faster: the 1x1 convolutions are matmuls over the channel axis, each transition pools
+before its 1x1 convolution (both are linear, so the order does not change the result; the convolution then sees
+4x fewer pixels), and on CPU the backward passes of BN-ReLU-conv, the stem convolution and the max-pool are
+written by hand (`metachex_jax.models.ops`). Outputs, gradients and BatchNorm statistics agree with the
+straightforward version to float32 rounding; in float64 to ~1e-15. `python -m metachex_jax.bench train
+--torch` measures the train step against torchvision.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+
+from metachex_jax.models import ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,29 +117,36 @@ def conv(cin: int, cout: int, kernel: int, stride: int, padding: int, dtype: Any
                     use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs)
 
 
-# Forward helpers: each computes what the nnx.Conv / nnx.max_pool / nnx.avg_pool call it replaces computes
-# (the same sums, possibly in another order) in a form XLA's CPU backend runs faster.
-
 def pointwise_conv(conv: nnx.Conv, x):
     """`conv(x)` for a 1x1, stride-1, unpadded, bias-free `conv`, as a matmul over the channel axis."""
-    x, kernel = nnx.nn.dtypes.promote_dtype((x, conv.kernel[...]), dtype=conv.dtype)
-    return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    x, kernel = nnx.nn.dtypes.promote_dtype((x, conv.kernel[...][0, 0]), dtype=conv.dtype)
+    return ops.pointwise(x, kernel)
 
 
-def max_pool_3x3_stride2(x):
-    """torch's MaxPool2d(3, stride=2, padding=1) on NHWC: the maximum of the nine strided window offsets."""
-    _, h, w, _ = x.shape
-    out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    offsets = [padded[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2, :] for i in range(3) for j in range(3)]
-    return functools.reduce(jnp.maximum, offsets)
+def norm_arrays(norm) -> dict[str, jax.Array]:
+    """A BatchNorm's variables (nnx.BatchNorm or StackedBatchNorm) as a dict of arrays."""
+    return {"scale": norm.scale[...], "bias": norm.bias[...], "mean": norm.mean[...], "var": norm.var[...]}
 
 
-def avg_pool_2x2(x):
-    """torch's AvgPool2d(2, stride=2) on NHWC (an odd last row/column is dropped, as torch does)."""
-    n, h, w, c = x.shape
-    x = x[:, :h // 2 * 2, :w // 2 * 2, :]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+def update_running_stats(norm, mean, var, where=None) -> None:
+    """nnx.BatchNorm's update of its running averages from one batch's statistics (only where `where`)."""
+    new_mean = norm.momentum * norm.mean[...] + (1 - norm.momentum) * mean
+    new_var = norm.momentum * norm.var[...] + (1 - norm.momentum) * var
+    if where is not None:
+        new_mean, new_var = jnp.where(where, new_mean, norm.mean[...]), jnp.where(where, new_var, norm.var[...])
+    norm.mean[...], norm.var[...] = new_mean, new_var
+
+
+def dense_layer(p: dict[str, Any], x, *, train: bool, epsilon: float, dtype: Any):
+    """One dense layer on arrays: BN-ReLU-1x1 conv-BN-ReLU-3x3 conv. Returns (new features, batch statistics).
+
+    `p` holds the layer's arrays: p["norm1"], p["norm2"] (`norm_arrays`), p["conv1"] the 1x1 kernel as an
+    (in, out) matrix, p["conv2"] the 3x3 kernel (3, 3, in, out). The statistics are
+    {"norm1": (mean, var), "norm2": (mean, var)} in training mode, None in evaluation mode.
+    """
+    h, stats1 = ops.bn_relu_conv(x, p["norm1"], p["conv1"], train=train, epsilon=epsilon, dtype=dtype)
+    out, stats2 = ops.bn_relu_conv(h, p["norm2"], p["conv2"], train=train, epsilon=epsilon, dtype=dtype)
+    return out, ({"norm1": stats1, "norm2": stats2} if train else None)
 
 
 class DenseLayer(nnx.Module):
@@ -145,20 +159,218 @@ class DenseLayer(nnx.Module):
         self.norm2 = batch_norm(width, dtype, rngs)
         self.conv2 = conv(width, spec.growth_rate, 3, 1, 1, dtype, rngs)
 
+    def arrays(self) -> dict[str, Any]:
+        """The layer's variables as `dense_layer` takes them."""
+        return {"norm1": norm_arrays(self.norm1), "conv1": self.conv1.kernel[...][0, 0],
+                "norm2": norm_arrays(self.norm2), "conv2": self.conv2.kernel[...]}
+
+    def function(self):
+        """`dense_layer` with this layer's settings bound: a pure function (arrays, x) -> (out, statistics)."""
+        return functools.partial(dense_layer, train=not self.norm1.use_running_average,
+                                 epsilon=self.norm1.epsilon, dtype=self.conv2.dtype)
+
+    def update_stats(self, stats) -> None:
+        """Folds one batch's statistics (from `function()`) into the running averages; None: evaluation mode."""
+        if stats is not None:
+            update_running_stats(self.norm1, *stats["norm1"])
+            update_running_stats(self.norm2, *stats["norm2"])
+
     def __call__(self, x):
-        x = pointwise_conv(self.conv1, nnx.relu(self.norm1(x)))
-        return self.conv2(nnx.relu(self.norm2(x)))
+        out, stats = self.function()(self.arrays(), x)
+        self.update_stats(stats)
+        return out
+
+
+class StackedBatchNorm(nnx.Module):
+    """The BatchNorms of a scanned block's layers: scale, bias (nnx.Param), mean, var (nnx.BatchStat), each
+    (layers, channels); the attributes `model.train()` / `model.eval()` and BatchNorm calibration use."""
+
+    def __init__(self, scale, bias, mean, var, *, momentum: float, epsilon: float, dtype: Any,
+                 use_running_average: bool):
+        self.scale, self.bias = nnx.Param(scale), nnx.Param(bias)
+        self.mean, self.var = nnx.BatchStat(mean), nnx.BatchStat(var)
+        self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
+        self.use_running_average = use_running_average
+
+
+class StackedConv(nnx.Module):
+    """The kernels of one convolution of a scanned block's layers: (layers, kh, kw, in, out)."""
+
+    def __init__(self, kernel, dtype: Any):
+        self.kernel = nnx.Param(kernel)
+        self.dtype = dtype
+
+
+# Which axis of each per-layer variable grows with the layer's input width (padded when stacked).
+_PADDED_AXIS = {("norm1", "scale"): -1, ("norm1", "bias"): -1, ("norm1", "mean"): -1, ("norm1", "var"): -1,
+                ("conv1", "kernel"): -2}
+
+
+def stack_layers(layers: list[dict], width: int) -> dict:
+    """Per-layer variables {"norm1": {"scale": ...}, "conv1": {"kernel": ...}, ...} (pure dicts, one per layer)
+    -> the same names holding arrays stacked along a new leading axis, each layer's input-width axis
+    zero-padded to `width` (a variance padded with 1). Exact inverse: `unstack_layers`."""
+    def pad(path, value):
+        axis = _PADDED_AXIS.get(path)
+        if axis is None:
+            return value
+        widths = [(0, 0)] * value.ndim
+        widths[axis] = (0, width - value.shape[axis])
+        return jnp.pad(value, widths, constant_values=1.0 if path[1] == "var" else 0.0)
+
+    return {sub: {name: jnp.stack([pad((sub, name), layer[sub][name]) for layer in layers])
+                  for name in layers[0][sub]} for sub in layers[0]}
+
+
+def unstack_layers(stacked: dict, widths: list[int]) -> list[dict]:
+    """Inverse of `stack_layers`: layer l's variables, its input-width axis cut to `widths[l]`."""
+    def cut(path, value, width):
+        axis = _PADDED_AXIS.get(path)
+        return value if axis is None else lax.slice_in_dim(value, 0, width, axis=axis % value.ndim)
+
+    return [{sub: {name: cut((sub, name), value[l], width) for name, value in names.items()}
+             for sub, names in stacked.items()} for l, width in enumerate(widths)]
+
+
+def block_input_widths(spec: DenseNetSpec) -> list[int]:
+    """Input width of each dense block."""
+    widths, c = [], spec.num_init_features
+    for n in spec.block_config:
+        widths.append(c)
+        c = (c + n * spec.growth_rate) // 2
+    return widths
+
+
+def convert_layout(tree: dict, spec: DenseNetSpec, scan_layers: bool) -> dict:
+    """A pure dict with a DenseNet's nesting (its variables, gradients, optimiser moments, BatchNorm statistics
+    alone; the DenseNet anywhere inside, e.g. under "backbone") with every dense block converted to the scanned
+    (`blocks[b].stacked`) or unrolled (`blocks[b].layers[l]`) layout, exactly. Already converted blocks and
+    everything else are returned as they are."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "blocks" and isinstance(value, dict) and len(value) == len(spec.block_config):
+            out[key] = {b: _convert_block(block, spec, b, scan_layers) for b, block in value.items()}
+        else:
+            out[key] = convert_layout(value, spec, scan_layers)
+    return out
+
+
+def _convert_block(block: dict, spec: DenseNetSpec, b, scan_layers: bool) -> dict:
+    cin, n = block_input_widths(spec)[int(b)], spec.block_config[int(b)]
+    widths = [cin + l * spec.growth_rate for l in range(n)]
+    rest = {k: v for k, v in block.items() if k not in ("layers", "stacked")}
+    if scan_layers and "layers" in block:
+        layers = [block["layers"][l] for l in sorted(block["layers"], key=int)]
+        return {**rest, "stacked": stack_layers(layers, cin + n * spec.growth_rate)}
+    if not scan_layers and "stacked" in block:
+        return {**rest, "layers": dict(enumerate(unstack_layers(block["stacked"], widths)))}
+    return block
 
 
 class DenseBlock(nnx.Module):
-    def __init__(self, num_layers: int, cin: int, spec: DenseNetSpec, dtype: Any, rngs: nnx.Rngs):
+    """Dense layers, each fed the concatenation of the block's input and every earlier layer's output.
+
+    Two forms compute the same function:
+      unrolled (default)   `layers[l]` (torchvision's layout); one concatenation per layer. XLA compiles every
+                           layer separately: a DenseNet-121 train step takes about a minute to compile on CPU.
+      scan_layers=True     `stacked.*`: each variable of the block's layers stacked along a leading axis, norm1 /
+                           conv1 zero-padded to the block's final width. A `lax.scan` over the layers runs on a
+                           buffer of that width: layer l reads the whole buffer (scale, bias and kernel rows are
+                           0 for channels not yet written, masked so they stay 0, so those channels contribute
+                           exactly nothing) and writes its `growth_rate` channels at cin + l * growth_rate. XLA
+                           compiles one layer body per block, at the cost of norm1 / conv1 over the full width
+                           (about 1.6x their work in DenseNet-121). Training runs `ops.dense_block_scan`.
+    `set_scan_layers` converts between them in place (`stack_layers` / `unstack_layers`, exact).
+    remat=True: the backward pass recomputes each layer instead of keeping its activations (torchvision's
+    memory_efficient=True): unrolled, `jax.checkpoint` on each layer, which takes the separate feature maps (so
+    that not even the concatenation is kept); scanned, the bottleneck activations are recomputed.
+    """
+
+    def __init__(self, num_layers: int, cin: int, spec: DenseNetSpec, dtype: Any, rngs: nnx.Rngs, *,
+                 scan_layers: bool = False, remat: bool = False):
+        self.spec, self.cin, self.growth_rate, self.num_layers = spec, cin, spec.growth_rate, num_layers
+        self.remat = remat
+        # Built unrolled (so that a seed gives the same weights in both forms), then stacked if asked.
         self.layers = nnx.List(
             [DenseLayer(cin + i * spec.growth_rate, spec, dtype, rngs) for i in range(num_layers)])
+        self.stacked = nnx.data(None)  # data (not a static attribute), as the stacked variables it holds later
+        if scan_layers:
+            self.set_scan_layers(True)
+
+    @property
+    def scan_layers(self) -> bool:
+        return self.stacked is not None
+
+    @property
+    def widths(self) -> list[int]:
+        """Input width of each layer."""
+        return [self.cin + l * self.growth_rate for l in range(self.num_layers)]
+
+    @property
+    def width(self) -> int:
+        """The block's output width."""
+        return self.cin + self.num_layers * self.growth_rate
+
+    def set_scan_layers(self, scan_layers: bool) -> None:
+        """Converts the block's variables to the scanned (stacked) or unrolled form, in place, exactly."""
+        if scan_layers == self.scan_layers:
+            return
+        if scan_layers:
+            first = self.layers[0]
+            stacked = stack_layers([nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers], self.width)
+            norm = lambda name: StackedBatchNorm(
+                **stacked[name], momentum=getattr(first, name).momentum, epsilon=getattr(first, name).epsilon,
+                dtype=getattr(first, name).dtype, use_running_average=getattr(first, name).use_running_average)
+            self.stacked = nnx.Dict(
+                norm1=norm("norm1"), conv1=StackedConv(stacked["conv1"]["kernel"], first.conv1.dtype),
+                norm2=norm("norm2"), conv2=StackedConv(stacked["conv2"]["kernel"], first.conv2.dtype))
+            self.layers = nnx.data(None)
+        else:
+            s = self.stacked
+            per_layer = unstack_layers(nnx.to_pure_dict(nnx.state(s)), self.widths)
+            layers = nnx.eval_shape(lambda: [DenseLayer(w, self.spec, s["conv2"].dtype, nnx.Rngs(0))
+                                             for w in self.widths])
+            for layer, values in zip(layers, per_layer):
+                nnx.update(layer, values)
+                for norm, stacked_norm in ((layer.norm1, s["norm1"]), (layer.norm2, s["norm2"])):
+                    norm.momentum, norm.epsilon = stacked_norm.momentum, stacked_norm.epsilon
+                    norm.use_running_average = stacked_norm.use_running_average
+            self.layers = nnx.List(layers)
+            self.stacked = nnx.data(None)
 
     def __call__(self, x):
+        return self._scanned(x) if self.scan_layers else self._unrolled(x)
+
+    def _unrolled(self, x):
+        if not self.remat:
+            for layer in self.layers:
+                x = jnp.concatenate([x, layer(x)], axis=-1)
+            return x
+        # The checkpointed function takes the separate feature maps and concatenates them itself, so that the
+        # concatenation (the part of a DenseNet's memory that grows quadratically) is not kept either.
+        features = [x]
         for layer in self.layers:
-            x = jnp.concatenate([x, layer(x)], axis=-1)
-        return x
+            run = jax.checkpoint(lambda p, *fs, f=layer.function(): f(p, jnp.concatenate(fs, axis=-1)))
+            new, stats = run(layer.arrays(), *features)
+            layer.update_stats(stats)
+            features.append(new)
+        return jnp.concatenate(features, axis=-1)
+
+    def _scanned(self, x):
+        s = self.stacked
+        widths = np.asarray(self.widths)
+        mask = np.arange(self.width)[None, :] < widths[:, None]  # (layers, width): channels each layer reads
+        p = {"norm1": {k: v * mask if k in ("scale", "bias") else v for k, v in norm_arrays(s["norm1"]).items()},
+             "conv1": s["conv1"].kernel[...][:, 0, 0] * mask[:, :, None],
+             "norm2": norm_arrays(s["norm2"]), "conv2": s["conv2"].kernel[...]}
+        buffer, stats = ops.dense_block_scan(x, p, self.widths, train=not s["norm1"].use_running_average,
+                                             epsilon=s["norm1"].epsilon, dtype=s["conv2"].dtype, remat=self.remat)
+        if stats is not None:
+            update_running_stats(s["norm1"], *stats["norm1"], where=mask)
+            update_running_stats(s["norm2"], *stats["norm2"])
+        return buffer
 
 
 class Transition(nnx.Module):
@@ -169,7 +381,7 @@ class Transition(nnx.Module):
     def __call__(self, x):
         # torchvision convolves, then pools; both are linear, so pooling first gives the same result
         # (up to float rounding) with a 4x cheaper convolution.
-        return pointwise_conv(self.conv, avg_pool_2x2(nnx.relu(self.norm(x))))
+        return pointwise_conv(self.conv, ops.avg_pool_2x2(nnx.relu(self.norm(x))))
 
 
 class DenseNet(nnx.Module):
@@ -181,10 +393,16 @@ class DenseNet(nnx.Module):
       in_channels: input channels of the stem convolution: 3 (ImageNet-style input) or 1 (torchxrayvision's
         gray input); the pixel contract's normalisation decides which (`preprocessing.channels_of`).
       dtype: computation dtype (e.g. jnp.bfloat16); parameters and BatchNorm statistics stay float32.
+      scan_layers: store each dense block's layers stacked and run them as a `lax.scan` (one compiled layer
+        body per block: much faster compiles); see `DenseBlock`. Same function, same initial weights for a seed;
+        `convert_layout` / `set_block_options` convert between the forms.
+      remat: recompute each dense layer in the backward pass instead of keeping its activations (less memory,
+        more compute; torchvision's memory_efficient=True).
     """
 
     def __init__(self, arch: str | DenseNetSpec = "densenet121", *, num_classes: int | None = 1000,
-                 in_channels: int = 3, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 in_channels: int = 3, dtype: Any = jnp.float32, scan_layers: bool = False, remat: bool = False,
+                 rngs: nnx.Rngs):
         if isinstance(arch, str) and arch not in SPECS:
             raise ValueError(f"unknown DenseNet architecture {arch!r}; choose one of {sorted(SPECS)}")
         spec = SPECS[arch] if isinstance(arch, str) else arch
@@ -195,7 +413,7 @@ class DenseNet(nnx.Module):
         blocks, transitions = [], []
         c = spec.num_init_features
         for i, n in enumerate(spec.block_config):
-            blocks.append(DenseBlock(n, c, spec, dtype, rngs))
+            blocks.append(DenseBlock(n, c, spec, dtype, rngs, scan_layers=scan_layers, remat=remat))
             c += n * spec.growth_rate
             if i != len(spec.block_config) - 1:
                 transitions.append(Transition(c, c // 2, dtype, rngs))
@@ -234,7 +452,8 @@ class DenseNet(nnx.Module):
                 tapped = value
             return value
 
-        x = stage("stem", max_pool_3x3_stride2(nnx.relu(self.norm0(self.conv0(x)))))
+        x, kernel = nnx.nn.dtypes.promote_dtype((x, self.conv0.kernel[...]), dtype=self.conv0.dtype)
+        x = stage("stem", ops.max_pool_3x3_stride2(nnx.relu(self.norm0(ops.stem_conv(x, kernel)))))
         for i, block in enumerate(self.blocks):
             x = stage(f"block{i + 1}", block(x))
             if i < len(self.transitions):
@@ -269,5 +488,36 @@ DenseNet201 = _named("densenet201")
 
 
 def count_params(model: nnx.Module) -> int:
-    """Trainable parameters (nnx.Param), the figure torch reports; BatchNorm statistics excluded."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Trainable parameters (nnx.Param), the figure torch reports; BatchNorm statistics and the zero padding of
+    scanned blocks excluded."""
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for _, block in nnx.iter_modules(model):
+        if isinstance(block, DenseBlock) and block.scan_layers:
+            padding = sum(block.width - w for w in block.widths)  # channels of norm1 / conv1 that are padding
+            total -= padding * (2 + block.stacked["conv1"].kernel.shape[-1])  # scale, bias, kernel row
+    return total
+
+
+def unrolled(model: nnx.Module) -> nnx.Module:
+    """`model` itself if no dense block of it is scanned, else an unrolled copy (torchvision's layout; exact)."""
+    if not any(isinstance(m, DenseBlock) and m.scan_layers for _, m in nnx.iter_modules(model)):
+        return model
+    copy = nnx.clone(model)
+    set_block_options(copy, scan_layers=False)
+    return copy
+
+
+def batch_norms(model: nnx.Module) -> list:
+    """Every BatchNorm of `model`: nnx.BatchNorm and the stacked ones of scanned blocks (`StackedBatchNorm`)."""
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, (nnx.BatchNorm, StackedBatchNorm))]
+
+
+def set_block_options(model: nnx.Module, *, scan_layers: bool | None = None, remat: bool | None = None) -> None:
+    """Switch every dense block of `model` (a DenseNet, or a network holding one) to the scanned or unrolled
+    form and/or turn remat on or off, in place. The form conversion is exact (`DenseBlock.set_scan_layers`)."""
+    for _, block in nnx.iter_modules(model):
+        if isinstance(block, DenseBlock):
+            if scan_layers is not None:
+                block.set_scan_layers(scan_layers)
+            if remat is not None:
+                block.remat = remat

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -36,13 +37,15 @@ class MetaChexNet(nnx.Module):
       age_mean, age_std: years; the age head predicts (age - age_mean) / age_std.
       in_channels: input channels of the backbone's stem (3, or 1 for a torchxrayvision backbone).
       dtype: computation dtype; parameters stay float32.
+      scan_layers, remat: how the backbone stores and runs its dense blocks (see `DenseNet`).
     """
 
     def __init__(self, arch: str = "densenet121", *, num_pathologies: int = len(PATHOLOGIES),
                  metadata_tasks: tuple[str, ...] = METADATA_TASKS, age_hidden: int = 256,
                  age_mean: float = 47.0, age_std: float = 17.0, in_channels: int = 3, dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
-        self.backbone = DenseNet(arch, num_classes=None, in_channels=in_channels, dtype=dtype, rngs=rngs)
+                 scan_layers: bool = False, remat: bool = False, rngs: nnx.Rngs):
+        self.backbone = DenseNet(arch, num_classes=None, in_channels=in_channels, dtype=dtype,
+                                 scan_layers=scan_layers, remat=remat, rngs=rngs)
         f = self.backbone.num_features
         self.metadata_tasks = tuple(metadata_tasks)
         self.age_mean, self.age_std = float(age_mean), float(age_std)
@@ -109,6 +112,21 @@ class MetaChexNet(nnx.Module):
         return PATHOLOGIES if n == len(PATHOLOGIES) else tuple(f"pathology_{i}" for i in range(n))
 
 
+def resolve_scan_layers(value, backend: str | None = None) -> bool:
+    """config.model.scan_layers -> bool: "auto" scans the dense blocks on CPU and unrolls them elsewhere (the
+    measured defaults, README "Benchmarks"); "yes"/"no" (or a bool) choose explicitly."""
+    if isinstance(value, bool):
+        return value
+    choice = str(value).strip().lower()
+    if choice == "auto":
+        return (backend or jax.default_backend()) == "cpu"
+    if choice in ("yes", "true", "1"):
+        return True
+    if choice in ("no", "false", "0"):
+        return False
+    raise ValueError(f"model.scan_layers must be 'auto', 'yes' or 'no', got {value!r}")
+
+
 def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
     """Build the model a config's `model` section describes (see `metachex_jax.config_lib`).
 
@@ -125,5 +143,8 @@ def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
         age_std=model_config.age_std,
         in_channels=channels_of(model_config.get("normalization", "imagenet")),
         dtype=jnp.dtype(model_config.dtype),
+        # .get: configs saved with checkpoints before these fields existed
+        scan_layers=resolve_scan_layers(model_config.get("scan_layers", False)),
+        remat=model_config.get("remat", False),
         rngs=rngs,
     )

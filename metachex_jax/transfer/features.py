@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from metachex_jax import files, train
 from metachex_jax.data import pipeline
 from metachex_jax.labels import METADATA_TASKS
+from metachex_jax.models import batch_norms
 from metachex_jax.preprocessing import PixelContract
 
 FORMAT_VERSION = 2  # 2: the key holds the whole pixel contract
@@ -130,7 +131,7 @@ def calibrate_batchnorm(model, source, *, kind: str, contract: PixelContract, ba
     if num_batches == 0:
         raise ValueError(f"no full batch of {global_batch} images in {len(source)} records to estimate "
                          "BatchNorm statistics from")
-    norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    norms = batch_norms(model)
     momenta = [bn.momentum for bn in norms]
     sums = None
     model.train()

@@ -37,7 +37,7 @@ from flax import nnx
 
 from metachex_jax import checkpointing, convert, files, saved_model
 from metachex_jax.errors import UserError
-from metachex_jax.models import build_model
+from metachex_jax.models import build_model, resolve_scan_layers, set_block_options, unrolled
 from metachex_jax.models.metachexnet import MetaChexNet
 from metachex_jax.preprocessing import PixelContract
 
@@ -65,8 +65,10 @@ class Start:
 
 
 def weights_fingerprint(model: nnx.Module) -> str:
+    """SHA-256 of the model's variables in torchvision's (unrolled) layout: the same weights give the same
+    fingerprint whether the dense blocks are scanned or not."""
     digest = hashlib.sha256()
-    flat = nnx.to_flat_state(nnx.state(model))
+    flat = nnx.to_flat_state(nnx.state(unrolled(model)))
     for path, variable in sorted(flat, key=lambda item: tuple(map(str, item[0]))):
         array = np.asarray(jax.device_get(variable.get_value() if hasattr(variable, "get_value") else variable))
         digest.update(f"{'/'.join(map(str, path))}:{array.dtype}:{array.shape};".encode())
@@ -76,7 +78,16 @@ def weights_fingerprint(model: nnx.Module) -> str:
 
 def load_start(spec: str, model_config, seed: int, step: str = "best", *, contract: PixelContract) -> Start:
     """The starting weights `spec` names (a path or "random"); see the module docstring. `contract` gives the
-    run's sizes and, for the random starts, the normalisation and geometry (`PixelContract.from_config(config)`)."""
+    run's sizes and, for the random starts, the normalisation and geometry (`PixelContract.from_config(config)`).
+    The model runs its dense blocks as `model_config` says (scan_layers, remat), whatever form a checkpoint was
+    trained in."""
+    start = _load_start(spec, model_config, seed, step, contract)
+    set_block_options(start.model, scan_layers=resolve_scan_layers(model_config.get("scan_layers", "no")),
+                      remat=model_config.get("remat", False))
+    return start
+
+
+def _load_start(spec: str, model_config, seed: int, step: str, contract: PixelContract) -> Start:
     if spec in RANDOM_KINDS:
         model = build_model(_with_pixels(model_config, contract), nnx.Rngs(seed))
         model.eval()
