@@ -7,10 +7,11 @@ A family plugs in here. Its parts:
   make_config  (resolution, **parameters) -> the builder config; its name (r256, r256_k5_seed1) is the build's
                identity on disk, so builds with different parameters never mix
   parameters   the build parameters besides resolution, with their defaults; `prepare` offers each as a flag
-  kind         the record format the input pipeline turns into batches (pipeline.py: "nih" or "tb")
+  kind         the record format the input pipeline turns into batches (pipeline.py: "nih", "tb" or "labelled")
 
-To add a family (CheXpert, say): write data/chexpert.py (reader + `verify`), a builder class in builders.py, and
-one entry in DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
+To add a family: write data/<family>.py (reader + `verify`; a label table? reuse labelled.py's record and
+splits, as chexpert.py, padchest.py and csv_dataset.py do), a builder class in builders.py, and one entry in
+DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
 --dataset=chexpert` (build and --verify), `build.build_dataset` and `build.verify_raw` then know it.
 """
 
@@ -21,7 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from metachex_jax.data import builders, nih, tb
+from metachex_jax.data import builders, chexpert, csv_dataset, nih, padchest, tb
 from metachex_jax.data.raw_common import RawCheck
 
 
@@ -54,6 +55,13 @@ class DatasetFamily:
 
 _NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED}
 _TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED}
+_CHEXPERT_PARAMETERS = {"views": "frontal", "uncertainty": "ignore", "test_fraction": chexpert.DEFAULT_TEST_FRACTION,
+                        "seed": builders.DEFAULT_SEED}
+_PADCHEST_PARAMETERS = {"views": "frontal", "val_fraction": padchest.DEFAULT_VAL_FRACTION,
+                        "test_fraction": padchest.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED}
+_CSV_PARAMETERS = {"csv": "", "num_folds": csv_dataset.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED,
+                   "stratify_by": "", "val_fraction": csv_dataset.DEFAULT_VAL_FRACTION,
+                   "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION}
 
 DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
     DatasetFamily("chestxray14", builders.Chestxray14, builders.nih_config, _NIH_PARAMETERS, nih.verify, "nih"),
@@ -61,13 +69,27 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
                   functools.partial(tb.verify, dataset="shenzhen"), "tb"),
     DatasetFamily("montgomery", builders.Montgomery, builders.tb_config, _TB_PARAMETERS,
                   functools.partial(tb.verify, dataset="montgomery"), "tb"),
+    DatasetFamily("chexpert", builders.Chexpert, builders.chexpert_config, _CHEXPERT_PARAMETERS, chexpert.verify,
+                  "labelled"),
+    DatasetFamily("padchest", builders.Padchest, builders.padchest_config, _PADCHEST_PARAMETERS, padchest.verify,
+                  "labelled"),
+    DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled"),
 )}
 
 # What each build parameter means (the `prepare` flags' help).
 PARAMETER_HELP = {
-    "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation",
-    "num_folds": "shenzhen/montgomery: stratified cross-validation folds stored per record",
-    "seed": "the seed of the validation carve-out (chestxray14) or of the folds and split (TB sets)",
+    "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation; padchest, csv: "
+                    "fraction of the patients in validation",
+    "num_folds": "shenzhen/montgomery/csv: stratified cross-validation folds stored per record",
+    "seed": "the seed of the validation carve-out (chestxray14), of the folds and split (TB sets, csv), of the "
+            "test carve-out (chexpert) or of the split (padchest)",
+    "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'",
+    "uncertainty": "chexpert: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
+                   "after a default: 'ignore,Atelectasis=ones,Edema=ones'",
+    "test_fraction": "chexpert: fraction of train.csv's patients carved out as test; padchest, csv: fraction of "
+                     "the patients in test",
+    "csv": "csv: the CSV file listing path, labels and optional patient_id, age, sex, view",
+    "stratify_by": "csv: the label column folds and split are stratified by (default: the first label column)",
 }
 
 
