@@ -64,15 +64,25 @@ def loss_config(multitask: bool = True) -> ml_collections.ConfigDict:
 
 
 def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size: int = 224):
-    """The `data` section: where the prepared dataset lives, how images are cropped and augmented."""
+    """The `data` section: where the prepared datasets live, how images are cropped and augmented."""
+    from metachex_jax.data import registry  # the build parameters of each dataset family, with their defaults
+
     return ml_collections.ConfigDict(dict(
-        dataset=dataset,
+        # Pretraining: the dataset, or a weighted mixture "chestxray14:1,chexpert:1,padchest:0.5" of any of
+        # chestxray14, chexpert, padchest and csv (weights are relative sampling rates, default 1; data/mixture.py)
+        datasets=dataset,
+        # Labels after NIH's 14 in the model's pathology head, e.g. "Lung Opacity,Fracture" (CheXpert's), "No
+        # Finding", "Tuberculosis" (PadChest's, or a CSV column's); each dataset is masked where it lacks one
+        extra_labels="",
         data_dir="~/tensorflow_datasets",  # where `python -m metachex_jax.prepare` wrote the dataset
-        manual_dir="",  # raw copy; if set and the dataset is missing, it is prepared first
+        manual_dir="",  # chestxray14's raw copy; if set and the dataset is missing, it is prepared first
         resolution=resolution,  # stored R x R at build time
         image_size=image_size,  # model input S x S (random crop for training, centre crop for eval)
-        val_fraction=0.1,  # of train_val patients, carved out by patient at build time
+        val_fraction=0.1,  # chestxray14: of train_val patients, carved out by patient at build time
         val_seed=0,
+        # The other datasets' build parameters (prepare's flags; data/registry.py) and raw copies (manual_dir: if set
+        # and the build is missing, it is prepared first). csv.csv is the CSV file (see data/csv_dataset.py).
+        **{name: dict(manual_dir="", **registry.family(name).parameters) for name in ("chexpert", "padchest", "csv")},
         # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
         # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers
         workers=-1,
@@ -94,6 +104,9 @@ def optim_config(lr: float = 1e-3):
         schedule="plateau",  # "plateau" (on validation loss) or "cosine" (with linear warmup)
         plateau_factor=0.1,
         plateau_patience=1,  # evaluations without improvement before the lr is reduced
+        # What the plateau watches on validation: "loss" (CheXNet's) or "mean_auroc" (for a mixture: the mean over
+        # datasets of each dataset's mean AUROC over the labels it has; the best checkpoint always uses it)
+        plateau_on="loss",
         warmup_steps=0,
         # Scale the lr with the global batch: "linear" (lr * batch / reference_batch), "sqrt" (by its square root,
         # gentler for Adam), or "none". With one device and batch 16 every rule gives CheXNet's 1e-3.
@@ -102,12 +115,18 @@ def optim_config(lr: float = 1e-3):
     ))
 
 
+def demo_data_config() -> dict:
+    """The synthetic demo tree's parameters (metachex_jax.demo_data.write_demo_data)."""
+    return dict(seed=0, num_nih=2000, num_shenzhen=300, num_montgomery=100, num_hospital=200, size=256)
+
+
 def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDict:
     """The whole pretraining config; `configs/pretrain.py` (multitask) and `configs/chexnet.py` call this.
 
-    `arg`: demo, runlocal, arch=..., res=IMAGE_SIZE, init=MODEL_INIT_PATH (see the config files' docstrings).
+    `arg`: demo, runlocal, arch=..., res=IMAGE_SIZE, init=MODEL_INIT_PATH, datasets=A+B:W+... (a mixture; see the
+    config files' docstrings).
     """
-    arg = parse_arg(arg, demo=False, runlocal=False, arch="densenet121", res=0, init="")
+    arg = parse_arg(arg, demo=False, runlocal=False, arch="densenet121", res=0, init="", datasets="")
     c = ml_collections.ConfigDict()
     c.trainer = "pretrain"
     c.seed = 0
@@ -118,6 +137,9 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
     c.loss = loss_config(multitask)
     c.optim = optim_config(lr=1e-3)
     c.batch_size_per_device = 16  # global batch = batch_size_per_device x devices (CheXNet: 16 on one GPU)
+    # Training length: num_steps when > 0, else num_epochs epochs, an epoch being as many images as the training
+    # splits of every dataset hold together (one pass over the data when the mixture weights follow their sizes)
+    c.num_steps = 0
     c.num_epochs = 15
     c.eval_every_steps = 0  # 0 = once per epoch
     c.log_every_steps = 50
@@ -134,7 +156,10 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
     c.distributed = "auto"  # "auto": jax.distributed.initialize() when a cluster is detected; "yes"; "no"
     c.demo = False  # generate and prepare the synthetic demo data if missing (see metachex_jax.demo_data)
     c.demo_dir = "~/.cache/metachex_jax/demo"  # raw demo trees + prepared datasets live here
-    c.demo_data = dict(seed=0, num_nih=2000, num_shenzhen=300, num_montgomery=100, size=256)
+    c.demo_data = demo_data_config()
+    if arg.datasets:
+        c.data.datasets = arg.datasets.replace("+", ",")
+        c.optim.plateau_on = "mean_auroc"  # the losses of different datasets do not add up to one scale
     if arg.demo:
         c.demo = True
         c.data.val_fraction = 0.15
@@ -212,7 +237,7 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     c.distributed = "auto"
     c.demo = False  # generate and prepare the synthetic demo data (the same tree the pretraining demo uses)
     c.demo_dir = "~/.cache/metachex_jax/demo"
-    c.demo_data = dict(seed=0, num_nih=2000, num_shenzhen=300, num_montgomery=100, size=256)
+    c.demo_data = demo_data_config()
     if arg.demo:
         c.demo = True
         c.feature_batch_size = 100

@@ -114,7 +114,8 @@ def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
 
     config = os.path.join(REPO, "configs/pretrain.py:demo,arch=densenet_tiny,res=32")
     demo = ["--config.demo_data.num_nih=160", "--config.demo_data.num_shenzhen=12",
-            "--config.demo_data.num_montgomery=8", "--config.demo_data.size=64"]
+            "--config.demo_data.num_montgomery=8", "--config.demo_data.num_hospital=0",
+            "--config.demo_data.size=64"]
     result = loop.main([f"--config={config}", f"--config.demo_dir={tmp_path}", *demo,
                         "--config.batch_size_per_device=8", "--steps=2", "--log_every=1"])
     assert last_json(capsys.readouterr().out) == result

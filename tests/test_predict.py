@@ -24,7 +24,7 @@ from metachex_jax.inference import ModelError, Predictor
 from metachex_jax.labels import PATHOLOGIES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = dict(seed=0, num_nih=96, num_shenzhen=12, num_montgomery=8, size=64)
+DEMO = dict(seed=0, num_nih=96, num_shenzhen=12, num_montgomery=8, num_hospital=0, size=64)
 ARCH, RES = "densenet_tiny", 32
 
 

@@ -22,7 +22,7 @@ from metachex_jax.preprocessing import to_model_input
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols, run, tb_data, weights
 
-DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, size=64)
+DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=0, size=64)
 ARCH, RES = "densenet_tiny", 32
 
 

@@ -136,7 +136,7 @@ def measure_dataset_build(workdir: Path, num_images: int, png_size: int, resolut
     from metachex_jax.data import build
 
     tree = demo_data.write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
-                                     size=png_size)
+                                     num_hospital=0, size=png_size)
     workers = os.cpu_count() or 1
     rate = measure_build(lambda: build.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds",
                                                        resolution=resolution, num_workers=workers,

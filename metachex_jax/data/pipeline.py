@@ -110,6 +110,27 @@ def tb_example(record: Record, image: np.ndarray, index: int) -> Example:
     }
 
 
+def labelled_example(record: Record, image: np.ndarray, index: int) -> Example:
+    """A record of the shared label space (data/mixture.py: labels 1/0/-1 = unknown) -> the multi-task example,
+    with a 0 mask for every unknown label or metadata entry."""
+    labels = np.asarray(record["labels"], np.int8)
+    metadata, metadata_mask = _known_or_zero(
+        np.array([record[name] for name in METADATA_TASKS], np.float32))
+    age, age_mask = _age(record)
+    return {
+        "image": image,
+        "pathology": (labels == 1).astype(np.float32),
+        "pathology_mask": (labels >= 0).astype(np.float32),
+        "metadata": metadata,
+        "metadata_mask": metadata_mask,
+        "age": age,
+        "age_mask": age_mask,
+        "patient_id": np.int64(record["patient_key"]),
+        "index": np.int64(index),
+        "example_mask": np.float32(1.0),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class ExampleFormat:
     to_example: Callable[[Record, np.ndarray, int], Example]
@@ -120,19 +141,24 @@ EXAMPLE_FORMATS = {
     "nih": ExampleFormat(nih_example, ("image", "labels", "age", "age_valid", "patient_id")
                          + METADATA_TASKS),
     "tb": ExampleFormat(tb_example, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
+    # the shared label space of data/mixture.py (HarmonisedSource records), any number of labels
+    "labelled": ExampleFormat(labelled_example, ("image", "labels", "age", "age_valid", "patient_key")
+                              + METADATA_TASKS),
 }  # each dataset's kind: data/registry.py
 
 
-def padding_example(kind: str, image_size: int) -> Example:
-    """A padding row: same structure as a real example, image 0, every mask 0, ids -1."""
-    example = EXAMPLE_FORMATS[kind].to_example(_ZERO_RECORD, np.zeros((image_size, image_size), np.uint8), -1)
+def padding_example(kind: str, image_size: int, record: Record | None = None) -> Example:
+    """A padding row: same structure as a real example (of `record`, e.g. the source's first, where the label
+    count varies), image 0, every mask 0, ids -1."""
+    record = _ZERO_RECORD if record is None else record
+    example = EXAMPLE_FORMATS[kind].to_example(record, np.zeros((image_size, image_size), np.uint8), -1)
     for name, value in example.items():
         example[name] = np.full_like(value, -1) if value.dtype == np.int64 else np.zeros_like(value)
     return example
 
 
 _ZERO_RECORD = {"labels": np.zeros(len(PATHOLOGIES)), "age": 0.0, "age_valid": False, "patient_id": -1,
-                "tb": 0, "sex_male": -1, "fold": -1, "view_ap": -1}
+                "patient_key": -1, "tb": 0, "sex_male": -1, "fold": -1, "view_ap": -1}
 
 
 def check_source(source: RandomAccessSource, kind: str, image_size: int) -> None:
@@ -220,7 +246,7 @@ class _ReadEvalExample(grain.transforms.Map):
     def map(self, position: int) -> Example:
         index = self.process_index + position * self.process_count
         if index >= len(self.source):
-            return padding_example(self.kind, self.image_size)
+            return padding_example(self.kind, self.image_size, self.source[0] if self.kind == "labelled" else None)
         record = self.source[index]
         image = center_crop(as_gray_2d(record["image"]), self.image_size)
         return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
@@ -370,7 +396,8 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
 
     Args:
       sources: one source, or several (all of the same `kind`) mixed by `weights`.
-      kind: "nih" (ChestX-ray14 multi-task batches) or "tb" (Shenzhen/Montgomery); a dataset's kind is in data/registry.py.
+      kind: "nih" (ChestX-ray14 multi-task batches), "tb" (Shenzhen/Montgomery) or "labelled" (records in the
+        shared label space of data/mixture.py: per-label masks; what the trainer feeds); see data/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.

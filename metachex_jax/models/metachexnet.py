@@ -31,6 +31,8 @@ class MetaChexNet(nnx.Module):
     Args:
       arch: backbone architecture, a key of `metachex_jax.models.SPECS`.
       num_pathologies: size of the pathology head (0 for none).
+      pathology_names: the head's label names (default: NIH's 14 when it has 14 outputs); a model pretrained on a
+        mixture with extra labels has NIH's 14 followed by them (data/mixture.py).
       metadata_tasks: names of the binary metadata logits (empty for no metadata head).
       age_hidden: width of the age head's intermediate layer (0 for no age head).
       age_mean, age_std: years; the age head predicts (age - age_mean) / age_std.
@@ -39,7 +41,13 @@ class MetaChexNet(nnx.Module):
 
     def __init__(self, arch: str = "densenet121", *, num_pathologies: int = len(PATHOLOGIES),
                  metadata_tasks: tuple[str, ...] = METADATA_TASKS, age_hidden: int = 256,
-                 age_mean: float = 47.0, age_std: float = 17.0, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 age_mean: float = 47.0, age_std: float = 17.0, dtype: Any = jnp.float32,
+                 pathology_names: tuple[str, ...] | None = None, rngs: nnx.Rngs):
+        if pathology_names is not None and len(pathology_names) != num_pathologies:
+            raise ValueError(f"{len(pathology_names)} pathology names for a head of {num_pathologies}")
+        if pathology_names is None and num_pathologies == len(PATHOLOGIES):
+            pathology_names = PATHOLOGIES
+        self._pathology_names = tuple(pathology_names or (f"pathology_{i}" for i in range(num_pathologies)))
         self.backbone = DenseNet(arch, num_classes=None, dtype=dtype, rngs=rngs)
         f = self.backbone.num_features
         self.metadata_tasks = tuple(metadata_tasks)
@@ -101,17 +109,16 @@ class MetaChexNet(nnx.Module):
         return scores
 
     def pathology_names(self) -> tuple[str, ...]:
-        if self.pathology_head is None:
-            return ()
-        n = self.pathology_head.out_features
-        return PATHOLOGIES if n == len(PATHOLOGIES) else tuple(f"pathology_{i}" for i in range(n))
+        return self._pathology_names if self.pathology_head is not None else ()
 
 
 def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
     """Build the model a config's `model` section describes (see `metachex_jax.config_lib`)."""
+    names = model_config.get("pathology_names")  # written by the trainer for mixtures with extra labels
     return MetaChexNet(
         model_config.arch,
-        num_pathologies=model_config.num_pathologies,
+        num_pathologies=len(names) if names else model_config.num_pathologies,
+        pathology_names=tuple(names) if names else None,
         metadata_tasks=tuple(model_config.metadata_tasks),
         age_hidden=model_config.age_hidden,
         age_mean=model_config.age_mean,
