@@ -9,6 +9,9 @@ are gathered; only the lead host writes:
     WORKDIR/eval/{tag}_step{N}.md                the same as a markdown table
 
 `python -m metachex_jax.reports recompute PREDICTIONS_CSV` recomputes the metrics from the CSV alone.
+
+As a command, `python -m metachex_jax.evaluate --run=WORKDIR --labels=nih_expert --labels_csv=FILE` scores a
+finished run on NIH's expert labels (expert_labels.py).
 """
 
 from __future__ import annotations
@@ -131,3 +134,55 @@ def write_outputs(workdir: str, tag: str, step: int, split: str, cols: dict, res
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: a finished run scored on other labels.
+# ----------------------------------------------------------------------------------------------------------
+
+LABEL_SETS = ("nih_expert",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m metachex_jax.evaluate --run=WORKDIR --labels=nih_expert --labels_csv=FILE [--labels_csv=FILE2]
+    [--step=best] [--data_dir=DIR] [--n_boot=1000] [--seed=0]
+
+    Scores a pretraining run on the NIH expert labels (expert_labels.py); prints the table and writes
+    WORKDIR/eval/nih_expert_step{N}.{json,md} and _predictions.csv. Exit status 0, 1 for bad label files or a
+    missing build, 2 for usage errors.
+    """
+    import argparse
+    import sys
+
+    from metachex_jax import expert_labels
+    from metachex_jax.data.raw_common import RawDataError
+
+    parser = argparse.ArgumentParser(prog="python -m metachex_jax.evaluate", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a pretraining workdir")
+    parser.add_argument("--labels", required=True, choices=LABEL_SETS)
+    parser.add_argument("--step", default="best", help="best (by validation mean AUROC), latest, or a step")
+    parser.add_argument("--n_boot", type=int, default=1000, help="patient bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--batch_size", type=int, default=64)
+    expert_labels.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.labels_csv:
+        parser.error("--labels=nih_expert needs --labels_csv=FILE (the merged file, or the test and the "
+                     "validation file)")
+    try:
+        result = expert_labels.evaluate_run(args.run, args.labels_csv, step=args.step, data_dir=args.data_dir,
+                                            n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size)
+    except (RawDataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(expert_labels.markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
