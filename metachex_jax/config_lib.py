@@ -200,7 +200,8 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     c.model = model_config(arg.arch, multitask=True)  # every starting weight must have this architecture
     # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its best
     # checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), or "random".
-    c.init_from = arg.init  # the weights under study
+    c.init_from = arg.init  # the weights under study; required unless baselines_only
+    c.baselines_only = False  # True: run the compare_with baselines without init_from (else its absence is an error)
     # More starting weights: comma-separated paths, "random" (BatchNorm at its initial statistics) and/or
     # "random_bn" (random weights, BatchNorm statistics from bn_statistics_images ChestX-ray14 training images
     # read from data.data_dir at this resolution: needs that dataset prepared).
@@ -228,10 +229,19 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
         eval_batch_size=64,
         head_lr=1e-3,
         backbone_lr=1e-4,  # lower than the head's: the pretrained backbone moves slowly
+        # BatchNorm statistics of the test predictions in the cross-dataset protocols (recomputed for the
+        # fine-tuned weights either way): "fit" = the training set's fit images; "target" = the unlabelled test
+        # images (test-time adaptation). Within a dataset they always come from the fit images.
+        bn_stats="fit",
     )
     c.finetune.optim = optim_config(lr=1e-3)  # name, betas, clipping, warmup; finetune.py sets the two lrs and a
     # constant schedule (early stopping decides the length)
     c.finetune.optim.warmup_steps = 0
+    c.finetune.optim.lr_scaling = "none"  # head_lr and backbone_lr are used as written, whatever the batch size
+    # Screening operating points, thresholds chosen on training data: WHO's target product profile for a TB
+    # triage test asks for sensitivity >= 0.90 with specificity >= 0.70.
+    c.screening = dict(sensitivity=0.9, specificity=0.7)
+    c.calibration_bins = 10  # equal-width probability bins of the expected calibration error and reliability plots
     c.finetune.augment = c.data.augment.to_dict()
     c.n_boot = 1000
     c.distributed = "auto"

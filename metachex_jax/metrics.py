@@ -25,12 +25,21 @@ resampling rows would understate the uncertainty). Resample b is drawn from one 
 arguments see the same resamples, which makes CIs of several metrics paired. Resamples in which a metric is
 undefined give NaN; `percentile_ci` drops them and `count_undefined` counts them so reports can show it.
 
+Comparisons and screening (used by the TB transfer report):
+- `delong_test` (two correlated AUROCs on the same cases, DeLong 1988), `holm_adjust` (a family of tests),
+  `paired_bootstrap_difference` (metric(a) - metric(b) with both evaluated on every resample).
+- Operating points: `threshold_at_sensitivity` / `threshold_at_specificity` choose a threshold on training data;
+  `specificity_at_sensitivity` / `sensitivity_at_specificity` are the test-set oracle values; `roc_band` is a
+  bootstrap band of the ROC curve.
+- Calibration: `brier_score`, `expected_calibration_error`, `reliability_curve`.
+
 `evaluate_multitask` (at the end) applies all of this to the MetaChexNet heads: per-pathology and mean
 AUROC, sex and view AUROC and accuracy, age MAE and Pearson r, each with a patient-bootstrap CI.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -273,6 +282,154 @@ def specificity(y_true, score, threshold: float, weight_mask=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Screening operating points: a sensitivity or specificity target
+# ----------------------------------------------------------------------------------------------------
+
+# A rate computed as a ratio of counts may land a rounding error below the target it equals.
+_RATE_TOLERANCE = 1e-12
+
+
+def _roc_counts(y: np.ndarray, s: np.ndarray, w: np.ndarray):
+    """Cumulative (weighted) true and false positives of "positive when score >= t", t the distinct scores
+    from the highest down: (tp, fp, thresholds), tp and fp (K + 1,) or (K + 1, B), row 0 = nothing positive
+    (threshold +inf). Works for (N, B) weights (one ROC per column)."""
+    order = np.argsort(-s, kind="stable")
+    sorted_s = s[order]
+    last_of_group = np.r_[np.flatnonzero(np.diff(sorted_s) != 0), len(s) - 1]
+    tp = np.cumsum(w[order] * _per_row(y[order], w), axis=0)[last_of_group]
+    fp = np.cumsum(w[order] * _per_row(1.0 - y[order], w), axis=0)[last_of_group]
+    zero = np.zeros((1,) + w.shape[1:])
+    return np.concatenate([zero, tp]), np.concatenate([zero, fp]), np.r_[np.inf, sorted_s[last_of_group]]
+
+
+def threshold_at_sensitivity(y_true, score, target: float) -> float:
+    """The highest threshold whose sensitivity ("positive when score >= threshold") is at least `target`.
+
+    Choose it on training data and apply it unchanged to test data (as `youden_threshold`). Raises without
+    positives. Among thresholds reaching the target the highest is the most specific one.
+    """
+    y, s, w = _binary_inputs(y_true, score, None)
+    if not 0 < target <= 1 or not y.any():
+        raise ValueError(f"threshold_at_sensitivity needs positives and 0 < target <= 1; got target={target}")
+    tp, _, thresholds = _roc_counts(y, s, w)
+    k = int(np.argmax(tp / tp[-1] >= target - _RATE_TOLERANCE))
+    return float(thresholds[k])
+
+
+def threshold_at_specificity(y_true, score, target: float) -> float:
+    """The lowest threshold whose specificity is at least `target` (the most sensitive such rule).
+
+    When only "nothing positive" reaches the target, the threshold is just above the highest score.
+    Raises without negatives.
+    """
+    y, s, w = _binary_inputs(y_true, score, None)
+    if not 0 < target <= 1 or y.all():
+        raise ValueError(f"threshold_at_specificity needs negatives and 0 < target <= 1; got target={target}")
+    _, fp, thresholds = _roc_counts(y, s, w)
+    k = int(np.sum(1.0 - fp / fp[-1] >= target - _RATE_TOLERANCE)) - 1  # fp grows with k: a prefix qualifies
+    return float(thresholds[k]) if k > 0 else float(np.nextafter(thresholds[1], np.inf))
+
+
+def _rates_per_column(y_true, score, weight_mask):
+    """(tpr, fpr) of every threshold, shaped (K + 1, B) (B = 1 for 1-D weights; NaN columns for an absent
+    class), the column indices, and whether the weights were 1-D."""
+    y, s, w = _binary_inputs(y_true, score, weight_mask)
+    tp, fp, _ = _roc_counts(y, s, w)
+    tp, fp = tp.reshape(len(tp), -1), fp.reshape(len(fp), -1)
+    return _ratio(tp, tp[-1]), _ratio(fp, fp[-1]), np.arange(tp.shape[1]), w.ndim == 1
+
+
+def specificity_at_sensitivity(y_true, score, target: float, weight_mask=None):
+    """The best specificity of any threshold on THESE data whose sensitivity is at least `target`.
+
+    An oracle: the threshold is chosen on the data it is evaluated on, so it is optimistic for test data
+    (report it as such, next to a threshold chosen on training data). NaN when a class is absent.
+    Accepts (N, B) weights like every metric here (B results).
+    """
+    tpr, fpr, columns, one = _rates_per_column(y_true, score, weight_mask)
+    first = np.argmax(tpr >= target - _RATE_TOLERANCE, axis=0)  # tpr grows along axis 0 and ends at 1
+    out = np.where(np.isnan(tpr[-1] + fpr[-1]), np.nan, 1.0 - fpr[first, columns])
+    return float(out[0]) if one else out
+
+
+def sensitivity_at_specificity(y_true, score, target: float, weight_mask=None):
+    """The best sensitivity of any threshold on THESE data whose specificity is at least `target` (an
+    oracle, like `specificity_at_sensitivity`). NaN when a class is absent."""
+    tpr, fpr, columns, one = _rates_per_column(y_true, score, weight_mask)
+    last = np.maximum(np.sum(1.0 - fpr >= target - _RATE_TOLERANCE, axis=0) - 1, 0)  # fpr grows: a prefix
+    out = np.where(np.isnan(tpr[-1] + fpr[-1]), np.nan, tpr[last, columns])
+    return float(out[0]) if one else out
+
+
+def roc_band(y_true, score, *, groups, fpr_grid, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
+    """Pointwise (1 - alpha) percentile band of the ROC curve: the true positive rate at each false positive
+    rate of `fpr_grid` (the best tpr with fpr <= the grid value, i.e. the step curve) over group-bootstrap
+    resamples (the same resamples as `bootstrap_distribution` with this seed). Resamples with one class are
+    left out. Returns (tpr_low, tpr_high), each shaped like fpr_grid."""
+    y, s, _ = _binary_inputs(y_true, score, None)
+    grid = np.asarray(fpr_grid, dtype=np.float64)
+    curves = []
+    for w in iter_group_bootstrap_weights(groups, n_boot, seed):
+        tp, fp, _ = _roc_counts(y, s, w)
+        for b in range(w.shape[1]):
+            if tp[-1, b] > 0 and fp[-1, b] > 0:
+                tpr, fpr = tp[:, b] / tp[-1, b], fp[:, b] / fp[-1, b]
+                curves.append(tpr[np.searchsorted(fpr, grid + _RATE_TOLERANCE, side="right") - 1])
+    if not curves:
+        return np.full(grid.shape, np.nan), np.full(grid.shape, np.nan)
+    low, high = np.percentile(np.asarray(curves), [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return low, high
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration of predicted probabilities
+# ----------------------------------------------------------------------------------------------------
+
+def _probability_inputs(y_true, prob, weight_mask):
+    y, p, w = _binary_inputs(y_true, prob, weight_mask)
+    bad = _rows_counted(w) & ((p < 0) | (p > 1))
+    if bad.any():
+        raise ValueError("probabilities must lie in [0, 1]; offending entries (index: value): " + _offenders(bad, p))
+    return y, p, w
+
+
+def brier_score(y_true, prob, weight_mask=None):
+    """Mean squared difference between the predicted probability and the 0/1 outcome (lower is better; 0.25
+    for a constant 0.5). Agrees with sklearn.metrics.brier_score_loss."""
+    y, p, w = _probability_inputs(y_true, prob, weight_mask)
+    return _ratio(_weighted_sum((p - y) ** 2, w), np.sum(w, axis=0))
+
+
+def calibration_bins(prob, n_bins: int = 10) -> np.ndarray:
+    """Bin index of each probability: equal-width bins on [0, 1], each (a, b] except the first [0, b] (as
+    sklearn.calibration.calibration_curve's "uniform" strategy)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.searchsorted(edges[1:-1], np.asarray(prob, dtype=np.float64), side="left")
+
+
+def expected_calibration_error(y_true, prob, n_bins: int = 10, weight_mask=None):
+    """ECE = sum over equal-width bins of (bin weight / total) x |observed TB fraction - mean probability|,
+    i.e. sum_bins |sum(y - p)| / N (`calibration_bins`). 0 for perfectly calibrated probabilities."""
+    y, p, w = _probability_inputs(y_true, prob, weight_mask)
+    one_hot = np.eye(n_bins)[calibration_bins(p, n_bins)]  # (N, bins)
+    gap = np.einsum("nk,n,n...->k...", one_hot, y - p, w)  # per bin: sum of (y - p), weighted
+    return _ratio(np.abs(gap).sum(axis=0), np.sum(w, axis=0))
+
+
+def reliability_curve(y_true, prob, n_bins: int = 10) -> dict[str, list]:
+    """The reliability diagram's points: per non-empty bin, the mean predicted probability, the observed
+    TB fraction and the count (as sklearn's calibration_curve, plus counts)."""
+    y, p, _ = _probability_inputs(y_true, prob, None)
+    bins = calibration_bins(p, n_bins)
+    count = np.bincount(bins, minlength=n_bins)
+    filled = count > 0
+    mean_p = np.bincount(bins, weights=p, minlength=n_bins)[filled] / count[filled]
+    observed = np.bincount(bins, weights=y, minlength=n_bins)[filled] / count[filled]
+    return {"mean_predicted": mean_p.tolist(), "observed": observed.tolist(), "count": count[filled].tolist(),
+            "bin_edges": np.linspace(0.0, 1.0, n_bins + 1).tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Regression metrics
 # ----------------------------------------------------------------------------------------------------
 
@@ -394,6 +551,100 @@ def bootstrap_ci(metric_fn: Callable[..., Any], *arrays, groups, n_boot: int = 1
     """
     distribution = bootstrap_distribution(metric_fn, *arrays, groups=groups, n_boot=n_boot, seed=seed)
     return percentile_ci(distribution, alpha)
+
+
+def paired_bootstrap_difference(metric_fn: Callable[..., Any], y_true, score_a, score_b, *, groups,
+                                n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """metric(a) - metric(b) on the same cases, with a paired group-bootstrap percentile CI: each resample
+    draws patients once and evaluates BOTH scores on it (one weight matrix for both), so what the two share
+    (the same hard and easy patients) cancels in the difference.
+
+    `metric_fn(y, score, weight_mask=None)` is any metric of this module (e.g. `roc_auc`). Returns
+    {"value", "ci_low", "ci_high", "n_undefined", "p_two_sided"}: p_two_sided is the bootstrap's two-sided
+    p-value, 2 x min(fraction of resamples <= 0, fraction >= 0), capped at 1 (resolution 1 / n_boot).
+    """
+    def difference(y, a, b, weight_mask=None):
+        return np.asarray(metric_fn(y, a, weight_mask=weight_mask)) - np.asarray(metric_fn(y, b, weight_mask=weight_mask))
+
+    value = float(difference(y_true, score_a, score_b))
+    distribution = bootstrap_distribution(difference, y_true, score_a, score_b, groups=groups, n_boot=n_boot,
+                                          seed=seed)
+    low, high = percentile_ci(distribution, alpha)
+    defined = distribution[~np.isnan(distribution)]
+    p = min(1.0, 2 * min(np.mean(defined <= 0), np.mean(defined >= 0))) if defined.size else float("nan")
+    return {"value": value, "ci_low": low, "ci_high": high, "n_undefined": count_undefined(distribution),
+            "p_two_sided": float(p)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DeLong's test for two correlated AUROCs, and Holm's correction
+# ----------------------------------------------------------------------------------------------------
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # the rank of the last member of each tie group
+    return (last - (counts - 1) / 2.0)[inverse]
+
+
+def delong_placements(y_true, score) -> tuple[float, np.ndarray, np.ndarray]:
+    """(AUROC, V10, V01): DeLong's structural components (placement values) of one score.
+
+    V10[i] = fraction of negatives scoring below positive i (ties count half); V01[j] = fraction of positives
+    scoring above negative j. AUROC = mean(V10) = mean(V01). Computed from midranks (Sun & Xu 2014,
+    "Fast implementation of DeLong's algorithm", IEEE SPL 21(11)): O(N log N) instead of O(m n).
+    """
+    y, s, _ = _binary_inputs(y_true, score, None)
+    positive, negative = s[y == 1], s[y == 0]
+    m, n = len(positive), len(negative)
+    if m == 0 or n == 0:
+        raise ValueError(f"DeLong needs both classes; got {m} positive and {n} negative cases")
+    combined = _midranks(np.r_[positive, negative])
+    v10 = (combined[:m] - _midranks(positive)) / n
+    v01 = 1.0 - (combined[m:] - _midranks(negative)) / m
+    return float(v10.mean()), v10, v01
+
+
+def delong_test(y_true, score_a, score_b) -> dict[str, float]:
+    """DeLong, DeLong & Clarke-Pearson (1988, Biometrics 44:837) test of AUROC(a) = AUROC(b), two scores of
+    the SAME cases (paired): var(A - B) = (S10_aa + S10_bb - 2 S10_ab) / m + (S01_aa + S01_bb - 2 S01_ab) / n
+    with S10 / S01 the sample covariances (ddof 1) of the placement values over the m positives / n negatives.
+
+    Returns {"auroc_a", "auroc_b", "difference", "se", "z", "p_value"} (two-sided normal p-value). When the
+    variance is 0 (e.g. identical scores, or both perfect) z is NaN and p is 1 if the AUROCs are equal, NaN if
+    not. Cases are assumed independent (one image per patient, as in the TB sets).
+    """
+    auc_a, v10_a, v01_a = delong_placements(y_true, score_a)
+    auc_b, v10_b, v01_b = delong_placements(y_true, score_b)
+    m, n = len(v10_a), len(v01_a)
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong's variance needs at least 2 cases of each class; got {m} positive, {n} negative")
+    s10, s01 = np.cov(np.stack([v10_a, v10_b])), np.cov(np.stack([v01_a, v01_b]))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    difference = auc_a - auc_b
+    se = float(np.sqrt(max(variance, 0.0)))
+    if se > 1e-15:
+        z = difference / se
+        p = float(math.erfc(abs(z) / math.sqrt(2.0)))  # 2 (1 - Phi(|z|))
+    else:
+        z, p = float("nan"), 1.0 if abs(difference) < 1e-15 else float("nan")
+    return {"auroc_a": auc_a, "auroc_b": auc_b, "difference": float(difference), "se": se, "z": float(z),
+            "p_value": p}
+
+
+def holm_adjust(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control) for one family of tests.
+
+    Sorted ascending, p_(i) becomes max_{j <= i} min(1, (m - j + 1) p_(j)); reject where adjusted <= alpha.
+    NaN p-values are left out of the family (m counts the others) and stay NaN.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    defined = np.flatnonzero(~np.isnan(p))
+    order = defined[np.argsort(p[defined], kind="stable")]
+    m = len(order)
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

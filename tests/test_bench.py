@@ -31,7 +31,7 @@ def last_json(text: str) -> dict:
 # --- the entry point ------------------------------------------------------------------------------------------
 
 def test_every_mode_is_a_module_with_main_and_listed_once_in_the_readme():
-    assert list(MODES) == ["train", "loop", "data", "probe"]
+    assert list(MODES) == ["train", "loop", "data", "probe", "predict"]
     for mode in MODES:
         assert callable(importlib.import_module(f"metachex_jax.bench.{mode}").main)
     readme = open(os.path.join(REPO, "README.md")).read()
@@ -158,3 +158,16 @@ def test_probe_runs_the_cross_validated_probe_and_its_references(capsys):
     assert result["probe_oof_auroc"] > 0.7  # the planted signal is found
     assert result["probe_s"] > 0 and result["sklearn_s_per_fold"] > 0 and result["extract_img_per_s"] > 0
     assert last_json(capsys.readouterr().out) == result
+
+
+# --- predict: inference ---------------------------------------------------------------------------------------
+
+def test_predict_mode_reports_forward_files_and_gradcam():
+    from metachex_jax.bench import predict as predict_bench
+
+    out = io.StringIO()
+    figures = predict_bench.run("densenet_tiny", batch=4, image_size=32, steps=2, files=6, torch=HAS_TORCH, out=out)
+    assert last_json(out.getvalue()) == json.loads(json.dumps(figures))
+    for key in ("forward_img_per_s", "files_img_per_s", "files_ratio", "gradcam_s_per_image", "gradcam_vs_forward"):
+        assert figures[key] > 0, key
+    assert ("ratio_vs_torch" in figures) == HAS_TORCH

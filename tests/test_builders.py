@@ -165,13 +165,20 @@ def test_undecodable_images_fail_the_build_naming_each_and_leave_nothing(tmp_pat
 def test_tb_skip_bad_reports_disagreements_and_flags(tmp_path):
     tree = make_tb_tree(tmp_path / "raw", "montgomery")
     ids = sorted(tree.values)
-    tree.write_reading(ids[0], "Patient's Sex: M\nPatient's Age: 040Y\npulmonary TB, cavitation\n")  # label 0
+    old_tb = "old healed TB in the right apex, no active disease"
+    tree.write_reading(ids[0], f"Patient's Sex: M\nPatient's Age: 040Y\n{old_tb}\n")  # label 0: a flag
     tree.write_reading(ids[1], "Patient's Sex: ?\nPatient's Age: unknown\nnormal\n")  # flags only
+    tree.write_reading(ids[-1], "Patient's Sex: F \nPatient's Age: 027Y\nnormal\n")  # label 1: a contradiction
     result = build("montgomery", tmp_path / "raw", tmp_path / "out", skip_bad=True)
-    assert [(s["kind"], s["item"]) for s in result.report["skipped"]] == [("label_disagreement", ids[0])]
+    assert [(s["kind"], s["item"]) for s in result.report["skipped"]] == [("label_disagreement", ids[-1])]
     assert result.report["flags"]["unknown_sex"] == [ids[1]] and result.report["flags"]["invalid_age"] == [ids[1]]
+    # The TB mention in a normal reading is kept, flagged, and listed with its reading in the skip report.
+    assert result.report["flags"]["tb_mention_in_normal"] == [ids[0]]
+    assert result.report["flag_details"] == {"tb_mention_in_normal": {ids[0]: old_tb}}
+    assert f"tb_mention_in_normal {ids[0]}: {old_tb!r}" in result.format()
     records = {r["image_id"].decode(): r for r in read_split("montgomery", tmp_path / "out", "train+validation+test")}
-    assert ids[0] not in records and records[ids[1]]["sex_male"] == -1 and not records[ids[1]]["age_valid"]
+    assert ids[-1] not in records and records[ids[1]]["sex_male"] == -1 and not records[ids[1]]["age_valid"]
+    assert records[ids[0]]["tb"] == 0 and records[ids[0]]["reading"].decode() == old_tb
 
 
 KILL_SCRIPT = """

@@ -418,3 +418,208 @@ def test_evaluate_multitask_reports_every_problem():
     assert "sex_male:" in str(e.value) and "age:" in str(e.value)
     with pytest.raises(ValueError, match="patient_id"):
         metrics.evaluate_multitask({k: v for k, v in p.items() if k != "patient_id"})
+
+
+# -------------------- DeLong, Holm, paired bootstrap
+
+def delong_by_pairs(y, a, b):
+    """DeLong et al. (1988) written out from the definition, independently of metrics.delong_test: the
+    pairwise kernel psi(pos, neg) = 1 / 0.5 / 0 for every (positive, negative) pair, placement values as its
+    row and column means, and the contrast (1, -1) of their covariance matrices."""
+    y = np.asarray(y)
+
+    def kernel(s):
+        d = np.asarray(s, float)[y == 1][:, None] - np.asarray(s, float)[y == 0][None, :]
+        return (d > 0) + 0.5 * (d == 0)
+
+    ka, kb = kernel(a), kernel(b)
+    m, n = ka.shape
+    contrast = np.array([1.0, -1.0])
+    s10 = np.cov(np.stack([ka.mean(1), kb.mean(1)]))
+    s01 = np.cov(np.stack([ka.mean(0), kb.mean(0)]))
+    variance = contrast @ s10 @ contrast / m + contrast @ s01 @ contrast / n
+    z = (ka.mean() - kb.mean()) / np.sqrt(variance)
+    return ka.mean(), kb.mean(), np.sqrt(variance), 2 * scipy.stats.norm.sf(abs(z))
+
+
+def test_delong_hand_example():
+    # Positives 0.9, 0.6 (a) / 0.8, 0.2 (b); negatives 0.7, 0.1 (a) / 0.5, 0.3 (b).
+    # a: V10 = (1, 1/2), V01 = (1/2, 1), AUROC 3/4.  b: V10 = (1, 0), V01 = (1/2, 1/2), AUROC 1/2.
+    # S10: var_a 1/8, var_b 1/2, cov 1/4;  S01: var_a 1/8, var_b 0, cov 0.
+    # var(A - B) = (1/8 + 1/2 - 1/2) / 2 + (1/8 + 0 - 0) / 2 = 1/8;  z = (1/4) / sqrt(1/8) = 0.7071
+    out = metrics.delong_test([1, 1, 0, 0], [0.9, 0.6, 0.7, 0.1], [0.8, 0.2, 0.5, 0.3])
+    assert out["auroc_a"] == 0.75 and out["auroc_b"] == 0.5 and out["difference"] == 0.25
+    assert out["se"] == pytest.approx(np.sqrt(1 / 8), abs=1e-15)
+    assert out["z"] == pytest.approx(1 / np.sqrt(2), abs=1e-12)
+    assert out["p_value"] == pytest.approx(2 * scipy.stats.norm.sf(1 / np.sqrt(2)), abs=1e-12)  # 0.4795
+
+
+@pytest.mark.parametrize("n_levels", [None, 4])
+def test_delong_matches_pairwise_definition_and_sklearn_auroc(n_levels):
+    rng = np.random.default_rng(7)
+    for n in (12, 80, 400):
+        y, a = binary_case(rng, n, n_levels)
+        b = a + rng.normal(size=n) * 1.5 if n_levels is None else rng.integers(0, n_levels, n) + y
+        out = metrics.delong_test(y, a, b)
+        auc_a, auc_b, se, p = delong_by_pairs(y, a, b)
+        assert out["auroc_a"] == pytest.approx(skm.roc_auc_score(y, a), abs=1e-12) == pytest.approx(auc_a)
+        assert out["auroc_b"] == pytest.approx(auc_b, abs=1e-12)
+        assert out["se"] == pytest.approx(se, rel=1e-9)
+        assert out["p_value"] == pytest.approx(p, rel=1e-9, abs=1e-15)
+
+
+def test_delong_identical_scores_and_null_calibration():
+    rng = np.random.default_rng(3)
+    y, a = binary_case(rng, 50)
+    same = metrics.delong_test(y, a, a)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        metrics.delong_test(np.ones(5), a[:5], a[:5])
+    # Under the null (two scores equally informative, independent noise) about 5% of tests reject at 0.05.
+    rejections = 0
+    for _ in range(300):
+        y = rng.integers(0, 2, 120)
+        signal = rng.normal(size=120) + y
+        rejections += metrics.delong_test(y, signal + rng.normal(size=120), signal + rng.normal(size=120))[
+            "p_value"] < 0.05
+    assert 0.02 <= rejections / 300 <= 0.09
+
+
+def test_holm_adjust_hand_example():
+    # Sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.06 for the last.
+    np.testing.assert_allclose(metrics.holm_adjust([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(metrics.holm_adjust([0.5, np.nan, 0.4]), [0.8, np.nan, 0.8])
+    assert metrics.holm_adjust([0.9, 0.8]).max() == 1.0
+
+
+def test_paired_bootstrap_difference_equals_explicit_resampling_with_sklearn():
+    rng = np.random.default_rng(11)
+    y, a = binary_case(rng, 60)
+    b = a + rng.normal(size=60)
+    groups = np.arange(60)
+    out = metrics.paired_bootstrap_difference(metrics.roc_auc, y, a, b, groups=groups, n_boot=200, seed=5)
+    assert out["value"] == pytest.approx(skm.roc_auc_score(y, a) - skm.roc_auc_score(y, b), abs=1e-12)
+    # The same resamples, drawn explicitly: both scores of every resample see the same patients.
+    explicit = []
+    for w in metrics.iter_group_bootstrap_weights(groups, 200, 5):
+        for column in w.T:
+            rows = np.repeat(np.arange(60), column.astype(int))
+            if len(set(y[rows])) == 2:
+                explicit.append(skm.roc_auc_score(y[rows], a[rows]) - skm.roc_auc_score(y[rows], b[rows]))
+    low, high = np.percentile(explicit, [2.5, 97.5])
+    assert (out["ci_low"], out["ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    explicit = np.asarray(explicit)
+    assert out["p_two_sided"] == pytest.approx(min(1, 2 * min(np.mean(explicit <= 0), np.mean(explicit >= 0))))
+
+
+def test_paired_bootstrap_ci_agrees_with_scipy_bootstrap():
+    rng = np.random.default_rng(12)
+    y, a = binary_case(rng, 150)
+    b = 0.5 * a + rng.normal(size=150)
+    ours = metrics.paired_bootstrap_difference(metrics.roc_auc, y, a, b, groups=np.arange(150), n_boot=4000,
+                                               seed=0)
+    def auroc_by_ranks(yy, ss):  # Mann-Whitney from scipy's midranks, vectorised over resamples (last axis)
+        ranks = scipy.stats.rankdata(ss, axis=-1)
+        m = yy.sum(-1)
+        n = yy.shape[-1] - m
+        return ((ranks * yy).sum(-1) - m * (m + 1) / 2) / (m * n)
+
+    reference = scipy.stats.bootstrap(
+        (y, a, b), lambda yy, aa, bb, axis: auroc_by_ranks(yy, aa) - auroc_by_ranks(yy, bb), paired=True,
+        vectorized=True, n_resamples=4000, method="percentile", random_state=1).confidence_interval
+    # Different random resamples: the intervals agree to Monte-Carlo precision.
+    assert ours["ci_low"] == pytest.approx(reference.low, abs=0.015)
+    assert ours["ci_high"] == pytest.approx(reference.high, abs=0.015)
+    # Pairing matters: the paired interval is narrower than one from independent resamples of each score.
+    a_dist = metrics.bootstrap_distribution(metrics.roc_auc, y, a, groups=np.arange(150), n_boot=4000, seed=1)
+    b_dist = metrics.bootstrap_distribution(metrics.roc_auc, y, b, groups=np.arange(150), n_boot=4000, seed=2)
+    unpaired = np.percentile(a_dist - b_dist, [2.5, 97.5])
+    assert ours["ci_high"] - ours["ci_low"] < unpaired[1] - unpaired[0]
+
+
+# -------------------- operating points
+
+OP_Y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+OP_SCORE = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.35, 0.5, 0.7, 0.8, 0.9])
+
+
+def test_operating_points_hand_example():
+    # Positives 0.9 0.8 0.7 0.5 0.35; negatives 0.6 0.4 0.3 0.2 0.1.
+    assert metrics.threshold_at_sensitivity(OP_Y, OP_SCORE, 0.8) == 0.5  # 4 of 5 positives >= 0.5
+    assert metrics.threshold_at_sensitivity(OP_Y, OP_SCORE, 0.9) == 0.35  # needs all 5
+    assert metrics.threshold_at_specificity(OP_Y, OP_SCORE, 0.8) == 0.5  # 0.6 is the one false positive
+    assert metrics.threshold_at_specificity(OP_Y, OP_SCORE, 1.0) == 0.7
+    assert metrics.specificity_at_sensitivity(OP_Y, OP_SCORE, 0.8) == pytest.approx(0.8)
+    assert metrics.specificity_at_sensitivity(OP_Y, OP_SCORE, 0.9) == pytest.approx(0.6)  # 0.3 0.2 0.1 below 0.35
+    assert metrics.sensitivity_at_specificity(OP_Y, OP_SCORE, 0.7) == pytest.approx(0.8)
+    assert metrics.sensitivity_at_specificity(OP_Y, OP_SCORE, 1.0) == pytest.approx(0.6)
+    # The chosen thresholds give at least the target on the data they were chosen on.
+    assert metrics.sensitivity(OP_Y, OP_SCORE, 0.35) == 1.0 and metrics.specificity(OP_Y, OP_SCORE, 0.5) == 0.8
+    # Only "nothing positive" keeps the specificity: the threshold sits just above the highest score.
+    t = metrics.threshold_at_specificity([1, 0], [0.1, 0.9], 0.7)
+    assert t > 0.9 and metrics.specificity([1, 0], [0.1, 0.9], t) == 1.0
+    with pytest.raises(ValueError, match="needs positives"):
+        metrics.threshold_at_sensitivity([0, 0], [0.1, 0.2], 0.9)
+
+
+def test_oracle_operating_points_match_sklearn_curve_and_batch():
+    rng = np.random.default_rng(4)
+    for n_levels in (None, 6):
+        y, score = binary_case(rng, 300, n_levels)
+        fpr, tpr, _ = skm.roc_curve(y, score, drop_intermediate=False)
+        assert metrics.specificity_at_sensitivity(y, score, 0.9) == pytest.approx(np.max(1 - fpr[tpr >= 0.9]))
+        assert metrics.sensitivity_at_specificity(y, score, 0.7) == pytest.approx(np.max(tpr[1 - fpr >= 0.7]))
+        w = rng.integers(0, 3, (300, 5)).astype(float)
+        w[:2] = 1
+        batched = metrics.specificity_at_sensitivity(y, score, 0.9, weight_mask=w)
+        one_by_one = [metrics.specificity_at_sensitivity(y, score, 0.9, weight_mask=w[:, b]) for b in range(5)]
+        np.testing.assert_allclose(batched, one_by_one)
+        batched = metrics.sensitivity_at_specificity(y, score, 0.7, weight_mask=w)
+        np.testing.assert_allclose(batched, [metrics.sensitivity_at_specificity(y, score, 0.7, weight_mask=w[:, b])
+                                             for b in range(5)])
+    assert np.isnan(metrics.specificity_at_sensitivity([1, 1], [0.2, 0.3], 0.9))
+
+
+def test_roc_band_equals_explicit_resampling():
+    rng = np.random.default_rng(5)
+    y, score = binary_case(rng, 40, 8)
+    grid = np.linspace(0, 1, 11)
+    low, high = metrics.roc_band(y, score, groups=np.arange(40), fpr_grid=grid, n_boot=100, seed=3)
+    curves = []
+    for w in metrics.iter_group_bootstrap_weights(np.arange(40), 100, 3):
+        for column in w.T:
+            rows = np.repeat(np.arange(40), column.astype(int))
+            if len(set(y[rows])) == 2:
+                fpr, tpr, _ = skm.roc_curve(y[rows], score[rows], drop_intermediate=False)
+                curves.append([tpr[fpr <= g + 1e-12].max() for g in grid])
+    np.testing.assert_allclose(low, np.percentile(curves, 2.5, axis=0))
+    np.testing.assert_allclose(high, np.percentile(curves, 97.5, axis=0))
+    assert np.all(low <= high)
+
+
+# -------------------- calibration
+
+def test_calibration_hand_example_and_sklearn():
+    # Bin 0 holds 0.05 (y 0) and 0.05 (y 1): |1 - 0.1| = 0.9; bin 9 holds two 0.95 with y 1: |2 - 1.9| = 0.1.
+    assert metrics.expected_calibration_error([0, 1, 1, 1], [0.05, 0.05, 0.95, 0.95]) == pytest.approx(0.25)
+    assert metrics.brier_score([0, 1], [0.0, 0.5]) == pytest.approx(0.125)
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(6)
+    prob = rng.random(500)
+    y = (rng.random(500) < prob ** 1.5).astype(int)
+    assert metrics.brier_score(y, prob) == pytest.approx(skm.brier_score_loss(y, prob), abs=1e-12)
+    observed, predicted = calibration_curve(y, prob, n_bins=10, strategy="uniform")
+    curve = metrics.reliability_curve(y, prob, n_bins=10)
+    np.testing.assert_allclose(curve["observed"], observed)
+    np.testing.assert_allclose(curve["mean_predicted"], predicted)
+    counts = np.asarray(curve["count"])
+    assert metrics.expected_calibration_error(y, prob) == pytest.approx(
+        np.sum(counts / 500 * np.abs(observed - predicted)), abs=1e-12)
+    w = rng.integers(0, 3, (500, 4)).astype(float)
+    np.testing.assert_allclose(metrics.expected_calibration_error(y, prob, weight_mask=w),
+                               [metrics.expected_calibration_error(np.repeat(y, w[:, b].astype(int)),
+                                                                   np.repeat(prob, w[:, b].astype(int)))
+                                for b in range(4)])
+    with pytest.raises(ValueError, match=r"\[0, 1\].*1: 1.5"):
+        metrics.brier_score([0, 1], [0.2, 1.5])

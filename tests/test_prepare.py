@@ -76,10 +76,10 @@ def test_main_builds_and_prints_the_read_call(tmp_path, capsys):
 
 def test_main_reports_raw_problems_and_exits_1(tmp_path, capsys):
     tree = make_tb_tree(tmp_path, "shenzhen", n_normal=4, n_tb=4)
-    normal_id = sorted(tree.values)[0]
-    tree.write_reading(normal_id, "male 30yrs\nTB in the right apex\n")
+    tb_id = sorted(tree.values)[-1]
+    tree.write_reading(tb_id, "male 30yrs\nnormal\n")
     assert prepare.main(["--dataset=shenzhen", f"--manual_dir={tmp_path}", f"--data_dir={tmp_path / 'out'}"]) == 1
-    assert f"[label_disagreement] {normal_id}:" in capsys.readouterr().err
+    assert f"[label_disagreement] {tb_id}:" in capsys.readouterr().err
     assert not (tmp_path / "out" / "shenzhen" / "r256" / str(builders.Shenzhen.VERSION)).exists()
 
 

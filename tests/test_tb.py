@@ -18,6 +18,9 @@ from metachex_jax.data.raw_common import RawDataError
     ("Male, 6 months", 1, 0.5),
     ("female 73days", 0, 73 / 365.25),
     ("male35yrs", 1, 35.0),
+    ("female 1yrs", 0, 1.0),  # verbatim forms from the real Shenzhen readings
+    ("femal 32yrs", 0, 32.0),
+    ("male 16month", 1, 16 / 12),
     ("male 35", 1, None),  # no unit: unparseable, not guessed
     ("unknown 35yrs", -1, 35.0),
     ("", -1, None),
@@ -30,6 +33,7 @@ def test_shenzhen_first_line(line, sex, age):
 
 @pytest.mark.parametrize("text,sex,age", [
     ("Patient's Sex: M\nPatient's Age: 035Y\nnormal", 1, 35.0),
+    ("Patient's Sex: F \nPatient's Age: 027Y\nnormal", 0, 27.0),  # verbatim, trailing space included
     ("Patient's Sex: F\nPatient's Age: 018M\nnormal", 0, 1.5),
     ("Patient's Sex: O\nPatient's Age: 0XXY\nnormal", -1, None),
 ])
@@ -61,7 +65,8 @@ def test_unparseable_readings_are_flagged_not_guessed(tmp_path):
     tree.write_reading(ids[2], "male 300yrs\nnormal\n")  # implausible age
     tree.reading_path(ids[3]).unlink()
     raw = tb.load_tb(tmp_path, "shenzhen")
-    assert raw.flags == {"unknown_sex": [ids[0], ids[3]], "invalid_age": ids[:4], "missing_reading": [ids[3]]}
+    assert raw.flags == {"unknown_sex": [ids[0], ids[3]], "invalid_age": ids[:4], "missing_reading": [ids[3]],
+                         "tb_mention_in_normal": []}
     records = {r.image_id: r for r in raw.records}
     assert records[ids[0]].sex_male == -1 and records[ids[0]].age == 0.0 and not records[ids[0]].age_valid
     assert records[ids[1]].sex_male == 0 and not records[ids[1]].age_valid
@@ -70,38 +75,77 @@ def test_unparseable_readings_are_flagged_not_guessed(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", ["shenzhen", "montgomery"])
-def test_reading_disagreeing_with_label_is_an_error_or_skipped(tmp_path, dataset):
+def test_tb_image_read_as_normal_is_an_error_or_skipped(tmp_path, dataset):
     tree = make_tb_tree(tmp_path, dataset)
-    normal_id = sorted(i for i in tree.values if i.endswith("_0"))[1]
     tb_id = sorted(i for i in tree.values if i.endswith("_1"))[2]
-    header = "\n".join(tree.readings[normal_id].splitlines()[:-1])
-    tree.write_reading(normal_id, header + "\nsecondary tuberculosis, right upper lobe\n")
     header = "\n".join(tree.readings[tb_id].splitlines()[:-1])
     tree.write_reading(tb_id, header + "\nNormal.\n")
     with pytest.raises(RawDataError) as error:
         tb.load_tb(tmp_path, dataset)
-    assert f"[label_disagreement] {normal_id}:" in str(error.value)
     assert f"[label_disagreement] {tb_id}:" in str(error.value)
     raw = tb.load_tb(tmp_path, dataset, skip_bad=True)
-    expected = {("label_disagreement", normal_id), ("label_disagreement", tb_id)}
-    assert {(p.kind, p.item) for p in raw.problems} == expected
-    assert not {normal_id, tb_id} & {r.image_id for r in raw.records}
+    assert {(p.kind, p.item) for p in raw.problems} == {("label_disagreement", tb_id)}
+    assert tb_id not in {r.image_id for r in raw.records}
 
 
+@pytest.mark.parametrize("dataset", ["shenzhen", "montgomery"])
+def test_tb_mention_in_a_normal_reading_is_a_flag_with_its_text(tmp_path, dataset):
+    tree = make_tb_tree(tmp_path, dataset)
+    normal_ids = sorted(i for i in tree.values if i.endswith("_0"))
+    texts = {normal_ids[1]: "calcified granuloma; old tuberculosis",
+             normal_ids[2]: "TB is not seen",  # negated after the word: nothing to flag
+             normal_ids[3]: "no evidence of active TB"}
+    for image_id, text in texts.items():
+        header = "\n".join(tree.readings[image_id].splitlines()[:-1])
+        tree.write_reading(image_id, f"{header}\n{text}\n")
+    raw = tb.load_tb(tmp_path, dataset)  # no error
+    assert raw.problems == [] and len(raw.records) == len(tree.values)
+    assert raw.flags["tb_mention_in_normal"] == [normal_ids[1]]
+    assert raw.flag_details == {"tb_mention_in_normal": {normal_ids[1]: texts[normal_ids[1]]}}
+
+
+# Findings of TB-labelled images, verbatim from the real sets, and TB mentions in normal ones.
 @pytest.mark.parametrize("reading,tb_label,contradicts", [
     ("normal", 1, True),
     ("Normal.", 1, True),
+    (" normal \n", 1, True),
     ("normal", 0, False),
-    ("PTB in the left upper field", 0, True),
-    ("calcified granuloma; old tuberculosis", 0, True),
-    ("no evidence of active TB", 0, False),
-    ("clear lungs, negative for tuberculosis", 0, False),
-    ("calcified nodule", 0, False),
-    ("STB in the right upper field", 1, False),
+    ("STB", 1, False),
+    ("PTB in the left upper field", 1, False),
+    ("secondary PTB  in the right upper field", 1, False),
+    ("bilateral PTB ?right pleurisy with pleural effusion", 1, False),
+    ("1.secondary PTB ...; 2.small tuberculoma; 3.right pleural thickening and adhesions", 1, False),
+    ("right upper pneumonia", 1, False),
     ("", 1, False),
+    ("PTB in the left upper field", 0, False),  # a flag (mentions_tb), never a contradiction
+    ("calcified granuloma; old tuberculosis", 0, False),
 ])
 def test_reading_label_agreement_rule(reading, tb_label, contradicts):
     assert tb.reading_contradicts_label(reading, tb_label) is contradicts
+
+
+@pytest.mark.parametrize("reading,mentions", [
+    ("STB", True),
+    ("PTB in the left upper field", True),
+    ("secondary PTB  in the right upper field", True),
+    ("bilateral PTB ?right pleurisy with pleural effusion", True),
+    ("1.secondary PTB ...; 2.small tuberculoma; 3.right pleural thickening and adhesions", True),
+    ("old healed TB in the right apex", True),
+    ("calcified granuloma; old tuberculosis", True),
+    ("no active TB; old healed TB", True),  # the second clause affirms it
+    ("TB cannot be excluded", True),
+    ("TB not excluded", True),
+    ("TB is not seen", False),
+    ("TB not seen", False),
+    ("tuberculosis: negative", False),
+    ("no evidence of active TB", False),
+    ("clear lungs, negative for tuberculosis", False),
+    ("right upper pneumonia", False),
+    ("normal", False),
+    ("stable appearance", False),  # "stb" only as a word
+])
+def test_mentions_tb(reading, mentions):
+    assert tb.mentions_tb(reading) is mentions
 
 
 def test_bad_names_duplicates_and_orphan_readings(tmp_path):

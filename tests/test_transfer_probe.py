@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
-from metachex_jax.transfer import probe, protocols, report
+from metachex_jax import metrics
+from metachex_jax.transfer import paired, probe, protocols, report
 from metachex_jax.transfer.tb_data import TbSet
 
 
@@ -24,9 +25,9 @@ def test_solver_matches_sklearn(l2):
     x, y = toy_features()
     z = (x - x.mean(0)) / x.std(0)
     u, s, vt = np.linalg.svd(z, full_matrices=False)
-    coef, bias, iterations = probe.fit_logistic(u * s, y, np.ones((1, len(y))), np.array([l2]), tol=1e-7,
-                                                max_iter=2000)
-    assert iterations[0] < 2000
+    coef, bias, iterations, converged = probe.fit_logistic(u * s, y, np.ones((1, len(y))), np.array([l2]),
+                                                           tol=1e-7, max_iter=2000)
+    assert iterations[0] < 2000 and converged[0]
     reference = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-12, max_iter=10000).fit(z, y)
     np.testing.assert_allclose(vt.T @ coef[0], reference.coef_[0], atol=1e-5 * max(1, np.abs(reference.coef_).max()))
     assert bias[0] == pytest.approx(reference.intercept_[0], abs=1e-5)
@@ -55,6 +56,20 @@ def test_fit_probe_chooses_by_inner_cv_and_is_deterministic():
     assert roc_auc_score(y[test], a.test_prob) > 0.8
     with pytest.raises(ValueError, match=r"single class \(150 normal, 0 TB\)"):
         probe.fit_probe(x[train], np.zeros(150, np.int64), x[test], settings)
+
+
+def test_probe_that_hits_its_iteration_limit_says_so():
+    x, y = toy_features(n=120, d=40, seed=2)
+    train, test = np.arange(120) < 90, np.arange(120) >= 90
+    settings = probe.ProbeSettings(inner_folds=3, l2_grid=(1e-3, 1.0), max_iter=2, tol=1e-9)
+    stopped = probe.fit_probe(x[train], y[train], x[test], settings)
+    assert not stopped.converged and stopped.iterations == 2
+    assert [u["l2"] for u in stopped.unconverged] == [1e-3, 1.0]
+    assert all(1 <= u["problems"] <= 4 for u in stopped.unconverged)  # of 3 inner folds + the refit
+    done = probe.fit_probe(x[train], y[train], x[test], probe.ProbeSettings(inner_folds=3, l2_grid=(1e-3, 1.0)))
+    assert done.converged and done.unconverged == [] and done.iterations < 500
+    # The threshold scores are the inner out-of-fold probabilities of the training rows.
+    assert done.train_oof_prob.shape == (90,) and roc_auc_score(y[train], done.train_oof_prob) > 0.7
 
 
 def test_inner_folds_stratified_and_deterministic():
@@ -89,10 +104,61 @@ def test_cell_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 80)
     cols = {"tb": y, "prob": np.clip(0.3 * y + rng.random(80) * 0.7, 0, 1), "fold": np.arange(80) % 4}
-    cols["margin"] = cols["prob"] - np.where(cols["fold"] < 2, 0.5, 0.4)
-    cell = report.cell_metrics(cols, n_boot=50, seed=0)
+    for name, low, high in (("", 0.5, 0.4), ("_sens", 0.2, 0.25), ("_spec", 0.6, 0.55)):
+        cols["margin" + name] = cols["prob"] - np.where(cols["fold"] < 2, low, high)
+    screening = {"sensitivity": 0.9, "specificity": 0.7}
+    cell = report.cell_metrics(cols, n_boot=50, seed=0, screening=screening)
     assert cell["auroc"]["value"] == pytest.approx(roc_auc_score(y, cols["prob"]), abs=1e-12)
     assert cell["specificity"]["value"] == pytest.approx(np.mean(cols["margin"][y == 0] < 0), abs=1e-12)
     for f in range(4):
         rows = cols["fold"] == f
         assert cell["per_fold_auroc"][str(f)] == pytest.approx(roc_auc_score(y[rows], cols["prob"][rows]))
+    # Operating points: each split's own threshold, applied to its held-out images.
+    points = cell["operating_points"]
+    sens = np.mean(cols["margin_sens"][y == 1] >= 0)
+    spec = np.mean(cols["margin_sens"][y == 0] < 0)
+    assert points["at_sensitivity_target"]["sensitivity"]["value"] == pytest.approx(sens, abs=1e-12)
+    assert points["at_sensitivity_target"]["specificity"]["value"] == pytest.approx(spec, abs=1e-12)
+    assert points["at_sensitivity_target"]["who_met_point"] == (sens >= 0.9 and spec >= 0.7)
+    lower = points["at_specificity_target"]
+    assert lower["who_met_lower_bound"] == (lower["sensitivity"]["ci_low"] >= 0.9 and lower["specificity"]["ci_low"] >= 0.7)
+    fpr, tpr, _ = roc_curve(y, cols["prob"], drop_intermediate=False)
+    oracle = points["oracle"]
+    assert oracle["specificity_at_sensitivity_target"]["value"] == pytest.approx(np.max(1 - fpr[tpr >= 0.9]))
+    assert oracle["sensitivity_at_specificity_target"]["value"] == pytest.approx(np.max(tpr[1 - fpr >= 0.7]))
+    assert cell["calibration"]["brier"]["value"] == pytest.approx(brier_score_loss(y, cols["prob"]), abs=1e-12)
+    band = cell["roc_band"]
+    assert np.all(np.asarray(band["tpr_low"]) <= np.asarray(band["tpr_high"]))
+
+
+def test_choose_thresholds_come_from_the_training_scores_only():
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.35, 0.5, 0.7, 0.8, 0.9])
+    t = report.choose_thresholds(y, score, {"sensitivity": 0.8, "specificity": 0.8})
+    assert t == {"youden": 0.5, "sens": 0.5, "spec": 0.5}
+    t = report.choose_thresholds(y, score, {"sensitivity": 1.0, "specificity": 1.0})
+    assert t["sens"] == 0.35 and t["spec"] == 0.7
+
+
+def test_paired_comparisons_use_common_images_and_holm():
+    rng = np.random.default_rng(1)
+    n = 120
+    y = np.arange(n) % 2
+    good = y + rng.normal(size=n) * 0.6
+    cells = {}
+    for key, score, keep in (("strong/probe", good, np.ones(n, bool)), ("weak/probe", rng.normal(size=n), np.ones(n, bool)),
+                             ("strong/finetune", good + rng.normal(size=n) * 0.1, np.arange(n) < 60)):
+        cells[key] = {"dataset": np.array(["shenzhen"] * keep.sum()), "image_id": np.array([f"i{i}" for i in np.flatnonzero(keep)]),
+                      "tb": y[keep], "prob": score[keep]}
+    out = paired.paired_comparisons(cells, n_boot=200, seed=0)
+    assert [(c["a"], c["b"]) for c in out] == [("strong/probe", "weak/probe"), ("strong/probe", "strong/finetune"),
+                                               ("weak/probe", "strong/finetune")]
+    first = out[0]
+    assert first["n_images"] == n and first["wins"] == "strong/probe" and first["difference"]["ci_low"] > 0
+    assert first["delong"]["difference"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, cells["weak/probe"]["prob"]))
+    assert out[1]["n_images"] == 60  # only the images both cells predicted
+    assert out[1]["auroc_a"] == pytest.approx(roc_auc_score(y[:60], good[:60]))
+    assert out[2]["wins"] == "strong/finetune"
+    raw = [c["delong"]["p_value"] for c in out]
+    np.testing.assert_allclose([c["p_holm"] for c in out], metrics.holm_adjust(raw))
+

@@ -15,12 +15,16 @@ import pytest
 from flax import nnx
 from sklearn.metrics import roc_auc_score
 
-from metachex_jax import config_lib, reports, train
+from data_fixtures import make_tb_tree
+from metachex_jax import config_lib, reports, train, train_state
 from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.data import pipeline
 from metachex_jax.preprocessing import to_model_input
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols, run, tb_data, weights
+from metachex_jax.transfer import report as report_lib
+from metachex_jax.transfer.finetune import Finetuner, TbClassifier
+from metachex_jax.transfer.tb_data import RecordSubset
 
 DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=0, size=64)
 ARCH, RES = "densenet_tiny", 32
@@ -70,7 +74,8 @@ def finished(setup, tmp_path_factory):
 def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     config, workdir, result = finished
     out = workdir / "report"
-    names = {"comparison.json", "comparison.md"} | {f"roc_{p}.png" for p in result["protocols"]}
+    names = {"comparison.json", "comparison.md"} | {f"{kind}_{p}.png" for p in result["protocols"]
+                                                     for kind in ("roc", "reliability")}
     assert names <= set(os.listdir(out))
     saved = json.loads((out / "comparison.json").read_text())
     assert set(saved["cells"]) == {"metachexnet/probe", "metachexnet/finetune", "random/probe", "random/finetune",
@@ -95,6 +100,24 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
             assert cell["n_images"] == full if (method == "probe" or "_to_" in protocol) else cell["n_images"] < full
     md = (out / "comparison.md").read_text()
     assert "metachexnet/probe" in md and "age MAE" in md
+    for heading in ("## Who wins (paired)", "## Screening operating points", "## Calibration", "Test-set oracle"):
+        assert heading in md
+    # Paired comparisons: every pair of cells per protocol, on the images both predicted, Holm within the protocol.
+    for protocol in protocols.PROTOCOLS:
+        comparisons = saved["paired"][protocol]
+        assert len(comparisons) == 10  # 5 cells
+        for c in comparisons:
+            n_a, n_b = (saved["cells"][c[k]][protocol]["n_images"] for k in ("a", "b"))
+            assert c["n_images"] == min(n_a, n_b)
+            assert c["wins"] in (None, c["a"], c["b"])
+            assert (c["wins"] is not None) == (c["difference"]["ci_low"] > 0 or c["difference"]["ci_high"] < 0)
+            assert c["p_holm"] >= c["delong"]["p_value"]
+    # Fine-tuning: precise BatchNorm statistics from the fit images, the learning rates as written.
+    assert saved["finetune"] == {"bn_stats": "fit", "effective_lr": {"backbone": 1e-4, "tb_head": 1e-3},
+                                 "lr_scaling": "none", "global_batch": 8}
+    for protocol, extra in saved["details"]["metachexnet/finetune"].items():
+        assert extra["test_bn_stats"] == ["fit"] and all(b["validation"] > 0 for b in extra["bn_images"])
+    assert all(all(extra["converged"]) for extra in saved["details"]["metachexnet/probe"].values())
     # The MetaChexNet heads are evaluated on the TB sets, against the readings, masked where unknown.
     age_sex = saved["age_sex"]["metachexnet"]["shenzhen"]
     assert age_sex["n_age_known"] > 0 and age_sex["age_mae_years"]["value"] > 0
@@ -108,7 +131,7 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
     start = weights.load_start("random_bn", config.model, 0)
     model = start.model
     params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    assert features_lib.calibrate_batchnorm(model, source, image_size=RES, batch_size=8, max_images=24) == 24
+    assert features_lib.calibrate_batchnorm(model, source, kind="nih", image_size=RES, batch_size=8, max_images=24) == 24
     # Independently: the stem's BatchNorm now holds the average over the first 3 batches of conv0's batch
     # mean and (biased) variance per channel.
     means, variances = [], []
@@ -125,7 +148,7 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
     assert norm0.momentum == 0.9 and norm0.use_running_average
     with pytest.raises(ValueError, match=rf"no full batch of 64 images in {len(source)} records"):
-        features_lib.calibrate_batchnorm(model, source, image_size=RES, batch_size=64, max_images=64)
+        features_lib.calibrate_batchnorm(model, source, kind="nih", image_size=RES, batch_size=64, max_images=64)
 
 
 def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
@@ -233,3 +256,141 @@ def test_gs_workdir_and_feature_cache(finished, setup, fake_gcs):
     again = run.run(config, fake_gcs.url + "/tb2")  # read back from the gs:// cache
     assert all("(hit)" in k for k in again["timings"] if k.startswith("features") and k.endswith(" s"))
     assert again["cells"] == result["cells"]
+
+
+def test_init_from_is_required_unless_baselines_only(finished, setup, tmp_path):
+    config, _, result = finished
+    demo_dir, _ = setup
+    with pytest.raises(ValueError, match=r"config.init_from is empty.*baselines_only=True"):
+        run.start_specs(transfer_config(demo_dir, "", config.feature_cache_dir))
+    with pytest.raises(ValueError, match="baselines_only=True but config.init_from"):
+        run.start_specs(transfer_config(demo_dir, "/some/run", "", baselines_only=True))
+    baselines = transfer_config(demo_dir, "", config.feature_cache_dir, baselines_only=True, methods="probe",
+                                compare_with="random")
+    assert run.start_specs(baselines) == ["random"]
+    out = run.run(baselines, str(tmp_path))
+    assert set(out["cells"]) == {"random/probe"}
+    assert out["cells"]["random/probe"] == result["cells"]["random/probe"]
+
+
+def test_probe_at_its_iteration_limit_is_flagged_in_log_and_report(finished, setup, tmp_path, caplog):
+    config, _, _ = finished
+    demo_dir, pre = setup
+    capped = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe", compare_with="",
+                             protocols="cv_montgomery", **{"probe.max_iter": 1})
+    with caplog.at_level("WARNING"):
+        out = run.run(capped, str(tmp_path))
+    assert out["details"]["metachexnet/probe"]["cv_montgomery"]["converged"] == [False] * 3
+    assert len(out["notes"]) == 3 and all("stopped at probe.max_iter=1" in n for n in out["notes"])
+    assert sum("stopped at probe.max_iter=1" in r.getMessage() for r in caplog.records) == 3
+    assert "stopped at probe.max_iter=1" in (tmp_path / "report" / "comparison.md").read_text()
+
+
+def finetune_pieces(setup, **overrides):
+    demo_dir, pre = setup
+    config = transfer_config(demo_dir, pre, "", **overrides)
+    sets = tb_data.tb_sources(config)
+    return config, sets, Finetuner(config.finetune, image_size=RES, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tuning(setup):
+    """The test config's TB sets and Finetuner (its steps compiled once for the tests that share it)."""
+    return finetune_pieces(setup)
+
+
+def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tuning):
+    """Fails on the old behaviour (evaluation with the running averages training leaves behind)."""
+    config, sets, tuner = tuning
+    start = weights.load_start("random", config.model, 0)
+    split = protocols.check_protocol("cv_montgomery", sets, need_validation=True)[0]
+    out = tuner.run(start, split, sets)
+    fit = RecordSubset(sets["montgomery"].source, split.fit)
+    graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), tuner.tx)
+    model = nnx.merge(graphdef, out.state.params, out.state.batch_stats)
+    # Independently: the stem's BatchNorm holds the average over the fit images' full batches (of the training
+    # batch size) of conv0's batch mean and variance, for the fine-tuned conv0.
+    means, variances = [], []
+    with pipeline.eval_batches(fit, kind="tb", global_batch_size=8, image_size=RES) as batches:
+        for batch, _ in zip(batches, range(len(fit) // 8)):
+            y = np.asarray(model.backbone.conv0(to_model_input(jnp.asarray(batch["image"]))), np.float64)
+            means.append(y.mean((0, 1, 2)))
+            variances.append(y.var((0, 1, 2)))
+    assert out.bn_images == {"validation": 8 * (len(fit) // 8), "test": 8 * (len(fit) // 8)}
+    np.testing.assert_allclose(model.backbone.norm0.mean[...], np.mean(means, 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.backbone.norm0.var[...], np.mean(variances, 0), rtol=1e-3, atol=1e-6)
+    # And the test predictions are this model's, in eval mode.
+    model.eval()
+    test = RecordSubset(sets["montgomery"].source, split.test)
+    with pipeline.eval_batches(test, kind="tb", global_batch_size=len(test), image_size=RES) as batches:
+        expected = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(next(iter(batches))["image"])))))
+    np.testing.assert_allclose(out.test_prob, expected[:len(test)], rtol=1e-5, atol=1e-6)
+
+
+def test_random_bn_fine_tunes_to_exactly_random(tuning):
+    """random_bn differs from random in its BatchNorm statistics only; with the statistics recomputed before
+    every prediction, fine-tuning both gives identical predictions (before: the stale running statistics made
+    them differ), which is why random_bn stays a probe-only baseline."""
+    config, sets, tuner = tuning
+    random = weights.load_start("random", config.model, 0)
+    random_bn = weights.load_start("random_bn", config.model, 0)
+    features_lib.calibrate_batchnorm(random_bn.model, sets["shenzhen"].source, kind="tb", image_size=RES,
+                                     batch_size=8, max_images=32)
+    assert not np.allclose(random_bn.model.backbone.norm0.var[...], random.model.backbone.norm0.var[...])
+    for protocol in ("cv_montgomery", "montgomery_to_shenzhen"):
+        split = protocols.check_protocol(protocol, sets, need_validation=True)[0]
+        a, b = tuner.run(random, split, sets), tuner.run(random_bn, split, sets)
+        np.testing.assert_array_equal(a.test_prob, b.test_prob)
+        np.testing.assert_array_equal(a.val_prob, b.val_prob)
+        assert a.val_auroc == b.val_auroc
+
+
+def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuning):
+    config, sets, fit_tuner = tuning
+    _, _, target_tuner = finetune_pieces(setup, **{"finetune.bn_stats": "target"})
+    start = weights.load_start("random", config.model, 0)
+    cross = protocols.check_protocol("montgomery_to_shenzhen", sets, need_validation=True)[0]
+    on_fit, on_target = fit_tuner.run(start, cross, sets), target_tuner.run(start, cross, sets)
+    assert (on_fit.test_bn_stats, on_target.test_bn_stats) == ("fit", "target")
+    np.testing.assert_array_equal(on_fit.val_prob, on_target.val_prob)  # validation: the fit images either way
+    assert not np.allclose(on_fit.test_prob, on_target.test_prob)
+    assert on_target.bn_images["test"] == 8 * (len(sets["shenzhen"]) // 8)
+    # The adapted predictions are the kept weights' with statistics recomputed on the unlabelled test images.
+    test = RecordSubset(sets["shenzhen"].source, cross.test)
+    graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), fit_tuner.tx)
+    model = nnx.merge(graphdef, on_target.state.params, on_target.state.batch_stats)
+    features_lib.calibrate_batchnorm(model.backbone, test, kind="tb", image_size=RES, batch_size=8,
+                                     max_images=len(test))
+    model.eval()
+    with pipeline.eval_batches(test, kind="tb", global_batch_size=len(test), image_size=RES) as batches:
+        expected = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(next(iter(batches))["image"])))))
+    np.testing.assert_allclose(on_target.test_prob, expected[:len(test)], rtol=1e-5, atol=1e-6)
+    # Within a dataset the option changes nothing.
+    within = protocols.check_protocol("cv_montgomery", sets, need_validation=True)[0]
+    np.testing.assert_array_equal(fit_tuner.run(start, within, sets).test_prob,
+                                  target_tuner.run(start, within, sets).test_prob)
+    with pytest.raises(ValueError, match="finetune.bn_stats must be one of"):
+        finetune_pieces(setup, **{"finetune.bn_stats": "test"})
+
+
+def test_finetuning_learning_rates_as_written_or_reported(setup, tuning):
+    config, _, tuner = tuning
+    assert tuner.effective_lr == {"backbone": config.finetune.backbone_lr, "tb_head": config.finetune.head_lr}
+    _, _, scaled = finetune_pieces(setup, **{"finetune.optim.lr_scaling": "sqrt", "finetune.batch_size": 32})
+    assert scaled.effective_lr == pytest.approx({"backbone": 1e-4 * 2 ** 0.5, "tb_head": 1e-3 * 2 ** 0.5})
+
+
+def test_flagged_readings_reach_the_transfer_report(tmp_path):
+    """A normal image whose reading names TB is built, flagged in the skip report, and listed by the report."""
+    tree = make_tb_tree(tmp_path / "raw", "montgomery", n_normal=9, n_tb=6)
+    normal_id = sorted(i for i in tree.values if i.endswith("_0"))[0]
+    text = "calcified granuloma; old healed TB"
+    tree.write_reading(normal_id, f"Patient's Sex: F \nPatient's Age: 027Y\n{text}\n")
+    config = config_lib.transfer_config(f"arch={ARCH},res={RES}")
+    config.data.update(manual_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "tfds"), num_folds=3)
+    montgomery = tb_data.tb_sources(config, ("montgomery",))["montgomery"]
+    assert montgomery.flagged_readings == {normal_id: text}
+    result = {"protocols": [], "cells": {}, "screening": dict(config.screening), "calibration_bins": 10,
+              "timings": {}, "datasets": {"montgomery": {"flagged_readings": montgomery.flagged_readings}}}
+    md = report_lib.markdown(result)
+    assert "## Flagged readings" in md and f"| montgomery | {normal_id} | {text} |" in md

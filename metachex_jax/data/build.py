@@ -60,6 +60,10 @@ class BuildResult:
         lines += [f"    [{s['kind']}] {s['item']}: {s['detail']}" for s in skipped]
         for flag, items in self.report["flags"].items():
             lines.append(f"  flagged {flag}: {len(items)}" + (f" (e.g. {', '.join(items[:5])})" if items else ""))
+        for flag, details in self.report.get("flag_details", {}).items():
+            lines += [f"    {flag} {item}: {detail!r}" for item, detail in details.items()]
+        for depth in self.report.get("bit_depths", []):
+            lines.append(f"  bit depth {depth['bits']} ({depth['source']}): {depth['images']} images")
         lines.append(f"  skip report: {self.path / 'skip_report.json'}")
         data_dir = self.path.parent.parent.parent
         lines.append(f'  read: tfds.data_source("{self.tfds_name}", split="train", data_dir="{data_dir}")')

@@ -242,6 +242,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._pool = None
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
+        self._flag_details: dict[str, dict[str, str]] = {}  # kind -> {item: detail}, e.g. the reading text
         self._written: Counter = Counter()
         self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
         self._details: dict = {}  # dataset-specific facts for the report (label-table datasets)
@@ -274,7 +275,8 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._written, self._bit_depths = [], {}, Counter(), Counter()
+        self._problems, self._flags, self._flag_details = [], {}, {}
+        self._written, self._bit_depths = Counter(), Counter()
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             try:
                 super()._download_and_prepare(dl_manager, download_config)
@@ -302,6 +304,7 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "skipped": [{"kind": "...", "item": "...", "detail": "..."}, ...], # exactly what was left out, and why
      "skipped_counts": {"kind": n, ...},
      "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
+     "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}},  # what a flag is about
      "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...],  # the reader's decisions (images.py)
      "details": {...}}   # label-table datasets: label names, unmapped findings, excluded views, the split drawn
     """
@@ -317,6 +320,7 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
         "flags": builder._flags,
+        "flag_details": builder._flag_details,
         "bit_depths": [{"bits": bits, "source": source, "images": n}
                        for (bits, source), n in sorted(builder._bit_depths.items())],
     }
@@ -383,6 +387,13 @@ class Chestxray14(_RawImageBuilder):
 
 class _TbBuilder(_RawImageBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {
+        **_RawImageBuilder.RELEASE_NOTES,
+        "1.2.0": "Readings: 'femal' read as female; a normal image whose reading names TB (old or healed TB) is "
+                 "kept and flagged (tb_mention_in_normal, with its reading in the skip report) instead of being "
+                 "a label disagreement; negations after the word ('TB is not seen') understood.",
+    }
     SOURCE: tb.TbSource
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -411,7 +422,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
         raw = tb.load_tb(manual_dir, self.SOURCE.name, num_folds=config.num_folds, seed=config.seed,
                          skip_bad=self._skip_bad)
         self._problems += raw.problems
-        self._flags = raw.flags
+        self._flags, self._flag_details = raw.flags, raw.flag_details
         return {split: raw.split(split) for split in ("train", "validation", "test")}
 
     def _example(self, record: tb.TbRecord, image: np.ndarray) -> tuple[str, dict]:

@@ -3,24 +3,28 @@
 Layouts (datasets.md): `ChinaSet_AllFiles/CXR_png/CHNCXR_NNNN_L.png` and `MontgomerySet/CXR_png/MCUCXR_NNNN_L.png`,
 L = 0 normal / 1 TB, each with `ClinicalReadings/<same stem>.txt`. `manual_dir` is the set's folder or its parent.
 
-Clinical readings, parsed leniently and never guessed:
-- Shenzhen: first line is sex and age in any case/spacing ("male 35yrs", "female  45yrs", "Male, 8 months",
-  "female 10days"); the rest is the reading.
-- Montgomery: lines `Patient's Sex: M|F` and `Patient's Age: 035Y` (also M/W/D units); the other lines are the reading.
+Clinical readings, parsed leniently and never guessed (forms seen in the real sets are in the tests):
+- Shenzhen: first line is sex and age in any case/spacing ("male 35yrs", "male35yrs", "female  45yrs",
+  "femal 32yrs" (sic), "male 16month", "Male, 8 months", "female 10days"); the rest is the reading.
+- Montgomery: lines `Patient's Sex: M|F` (trailing spaces happen) and `Patient's Age: 035Y` (also M/W/D units);
+  the other lines are the reading.
 Sex that is not male/female gives sex_male=-1; an age without a recognised unit or outside
 labels.PLAUSIBLE_AGE_YEARS gives age_valid=False (age 0.0 when unparseable). A missing readings file gives both.
+A normal (label 0) image whose reading names TB without negating it ("old healed TB in the right apex",
+"calcified granuloma; old tuberculosis") is real and legitimate (healed or inactive TB is read as normal for
+screening) and gets the flag `tb_mention_in_normal`, its reading text kept in `TbRaw.flag_details` (and in the
+build's skip report). Negations before or after the word are understood ("no evidence of active TB", "negative
+for tuberculosis", "TB is not seen", "tuberculosis: negative"); "TB cannot be excluded" is not a negation.
 These are FLAGS: counted and reported (`TbRaw.flags`), the image is kept.
 
 PROBLEMS (an error naming every item unless skip_bad, then dropped and reported; see raw_common):
   bad_file_name        a PNG in CXR_png that does not match <PREFIX>_NNNN_L.png
   duplicate_image_id   two files with the same NNNN (different labels)
-  label_disagreement   the reading contradicts the file-name label: label 1 with a reading that is just
-                       "normal", or label 0 with a reading that names TB (tb, ptb, stb, tuberculosis, tuberculous)
-                       in a clause without a preceding negation ("no evidence of TB" is fine).
-                       Decision: an error, because one of the two is wrong and a silently mislabelled TB image
-                       corrupts a 138/662-image evaluation; --skip_bad drops the image and records it.
+  label_disagreement   the reading contradicts the file-name label: label 1 (TB) with a reading that is just
+                       "normal". Decision: an error, because one of the two is wrong and a silently mislabelled
+                       TB image corrupts a 138/662-image evaluation; --skip_bad drops the image and records it.
+                       TB readings that do not name TB ("right upper pneumonia") are not judged.
   reading_without_image a readings file with no image (a copy that lost images)
-Readings that are neither "normal" nor name TB (e.g. "calcified nodule") are not judged.
 
 Folds: stratified by tb, deterministic. Within each class the ids (sorted) are permuted with
 default_rng(seed); class 0 takes fold i % k for its i-th id, class 1 continues the count (offset n0), so every fold
@@ -59,9 +63,16 @@ SOURCES = {s.name: s for s in (SHENZHEN, MONTGOMERY)}
 SPLIT_FRACTIONS = {"test": 0.2, "validation": 0.1}  # the rest is train
 DEFAULT_NUM_FOLDS = 10
 
-_TB_WORDS = re.compile(r"\b(tb|ptb|stb|tuberculosis|tuberculous)\b", re.IGNORECASE)
-_NEGATION = re.compile(r"\b(no|not|without|negative|free of|rule out|ruled out|r/o)\b", re.IGNORECASE)
-_SEX_WORD = re.compile(r"\b(female|male)", re.IGNORECASE)  # "male35yrs" happens
+_TB_WORDS = re.compile(r"\b(tb|ptb|stb|tuberculosis|tuberculous|tuberculoma)\b", re.IGNORECASE)
+# A negation anywhere before the TB word in its clause ("no evidence of active TB") ...
+_NEGATION_BEFORE = re.compile(r"\b(no|not|without|negative|free of|rule out|ruled out|r/o)\b", re.IGNORECASE)
+# ... or right after it ("TB is not seen", "tuberculosis: negative"); "not excluded" is deliberately absent.
+_NEGATION_AFTER = re.compile(
+    r"^\W*(?:(?:is|are|was|were|has been|have been)\s+)?(?:not\s+(?:seen|present|detected|found|identified|"
+    r"evident|visible|noted|shown|demonstrated|suggested|suspected)|negative|absent|excluded|ruled out)\b",
+    re.IGNORECASE)
+_CLAUSE_BREAK = re.compile(r"[.,;\n]")
+_SEX_WORD = re.compile(r"\b(female?|male)", re.IGNORECASE)  # "male35yrs" and "femal 32yrs" happen
 _SHENZHEN_AGE = re.compile(r"(\d+(?:\.\d+)?\s*[a-z]*)", re.IGNORECASE)
 
 
@@ -86,7 +97,8 @@ class TbRaw:
     root: Path
     records: list[TbRecord]  # sorted by image_id, fold and split assigned
     problems: list[Problem]
-    flags: dict[str, list[str]]  # flag kind -> image ids: unknown_sex, invalid_age, missing_reading
+    flags: dict[str, list[str]]  # kind -> image ids: unknown_sex, invalid_age, missing_reading, tb_mention_in_normal
+    flag_details: dict[str, dict[str, str]]  # kind -> {image id: reading text} (tb_mention_in_normal)
     num_folds: int
     images_on_disk: int
 
@@ -108,7 +120,7 @@ def parse_shenzhen_reading(text: str) -> tuple[int, float | None, str]:
     lines = text.lstrip("\ufeff").rstrip().splitlines()  # the first line is sex/age even when it is empty
     first = lines[0] if lines else ""
     sex_match = _SEX_WORD.search(first)
-    sex_male = -1 if not sex_match else int(sex_match.group(1).lower() == "male")
+    sex_male = -1 if not sex_match else int(sex_match.group(1).lower() == "male")  # "femal(e)" -> 0
     after_sex = first[sex_match.end():] if sex_match else first
     age_match = _SHENZHEN_AGE.search(after_sex)
     age = parse_age_years(age_match.group(1)) if age_match else None
@@ -130,16 +142,27 @@ def parse_montgomery_reading(text: str) -> tuple[int, float | None, str]:
     return sex_male, age, "\n".join(reading)
 
 
-def reading_contradicts_label(reading: str, tb: int) -> bool:
-    """True when the reading is plainly "normal" for a TB label, or names TB for a normal label.
+def mentions_tb(reading: str) -> bool:
+    """True when some clause (split at . , ; and line ends) names TB without negating it.
 
-    A clause (split at . , ; and line ends) that names TB after a negation ("no evidence of TB") does not count.
+    A mention is negated by a negation earlier in its clause ("no evidence of active TB") or right after the
+    word ("TB is not seen", "tuberculosis: negative").
     """
-    normalized = re.sub(r"[\s.]+", " ", reading).strip().lower()
-    if tb == 1:
-        return normalized == "normal"
-    clauses = re.split(r"[.,;\n]", reading)
-    return any(_TB_WORDS.search(c) and not _NEGATION.search(c[: _TB_WORDS.search(c).start()]) for c in clauses)
+    for clause in _CLAUSE_BREAK.split(reading):
+        for word in _TB_WORDS.finditer(clause):
+            negated = _NEGATION_BEFORE.search(clause[:word.start()]) or _NEGATION_AFTER.match(clause[word.end():])
+            if not negated:
+                return True
+    return False
+
+
+def reading_contradicts_label(reading: str, tb: int) -> bool:
+    """True only for a TB-labelled image whose reading says just "normal" (any case, trailing full stop).
+
+    A normal image whose reading names TB is legitimate (old or healed TB; see `mentions_tb`): a flag, not a
+    contradiction.
+    """
+    return tb == 1 and re.sub(r"[\s.]+", " ", reading).strip().lower() == "normal"
 
 
 def assign_folds(ids: list[str], labels: list[int], num_folds: int, seed: int) -> dict[str, int]:
@@ -181,7 +204,9 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
     parse_reading = parse_shenzhen_reading if source is SHENZHEN else parse_montgomery_reading
     readings_dir = root / "ClinicalReadings"
     problems: list[Problem] = []
-    flags: dict[str, list[str]] = {"unknown_sex": [], "invalid_age": [], "missing_reading": []}
+    flags: dict[str, list[str]] = {"unknown_sex": [], "invalid_age": [], "missing_reading": [],
+                                   "tb_mention_in_normal": []}
+    flag_details: dict[str, dict[str, str]] = {"tb_mention_in_normal": {}}
 
     pngs = sorted(p for p in (root / "CXR_png").iterdir() if p.is_file() and p.suffix.lower() == ".png")
     by_number: dict[str, list[Path]] = {}
@@ -211,6 +236,9 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
             problems.append(Problem("label_disagreement", path.stem,
                                     f"file name says {'TB' if tb else 'normal'} but the reading is {reading!r}"))
             continue
+        if tb == 0 and mentions_tb(reading):
+            flags["tb_mention_in_normal"].append(path.stem)
+            flag_details["tb_mention_in_normal"][path.stem] = reading
         if sex_male < 0:
             flags["unknown_sex"].append(path.stem)
         age_valid = is_plausible_age(age)
@@ -231,7 +259,7 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
     splits = assign_default_split(ids, labels, seed)
     records = [dataclasses.replace(r, fold=folds[r.image_id], split=splits[r.image_id]) for r in records]
     return TbRaw(source=source, root=root, records=records, problems=sorted(problems), flags=flags,
-                 num_folds=num_folds, images_on_disk=len(pngs))
+                 flag_details=flag_details, num_folds=num_folds, images_on_disk=len(pngs))
 
 
 def load_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEFAULT_NUM_FOLDS, seed: int = 0,
@@ -259,6 +287,8 @@ def verify(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEFA
     notes.append(f"{raw.num_folds} folds, sizes {[fold_sizes[f] for f in range(raw.num_folds)]}")
     notes += [f"flagged {flag}: {len(ids)}" + (f" ({', '.join(ids[:5])})" if ids else "")
               for flag, ids in raw.flags.items()]
+    notes += [f"  {flag} {item}: {detail!r}" for flag, details in raw.flag_details.items()
+              for item, detail in details.items()]
     if raw.source is MONTGOMERY:
         for side in ("leftMask", "rightMask"):
             masks = len(list((raw.root / "ManualMask" / side).glob("*.png")))

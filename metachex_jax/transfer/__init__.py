@@ -8,7 +8,10 @@ Entry point: `python -m metachex_jax.main --config=configs/transfer.py[:demo] --
     protocols.py   k-fold CV within a set, train-on-one/test-on-the-other; fold/class checks
     features.py    frozen pooled features + head outputs, cached by (weights, dataset) content
     probe.py       L2 logistic regression, strength by inner CV on the training folds (batched L-BFGS)
-    finetune.py    new TB head, lower backbone lr (optax.multi_transform), early stopping on validation
-    report.py      metrics with bootstrap CIs, JSON / markdown / CSV; plot.py draws the ROC PNGs
+    finetune.py    new TB head, lower backbone lr (optax.multi_transform), early stopping on validation,
+                   precise BatchNorm statistics before every prediction (finetune.bn_stats)
+    report.py      per-cell metrics with bootstrap CIs (AUROC, screening operating points, calibration),
+                   JSON / markdown / CSV; plot.py draws the ROC and reliability figures (matplotlib)
+    paired.py      every pair of cells on their common test images: paired bootstrap, DeLong, Holm, who wins
     run.py         the whole comparison
 """

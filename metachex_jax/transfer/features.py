@@ -13,8 +13,9 @@ file is simply no longer used); moving either keeps the key. CACHE_DIR may be lo
 with `files.write_atomic` (a temporary file renamed into place, or one upload), so a killed run never leaves a
 truncated cache entry that would be read later.
 
-`calibrate_batchnorm(model, source, ...)` gives a random network data-estimated BatchNorm statistics (the
-"random_bn" start; see `weights`).
+`calibrate_batchnorm(model, source, kind=...)` recomputes a network's BatchNorm statistics on images of `source`
+("precise BN"): the "random_bn" start's from ChestX-ray14 (`kind="nih"`, see `weights`), and every fine-tuned
+model's from TB images before it predicts (`kind="tb"`, see `finetune`).
 
 Images go through the same eval pipeline as the trainer's evaluation (centre crop, uint8 to the device,
 `to_model_input` inside the jitted step), batches are sharded over all devices, padding rows dropped.
@@ -99,16 +100,17 @@ def _batch_statistics(model, images):
     model.features(to_model_input(images))
 
 
-def calibrate_batchnorm(model, source, *, image_size: int, batch_size: int, max_images: int) -> int:
+def calibrate_batchnorm(model, source, *, kind: str, image_size: int, batch_size: int, max_images: int) -> int:
     """"Precise BatchNorm": every BatchNorm's running mean and variance := the average of its batch statistics
     over the first full batches of `source` (centre crops; whole batches until `max_images` images are
-    reached); weights unchanged.
+    reached); weights unchanged. `model` is anything with a `features(x)` method (MetaChexNet, a DenseNet);
+    `kind` is the record kind of `source` ("nih" or "tb", as `pipeline.eval_batches` reads it).
 
     A freshly built network in eval mode normalises with its initial statistics (mean 0, variance 1), i.e. not
-    at all; a pretrained one with statistics of its training images. Estimating a random network's statistics
-    on the same kind of images makes a baseline that differs from the pretrained network in its learned
-    weights only. Batches are global (sharded over every device and host, like `extract`), so every host
-    computes the same statistics. Returns the number of images used.
+    at all; a pretrained one with statistics of its training images; a fine-tuned one with running averages
+    that, after a few hundred images, still hold much of its starting statistics. Recomputing them on the
+    relevant images removes all of that. Batches are global (sharded over every device and host, like
+    `extract`), so every host computes the same statistics. Returns the number of images used.
     """
     if max_images < 1:
         raise ValueError(f"bn_statistics_images={max_images}: BatchNorm statistics need at least one image")
@@ -129,7 +131,7 @@ def calibrate_batchnorm(model, source, *, image_size: int, batch_size: int, max_
     try:
         for bn in norms:
             bn.momentum = 0.0  # the running statistics become the current batch's
-        with pipeline.eval_batches(source, kind="nih", global_batch_size=global_batch,
+        with pipeline.eval_batches(source, kind=kind, global_batch_size=global_batch,
                                    image_size=image_size) as iterator:
             for _, local in zip(range(num_batches), iterator):
                 assert local["example_mask"].min() > 0  # padding rows would bias the statistics

@@ -1,18 +1,29 @@
 """Fine-tuning for TB: the starting backbone + a new one-logit TB head, trained end to end on one split.
 
     tuner = Finetuner(settings, image_size, seed)           # builds the jitted steps once per run
-    result = tuner.run(start, split, tb_sets)                # -> FinetuneResult(test_prob, threshold, ...)
+    result = tuner.run(start, split, tb_sets)                # -> FinetuneResult(test_prob, val_prob, ...)
 
 - Model: `TbClassifier(backbone=copy of the start's DenseNet, tb_head=Linear(F, 1))`, binary cross-entropy.
 - Optimiser: `optax.multi_transform` of two `optim.make_optimizer` (the pretraining optimiser, config
   `finetune.optim`), one with `finetune.backbone_lr` for the backbone and one with `finetune.head_lr` for the head.
-  The schedule is constant after the warmup (`plateau` without reductions), so every split of a run shares one
-  compiled step whatever its length.
+  The rates are used as written unless `finetune.optim.lr_scaling` says otherwise (default "none"); the effective
+  rates are logged and reported either way (`Finetuner.effective_lr`). The schedule is constant after the warmup
+  (`plateau` without reductions), so every split of a run shares one compiled step whatever its length.
 - Data: the split's training records minus its validation part (protocols.Split.fit), through the same grain
   pipeline and augmentation as pretraining (`pipeline.train_batches(kind="tb")`), global batches on the mesh.
+- BatchNorm: training normalises with batch statistics; the running averages it leaves behind (momentum 0.9)
+  would, after the few dozen steps a TB split allows, still hold much of the START's statistics (mean 0 /
+  variance 1 for a random start), and evaluation would depend on them. So before EVERY prediction the
+  statistics are recomputed for the current weights ("precise BN", `features.calibrate_batchnorm`, batches of
+  `finetune.batch_size`, centre crops): on the fit images for validation, and for the test images as
+  `finetune.bn_stats` says: "fit" (default) the fit images; "target" the unlabelled test images themselves
+  (test-time BatchNorm adaptation, "AdaBN") in the cross-dataset protocols. Within a dataset the fit images
+  are always used (they come from the same distribution). Every start is treated alike, so a start that
+  differs only in its BatchNorm statistics (`random_bn` vs `random`) fine-tunes to identical predictions.
 - Early stopping: validation AUROC after every epoch; the best epoch's weights are kept (in host memory) and
-  training stops after `patience` epochs without improvement or after `num_epochs`. The decision threshold is
-  Youden's J on the validation predictions of the kept weights; then the test records are predicted.
+  training stops after `patience` epochs without improvement or after `num_epochs`. The validation predictions
+  of the kept weights are returned (the caller chooses decision thresholds on them); then the test records are
+  predicted.
 """
 
 from __future__ import annotations
@@ -36,7 +47,10 @@ from metachex_jax.data import pipeline
 from metachex_jax.data.augment import Augmentation
 from metachex_jax.models.densenet import linear_init
 from metachex_jax.preprocessing import to_model_input
+from metachex_jax.transfer.features import calibrate_batchnorm
 from metachex_jax.transfer.tb_data import RecordSubset
+
+BN_STATS = ("fit", "target")
 
 
 class TbClassifier(nnx.Module):
@@ -51,22 +65,38 @@ class TbClassifier(nnx.Module):
 
 @dataclasses.dataclass
 class FinetuneResult:
-    test_prob: np.ndarray
-    threshold: float
+    test_prob: np.ndarray  # P(TB) of the split's test records
+    val_prob: np.ndarray  # P(TB) of its validation records, best epoch (thresholds are chosen on these)
+    val_y: np.ndarray
     best_epoch: int
     epochs_run: int
     val_auroc: list[float]  # per epoch
+    bn_images: dict  # images the BatchNorm statistics were recomputed on: {"validation": n, "test": n}
+    test_bn_stats: str  # where the test predictions' statistics came from: "fit" or "target"
     seconds: float
+    state: train_state.TrainState  # host copy of the kept weights, statistics recomputed on the fit images
 
 
-def make_optimizer(settings, global_batch: int) -> optax.GradientTransformation:
-    """Backbone and head optimisers (the pretraining one, each with its own lr), selected by parameter path."""
+def _part_configs(settings) -> dict:
+    """The optimiser config of each parameter group: the shared `finetune.optim` with that group's lr."""
     parts = {}
     for part, lr in (("backbone", settings.backbone_lr), ("tb_head", settings.head_lr)):
         cfg = ml_collections.ConfigDict(settings.optim.to_dict())
         cfg.lr = float(lr)
         cfg.schedule = "plateau"  # constant after warmup; early stopping decides the length
-        parts[part] = optim.make_optimizer(cfg, global_batch, total_steps=1)
+        parts[part] = cfg
+    return parts
+
+
+def effective_learning_rates(settings, global_batch: int) -> dict[str, float]:
+    """The rates the optimiser really uses (after `finetune.optim.lr_scaling`, before any warmup)."""
+    return {part: optim.scaled_lr(cfg, global_batch) for part, cfg in _part_configs(settings).items()}
+
+
+def make_optimizer(settings, global_batch: int) -> optax.GradientTransformation:
+    """Backbone and head optimisers (the pretraining one, each with its own lr), selected by parameter path."""
+    parts = {part: optim.make_optimizer(cfg, global_batch, total_steps=1)
+             for part, cfg in _part_configs(settings).items()}
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: str(path[0].key), params)
@@ -85,7 +115,12 @@ class Finetuner:
             raise ValueError(f"finetune.batch_size={self.global_batch} must be a multiple of the "
                              f"{jax.device_count()} devices")
         self.eval_batch = -(-settings.eval_batch_size // jax.device_count()) * jax.device_count()
+        if settings.bn_stats not in BN_STATS:
+            raise ValueError(f"finetune.bn_stats must be one of {BN_STATS}, got {settings.bn_stats!r}")
         self.tx = make_optimizer(settings, self.global_batch)
+        self.effective_lr = effective_learning_rates(settings, self.global_batch)
+        logging.info("fine-tuning learning rates (finetune.optim.lr_scaling=%r, global batch %d): %s",
+                     settings.optim.lr_scaling, self.global_batch, self.effective_lr)
         self._steps = []  # [(graphdef, (train_step, predict_step))]: compiled once per model structure
 
     def _compiled(self, graphdef):
@@ -137,6 +172,15 @@ class Finetuner:
         probs, index = np.concatenate(probs), np.concatenate(index)
         return probs[np.argsort(index, kind="stable")].astype(np.float64)
 
+    def with_precise_batchnorm(self, graphdef, state, source) -> tuple[train_state.TrainState, int]:
+        """`state` with its BatchNorm statistics recomputed on the images of `source` for its current weights
+        (and the number of images used); `state` itself is unchanged."""
+        model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
+        used = calibrate_batchnorm(model.backbone, source, kind="tb", image_size=self.image_size,
+                                   batch_size=self.global_batch, max_images=len(source))
+        _, _, stats = nnx.split(model, nnx.Param, ...)
+        return state.replace(batch_stats=jax.device_put(stats, self.replicated)), used
+
     def run(self, start, split, tb_sets) -> FinetuneResult:
         s = self.settings
         began = time.perf_counter()
@@ -169,15 +213,26 @@ class Finetuner:
                 if not np.isfinite(loss):
                     raise train.NonFiniteLossError(f"fine-tuning {start.name} on {split.protocol} fold "
                                                    f"{split.fold}: loss is {loss} in epoch {epoch}")
-                auroc = float(metrics.roc_auc(val_y, self.predict(predict_step, state, validation)))
+                # Evaluate a copy with precise statistics; training continues from `state` unchanged.
+                evaluated, fit_images = self.with_precise_batchnorm(graphdef, state, fit)
+                auroc = float(metrics.roc_auc(val_y, self.predict(predict_step, evaluated, validation)))
                 history.append(auroc)
                 logging.info("finetune %s %s fold %d epoch %d: train loss %.4f, validation AUROC %.4f",
                              start.name, split.protocol, split.fold, epoch, loss, auroc)
                 if auroc > best[0]:
-                    best = (auroc, epoch, jax.device_get(state))
+                    best = (auroc, epoch, jax.device_get(evaluated))
                 elif epoch - best[1] >= s.patience:
                     break
-        state = jax.device_put(best[2], self.replicated)
-        threshold = metrics.youden_threshold(val_y, self.predict(predict_step, state, validation))
-        test_prob = self.predict(predict_step, state, test)
-        return FinetuneResult(test_prob, threshold, best[1], len(history), history, time.perf_counter() - began)
+                del evaluated  # shares the weights `state` donates to the next step
+        kept = jax.device_put(best[2], self.replicated)
+        val_prob = self.predict(predict_step, kept, validation)
+        test_bn_stats = "target" if s.bn_stats == "target" and split.train_set != split.test_set else "fit"
+        if test_bn_stats == "target":
+            tested, test_images = self.with_precise_batchnorm(graphdef, kept, test)
+        else:
+            tested, test_images = kept, fit_images
+        test_prob = self.predict(predict_step, tested, test)
+        return FinetuneResult(test_prob=test_prob, val_prob=val_prob, val_y=val_y, best_epoch=best[1],
+                              epochs_run=len(history), val_auroc=history,
+                              bn_images={"validation": fit_images, "test": test_images},
+                              test_bn_stats=test_bn_stats, seconds=time.perf_counter() - began, state=best[2])

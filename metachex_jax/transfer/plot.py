@@ -1,57 +1,89 @@
-"""ROC curves as a PNG, drawn with Pillow (already a dependency; no plotting library needed).
+"""The report's figures, drawn with matplotlib (object-oriented API on the Agg canvas: headless, no pyplot state).
 
-`write_roc_png(path, title, curves)` draws each (label, fpr, tpr) as a step curve on the unit square with the
-chance diagonal, axes ticks every 0.2 and a legend; written atomically to a local or gs:// path
-(`files.write_atomic`).
+    write_roc_png(path, title, curves)                 ROC curves, each with its bootstrap band when given
+    write_reliability_png(path, title, panels)         one reliability diagram per cell
+
+Sized and lettered for a paper column (5.5 in wide at 200 dpi unless `size` pixels are asked for); written
+atomically to a local or gs:// path (`files.write_atomic`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from metachex_jax import files
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+DPI = 200
+FONT = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7.5}
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def write_roc_png(path: str, title: str, curves: list[tuple[str, np.ndarray, np.ndarray]], size: int = 560) -> None:
-    left, top, plot = 60, 56, size - 100
-    image = Image.new("RGB", (size, top + plot + 54 + 16 * len(curves)), "white")
-    draw = ImageDraw.Draw(image)
-
-    def xy(fpr, tpr):
-        return left + fpr * plot, top + (1 - tpr) * plot
-
-    draw.text((left, 10), title, fill="black", font=_font(18))
-    draw.rectangle([left, top, left + plot, top + plot], outline="black")
-    for t in np.linspace(0, 1, 6):
-        x, y = xy(t, t)
-        draw.line([x, top + plot, x, top + plot + 5], fill="black")
-        draw.text((x - 8, top + plot + 8), f"{t:.1f}", fill="black")
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((left - 30, y - 6), f"{t:.1f}", fill="black")
-    draw.text((left + plot // 2 - 60, top + plot + 24), "false positive rate", fill="black")
-    draw.text((4, top - 16), "true positive rate", fill="black")
-    draw.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
-    for i, (label, fpr, tpr) in enumerate(curves):
-        color = COLORS[i % len(COLORS)]
-        points = [xy(float(f), float(t)) for f, t in zip(fpr, tpr) if np.isfinite(f) and np.isfinite(t)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        y = top + plot + 44 + 16 * i
-        draw.line([left, y + 6, left + 20, y + 6], fill=color, width=3)
-        draw.text((left + 26, y), label, fill="black")
+def _save(figure: Figure, path: str, size: int | None) -> None:
+    """PNG bytes to `path`; cropped to the drawing unless an exact pixel width was asked for."""
+    FigureCanvasAgg(figure)
     png = io.BytesIO()
-    image.save(png, format="PNG")
+    figure.savefig(png, format="png", dpi=figure.dpi, bbox_inches=None if size else "tight")
     files.write_atomic(path, png.getvalue())
+
+
+def _figure(width_in: float, height_in: float, size: int | None) -> Figure:
+    if size:  # an explicit pixel width
+        return Figure(figsize=(size / 100, size / 100 * height_in / width_in), dpi=100)
+    return Figure(figsize=(width_in, height_in), dpi=DPI)
+
+
+def write_roc_png(path: str, title: str, curves: list[tuple], size: int | None = None) -> None:
+    """`curves`: (label, fpr, tpr) or (label, fpr, tpr, (fpr_grid, tpr_low, tpr_high)), the last a pointwise
+    95% bootstrap band drawn as a shaded area behind the curve."""
+    import matplotlib
+
+    with matplotlib.rc_context(FONT):
+        figure = _figure(5.5, 5.5, size)
+        ax = figure.add_subplot()
+        ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8, linestyle="--", label="chance")
+        for i, curve in enumerate(curves):
+            label, fpr, tpr = curve[:3]
+            color = f"C{i % 10}"
+            if len(curve) > 3 and curve[3] is not None:
+                grid, low, high = (np.asarray(v, np.float64) for v in curve[3])
+                ax.fill_between(grid, low, high, step="post", color=color, alpha=0.15, linewidth=0)
+            ax.step(np.asarray(fpr), np.asarray(tpr), where="post", color=color, linewidth=1.4, label=label)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
+               ylabel="true positive rate (sensitivity)", title=title, aspect="equal")
+        ax.grid(True, linewidth=0.4, color="0.9")
+        ax.legend(loc="lower right", frameon=False)
+        _save(figure, path, size)
+
+
+def write_reliability_png(path: str, title: str, panels: list[dict], size: int | None = None) -> None:
+    """`panels`: {"label", "reliability": metrics.reliability_curve(...), "brier": float, "ece": float} each;
+    one diagram per panel (observed TB fraction against the mean predicted probability per bin, marker area
+    by the number of images in the bin, the diagonal = perfect calibration)."""
+    import matplotlib
+
+    columns = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
+    with matplotlib.rc_context(FONT):
+        figure = _figure(2.6 * columns, 2.7 * rows + 0.3, size)
+        figure.suptitle(title)
+        for i, panel in enumerate(panels):
+            ax = figure.add_subplot(rows, columns, i + 1)
+            curve = panel["reliability"]
+            counts = np.asarray(curve["count"], np.float64)
+            ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8, linestyle="--")
+            ax.plot(curve["mean_predicted"], curve["observed"], color=f"C{i % 10}", linewidth=1.0)
+            ax.scatter(curve["mean_predicted"], curve["observed"], s=8 + 120 * counts / max(counts.sum(), 1),
+                       color=f"C{i % 10}", zorder=3)
+            ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal",
+                   title=f"{panel['label']}\nBrier {panel['brier']:.3f}, ECE {panel['ece']:.3f}")
+            if i % columns == 0:
+                ax.set_ylabel("observed TB fraction")
+            if i >= len(panels) - columns:
+                ax.set_xlabel("mean predicted P(TB)")
+            ax.grid(True, linewidth=0.4, color="0.9")
+        figure.tight_layout()
+        _save(figure, path, size)

@@ -7,10 +7,13 @@ For one outer split (training rows, test rows of a feature matrix):
      only) fit  mean_i logloss(y_i, x_i.w + b) + lambda/2 |w|^2  on the other inner folds and score the
      held-out inner fold; choose the lambda with the best pooled inner out-of-fold score ("log_loss" or
      "auroc"; ties -> the stronger regularisation);
-  3. refit on all training rows with that lambda; the decision threshold is Youden's J on the inner
-     out-of-fold probabilities at that lambda (held-out scores of the training data: in-sample scores of a
-     1024-d model on ~600 images are nearly separable and would put the threshold anywhere);
+  3. refit on all training rows with that lambda; return the inner out-of-fold probabilities at that lambda,
+     on which the caller chooses decision thresholds (held-out scores of the training data: in-sample scores
+     of a 1024-d model on ~600 images are nearly separable and would put a threshold anywhere);
   4. predict the test rows.
+
+A solve that stops at `max_iter` without reaching `tol` is not an error but is reported: `ProbeResult.converged`
+is False and `unconverged` names the lambdas (and how many of the inner-fold + refit problems) that hit the limit.
 
 Solver (own, not scikit-learn: sklearn's lbfgs LogisticRegressionCV took 120 s for the 10-fold x 5-inner
 search on 662 x 1024 features on the 2-core dev box; the goal is < 10 s). With an L2 penalty the optimal w lies
@@ -53,14 +56,16 @@ class ProbeSettings:
 @dataclasses.dataclass
 class ProbeResult:
     test_prob: np.ndarray  # (n_test,) P(TB)
-    threshold: float  # Youden on the inner out-of-fold probabilities of the training rows
+    train_oof_prob: np.ndarray  # (n_train,) inner out-of-fold P(TB) of the training rows at the chosen lambda
     l2: float  # the chosen lambda
     inner_scores: dict  # lambda -> inner-CV score (log loss: lower is better; auroc: higher)
     weights: np.ndarray  # (d,) on the standardised features
     bias: float
     mean: np.ndarray  # standardisation statistics of the training rows
     scale: np.ndarray
-    iterations: int  # the largest L-BFGS iteration count of the split (max_iter = not converged)
+    iterations: int  # the largest L-BFGS iteration count of the split
+    converged: bool  # every solve (all lambdas, inner folds and refit) reached tol within max_iter
+    unconverged: list  # [{"l2": lambda, "problems": n of (inner folds + 1)}] that stopped at max_iter
 
 
 def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -86,7 +91,7 @@ def fit_logistic(z, y, sample_weight, l2, *, max_iter: int = 500, tol: float = 1
       y: (n,) 0/1. sample_weight: (P, n) non-negative row weights of each problem. l2: (P,) lambdas.
       tol: stop a problem when its preconditioned gradient norm is below this.
       init: optional (coef (P, r), bias (P,)) to start from (a warm start), default zeros.
-    Returns (coef (P, r), bias (P,), iterations (P,)); iterations == max_iter means not converged.
+    Returns (coef (P, r), bias (P,), iterations (P,), converged (P,) bool: the gradient test passed).
     """
     z = np.asarray(z, np.float64)
     y = np.asarray(y, np.float64)
@@ -149,7 +154,8 @@ def fit_logistic(z, y, sample_weight, l2, *, max_iter: int = 500, tol: float = 1
         theta = np.where(active[:, None], new_theta, theta)
         value = np.where(active, new_value, value)
         grad = np.where(active[:, None], new_grad, grad)
-    return theta[:, :-1], theta[:, -1], iterations
+    converged = np.sqrt(np.sum(grad * grad * h0, axis=1)) < tol
+    return theta[:, :-1], theta[:, -1], iterations, converged
 
 
 def _selection_score(selection: str, y: np.ndarray, prob: np.ndarray) -> float:
@@ -207,13 +213,15 @@ def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings) -> ProbeResult
     # lambda warm-started from the previous one's solution (a regularisation path: far fewer iterations).
     coef = np.zeros((len(grid), k + 1, design.shape[1]))
     bias = np.zeros((len(grid), k + 1))
-    iterations = 0
+    iterations, unconverged = 0, []
     warm = None
     for j in np.argsort(-grid, kind="stable"):
-        coef[j], bias[j], iters = fit_logistic(design, y_train, masks, np.full(k + 1, grid[j]),
-                                               max_iter=settings.max_iter, tol=settings.tol, init=warm)
+        coef[j], bias[j], iters, converged = fit_logistic(design, y_train, masks, np.full(k + 1, grid[j]),
+                                                          max_iter=settings.max_iter, tol=settings.tol, init=warm)
         warm = (coef[j], bias[j])
         iterations = max(iterations, int(iters.max()))
+        if not converged.all():
+            unconverged.append({"l2": float(grid[j]), "problems": int((~converged).sum())})
     oof = np.zeros((len(y_train), len(grid)))
     for f in range(k):
         held = inner == f
@@ -224,14 +232,14 @@ def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings) -> ProbeResult
     order = np.argsort(-grid, kind="stable")
     best = int(order[np.argmin([sign * scores[j] for j in order])])
 
-    # Step 3: the refit with the chosen lambda, the threshold from the inner out-of-fold probabilities.
+    # Step 3: the refit with the chosen lambda.
     w = vt.T @ coef[best, k]
-    threshold = metrics.youden_threshold(y_train, oof[:, best])
     # Step 4.
     test_prob = _sigmoid(z_test @ w + bias[best, k])
-    return ProbeResult(test_prob=test_prob, threshold=threshold, l2=float(grid[best]),
+    return ProbeResult(test_prob=test_prob, train_oof_prob=oof[:, best], l2=float(grid[best]),
                        inner_scores={float(g): float(sc) for g, sc in zip(grid, scores)}, weights=w,
-                       bias=float(bias[best, k]), mean=mean, scale=scale, iterations=iterations)
+                       bias=float(bias[best, k]), mean=mean, scale=scale, iterations=iterations,
+                       converged=not unconverged, unconverged=sorted(unconverged, key=lambda u: u["l2"]))
 
 
 def _sigmoid(x):

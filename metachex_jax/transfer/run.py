@@ -1,14 +1,20 @@
 """The TB transfer comparison, `run(config, workdir)`, read top to bottom as the run happens:
 
-  1. starting weights    config.init_from + config.compare_with (weights.load_starts; all checked first;
-                         "random_bn" gets BatchNorm statistics from ChestX-ray14 training images)
+  1. starting weights    config.init_from (required unless config.baselines_only) + config.compare_with
+                         (weights.load_starts; all checked first; "random_bn" gets BatchNorm statistics from
+                         ChestX-ray14 training images)
   2. data                prepared Shenzhen and Montgomery, every record with its fold (tb_data.tb_sources)
   3. protocols           checked before any work: folds 0..k-1, both classes in every part (protocols)
   4. features            frozen pooled features + head outputs per start x set, cached by content (features)
-  5. linear probe        per split: standardise, inner-CV L2 strength, refit, threshold, predict (probe)
-  6. fine-tuning         per split (the first finetune.max_folds of a CV protocol): new head, early stop (finetune)
-  7. age and sex         the MetaChexNet heads on the TB sets vs the clinical readings (report.age_sex_metrics)
-  8. report              WORKDIR/report/: JSON, markdown, ROC PNGs, per-image CSVs (report.write_report)
+  5. linear probe        per split: standardise, inner-CV L2 strength, refit, predict (probe); a solve that hits
+                         probe.max_iter is logged and noted in the report
+  6. fine-tuning         per split (the first finetune.max_folds of a CV protocol): new head, early stop,
+                         precise BatchNorm statistics before every prediction (finetune)
+     (5, 6)              thresholds per split from training-side scores only (report.choose_thresholds)
+  7. cell metrics        AUROC, operating points, calibration per cell (report.cell_metrics); every pair of
+                         cells compared on their common test images per protocol (paired)
+  8. age and sex         the MetaChexNet heads on the TB sets vs the clinical readings (report.age_sex_metrics)
+  9. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report)
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from absl import logging
 from metachex_jax import files
 from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.transfer import features as features_lib
+from metachex_jax.transfer import paired as paired_lib
 from metachex_jax.transfer import protocols as protocols_lib
 from metachex_jax.transfer import report as report_lib
 from metachex_jax.transfer import tb_data, weights
@@ -39,11 +46,26 @@ def parse_methods(text: str) -> list[str]:
 
 
 def start_specs(config) -> list[str]:
-    specs = [s.strip() for s in [config.init_from, *config.compare_with.split(",")] if s.strip()]
+    """init_from, then the compare_with baselines. Without init_from a run would silently compare baselines
+    only, so that needs config.baselines_only=True."""
+    init_from = config.init_from.strip()
+    if not init_from and not config.baselines_only:
+        raise ValueError("config.init_from is empty: set it to the weights under study (a pretraining workdir or a "
+                         "convert_torchvision output), or set config.baselines_only=True to compare only "
+                         f"config.compare_with ({config.compare_with!r})")
+    if init_from and config.baselines_only:
+        raise ValueError(f"config.baselines_only=True but config.init_from={init_from!r} is set; drop one of them")
+    specs = [s.strip() for s in [init_from, *config.compare_with.split(",")] if s.strip()]
     if not specs:
-        raise ValueError("no starting weights: set config.init_from (a pretraining workdir or converted weights) "
-                         "and/or config.compare_with")
+        raise ValueError("no starting weights: config.baselines_only=True needs config.compare_with")
     return specs
+
+
+def _not_converged_note(start, split, fit, settings) -> str:
+    where = f"fold {split.fold}" if split.fold >= 0 else "the whole set"
+    lambdas = ", ".join(f"{u['l2']:g} ({u['problems']} solves)" for u in fit.unconverged)
+    return (f"probe {start.name} {split.protocol} {where}: L-BFGS stopped at probe.max_iter={settings.max_iter} "
+            f"without reaching tol={settings.tol:g} for lambda {lambdas}; the chosen lambda is {fit.l2:g}")
 
 
 def _estimate_batchnorm_statistics(start, config) -> None:
@@ -57,7 +79,7 @@ def _estimate_batchnorm_statistics(start, config) -> None:
         raise FileNotFoundError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
                                 f"ChestX-ray14 training images, which were not found:\n{e}") from e
     start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
-        start.model, nih_train, image_size=config.data.image_size, batch_size=config.feature_batch_size,
+        start.model, nih_train, kind="nih", image_size=config.data.image_size, batch_size=config.feature_batch_size,
         max_images=config.bn_statistics_images)
     start.fingerprint = weights.weights_fingerprint(start.model)  # the feature cache must see the new statistics
 
@@ -110,12 +132,17 @@ def run(config, workdir: str) -> dict:
     predictions: dict[str, dict] = {}
     details: dict[str, dict] = {}
 
+    screening = config.screening.to_dict()
+    columns: dict[str, dict[str, dict]] = {}  # protocol -> {"start/method": per-image columns}
+
     def add_cell(start, method, protocol, split_results, extra):
         key = f"{start.name}/{method}"
         cols = report_lib.cell_columns(split_results, tb_sets)
-        cells.setdefault(key, {})[protocol] = report_lib.cell_metrics(cols, config.n_boot, config.seed)
+        cells.setdefault(key, {})[protocol] = report_lib.cell_metrics(cols, config.n_boot, config.seed, screening,
+                                                                     config.calibration_bins)
         details.setdefault(key, {})[protocol] = extra
         predictions[f"{start.name}_{method}_{protocol}"] = cols
+        columns.setdefault(protocol, {})[key] = cols
 
     # 5. Linear probe.
     if "probe" in methods:
@@ -123,14 +150,20 @@ def run(config, workdir: str) -> dict:
         for start in starts:
             for protocol in protocol_names:
                 t0 = time.perf_counter()
-                results, extra = [], {"l2": [], "threshold": [], "iterations": []}
+                results, extra = [], {"l2": [], "iterations": [], "converged": [], "thresholds": []}
                 for split in splits[protocol]:
                     train_table, test_table = tables[start.name, split.train_set], tables[start.name, split.test_set]
-                    fit = fit_probe(train_table["features"][split.train], tb_sets[split.train_set].tb[split.train],
+                    y_train = tb_sets[split.train_set].tb[split.train]
+                    fit = fit_probe(train_table["features"][split.train], y_train,
                                     test_table["features"][split.test], settings)
-                    results.append((split, fit.test_prob, fit.threshold))
-                    for k in extra:
+                    thresholds = report_lib.choose_thresholds(y_train, fit.train_oof_prob, screening)
+                    results.append((split, fit.test_prob, thresholds))
+                    for k in ("l2", "iterations", "converged"):
                         extra[k].append(getattr(fit, k))
+                    extra["thresholds"].append(thresholds)
+                    if not fit.converged:
+                        notes.append(_not_converged_note(start, split, fit, settings))
+                        logging.warning("%s", notes[-1])
                 extra["fit_seconds"] = time.perf_counter() - t0
                 timings[f"probe fit {start.name} {protocol} ({len(splits[protocol])} splits) s"] = extra["fit_seconds"]
                 logging.info("probe %s %s: %d splits fitted in %.2f s", start.name, protocol,
@@ -141,44 +174,59 @@ def run(config, workdir: str) -> dict:
     if "finetune" in methods:
         s = config.finetune
         tuner = Finetuner(s, image_size=image_size, seed=config.seed)
+        finetune_info = {"bn_stats": s.bn_stats, "effective_lr": tuner.effective_lr,
+                         "lr_scaling": s.optim.lr_scaling, "global_batch": tuner.global_batch}
         for start in starts:
             if start.kind == "random_bn":
-                notes.append(f"{start.name} is not fine-tuned: fine-tuning normalises with batch statistics and "
-                             "replaces the running ones within its first steps, so it would repeat 'random'.")
+                notes.append(f"{start.name} is not fine-tuned: it differs from 'random' in its BatchNorm statistics "
+                             "only, which fine-tuning recomputes for its weights before predicting, so its "
+                             "predictions would be identical to random/finetune's (tested).")
                 continue
             for protocol in protocol_names:
                 chosen = splits[protocol][:s.max_folds] if s.max_folds else splits[protocol]
-                results, extra = [], {"best_epoch": [], "epochs_run": [], "val_auroc": [], "folds": []}
+                results = []
+                extra = {"best_epoch": [], "epochs_run": [], "val_auroc": [], "folds": [], "thresholds": [],
+                         "bn_images": [], "test_bn_stats": []}
                 t0 = time.perf_counter()
                 for split in chosen:
                     out = tuner.run(start, split, tb_sets)
-                    results.append((split, out.test_prob, out.threshold))
-                    extra["best_epoch"].append(out.best_epoch)
-                    extra["epochs_run"].append(out.epochs_run)
-                    extra["val_auroc"].append(out.val_auroc)
+                    thresholds = report_lib.choose_thresholds(out.val_y, out.val_prob, screening)
+                    results.append((split, out.test_prob, thresholds))
+                    for k in ("best_epoch", "epochs_run", "val_auroc", "bn_images", "test_bn_stats"):
+                        extra[k].append(getattr(out, k))
                     extra["folds"].append(split.fold)
+                    extra["thresholds"].append(thresholds)
                 extra["seconds"] = time.perf_counter() - t0
                 timings[f"finetune {start.name} {protocol} ({len(chosen)} splits) s"] = extra["seconds"]
                 add_cell(start, "finetune", protocol, results, extra)
 
-    # 7. Age and sex, externally.
+    # 7. Paired comparisons of the cells, per protocol (the cell metrics were computed in add_cell).
+    paired = {protocol: paired_lib.paired_comparisons(columns[protocol], config.n_boot, config.seed)
+              for protocol in protocol_names if len(columns.get(protocol, {})) > 1}
+
+    # 8. Age and sex, externally.
     age_sex = {start.name: {name: report_lib.age_sex_metrics(tables[start.name, name], config.n_boot, config.seed)
                             for name in tb_sets}
                for start in want_age_sex}
 
-    # 8. Report.
+    # 9. Report.
     timings["total s"] = time.perf_counter() - began
     result = {
         "protocols": protocol_names,
         "methods": methods,
         "cells": cells,
+        "paired": paired,
+        "screening": screening,
+        "calibration_bins": config.calibration_bins,
+        "finetune": finetune_info if "finetune" in methods else None,
         "details": details,
         "age_sex": age_sex,
         "notes": notes,
         "timings": timings,
         "starts": {s.name: {**s.info, "weights_fingerprint": s.fingerprint} for s in starts},
         "datasets": {name: {"build": str(t.build_dir), "fingerprint": t.fingerprint, "n_images": len(t),
-                            "n_tb": int(t.tb.sum()), "num_folds": int(t.fold.max()) + 1}
+                            "n_tb": int(t.tb.sum()), "num_folds": int(t.fold.max()) + 1,
+                            "flagged_readings": t.flagged_readings}
                      for name, t in tb_sets.items()},
         "config": config.to_dict(),
     }

@@ -8,7 +8,8 @@ otherwise `config.data.data_dir`, prepared first from `config.data.manual_dir` w
 FileNotFoundError says how to prepare it.
 
 The fingerprint hashes the build's files (ArrayRecord shards and dataset_info.json, names and bytes), so
-the feature cache follows the data's content, not its path.
+the feature cache follows the data's content, not its path. `flagged_readings` are the normal images whose
+reading names TB (the build's skip report, `tb.mentions_tb`), for the transfer report.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class TbSet:
     image_id: list[str]
     fingerprint: str
     build_dir: Path
+    flagged_readings: dict[str, str] = dataclasses.field(default_factory=dict)  # image id -> reading text
 
     def __len__(self) -> int:
         return len(self.tb)
@@ -112,6 +114,7 @@ def tb_sources(config, datasets: tuple[str, ...] = TB_DATASETS) -> dict[str, TbS
             image_id = record["image_id"]
             ids.append(image_id.decode() if isinstance(image_id, bytes) else str(image_id))
         build_dir = builders.dataset_dir(data_dir, dataset, config_name)
+        details = builders.read_skip_report(data_dir, dataset, config_name).get("flag_details", {})
         out[dataset] = TbSet(dataset, source, np.asarray(tb, np.int64), np.asarray(fold, np.int64), ids,
-                             build_fingerprint(build_dir), build_dir)
+                             build_fingerprint(build_dir), build_dir, details.get("tb_mention_in_normal", {}))
     return out
