@@ -1,4 +1,5 @@
-"""TB transfer comparison: starting weights x {linear probe, fine-tuning} x protocols -> one report.
+"""Transfer comparison: starting weights x {linear probe, fine-tuning} x protocols x targets -> one report. TB on
+Shenzhen and Montgomery by default; any prepared datasets and binary labels with config.protocols / config.targets.
 
 Real data (prepare shenzhen and montgomery first, see README; PRE is a pretraining workdir):
   python -m metachex_jax.main --config=configs/transfer.py --config.init_from=PRE --workdir=/tmp/tb \
@@ -7,6 +8,14 @@ Real data (prepare shenzhen and montgomery first, see README; PRE is a pretraini
 The demo (after `python -m metachex_jax.main --config=configs/pretrain.py:demo --workdir=PRE`; the TB sets are
 prepared from the same synthetic tree):
   python -m metachex_jax.main --config=configs/transfer.py:demo --config.init_from=PRE --workdir=/tmp/tb_demo
+
+Your own data (a CSV dataset, see data/csv_dataset.py), e.g. cross-validated within it and trained on both TB sets
+and tested on it, for two of its labels:
+  python -m metachex_jax.main --config=configs/transfer.py --config.init_from=PRE --workdir=/tmp/hospital \
+      --config.data.csv.csv=/data/hospital/labels.csv --config.data.csv.manual_dir=/data/hospital \
+      --config.protocols=cv_csv,shenzhen+montgomery_to_csv --config.targets=Tuberculosis,Cardiomegaly
+(with :demo and no CSV given, csv is the demo tree's synthetic hospital). A protocol whose datasets lack a target
+(shenzhen has no Cardiomegaly) is skipped for that target, with a note in the report.
 
 Starting weights in compare_with: paths, "random" (BatchNorm at its initial statistics) and "random_bn" (random
 weights, BatchNorm statistics from ChestX-ray14 training images in data.data_dir; probe only; the demo compares

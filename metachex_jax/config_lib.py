@@ -195,8 +195,8 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     c.seed = 0
     image_size = arg.res or (64 if arg.demo else 224)
     c.data = data_config("shenzhen", resolution=image_size * 8 // 7, image_size=image_size)
-    c.data.num_folds = 10  # stratified folds stored in the TB records at build time (k-fold CV)
-    c.data.fold_seed = 0
+    c.data.num_folds = 10  # stratified folds stored in the TB records at build time (k-fold CV), or drawn for a
+    c.data.fold_seed = 0  # dataset that stores none
     c.model = model_config(arg.arch, multitask=True)  # every starting weight must have this architecture
     # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its best
     # checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), or "random".
@@ -209,8 +209,14 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     c.bn_statistics_images = 1280
     c.checkpoint_step = "best"  # which checkpoint of a pretraining workdir: "best", "latest" or a step
     c.methods = arg.methods  # "probe", "finetune" or "probe+finetune"
-    # cv_shenzhen / cv_montgomery: k-fold CV within a set; shenzhen_to_montgomery and the reverse: train on all
-    # of one set, test on all of the other (the unseen-dataset test).
+    # The binary target(s), comma-separated, named as in the shared label space: "Tuberculosis" is the TB sets'
+    # label (and PadChest's, and the demo hospital's); any label of the datasets works (e.g. "Cardiomegaly" of a
+    # CSV dataset). Several targets give one probe / fine-tune per target, side by side in the report.
+    c.targets = "Tuberculosis"
+    # cv_<dataset>: k-fold CV within a dataset; <a>[+<b>...]_to_<c>: train on all of a (and b), test on all of c
+    # (the unseen-dataset test). Datasets: shenzhen, montgomery, chexpert, padchest, csv (config.data.csv: your
+    # own; the demo's hospital with demo), chestxray14. Datasets without stored folds get data.num_folds folds of
+    # patients, stratified by the target (seed data.fold_seed).
     c.protocols = "cv_shenzhen,cv_montgomery,shenzhen_to_montgomery,montgomery_to_shenzhen"
     c.feature_cache_dir = "~/.cache/metachex_jax/features"  # keyed on the weights' and the dataset's content
     c.feature_batch_size = 64

@@ -21,12 +21,13 @@ from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.data import pipeline
 from metachex_jax.preprocessing import to_model_input
 from metachex_jax.transfer import features as features_lib
-from metachex_jax.transfer import protocols, run, tb_data, weights
+from metachex_jax.transfer import protocols, run, weights
+from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer import report as report_lib
 from metachex_jax.transfer.finetune import Finetuner, TbClassifier
-from metachex_jax.transfer.tb_data import RecordSubset
+from metachex_jax.transfer.sets import RecordSubset
 
-DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=0, size=64)
+DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=60, size=64)
 ARCH, RES = "densenet_tiny", 32
 
 
@@ -83,11 +84,11 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     assert any("random_bn is not fine-tuned" in note for note in saved["notes"])
     assert saved["starts"]["random_bn"]["bn_statistics_images"] > 0
     for key, per_protocol in saved["cells"].items():
-        assert set(per_protocol) == set(protocols.PROTOCOLS)
+        assert set(per_protocol) == set(protocols.TB_PROTOCOLS)
         start, method = key.split("/")
         for protocol, cell in per_protocol.items():
             cols = reports.read_predictions_csv(out / "predictions" / f"{start}_{method}_{protocol}.csv")
-            y, prob, margin = cols["tb"], cols["prob"], cols["margin"]
+            y, prob, margin = cols["label"], cols["prob"], cols["margin"]
             assert cell["auroc"]["value"] == pytest.approx(roc_auc_score(y, prob), abs=1e-12)
             assert cell["accuracy"]["value"] == pytest.approx(np.mean((margin >= 0) == (y == 1)), abs=1e-12)
             assert cell["sensitivity"]["value"] == pytest.approx(np.mean(margin[y == 1] >= 0), abs=1e-12)
@@ -103,7 +104,7 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     for heading in ("## Who wins (paired)", "## Screening operating points", "## Calibration", "Test-set oracle"):
         assert heading in md
     # Paired comparisons: every pair of cells per protocol, on the images both predicted, Holm within the protocol.
-    for protocol in protocols.PROTOCOLS:
+    for protocol in protocols.TB_PROTOCOLS:
         comparisons = saved["paired"][protocol]
         assert len(comparisons) == 10  # 5 cells
         for c in comparisons:
@@ -153,9 +154,9 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
 
 def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
     config, workdir, result = finished
-    sets = tb_data.tb_sources(config)
-    for protocol in protocols.PROTOCOLS:
-        splits = protocols.check_protocol(protocol, sets, need_validation=True)
+    sets = sets_lib.tb_transfer_sets(config)
+    for protocol in protocols.TB_PROTOCOLS:
+        splits = protocols.check_protocol(protocols.parse_protocol(protocol), sets, need_validation=True)
         for split in splits:
             if split.train_set == split.test_set:
                 assert not set(split.train) & set(split.test)
@@ -165,7 +166,7 @@ def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
             assert sorted(tested) == list(range(len(sets[splits[0].train_set])))
     # Same config, same result (features from the cache): the probe's numbers are identical.
     again = run.run(transfer_config(setup[0], setup[1], config.feature_cache_dir, methods="probe"), str(tmp_path))
-    for protocol in protocols.PROTOCOLS:
+    for protocol in protocols.TB_PROTOCOLS:
         assert again["cells"]["metachexnet/probe"][protocol] == result["cells"]["metachexnet/probe"][protocol]
     assert all("(hit)" in k for k in again["timings"] if k.startswith("features") and k.endswith(" s"))
 
@@ -173,7 +174,7 @@ def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
 def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
     config, _, _ = finished
     demo_dir, pre = setup
-    sets = tb_data.tb_sources(config)
+    sets = sets_lib.load_datasets(config, sets_lib.TB_DATASETS)
     start = weights.load_start(str(pre), config.model, 0)
     kwargs = dict(image_size=RES, batch_size=32, cache_dir=config.feature_cache_dir)
     hit = features_lib.features_for(start, sets["montgomery"], **kwargs)
@@ -190,7 +191,7 @@ def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
     assert features_lib.features_for(other, sets["montgomery"], **kwargs)["cache"] == "hit"
     # A changed dataset build (another fold seed -> other records): a new entry.
     reseeded = transfer_config(demo_dir, pre, config.feature_cache_dir, **{"data.fold_seed": 1})
-    changed = tb_data.tb_sources(reseeded, ("montgomery",))["montgomery"]
+    changed = sets_lib.load_datasets(reseeded, ("montgomery",))["montgomery"]
     assert changed.fingerprint != sets["montgomery"].fingerprint
     assert features_lib.features_for(start, changed, **kwargs)["cache"] == "miss"
 
@@ -219,8 +220,8 @@ def test_bad_inputs_give_clear_errors(finished, setup, tmp_path):
         weights.load_start(str(tmp_path / "nowhere"), config.model, 0)
     # A dataset not yet prepared (real-data config, empty data_dir).
     unprepared = transfer_config(demo_dir, pre, tmp_path, demo=False, **{"data.data_dir": str(tmp_path / "tfds")})
-    with pytest.raises(FileNotFoundError, match=r"(?s)montgomery/r36_k3_seed0 was not found.*"
-                       r"shenzhen/r36_k3_seed0 was not found.*python -m metachex_jax.prepare --dataset=shenzhen"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)shenzhen/r36_k3_seed0 was not found.*"
+                       r"python -m metachex_jax.prepare --dataset=shenzhen.*montgomery/r36_k3_seed0 was not found"):
         run.run(unprepared, str(tmp_path / "b"))
     # random_bn without the ChestX-ray14 build it takes its BatchNorm statistics from (TB sets prepared).
     _, tb_data_dir = nih_datasets.resolve_demo(config)
@@ -250,7 +251,7 @@ def test_gs_workdir_and_feature_cache(finished, setup, fake_gcs):
         assert saved["cells"][key] == json.loads(reports.to_json_text(local_result["cells"][key]))
         for protocol in result["protocols"]:
             csv_url = f"{fake_gcs.url}/tb/report/predictions/{key.replace('/', '_')}_{protocol}.csv"
-            assert len(reports.read_predictions_csv(csv_url)["tb"]) == saved["cells"][key][protocol]["n_images"]
+            assert len(reports.read_predictions_csv(csv_url)["label"]) == saved["cells"][key][protocol]["n_images"]
     cached = sorted(os.listdir(fake_gcs.local(fake_gcs.url + "/cache")))
     assert len(cached) == 6 and all(name.endswith(".npz") for name in cached)  # 3 starts x 2 sets
     again = run.run(config, fake_gcs.url + "/tb2")  # read back from the gs:// cache
@@ -289,7 +290,7 @@ def test_probe_at_its_iteration_limit_is_flagged_in_log_and_report(finished, set
 def finetune_pieces(setup, **overrides):
     demo_dir, pre = setup
     config = transfer_config(demo_dir, pre, "", **overrides)
-    sets = tb_data.tb_sources(config)
+    sets = sets_lib.tb_transfer_sets(config)
     return config, sets, Finetuner(config.finetune, image_size=RES, seed=0)
 
 
@@ -303,7 +304,7 @@ def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tu
     """Fails on the old behaviour (evaluation with the running averages training leaves behind)."""
     config, sets, tuner = tuning
     start = weights.load_start("random", config.model, 0)
-    split = protocols.check_protocol("cv_montgomery", sets, need_validation=True)[0]
+    split = protocols.check_protocol(protocols.parse_protocol("cv_montgomery"), sets, need_validation=True)[0]
     out = tuner.run(start, split, sets)
     fit = RecordSubset(sets["montgomery"].source, split.fit)
     graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), tuner.tx)
@@ -311,7 +312,7 @@ def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tu
     # Independently: the stem's BatchNorm holds the average over the fit images' full batches (of the training
     # batch size) of conv0's batch mean and variance, for the fine-tuned conv0.
     means, variances = [], []
-    with pipeline.eval_batches(fit, kind="tb", global_batch_size=8, image_size=RES) as batches:
+    with pipeline.eval_batches(fit, kind="binary", global_batch_size=8, image_size=RES) as batches:
         for batch, _ in zip(batches, range(len(fit) // 8)):
             y = np.asarray(model.backbone.conv0(to_model_input(jnp.asarray(batch["image"]))), np.float64)
             means.append(y.mean((0, 1, 2)))
@@ -322,7 +323,7 @@ def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tu
     # And the test predictions are this model's, in eval mode.
     model.eval()
     test = RecordSubset(sets["montgomery"].source, split.test)
-    with pipeline.eval_batches(test, kind="tb", global_batch_size=len(test), image_size=RES) as batches:
+    with pipeline.eval_batches(test, kind="binary", global_batch_size=len(test), image_size=RES) as batches:
         expected = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(next(iter(batches))["image"])))))
     np.testing.assert_allclose(out.test_prob, expected[:len(test)], rtol=1e-5, atol=1e-6)
 
@@ -334,7 +335,7 @@ def test_random_bn_fine_tunes_to_exactly_random(tuning):
     config, sets, tuner = tuning
     random = weights.load_start("random", config.model, 0)
     random_bn = weights.load_start("random_bn", config.model, 0)
-    features_lib.calibrate_batchnorm(random_bn.model, sets["shenzhen"].source, kind="tb", image_size=RES,
+    features_lib.calibrate_batchnorm(random_bn.model, sets["shenzhen"].source, kind="binary", image_size=RES,
                                      batch_size=8, max_images=32)
     assert not np.allclose(random_bn.model.backbone.norm0.var[...], random.model.backbone.norm0.var[...])
     for protocol in ("cv_montgomery", "montgomery_to_shenzhen"):
@@ -349,7 +350,7 @@ def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuni
     config, sets, fit_tuner = tuning
     _, _, target_tuner = finetune_pieces(setup, **{"finetune.bn_stats": "target"})
     start = weights.load_start("random", config.model, 0)
-    cross = protocols.check_protocol("montgomery_to_shenzhen", sets, need_validation=True)[0]
+    cross = protocols.check_protocol(protocols.parse_protocol("montgomery_to_shenzhen"), sets, need_validation=True)[0]
     on_fit, on_target = fit_tuner.run(start, cross, sets), target_tuner.run(start, cross, sets)
     assert (on_fit.test_bn_stats, on_target.test_bn_stats) == ("fit", "target")
     np.testing.assert_array_equal(on_fit.val_prob, on_target.val_prob)  # validation: the fit images either way
@@ -359,14 +360,14 @@ def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuni
     test = RecordSubset(sets["shenzhen"].source, cross.test)
     graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), fit_tuner.tx)
     model = nnx.merge(graphdef, on_target.state.params, on_target.state.batch_stats)
-    features_lib.calibrate_batchnorm(model.backbone, test, kind="tb", image_size=RES, batch_size=8,
+    features_lib.calibrate_batchnorm(model.backbone, test, kind="binary", image_size=RES, batch_size=8,
                                      max_images=len(test))
     model.eval()
-    with pipeline.eval_batches(test, kind="tb", global_batch_size=len(test), image_size=RES) as batches:
+    with pipeline.eval_batches(test, kind="binary", global_batch_size=len(test), image_size=RES) as batches:
         expected = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(next(iter(batches))["image"])))))
     np.testing.assert_allclose(on_target.test_prob, expected[:len(test)], rtol=1e-5, atol=1e-6)
     # Within a dataset the option changes nothing.
-    within = protocols.check_protocol("cv_montgomery", sets, need_validation=True)[0]
+    within = protocols.check_protocol(protocols.parse_protocol("cv_montgomery"), sets, need_validation=True)[0]
     np.testing.assert_array_equal(fit_tuner.run(start, within, sets).test_prob,
                                   target_tuner.run(start, within, sets).test_prob)
     with pytest.raises(ValueError, match="finetune.bn_stats must be one of"):
@@ -388,9 +389,45 @@ def test_flagged_readings_reach_the_transfer_report(tmp_path):
     tree.write_reading(normal_id, f"Patient's Sex: F \nPatient's Age: 027Y\n{text}\n")
     config = config_lib.transfer_config(f"arch={ARCH},res={RES}")
     config.data.update(manual_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "tfds"), num_folds=3)
-    montgomery = tb_data.tb_sources(config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.load_datasets(config, ("montgomery",))["montgomery"]
     assert montgomery.flagged_readings == {normal_id: text}
-    result = {"protocols": [], "cells": {}, "screening": dict(config.screening), "calibration_bins": 10,
+    result = {"protocols": [], "protocol_targets": {}, "cells": {}, "screening": dict(config.screening), "calibration_bins": 10,
               "timings": {}, "datasets": {"montgomery": {"flagged_readings": montgomery.flagged_readings}}}
     md = report_lib.markdown(result)
     assert "## Flagged readings" in md and f"| montgomery | {normal_id} | {text} |" in md
+
+
+def test_any_dataset_and_several_targets_on_the_demo_hospital(finished, setup, tmp_path):
+    """The demo's hospital CSV: CV within it and train on both TB sets / test on it, for TB and Cardiomegaly (which
+    the TB sets lack: that protocol is skipped for it, with a note); metrics vs scikit-learn, folds by patient."""
+    config, _, _ = finished
+    demo_dir, pre = setup
+    c = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe+finetune", compare_with="random",
+                        protocols="cv_csv,shenzhen+montgomery_to_csv", targets="Tuberculosis,Cardiomegaly",
+                        **{"data.csv.num_folds": 3})
+    result = run.run(c, str(tmp_path))
+    assert result["protocols"] == ["cv_csv.tuberculosis", "shenzhen+montgomery_to_csv.tuberculosis",
+                                   "cv_csv.cardiomegaly"]
+    assert result["protocol_targets"]["cv_csv.cardiomegaly"] == "Cardiomegaly"
+    assert any("shenzhen+montgomery_to_csv is not run for Cardiomegaly: shenzhen, montgomery has no Cardiomegaly"
+               in note for note in result["notes"])
+    records = sets_lib.load_datasets(c, ("shenzhen", "montgomery", "csv"))
+    hospital = records["csv"]
+    for protocol, cells in ((p, {k: v[p] for k, v in result["cells"].items()}) for p in result["protocols"]):
+        target = result["protocol_targets"][protocol]
+        known = hospital.labels[:, hospital.column(target)] >= 0
+        for key, cell in cells.items():
+            cols = reports.read_predictions_csv(tmp_path / "report" / "predictions" /
+                                                f"{key.replace('/', '_')}_{protocol}.csv")
+            assert cell["auroc"]["value"] == pytest.approx(roc_auc_score(cols["label"], cols["prob"]), abs=1e-12)
+            assert set(cols["dataset"]) == {"csv"} and cell["n_patients"] < cell["n_images"]  # patients resampled
+            if key.endswith("probe"):  # every hospital image with a known label tested once
+                assert sorted(cols["image_id"]) == sorted(np.array(hospital.image_id)[known])
+    # Cross-validation folds are folds of patients: no patient on both sides of any split.
+    for target in ("Tuberculosis", "Cardiomegaly"):
+        view = sets_lib.transfer_set(records, ("csv",), target, num_folds=3, fold_seed=0)
+        for split in protocols.check_protocol(protocols.parse_protocol("cv_csv"), {"csv": view}, True):
+            assert not set(view.patient[split.train]) & set(view.patient[split.test])
+    both = sets_lib.transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", num_folds=3, fold_seed=0)
+    assert len(both) == len(records["shenzhen"]) + len(records["montgomery"])
+    assert "# Transfer comparison: Tuberculosis, Cardiomegaly" in (tmp_path / "report" / "comparison.md").read_text()

@@ -54,24 +54,25 @@ def _missing_message(name: str, data_dir: str) -> str:
         "  python -m metachex_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/metachex_demo")
 
 
-def chestxray14_splits(config) -> dict:
-    """{"train", "validation", "test"} -> random-access sources of the prepared ChestX-ray14 dataset."""
+def chestxray14_splits(config, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
+    """{"train", "validation", "test"} (or `splits`, e.g. "train+validation+test") -> random-access sources of the
+    prepared ChestX-ray14 dataset."""
     data = config.data
     manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
     if config.demo:
         manual_dir, data_dir = resolve_demo(config)
     config_name = builders.nih_config_name(data.resolution, data.val_fraction, data.val_seed)
     return _prepared_splits(config, "chestxray14", config_name, manual_dir, data_dir,
-                            dict(val_fraction=data.val_fraction, seed=data.val_seed))
+                            dict(val_fraction=data.val_fraction, seed=data.val_seed), splits)
 
 
-def dataset_splits(config, name: str) -> dict:
+def dataset_splits(config, name: str, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
     """{"train", "validation", "test"} -> sources of one dataset of `config.data.datasets` (prepared first from
     its `manual_dir` when missing). chestxray14 reads config.data's fields; chexpert, padchest and csv their own
     section, `config.data.<name>` (build parameters as `prepare`'s flags). With config.demo, a csv dataset without
     a CSV file is the demo tree's synthetic hospital."""
     if name == "chestxray14":
-        return chestxray14_splits(config)
+        return chestxray14_splits(config, splits)
     family = registry.family(name)
     if family.kind != "labelled":
         raise ValueError(f"{name} has no pathology labels to pretrain on (it is a transfer dataset); pretraining "
@@ -87,11 +88,11 @@ def dataset_splits(config, name: str) -> dict:
             manual_dir = os.path.join(os.path.dirname(nih_manual_dir), demo_data.HOSPITAL_DIR)
             parameters["csv"] = os.path.join(manual_dir, demo_data.HOSPITAL_CSV_NAME)
     config_name = family.config_name(config.data.resolution, **parameters)
-    return _prepared_splits(config, name, config_name, manual_dir, data_dir, parameters)
+    return _prepared_splits(config, name, config_name, manual_dir, data_dir, parameters, splits)
 
 
 def _prepared_splits(config, dataset: str, config_name: str, manual_dir: str, data_dir: str,
-                     parameters: dict) -> dict:
+                     parameters: dict, splits: tuple[str, ...]) -> dict:
     """The splits of `dataset/config_name` in data_dir, prepared from manual_dir first when missing (see the
     module docstring for who may prepare)."""
     name = f"{dataset}/{config_name}"
@@ -117,8 +118,7 @@ def _prepared_splits(config, dataset: str, config_name: str, manual_dir: str, da
                                 "run (python -m metachex_jax.prepare ...), not from every host at once")
     else:
         prepare_if_missing()
-    return {split: builders.data_source(dataset, split, data_dir, config_name=config_name)
-            for split in NIH_SPLITS}
+    return {split: builders.data_source(dataset, split, data_dir, config_name=config_name) for split in splits}
 
 
 @dataclasses.dataclass

@@ -110,6 +110,26 @@ def tb_example(record: Record, image: np.ndarray, index: int) -> Example:
     }
 
 
+def binary_example(record: Record, image: np.ndarray, index: int) -> Example:
+    """A record of one binary target (the transfer pipeline's, transfer/sets.py: target 1/0/-1 = unknown) -> the
+    example fine-tuning and feature extraction read."""
+    target, target_mask = _known_or_zero(np.float32(record["target"]))
+    sex_male, sex_mask = _known_or_zero(np.float32(record["sex_male"]))
+    age, age_mask = _age(record)
+    return {
+        "image": image,
+        "target": target,
+        "target_mask": target_mask,
+        "sex_male": sex_male,
+        "sex_mask": sex_mask,
+        "age": age,
+        "age_mask": age_mask,
+        "fold": np.int64(record["fold"]),
+        "index": np.int64(index),
+        "example_mask": np.float32(1.0),
+    }
+
+
 def labelled_example(record: Record, image: np.ndarray, index: int) -> Example:
     """A record of the shared label space (data/mixture.py: labels 1/0/-1 = unknown) -> the multi-task example,
     with a 0 mask for every unknown label or metadata entry."""
@@ -141,6 +161,8 @@ EXAMPLE_FORMATS = {
     "nih": ExampleFormat(nih_example, ("image", "labels", "age", "age_valid", "patient_id")
                          + METADATA_TASKS),
     "tb": ExampleFormat(tb_example, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
+    # one binary target of any dataset (transfer/sets.py: BinaryRecords)
+    "binary": ExampleFormat(binary_example, ("image", "target", "sex_male", "age", "age_valid", "fold")),
     # the shared label space of data/mixture.py (HarmonisedSource records), any number of labels
     "labelled": ExampleFormat(labelled_example, ("image", "labels", "age", "age_valid", "patient_key")
                               + METADATA_TASKS),
@@ -158,7 +180,7 @@ def padding_example(kind: str, image_size: int, record: Record | None = None) ->
 
 
 _ZERO_RECORD = {"labels": np.zeros(len(PATHOLOGIES)), "age": 0.0, "age_valid": False, "patient_id": -1,
-                "patient_key": -1, "tb": 0, "sex_male": -1, "fold": -1, "view_ap": -1}
+                "patient_key": -1, "tb": 0, "target": -1, "sex_male": -1, "fold": -1, "view_ap": -1}
 
 
 def check_source(source: RandomAccessSource, kind: str, image_size: int) -> None:
@@ -396,8 +418,9 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
 
     Args:
       sources: one source, or several (all of the same `kind`) mixed by `weights`.
-      kind: "nih" (ChestX-ray14 multi-task batches), "tb" (Shenzhen/Montgomery) or "labelled" (records in the
-        shared label space of data/mixture.py: per-label masks; what the trainer feeds); see data/registry.py.
+      kind: "nih" (ChestX-ray14 multi-task batches), "tb" (Shenzhen/Montgomery), "labelled" (records in the
+        shared label space of data/mixture.py: per-label masks; what the trainer feeds) or "binary" (one target:
+        what transfer fine-tuning feeds); a prepared dataset's kind is in data/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.

@@ -1,16 +1,18 @@
-"""Fine-tuning for TB: the starting backbone + a new one-logit TB head, trained end to end on one split.
+"""Fine-tuning for a binary target (TB by default): the starting backbone + a new one-logit head, trained end to
+end on one split.
 
     tuner = Finetuner(settings, image_size, seed)           # builds the jitted steps once per run
-    result = tuner.run(start, split, tb_sets)                # -> FinetuneResult(test_prob, val_prob, ...)
+    result = tuner.run(start, split, sets)                   # -> FinetuneResult(test_prob, val_prob, ...)
 
-- Model: `TbClassifier(backbone=copy of the start's DenseNet, tb_head=Linear(F, 1))`, binary cross-entropy.
+- Model: `TbClassifier(backbone=copy of the start's DenseNet, tb_head=Linear(F, 1))` (the head keeps its TB name
+  whatever the target), binary cross-entropy.
 - Optimiser: `optax.multi_transform` of two `optim.make_optimizer` (the pretraining optimiser, config
   `finetune.optim`), one with `finetune.backbone_lr` for the backbone and one with `finetune.head_lr` for the head.
   The rates are used as written unless `finetune.optim.lr_scaling` says otherwise (default "none"); the effective
   rates are logged and reported either way (`Finetuner.effective_lr`). The schedule is constant after the warmup
   (`plateau` without reductions), so every split of a run shares one compiled step whatever its length.
 - Data: the split's training records minus its validation part (protocols.Split.fit), through the same grain
-  pipeline and augmentation as pretraining (`pipeline.train_batches(kind="tb")`), global batches on the mesh.
+  pipeline and augmentation as pretraining (`pipeline.train_batches(kind="binary")`), global batches on the mesh.
 - BatchNorm: training normalises with batch statistics; the running averages it leaves behind (momentum 0.9)
   would, after the few dozen steps a TB split allows, still hold much of the START's statistics (mean 0 /
   variance 1 for a random start), and evaluation would depend on them. So before EVERY prediction the
@@ -48,7 +50,7 @@ from metachex_jax.data.augment import Augmentation
 from metachex_jax.models.densenet import linear_init
 from metachex_jax.preprocessing import to_model_input
 from metachex_jax.transfer.features import calibrate_batchnorm
-from metachex_jax.transfer.tb_data import RecordSubset
+from metachex_jax.transfer.sets import RecordSubset
 
 BN_STATS = ("fit", "target")
 
@@ -134,7 +136,7 @@ class Finetuner:
                 model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
                 model.train()
                 logits = model(to_model_input(batch["image"]))
-                per_example = optax.sigmoid_binary_cross_entropy(logits, batch["tb"])
+                per_example = optax.sigmoid_binary_cross_entropy(logits, batch["target"])
                 mask = batch["example_mask"]
                 loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
                 _, _, new_stats = nnx.split(model, nnx.Param, ...)
@@ -158,7 +160,7 @@ class Finetuner:
     def predict(self, predict_step, state, source) -> np.ndarray:
         """P(TB) for every record of `source`, in record order."""
         probs, index = [], []
-        with pipeline.eval_batches(source, kind="tb", global_batch_size=self.eval_batch,
+        with pipeline.eval_batches(source, kind="binary", global_batch_size=self.eval_batch,
                                    image_size=self.image_size) as batches:
             for local in batches:
                 batch = train.to_global({k: local[k] for k in ("image", "index", "example_mask")},
@@ -176,15 +178,15 @@ class Finetuner:
         """`state` with its BatchNorm statistics recomputed on the images of `source` for its current weights
         (and the number of images used); `state` itself is unchanged."""
         model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
-        used = calibrate_batchnorm(model.backbone, source, kind="tb", image_size=self.image_size,
+        used = calibrate_batchnorm(model.backbone, source, kind="binary", image_size=self.image_size,
                                    batch_size=self.global_batch, max_images=len(source))
         _, _, stats = nnx.split(model, nnx.Param, ...)
         return state.replace(batch_stats=jax.device_put(stats, self.replicated)), used
 
-    def run(self, start, split, tb_sets) -> FinetuneResult:
+    def run(self, start, split, sets) -> FinetuneResult:
         s = self.settings
         began = time.perf_counter()
-        train_set, test_set = tb_sets[split.train_set], tb_sets[split.test_set]
+        train_set, test_set = sets[split.train_set], sets[split.test_set]
         fit = RecordSubset(train_set.source, split.fit)
         validation = RecordSubset(train_set.source, split.validation)
         test = RecordSubset(test_set.source, split.test)
@@ -198,12 +200,12 @@ class Finetuner:
         # A copy: the train step donates its state, and the start's own arrays serve the next split too.
         state = jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
         train_step, predict_step = self._compiled(graphdef)
-        val_y = train_set.tb[split.validation]
+        val_y = train_set.y[split.validation]
 
         best = (-np.inf, 0, None)  # (validation AUROC, epoch, host copy of the state)
         history = []
         seed = self.seed * 1000 + max(split.fold, 0)
-        with pipeline.train_batches(fit, kind="tb", global_batch_size=self.global_batch,
+        with pipeline.train_batches(fit, kind="binary", global_batch_size=self.global_batch,
                                     image_size=self.image_size, seed=seed,
                                     augmentation=Augmentation(**s.augment)) as batches:
             for epoch in range(1, s.num_epochs + 1):
