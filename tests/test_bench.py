@@ -132,9 +132,10 @@ def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
 def test_data_reports_pipeline_naive_and_build_throughput(capsys):
     from metachex_jax.bench import data
 
-    result = data.main(["--synthetic", "--num_records=16", "--resolution=40", "--image_size=32", "--batch_size=4",
+    result = data.main(["--synthetic", "--num_records=24", "--resolution=40", "--image_size=32", "--batch_size=4",
                         "--num_batches=3", "--num_workers=0", "--naive_images=2", "--naive_samples=4",
-                        "--build_images=20", "--build_size=64"])
+                        "--build_images=20", "--build_size=64", "--jpeg_images=20", "--png16_images=3",
+                        "--png16_size=128", "--build_workers=1"])
     figures = last_json(capsys.readouterr().out)
     assert figures == result
     assert figures["stored_resolution"] == 40 and figures["image_size"] == 32
@@ -142,6 +143,14 @@ def test_data_reports_pipeline_naive_and_build_throughput(capsys):
     assert figures["speedup_per_core_vs_naive_png"] == pytest.approx(
         figures["pipeline_0_workers_img_per_s"] / figures["naive_png_img_per_s_per_core"], rel=0.01)
     assert figures["build_img_per_s"] > 0
+    for source in ("jpeg", "png16"):  # the source builds against the naive PIL loop, per core
+        for what in ("naive_pil", "decode", "build"):
+            assert figures[f"{source}_{what}_img_per_s_per_core"] > 0
+        assert figures[f"{source}_decode_vs_naive_per_core"] == pytest.approx(
+            figures[f"{source}_decode_img_per_s_per_core"] / figures[f"{source}_naive_pil_img_per_s_per_core"],
+            rel=0.02)
+    assert figures["mixture_vs_single"] == pytest.approx(
+        figures["mixture_img_per_s"] / figures["single_source_img_per_s"], rel=0.02)
     with pytest.raises(SystemExit):
         data.main(["--num_records=16"])  # neither --synthetic nor --data_dir
     assert "give --synthetic, or --data_dir" in capsys.readouterr().err
