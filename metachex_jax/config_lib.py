@@ -247,6 +247,12 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     # Screening operating points, thresholds chosen on training data: WHO's target product profile for a TB
     # triage test asks for sensitivity >= 0.90 with specificity >= 0.70.
     c.screening = dict(sensitivity=0.9, specificity=0.7)
+    # The deployable TB model fitted at the end on every training image and saved to WORKDIR/model/ for
+    # `predict` (transfer/deploy.py; chosen by the config, never by test results): start = a start's name
+    # ("" = init_from's, "none" = no model), method ("" = finetune when the run fine-tunes, else probe), protocol
+    # ("" = the first of protocols; its training set is fitted), threshold_rule ("sensitivity": the largest
+    # threshold with out-of-fold sensitivity >= screening.sensitivity; or "youden").
+    c.deploy = dict(start="", method="", protocol="", threshold_rule="sensitivity")
     c.calibration_bins = 10  # equal-width probability bins of the expected calibration error and reliability plots
     c.finetune.augment = c.data.augment.to_dict()
     c.n_boot = 1000

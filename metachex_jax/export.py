@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
-import shutil
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -128,32 +125,20 @@ def export(model_path: str, out: str, *, step: str | int = "best", platforms=DEF
     """Export MODEL (a pretraining or transfer workdir, or a model directory) into `out`; returns `out`."""
     from metachex_jax.inference import Predictor
 
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
+    out = files.absolute(out)
+    if files.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if files.exists(out) and not saved_model.is_model_dir(out):
+        raise FileExistsError(f"{out} exists and is not a model directory; refusing to replace it")
     predictor = Predictor.load(model_path, step=step)
     if predictor.exported:
         raise ValueError(f"{model_path} is already an exported model")
     function, weights = export_predictor(predictor, platforms)
-    card = model_card(predictor, model_path, platforms)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
-    try:
-        os.makedirs(os.path.join(tmp, saved_model.EXPORTED_DIR))
-        with open(os.path.join(tmp, saved_model.EXPORTED_DIR, FUNCTION_FILE), "wb") as f:
-            f.write(function)
-        np.savez(os.path.join(tmp, saved_model.EXPORTED_DIR, WEIGHTS_FILE),
-                 **{f"w{i}": w for i, w in enumerate(weights)})
-        with open(os.path.join(tmp, saved_model.CARD_FILE), "w") as f:
-            json.dump({"format": saved_model.FORMAT, **card}, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for the temporary name only
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    npz = io.BytesIO()
+    np.savez(npz, **{f"w{i}": w for i, w in enumerate(weights)})
+    saved_model.write_directory(out, {f"{saved_model.EXPORTED_DIR}/{FUNCTION_FILE}": bytes(function),
+                                      f"{saved_model.EXPORTED_DIR}/{WEIGHTS_FILE}": npz.getvalue()},
+                                model_card(predictor, model_path, platforms))
     return out
 
 

@@ -19,25 +19,19 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from metachex_jax import config_lib, convert, export, predict, reports, train
+from metachex_jax import convert, export, predict, reports, train
 from metachex_jax.inference import ModelError, Predictor
 from metachex_jax.labels import PATHOLOGIES
+from test_transfer_run import ARCH, RES, pretrain_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = dict(seed=0, num_nih=96, num_shenzhen=12, num_montgomery=8, num_hospital=0, size=64)
-ARCH, RES = "densenet_tiny", 32
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    """The transfer tests' tiny pretraining run (densenet_tiny, 32 px, 3 steps) on its own demo tree."""
     demo_dir, workdir = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("run")
-    c = config_lib.pretrain_config(f"demo,arch={ARCH},res={RES}", multitask=True)
-    c.demo_dir = str(demo_dir)
-    c.demo_data.update(DEMO)
-    c.batch_size_per_device, c.eval_batch_size_per_device = 16, 32
-    c.num_epochs, c.max_steps, c.eval_every_steps, c.log_every_steps, c.n_boot = 1, 3, 3, 1, 10
-    c.optim.warmup_steps = 1
-    train.train_and_evaluate(c, str(workdir))
+    train.train_and_evaluate(pretrain_config(demo_dir), str(workdir))
     (raw,) = list(demo_dir.glob("*/raw"))
     return workdir, raw / "ChestX-ray14"
 
@@ -58,9 +52,9 @@ def test_predict_from_raw_files_equals_evaluation_of_the_prepared_records(run_di
     status = predict.main([f"--model={workdir}", str(nih_root), f"--out={tmp_path}/p", "--features"])
     assert status == 0
     rows = {os.path.basename(r["path"]): r for r in read_rows(tmp_path / "p" / "predictions.csv")}
-    assert len(rows) == 96  # every image of the tree; the csv/txt files beside them are left out and counted
+    assert len(rows) == 96  # every image of the tree; the CSV and list files beside them are left out, counted
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
-    assert summary["left_out_of_folders"]["not_named_like_images"]["count"] == 3
+    assert summary["left_out_of_folders"]["not_named_like_images"]["count"] == 4  # 2 csv + 2 txt
     assert summary["failed"] == 0 and summary["bit_depths"] == [{"bits": 8, "source": "8-bit file", "images": 96}]
     (evaluated,) = (workdir / "eval").glob("test_step*_predictions.csv")
     cols = reports.read_predictions_csv(evaluated)

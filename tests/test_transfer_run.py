@@ -24,7 +24,8 @@ from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols, run, weights
 from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer import report as report_lib
-from metachex_jax.transfer.finetune import Finetuner, TbClassifier
+from metachex_jax.models.tb_classifier import TbClassifier
+from metachex_jax.transfer.finetune import Finetuner
 from metachex_jax.transfer.sets import RecordSubset
 
 DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=60, size=64)
@@ -431,3 +432,98 @@ def test_any_dataset_and_several_targets_on_the_demo_hospital(finished, setup, t
     both = sets_lib.transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", num_folds=3, fold_seed=0)
     assert len(both) == len(records["shenzhen"]) + len(records["montgomery"])
     assert "# Transfer comparison: Tuberculosis, Cardiomegaly" in (tmp_path / "report" / "comparison.md").read_text()
+
+
+# --- the deployable TB model (transfer/deploy.py) -----------------------------------------------------------
+
+def test_deployable_model_threshold_training_and_predict_round_trip(finished, setup, tmp_path):
+    """The run's WORKDIR/model/: fine-tuned on all of Shenzhen for the CV's median best epoch, threshold at 90%
+    out-of-fold sensitivity; `predict --model=WORKDIR` on the raw files equals the model on the prepared records,
+    and the exported model equals both."""
+    from metachex_jax import export, metrics, predict, saved_model
+    from metachex_jax.inference import Predictor
+
+    config, workdir, result = finished
+    demo_dir, _ = setup
+    card = json.loads((workdir / "model" / "model.json").read_text())
+    assert card["kind"] == "tb_classifier" and card["training"]["method"] == "finetune"
+    assert card["training"]["dataset"] == "shenzhen" and card["training"]["n_images"] == DEMO["num_shenzhen"]
+    best = result["details"]["metachexnet/finetune"]["cv_shenzhen"]["best_epoch"]
+    assert card["training"]["epochs"] == int(np.ceil(np.median(best)))
+    oof = reports.read_predictions_csv(workdir / "report" / "predictions" / "metachexnet_finetune_cv_shenzhen.csv")
+    threshold = metrics.threshold_at_sensitivity(oof["label"], oof["prob"], 0.9)
+    assert card["outputs"] == [{"name": "tb", "kind": "probability", "threshold": pytest.approx(threshold)}]
+    assert np.mean(oof["prob"][oof["label"] == 1] >= threshold) >= 0.9
+    assert card["metrics"]["cv_shenzhen"]["auroc"] == pytest.approx(
+        result["cells"]["metachexnet/finetune"]["cv_shenzhen"]["auroc"])
+    assert result["deployed_model"]["path"] == str(workdir / "model")
+
+    (raw,) = list(demo_dir.glob("*/raw"))
+    images = sorted((raw / "MontgomerySet" / "CXR_png").glob("*.png"))
+    assert predict.main([f"--model={workdir}", *map(str, images), f"--out={tmp_path}/p"]) == 0
+    rows = {os.path.basename(r["path"])[:-4]: r for r in csv_rows(tmp_path / "p" / "predictions.csv")}
+    assert all(r["tb_decision"] == str(int(float(r["tb"]) >= threshold)) for r in rows.values())
+    model, _ = saved_model.load(str(workdir / "model"))
+    montgomery = sets_lib.tb_transfer_sets(config, ("montgomery",))["montgomery"]
+    with pipeline.eval_batches(montgomery.source, kind="binary", global_batch_size=8, image_size=RES) as batches:
+        for batch in batches:
+            probs = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(batch["image"])))))
+            for i, p in zip(batch["index"], probs):
+                if i >= 0:
+                    assert abs(float(rows[montgomery.image_id[i]]["tb"]) - p) < 1e-5
+    exported = export.export(str(workdir), str(tmp_path / "exported"))
+    from_export = Predictor.load(exported).predict_files([str(p) for p in images[:5]])
+    np.testing.assert_allclose(from_export.column("tb"), [float(rows[p.stem]["tb"]) for p in images[:5]], atol=1e-5)
+    assert from_export.outputs[0].threshold == pytest.approx(threshold)
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup, tmp_path):
+    """methods=probe deploys the probe refitted on every training image: the folded head on the frozen backbone's
+    features gives exactly the probe's own probabilities."""
+    from metachex_jax import saved_model
+    from metachex_jax.transfer.probe import ProbeSettings, fit_probe
+
+    config, _, _ = finished
+    demo_dir, pre = setup
+    probe_config = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe", compare_with="",
+                                   protocols="cv_montgomery", **{"deploy.threshold_rule": "youden"})
+    out = run.run(probe_config, str(tmp_path))
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["training"]["method"] == "probe" and card["threshold_rule"]["rule"] == "youden"
+    montgomery = sets_lib.load_datasets(probe_config, ("montgomery",))["montgomery"]
+    start = weights.load_start(str(pre), probe_config.model, 0)
+    table = features_lib.features_for(start, montgomery, image_size=RES, batch_size=16,
+                                      cache_dir=probe_config.feature_cache_dir)
+    fit = fit_probe(table["features"], montgomery.labels[:, 0], table["features"],
+                    ProbeSettings.from_config(probe_config.probe, probe_config.seed))
+    assert card["training"]["l2"] == fit.l2
+    model, _ = saved_model.load(str(tmp_path / "model"))
+    folded = np.asarray(jax.nn.sigmoid(model.output_scores(jnp.asarray(table["features"]))["tb"]))
+    np.testing.assert_allclose(folded, fit.test_prob, rtol=1e-4, atol=1e-6)
+    assert out["deployed_model"]["threshold_rule"]["rule"] == "youden"
+
+
+def test_deploy_settings_are_checked_before_any_work(finished, setup, tmp_path):
+    config, _, _ = finished
+    demo_dir, pre = setup
+    bad = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe",
+                          protocols="shenzhen_to_montgomery",
+                          **{"deploy.start": "imagenet", "deploy.method": "finetune", "deploy.threshold_rule": "x"})
+    with pytest.raises(ValueError) as error:
+        run.run(bad, str(tmp_path / "a"))
+    message = str(error.value)
+    for part in ("deploy.start='imagenet' is not among", "deploy.method='finetune' is not among",
+                 "deploy.threshold_rule='x'", "its threshold and (fine-tuning) epoch count come from cv_shenzhen"
+                                              " for Tuberculosis"):
+        assert part in message, part
+    assert not (tmp_path / "a").exists()
+    none = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe", compare_with="",
+                           protocols="cv_montgomery", **{"deploy.start": "none"})
+    assert run.run(none, str(tmp_path / "b"))["deployed_model"] is None and not (tmp_path / "b" / "model").exists()

@@ -47,22 +47,12 @@ from jax.sharding import PartitionSpec as P
 from metachex_jax import metrics, optim, train, train_state
 from metachex_jax.data import pipeline
 from metachex_jax.data.augment import Augmentation
-from metachex_jax.models.densenet import linear_init
+from metachex_jax.models.tb_classifier import TbClassifier
 from metachex_jax.preprocessing import to_model_input
 from metachex_jax.transfer.features import calibrate_batchnorm
 from metachex_jax.transfer.sets import RecordSubset
 
 BN_STATS = ("fit", "target")
-
-
-class TbClassifier(nnx.Module):
-    def __init__(self, backbone, rngs: nnx.Rngs):
-        self.backbone = backbone
-        self.tb_head = nnx.Linear(backbone.num_features, 1, kernel_init=linear_init,
-                                  bias_init=nnx.initializers.zeros, rngs=rngs)
-
-    def __call__(self, x):
-        return self.tb_head(self.backbone.features(x).astype(jnp.float32))[:, 0]
 
 
 @dataclasses.dataclass
@@ -183,28 +173,22 @@ class Finetuner:
         _, _, stats = nnx.split(model, nnx.Param, ...)
         return state.replace(batch_stats=jax.device_put(stats, self.replicated)), used
 
-    def run(self, start, split, sets) -> FinetuneResult:
-        s = self.settings
-        began = time.perf_counter()
-        train_set, test_set = sets[split.train_set], sets[split.test_set]
-        fit = RecordSubset(train_set.source, split.fit)
-        validation = RecordSubset(train_set.source, split.validation)
-        test = RecordSubset(test_set.source, split.test)
-        steps_per_epoch = len(fit) // self.global_batch
-        if steps_per_epoch == 0:
-            raise ValueError(f"{split.protocol} fold {split.fold}: {len(fit)} training images, fewer than one "
-                             f"batch ({self.global_batch}); lower finetune.batch_size")
-
+    def new_model(self, start):
+        """(graphdef, replicated state) of a TbClassifier on a copy of the start's backbone with a new head."""
         model = TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(self.seed))
         graphdef, state = train_state.create(model, self.tx)
         # A copy: the train step donates its state, and the start's own arrays serve the next split too.
-        state = jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
-        train_step, predict_step = self._compiled(graphdef)
-        val_y = train_set.y[split.validation]
+        return graphdef, jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
 
-        best = (-np.inf, 0, None)  # (validation AUROC, epoch, host copy of the state)
-        history = []
-        seed = self.seed * 1000 + max(split.fold, 0)
+    def epochs(self, graphdef, state, fit, seed: int, what: str):
+        """Train on `fit` epoch by epoch: yields (epoch, state) after each. The next epoch donates that state,
+        so copy what you keep before asking for it."""
+        s = self.settings
+        steps_per_epoch = len(fit) // self.global_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"{what}: {len(fit)} training images, fewer than one batch ({self.global_batch}); "
+                             "lower finetune.batch_size")
+        train_step, _ = self._compiled(graphdef)
         with pipeline.train_batches(fit, kind="binary", global_batch_size=self.global_batch,
                                     image_size=self.image_size, seed=seed,
                                     augmentation=Augmentation(**s.augment)) as batches:
@@ -213,19 +197,35 @@ class Finetuner:
                     state, loss = train_step(state, train.to_global(next(batches), self.data_sharding))
                 loss = float(loss)
                 if not np.isfinite(loss):
-                    raise train.NonFiniteLossError(f"fine-tuning {start.name} on {split.protocol} fold "
-                                                   f"{split.fold}: loss is {loss} in epoch {epoch}")
-                # Evaluate a copy with precise statistics; training continues from `state` unchanged.
-                evaluated, fit_images = self.with_precise_batchnorm(graphdef, state, fit)
-                auroc = float(metrics.roc_auc(val_y, self.predict(predict_step, evaluated, validation)))
-                history.append(auroc)
-                logging.info("finetune %s %s fold %d epoch %d: train loss %.4f, validation AUROC %.4f",
-                             start.name, split.protocol, split.fold, epoch, loss, auroc)
-                if auroc > best[0]:
-                    best = (auroc, epoch, jax.device_get(evaluated))
-                elif epoch - best[1] >= s.patience:
-                    break
-                del evaluated  # shares the weights `state` donates to the next step
+                    raise train.NonFiniteLossError(f"fine-tuning {what}: loss is {loss} in epoch {epoch}")
+                logging.info("finetune %s epoch %d: train loss %.4f", what, epoch, loss)
+                yield epoch, state
+
+    def run(self, start, split, sets) -> FinetuneResult:
+        s = self.settings
+        began = time.perf_counter()
+        train_set, test_set = sets[split.train_set], sets[split.test_set]
+        fit = RecordSubset(train_set.source, split.fit)
+        validation = RecordSubset(train_set.source, split.validation)
+        test = RecordSubset(test_set.source, split.test)
+        graphdef, state = self.new_model(start)
+        _, predict_step = self._compiled(graphdef)
+        val_y = train_set.y[split.validation]
+
+        best = (-np.inf, 0, None)  # (validation AUROC, epoch, host copy of the state)
+        history = []
+        what = f"{start.name} {split.protocol} fold {split.fold}"
+        for epoch, state in self.epochs(graphdef, state, fit, self.seed * 1000 + max(split.fold, 0), what):
+            # Evaluate a copy with precise statistics; training continues from `state` unchanged.
+            evaluated, fit_images = self.with_precise_batchnorm(graphdef, state, fit)
+            auroc = float(metrics.roc_auc(val_y, self.predict(predict_step, evaluated, validation)))
+            history.append(auroc)
+            logging.info("finetune %s epoch %d: validation AUROC %.4f", what, epoch, auroc)
+            if auroc > best[0]:
+                best = (auroc, epoch, jax.device_get(evaluated))
+            elif epoch - best[1] >= s.patience:
+                break
+            del evaluated  # shares the weights `state` donates to the next step
         kept = jax.device_put(best[2], self.replicated)
         val_prob = self.predict(predict_step, kept, validation)
         test_bn_stats = "target" if s.bn_stats == "target" and split.train_set != split.test_set else "fit"
@@ -238,3 +238,16 @@ class Finetuner:
                               epochs_run=len(history), val_auroc=history,
                               bn_images={"validation": fit_images, "test": test_images},
                               test_bn_stats=test_bn_stats, seconds=time.perf_counter() - began, state=best[2])
+
+    def fit_all(self, start, source, num_epochs: int, what: str):
+        """Fine-tune on every record of `source` for exactly `num_epochs` epochs (no validation part: the
+        deployable model), then recompute the BatchNorm statistics on those records. Returns the TbClassifier."""
+        graphdef, state = self.new_model(start)
+        if not 1 <= num_epochs <= self.settings.num_epochs:
+            raise ValueError(f"{what}: {num_epochs} epochs; expected 1..finetune.num_epochs")
+        for epoch, state in self.epochs(graphdef, state, source, self.seed * 1000 + 999, what):
+            if epoch == num_epochs:
+                kept = jax.tree.map(jnp.copy, state)
+                break
+        kept, _ = self.with_precise_batchnorm(graphdef, kept, source)
+        return train_state.model_of(graphdef, jax.device_get(kept))

@@ -17,7 +17,9 @@ Montgomery is the default; any prepared datasets and binary targets work (config
   7. cell metrics        AUROC, operating points, calibration per cell (report.cell_metrics); every pair of
                          cells compared on their common test images per protocol (paired)
   8. age and sex         the MetaChexNet heads on each dataset vs its ages and sexes (report.age_sex_metrics)
-  9. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report)
+  9. deployable model    config.deploy's start, method and protocol column fitted on every training image,
+                         threshold from out-of-fold predictions -> WORKDIR/model/ for `predict` (deploy)
+ 10. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from absl import logging
 
 from metachex_jax import files
 from metachex_jax.data import datasets as nih_datasets
+from metachex_jax.transfer import deploy as deploy_lib
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import paired as paired_lib
 from metachex_jax.transfer import protocols as protocols_lib
@@ -119,6 +122,7 @@ def run(config, workdir: str) -> dict:
                      for s in starts if s.kind == "random_bn"]
     views: dict[str, dict[str, sets_lib.TransferSet]] = {}  # target -> set name -> its images of that target
     protocol_targets: dict[str, str] = {}  # report column -> target
+    column_protocols: dict[str, protocols_lib.Protocol] = {}  # report column -> protocol
     for target in targets:
         for protocol in protocol_list:
             lacking = [d for d in protocol.datasets if not sets_lib.has_target(records[d], target)]
@@ -134,13 +138,17 @@ def run(config, workdir: str) -> dict:
                                                          fold_seed=config.data.fold_seed)
             try:
                 splits[key] = protocols_lib.check_protocol(protocol, sets_t, need_validation="finetune" in methods)
-                protocol_targets[key] = target
+                protocol_targets[key], column_protocols[key] = target, protocol
             except ValueError as e:
                 problems.append(str(e))
     for target in targets:
         if not any(t == target for t in protocol_targets.values()) and not problems:
             problems.append(f"no protocol can run for target {target!r}: " + "; ".join(
                 n for n in notes if n.endswith(f"has no {target} label")))
+    try:
+        deploy_spec = deploy_lib.deploy_spec(config, starts, column_protocols, protocol_targets, methods)
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
         raise ValueError("\n".join(problems))
     column_names = list(protocol_targets)
@@ -181,8 +189,8 @@ def run(config, workdir: str) -> dict:
         columns.setdefault(protocol, {})[key] = cols
 
     # 5. Linear probe.
+    settings = ProbeSettings.from_config(config.probe, config.seed)
     if "probe" in methods:
-        settings = ProbeSettings.from_config(config.probe, config.seed)
         for start in starts:
             per_dataset = {name: tables[start.name, name] for name in records}
             for protocol in column_names:
@@ -210,6 +218,7 @@ def run(config, workdir: str) -> dict:
                 add_cell(start, "probe", protocol, results, extra)
 
     # 6. Fine-tuning.
+    tuner = None
     if "finetune" in methods:
         s = config.finetune
         tuner = Finetuner(s, image_size=image_size, seed=config.seed)
@@ -249,7 +258,19 @@ def run(config, workdir: str) -> dict:
                             for name, dataset in records.items()}
                for start in want_age_sex}
 
-    # 9. Report.
+    # 9. The deployable model.
+    deployed = None
+    if deploy_spec is not None:
+        t0 = time.perf_counter()
+        deployed = deploy_lib.fit_and_save(deploy_spec, config, workdir, starts=starts,
+                                           view=views[deploy_spec.target][deploy_spec.train_set],
+                                           tables={name: tables[deploy_spec.start, name] for name in records
+                                                   if (deploy_spec.start, name) in tables},
+                                           columns=columns, cells=cells, details=details, settings=settings,
+                                           tuner=tuner)
+        timings["deployable model s"] = time.perf_counter() - t0
+
+    # 10. Report.
     timings["total s"] = time.perf_counter() - began
     result = {
         "protocols": column_names,
@@ -263,6 +284,7 @@ def run(config, workdir: str) -> dict:
         "finetune": finetune_info if "finetune" in methods else None,
         "details": details,
         "age_sex": age_sex,
+        "deployed_model": deployed,
         "notes": notes,
         "timings": timings,
         "starts": {s.name: {**s.info, "weights_fingerprint": s.fingerprint} for s in starts},
