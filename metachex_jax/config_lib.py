@@ -250,7 +250,8 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
     # The deployable TB model fitted at the end on every training image and saved to WORKDIR/model/ for
     # `predict` (transfer/deploy.py; chosen by the config, never by test results): start = a start's name
     # ("" = init_from's, "none" = no model), method ("" = finetune when the run fine-tunes, else probe), protocol
-    # ("" = the first of protocols; its training set is fitted), threshold_rule ("sensitivity": the largest
+    # ("" = the first report column: a protocol, or <protocol>.<target> with several targets; its training set,
+    # one dataset, is fitted), threshold_rule ("sensitivity": the largest
     # threshold with out-of-fold sensitivity >= screening.sensitivity; or "youden").
     c.deploy = dict(start="", method="", protocol="", threshold_rule="sensitivity")
     c.calibration_bins = 10  # equal-width probability bins of the expected calibration error and reliability plots
