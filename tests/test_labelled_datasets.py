@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from data_fixtures import (CHEXPERT_OBSERVATIONS, make_chexpert_tree, make_csv_tree, make_padchest_tree,
                            pixel_value, write_png)
 from metachex_jax import prepare
-from metachex_jax.data import build, builders, chexpert, csv_dataset, labelled, padchest, registry
+from metachex_jax.data import build, builders, chexpert, labelled, padchest, registry
 from metachex_jax.data.raw_common import RawDataError
 from metachex_jax.labels import PATHOLOGIES
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -162,5 +161,3 @@ def split_notes_and_problems(raw: LabelledRaw) -> tuple[list[str], list[Problem]
     return notes, problems
 
 
-def counter_text(counter: Counter) -> str:
-    return ", ".join(f"{key} {n:,}" for key, n in counter.most_common()) or "none"
