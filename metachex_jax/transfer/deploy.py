@@ -14,8 +14,8 @@ after the target.
 
 - Threshold: chosen on the out-of-fold predictions of the training data, i.e. the pooled held-out predictions of
   the same start and method in the cross-validation protocol within the training set (`cv_<training set>` for the
-  same target, which must be among the run's columns), by `deploy.threshold_rule`: "sensitivity" (default: the largest threshold
-  with sensitivity >= screening.sensitivity, 0.9, WHO's triage target) or "youden".
+  same target, which must be among the run's columns), by `deploy.threshold_rule`: "sensitivity" (default: the
+  largest threshold with sensitivity >= screening.sensitivity, 0.9, WHO's triage target) or "youden".
 - Probe: the probe refitted on all training features (inner CV chooses the L2 strength, as in every split),
   its weights on standardised features folded into a linear TB head on the start's frozen backbone.
 - Fine-tuning: no validation part is left, so training runs for the median best epoch of the cross-validation
