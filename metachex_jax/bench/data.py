@@ -221,11 +221,12 @@ def naive_pil_img_per_s(paths: Sequence[Path], resolution: int, bits: int | None
 
 
 def decode_img_per_s(paths: Sequence[Path], resolution: int, workers: int, declared_bits: int | None) -> float:
-    """The reader's decode_many over `paths` on a warm pool of `workers` processes (total img/s)."""
+    """The reader's decode_many over `paths` on a warm pool of `workers` worker processes, as a build decodes
+    (total img/s; the main process only collects)."""
     from metachex_jax.data import images
 
     declared = [declared_bits] * len(paths)
-    with images.decoding_pool(workers) as pool:
+    with images.decoding_pool(workers, pool_for_one=True) as pool:  # decoding as a build's workers do
         list(images.decode_many(paths[:workers], resolution, pool=pool, progress=False,
                                 declared_bits=declared[:workers]))  # start the workers
         start = time.perf_counter()
