@@ -14,13 +14,15 @@ Commands (each prints the gcloud commands it runs; with --dry-run it only prints
   push     copy the committed code (git archive of HEAD in --source) to ~/metachex-jax on every worker
   setup    idempotent: uv + Python $PYTHON_VERSION + venv ~/metachex-venv with jax[tpu], gcsfs,
            google-cloud-storage (gs:// workdirs) and metachex_jax
+  copy-data  copy the prepared datasets from --data-source=gs://... to --data-dir (a local folder) on every
+           worker (gcloud storage rsync: a rerun copies only what is missing)
   run      start 'python -m metachex_jax.main --config=CONFIG --workdir=WORKDIR --config.distributed=yes'
            on all workers at once (detached: it survives a dropped ssh connection), then stream worker 0's log
   logs     stream worker 0's log (~/metachex-run.log); Ctrl-C stops streaming, not the run
   stop     stop the run on every worker
   status   show the TPU VM's state (READY, PREEMPTED, ...)
   delete   delete the TPU VM (the workdir on Cloud Storage stays)
-  up       create, push, setup and run
+  up       create, push, setup, copy-data (when --data-source is given) and run
 
 Options:
   --name=NAME              TPU VM name (default: metachex-\$USER)
@@ -32,16 +34,22 @@ Options:
   --spot                   a Spot VM: much cheaper, can be preempted at any time (see README)
   --config=CONFIG          config spec relative to the repository (default: configs/pretrain.py)
   --workdir=gs://B/P       run directory on Cloud Storage (required for run/up; a rerun resumes from it)
-  --data-dir=gs://B/P      prepared datasets (passed as --config.data.data_dir)
+  --data-dir=DIR           prepared datasets as the workers see them (passed as --config.data.data_dir):
+                           gs://B/P, or a folder on every worker's local disk (/abs/path or ~/path)
+  --data-source=gs://B/P   copy-data: the prepared datasets in Cloud Storage (the folder holding
+                           chestxray14/, shenzhen/, ...) to copy to --data-dir on every worker
   --source=DIR             checkout to push (default: the repository holding this script)
   --no-follow              run: do not stream the log after starting
   --dry-run                print the commands, run nothing
   -h, --help               this message
 Everything after -- goes to metachex_jax.main unchanged, e.g. -- --config.batch_size_per_device=64
 
-Example:
+Examples:
   $(basename "$0") up --zone=us-central2-b --accelerator-type=v4-8 --spot \\
       --workdir=gs://my-bucket/runs/metachex1 --data-dir=gs://my-bucket/tensorflow_datasets
+  $(basename "$0") up --zone=us-central2-b --accelerator-type=v4-8 --spot \\
+      --workdir=gs://my-bucket/runs/metachex1 \\
+      --data-source=gs://my-bucket/tensorflow_datasets --data-dir=~/tensorflow_datasets
 USAGE
 }
 
@@ -53,7 +61,7 @@ REMOTE_LOG="\$HOME/metachex-run.log"
 REMOTE_PID="\$HOME/metachex-run.pid"
 
 command="" name="metachex-${USER:-user}" zone="" project="" accelerator_type="v4-8" version="" spot=0
-config="configs/pretrain.py" workdir="" data_dir="" follow=1
+config="configs/pretrain.py" workdir="" data_dir="" data_source="" follow=1
 source_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 main_flags=()
 while (($#)); do
@@ -63,7 +71,7 @@ while (($#)); do
     --spot) spot=1 ;;
     --no-follow) follow=0 ;;
     --name=* | --zone=* | --project=* | --accelerator-type=* | --version=* | --config=* | --workdir=* | \
-      --data-dir=* | --source=*)
+      --data-dir=* | --data-source=* | --source=*)
       set -- "${1%%=*}" "${1#*=}" "${@:2}"
       continue ;;
     --name) need_value "$1" "$#"; name="$2"; shift ;;
@@ -74,6 +82,7 @@ while (($#)); do
     --config) need_value "$1" "$#"; config="$2"; shift ;;
     --workdir) need_value "$1" "$#"; workdir="$2"; shift ;;
     --data-dir) need_value "$1" "$#"; data_dir="$2"; shift ;;
+    --data-source) need_value "$1" "$#"; data_source="$2"; shift ;;
     --source) need_value "$1" "$#"; source_dir="$2"; shift ;;
     --) shift; main_flags=("$@"); break ;;
     -*) die "unknown option: $1" ;;
@@ -93,8 +102,8 @@ fi
 
 PROBLEMS=()
 case "$command" in
-  create | push | setup | run | logs | stop | status | delete | up) ;;
-  "") PROBLEMS+=("a command is required: create, push, setup, run, logs, stop, status, delete or up") ;;
+  create | push | setup | copy-data | run | logs | stop | status | delete | up) ;;
+  "") PROBLEMS+=("a command is required: create, push, setup, copy-data, run, logs, stop, status, delete or up") ;;
   *) PROBLEMS+=("unknown command '$command'") ;;
 esac
 [[ -n "$zone" ]] || PROBLEMS+=("--zone is required")
@@ -108,8 +117,21 @@ if [[ "$command" == run || "$command" == up ]]; then
   # Every worker writes its share of each checkpoint into the same directory, and the VM's disk is gone
   # once it is deleted or preempted: the workdir must be on Cloud Storage.
   [[ "$workdir" == gs://?* ]] || PROBLEMS+=("--workdir must be a gs:// path (shared by all workers), got '$workdir'")
-  [[ -z "$data_dir" || "$data_dir" == gs://?* ]] ||
-    PROBLEMS+=("--data-dir must be a gs:// path (read by all workers), got '$data_dir'")
+fi
+# A local --data-dir is a path on every worker: absolute or under the worker's home, plain characters only (it
+# is expanded there, in the remote shell).
+local_data_dir_pattern='^(/|~/)[A-Za-z0-9_./-]*$'
+if [[ "$command" != copy-data && -n "$data_dir" && "$data_dir" != gs://?* &&
+  ! "$data_dir" =~ $local_data_dir_pattern ]]; then
+  PROBLEMS+=("--data-dir must be a gs:// path or a folder on the workers (/abs/path or ~/path; letters, digits, _ . / - only), got '$data_dir'")
+fi
+if [[ "$command" == copy-data || ( "$command" == up && -n "$data_source" ) ]]; then
+  [[ "$data_source" == gs://?* ]] ||
+    PROBLEMS+=("--data-source must be the gs:// folder of the prepared datasets, got '$data_source'")
+  [[ "$data_dir" =~ $local_data_dir_pattern ]] ||
+    PROBLEMS+=("--data-dir must be the folder on the workers to copy the datasets to (/abs/path or ~/path; letters, digits, _ . / - only), got '$data_dir'")
+elif [[ -n "$data_source" ]]; then
+  PROBLEMS+=("--data-source is only for copy-data and up")
 fi
 if [[ "$command" == push || "$command" == up ]]; then
   [[ -d "$source_dir/.git" || -f "$source_dir/.git" ]] || PROBLEMS+=("--source=$source_dir is not a git checkout")
@@ -150,6 +172,22 @@ test -x $REMOTE_VENV/bin/python || uv venv --python $PYTHON_VERSION $REMOTE_VENV
 uv pip install --python $REMOTE_VENV/bin/python 'jax[tpu]' gcsfs google-cloud-storage -e $REMOTE_CODE"
 }
 
+# remote_path PATH: PATH as a word for the workers' shell ("~/x" becomes $HOME/x, expanded there).
+remote_path() {
+  if [[ "$1" == \~/* ]]; then
+    echo "\$HOME/${1#\~/}"
+  else
+    quote "$1"
+  fi
+}
+
+do_copy_data() {
+  # rsync: a rerun (say, after a Spot VM was recreated) copies only what is missing or changed.
+  local target
+  target="$(remote_path "$data_dir")"
+  on_workers all "set -e; mkdir -p $target; gcloud storage rsync --recursive $(quote "$data_source") $target"
+}
+
 do_run() {
   # config.distributed=yes: on a TPU VM, jax.distributed.initialize() finds the slice's workers through the
   # metadata server (a single-host VM is a slice of one); the environment-variable detection cannot see it.
@@ -176,10 +214,14 @@ case "$command" in
   create) do_create ;;
   push) do_push ;;
   setup) do_setup ;;
+  copy-data) do_copy_data ;;
   run) do_run ;;
   logs) do_logs ;;
   stop) do_stop ;;
   status) run "${gcloud_tpu[@]}" describe "$name" "${where[@]}" "--format=value(state)" ;;
   delete) run "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet ;;
-  up) do_create; do_push; do_setup; do_run ;;
+  up)
+    do_create; do_push; do_setup
+    [[ -z "$data_source" ]] || do_copy_data
+    do_run ;;
 esac

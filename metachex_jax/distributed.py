@@ -20,10 +20,16 @@ T = TypeVar("T")
 
 
 def multiprocess_launch_detected(env=os.environ) -> str | None:
-    """Name the multi-process launcher found in the environment, or None for a single-process run."""
+    """Name the multi-process launcher found in the environment, or None for a single-process run.
+
+    SLURM counts only when `srun` started several tasks for this job step (SLURM_STEP_NUM_TASKS > 1, with this
+    task's SLURM_PROCID): Python run directly in an `salloc` shell or an `sbatch` script sees the allocation's
+    SLURM_NTASKS (and, in a batch script, SLURM_PROCID=0) but is one process, and must not wait for others.
+    """
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    step_tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and step_tasks.isdigit() and int(step_tasks) > 1:
         return "SLURM"
     if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return "TPU VM slice"

@@ -173,7 +173,6 @@ def pointing_game_run(model: str, nih_dir: str, *, bbox_csv: str | None = None, 
     """Grad-CAM pointing game of MODEL on the boxed images of an NIH-layout folder (real or demo)."""
     import os
 
-    from metachex_jax.data import images as image_reader
     from metachex_jax.inference import Predictor
 
     bbox_csv = bbox_csv or os.path.join(nih_dir, "BBox_List_2017.csv")

@@ -1,17 +1,24 @@
 """Entry point: `python -m metachex_jax.main --config=configs/pretrain.py[:ARGS] --workdir=DIR`.
 
-Deliberately thin: parse flags, start the multi-host runtime when asked or detected, print the config, and
-hand over to the trainer the config names (`config.trainer`). Everything else is importable from tests and
-notebooks (`metachex_jax.train.train_and_evaluate(config, workdir)`).
+Deliberately thin: parse flags, check the config (`config_lib.validate`: every problem at once, before any
+work), start the multi-host runtime when asked or detected, print the config, and hand over to the trainer the
+config names (`config.trainer`). Everything else is importable from tests and notebooks
+(`metachex_jax.train.train_and_evaluate(config, workdir)`).
+
+Exit status: 0 done; 2 a user error (bad flags or config, missing data, unusable starting weights: the message
+says what to change, without a traceback, see errors.py); anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
+
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metachex_jax import distributed, files
+from metachex_jax import config_lib, distributed, files
+from metachex_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
@@ -42,21 +49,48 @@ def run(config, workdir: str):
     if config.trainer == "transfer":
         from metachex_jax.transfer import run as transfer_run
         return transfer_run.run(config, workdir)
-    raise ValueError(f"unknown config.trainer {config.trainer!r}; expected 'pretrain' or 'transfer'")
+    raise ValueError(f"unknown config.trainer {config.trainer!r}; expected one of {config_lib.TRAINERS}")
+
+
+def user_error_exit(message: str) -> None:
+    """Print a user error without a traceback and exit with status 2 (absl's UsageError would exit 1)."""
+    print(f"python -m metachex_jax.main: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (config file, overrides, required flags); a bad flag is a user error."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        # A config file's get_config raising a UserError (a bad argument after the colon): its own message.
+        chain, user_error = e, None
+        while chain is not None:
+            user_error = chain if isinstance(chain, UserError) else user_error
+            chain = chain.__cause__ or chain.__context__
+        user_error_exit(str(user_error) if user_error else f"{e}\nSee python -m metachex_jax.main --helpfull.")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config lacks
+        overrides = [a for a in argv if a.startswith("--config.")]
+        field = str(e).strip("\"'")
+        user_error_exit(f"unknown config field {field!r}: check the overrides {' '.join(overrides)}")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = FLAGS.config
-    use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
-    distributed.maybe_initialize(config.get("distributed", "auto"))
-    workdir = files.absolute(FLAGS.workdir)  # gs://... stays as it is
-    if jax.process_index() == 0:
-        logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-        logging.info("config:\n%s", config)
-    run(config, workdir)
+    try:
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
+        config = FLAGS.config
+        config_lib.validate(config)
+        use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
+        distributed.maybe_initialize(config.distributed)
+        workdir = files.absolute(FLAGS.workdir)  # gs://... stays as it is
+        if jax.process_index() == 0:
+            logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+            logging.info("config:\n%s", config)
+        run(config, workdir)
+    except UserError as e:
+        user_error_exit(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

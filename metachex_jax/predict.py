@@ -8,7 +8,8 @@ MODEL: a pretraining workdir (best checkpoint; --step), a transfer workdir (its 
 directory (a TB model, an exported model) or a convert_torchvision backbone (features only); see
 `metachex_jax.inference`. INPUT: files (any name: the format is read from the content), folders (searched
 recursively for files named like images: .png .jpg .jpeg .dcm .dicom .tif .tiff .bmp in any case, or with no
-extension, as DICOM files often are; hidden and AppleDouble `._*` files are left out and counted), and globs;
+extension, as DICOM files often are; hidden files, AppleDouble `._*` files and Thumbs.db are left out and
+counted), and globs;
 `--list=FILE` adds one path per line.
 
 Writes into --out (default ./predictions):
@@ -39,6 +40,7 @@ import time
 import numpy as np
 
 from metachex_jax import files
+from metachex_jax.data.raw_common import not_dataset_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 
@@ -56,17 +58,17 @@ def expand_inputs(inputs: list[str], list_file: str | None = None) -> tuple[list
                 items += [line.strip() for line in f if line.strip() and not line.startswith("#")]
         except OSError as e:
             raise UsageError(f"--list={list_file}: {e}") from e
-    paths, missing, left_out = [], [], {"hidden_or_appledouble": [], "not_named_like_images": []}
+    paths, missing, left_out = [], [], {"not_images_of_the_collection": [], "not_named_like_images": []}
     for item in items:
         item = os.path.expanduser(item)
         if os.path.isdir(item):
             for root, dirs, names in os.walk(item):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = sorted(dirs)
                 for name in sorted(names):
                     path = os.path.join(root, name)
                     suffix = os.path.splitext(name)[1].lower()
-                    if name.startswith("."):
-                        left_out["hidden_or_appledouble"].append(path)
+                    if not_dataset_file(os.path.relpath(path, item)):  # AppleDouble, hidden, Thumbs.db
+                        left_out["not_images_of_the_collection"].append(path)
                     elif suffix in IMAGE_SUFFIXES or not suffix:
                         paths.append(path)
                     else:

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from metachex_jax import checkpointing, convert, evaluate, files, optim, train_state
 from metachex_jax.data import datasets, pipeline
 from metachex_jax.data.augment import Augmentation
+from metachex_jax.errors import MissingDataError
 from metachex_jax.losses import chexnet_class_weights
 from metachex_jax.metric_writer import MetricWriter
 from metachex_jax.models import build_model, count_params
@@ -73,7 +74,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         other = checkpointing.make_manager(directory, keep=1 << 30, async_save=False)
         restored = checkpointing.restore_latest(other, abstract_state)
         if restored is None:
-            raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint")
+            raise MissingDataError(f"config.resume={config.resume!r} holds no checkpoint")
         step, state, meta = restored
         other.close()
         return state, {**meta, "resumed_from": config.resume}, f"full state from {config.resume} step {step}"

@@ -237,3 +237,15 @@ def test_killed_build_never_reads_as_complete_and_is_cleaned_up(tmp_path):
     assert result.removed_incomplete and not list(config_dir.glob("incomplete.*"))
     assert sorted(p.name for p in config_dir.iterdir()) == [".build.lock", str(builders.Shenzhen.VERSION)]
     assert len(read_split("shenzhen", tmp_path / "out", "train")) == result.report["split_sizes"]["train"]
+
+
+def test_build_ignores_and_reports_files_that_are_not_images_of_the_dataset(tmp_path):
+    from test_nih import litter_like_a_mac_and_windows
+
+    tree = make_nih_tree(tmp_path / "raw", n_patients=8)
+    counts = litter_like_a_mac_and_windows(tmp_path / "raw", [r["name"] for r in tree.rows[:3]])
+    result = build("chestxray14", tree.root, tmp_path / "out")
+    assert sum(result.report["split_sizes"].values()) == len(tree.rows) and not result.report["skipped"]
+    assert {k: v["count"] for k, v in result.report["ignored_files"].items()} == counts
+    assert f"images/._{tree.rows[0]['name']}" in result.report["ignored_files"]["appledouble"]["examples"]
+    assert "ignored, not images of the dataset: 4 appledouble (e.g. " in result.format()

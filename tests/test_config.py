@@ -48,10 +48,34 @@ def test_config_docstrings_carry_their_command():
         assert f"python -m metachex_jax.main --config=configs/{name}.py" in text
 
 
+# What SLURM puts in the environment (sbatch/salloc/srun manual pages, "OUTPUT ENVIRONMENT VARIABLES"): a batch
+# script of a 2-node, 8-task job; an salloc shell of the same allocation; one task of `srun` inside it.
+SBATCH_SCRIPT = {"SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242", "SLURM_NTASKS": "8", "SLURM_NPROCS": "8",
+                 "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "4(x2)",
+                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_SUBMIT_DIR": "/home/u"}
+SALLOC_SHELL = {"SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242", "SLURM_NTASKS": "8", "SLURM_NPROCS": "8",
+                "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "4(x2)",
+                "SLURM_SUBMIT_DIR": "/home/u"}
+
+
+def srun_task(tasks: int, procid: int = 1) -> dict:
+    return {**SBATCH_SCRIPT, "SLURM_NTASKS": str(tasks), "SLURM_NPROCS": str(tasks), "SLURM_STEP_ID": "0",
+            "SLURM_STEPID": "0", "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NUM_NODES": "2",
+            "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_PROCID": str(procid),
+            "SLURM_LOCALID": str(procid % 4)}
+
+
+def test_slurm_is_a_multiprocess_launch_only_for_several_srun_tasks():
+    assert distributed.multiprocess_launch_detected(SBATCH_SCRIPT) is None  # python run by the batch script itself
+    assert distributed.multiprocess_launch_detected(SALLOC_SHELL) is None  # python typed in an salloc shell
+    assert distributed.multiprocess_launch_detected(srun_task(8, procid=5)) == "SLURM"
+    assert distributed.multiprocess_launch_detected(srun_task(1, procid=0)) is None  # srun -n1: one process
+    assert not distributed.maybe_initialize("auto", env=SBATCH_SCRIPT)  # nothing to connect to: not called
+    assert not distributed.maybe_initialize("auto", env=SALLOC_SHELL)
+
+
 def test_distributed_initialised_only_when_asked_or_detected():
     assert distributed.multiprocess_launch_detected({}) is None
-    assert distributed.multiprocess_launch_detected({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None
-    assert distributed.multiprocess_launch_detected({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}) == "SLURM"
     assert distributed.multiprocess_launch_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU VM slice"
     assert distributed.multiprocess_launch_detected({"TPU_WORKER_HOSTNAMES": "a"}) is None
     assert not distributed.maybe_initialize("auto", env={})  # a single-host run never initialises

@@ -114,11 +114,38 @@ def test_tpu_vm_v5e_slice_commands():
     assert "--worker=all" in stop and "kill" in remote_command(stop)
 
 
+def test_tpu_vm_copies_data_to_every_worker_and_runs_on_the_local_copy():
+    common = ["--zone=us-central2-b", "--workdir=gs://b/runs/a", "--data-dir=~/tensorflow_datasets"]
+    [copy] = dry_run("tpu_vm.sh", "copy-data", *common, "--data-source=gs://b/tensorflow_datasets")
+    assert copy[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "metachex-tester", "--zone=us-central2-b",
+                        "--worker=all"]
+    assert remote_command(copy) == ("set -e; mkdir -p $HOME/tensorflow_datasets; gcloud storage rsync --recursive "
+                                    "gs://b/tensorflow_datasets $HOME/tensorflow_datasets")
+    # `up` copies before it runs, and the run reads the local copy.
+    commands = dry_run("tpu_vm.sh", "up", *common, "--data-source=gs://b/tensorflow_datasets")
+    assert [remote_command(c) for c in commands if c[4] == "ssh"][2] == remote_command(copy)
+    start = commands[-2]
+    assert "--config.data.data_dir=~/tensorflow_datasets" in shlex.split(remote_command(start).split("nohup ")[1])
+    # Without --data-source, `up` copies nothing; an absolute local --data-dir is passed as it is.
+    commands = dry_run("tpu_vm.sh", "up", "--zone=z", "--workdir=gs://b/w", "--data-dir=/mnt/disks/tfds")
+    assert not any("rsync" in " ".join(c) for c in commands)
+    assert "--config.data.data_dir=/mnt/disks/tfds" in remote_command(commands[-2])
+
+
+def test_tpu_vm_copy_data_needs_a_bucket_and_a_local_folder():
+    done = launch("tpu_vm.sh", "copy-data", "--zone=z", "--data-source=/local/tfds", "--data-dir=gs://b/tfds")
+    assert done.returncode == 2
+    assert "--data-source must be the gs:// folder of the prepared datasets, got '/local/tfds'" in done.stderr
+    assert "--data-dir must be the folder on the workers to copy the datasets to" in done.stderr
+    done = launch("tpu_vm.sh", "run", "--zone=z", "--workdir=gs://b/w", "--data-source=gs://b/tfds")
+    assert done.returncode == 2 and "--data-source is only for copy-data and up" in done.stderr
+
+
 def test_tpu_vm_names_every_bad_argument():
-    done = launch("tpu_vm.sh", "run", "--name=Bad_Name", "--workdir=/local/dir", "--data-dir=/local/data")
+    done = launch("tpu_vm.sh", "run", "--name=Bad_Name", "--workdir=/local/dir", "--data-dir=relative/data")
     assert done.returncode == 2
     for problem in ("--zone is required", "--name must be", "--workdir must be a gs:// path",
-                    "--data-dir must be a gs:// path", "'/local/dir'"):
+                    "--data-dir must be a gs:// path or a folder on the workers", "'/local/dir'", "'relative/data'"):
         assert problem in done.stderr
     assert "unknown command 'launch'" in launch("tpu_vm.sh", "launch", "--zone=z").stderr
     assert "unknown option: --zones" in launch("tpu_vm.sh", "create", "--zones=z").stderr

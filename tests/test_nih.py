@@ -157,3 +157,34 @@ def test_missing_metadata_files_are_clear_errors(tmp_path):
     (tmp_path / "test_list.txt").unlink()
     with pytest.raises(FileNotFoundError, match="test_list.txt"):
         nih.load_nih(tmp_path)
+
+
+def litter_like_a_mac_and_windows(root, image_names):
+    """What copies pick up on the way: AppleDouble forks (also as __MACOSX/ from a zip), Finder and Trash files,
+    Windows thumbnail databases. Their bytes are not PNGs, and some carry NIH-like image names."""
+    images = root / "images"
+    for name in image_names:
+        (images / f"._{name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (root / "__MACOSX" / "images").mkdir(parents=True)
+    (root / "__MACOSX" / "images" / f"._{image_names[0]}").write_bytes(b"\x00\x05\x16\x07")
+    (images / ".DS_Store").write_bytes(b"Bud1")
+    (root / ".Trash-1000" / "files").mkdir(parents=True)
+    (root / ".Trash-1000" / "files" / "99999999_000.png").write_bytes(b"deleted")
+    (images / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    return {"appledouble": len(image_names) + 1, "hidden": 2, "thumbnail_database": 1}
+
+
+def test_files_that_are_not_images_of_the_dataset_are_ignored_and_counted(tmp_path):
+    tree = make_nih_tree(tmp_path)
+    counts = litter_like_a_mac_and_windows(tmp_path, [tree.rows[0]["name"], tree.rows[1]["name"]])
+    raw = nih.load_nih(tmp_path)  # no problem raised
+    assert not raw.problems and len(all_records(raw)) == len(tree.rows)
+    assert {kind: len(paths) for kind, paths in raw.ignored_files.items()} == counts
+    assert f"images/._{tree.rows[0]['name']}" in raw.ignored_files["appledouble"]
+    assert raw.ignored_files["thumbnail_database"] == ["images/Thumbs.db"]
+    notes = "\n".join(nih.verify(tmp_path).notes)
+    assert "ignored, not images of the dataset: 3 appledouble (e.g. " in notes and "2 hidden" in notes
+    # A real image nobody listed stays a problem, NIH-named or not.
+    shutil.copy(tree.image_path(tree.rows[1]["name"]), tmp_path / "images" / "88888888_000.png")
+    shutil.copy(tree.image_path(tree.rows[1]["name"]), tmp_path / "images" / "scan.png")
+    expect_problems(tmp_path, {("unlisted_image", "images/88888888_000.png"), ("unlisted_image", "images/scan.png")})

@@ -185,3 +185,16 @@ def test_default_split_is_stratified_70_10_20(tmp_path):
     assert counts == {("test", 0): 6, ("validation", 0): 3, ("train", 0): 21,
                       ("test", 1): 4, ("validation", 1): 2, ("train", 1): 14}
     assert tb.load_tb(tmp_path, "shenzhen").records == raw.records
+
+
+def test_appledouble_and_hidden_files_are_ignored_and_counted(tmp_path):
+    tree = make_tb_tree(tmp_path, "shenzhen")
+    first = sorted(tree.values)[0]
+    (tree.root / "CXR_png" / f"._{first}.png").write_bytes(b"\x00\x05\x16\x07")
+    (tree.root / "ClinicalReadings" / f"._{first}.txt").write_bytes(b"\x00\x05\x16\x07")
+    (tree.root / "CXR_png" / ".DS_Store").write_bytes(b"Bud1")
+    (tree.root / "CXR_png" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    raw = tb.load_tb(tmp_path, "shenzhen")  # neither bad_file_name nor reading_without_image
+    assert not raw.problems and len(raw.records) == len(tree.values)
+    assert raw.ignored_files == {"appledouble": [f"CXR_png/._{first}.png", f"ClinicalReadings/._{first}.txt"],
+                                 "hidden": ["CXR_png/.DS_Store"], "thumbnail_database": ["CXR_png/Thumbs.db"]}

@@ -221,15 +221,16 @@ def test_bad_inputs_give_clear_errors(finished, setup, tmp_path):
         weights.load_start(str(tmp_path / "nowhere"), config.model, 0)
     # A dataset not yet prepared (real-data config, empty data_dir).
     unprepared = transfer_config(demo_dir, pre, tmp_path, demo=False, **{"data.data_dir": str(tmp_path / "tfds")})
-    with pytest.raises(FileNotFoundError, match=r"(?s)shenzhen/r36_k3_seed0 was not found.*"
-                       r"python -m metachex_jax.prepare --dataset=shenzhen.*montgomery/r36_k3_seed0 was not found"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)montgomery/r36_k3_seed0, shenzhen/r36_k3_seed0 not found.*"
+                       r"python -m metachex_jax.prepare --dataset=montgomery .* --num_folds=3 --seed=0.*"
+                       r"python -m metachex_jax.prepare --dataset=shenzhen "):
         run.run(unprepared, str(tmp_path / "b"))
     # random_bn without the ChestX-ray14 build it takes its BatchNorm statistics from (TB sets prepared).
     _, tb_data_dir = nih_datasets.resolve_demo(config)
     no_nih = transfer_config(demo_dir, pre, tmp_path, demo=False, methods="probe",
                              **{"data.data_dir": tb_data_dir, "data.val_fraction": 0.3})
     with pytest.raises(FileNotFoundError, match=r"(?s)'random_bn' take their BatchNorm statistics from the "
-                       r"ChestX-ray14 training images.*chestxray14/r36_val0p3_seed0 was not found"):
+                       r"ChestX-ray14 training images.*chestxray14/r36_val0p3_seed0 not found"):
         run.run(no_nih, str(tmp_path / "d"))
     # A fold with a single class: Montgomery's 24 images in 12 folds leave single-class test folds.
     many_folds = transfer_config(demo_dir, pre, tmp_path, **{"data.num_folds": 12})

@@ -24,9 +24,11 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from metachex_jax import optim, train, train_state
+from metachex_jax import config_lib, optim, train, train_state
 from metachex_jax.data import pipeline
+from metachex_jax.errors import UserError
 from metachex_jax.models import build_model
+
 
 def loop_throughput(config, steps: int, log_every: int) -> float:
     """Median img/s the trainer logs over `steps` steps (first interval dropped)."""
@@ -84,7 +86,8 @@ def parse_args(argv: list[str]):
         fv(argv)
         if fv.config is None:
             raise flags.Error("--config is required")
-    except flags.Error as e:
+        config_lib.validate(fv.config)
+    except (flags.Error, UserError) as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return fv.config, fv.steps, fv.log_every

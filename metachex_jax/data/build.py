@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from pathlib import Path
 
 from etils import epath
@@ -36,6 +37,17 @@ def remote_data_dir_message(dataset: str, data_dir: str | os.PathLike) -> str:
             "Prepare it into a local folder, then copy it: python -m metachex_jax.prepare --dataset=... "
             f"--manual_dir=... --data_dir=LOCAL_DIR && gsutil -m cp -r LOCAL_DIR/{dataset} "
             f"{os.fspath(data_dir)}/ (or build into a gcsfuse mount of the bucket, which is a local path)")
+
+
+def prepare_command(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str = "RAW_DIR",
+                    resolution: int = builders.DEFAULT_RESOLUTION, **parameters) -> str:
+    """The complete `python -m metachex_jax.prepare` command for this build, every build parameter spelled out."""
+    family = registry.family(dataset)
+    words = ["python", "-m", "metachex_jax.prepare", f"--dataset={dataset}", f"--manual_dir={manual_dir}",
+             f"--data_dir={data_dir if data_dir == 'LOCAL_DIR' else files.absolute(data_dir)}",
+             f"--resolution={resolution}"]
+    words += [f"--{name}={value}" for name, value in family.resolve(parameters).items()]
+    return shlex.join(words)
 
 
 @dataclasses.dataclass
@@ -64,6 +76,10 @@ class BuildResult:
             lines += [f"    {flag} {item}: {detail!r}" for item, detail in details.items()]
         for depth in self.report.get("bit_depths", []):
             lines.append(f"  bit depth {depth['bits']} ({depth['source']}): {depth['images']} images")
+        ignored = self.report.get("ignored_files", {})  # (builds made before this field have none)
+        if ignored:
+            lines.append("  ignored, not images of the dataset: " + ", ".join(
+                f"{i['count']} {kind} (e.g. {', '.join(i['examples'][:3])})" for kind, i in ignored.items()))
         lines.append(f"  skip report: {self.path / 'skip_report.json'}")
         data_dir = self.path.parent.parent.parent
         lines.append(f'  read: tfds.data_source("{self.tfds_name}", split="train", data_dir="{data_dir}")')

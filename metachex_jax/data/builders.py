@@ -247,6 +247,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._problems: list[Problem] = []
         self._flags: dict[str, list[str]] = {}
         self._flag_details: dict[str, dict[str, str]] = {}  # kind -> {item: detail}, e.g. the reading text
+        self._ignored: dict[str, list[str]] = {}  # files that are no part of the dataset, by kind
         self._written: Counter = Counter()
         self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
         self._details: dict = {}  # dataset-specific facts for the report (label-table datasets)
@@ -279,7 +280,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
-        self._problems, self._flags, self._flag_details = [], {}, {}
+        self._problems, self._flags, self._flag_details, self._ignored = [], {}, {}, {}
         self._written, self._bit_depths = Counter(), Counter()
         with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
             try:
@@ -310,6 +311,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
      "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}},  # what a flag is about
      "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...],  # the reader's decisions (images.py)
+     "ignored_files": {"appledouble": {"count": n, "examples": [...]}, ...},  # no part of the dataset (._*,
+                                                                       # hidden, Thumbs.db): not read
      "details": {...}}   # label-table datasets: label names, unmapped findings, excluded views, the split drawn
     """
     config = builder.builder_config
@@ -327,6 +330,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "flag_details": builder._flag_details,
         "bit_depths": [{"bits": bits, "source": source, "images": n}
                        for (bits, source), n in sorted(builder._bit_depths.items())],
+        "ignored_files": {kind: {"count": len(paths), "examples": paths[:5]}
+                          for kind, paths in sorted(builder._ignored.items())},
     }
     if builder._details:
         report["details"] = builder._details
@@ -373,6 +378,7 @@ class Chestxray14(_RawImageBuilder):
         raw = nih.load_nih(manual_dir, val_fraction=config.val_fraction, seed=config.seed, skip_bad=self._skip_bad)
         self._problems += raw.problems
         self._flags = {"invalid_age": raw.invalid_age_names}
+        self._ignored = raw.ignored_files
         return raw.splits
 
     def _example(self, record: nih.NihRecord, image: np.ndarray) -> tuple[str, dict]:
@@ -427,6 +433,7 @@ class _TbBuilder(_RawImageBuilder, skip_registration=True):
                          skip_bad=self._skip_bad)
         self._problems += raw.problems
         self._flags, self._flag_details = raw.flags, raw.flag_details
+        self._ignored = raw.ignored_files
         return {split: raw.split(split) for split in ("train", "validation", "test")}
 
     def _example(self, record: tb.TbRecord, image: np.ndarray) -> tuple[str, dict]:

@@ -4,8 +4,11 @@ label space, data/mixture.py).
 
 Real data is prepared once with `python -m metachex_jax.prepare` (see the README). A run then opens the
 ArrayRecord splits with `tfds.data_source`. If the dataset is missing, the run prepares it when
-`config.data.manual_dir` names the raw copy; otherwise it stops with instructions (a multi-process run refuses
-to prepare real data: prepare it once first). With `config.demo` the synthetic demo tree is generated (once)
+`config.data.manual_dir` (chexpert, padchest, csv: `config.data.<name>.manual_dir`) names the raw copy; otherwise
+it stops with a MissingDataError holding the exact
+`prepare` commands (`missing_data_message`, which config validation prints before any work too; a multi-process
+run refuses to prepare real data: prepare it once first). `required_build` maps the config to the build it
+reads (registry: each family's `from_config`). With `config.demo` the synthetic demo tree is generated (once)
 under `config.demo_dir` and prepared from there, by several processes in turns (`resolve_demo`).
 data_dir may be a gs:// URL of a dataset prepared elsewhere (see launch/README.md for reading it).
 """
@@ -19,8 +22,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from metachex_jax import distributed
+from metachex_jax import config_lib, distributed, files
 from metachex_jax.data import build, builders, mixture, registry
+from metachex_jax.errors import MissingDataError
 
 NIH_SPLITS = ("train", "validation", "test")
 
@@ -43,82 +47,100 @@ def resolve_demo(config) -> tuple[str, str]:
     return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
 
 
-def _missing_message(name: str, data_dir: str) -> str:
-    return (
-        f"the prepared dataset {name} was not found in {data_dir}.\n"
-        "To use the real NIH ChestX-ray14 data: download it from https://nihcc.app.box.com/v/ChestXray-NIHCC "
-        "(images_001..012.tar.gz, Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt), unpack it, then\n"
-        f"  python -m metachex_jax.prepare --dataset=chestxray14 --manual_dir=RAW_DIR --data_dir={data_dir}\n"
-        "or pass --config.data.manual_dir=RAW_DIR to prepare it at the start of this run.\n"
-        "To try the pipeline without the real data, run the synthetic demo instead:\n"
-        "  python -m metachex_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/metachex_demo")
+def required_build(dataset: str, data) -> tuple[str, dict]:
+    """(config name, build parameters) of the build of `dataset` that a run with `data` (config.data) reads."""
+    family = registry.family(dataset)
+    parameters = family.from_config(data)
+    return family.config_name(data.resolution, **parameters), parameters
+
+
+def manual_dir_field(dataset: str) -> str:
+    """The config field naming a dataset's raw copy (prepared at the start of a run when set)."""
+    return f"data.{dataset}.manual_dir" if registry.family(dataset).kind == "labelled" else "data.manual_dir"
+
+
+def missing_data_message(data, names: list[str], demo_command: str | None = None,
+                         prepare_at_start: bool = True) -> str:
+    """"" when the builds of `names` that `data` (config.data) needs are in data.data_dir; otherwise what is
+    missing and, for each, the complete `prepare` command that makes it, ready to paste but for RAW_DIR; then,
+    with `prepare_at_start`, the run's own alternative (data.manual_dir), and the demo command if given."""
+    data_dir = files.absolute(data.data_dir)
+    missing = []
+    for name in sorted(names):
+        config_name, parameters = required_build(name, data)
+        if not builders.is_complete(data_dir, name, config_name):
+            missing.append((name, config_name, parameters))
+    if not missing:
+        return ""
+    lines = [f"prepared dataset(s) {', '.join(f'{n}/{c}' for n, c, _ in missing)} not found in {data_dir} "
+             f"(resolution {data.resolution} for image_size {data.image_size}). Prepare them once, with RAW_DIR the "
+             "raw copy:"]
+    remote = files.is_url(data_dir)  # builds are made locally, then copied (build.remote_data_dir_message)
+    for name, config_name, parameters in missing:
+        lines.append(f"  # {name}: RAW_DIR = {registry.family(name).raw_copy}")
+        lines.append("  " + build.prepare_command(name, "LOCAL_DIR" if remote else data_dir,
+                                                  resolution=data.resolution, **parameters))
+        if remote:
+            lines.append(f"  gcloud storage cp -r LOCAL_DIR/{name}/{config_name} {data_dir}/{name}/")
+    if prepare_at_start and not remote:
+        fields = dict.fromkeys(manual_dir_field(name) for name, _, _ in missing)
+        lines.append(f"or pass {' and '.join(f'--config.{f}=RAW_DIR' for f in fields)} to prepare them at the start "
+                     "of this run.")
+    if demo_command:
+        lines.append(f"To try the pipeline without the real data, run the synthetic demo instead:\n  {demo_command}")
+    return "\n".join(lines)
 
 
 def chestxray14_splits(config, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
     """{"train", "validation", "test"} (or `splits`, e.g. "train+validation+test") -> random-access sources of the
     prepared ChestX-ray14 dataset."""
-    data = config.data
-    manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
-    if config.demo:
-        manual_dir, data_dir = resolve_demo(config)
-    config_name = builders.nih_config_name(data.resolution, data.val_fraction, data.val_seed)
-    return _prepared_splits(config, "chestxray14", config_name, manual_dir, data_dir,
-                            dict(val_fraction=data.val_fraction, seed=data.val_seed), splits)
+    return dataset_splits(config, "chestxray14", splits)
 
 
 def dataset_splits(config, name: str, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
-    """{"train", "validation", "test"} -> sources of one dataset of `config.data.datasets` (prepared first from
-    its `manual_dir` when missing). chestxray14 reads config.data's fields; chexpert, padchest and csv their own
-    section, `config.data.<name>` (build parameters as `prepare`'s flags). With config.demo, a csv dataset without
-    a CSV file is the demo tree's synthetic hospital."""
-    if name == "chestxray14":
-        return chestxray14_splits(config, splits)
+    """{"train", "validation", "test"} (or `splits`) -> sources of a prepared dataset: chestxray14, or a label-table
+    dataset (chexpert, padchest, csv; its build parameters in `config.data.<name>`), prepared first from its raw
+    copy (`manual_dir_field`) when missing. With config.demo, a csv dataset without a CSV file is the demo tree's
+    synthetic hospital."""
+    data = config.data
     family = registry.family(name)
-    if family.kind != "labelled":
-        raise ValueError(f"{name} has no pathology labels to pretrain on (it is a transfer dataset); pretraining "
-                         "takes chestxray14, chexpert, padchest and csv")
-    section = config.data[name]
-    parameters = {key: section[key] for key in family.parameters}
-    manual_dir, data_dir = section.manual_dir, os.path.expanduser(config.data.data_dir)
+    if family.kind == "tb":
+        raise ValueError(f"{name} is read by the transfer code (transfer/sets.py), not as splits")
+    manual_dir = data.manual_dir if family.kind == "nih" else data[name].manual_dir
+    data_dir = os.path.expanduser(data.data_dir)
+    config_name, parameters = (None, None)
     if config.demo:
         nih_manual_dir, data_dir = resolve_demo(config)
-        if name == "csv" and not parameters["csv"]:
+        manual_dir = nih_manual_dir if name == "chestxray14" else manual_dir
+        if name == "csv" and not data.csv.csv:
             from metachex_jax import demo_data
 
             manual_dir = os.path.join(os.path.dirname(nih_manual_dir), demo_data.HOSPITAL_DIR)
-            parameters["csv"] = os.path.join(manual_dir, demo_data.HOSPITAL_CSV_NAME)
-    config_name = family.config_name(config.data.resolution, **parameters)
-    return _prepared_splits(config, name, config_name, manual_dir, data_dir, parameters, splits)
-
-
-def _prepared_splits(config, dataset: str, config_name: str, manual_dir: str, data_dir: str,
-                     parameters: dict, splits: tuple[str, ...]) -> dict:
-    """The splits of `dataset/config_name` in data_dir, prepared from manual_dir first when missing (see the
-    module docstring for who may prepare)."""
-    name = f"{dataset}/{config_name}"
+            parameters = {**family.from_config(data), "csv": os.path.join(manual_dir, demo_data.HOSPITAL_CSV_NAME)}
+            config_name = family.config_name(data.resolution, **parameters)
+    if config_name is None:
+        config_name, parameters = required_build(name, data)
+    full_name = f"{name}/{config_name}"
 
     def prepare_if_missing():
-        if builders.is_complete(data_dir, dataset, config_name):
+        if builders.is_complete(data_dir, name, config_name):
             return
         if not manual_dir:
-            raise FileNotFoundError(_missing_message(name, data_dir) if dataset == "chestxray14" else
-                                    f"the prepared dataset {name} was not found in {data_dir}; prepare it with "
-                                    f"python -m metachex_jax.prepare --dataset={dataset} --manual_dir=RAW_DIR "
-                                    f"--data_dir={data_dir} (and its build parameters), or set "
-                                    f"--config.data.{dataset}.manual_dir=RAW_DIR to prepare it at the start of "
-                                    "this run")
-        logging.info("preparing %s from %s into %s", name, manual_dir, data_dir)
-        build.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=config.data.resolution,
-                            **parameters)
+            demo = config_lib.PRETRAIN_DEMO_COMMAND if name == "chestxray14" else None
+            raise MissingDataError(missing_data_message(data, [name], demo))
+        logging.info("preparing %s from %s into %s", full_name, manual_dir, data_dir)
+        build.build_dataset(name, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution, **parameters)
 
     if config.demo:  # a local cache like the demo tree: prepared in turns, as resolve_demo explains
-        distributed.one_process_at_a_time(prepare_if_missing, f"demo {dataset}")
-    elif jax.process_count() > 1 and not builders.is_complete(data_dir, dataset, config_name):
-        raise FileNotFoundError(f"{name} is not prepared in {data_dir}; prepare it once before a multi-host "
-                                "run (python -m metachex_jax.prepare ...), not from every host at once")
+        distributed.one_process_at_a_time(prepare_if_missing, f"demo {name}")
+    elif jax.process_count() > 1 and not builders.is_complete(data_dir, name, config_name):
+        raise MissingDataError(f"{full_name} is not prepared in {data_dir}; prepare it once before a multi-host run "
+                               "(not from every host at once):\n  "
+                               + build.prepare_command(name, data_dir, manual_dir=manual_dir or "RAW_DIR",
+                                                       resolution=data.resolution, **parameters))
     else:
         prepare_if_missing()
-    return {split: builders.data_source(dataset, split, data_dir, config_name=config_name) for split in splits}
+    return {split: builders.data_source(name, split, data_dir, config_name=config_name) for split in splits}
 
 
 @dataclasses.dataclass

@@ -12,9 +12,12 @@ be written `58` or `058Y`. Columns are found by name, so their order does not ma
 Every problem is collected before anything is decided (see raw_common): one row can carry several. Kinds, each
 naming one dropped item when `skip_bad=True`:
   bad_row, unknown_label, bad_labels, bad_age, bad_sex, bad_view, patient_id_mismatch, duplicate_csv_row,
-  duplicate_image_file, missing_image (in the CSV, not on disk), unlisted_image (on disk, not in the CSV),
+  duplicate_image_file, missing_image (in the CSV, not on disk), unlisted_image (a PNG on disk, not in the CSV;
+  whatever its name: an image nobody listed may be a renamed or misplaced one),
   split_name_not_in_csv, duplicate_in_split_list, in_both_splits, not_in_split_list,
   patient_in_both_splits (the patient's train_val images are dropped; the official test set is kept whole).
+Files that are no part of the dataset (AppleDouble `._*`, hidden files, Thumbs.db: raw_common.not_dataset_file)
+are not looked at: they are counted in `NihRaw.ignored_files` and reported, never problems.
 Implausible ages (outside labels.PLAUSIBLE_AGE_YEARS) are not problems: the row is kept with age_valid=False and
 the image names are reported in `NihRaw.invalid_age_names`.
 
@@ -33,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age, parse_age_years,
-                                          raise_or_skip)
+from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age,
+                                          not_dataset_file, parse_age_years, raise_or_skip, summarize_ignored)
 from metachex_jax.labels import NO_FINDING, PATHOLOGIES
 
 DATASET = "chestxray14"
@@ -76,6 +79,7 @@ class NihRaw:
     csv_rows: int
     images_on_disk: int
     split_list_sizes: dict[str, int]
+    ignored_files: dict[str, list[str]]  # not_dataset_file kind -> paths relative to root
 
 
 def find_nih_root(manual_dir: str | os.PathLike) -> Path:
@@ -206,14 +210,20 @@ def read_name_list(path: str | os.PathLike) -> list[str]:
         return [line.strip() for line in f.read().splitlines() if line.strip()]
 
 
-def find_images(root: str | os.PathLike) -> tuple[dict[str, Path], list[Problem]]:
-    """All *.png below root (any depth, either layout) -> ({file name: path}, duplicate_image_file problems)."""
+def find_images(root: str | os.PathLike) -> tuple[dict[str, Path], list[Problem], dict[str, list[str]]]:
+    """All *.png below root (any depth, either layout) -> ({file name: path}, duplicate_image_file problems,
+    {kind: relative paths} of the files that are no part of the dataset, which are left out)."""
     root = Path(root)
     found: dict[str, list[Path]] = defaultdict(list)
+    ignored: dict[str, list[str]] = defaultdict(list)
     for folder, _, files in os.walk(root):
         for file_name in files:
-            if file_name.lower().endswith(".png"):
-                found[file_name].append(Path(folder) / file_name)
+            path = Path(folder) / file_name
+            kind = not_dataset_file(path.relative_to(root))
+            if kind:
+                ignored[kind].append(str(path.relative_to(root)))
+            elif file_name.lower().endswith(".png"):
+                found[file_name].append(path)
     paths, problems = {}, []
     for name, where in found.items():
         if len(where) == 1:
@@ -221,7 +231,7 @@ def find_images(root: str | os.PathLike) -> tuple[dict[str, Path], list[Problem]
         else:
             problems.append(Problem("duplicate_image_file", name,
                                     "found at " + ", ".join(str(p.relative_to(root)) for p in sorted(where))))
-    return paths, problems
+    return paths, problems, {kind: sorted(found) for kind, found in sorted(ignored.items())}
 
 
 def split_validation_patients(patient_ids, fraction: float, seed: int) -> set[int]:
@@ -262,7 +272,7 @@ def collect_nih(manual_dir: str | os.PathLike, *, val_fraction: float = 0.1, see
     lists = {name: read_name_list(root / name) for name in (TRAIN_VAL_LIST, TEST_LIST)}
     problems += _split_list_problems(lists, set(records) | bad_csv_names, csv_path.name)
 
-    paths, duplicate_files = find_images(root)
+    paths, duplicate_files, ignored = find_images(root)
     problems += duplicate_files
     duplicate_file_names = {p.item for p in duplicate_files}
     for name in sorted(set(paths) - set(records) - bad_csv_names):
@@ -296,7 +306,7 @@ def collect_nih(manual_dir: str | os.PathLike, *, val_fraction: float = 0.1, see
     invalid_ages = sorted(r.image_name for rs in splits.values() for r in rs if not r.age_valid)
     return NihRaw(root=root, csv_path=csv_path, splits=splits, problems=sorted(problems),
                   invalid_age_names=invalid_ages, csv_rows=n_rows, images_on_disk=len(paths) + len(duplicate_files),
-                  split_list_sizes={k: len(v) for k, v in lists.items()})
+                  split_list_sizes={k: len(v) for k, v in lists.items()}, ignored_files=ignored)
 
 
 def load_nih(manual_dir: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0,
@@ -318,6 +328,8 @@ def verify(manual_dir: str | os.PathLike, *, val_fraction: float = 0.1, seed: in
              "train_val": raw.split_list_sizes[TRAIN_VAL_LIST], "test": raw.split_list_sizes[TEST_LIST]}
     count_notes, count_problems = compare_counts(found, EXPECTED_COUNTS, strict_counts)
     notes += count_notes + [f"images on disk: {raw.images_on_disk:,}"]
+    if raw.ignored_files:
+        notes.append(f"ignored, not images of the dataset: {summarize_ignored(raw.ignored_files)}")
     problems += count_problems
     patients = {split: {r.patient_id for r in rs} for split, rs in raw.splits.items()}
     for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):

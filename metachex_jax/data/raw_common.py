@@ -1,6 +1,10 @@
 """What the raw-data readers (nih.py, tb.py) share: problem records, the all-at-once error, the verify result and
 count comparison, age parsing.
 
+Files that are not part of any dataset (`not_dataset_file`: macOS AppleDouble `._*` files and `__MACOSX/`,
+other hidden files, Windows thumbnail databases) are left out by every reader and counted in its report; they are
+never problems, so a copy made on a Mac or browsed on Windows builds as it is.
+
 Policy (the same for every dataset): a reader never stops at the first bad row. It collects every `Problem`
 (kind, item, detail), then either raises ONE `RawDataError` listing all of them, or, when the caller passed
 `skip_bad=True`, drops the offending items and returns the problems as the skip report. Soft issues that keep the
@@ -15,8 +19,9 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePath
 
+from metachex_jax.errors import UserError
 from metachex_jax.labels import PLAUSIBLE_AGE_YEARS
 
 
@@ -32,7 +37,7 @@ class Problem:
         return dataclasses.asdict(self)
 
 
-class RawDataError(ValueError):
+class RawDataError(UserError, ValueError):
     """The raw copy has problems; `.problems` lists every one, the message names every offending item."""
 
     def __init__(self, dataset: str, problems: Iterable[Problem], hint: str = "pass skip_bad=True (--skip_bad)"):
@@ -43,6 +48,32 @@ class RawDataError(ValueError):
         lines += [f"  [{p.kind}] {p.item}: {p.detail}" for p in self.problems]
         lines.append(f"Fix the raw copy, or {hint} to drop exactly these items and record them in the skip report.")
         super().__init__("\n".join(lines))
+
+
+THUMBNAIL_DATABASES = ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db")
+
+
+def not_dataset_file(relative_path: str | PurePath) -> str | None:
+    """Why a file below a raw copy is no part of the dataset, or None (it may be one).
+
+    "appledouble": a macOS resource fork (`._NAME`, or anything below `__MACOSX/`), written next to every file
+    when a copy passes through a non-Mac file system or a zip; "hidden": any other name starting with "." or
+    below a hidden folder (.DS_Store, .Trash-1000/, editor swap files); "thumbnail_database": Windows Thumbs.db.
+    """
+    parts = PurePath(relative_path).parts
+    if parts[-1].startswith("._") or "__MACOSX" in parts:
+        return "appledouble"
+    if any(part.startswith(".") and part not in (".", "..") for part in parts):
+        return "hidden"
+    if parts[-1].lower() in THUMBNAIL_DATABASES:
+        return "thumbnail_database"
+    return None
+
+
+def summarize_ignored(ignored: dict[str, list[str]], examples: int = 3) -> str:
+    """"2 appledouble (e.g. images/._x.png), 1 hidden (.DS_Store)" for a reader's ignored files; "" if none."""
+    return ", ".join(f"{len(paths)} {kind} (e.g. {', '.join(paths[:examples])})"
+                     for kind, paths in sorted(ignored.items()) if paths)
 
 
 @dataclasses.dataclass

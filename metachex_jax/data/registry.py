@@ -8,6 +8,8 @@ A family plugs in here. Its parts:
                identity on disk, so builds with different parameters never mix
   parameters   the build parameters besides resolution, with their defaults; `prepare` offers each as a flag
   kind         the record format the input pipeline turns into batches (pipeline.py: "nih", "tb" or "labelled")
+  from_config  the run config's `data` section -> the build parameters a run needs (the build it looks for)
+  raw_copy     what --manual_dir must hold, and where to get it (for the messages that print `prepare` commands)
 
 To add a family: write data/<family>.py (reader + `verify`; a label table? reuse labelled.py's record and
 splits, as chexpert.py, padchest.py and csv_dataset.py do), a builder class in builders.py, and one entry in
@@ -34,6 +36,8 @@ class DatasetFamily:
     parameters: dict[str, Any]  # build parameter -> default (resolution is common to all)
     verify: Callable[..., RawCheck]  # (manual_dir, *, strict_counts, **parameters) -> RawCheck
     kind: str  # record format for pipeline.py
+    from_config: Callable[[Any], dict[str, Any]]  # config.data -> parameters
+    raw_copy: str  # what manual_dir holds and where to download it
 
     def resolve(self, parameters: dict[str, Any]) -> dict[str, Any]:
         """The family's parameters with defaults filled in; a parameter it does not take is an error."""
@@ -63,17 +67,45 @@ _CSV_PARAMETERS = {"csv": "", "num_folds": csv_dataset.DEFAULT_NUM_FOLDS, "seed"
                    "stratify_by": "", "val_fraction": csv_dataset.DEFAULT_VAL_FRACTION,
                    "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION}
 
+
+def _nih_from_config(data) -> dict[str, Any]:
+    return {"val_fraction": data.val_fraction, "seed": data.val_seed}
+
+
+def _tb_from_config(data) -> dict[str, Any]:
+    return {"num_folds": data.num_folds, "seed": data.fold_seed}
+
+
+def _section_from_config(name: str, data) -> dict[str, Any]:
+    """A label-table dataset's build parameters: its own section of the data config (`data.chexpert`, ...)."""
+    return {key: data[name][key] for key in DATASETS[name].parameters}
+
+
+_TB_RAW = ("the folder holding {folder}/ (CXR_png/ and ClinicalReadings/), from "
+           "https://lhncbc.nlm.nih.gov/LHC-downloads/tuberculosis-chest-x-ray-image-data-sets")
+
 DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
-    DatasetFamily("chestxray14", builders.Chestxray14, builders.nih_config, _NIH_PARAMETERS, nih.verify, "nih"),
+    DatasetFamily("chestxray14", builders.Chestxray14, builders.nih_config, _NIH_PARAMETERS, nih.verify, "nih",
+                  _nih_from_config,
+                  "the folder holding Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt and the "
+                  "unpacked images_001..012, from https://nihcc.app.box.com/v/ChestXray-NIHCC"),
     DatasetFamily("shenzhen", builders.Shenzhen, builders.tb_config, _TB_PARAMETERS,
-                  functools.partial(tb.verify, dataset="shenzhen"), "tb"),
+                  functools.partial(tb.verify, dataset="shenzhen"), "tb", _tb_from_config,
+                  _TB_RAW.format(folder=tb.SHENZHEN.folder)),
     DatasetFamily("montgomery", builders.Montgomery, builders.tb_config, _TB_PARAMETERS,
-                  functools.partial(tb.verify, dataset="montgomery"), "tb"),
+                  functools.partial(tb.verify, dataset="montgomery"), "tb", _tb_from_config,
+                  _TB_RAW.format(folder=tb.MONTGOMERY.folder)),
     DatasetFamily("chexpert", builders.Chexpert, builders.chexpert_config, _CHEXPERT_PARAMETERS, chexpert.verify,
-                  "labelled"),
+                  "labelled", functools.partial(_section_from_config, "chexpert"),
+                  "the folder holding CheXpert-v1.0-small/ (or CheXpert-v1.0/), from "
+                  "https://stanfordmlgroup.github.io/competitions/chexpert/"),
     DatasetFamily("padchest", builders.Padchest, builders.padchest_config, _PADCHEST_PARAMETERS, padchest.verify,
-                  "labelled"),
-    DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled"),
+                  "labelled", functools.partial(_section_from_config, "padchest"),
+                  "the folder holding PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) and the image "
+                  "folders, from https://bimcv.cipf.es/bimcv-projects/padchest/"),
+    DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled",
+                  functools.partial(_section_from_config, "csv"),
+                  "the folder the CSV's image paths are relative to (data/csv_dataset.py)"),
 )}
 
 # What each build parameter means (the `prepare` flags' help).

@@ -25,6 +25,8 @@ PROBLEMS (an error naming every item unless skip_bad, then dropped and reported;
                        TB image corrupts a 138/662-image evaluation; --skip_bad drops the image and records it.
                        TB readings that do not name TB ("right upper pneumonia") are not judged.
   reading_without_image a readings file with no image (a copy that lost images)
+Files that are no part of the set (AppleDouble `._*`, hidden files, Thumbs.db: raw_common.not_dataset_file) are
+left out and counted in `TbRaw.ignored_files`, never problems.
 
 Folds: stratified by tb, deterministic. Within each class the ids (sorted) are permuted with
 default_rng(seed); class 0 takes fold i % k for its i-th id, class 1 continues the count (offset n0), so every fold
@@ -44,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age, parse_age_years,
-                                          raise_or_skip)
+from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age,
+                                          not_dataset_file, parse_age_years, raise_or_skip, summarize_ignored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +103,7 @@ class TbRaw:
     flag_details: dict[str, dict[str, str]]  # kind -> {image id: reading text} (tb_mention_in_normal)
     num_folds: int
     images_on_disk: int
+    ignored_files: dict[str, list[str]]  # not_dataset_file kind -> paths relative to root
 
     def split(self, name: str) -> list[TbRecord]:
         return [r for r in self.records if r.split == name]
@@ -208,7 +211,19 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
                                    "tb_mention_in_normal": []}
     flag_details: dict[str, dict[str, str]] = {"tb_mention_in_normal": {}}
 
-    pngs = sorted(p for p in (root / "CXR_png").iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    ignored: dict[str, list[str]] = {}
+
+    def dataset_files(folder: str, suffix: str) -> list[Path]:
+        found = []
+        for path in sorted((root / folder).iterdir()) if (root / folder).is_dir() else []:
+            kind = not_dataset_file(path.relative_to(root))
+            if kind and path.is_file():
+                ignored.setdefault(kind, []).append(str(path.relative_to(root)))
+            elif path.is_file() and path.suffix.lower() == suffix:
+                found.append(path)
+        return found
+
+    pngs = dataset_files("CXR_png", ".png")
     by_number: dict[str, list[Path]] = {}
     for path in pngs:
         match = name_re.match(path.name)
@@ -249,7 +264,7 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
 
     image_stems = {p.stem for p in pngs}
     if readings_dir.is_dir():
-        for txt in sorted(readings_dir.glob("*.txt")):
+        for txt in dataset_files("ClinicalReadings", ".txt"):
             if txt.stem not in image_stems:
                 problems.append(Problem("reading_without_image", f"ClinicalReadings/{txt.name}",
                                         "no matching image in CXR_png"))
@@ -259,7 +274,7 @@ def collect_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = 
     splits = assign_default_split(ids, labels, seed)
     records = [dataclasses.replace(r, fold=folds[r.image_id], split=splits[r.image_id]) for r in records]
     return TbRaw(source=source, root=root, records=records, problems=sorted(problems), flags=flags,
-                 flag_details=flag_details, num_folds=num_folds, images_on_disk=len(pngs))
+                 flag_details=flag_details, num_folds=num_folds, images_on_disk=len(pngs), ignored_files=ignored)
 
 
 def load_tb(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEFAULT_NUM_FOLDS, seed: int = 0,
@@ -289,6 +304,8 @@ def verify(manual_dir: str | os.PathLike, dataset: str, *, num_folds: int = DEFA
               for flag, ids in raw.flags.items()]
     notes += [f"  {flag} {item}: {detail!r}" for flag, details in raw.flag_details.items()
               for item, detail in details.items()]
+    if raw.ignored_files:
+        notes.append(f"ignored, not images of the dataset: {summarize_ignored(raw.ignored_files)}")
     if raw.source is MONTGOMERY:
         for side in ("leftMask", "rightMask"):
             masks = len(list((raw.root / "ManualMask" / side).glob("*.png")))

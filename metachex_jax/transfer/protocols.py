@@ -71,6 +71,19 @@ def parse_protocols(text: str) -> list[Protocol]:
     return [parse_protocol(name) for name in names]
 
 
+def parse_targets(text: str) -> list[str]:
+    """config.targets: comma-separated label names (a name may hold spaces: "Lung Opacity")."""
+    targets = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not targets:
+        raise ValueError("config.targets is empty: name the binary label(s) to transfer to, e.g. Tuberculosis")
+    return targets
+
+
+def column_name(protocol: str, target: str, several: bool) -> str:
+    """The report column of (protocol, target): the protocol's name, with the target when there are several."""
+    return f"{protocol}.{target.lower().replace(' ', '_')}" if several else protocol
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     protocol: str

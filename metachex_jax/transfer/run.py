@@ -31,6 +31,7 @@ from absl import logging
 
 from metachex_jax import files
 from metachex_jax.data import datasets as nih_datasets
+from metachex_jax.errors import ConfigError, MissingDataError
 from metachex_jax.transfer import deploy as deploy_lib
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import paired as paired_lib
@@ -50,18 +51,6 @@ def parse_methods(text: str) -> list[str]:
     if unknown or not names:
         raise ValueError(f"config.methods: unknown {unknown} (or none given); use probe, finetune or probe+finetune")
     return names
-
-
-def parse_targets(text: str) -> list[str]:
-    targets = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not targets:
-        raise ValueError("config.targets is empty: name the binary label(s) to transfer to, e.g. Tuberculosis")
-    return targets
-
-
-def column_name(protocol, target: str, several: bool) -> str:
-    """The report column of (protocol, target): the protocol's name, with the target when there are several."""
-    return f"{protocol.name}.{target.lower().replace(' ', '_')}" if several else protocol.name
 
 
 def start_specs(config) -> list[str]:
@@ -95,8 +84,8 @@ def _estimate_batchnorm_statistics(start, config) -> None:
     try:
         nih_train = nih_datasets.chestxray14_splits(nih_config)["train"]
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
-                                f"ChestX-ray14 training images, which were not found:\n{e}") from e
+        raise MissingDataError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
+                               f"ChestX-ray14 training images, which were not found:\n{e}") from e
     start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
         start.model, nih_train, kind="nih", image_size=config.data.image_size, batch_size=config.feature_batch_size,
         max_images=config.bn_statistics_images)
@@ -108,7 +97,7 @@ def run(config, workdir: str) -> dict:
     began = time.perf_counter()
     methods = parse_methods(config.methods)
     protocol_list = protocols_lib.parse_protocols(config.protocols)
-    targets = parse_targets(config.targets)
+    targets = protocols_lib.parse_targets(config.targets)
     image_size = config.data.image_size
 
     # 1-3. Starting weights, data, protocols: every input is checked before the long work starts.
@@ -129,7 +118,7 @@ def run(config, workdir: str) -> dict:
             if lacking:
                 notes.append(f"{protocol.name} is not run for {target}: {', '.join(lacking)} has no {target} label")
                 continue
-            key = column_name(protocol, target, len(targets) > 1)
+            key = protocols_lib.column_name(protocol.name, target, len(targets) > 1)
             sets_t = views.setdefault(target, {})
             for name in (protocol.train_set, protocol.test):
                 if name not in sets_t:
@@ -149,8 +138,8 @@ def run(config, workdir: str) -> dict:
         deploy_spec = deploy_lib.deploy_spec(config, starts, column_protocols, protocol_targets, methods)
     except ValueError as e:
         problems.append(str(e))
-    if problems:
-        raise ValueError("\n".join(problems))
+    if problems:  # the data cannot serve this config (its folds, methods, deployment): errors the user fixes
+        raise ConfigError(problems)
     column_names = list(protocol_targets)
     for start in starts:
         if start.kind == "random_bn":

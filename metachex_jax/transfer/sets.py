@@ -21,7 +21,8 @@ Patients: the build's patient ids; every TB-set image is its own patient. Bootst
 Where the builds come from follows data/datasets.py: with `config.demo` the demo tree (Shenzhen, Montgomery and
 the hospital CSV of the pretraining demo's tree); otherwise `config.data.data_dir`, a TB set prepared first from
 `config.data.manual_dir` (the folder holding ChinaSet_AllFiles/ and MontgomerySet/), another dataset from its own
-`config.data.<name>.manual_dir`. The fingerprint hashes a build's files (names and bytes), so the feature cache
+`config.data.<name>.manual_dir`; a missing build raises a MissingDataError holding the `prepare` commands that make
+it. The fingerprint hashes a build's files (names and bytes), so the feature cache
 follows the data's content, not its path. `flagged_readings` are the TB sets' normal images whose reading names TB
 (the build's skip report, `tb.mentions_tb`), for the report.
 """
@@ -39,8 +40,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from metachex_jax import distributed
+from metachex_jax import config_lib, distributed
 from metachex_jax.data import build, builders, labelled, mixture, registry
+from metachex_jax.data import datasets as data_lib
+from metachex_jax.errors import MissingDataError
 
 TB_DATASETS = ("shenzhen", "montgomery")
 TB_TARGET = "Tuberculosis"
@@ -95,8 +98,9 @@ class BinaryRecords:
 
     @classmethod
     def every_record(cls, records: DatasetRecords) -> BinaryRecords:
-        """All of a dataset's records, without a target (feature extraction)."""
-        return cls([(records, np.arange(len(records)), None, records.fold)])
+        """All of a dataset's records (feature extraction), a TB set's with its TB label as the target (so a
+        cached feature table of a TB set carries its labels: `bench probe --features`), others without one."""
+        return cls([(records, np.arange(len(records)), 0 if records.kind == "tb" else None, records.fold)])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -148,40 +152,35 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _tb_missing_message(name: str, data_dir: str) -> str:
-    return (f"the prepared dataset {name} was not found in {data_dir}.\n"
-            f"Prepare it: python -m metachex_jax.prepare --dataset={name.split('/')[0]} --manual_dir=RAW_DIR "
-            f"--data_dir={data_dir} --resolution=... --num_folds=...\n"
-            "or pass --config.data.manual_dir=RAW_DIR (the folder holding ChinaSet_AllFiles/ and MontgomerySet/) to "
-            "prepare it at the start of this run; or run the demo (configs/transfer.py:demo).")
-
-
 def _tb_sources(config, datasets: tuple[str, ...]) -> dict:
-    """{name: (all-records source, build dir)} of the TB sets, prepared first where needed."""
+    """{name: (all-records source, build dir)} of the TB sets, prepared first where needed (a MissingDataError
+    prints the `prepare` commands that make them)."""
     data = config.data
     manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
     if config.demo:
-        from metachex_jax.data import datasets as nih_datasets
-
-        nih_manual_dir, data_dir = nih_datasets.resolve_demo(config)
+        nih_manual_dir, data_dir = data_lib.resolve_demo(config)
         manual_dir = os.path.dirname(nih_manual_dir)  # the demo tree: ChinaSet_AllFiles/, MontgomerySet/
-    config_name = builders.tb_config_name(data.resolution, data.num_folds, data.fold_seed)
+    config_name, parameters = data_lib.required_build("shenzhen", data)  # the same for both TB sets
     missing = [f"{d}/{config_name}" for d in datasets if not builders.is_complete(data_dir, d, config_name)]
     if missing and not manual_dir:
-        raise FileNotFoundError("\n".join(_tb_missing_message(name, data_dir) for name in missing))
+        raise MissingDataError(data_lib.missing_data_message(data, list(datasets),
+                                                             config_lib.TRANSFER_DEMO_COMMAND))
 
     def prepare_missing():
         for dataset in datasets:
             if not builders.is_complete(data_dir, dataset, config_name):
                 logging.info("preparing %s/%s from %s into %s", dataset, config_name, manual_dir, data_dir)
                 build.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
-                                    num_folds=data.num_folds, seed=data.fold_seed, progress=False)
+                                    progress=False, **parameters)
 
     if config.demo:  # a local cache, prepared by the processes in turns (see datasets.resolve_demo)
         distributed.one_process_at_a_time(prepare_missing, "demo TB sets")
     elif missing and jax.process_count() > 1:
-        raise FileNotFoundError(f"{', '.join(missing)} not prepared in {data_dir}; prepare them once before a "
-                                "multi-host run (python -m metachex_jax.prepare ...), not from every host at once")
+        raise MissingDataError(f"{', '.join(missing)} not prepared in {data_dir}; prepare them once before a "
+                               "multi-host run (not from every host at once):\n" + "\n".join(
+                                   "  " + build.prepare_command(name.split("/")[0], data_dir, manual_dir=manual_dir,
+                                                                resolution=data.resolution, **parameters)
+                                   for name in missing))
     else:
         prepare_missing()
     return {d: (builders.data_source(d, ALL_RECORDS, data_dir, config_name=config_name),
@@ -190,14 +189,16 @@ def _tb_sources(config, datasets: tuple[str, ...]) -> dict:
 
 def load_datasets(config, names) -> dict[str, DatasetRecords]:
     """name -> DatasetRecords for every dataset named (module docstring: where the builds come from)."""
-    from metachex_jax.data import datasets as data_lib
-
     names = tuple(dict.fromkeys(names))
     tb_names = tuple(n for n in names if n in TB_DATASETS)
     found = _tb_sources(config, tb_names) if tb_names else {}
     for name in names:
         if name not in found:
-            source = data_lib.dataset_splits(config, name, (ALL_RECORDS,))[ALL_RECORDS]
+            nih_config = config
+            if name == "chestxray14" and not config.demo:  # data.manual_dir is the TB sets' raw folder here
+                nih_config = config.copy_and_resolve_references()
+                nih_config.data.manual_dir = ""
+            source = data_lib.dataset_splits(nih_config, name, (ALL_RECORDS,))[ALL_RECORDS]
             found[name] = (source, epath.Path(source.dataset_info.data_dir))
     out = {}
     for name in names:

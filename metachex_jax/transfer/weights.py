@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from metachex_jax import checkpointing, convert, files
+from metachex_jax.errors import UserError
 from metachex_jax.models import build_model
 from metachex_jax.models.metachexnet import MetaChexNet
 
@@ -36,8 +37,8 @@ from metachex_jax.models.metachexnet import MetaChexNet
 RANDOM_KINDS = ("random", "random_bn")
 
 
-class StartingWeightsError(ValueError):
-    pass
+class StartingWeightsError(UserError, ValueError):
+    """Starting weights that cannot be used (missing, unreadable, another architecture)."""
 
 
 @dataclasses.dataclass
