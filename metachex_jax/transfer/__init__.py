@@ -15,7 +15,8 @@ Entry point: `python -m metachex_jax.main --config=configs/transfer.py[:demo] --
     report.py      per-cell metrics with bootstrap CIs (AUROC, screening operating points, calibration),
                    JSON / markdown / CSV; plot.py draws the ROC and reliability figures (matplotlib)
     paired.py      every pair of cells on their common test images: paired bootstrap, DeLong, Holm, who wins
-    deploy.py      the deployable TB model: config.deploy's start and method on every training image,
-                   threshold from out-of-fold predictions -> WORKDIR/model/ (for predict and export)
+    deploy.py      the deployable model (TB by default): config.deploy's start, method and protocol column on
+                   every training image, threshold from out-of-fold predictions -> WORKDIR/model/ (for predict
+                   and export)
     run.py         the whole comparison
 """
