@@ -9,6 +9,9 @@ The demo (after `python -m metachex_jax.main --config=configs/pretrain.py:demo -
 prepared from the same synthetic tree):
   python -m metachex_jax.main --config=configs/transfer.py:demo --config.init_from=PRE --workdir=/tmp/tb_demo
 
+With torchxrayvision's chest X-ray weights (converted with `python -m metachex_jax.convert_torchxrayvision`):
+      --config.compare_with=random,/path/to/imagenet_backbone,/path/to/xrv-nih,/path/to/xrv-all
+
 Your own data (a CSV dataset, see data/csv_dataset.py), e.g. cross-validated within it and trained on both TB sets
 and tested on it, for two of its labels:
   python -m metachex_jax.main --config=configs/transfer.py --config.init_from=PRE --workdir=/tmp/hospital \

@@ -19,7 +19,8 @@ Commands (each prints the gcloud commands it runs; with --dry-run it only prints
   run      start 'python -m metachex_jax.main --config=CONFIG --workdir=WORKDIR --config.distributed=yes'
            on all workers at once (detached: it survives a dropped ssh connection), then stream worker 0's log
   logs     stream worker 0's log (~/metachex-run.log); Ctrl-C stops streaming, not the run
-  stop     stop the run on every worker
+  stop     stop the run on every worker: SIGTERM, so that it saves a checkpoint at the next step boundary;
+           waits (up to 5 minutes) until it has exited
   status   show the TPU VM's state (READY, PREEMPTED, ...)
   delete   delete the TPU VM (the workdir on Cloud Storage stays)
   up       create, push, setup, copy-data (when --data-source is given) and run
@@ -207,7 +208,9 @@ do_logs() {
 }
 
 do_stop() {
-  on_workers all "test -f $REMOTE_PID && kill \$(cat $REMOTE_PID) 2>/dev/null; rm -f $REMOTE_PID"
+  # SIGTERM: every worker's trainer saves a checkpoint at the same step and exits (metachex_jax/preemption.py).
+  on_workers all "if test -f $REMOTE_PID; then pid=\$(cat $REMOTE_PID); kill -TERM \$pid 2>/dev/null; \
+for i in \$(seq 300); do kill -0 \$pid 2>/dev/null || break; sleep 1; done; rm -f $REMOTE_PID; fi"
 }
 
 case "$command" in

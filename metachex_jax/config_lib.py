@@ -157,6 +157,18 @@ def numbers(above=None) -> Rule:
     return rule
 
 
+def pixel_normalization(value) -> str | None:
+    from metachex_jax.preprocessing import NORMALIZATIONS
+
+    return None if value in NORMALIZATIONS else f"must be one of {', '.join(NORMALIZATIONS)}"
+
+
+def pixel_geometry(value) -> str | None:
+    from metachex_jax.data.augment import GEOMETRIES
+
+    return None if value in GEOMETRIES else f"must be one of {', '.join(GEOMETRIES)}"
+
+
 def architecture(value) -> str | None:
     from metachex_jax.models import SPECS
 
@@ -358,6 +370,12 @@ def model_config(arch: str = "densenet121", multitask: bool = True) -> ml_collec
         age_std=(17.0, number(above=0)),
         # computation dtype; "bfloat16" on accelerators. Parameters stay float32.
         dtype=("float32", one_of("float32", "bfloat16")),
+        # The model's pixel contract besides the sizes in `data` (metachex_jax.preprocessing.PixelContract):
+        # "imagenet" (gray -> 3 channels, ImageNet mean/std) or "xrv" (1 channel, [-1024, 1024]; the stem gets 1
+        # input channel), and "resize_crop" (resize to R, centre/random crop S) or "crop_resize" (centre square,
+        # resize to S). A model_init from a converted torchxrayvision model sets both to its own.
+        normalization=("imagenet", pixel_normalization),
+        geometry=("resize_crop", pixel_geometry),
     )
 
 
@@ -451,6 +469,11 @@ def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size:
         # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
         # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers
         workers=(-1, integer(min=-1)),
+        # Pretraining: where training images are cropped, flipped and warped (`augment`): "host" (the input
+        # pipeline), "device" (inside the jitted train step; the host only reads and batches the stored images),
+        # or "auto": "host" on a CPU backend, "device" on GPU/TPU (measurements in the README), or what a resumed
+        # run used; always "host" for a crop_resize (torchxrayvision) model. Fine-tuning augments on the host.
+        augment_on=("auto", one_of("auto", "host", "device")),
         augment=augment_config(),
     )
 
@@ -635,7 +658,9 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
         data=data,
         model=model_config(arg.arch, multitask=True),  # every starting weight must have this architecture
         # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its
-        # best checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), or "random".
+        # best checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), a model directory such
+        # as a convert_torchxrayvision output (fed its own pixels: 1 channel, [-1024, 1024], centre square), or
+        # "random".
         init_from=(arg.init, starting_weights),  # the weights under study; required unless baselines_only
         # True: run the compare_with baselines without init_from (else its absence is an error)
         baselines_only=(False, boolean),

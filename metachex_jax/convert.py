@@ -21,13 +21,15 @@ keys, unexpected keys, shape mismatches) is collected and reported in one error.
 Old torchvision checkpoints spell dense-layer modules `norm.1`, `conv.2`, ...; they are renamed exactly as
 torchvision's own `_load_state_dict` does (its regex, extended to `num_batches_tracked`).
 
-Files: `.pth`/`.pt` need torch and are read with `torch.load(..., weights_only=True)`, so no code from the file
-runs; `.npz` and `.safetensors` are read with numpy / safetensors alone.
+Files: `.pth`/`.pt` are read by `metachex_jax.torch_pickle` (no torch needed; a restricted unpickler that runs
+nothing from the file; a plain state dict or a whole pickled module); `.npz` and `.safetensors` with numpy /
+safetensors alone.
 
 Backbone checkpoints (`save_backbone` / `load_backbone`, the trainer's `--config.model_init=DEST`): DEST is an
 orbax StandardCheckpointer checkpoint of `{"backbone": nnx.to_pure_dict(<DenseNet state without classifier>)}`
 with `DEST/metadata.json` beside orbax's own files:
-`{"format": "metachex_jax.backbone/1", "arch", "spec", "num_features", "num_params", "source"}`.
+`{"format": "metachex_jax.backbone/1", "arch", "spec", "num_features", "in_channels", "num_params", "source"}`
+(`in_channels` absent in checkpoints written before it existed: 3).
 DEST is written under a temporary name and renamed into place, so a DEST that exists is complete.
 """
 
@@ -48,7 +50,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from metachex_jax import files
+from metachex_jax import files, torch_pickle
 from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, count_params
 
 BACKBONE_FORMAT = "metachex_jax.backbone/1"
@@ -197,19 +199,21 @@ def rename_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return renamed
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], model: nnx.Module, *, what: str = "state dict"
-                       ) -> Conversion:
+def convert_state_dict(state_dict: Mapping[str, Any], model: nnx.Module, *, what: str = "state dict",
+                       droppable: tuple[str, ...] = ()) -> Conversion:
     """Map a torchvision-layout state dict onto `model`'s variables (model may be abstract, from eval_shape).
 
     Every model variable must receive one tensor of the right shape; every state-dict key must be used, except
-    `num_batches_tracked` of the model's BatchNorms and, for a model without classifier, `classifier.*`.
+    `num_batches_tracked` of the model's BatchNorms, for a model without classifier `classifier.*`, and the keys in
+    `droppable`.
     Raises `StateDictMismatchError` listing all missing keys, unexpected keys and shape mismatches.
     """
     state_dict = rename_legacy_keys(state_dict)
     variables = variable_paths(model)
     targets = {torchvision_key(path): (path, value) for path, value in variables.items()}
     assert len(targets) == len(variables), "two model variables map to one torchvision key"
-    droppable = {key.rsplit(".", 1)[0] + ".num_batches_tracked" for key in targets if key.endswith(".running_mean")}
+    droppable = {key.rsplit(".", 1)[0] + ".num_batches_tracked" for key in targets if key.endswith(".running_mean")
+                 } | set(droppable)
     if getattr(model, "classifier", None) is None:
         droppable |= {"classifier.weight", "classifier.bias"}
 
@@ -228,7 +232,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nnx.Module, *, what
     if missing or unexpected or mismatched:
         raise StateDictMismatchError(_mismatch_report(
             f"{what} does not fit {describe(model.spec)} "
-            f"(num_classes={model.classifier.out_features if model.classifier is not None else None})"
+            f"(num_classes={model.classifier.out_features if model.classifier is not None else None}, "
+            f"in_channels={model.in_channels})"
             + _looks_like(state_dict),
             missing=missing, unexpected=unexpected, mismatched=mismatched))
     dropped = sorted(key for key in state_dict if key in droppable)
@@ -270,6 +275,34 @@ def _nest(flat: Mapping[tuple, Any]) -> dict:
     return nested
 
 
+def _load_backbone_from_model_dir(src: str, model: nnx.Module) -> dict:
+    """`load_backbone` from a model directory: its model's `.backbone`, checked key by key like a checkpoint."""
+    from metachex_jax import saved_model
+
+    backbone = _backbone_of(model)
+    try:
+        source, card = saved_model.load(src)
+    except Exception as e:  # noqa: BLE001 - unreadable weights: orbax raises many types, name them
+        raise CheckpointReadError(f"cannot read the model directory {src}: {type(e).__name__}: {e}") from e
+    source_backbone = _backbone_of(source)
+    target, stored = _flatten(_backbone_state(backbone)), _flatten(_backbone_state(source_backbone))
+    missing = [f"{k} (expected shape {tuple(v.shape)})" for k, v in target.items() if k not in stored]
+    unexpected = [f"{k} (shape {tuple(v.shape)})" for k, v in stored.items() if k not in target]
+    mismatched = [f"{k}: the model directory has {tuple(stored[k].shape)}, model expects {tuple(v.shape)}"
+                  for k, v in target.items() if k in stored and tuple(stored[k].shape) != tuple(v.shape)]
+    if source_backbone.spec != backbone.spec or missing or unexpected or mismatched:
+        raise StateDictMismatchError(_mismatch_report(
+            f"the backbone of model directory {src} ({card.get('kind')}, {describe(source_backbone.spec)}, "
+            f"{source_backbone.in_channels} input channel(s)) does not fit the model's {describe(backbone.spec)} "
+            f"with {backbone.in_channels}", missing=missing, unexpected=unexpected, mismatched=mismatched))
+    restored = jax.tree.map(lambda value, current: jax.device_put(value, current.sharding),
+                            _backbone_state(source_backbone), _backbone_state(backbone))
+    state = nnx.state(backbone)
+    nnx.replace_by_pure_dict(state, restored)  # a classifier, absent from `restored`, keeps its values
+    nnx.update(backbone, state)
+    return card
+
+
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"blocks.0.layers.1.conv1.kernel": leaf}; keys stringified (orbax metadata uses "0")."""
     flat = {}
@@ -286,7 +319,8 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 # Reading weights files.
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a flat state dict of numpy arrays from `.pth`/`.pt` (torch), `.npz` or `.safetensors`."""
+    """Read a flat state dict of numpy arrays from `.pth`/`.pt` (torch's zip or legacy format: a state dict or a
+    whole pickled module, read by `metachex_jax.torch_pickle` without torch), `.npz` or `.safetensors`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -294,12 +328,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if suffix not in READABLE_SUFFIXES:
         raise CheckpointReadError(f"{path}: unsupported weights file type {suffix!r}; expected one of "
                                   + ", ".join(READABLE_SUFFIXES))
-    if suffix in (".pth", ".pt"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs torch (pip install 'metachex-jax[torch]'), or convert it to "
-                              ".safetensors / .npz where torch is installed") from e
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
@@ -308,8 +336,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             import safetensors.numpy
             loaded = safetensors.numpy.load_file(path)
         else:
-            # weights_only: the unpickler accepts tensors and plain containers only, so no code in the file runs.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            # Our own restricted unpickler (no torch needed): a state dict or a whole pickled module; nothing
+            # from the file is imported or run.
+            loaded = torch_pickle.read_state_dict(path)
     except Exception as e:  # every reader has its own exception types; all mean "this file is unreadable"
         raise CheckpointReadError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
     return _as_numpy_state_dict(loaded, path)
@@ -338,9 +367,11 @@ def _as_numpy_state_dict(loaded: Any, path: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a torchvision DenseNet.
 
-def abstract_densenet(arch: str | DenseNetSpec, num_classes: int | None, dtype: Any = jnp.float32) -> DenseNet:
+def abstract_densenet(arch: str | DenseNetSpec, num_classes: int | None, dtype: Any = jnp.float32,
+                      in_channels: int = 3) -> DenseNet:
     """A DenseNet whose variables are ShapeDtypeStructs: the target to fill, without random initialisation."""
-    return nnx.eval_shape(lambda: DenseNet(arch, num_classes=num_classes, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: DenseNet(arch, num_classes=num_classes, in_channels=in_channels, dtype=dtype,
+                                           rngs=nnx.Rngs(0)))
 
 
 def fill(abstract_model: nnx.Module, state: dict) -> nnx.Module:
@@ -351,7 +382,8 @@ def fill(abstract_model: nnx.Module, state: dict) -> nnx.Module:
 
 
 def load_torchvision_densenet(path: str | os.PathLike, num_classes: int | None = 1000,
-                              arch: str | DenseNetSpec | None = None, *, dtype: Any = jnp.float32) -> DenseNet:
+                              arch: str | DenseNetSpec | None = None, *, dtype: Any = jnp.float32,
+                              in_channels: int | None = None) -> DenseNet:
     """Build an NNX DenseNet holding the weights and BatchNorm statistics of a torchvision state dict file.
 
     Args:
@@ -362,27 +394,35 @@ def load_torchvision_densenet(path: str | os.PathLike, num_classes: int | None =
       arch: "densenet121", ... or a `DenseNetSpec`; None infers it from the state dict. A given arch that does
         not match the file raises `StateDictMismatchError` listing every missing/unexpected/mismatched key.
       dtype: computation dtype of the model; parameters stay float32.
+      in_channels: the stem's input channels; None reads them off the file's `features.conv0.weight` (3 for
+        torchvision's, 1 for torchxrayvision's); a given value that does not match is a reported mismatch.
 
     The model comes back in the default (training) mode, like a freshly built one. For inference and for parity
     with torchvision's `model.eval()`, call `model.eval()` so that BatchNorm uses the loaded running statistics.
     Inputs are NHWC (torch's NCHW transposed), normalised as `metachex_jax.preprocessing` documents.
     """
-    return densenet_from_state_dict(read_state_dict(path), num_classes, arch, dtype=dtype, what=str(path))[0]
+    return densenet_from_state_dict(read_state_dict(path), num_classes, arch, dtype=dtype, what=str(path),
+                                    in_channels=in_channels)[0]
 
 
 def densenet_from_state_dict(state_dict: Mapping[str, Any], num_classes: int | None = 1000,
                              arch: str | DenseNetSpec | None = None, *, dtype: Any = jnp.float32,
-                             what: str = "state dict") -> tuple[DenseNet, list[str]]:
+                             what: str = "state dict", in_channels: int | None = None,
+                             droppable: tuple[str, ...] = ()) -> tuple[DenseNet, list[str]]:
     """`load_torchvision_densenet` for an in-memory state dict; also returns the keys deliberately dropped.
 
-    `what` names the source in error messages."""
+    `what` names the source in error messages; `droppable` names further keys that may be present and are not
+    loaded (e.g. torchxrayvision's `op_threshs` buffer)."""
     state_dict = rename_legacy_keys(state_dict)
     try:
         spec = resolve_spec(arch) if arch is not None else infer_spec(state_dict)
     except StateDictMismatchError as e:
         raise StateDictMismatchError(f"{what}: {e}") from None
-    model = abstract_densenet(spec, num_classes, dtype)
-    conversion = convert_state_dict(state_dict, model, what=what)
+    if in_channels is None:
+        stem = state_dict.get("features.conv0.weight")
+        in_channels = int(np.shape(stem)[1]) if stem is not None and np.ndim(stem) == 4 else 3
+    model = abstract_densenet(spec, num_classes, dtype, in_channels)
+    conversion = convert_state_dict(state_dict, model, what=what, droppable=droppable)
     return fill(model, conversion.state), conversion.dropped
 
 
@@ -407,8 +447,8 @@ def save_backbone(model: nnx.Module, dest: str | os.PathLike, *, source: str, ov
     """Write the DenseNet backbone of `model` (a DenseNet or a MetaChexNet; classifier/heads left out) to DEST.
 
     DEST becomes an orbax StandardCheckpointer checkpoint of {"backbone": pure state} plus DEST/metadata.json
-    (format, arch, spec, num_features, num_params, source). Everything is written into a temporary sibling
-    directory that is renamed to DEST at the end, so DEST never exists half-written. An existing DEST is refused
+    (format, arch, spec, num_features, in_channels, num_params, source). Everything is written into a temporary
+    sibling directory that is renamed to DEST at the end, so DEST never exists half-written. An existing DEST is refused
     unless overwrite=True. Single-process tool: call it from one process, not from every host of a multi-host run.
     Returns DEST as an absolute path.
     """
@@ -430,6 +470,7 @@ def save_backbone(model: nnx.Module, dest: str | os.PathLike, *, source: str, ov
         "arch": arch_name(spec),
         "spec": spec_to_json(spec),
         "num_features": backbone.num_features,
+        "in_channels": backbone.in_channels,
         "num_params": count_params(backbone) - (
             count_params(backbone.classifier) if backbone.classifier is not None else 0),
         "source": str(source),
@@ -477,13 +518,19 @@ def read_backbone_metadata(src: str | os.PathLike) -> dict:
 def load_backbone(src: str | os.PathLike, model: nnx.Module) -> dict:
     """Restore a `save_backbone` checkpoint into `model.backbone` (MetaChexNet) or into a bare DenseNet, in place.
 
-    Heads and a DenseNet's classifier are left untouched. The checkpoint's architecture and every key and shape
-    are checked against the model first; `StateDictMismatchError` lists all differences. Restored arrays take
-    the shardings of the model's current arrays. Returns the checkpoint's metadata.
+    SRC may also be a model directory (`saved_model`, e.g. a `convert_torchxrayvision` output): its backbone is
+    used. Heads and a DenseNet's classifier are left untouched. The checkpoint's architecture and every key and
+    shape are checked against the model first; `StateDictMismatchError` lists all differences. Restored arrays
+    take the shardings of the model's current arrays. Returns the checkpoint's metadata (for a model directory:
+    its card).
     """
     import orbax.checkpoint as ocp
 
+    from metachex_jax import saved_model
+
     src = files.absolute(src)  # a gs:// checkpoint stays a URL (orbax reads it)
+    if saved_model.is_model_dir(src):
+        return _load_backbone_from_model_dir(src, model)
     metadata = read_backbone_metadata(src)
     backbone = _backbone_of(model)
     target = _backbone_state(backbone)

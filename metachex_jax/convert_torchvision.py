@@ -3,7 +3,8 @@
     python -m metachex_jax.convert_torchvision densenet121-a639ec97.pth /ckpt/densenet121_imagenet
     python -m metachex_jax.convert_torchvision weights.safetensors DEST --arch densenet121 --overwrite
 
-SRC is a `.pth`/`.pt` (needs torch; read with weights_only=True), `.npz` or `.safetensors` torchvision state dict.
+SRC is a `.pth`/`.pt` (read without torch by `metachex_jax.torch_pickle`, which runs nothing from the file), `.npz`
+or `.safetensors` torchvision state dict.
 The classifier is dropped (training configs bring their own heads); see `metachex_jax.convert` for the format.
 """
 

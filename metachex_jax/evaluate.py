@@ -25,15 +25,16 @@ from metachex_jax.data import pipeline
 from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
 
 
-def predict(eval_step, state, source, *, global_batch, image_size, data_sharding, max_batches=0, workers=0,
+def predict(eval_step, state, source, *, global_batch, contract, data_sharding, max_batches=0, workers=0,
             kind="nih"):
-    """Run `eval_step` over a split (records of `kind`: pipeline.EXAMPLE_FORMATS). Returns (per-image columns of
-    the real examples, mean loss terms)."""
+    """Run `eval_step` over a split (records of `kind`: pipeline.EXAMPLE_FORMATS); images are made by the model's
+    pixel `contract` (its size and geometry; the step normalises them). Returns (per-image columns of the real
+    examples, mean loss terms)."""
     columns: dict[str, list] = {}
     loss_sums: dict[str, float] = {}
     count = 0.0
-    with pipeline.eval_batches(source, kind=kind, global_batch_size=global_batch, image_size=image_size,
-                               num_workers=workers) as batches:
+    with pipeline.eval_batches(source, kind=kind, global_batch_size=global_batch, image_size=contract.image_size,
+                               geometry=contract.geometry, num_workers=workers) as batches:
         for i, local in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
@@ -68,14 +69,14 @@ def prediction_columns(table: dict, image_names: list[str]) -> dict:
     return cols
 
 
-def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, global_batch, image_size,
+def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, global_batch, contract,
                    data_sharding, loss_weights, n_boot, seed, max_batches=0, workers=0, kind="nih",
                    label_names=PATHOLOGIES) -> dict:
     """Predict, compute every metric, write the files; returns the metrics (with the weighted loss).
 
     `label_names`: the model's pathology outputs (a mixture's label space: data/mixture.py); records of kind
     "labelled" carry a mask per label, so each dataset is scored on the labels it has."""
-    table, loss_terms = predict(eval_step, state, source, global_batch=global_batch, image_size=image_size,
+    table, loss_terms = predict(eval_step, state, source, global_batch=global_batch, contract=contract,
                                 data_sharding=data_sharding, max_batches=max_batches, workers=workers, kind=kind)
     names = [_text(source[int(i)]["image_name"]) for i in table["index"]]
     cols = prediction_columns(table, names)

@@ -50,7 +50,7 @@ def export_predictor(predictor, platforms=DEFAULT_PLATFORMS):
     from metachex_jax.inference import make_forward
 
     backend = predictor._backend
-    forward = make_forward(backend.graphdef, tuple(o.kind for o in predictor.outputs), predictor.contract)
+    forward = make_forward(backend.graphdef, predictor.outputs, predictor.contract)
     leaves, treedef = jax.tree.flatten(backend.state)
 
     def flat_forward(weights, images):

@@ -15,8 +15,9 @@ delta=)`), every output at once (`jax.jacrev`); `Predictor` compiles one functio
 normalised: a map's scale says how strongly that layer drives the output; overlays normalise each map by its
 maximum.
 
-`overlay(original, cam, contract)` maps a map back onto the original image through the pixel contract's crop
-and resize (the part of the image the crop removed gets no colour) and blends it with a matplotlib colour map.
+`overlay(original, cam, contract)` maps a map back onto the original image through the pixel contract's geometry
+(crop and resize, either order; the part of the image the model did not see gets no colour) and blends it with a
+matplotlib colour map.
 `pointing_game` scores maps against bounding boxes: a hit when the map's maximum lies inside a box of that finding.
 """
 
@@ -62,17 +63,22 @@ def make_gradcam(graphdef, names: Sequence[str], layer: str, contract: PixelCont
 def to_original(cam: np.ndarray, contract: PixelContract, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """A (S, S) map at model input -> (map, mask) at the original image's (height, width).
 
-    The model saw the centre S x S crop of the image resized to R x R; the map is placed at the crop's position in
-    an R x R canvas and the canvas is resized back to the original size. `mask` (float 0..1) is where the crop
-    covered the image: outside it the model saw nothing, and the map there is 0.
+    The model's S x S input shows one box of the original image (`PixelContract.input_box`: the centre crop of the
+    R x R resize for "resize_crop", the centre square for "crop_resize"); the map is stretched over that box
+    (bilinear) and is 0 elsewhere. `mask` (float 0..1) is where the box covers the image: outside it the model saw
+    nothing.
     """
-    r, offset, s = contract.resolution, contract.crop_offset(), contract.image_size
-    canvas = np.zeros((r, r), np.float32)
-    canvas[offset:offset + s, offset:offset + s] = cam
-    covered = np.zeros((r, r), np.float32)
-    covered[offset:offset + s, offset:offset + s] = 1.0
-    resize = (lambda a: np.asarray(Image.fromarray(a, mode="F").resize((width, height), Image.Resampling.BILINEAR)))
-    return resize(canvas), np.clip(resize(covered), 0.0, 1.0)
+    left, top, right, bottom = contract.input_box(width, height)
+    s = contract.image_size
+    # PIL's AFFINE maps each output pixel (x, y) to the input point (a x + b y + c, d x + e y + f).
+    sx, sy = s / (right - left), s / (bottom - top)
+    data = (sx, 0.0, -left * sx, 0.0, sy, -top * sy)
+
+    def place(a):
+        return np.asarray(Image.fromarray(np.asarray(a, np.float32), mode="F").transform(
+            (width, height), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=0.0))
+
+    return place(cam), np.clip(place(np.ones((s, s), np.float32)), 0.0, 1.0)
 
 
 def overlay(original: np.ndarray, cam: np.ndarray, contract: PixelContract, *, colormap: str = "jet",
@@ -101,8 +107,9 @@ def overlay(original: np.ndarray, cam: np.ndarray, contract: PixelContract, *, c
 def peak_in_original(cam: np.ndarray, contract: PixelContract, width: int, height: int) -> tuple[float, float]:
     """(x, y) in the original image's pixel coordinates of the map's maximum (pixel centre)."""
     row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    offset, r = contract.crop_offset(), contract.resolution
-    return (col + offset + 0.5) * width / r, (row + offset + 0.5) * height / r
+    left, top, right, bottom = contract.input_box(width, height)
+    s = contract.image_size
+    return left + (col + 0.5) * (right - left) / s, top + (row + 0.5) * (bottom - top) / s
 
 
 def pointing_game(peaks: Sequence[tuple[float, float]], boxes: Sequence[Sequence[tuple[float, float, float, float]]],

@@ -10,10 +10,12 @@ MODEL is one of:
   (`TB_WORKDIR/model/`, or the TB workdir itself), or an exported model (`metachex_jax.export`; run through
   jax.export without importing the model code);
 - a pretraining workdir (its best checkpoint; `step=` picks another): MetaChexNet or the CheXNet baseline;
-- a `convert_torchvision` backbone directory: features only (`features=True`), at `image_size`/`resolution`.
+- a `convert_torchvision` backbone directory: features only (`features=True`), at `image_size`/`resolution`;
+- a `convert_torchxrayvision` model directory (a model directory of kind "torchxrayvision").
 
 Named outputs, in the model's order: probabilities (sigmoid of a logit: each pathology by name, `view_ap` = P(AP
-view), `sex_male` = P(male), `tb` = P(TB)) and `age` in years. An output with a decision threshold (the TB
+view), `sex_male` = P(male), `tb` = P(TB)), `age` in years, and for a converted torchxrayvision model each trained
+label's probability `L` and op-normalised value `L_opnorm` (models/xrv.py). An output with a decision threshold (the TB
 model's) also gets `<name>_decision` (1 when the probability >= the threshold) in `predict_files` results.
 
 Preprocessing is the model's `PixelContract` (preprocessing.py): the same functions the dataset builders and the
@@ -50,8 +52,9 @@ class ModelError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Output:
     name: str
-    kind: str  # "probability" (sigmoid of a logit) or "years"
+    kind: str  # "probability" (sigmoid of a logit), "op_norm" (torchxrayvision's op-normalised one) or "years"
     threshold: float | None = None  # decision threshold on the probability (e.g. TB screening)
+    op_threshold: float | None = None  # "op_norm" outputs: the probability that maps to 0.5 (models/xrv.py)
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -105,12 +108,15 @@ class _FlaxModel:
     def __init__(self, model, outputs: list[Output], contract: PixelContract):
         from flax import nnx
 
+        if model.backbone.in_channels != contract.channels:
+            raise ModelError(f"the model's first convolution takes {model.backbone.in_channels} channel(s), but its "
+                             f"pixel contract makes {contract.channels} ({contract.describe()})")
         self.module = model
         self.graphdef, self.state = nnx.split(model)
         self.num_features = model.num_features
         self.layer_names = model.backbone.layer_names()
         self.contract = contract
-        self._forward = jax.jit(make_forward(self.graphdef, tuple(o.kind for o in outputs), contract))
+        self._forward = jax.jit(make_forward(self.graphdef, outputs, contract))
         self._gradcam = {}  # (outputs, layer) -> jitted Grad-CAM
 
     def replicate(self, sharding) -> None:
@@ -148,30 +154,52 @@ class _ExportedModel:
         return self._forward(self.weights, images)
 
 
-def make_forward(graphdef, kinds: Sequence[str], contract: PixelContract):
+def make_forward(graphdef, outputs: Sequence[Output], contract: PixelContract):
     """(state, uint8 images (N, S, S)) -> (values (N, K) float32, features (N, F) float32): the whole model.
 
-    Values are in `kinds` order (the model's `output_kinds()` order): sigmoid of the logit for probabilities,
-    the value itself for years. Pure: `export` serialises exactly this function.
+    Values are in `outputs` order (the model's `output_kinds()` order), from each output's score (a logit or
+    years; `output_scores`): sigmoid for "probability", torchxrayvision's op_norm of the sigmoid for "op_norm"
+    (with the output's `op_threshold`), the value itself for "years". Pure: `export` serialises exactly this
+    function.
     """
     from flax import nnx
+
+    from metachex_jax.models.xrv import op_norm
+
+    outputs = tuple(outputs)
+    unknown = [f"{o.name} ({o.kind})" for o in outputs if o.kind not in OUTPUT_KINDS]
+    if unknown:
+        raise ModelError(f"outputs of unknown kinds: {unknown}; known: {OUTPUT_KINDS}")
+
+    def value(score, output: Output):
+        if output.kind == "probability":
+            return jax.nn.sigmoid(score)
+        if output.kind == "op_norm":
+            return op_norm(jax.nn.sigmoid(score), output.op_threshold)
+        return score
 
     def forward(state, images):
         model = nnx.merge(graphdef, state)
         features = model.features(contract.model_input(images))
         scores = list(model.output_scores(features).values())
-        if len(scores) != len(kinds):
-            raise ValueError(f"the model has {len(scores)} outputs, the predictor expects {len(kinds)}")
-        values = [jax.nn.sigmoid(s) if kind == "probability" else s for s, kind in zip(scores, kinds)]
+        if len(scores) != len(outputs):
+            raise ValueError(f"the model has {len(scores)} outputs, the predictor expects {len(outputs)}")
+        values = [value(s, o) for s, o in zip(scores, outputs)]
         stacked = jnp.stack(values, axis=1) if values else jnp.zeros((images.shape[0], 0), jnp.float32)
         return stacked.astype(jnp.float32), features.astype(jnp.float32)
 
     return forward
 
 
+OUTPUT_KINDS = ("probability", "op_norm", "years")
+
+
 def outputs_of(model, thresholds: dict | None = None) -> list[Output]:
+    """The named outputs of a Flax model (`output_kinds()`), with decision thresholds and op-norm thresholds."""
     thresholds = thresholds or {}
-    return [Output(name, kind, thresholds.get(name)) for name, kind in model.output_kinds().items()]
+    op_thresholds = model.output_op_thresholds() if hasattr(model, "output_op_thresholds") else {}
+    return [Output(name, kind, thresholds.get(name), op_thresholds.get(name))
+            for name, kind in model.output_kinds().items()]
 
 
 class Predictor:
@@ -204,7 +232,8 @@ class Predictor:
         if saved_model.is_model_dir(path):
             card = saved_model.read_card(path)
             contract = PixelContract.from_json(card["input"])
-            outputs = [Output(o["name"], o["kind"], o.get("threshold")) for o in card["outputs"]]
+            outputs = [Output(o["name"], o["kind"], o.get("threshold"), o.get("op_threshold"))
+                       for o in card["outputs"]]
             info = {"model": path, "kind": card["kind"], "source": card.get("source")}
             if files.is_dir(files.join(path, saved_model.EXPORTED_DIR)):
                 backend = _ExportedModel(path, card)
@@ -342,7 +371,7 @@ class Predictor:
         with image_reader.decoding_pool(workers) as pool, tqdm(total=n, unit="img", disable=not progress,
                                                                  desc="predict") as bar:
             decoded = image_reader.decode_many(paths, self.contract.resolution, pool=pool, bit_depth=bit_depth,
-                                               with_info=True, progress=False)
+                                               with_info=True, progress=False, square=self.contract.crops_to_square)
             rows, crops = [], []
             for i, (stored, error, info) in enumerate(decoded):
                 if error is None:
@@ -397,7 +426,8 @@ def _load_backbone(path: str):
     if not spec:
         raise ModelError(f"{path}/metadata.json has no DenseNet spec: not a convert_torchvision output")
     model = MetaChexNet(DenseNetSpec(**{**spec, "block_config": tuple(spec["block_config"])}), num_pathologies=0,
-                        metadata_tasks=(), age_hidden=0, rngs=nnx.Rngs(0))
+                        metadata_tasks=(), age_hidden=0, in_channels=int(metadata.get("in_channels", 3)),
+                        rngs=nnx.Rngs(0))
     convert.load_backbone(path, model)
     model.eval()
     return model, {"model": path, "kind": "backbone", "source": metadata.get("source"), "arch": metadata.get("arch")}

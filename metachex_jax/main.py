@@ -5,8 +5,9 @@ work), start the multi-host runtime when asked or detected, print the config, an
 config names (`config.trainer`). Everything else is importable from tests and notebooks
 (`metachex_jax.train.train_and_evaluate(config, workdir)`).
 
-Exit status: 0 done; 2 a user error (bad flags or config, missing data, unusable starting weights: the message
-says what to change, without a traceback, see errors.py); anything else is a bug and shows its traceback.
+Exit status: 0 done, or a pretraining run stopped by SIGTERM/SIGINT after saving its checkpoint
+(`preemption.Preempted`); 2 a user error (bad flags or config, missing data, unusable starting weights: the
+message says what to change, without a traceback, see errors.py); anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metachex_jax import config_lib, distributed, files
+from metachex_jax import config_lib, distributed, files, preemption
 from metachex_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -90,6 +91,8 @@ def main(argv):
         run(config, workdir)
     except UserError as e:
         user_error_exit(str(e))
+    except preemption.Preempted as e:
+        logging.warning("%s", e)  # a clean stop: exit status 0
 
 
 if __name__ == "__main__":

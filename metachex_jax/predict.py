@@ -5,7 +5,8 @@
     python -m metachex_jax.predict --model=/tmp/metachex_demo img.png --heatmaps=Cardiomegaly,age --features
 
 MODEL: a pretraining workdir (best checkpoint; --step), a transfer workdir (its deployable TB model), a model
-directory (a TB model, an exported model) or a convert_torchvision backbone (features only); see
+directory (a TB model, an exported model, a convert_torchxrayvision output) or a convert_torchvision backbone
+(features only); see
 `metachex_jax.inference`. INPUT: files (any name: the format is read from the content), folders (searched
 recursively for files named like images: .png .jpg .jpeg .dcm .dicom .tif .tiff .bmp in any case, or with no
 extension, as DICOM files often are; hidden files, AppleDouble `._*` files and Thumbs.db are left out and

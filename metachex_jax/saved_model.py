@@ -8,7 +8,8 @@
                         weights as numpy arrays: runs without the model code (see export.py)
 
 `kind` names the Flax module to build from `model_config` (`BUILDERS`): "metachexnet" (MetaChexNet, the CheXNet
-baseline and backbone-only models are its variants), "tb_classifier" (a transfer run's deployable TB model).
+baseline and backbone-only models are its variants), "tb_classifier" (a transfer run's deployable TB model),
+"torchxrayvision" (a converted torchxrayvision DenseNet, `models/xrv.py`; written by `convert_torchxrayvision`).
 Other kinds register a builder here.
 
 `save` writes into a temporary sibling folder and renames it into place, so a DIR that exists is complete (on
@@ -49,8 +50,16 @@ def _build_tb_classifier(model_config):
     return build_tb_classifier(model_config)
 
 
-# kind -> function(model_config: ConfigDict) -> an NNX module with `backbone`, `output_kinds()`, `output_scores()`
-BUILDERS: dict[str, Callable] = {"metachexnet": _build_metachexnet, "tb_classifier": _build_tb_classifier}
+def _build_torchxrayvision(model_config):
+    from metachex_jax.models.xrv import build_xrv_model
+
+    return build_xrv_model(model_config)
+
+
+# kind -> function(model_config: ConfigDict) -> an NNX module with `backbone`, `features()`, `output_kinds()`,
+# `output_scores()`
+BUILDERS: dict[str, Callable] = {"metachexnet": _build_metachexnet, "tb_classifier": _build_tb_classifier,
+                                 "torchxrayvision": _build_torchxrayvision}
 
 
 def is_model_dir(path: str) -> bool:

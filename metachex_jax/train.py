@@ -2,11 +2,14 @@
 
   1. mesh and shardings       one "data" axis over every device of every host; state replicated
   2. input                    prepared splits of ChestX-ray14 or of a weighted mixture of datasets, in one label
-                              space with per-label masks (data/mixture.py) -> grain iterators -> global jax.Arrays
-  3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim
+                              space with per-label masks (data/mixture.py) -> grain iterators -> global jax.Arrays;
+                              training images augmented on the host or in the train step (config.data.augment_on)
+  3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim;
+                              its pixel contract (preprocessing.PixelContract) from config.data + config.model
   4. starting weights         own workdir (resume) > config.resume > config.model_init (backbone) > random
   5. steps                    one jitted train step (state donated), one jitted eval step
-  6. loop                     log, evaluate on validation, reduce-on-plateau, checkpoint, stop loudly on NaN
+  6. loop                     log, evaluate on validation, reduce-on-plateau, checkpoint, stop loudly on NaN;
+                              on SIGTERM/SIGINT every process saves the same step and stops (`preemption.Preempted`)
   7. final evaluation         the best checkpoint on the test split -> WORKDIR/eval/ (per dataset for a mixture)
 
 A mixture (config.data.datasets = "chestxray14:1,chexpert:1,...") is evaluated per dataset, each on the labels it
@@ -18,6 +21,7 @@ Everything a run writes lives in the workdir: checkpoints/, eval/, metrics.jsonl
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -30,13 +34,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import checkpointing, convert, evaluate, files, optim, train_state
-from metachex_jax.data import datasets, pipeline
+from metachex_jax import checkpointing, convert, evaluate, files, optim, preemption, saved_model, train_state
+from metachex_jax.data import datasets, device_augment, pipeline
 from metachex_jax.data.augment import Augmentation
 from metachex_jax.errors import MissingDataError
 from metachex_jax.losses import chexnet_class_weights
 from metachex_jax.metric_writer import MetricWriter
 from metachex_jax.models import build_model, count_params
+from metachex_jax.preprocessing import PixelContract
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,12 +58,32 @@ def to_global(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def jit_train_step(config, graphdef, tx, class_weights, augment_on: str, replicated, contract):
+    """The trainer's jitted step: (state, batch, stop_flags) -> (state, metrics, 1 if any process asked to stop).
+
+    State donated. With augment_on="device" the batch holds the stored images, cropped, flipped and warped here
+    (`device_augment.train_images`); `stop_flags` is `preemption.StopSignals.flags()`."""
+    augment = None
+    if augment_on == "device":
+        augment = functools.partial(device_augment.train_images, seed=config.seed, size=contract.image_size,
+                                    augmentation=Augmentation(**config.data.augment))
+    step_fn = train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype), class_weights,
+                                          augment=augment, contract=contract)
+
+    def train_step(state, batch, stop_flags):
+        state, metrics = step_fn(state, batch)
+        return state, metrics, preemption.any_process_stops(stop_flags)
+
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated, replicated))
+
+
 def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, train_iter):
     """Pick the starting weights, in this order, and say which was used:
 
     1. this run's own checkpoints in WORKDIR/checkpoints (automatic resume, input position included);
     2. `config.resume`: another run's workdir or its checkpoints/ (full state; the input starts afresh);
-    3. `config.model_init`: backbone weights only (converted ImageNet weights or another run); new heads;
+    3. `config.model_init`: backbone weights only (a convert_torchvision backbone, or the backbone of a model
+       directory such as a converted torchxrayvision model); new heads;
     4. random initialisation (`fresh_state`, from config.seed).
     Returns (state, meta, source).
     """
@@ -87,10 +112,37 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
     return fresh_state, {}, f"random initialisation (seed {config.seed})"
 
 
+def adopt_model_init_contract(config):
+    """A `config.model_init` that is a model directory (a converted torchxrayvision model) brings its own pixel
+    contract: its stem is kept, so the run's `model.normalization` and `model.geometry` become the backbone's (the
+    sizes stay the run's `data.image_size` / `data.resolution`). Returns the config, a changed copy if needed; the
+    run saves that copy with its checkpoints, so everything that reads the run later sees the contract it used.
+    A `convert_torchvision` backbone (metadata.json) takes ImageNet-normalised 3-channel input: the default."""
+    if not config.model_init:
+        return config
+    path = files.absolute(config.model_init)
+    if not saved_model.is_model_dir(path):
+        return config
+    backbone = PixelContract.from_json(saved_model.read_card(path)["input"])
+    wanted = {"normalization": backbone.normalization, "geometry": backbone.geometry}
+    current = {k: config.model.get(k) for k in wanted}
+    if current == wanted:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.update(wanted)
+    if jax.process_index() == 0:
+        logging.info("model_init %s: the run takes the backbone's pixel contract %s (the config said %s)",
+                     config.model_init, wanted, current)
+    return config
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train, evaluate on validation periodically and on test at the end. Returns the final test metrics."""
     workdir = files.absolute(workdir)
     lead = jax.process_index() == 0
+    config = adopt_model_init_contract(config)
+    contract = PixelContract.from_config(config)
 
     # 1. Mesh and shardings.
     mesh = make_mesh()
@@ -113,14 +165,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or eval_every
     manager = checkpointing.make_manager(files.join(workdir, "checkpoints"), config.keep_checkpoints)
-    saved = checkpointing.latest_meta(manager)  # a resumed run keeps the worker count its input position needs
+    saved = checkpointing.latest_meta(manager) or {}  # a resumed run keeps its input position's settings
     workers = pipeline.workers_for_resume(config.data.workers,
                                           pipeline.resolve_workers(config.data.workers, jax.default_backend()),
-                                          None if saved is None else saved.get("input_workers", 0))
+                                          saved.get("input_workers", 0) if saved else None)
+    augment_on = pipeline.resolve_augment_on(config.data.augment_on, jax.default_backend(), saved.get("augment_on"),
+                                             contract.geometry)
+    augmentation = Augmentation(**config.data.augment)
     train_iter = pipeline.train_batches(
         [splits["train"] for splits in data.splits.values()], kind="labelled", global_batch_size=global_batch,
-        image_size=config.data.image_size, seed=config.seed, augmentation=Augmentation(**config.data.augment),
-        weights=list(data.weights.values()) if data.is_mixture else None, num_workers=workers)
+        image_size=contract.image_size, seed=config.seed,
+        augmentation=augmentation if augment_on == "host" else None,  # None: read + batch only
+        weights=list(data.weights.values()) if data.is_mixture else None, num_workers=workers,
+        geometry=contract.geometry)
 
     # 3. Model and optimiser.
     model = build_model(config.model, nnx.Rngs(config.seed))
@@ -129,7 +186,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = jax.device_put(state, replicated)
     class_weights = None
     if config.loss.class_weighting == "chexnet":  # per label, from the training images that know it
-        positives, known = datasets.known_label_counts([splits["train"] for splits in data.splits.values()])
+        positives, known = datasets.known_label_counts(data)
         class_weights = chexnet_class_weights(positives, np.maximum(known, 1))
     elif config.loss.class_weighting != "none":
         raise ValueError(f"config.loss.class_weighting must be 'none' or 'chexnet', got "
@@ -143,72 +200,87 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = MetricWriter(workdir)
     if lead:
         logging.info("model %s: %s parameters; %s", config.model.arch, f"{count_params(model):,}", source)
-        logging.info("%d devices, global batch %d, %d steps/epoch, %d steps, %d input workers per host",
-                     jax.device_count(), global_batch, steps_per_epoch, total_steps, workers)
+        logging.info("pixel contract: %s", contract.describe())
+        logging.info("%d devices, global batch %d, %d steps/epoch, %d steps, %d input workers per host, "
+                     "augmentation on the %s", jax.device_count(), global_batch, steps_per_epoch, total_steps,
+                     workers, augment_on)
 
     # 5. Steps.
-    dtype = jnp.dtype(config.model.dtype)
-    train_step = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, dtype, class_weights),
-                         donate_argnums=0, out_shardings=(replicated, replicated))
-    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, dtype))
+    train_step = jit_train_step(config, graphdef, tx, class_weights, augment_on, replicated, contract)
+    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, jnp.dtype(config.model.dtype),
+                                                   contract=contract))
 
     def run_eval(split: str, step: int, tag: str) -> dict:
         """One dataset: its result. A mixture: each dataset's (files tagged with its name), and their means."""
         results = {name: evaluate.evaluate_split(
             eval_step, state, splits[split], split=split, step=step,
             tag=f"{tag}_{name}" if data.is_mixture else tag, workdir=workdir, global_batch=eval_batch,
-            image_size=config.data.image_size, data_sharding=data_sharding, loss_weights=config.loss.weights,
-            n_boot=config.n_boot, seed=config.seed, max_batches=config.eval_max_batches, workers=workers,
-            kind="labelled", label_names=data.space) for name, splits in data.splits.items()}
+            contract=contract, data_sharding=data_sharding, loss_weights=config.loss.weights, n_boot=config.n_boot,
+            seed=config.seed, max_batches=config.eval_max_batches, workers=workers, kind="labelled",
+            label_names=data.space) for name, splits in data.splits.items()}
         if not data.is_mixture:
             return next(iter(results.values()))
         return evaluate.combine_datasets(results, workdir=workdir, tag=tag, step=step, split=split)
 
     def save(step: int, metrics: dict | None = None):
+        nonlocal saved_step
         bookkeeping = {"plateau": plateau.state(), "best": best, "config": config.to_dict(),
-                       "input_workers": workers}
+                       "input_workers": workers, "augment_on": augment_on}
         checkpointing.save(manager, step, state, train_iter, bookkeeping, metrics)
+        saved_step = step
 
     # 6. Loop.
-    step = int(state.step)
-    pending = None  # the previous step's metrics: checked for NaN one step late, so the device never idles
+    step = saved_step = int(state.step)
+    # The previous step's outputs are read one step late (NaN check, stop request), so the device never idles.
+    pending = None
+    stopping = False  # any process got SIGTERM/SIGINT: the same on every process at the same step (preemption.py)
+    signals = preemption.StopSignals(data_sharding)
     timer_step, timer = step, time.time()
     try:
-        while step < total_steps:
-            batch = to_global(next(train_iter), data_sharding)
-            state, metrics = train_step(state, batch)
-            step += 1
-            if pending is not None:
-                check_finite(*pending)
-            pending = (step, metrics)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                check_finite(*pending)
-                elapsed = time.time() - timer
-                img_s = (step - timer_step) * global_batch / max(elapsed, 1e-9)
-                scalars = {k: float(v) for k, v in metrics.items()}
-                scalars["lr"] = optim.learning_rate(config.optim, global_batch, total_steps, step, state.opt_state)
-                scalars["img_per_s"] = img_s
-                eta = (total_steps - step) * global_batch / max(img_s, 1e-9)
-                writer.write(step, {f"train/{k}": v for k, v in scalars.items()},
-                             f"step {step}/{total_steps} loss {scalars['loss']:.4f} lr {scalars['lr']:.2e} "
-                             f"{img_s:.1f} img/s ETA {eta / 60:.1f} min")
-                timer_step, timer = step, time.time()
-            if step % eval_every == 0 or step == total_steps:
-                check_finite(*pending)
-                result = run_eval("validation", step, "validation")
-                val_loss, val_auroc = result["loss"], result["mean_auroc"]["value"]
-                if math.isfinite(val_auroc) and (best["step"] is None or val_auroc > best["val_mean_auroc"]):
-                    best = {"val_mean_auroc": val_auroc, "step": step}
-                if config.optim.schedule == "plateau":
-                    watched = plateau_value(config.optim, val_loss, val_auroc)
-                    scale = plateau.update(watched, optim.plateau_scale(state.opt_state))
-                    optim.set_plateau_scale(state.opt_state, scale)
-                writer.write(step, summary_scalars("val", result),
-                             f"validation at step {step}: loss {val_loss:.4f} mean AUROC {val_auroc:.4f}")
-                save(step, {checkpointing.BEST_METRIC: val_auroc if math.isfinite(val_auroc) else -1.0})
-            elif step % checkpoint_every == 0:
-                check_finite(*pending)
-                save(step)
+        with signals:
+            while step < total_steps:
+                batch = to_global(next(train_iter), data_sharding)
+                state, metrics, stop = train_step(state, batch, signals.flags())
+                step += 1
+                if pending is not None:
+                    stopping |= settle(*pending)
+                pending = (step, metrics, stop)
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    stopping |= settle(*pending)
+                    elapsed = time.time() - timer
+                    img_s = (step - timer_step) * global_batch / max(elapsed, 1e-9)
+                    scalars = {k: float(v) for k, v in metrics.items()}
+                    scalars["lr"] = optim.learning_rate(config.optim, global_batch, total_steps, step,
+                                                        state.opt_state)
+                    scalars["img_per_s"] = img_s
+                    eta = (total_steps - step) * global_batch / max(img_s, 1e-9)
+                    writer.write(step, {f"train/{k}": v for k, v in scalars.items()},
+                                 f"step {step}/{total_steps} loss {scalars['loss']:.4f} lr {scalars['lr']:.2e} "
+                                 f"{img_s:.1f} img/s ETA {eta / 60:.1f} min")
+                    timer_step, timer = step, time.time()
+                if step % eval_every == 0 or step == total_steps:
+                    stopping |= settle(*pending)
+                    result = run_eval("validation", step, "validation")
+                    val_loss, val_auroc = result["loss"], result["mean_auroc"]["value"]
+                    if math.isfinite(val_auroc) and (best["step"] is None or val_auroc > best["val_mean_auroc"]):
+                        best = {"val_mean_auroc": val_auroc, "step": step}
+                    if config.optim.schedule == "plateau":
+                        watched = plateau_value(config.optim, val_loss, val_auroc)
+                        scale = plateau.update(watched, optim.plateau_scale(state.opt_state))
+                        optim.set_plateau_scale(state.opt_state, scale)
+                    writer.write(step, summary_scalars("val", result),
+                                 f"validation at step {step}: loss {val_loss:.4f} mean AUROC {val_auroc:.4f}")
+                    save(step, {checkpointing.BEST_METRIC: val_auroc if math.isfinite(val_auroc) else -1.0})
+                elif step % checkpoint_every == 0:
+                    stopping |= settle(*pending)
+                    save(step)
+                if stopping and step < total_steps:
+                    # This step's bookkeeping is done, as in an uninterrupted run: check it, save it, stop.
+                    settle(*pending)
+                    if saved_step != step:
+                        save(step)
+                    manager.wait_until_finished()
+                    raise preemption.Preempted(step, signals.signal_name)
         manager.wait_until_finished()
 
         # 7. Final evaluation of the best checkpoint on the test split.
@@ -265,6 +337,12 @@ def summary_scalars(prefix: str, result: dict) -> dict:
         out[f"{prefix}/age_mae_years"] = result["age"]["mae_years"]["value"]
         out[f"{prefix}/age_pearson_r"] = result["age"]["pearson_r"]["value"]
     return out
+
+
+def settle(step: int, metrics: dict, stop) -> bool:
+    """Wait for a dispatched step: stop loudly on a non-finite loss; return whether any process asked to stop."""
+    check_finite(step, metrics)
+    return bool(stop)
 
 
 def check_finite(step: int, metrics: dict) -> None:

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from metachex_jax import losses
-from metachex_jax.preprocessing import to_model_input
+from metachex_jax.preprocessing import PixelContract
 
 
 @flax.struct.dataclass
@@ -40,15 +40,23 @@ def model_of(graphdef, state: TrainState) -> nnx.Module:
     return nnx.merge(graphdef, state.params, state.batch_stats)
 
 
-def make_train_step(graphdef, tx, loss_config, compute_dtype, class_weights=None):
-    """A pure function (state, batch) -> (state, metrics); the trainer jits it with the state donated."""
+def make_train_step(graphdef, tx, loss_config, compute_dtype, class_weights=None, augment=None, *,
+                    contract: PixelContract):
+    """A pure function (state, batch) -> (state, metrics); the trainer jits it with the state donated.
+
+    `contract`: the model's pixel contract; its `model_input` turns the batch's uint8 images into the model's
+    input (normalisation and channels). `augment`, when given, is (uint8 images, step) -> uint8 images, applied
+    to the batch's images first (`config.data.augment_on="device"`: `metachex_jax.data.device_augment`).
+    """
 
     def train_step(state: TrainState, batch):
+        images = batch["image"] if augment is None else augment(batch["image"], state.step)
+
         def loss_fn(params):
             # copy: fresh Variables at this trace level, so BatchNorm may update its statistics here.
             model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
             model.train()
-            outputs = model(to_model_input(batch["image"], compute_dtype))
+            outputs = model(contract.model_input(images, compute_dtype))
             total, terms = losses.multitask_loss(outputs, batch, loss_config, age_mean=model.age_mean,
                                                  age_std=model.age_std, class_weights=class_weights)
             _, _, new_stats = nnx.split(model, nnx.Param, ...)
@@ -63,13 +71,13 @@ def make_train_step(graphdef, tx, loss_config, compute_dtype, class_weights=None
     return train_step
 
 
-def make_eval_step(graphdef, loss_config, compute_dtype):
+def make_eval_step(graphdef, loss_config, compute_dtype, *, contract: PixelContract):
     """(state, batch) -> per-example predictions and the batch's summed loss terms (eval-mode BatchNorm)."""
 
     def eval_step(state: TrainState, batch):
         model = nnx.merge(graphdef, state.params, state.batch_stats)
         model.eval()
-        outputs = model(to_model_input(batch["image"], compute_dtype))
+        outputs = model(contract.model_input(batch["image"], compute_dtype))
         _, terms = losses.multitask_loss(outputs, batch, loss_config, age_mean=model.age_mean,
                                          age_std=model.age_std)
         preds = {}

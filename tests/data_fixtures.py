@@ -7,7 +7,11 @@ pixels read back belong to the right record (BOX resizing keeps a constant image
 from __future__ import annotations
 
 import dataclasses
+import pickle
+from collections.abc import Sequence
 from pathlib import Path
+
+import grain
 
 import numpy as np
 from PIL import Image
@@ -323,3 +327,38 @@ def make_csv_tree(root: Path, *, n_patients: int = 14, size: int = 32) -> CsvTre
         r["Cardiomegaly"] = {"True": "1", "False": "0"}.get(r["Cardiomegaly"], r["Cardiomegaly"])
     tree.write_csv()
     return tree
+
+
+# --- ArrayRecord files of pickled record dicts (an ArrayRecord source that is not a TFDS build) -----------
+
+class PickledArrayRecordSource:
+    """A random-access source over ArrayRecord files whose records are pickled record dicts.
+
+    Picklable (grain's ArrayRecordDataSource reopens the files in each worker process).
+    """
+
+    def __init__(self, paths: str | Sequence[str]):
+        self._records = grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        return pickle.loads(self._records[index])
+
+    def __repr__(self) -> str:
+        return f"PickledArrayRecordSource({self._records!r})"
+
+
+def write_pickled_array_records(path: str | Path, records: Sequence[dict]) -> None:
+    """Write records (dicts of numpy arrays / scalars) as pickles to one ArrayRecord file (temp, then rename)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    writer = ArrayRecordWriter(str(partial), "group_size:1")
+    try:
+        for record in records:
+            writer.write(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+    finally:
+        writer.close()
+    partial.replace(path)

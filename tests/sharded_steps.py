@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from metachex_jax import config_lib, distributed, train, train_state  # noqa: E402
 from metachex_jax.data import pipeline  # noqa: E402
 from metachex_jax.models import build_model  # noqa: E402
+from metachex_jax.preprocessing import PixelContract  # noqa: E402
 
 GLOBAL_BATCH, STEPS, SIZE = 16, 2, 32
 
@@ -48,7 +49,8 @@ def main():
     tx = optax.sgd(0.05)
     graphdef, state = train_state.create(model, tx)
     state = jax.device_put(state, replicated)
-    step_fn = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.float32), donate_argnums=0)
+    step_fn = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.float32,
+                                                 contract=PixelContract.from_config(config)), donate_argnums=0)
 
     # Each process feeds its own contiguous slice of the global batch, as the input pipeline does per host.
     n, i = jax.process_count(), jax.process_index()

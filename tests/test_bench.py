@@ -117,11 +117,17 @@ def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
             "--config.demo_data.num_montgomery=8", "--config.demo_data.num_hospital=0",
             "--config.demo_data.size=64"]
     result = loop.main([f"--config={config}", f"--config.demo_dir={tmp_path}", *demo,
-                        "--config.batch_size_per_device=8", "--steps=2", "--log_every=1"])
+                        "--config.batch_size_per_device=8", "--steps=2", "--log_every=1", "--augment_on=device",
+                        "--norepeat_bare"])
     assert last_json(capsys.readouterr().out) == result
     assert result["arch"] == "densenet_tiny" and result["image_size"] == 32
-    assert result["loop_img_per_s"] > 0 and result["bare_step_img_per_s"] > 0
-    assert result["ratio"] == pytest.approx(result["loop_img_per_s"] / result["bare_step_img_per_s"], rel=1e-3)
+    assert result["bare_step_img_per_s"] > 0 and len(result["bare_step_runs"]) == 1
+    for name in ("loop_device", "trainer_step_host", "trainer_step_device"):
+        assert result[f"{name}_img_per_s"] > 0, name
+        assert result[f"{name}_ratio"] == pytest.approx(
+            result[f"{name}_img_per_s"] / result["bare_step_img_per_s"], rel=1e-3), name
+    assert "loop_host_img_per_s" not in result and "ratio" not in result  # auto is "host" on CPU: not run here
+    assert set(result["load"]) == {"bare_step", "loop_device", "trainer_step_host", "trainer_step_device"}
     with pytest.raises(SystemExit) as e:
         loop.main(["--steps=2"])
     assert e.value.code == 2 and "--config is required" in capsys.readouterr().err
@@ -129,28 +135,31 @@ def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
 
 # --- data: the input pipeline -----------------------------------------------------------------------------------
 
-def test_data_reports_pipeline_naive_and_build_throughput(capsys):
+def test_data_reports_reads_device_host_naive_and_build_throughput(capsys):
     from metachex_jax.bench import data
 
-    result = data.main(["--synthetic", "--num_records=24", "--resolution=40", "--image_size=32", "--batch_size=4",
-                        "--num_batches=3", "--num_workers=0", "--naive_images=2", "--naive_samples=4",
-                        "--build_images=20", "--build_size=64", "--jpeg_images=20", "--png16_images=3",
-                        "--png16_size=128", "--build_workers=1"])
+    result = data.main(["--synthetic", "--num_records=24", "--build_size=64", "--resolution=40", "--image_size=32",
+                        "--batch_size=4", "--num_batches=3", "--num_workers=0", "--naive_images=2",
+                        "--naive_samples=4", "--num_reads=10", "--jpeg_images=20", "--png16_images=3",
+                        "--png16_size=128"])
     figures = last_json(capsys.readouterr().out)
     assert figures == result
-    assert figures["stored_resolution"] == 40 and figures["image_size"] == 32
-    assert figures["pipeline_0_workers_img_per_s"] > 0 and figures["naive_png_img_per_s_per_core"] > 0
-    assert figures["speedup_per_core_vs_naive_png"] == pytest.approx(
-        figures["pipeline_0_workers_img_per_s"] / figures["naive_png_img_per_s_per_core"], rel=0.01)
-    assert figures["build_img_per_s"] > 0
+    assert figures["stored_resolution"] == 40 and figures["image_size"] == 32 and figures["records"] > 0
+    assert figures["source"].startswith("chestxray14/r40") and figures["build_img_per_s"] > 0
+    for name in ("device", "crop_flip", "host", "naive_png"):
+        assert figures[f"{name}_img_per_s"] > 0 and figures[f"{name}_img_per_cpu_s"] > 0, name
+    assert figures["read_us_tfds"] > 0 and figures["read_us_fast"] > 0
+    assert figures["host_vs_naive_per_core"] == pytest.approx(
+        figures["host_img_per_cpu_s"] / figures["naive_png_img_per_cpu_s"], rel=0.01)
+    assert set(figures["goals_met"]) == set(data.GOALS)
     for source in ("jpeg", "png16"):  # the source builds against the naive PIL loop, per core
-        for what in ("naive_pil", "decode", "build"):
-            assert figures[f"{source}_{what}_img_per_s_per_core"] > 0
-        assert figures[f"{source}_decode_vs_naive_per_core"] == pytest.approx(
-            figures[f"{source}_decode_img_per_s_per_core"] / figures[f"{source}_naive_pil_img_per_s_per_core"],
-            rel=0.02)
+        for what in ("naive_pil", "reader", "build"):
+            assert figures[f"{source}_{what}_img_per_cpu_s"] > 0
+        assert figures[f"{source}_build_vs_naive_per_core"] == pytest.approx(
+            figures[f"{source}_build_img_per_cpu_s"] / figures[f"{source}_naive_pil_img_per_cpu_s"], rel=0.02)
     assert figures["mixture_vs_single"] == pytest.approx(
-        figures["mixture_img_per_s"] / figures["single_source_img_per_s"], rel=0.02)
+        figures["mixture_img_per_cpu_s"] / figures["single_source_img_per_cpu_s"], rel=0.02)
+    assert isinstance(figures["load_at_start"], float)
     with pytest.raises(SystemExit):
         data.main(["--num_records=16"])  # neither --synthetic nor --data_dir
     assert "give --synthetic, or --data_dir" in capsys.readouterr().err

@@ -61,6 +61,78 @@ def test_chestxray14_round_trip(nih_build):
     assert report["split_sizes"] == {s: len(raw.splits[s]) for s in ("test", "train", "validation")}
 
 
+def test_chestxray14_label_counts_are_stored_and_read_once(nih_build, caplog, tmp_path):
+    """label_counts.json holds every split's counts, equal to the records' labels; datasets.label_counts reads it.
+    A build made before the counts were stored, or a source that is not a built split, is counted record by
+    record, with a warning saying so."""
+    import shutil
+
+    from metachex_jax.data import datasets
+    from metachex_jax.labels import PATHOLOGIES
+
+    _, out_dir, result = nih_build
+    stored = builders.read_label_counts(out_dir, "chestxray14", result.config_name)
+    assert (stored["dataset"], stored["config"]) == ("chestxray14", result.config_name)
+    for split in ("train", "validation", "test"):
+        records = read_split("chestxray14", out_dir, split)
+        counts = stored["splits"][split]
+        assert counts["num_examples"] == len(records) > 0
+        labels = np.array([r["labels"] for r in records])
+        assert [counts["positives"][name] for name in PATHOLOGIES] == labels.sum(0).tolist()
+        assert counts["positives"]["sex_male"] == sum(r["sex_male"] == 1 for r in records)
+        assert counts["positives"]["view_ap"] == sum(r["view_ap"] == 1 for r in records)
+    train = builders.data_source("chestxray14", "train", out_dir, config_name=result.config_name)
+    positives, total = datasets.label_counts(train)
+    assert total == len(train) and positives.tolist() == [stored["splits"]["train"]["positives"][name]
+                                                          for name in PATHOLOGIES]
+    assert not caplog.records
+    as_list = [train[i] for i in range(len(train))]
+    again, total_again = datasets.label_counts(as_list)
+    assert again.tolist() == positives.tolist() and total_again == total
+    assert "the source is not a built dataset: counting the labels by reading" in caplog.text
+    old = tmp_path / "old"
+    shutil.copytree(out_dir, old)
+    (builders.dataset_dir(old, "chestxray14", result.config_name) / builders.LABEL_COUNTS_FILE).unlink()
+    caplog.clear()
+    old_train = builders.data_source("chestxray14", "train", old, config_name=result.config_name)
+    assert datasets.label_counts(old_train)[0].tolist() == positives.tolist()
+    assert f"has no {builders.LABEL_COUNTS_FILE} (built before" in caplog.text
+
+
+@pytest.mark.parametrize("dataset", ["chestxray14", "montgomery"])
+def test_fast_record_source_returns_exactly_what_tfds_returns(nih_build, tmp_path, dataset):
+    """builders.data_source (records.RecordSource) decodes every record to the dict tfds.data_source gives: same
+    keys, types, dtypes, shapes and values; images and labels are stored as raw bytes, uncompressed."""
+    import pickle
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if dataset == "chestxray14":
+        out_dir, config_name = nih_build[1], nih_build[2].config_name
+    else:
+        make_tb_tree(tmp_path / "raw", dataset)
+        out_dir, config_name = tmp_path / "out", build(dataset, tmp_path / "raw", tmp_path / "out").config_name
+    for split in ("train", "validation", "test", "train+test"):
+        fast = builders.data_source(dataset, split, out_dir, config_name=config_name)
+        fast = pickle.loads(pickle.dumps(fast))  # as grain sends it to worker processes
+        expected = read_split(dataset, out_dir, split, config_name)
+        assert len(fast) == len(expected) > 0 and str(fast.split) == split
+        for i, want in enumerate(expected):
+            got = fast[i]
+            assert got.keys() == want.keys()
+            for key, value in want.items():
+                assert type(got[key]) is type(value), key
+                if isinstance(value, np.ndarray):
+                    assert (got[key].dtype, got[key].shape) == (value.dtype, value.shape), key
+                    np.testing.assert_array_equal(got[key], value, err_msg=key)
+                else:
+                    assert got[key] == value, key
+    files = sorted(builders.dataset_dir(out_dir, dataset, config_name).glob("*.array_record-*"))
+    reader = ArrayRecordReader(str(files[0]))
+    assert "uncompressed" in reader.writer_options_string()
+    reader.close()
+
+
 def test_second_build_reuses_and_other_options_get_their_own_name(nih_build, tmp_path):
     tree, out_dir, first = nih_build
     assert build("chestxray14", tree.root, out_dir).reused
@@ -90,6 +162,11 @@ def test_tb_round_trip_and_split_arithmetic(tmp_path, dataset):
         assert record["reading"].decode() == want.reading
     assert sorted(r["fold"] for r in everything) == sorted(r.fold for r in raw.records)
     assert result.report["split_sizes"] == {s: len(raw.split(s)) for s in ("test", "train", "validation")}
+    counts = builders.read_label_counts(tmp_path / "out", dataset, result.config_name)["splits"]
+    for split in ("train", "validation", "test"):
+        assert counts[split] == {"num_examples": len(raw.split(split)),
+                                 "positives": {"tb": sum(r.tb == 1 for r in raw.split(split)),
+                                               "sex_male": sum(r.sex_male == 1 for r in raw.split(split))}}
     assert {r["bit_depth"] for r in everything} == {8}
     assert result.report["bit_depths"] == [{"bits": 8, "source": "8-bit file", "images": len(everything)}]
 

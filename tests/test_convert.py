@@ -214,11 +214,16 @@ def test_missing_file_and_unknown_suffix(tmp_path):
         load_torchvision_densenet(tmp_path / "w.h5")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("torch") is not None, reason="torch is installed")
-def test_pth_without_torch_says_what_to_do(tmp_path):
-    (tmp_path / "w.pth").write_bytes(b"whatever")
-    with pytest.raises(ImportError, match=r"w\.pth needs torch.*safetensors"):
-        load_torchvision_densenet(tmp_path / "w.pth")
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_pth_is_read_without_torch(tmp_path, layout):
+    """A torchvision state dict in either torch layout (written here without torch) loads like the npz."""
+    import torch_files
+
+    state_dict = random_state_dict(TINY, 10)
+    torch_files.write_state_dict(tmp_path / "w.pth", state_dict, layout)
+    np.savez(tmp_path / "w.npz", **state_dict)
+    assert_same_arrays(model_arrays(load_torchvision_densenet(tmp_path / "w.pth", 10)),
+                       model_arrays(load_torchvision_densenet(tmp_path / "w.npz", 10)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,7 +296,8 @@ def test_backbone_round_trip_into_metachexnet(tmp_path, tiny_imported):
     assert metadata == {"format": "metachex_jax.backbone/1", "arch": "densenet_tiny",
                         "spec": {"growth_rate": 8, "block_config": [2, 2, 2, 2], "num_init_features": 16,
                                  "bn_size": 2},
-                        "num_features": 32, "num_params": metadata["num_params"], "source": "tiny.npz"}
+                        "num_features": 32, "in_channels": 3, "num_params": metadata["num_params"],
+                        "source": "tiny.npz"}
     torch_parameters = [v for k, v in to_torchvision_state_dict(tiny_imported).items()
                         if k.rsplit(".", 1)[1] in ("weight", "bias") and not k.startswith("classifier")]
     assert metadata["num_params"] == sum(v.size for v in torch_parameters)

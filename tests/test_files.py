@@ -19,6 +19,7 @@ from metachex_jax import distributed, evaluate, files, metrics, prepare, reports
 from metachex_jax.data import builders
 from metachex_jax.data.build import build_dataset
 from metachex_jax.metric_writer import MetricWriter
+from metachex_jax.preprocessing import PixelContract
 from metachex_jax.transfer import plot, weights
 from test_metrics import multitask_predictions
 from test_reports import assert_same_arrays
@@ -173,7 +174,7 @@ def test_roc_png_to_gs(fake_gcs):
 
 def test_starting_weights_gs_spec_is_kept_as_a_url(fake_gcs):
     with pytest.raises(weights.StartingWeightsError) as e:
-        weights.load_start(fake_gcs.url + "/no-such-run", None, 0)
+        weights.load_start(fake_gcs.url + "/no-such-run", None, 0, contract=PixelContract())
     assert f"{fake_gcs.url}/no-such-run does not exist" in str(e.value)
 
 

@@ -111,7 +111,7 @@ def test_tpu_vm_v5e_slice_commands():
     [status] = dry_run("tpu_vm.sh", "status", *common)
     assert status[4:] == ["describe", "pod", *where, "--format=value(state)"]
     [stop] = dry_run("tpu_vm.sh", "stop", *common)
-    assert "--worker=all" in stop and "kill" in remote_command(stop)
+    assert "--worker=all" in stop and "kill -TERM" in remote_command(stop)  # the trainer saves, then exits
 
 
 def test_tpu_vm_copies_data_to_every_worker_and_runs_on_the_local_copy():
@@ -179,17 +179,23 @@ def test_slurm_submits_one_task_per_gpu():
             "--workdir=/shared/runs/a", "--config.data.data_dir=/shared/tfds"]
     assert submit == ["sbatch", "--job-name=metachex", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4",
                       "--cpus-per-task=8", "--time=12:00:00", "--output=metachex-%j.out", "--partition=gpu",
-                      "--account=lab", "--requeue", job, *main]
+                      "--account=lab", "--requeue", "--signal=TERM@300", job, *main]
+    # SIGTERM before the time limit (the trainer then saves and exits 0): configurable, or off.
+    [custom] = dry_run("slurm.sh", "--signal-before-limit=600", "--workdir=/w")
+    assert "--signal=TERM@600" in custom
+    [off] = dry_run("slurm.sh", "--signal-before-limit", "0", "--workdir=/w")
+    assert not any(a.startswith("--signal") for a in off)
     # In the job, the batch script starts the command once per task.
     [srun] = dry_run("slurm_job.sh", *main, env={"SLURM_JOB_ID": "42", "SLURM_NTASKS": "8"})
     assert srun == ["srun", "--kill-on-bad-exit=1", *main]
 
 
 def test_slurm_names_every_bad_argument_and_job_script_needs_a_job():
-    done = launch("slurm.sh", "--nodes=0", "--gpus-per-node=x", "--workdir=gs://b/w")
+    done = launch("slurm.sh", "--nodes=0", "--gpus-per-node=x", "--workdir=gs://b/w", "--signal-before-limit=5m")
     assert done.returncode == 2
     for problem in ("--nodes must be a positive integer, got '0'", "--gpus-per-node must be a positive integer",
-                    "--workdir must be on a shared file system"):
+                    "--workdir must be on a shared file system",
+                    "--signal-before-limit must be a number of seconds >= 0, got '5m'"):
         assert problem in done.stderr
     outside = launch("slurm_job.sh", "python3", "-m", "metachex_jax.main")
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr

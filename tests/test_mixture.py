@@ -86,9 +86,13 @@ def test_mixture_batches_carry_each_datasets_masks_entry_by_entry(builds):
                 for key, value in want.items():
                     np.testing.assert_array_equal(batch[key][row], value, err_msg=f"{name} {key}")
     assert all(n > 10 for n in seen.values()), seen  # every dataset was mixed in
-    # Labels a dataset lacks are masked for all of its images: CheXpert never knows Mass, a CSV never Effusion.
-    padding = pipeline.padding_example("labelled", 16, harmonised[1][0])
-    assert padding["pathology_mask"].shape == (len(space),) and not padding["pathology_mask"].any()
+    # Padding rows of an evaluation batch have the space's shape and every mask 0.
+    n = len(harmonised[1])
+    with pipeline.eval_batches(harmonised[1], kind="labelled", global_batch_size=n + 3, image_size=16,
+                               process_index=0, process_count=1) as batches:
+        batch = next(batches)
+    assert batch["pathology_mask"].shape == (n + 3, len(space)) and not batch["pathology_mask"][n:].any()
+    assert batch["example_mask"][:n].all() and not batch["example_mask"][n:].any()
 
 
 def test_label_space_and_mixture_parsing():

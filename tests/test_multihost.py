@@ -3,7 +3,8 @@
 on the tiny demo run of test_train.py. Checked: jax.distributed is initialised exactly when asked or detected;
 the run trains, evaluates every test image exactly once over both hosts, logs from the lead process only and
 checkpoints collectively, each host saving its own input position; a run SIGKILLed on both processes resumes
-from its last checkpoint and ends with bit-identical parameters. Moving to a different number of processes (the
+from its last checkpoint and ends with bit-identical parameters; a SIGTERM to one process stops both at the same step
+with a checkpoint, and the restarted pair ends bit-identical too. Moving to a different number of processes (the
 two-process checkpoint read by one process, with load_run_model and with the trainer's restore_latest) restores
 the state and starts the input afresh.
 """
@@ -26,7 +27,7 @@ from flax import nnx
 from metachex_jax import checkpointing, optim, reports, train_state
 from metachex_jax.data import datasets, pipeline
 from metachex_jax.models import build_model
-from test_train import ARG, REPO, overrides_as_flags, tiny_config
+from test_train import ARG, REPO, logged_losses, overrides_as_flags, tiny_config
 
 LAUNCHER = os.path.join(REPO, "launch", "multinode.sh")
 NUM_PROCESSES = 2
@@ -38,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir, demo_dir, launch: str = "first") -> list[subprocess.Popen]:
+def start(workdir, demo_dir, launch: str = "first", **overrides) -> list[subprocess.Popen]:
     """Both processes of one two-process run; their output goes to WORKDIR.logs/<launch>.process<i>.txt."""
     coordinator = f"localhost:{_free_port()}"
     os.makedirs(f"{workdir}.logs", exist_ok=True)
@@ -51,7 +52,7 @@ def start(workdir, demo_dir, launch: str = "first") -> list[subprocess.Popen]:
     for i in range(NUM_PROCESSES):
         cmd = ["bash", LAUNCHER, f"--coordinator={coordinator}", f"--num-processes={NUM_PROCESSES}",
                f"--process-id={i}", f"--config={REPO}/configs/pretrain.py:{ARG}", f"--workdir={workdir}",
-               f"--python={sys.executable}", "--"] + overrides_as_flags(tiny_config(demo_dir))
+               f"--python={sys.executable}", "--"] + overrides_as_flags(tiny_config(demo_dir, **overrides))
         with open(log_path(workdir, launch, i), "w") as out:
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs
@@ -172,6 +173,42 @@ def test_killed_two_process_run_resumes_bit_identical(two_process_run, demo_dir,
     assert f"resumed from {workdir}/checkpoints step {max(steps_at_kill)}" in output(workdir, 0, "resumed")
     for x, y in zip(leaves(saved_state(two_process_run, 6)), leaves(saved_state(workdir, 6)), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_is_bit_identical(two_process_run, demo_dir,
+                                                                                       tmp_path):
+    """SIGTERM to process 1 only: its flag reaches process 0 through the train step (an OR over the processes), so
+    both finish the step in flight, save the same step together and exit 0; the restarted pair ends bit-identical
+    to the uninterrupted run."""
+    workdir = tmp_path / "preempted"
+    procs = start(workdir, demo_dir, checkpoint_every_steps=100)  # only evaluations (3, 6) and the signal save
+    try:
+        deadline = time.time() + 300
+        while not ((workdir / "metrics.jsonl").exists() and logged_losses(workdir)):  # a step done: mid-run
+            for i, p in enumerate(procs):
+                assert p.poll() is None, output(workdir, i)[-4000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        done_at_signal = logged_losses(workdir)[-1][0]
+        procs[1].send_signal(signal.SIGTERM)
+        finish(procs, workdir)  # both exit with status 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert "SIGTERM received" in output(workdir, 1) and "SIGTERM received" not in output(workdir, 0)
+    stopped = [int(output(workdir, i).split("stopped at step ")[1].split()[0]) for i in range(NUM_PROCESSES)]
+    assert stopped[0] == stopped[1] and done_at_signal <= stopped[0] < 6, (done_at_signal, stopped)
+    kept = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert kept[-1] == stopped[0]
+    iterator_files = os.listdir(workdir / "checkpoints" / str(stopped[0]) / "data_iter")
+    assert all(any(f"process_{i}-of-{NUM_PROCESSES}" in name for name in iterator_files)
+               for i in range(NUM_PROCESSES)), iterator_files
+    finish(start(workdir, demo_dir, "resumed", checkpoint_every_steps=100), workdir, "resumed")
+    assert f"resumed from {workdir}/checkpoints step {stopped[0]}" in output(workdir, 0, "resumed")
+    for x, y in zip(leaves(saved_state(two_process_run, 6)), leaves(saved_state(workdir, 6)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert logged_losses(workdir) == logged_losses(two_process_run)
 
 
 def test_two_process_checkpoint_restores_in_one_process(two_process_run):

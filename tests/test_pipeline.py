@@ -11,7 +11,7 @@ import pytest
 
 from metachex_jax.data import pipeline
 from metachex_jax.data.augment import Augmentation, affine_crop, augment, center_crop
-from metachex_jax.bench.data import PickledArrayRecordSource, write_pickled_array_records
+from data_fixtures import PickledArrayRecordSource, write_pickled_array_records
 from metachex_jax.labels import PATHOLOGIES
 
 STORED = 40   # stored resolution R of the test records

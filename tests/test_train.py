@@ -121,6 +121,55 @@ def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path)
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.fixture(scope="module")
+def finished_device_run(demo_dir, tmp_path_factory):
+    """The tiny run of `finished_run` with augmentation in the train step (augment_on="device")."""
+    workdir = tmp_path_factory.mktemp("device_run")
+    train.train_and_evaluate(tiny_config(demo_dir, **{"data.augment_on": "device"}), str(workdir))
+    return workdir
+
+
+def logged_losses(workdir) -> list[tuple[int, float]]:
+    """(step, loss) of every train line of metrics.jsonl so far (complete lines only: it may be being written)."""
+    lines = [x for x in (workdir / "metrics.jsonl").read_text().splitlines(keepends=True) if x.endswith("\n")]
+    return [(x["step"], x["train/loss"]) for x in map(json.loads, lines) if "train/loss" in x]
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_is_bit_identical(demo_dir, finished_device_run, tmp_path):
+    """A real SIGTERM mid-run: the run finishes the step in flight, saves it, exits 0; the same command resumes and
+    ends bit-identical to the uninterrupted run. With augment_on="device": the augmentation's randomness comes
+    from the checkpointed step, so this is also the device augmentation's resume test."""
+    workdir = tmp_path / "stopped"
+    cache = tmp_path / "xla"
+    # No periodic checkpoints (evaluations at 3 and 6 still save): the signal's checkpoint is the one to resume from.
+    cmd = [sys.executable, "-m", "metachex_jax.main", f"--config={REPO}/configs/pretrain.py:{ARG}",
+           f"--workdir={workdir}", f"--compilation_cache_dir={cache}", "--config.data.augment_on=device",
+           ] + overrides_as_flags(tiny_config(demo_dir, checkpoint_every_steps=100))
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((workdir / "metrics.jsonl").exists() and logged_losses(workdir)):  # a step done: mid-run
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    done_at_signal = logged_losses(workdir)[-1][0]
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received: saving a checkpoint at the next step boundary" in stderr
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
+    assert saved[-1] == stopped_at and done_at_signal <= stopped_at < 6, (done_at_signal, stopped_at)
+    assert not (workdir / "eval" / "test_step6.json").exists()  # it stopped before the end
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints step {stopped_at}" in done.stderr
+    for x, y in zip(_leaves(saved_state(finished_device_run, 6)), _leaves(saved_state(workdir, 6)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Every step was trained (and logged) once, with the uninterrupted run's losses (augmentation included).
+    assert logged_losses(workdir) == logged_losses(finished_device_run)
+
+
 def _leaves(tree):
     import jax
     return [np.asarray(x) for x in jax.tree.leaves(tree)]

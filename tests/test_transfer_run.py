@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from data_fixtures import make_tb_tree
 from metachex_jax import config_lib, reports, train, train_state
 from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.data import pipeline
-from metachex_jax.preprocessing import to_model_input
+from metachex_jax.preprocessing import PixelContract, to_model_input
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols, run, weights
 from metachex_jax.transfer import sets as sets_lib
@@ -30,6 +31,17 @@ from metachex_jax.transfer.sets import RecordSubset
 
 DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=60, size=64)
 ARCH, RES = "densenet_tiny", 32
+
+
+
+def contract_of(config) -> PixelContract:
+    """The pixel contract a transfer run gives its starts (the test config's sizes)."""
+    return PixelContract.from_config(config)
+
+
+def load(spec, config, seed=0):
+    """`weights.load_start` as the run calls it: at the run's sizes."""
+    return weights.load_start(spec, config.model, seed, contract=contract_of(config))
 
 
 def pretrain_config(demo_dir):
@@ -130,10 +142,11 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
     demo_dir, _ = setup
     config = transfer_config(demo_dir, "", "")
     source = nih_datasets.chestxray14_splits(config)["train"]
-    start = weights.load_start("random_bn", config.model, 0)
+    start = load("random_bn", config)
     model = start.model
     params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    assert features_lib.calibrate_batchnorm(model, source, kind="nih", image_size=RES, batch_size=8, max_images=24) == 24
+    assert features_lib.calibrate_batchnorm(model, source, kind="nih", contract=contract_of(config), batch_size=8,
+                                            max_images=24) == 24
     # Independently: the stem's BatchNorm now holds the average over the first 3 batches of conv0's batch
     # mean and (biased) variance per channel.
     means, variances = [], []
@@ -150,7 +163,8 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
     assert norm0.momentum == 0.9 and norm0.use_running_average
     with pytest.raises(ValueError, match=rf"no full batch of 64 images in {len(source)} records"):
-        features_lib.calibrate_batchnorm(model, source, kind="nih", image_size=RES, batch_size=64, max_images=64)
+        features_lib.calibrate_batchnorm(model, source, kind="nih", contract=contract_of(config), batch_size=64,
+                                         max_images=64)
 
 
 def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
@@ -176,17 +190,17 @@ def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
     config, _, _ = finished
     demo_dir, pre = setup
     sets = sets_lib.load_datasets(config, sets_lib.TB_DATASETS)
-    start = weights.load_start(str(pre), config.model, 0)
-    kwargs = dict(image_size=RES, batch_size=32, cache_dir=config.feature_cache_dir)
+    start = load(str(pre), config)
+    kwargs = dict(batch_size=32, cache_dir=config.feature_cache_dir)
     hit = features_lib.features_for(start, sets["montgomery"], **kwargs)
     assert hit["cache"] == "hit"
     # A copy of the checkpoint elsewhere: same content, same cache entry.
     moved = tmp_path / "moved"
     shutil.copytree(pre, moved)
-    assert features_lib.features_for(weights.load_start(str(moved), config.model, 0), sets["montgomery"],
+    assert features_lib.features_for(load(str(moved), config), sets["montgomery"],
                                      **kwargs)["cache"] == "hit"
     # Changed weights: a new entry, whose features differ.
-    other = weights.load_start("random", config.model, 1)  # seed 0 was extracted by the run
+    other = load("random", config, 1)  # seed 0 was extracted by the run
     miss = features_lib.features_for(other, sets["montgomery"], **kwargs)
     assert miss["cache"] == "miss" and not np.allclose(miss["features"], hit["features"])
     assert features_lib.features_for(other, sets["montgomery"], **kwargs)["cache"] == "hit"
@@ -208,7 +222,7 @@ def test_bad_inputs_give_clear_errors(finished, setup, tmp_path):
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(weights.StartingWeightsError, match=f"{empty}.*no checkpoint"):
-        weights.load_start(str(empty), config.model, 0)
+        load(str(empty), config)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(pre, corrupt)
     for root, _, names in os.walk(corrupt / "checkpoints"):
@@ -216,9 +230,9 @@ def test_bad_inputs_give_clear_errors(finished, setup, tmp_path):
             if "state" in root:
                 (open(os.path.join(root, name), "wb")).write(b"garbage")
     with pytest.raises(weights.StartingWeightsError, match=f"{corrupt}.*could not be read"):
-        weights.load_start(str(corrupt), config.model, 0)
+        load(str(corrupt), config)
     with pytest.raises(weights.StartingWeightsError, match="does not exist"):
-        weights.load_start(str(tmp_path / "nowhere"), config.model, 0)
+        load(str(tmp_path / "nowhere"), config)
     # A dataset not yet prepared (real-data config, empty data_dir).
     unprepared = transfer_config(demo_dir, pre, tmp_path, demo=False, **{"data.data_dir": str(tmp_path / "tfds")})
     with pytest.raises(FileNotFoundError, match=r"(?s)montgomery/r36_k3_seed0, shenzhen/r36_k3_seed0 not found.*"
@@ -293,7 +307,7 @@ def finetune_pieces(setup, **overrides):
     demo_dir, pre = setup
     config = transfer_config(demo_dir, pre, "", **overrides)
     sets = sets_lib.tb_transfer_sets(config)
-    return config, sets, Finetuner(config.finetune, image_size=RES, seed=0)
+    return config, sets, Finetuner(config.finetune, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +319,8 @@ def tuning(setup):
 def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tuning):
     """Fails on the old behaviour (evaluation with the running averages training leaves behind)."""
     config, sets, tuner = tuning
-    start = weights.load_start("random", config.model, 0)
-    split = protocols.check_protocol(protocols.parse_protocol("cv_montgomery"), sets, need_validation=True)[0]
+    start = load("random", config)
+    split = protocols.check_protocol("cv_montgomery", sets, need_validation=True)[0]
     out = tuner.run(start, split, sets)
     fit = RecordSubset(sets["montgomery"].source, split.fit)
     graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), tuner.tx)
@@ -335,9 +349,9 @@ def test_random_bn_fine_tunes_to_exactly_random(tuning):
     every prediction, fine-tuning both gives identical predictions (before: the stale running statistics made
     them differ), which is why random_bn stays a probe-only baseline."""
     config, sets, tuner = tuning
-    random = weights.load_start("random", config.model, 0)
-    random_bn = weights.load_start("random_bn", config.model, 0)
-    features_lib.calibrate_batchnorm(random_bn.model, sets["shenzhen"].source, kind="binary", image_size=RES,
+    random = load("random", config)
+    random_bn = load("random_bn", config)
+    features_lib.calibrate_batchnorm(random_bn.model, sets["shenzhen"].source, kind="binary", contract=contract_of(config),
                                      batch_size=8, max_images=32)
     assert not np.allclose(random_bn.model.backbone.norm0.var[...], random.model.backbone.norm0.var[...])
     for protocol in ("cv_montgomery", "montgomery_to_shenzhen"):
@@ -351,8 +365,8 @@ def test_random_bn_fine_tunes_to_exactly_random(tuning):
 def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuning):
     config, sets, fit_tuner = tuning
     _, _, target_tuner = finetune_pieces(setup, **{"finetune.bn_stats": "target"})
-    start = weights.load_start("random", config.model, 0)
-    cross = protocols.check_protocol(protocols.parse_protocol("montgomery_to_shenzhen"), sets, need_validation=True)[0]
+    start = load("random", config)
+    cross = protocols.check_protocol("montgomery_to_shenzhen", sets, need_validation=True)[0]
     on_fit, on_target = fit_tuner.run(start, cross, sets), target_tuner.run(start, cross, sets)
     assert (on_fit.test_bn_stats, on_target.test_bn_stats) == ("fit", "target")
     np.testing.assert_array_equal(on_fit.val_prob, on_target.val_prob)  # validation: the fit images either way
@@ -362,7 +376,7 @@ def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuni
     test = RecordSubset(sets["shenzhen"].source, cross.test)
     graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), fit_tuner.tx)
     model = nnx.merge(graphdef, on_target.state.params, on_target.state.batch_stats)
-    features_lib.calibrate_batchnorm(model.backbone, test, kind="binary", image_size=RES, batch_size=8,
+    features_lib.calibrate_batchnorm(model.backbone, test, kind="binary", contract=contract_of(config), batch_size=8,
                                      max_images=len(test))
     model.eval()
     with pipeline.eval_batches(test, kind="binary", global_batch_size=len(test), image_size=RES) as batches:
@@ -499,9 +513,8 @@ def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["training"]["method"] == "probe" and card["threshold_rule"]["rule"] == "youden"
     montgomery = sets_lib.load_datasets(probe_config, ("montgomery",))["montgomery"]
-    start = weights.load_start(str(pre), probe_config.model, 0)
-    table = features_lib.features_for(start, montgomery, image_size=RES, batch_size=16,
-                                      cache_dir=probe_config.feature_cache_dir)
+    start = load(str(pre), probe_config)
+    table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=probe_config.feature_cache_dir)
     fit = fit_probe(table["features"], montgomery.labels[:, 0], table["features"],
                     ProbeSettings.from_config(probe_config.probe, probe_config.seed))
     assert card["training"]["l2"] == fit.l2
@@ -528,3 +541,54 @@ def test_deploy_settings_are_checked_before_any_work(finished, setup, tmp_path):
     none = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe", compare_with="",
                            protocols="cv_montgomery", **{"deploy.start": "none"})
     assert run.run(none, str(tmp_path / "b"))["deployed_model"] is None and not (tmp_path / "b" / "model").exists()
+
+
+def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, tmp_path):
+    """compare_with=random,<a convert_torchxrayvision output>: recognised by what the directory holds (model.json),
+    probed and fine-tuned like any start, through its own pixel contract (1 channel, [-1024, 1024], resize)."""
+    import torch_files
+    from test_xrv import calibrated_densenet, xrv_input, xrv_state_dict
+
+    from metachex_jax import convert_torchxrayvision
+    from metachex_jax.data.augment import as_gray_2d
+
+    demo_dir, pre = setup
+    reference = calibrated_densenet(ARCH)
+    torch_files.write_module(tmp_path / "nih.pt", xrv_state_dict(reference), "legacy")
+    xrv_dir = tmp_path / "xrv-nih"
+    convert_torchxrayvision.convert_to_directory(str(tmp_path / "nih.pt"), str(xrv_dir), "densenet121-res224-nih",
+                                                 arch=ARCH)
+    config = transfer_config(demo_dir, pre, tmp_path / "cache", compare_with=f"random,{xrv_dir}",
+                             methods="probe+finetune", protocols="cv_montgomery", **{"deploy.start": "xrv_nih"})
+    result = run.run(config, str(tmp_path / "tb"))
+    assert set(result["cells"]) == {f"{s}/{m}" for s in ("metachexnet", "random", "xrv_nih")
+                                    for m in ("probe", "finetune")}
+    assert result["cells"]["xrv_nih/finetune"]["cv_montgomery"]["n_images"] > 0
+    info = result["starts"]["xrv_nih"]
+    assert info["kind"] == "torchxrayvision" and info["weights_name"] == "densenet121-res224-nih"
+    assert "[-1024, 1024]" in info["input"] and "ImageNet" in result["starts"]["random"]["input"]
+
+    # The start's features are the converted backbone's, on its own pixels: each TB record (R x R) resized to S
+    # (the centre square of a square record is the record) and scaled to [-1024, 1024].
+    start = load(str(xrv_dir), config)
+    assert start.contract == PixelContract(RES, config.data.resolution, "xrv", "crop_resize")
+    assert start.model.backbone.in_channels == 1
+    montgomery = sets_lib.load_datasets(config, ("montgomery",))["montgomery"]
+    table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=config.feature_cache_dir)
+    assert table["cache"] == "hit"  # the run extracted the same features
+    records = [as_gray_2d(montgomery.source[i]["image"]) for i in range(3)]
+    crops = np.stack([np.asarray(Image.fromarray(r).resize((RES, RES), Image.Resampling.BOX)) for r in records])
+    expected = np.asarray(reference.features(jnp.asarray(xrv_input(crops))))
+    np.testing.assert_allclose(table["features"][:3], expected, rtol=1e-4, atol=1e-5)
+
+    # Deployed from that start, the TB model keeps its contract: predict feeds it 1-channel [-1024, 1024] pixels.
+    from metachex_jax import saved_model
+    from metachex_jax.inference import Predictor
+
+    card = json.loads((tmp_path / "tb" / "model" / "model.json").read_text())
+    assert card["training"]["start"] == "xrv_nih" and card["input"]["normalization"] == "xrv"
+    predictor = Predictor.load(str(tmp_path / "tb"))
+    model, _ = saved_model.load(str(tmp_path / "tb" / "model"))
+    assert predictor.contract == start.contract and model.backbone.in_channels == 1
+    expected = np.asarray(jax.nn.sigmoid(model(jnp.asarray(xrv_input(crops)))))
+    np.testing.assert_allclose(predictor(crops)["tb"], expected, rtol=1e-5, atol=1e-6)

@@ -1,34 +1,42 @@
-"""Input-pipeline benchmark: training batches per second from stored records vs. a naive full-size PNG loader.
+"""Input-pipeline benchmark: what the host does per training image, per core, against a naive full-size PNG loader.
 
     python -m metachex_jax.bench data --synthetic
-    python -m metachex_jax.bench data --data_dir=~/tensorflow_datasets --dataset=chestxray14
+    python -m metachex_jax.bench data --data_dir=~/tensorflow_datasets --dataset=chestxray14/r256
 
-It measures `pipeline.train_batches` (crop to --image_size from the stored records, flip and the configured
-affine) with 0 workers (in-process) and with --num_workers worker processes, and, in the same run, the way
-ChestX-ray14 is commonly read: decode each original 1024 x 1024 PNG with PIL, resize it to the stored
-resolution and crop (written to a temp dir here: --naive_images PNGs, read round-robin). It prints one line per
-measurement and, last, one JSON object with all figures.
+On one split of a built dataset, in one run:
 
---synthetic writes its own records (NIH format, --resolution px) to a temporary ArrayRecord file, pickled
-dicts, read back through `PickledArrayRecordSource`, so that reading goes through ArrayRecord like a built
-dataset does. The dataset *build* throughput (raw PNGs -> ArrayRecord dataset, `data.build.build_dataset` with a
-process pool over every core) is timed on a synthetic raw tree in the real NIH layout (--build_images PNGs of
---build_size px, written by the demo generator; 0 skips it).
+    read       one record by index: `tfds.data_source` (TFDS's generic decoding) against `builders.data_source`
+               (records.RecordSource, what the trainer reads with), microseconds of CPU per record
+    device     `pipeline.train_batches(augmentation=None)`: read + batch, all the host does with
+               config.data.augment_on="device" (goal: >= 10,000 img/s per core)
+    crop_flip  read + random crop + flip on the host
+    host       read + crop + flip + the affine on the host, augment_on="host" (goals: >= 1,000 img/s per core
+               and >= 10x the naive loader per core)
+    workers    the host figure with --num_workers worker processes (per core = total / workers)
+    naive      the common way to read ChestX-ray14: decode a 1024 x 1024 PNG with PIL, convert, resize to the
+               stored resolution, the same augmentation (--naive_images PNGs written here, read round-robin)
+    build      --synthetic: raw PNGs -> the dataset read above (`data.build.build_dataset`, every core)
+    mixture    the host figure over three sources of the shared label space (data/mixture.py: one NIH-format and
+               two label-table sources, weights 1 / 2 / 0.5) against one source of the same records (goal:
+               >= 0.9 of the single source's)
+    sources    source builds, in-process, per CPU second, against a naive PIL loop (open, 8-bit gray, BILINEAR
+               resize to --resolution) over the same files (goal: >= 1.5x): CheXpert-small-like gray JPEGs
+               (--jpeg_images of 320 x 390) and PadChest-like 16-bit PNGs (--png16_images of --png16_size px
+               holding 12-bit data, BitsStored_DICOM 12); for each, the reader alone (`images.decode_many`) and
+               the whole `build.build_dataset`. The naive loops run first; then this process keeps large buffers
+               on the heap, as every build's decoding workers do (images._keep_large_buffers_on_the_heap).
 
-Source builds (`--source_builds`, on by default) time `build.build_dataset` on two synthetic raw trees in their
-real layouts, against a naive PIL loop (open, to 8-bit gray, BILINEAR resize to the stored resolution, one
-process) over the same files: CheXpert-small-like gray JPEGs (--jpeg_images of 320 x 390) and PadChest-like
-16-bit PNGs (--png16_images of --png16_size px holding 12-bit data, BitsStored_DICOM 12). Each reports the build's
-img/s per core (total / decoding processes) and, the steady state without the build's fixed costs (pool start,
-CSV parsing, writing the dataset), the reader's `decode_many` over the same files on a warm pool, per core; the
-goal is >= 1.5x the naive loop per core.
+Per core: the in-process figures run on one thread (no reader thread, no prefetch: `next()` does all the work)
+and are reported per wall-clock second and per CPU second of this process (`time.process_time`). On a machine
+shared with other jobs the wall-clock rate falls with the load while the CPU rate barely moves; the goals are per
+core, so the CPU rates are the ones compared with them (and their ratios). The 1-minute load average is printed
+next to every figure.
 
-The mixture figure (`--mixture`, on by default) is the training pipeline's img/s over three sources of the shared
-label space (data/mixture.py: one NIH-format and two label-table sources, mixed by weight) against one source of
-the same records, in-process; the goal is >= 0.9 of the single source's.
+--synthetic: the source is a chestxray14 dataset built with the real builder (the current record layout) from
+--num_records demo-generator PNGs of --build_size px, at --resolution.
 
-Per-core figures divide by the processes doing the work (1 in-process, N with N workers); on a machine shared
-with other jobs they are lower bounds, and the ratios in one run are what count.
+Every function here measures one thing and returns its figures (for `python -m metachex_jax.bench`); `main` prints
+one line per measurement and, last, one JSON object with all of them.
 """
 
 from __future__ import annotations
@@ -36,10 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,42 +56,60 @@ from metachex_jax.data import mixture, pipeline, registry
 from metachex_jax.data.augment import Augmentation, augment
 from metachex_jax.labels import PATHOLOGIES
 
+GOALS = {"device_img_per_cpu_s": 10_000, "host_img_per_cpu_s": 1_000, "host_vs_naive_per_core": 10.0,
+         "mixture_vs_single": 0.9, "jpeg_build_vs_naive_per_core": 1.5, "png16_build_vs_naive_per_core": 1.5}
 CHEXPERT_OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                          "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                          "Pleural Other", "Fracture", "Support Devices")
 
-class PickledArrayRecordSource:
-    """A random-access source over ArrayRecord files whose records are pickled record dicts.
 
-    Picklable (grain's ArrayRecordDataSource reopens the files in each worker process).
-    """
-
-    def __init__(self, paths: str | Sequence[str]):
-        import grain
-        self._records = grain.sources.ArrayRecordDataSource(paths)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index: int) -> dict:
-        return pickle.loads(self._records[index])
-
-    def __repr__(self) -> str:
-        return f"PickledArrayRecordSource({self._records!r})"
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
-def write_pickled_array_records(path: str | Path, records: Sequence[dict]) -> None:
-    """Write records (dicts of numpy arrays / scalars) as pickles to one ArrayRecord file (temp, then rename)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    writer = ArrayRecordWriter(str(partial), "group_size:1")
-    try:
-        for record in records:
-            writer.write(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
-    finally:
-        writer.close()
-    partial.replace(path)
+def timed(work, count: int) -> dict:
+    """{"img_per_s": count / wall seconds, "img_per_cpu_s": count / CPU seconds of this process, "load": ...}."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    work()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"img_per_s": count / wall, "img_per_cpu_s": count / max(cpu, 1e-9), "load": load()}
+
+
+def measure_pipeline(source, *, kind: str, augmentation: Augmentation | None, image_size: int, batch_size: int,
+                     num_batches: int, num_workers: int = 0, warmup_batches: int = 3,
+                     weights: Sequence[float] | None = None) -> dict:
+    """Training batches of `pipeline.train_batches` (augmentation=None: read + batch only; `source` may be a list
+    mixed by `weights`). In-process (num_workers=0) on one thread; after warm-up (which also absorbs worker
+    start-up)."""
+    with pipeline.train_batches(source, kind=kind, global_batch_size=batch_size, image_size=image_size, seed=0,
+                                weights=weights,
+                                augmentation=augmentation, num_workers=num_workers, read_threads=0,
+                                prefetch_batches=max(0, 2 * num_workers), process_index=0,
+                                process_count=1) as batches:
+        for _ in range(warmup_batches):
+            next(batches)
+        return timed(lambda: [next(batches) for _ in range(num_batches)], num_batches * batch_size)
+
+
+def measure_reads(source, num_reads: int) -> float:
+    """CPU microseconds per `source[i]`, over a permutation of the records (repeated up to num_reads)."""
+    order = np.random.default_rng(0).permutation(len(source))
+    indices = [int(order[i % len(order)]) for i in range(num_reads)]
+    return 1e6 / timed(lambda: [source[i] for i in indices], num_reads)["img_per_cpu_s"]
+
+
+def measure_naive_png_loader(png_paths: Sequence[Path], *, resolution: int, image_size: int,
+                             augmentation: Augmentation, num_samples: int) -> dict:
+    """Decode full-size PNG -> gray -> resize -> the same augmentation, one thread."""
+    rng = np.random.default_rng(0)
+
+    def work():
+        for i in range(num_samples):
+            with Image.open(png_paths[i % len(png_paths)]) as png:
+                image = np.asarray(png.convert("L").resize((resolution, resolution), Image.Resampling.BILINEAR))
+            augment(image, image_size, augmentation, rng)
+
+    return timed(work, num_samples)
 
 
 def synthetic_xray(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -95,78 +120,58 @@ def synthetic_xray(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def synthetic_nih_records(num_records: int, resolution: int, seed: int = 0) -> list[dict]:
-    """Records in the chestxray14 format of the data contract (a handful of base images, varied labels)."""
-    rng = np.random.default_rng(seed)
-    bases = [synthetic_xray(rng, resolution) for _ in range(4)]
-    return [{
-        "image": bases[i % len(bases)][..., None],
-        "image_name": f"{i:08d}_000.png",
-        "patient_id": np.int64(i // 2),
-        "follow_up": np.int64(i % 2),
-        "labels": (rng.random(len(PATHOLOGIES)) < 0.1).astype(np.uint8),
-        "age": np.float32(rng.uniform(1, 95)),
-        "age_valid": True,
-        "sex_male": np.int64(rng.integers(2)),
-        "view_ap": np.int64(rng.integers(2)),
-    } for i in range(num_records)]
-
-
-def measure_pipeline(source, *, kind: str, num_workers: int, augmentation: Augmentation, image_size: int,
-                     batch_size: int, num_batches: int, read_threads: int = 1, warmup_batches: int = 3,
-                     weights: Sequence[float] | None = None) -> float:
-    """Training-pipeline images per second (after warm-up, which also absorbs worker start-up); `source` may be a
-    list of sources mixed by `weights`."""
-    with pipeline.train_batches(source, kind=kind, global_batch_size=batch_size, image_size=image_size,
-                                weights=weights, seed=0, augmentation=augmentation, num_workers=num_workers,
-                                read_threads=read_threads, prefetch_batches=max(2, 2 * num_workers),
-                                process_index=0, process_count=1) as batches:
-        for _ in range(warmup_batches):
-            next(batches)
-        start = time.perf_counter()
-        for _ in range(num_batches):
-            next(batches)
-        return num_batches * batch_size / (time.perf_counter() - start)
-
-
-def measure_naive_png_loader(png_paths: Sequence[Path], *, resolution: int, image_size: int,
-                             augmentation: Augmentation, num_samples: int) -> float:
-    """Images per second of decode full-size PNG -> gray -> resize -> the same augmentation, one process."""
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for i in range(num_samples):
-        with Image.open(png_paths[i % len(png_paths)]) as png:
-            image = np.asarray(png.convert("L").resize((resolution, resolution), Image.Resampling.BILINEAR))
-        augment(image, image_size, augmentation, rng)
-    return num_samples / (time.perf_counter() - start)
-
-
-def measure_build(build: Callable[[], object], num_images: int) -> float:
-    """Images per second of any dataset-build callable (hook for the builders' raw PNG -> records timing)."""
-    start = time.perf_counter()
-    build()
-    return num_images / (time.perf_counter() - start)
-
-
-def measure_dataset_build(workdir: Path, num_images: int, png_size: int, resolution: int) -> dict:
-    """Raw NIH-layout PNGs -> a chestxray14 ArrayRecord dataset with `build.build_dataset` (every core)."""
+def build_synthetic_dataset(workdir: Path, num_images: int, png_size: int, resolution: int) -> dict:
+    """Raw NIH-layout demo PNGs -> a chestxray14 dataset with `build.build_dataset` on every core, timed."""
     from metachex_jax import demo_data
     from metachex_jax.data import build
 
     tree = demo_data.write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
                                      num_hospital=0, size=png_size)
     workers = os.cpu_count() or 1
-    rate = measure_build(lambda: build.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds",
-                                                       resolution=resolution, num_workers=workers,
-                                                       progress=False), num_images)
-    return {"build_img_per_s": rate, "build_workers": workers, "build_png_size": png_size}
+    start = time.perf_counter()
+    result = build.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds", resolution=resolution,
+                                 num_workers=workers, progress=False)
+    return {"build_img_per_s": num_images / (time.perf_counter() - start), "build_workers": workers,
+            "build_png_size": png_size, "data_dir": str(workdir / "tfds"),
+            "dataset": f"chestxray14/{result.config_name}"}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Source builds: JPEG (CheXpert-small-like) and 16-bit PNG (PadChest-like) raw trees vs a naive PIL loop.
+def measure_mixture(source, *, augmentation: Augmentation, image_size: int, batch_size: int,
+                    num_batches: int) -> dict:
+    """The host pipeline over one harmonised source of `source`'s records against three (thirds of them: one
+    NIH-format, two label-table sources of other label names) mixed by weight."""
+    space = mixture.label_space("No Finding")
+    third = len(source) // 3
+
+    class Part:  # records [start, stop) of `source`, as a label-table source (labels 1/0/-1, patient_key)
+        def __init__(self, start, stop, labelled):
+            self.start, self.stop, self.labelled = start, stop, labelled
+
+        def __len__(self):
+            return self.stop - self.start
+
+        def __getitem__(self, i):
+            record = source[self.start + i]
+            if not self.labelled:
+                return record
+            labels = np.where(np.arange(len(PATHOLOGIES)) < 7, record["labels"].astype(np.int8), np.int8(-1))
+            return {**record, "labels": labels, "image_id": record["image_name"],
+                    "patient_key": record["patient_id"]}
+
+    single = mixture.HarmonisedSource(source, dataset="chestxray14", kind="nih", space=space)
+    mixed = [mixture.HarmonisedSource(Part(0, third, False), dataset="chestxray14", kind="nih", space=space)]
+    mixed += [mixture.HarmonisedSource(Part(a, b, True), dataset="csv", kind="labelled", space=space,
+                                       label_names=PATHOLOGIES) for a, b in ((third, 2 * third), (2 * third, 3 * third))]
+    common = dict(kind="labelled", augmentation=augmentation, image_size=image_size, batch_size=batch_size,
+                  num_batches=num_batches)
+    one = measure_pipeline(single, **common)
+    three = measure_pipeline(mixed, weights=[1.0, 2.0, 0.5], **common)
+    return {"single_source_img_per_cpu_s": one["img_per_cpu_s"], "mixture_img_per_cpu_s": three["img_per_cpu_s"],
+            "mixture_vs_single": three["img_per_cpu_s"] / one["img_per_cpu_s"], "load": three["load"]}
+
 
 def write_chexpert_tree(root: Path, num_images: int, rng: np.random.Generator) -> list[Path]:
-    """A CheXpert-v1.0-small tree of gray 320 x 390 JPEGs, one frontal per patient (train.csv and a few in
+    """A CheXpert-v1.0-small tree of gray 320 x 390 JPEGs, one frontal per patient (train.csv and a tenth in
     valid.csv); returns the image paths."""
     release = root / "CheXpert-v1.0-small"
     bases = [synthetic_xray(rng, 390)[:, :320] for _ in range(4)]
@@ -206,122 +211,85 @@ def write_padchest_tree(root: Path, num_images: int, size: int, rng: np.random.G
     return paths
 
 
-def naive_pil_img_per_s(paths: Sequence[Path], resolution: int, bits: int | None = None) -> float:
-    """The naive loop: PIL open, 8-bit gray (16-bit data scaled by its bit depth), BILINEAR resize, one process."""
-    start = time.perf_counter()
-    for path in paths:
-        with Image.open(path) as image:
-            if bits:
-                gray = Image.fromarray((np.asarray(image).astype(np.float32) * (255.0 / (2 ** bits - 1)))
-                                       .astype(np.uint8))
-            else:
-                gray = image.convert("L")
-            np.asarray(gray.resize((resolution, resolution), Image.Resampling.BILINEAR))
-    return len(paths) / (time.perf_counter() - start)
+def naive_pil_loop(paths: Sequence[Path], resolution: int, bits: int | None = None) -> dict:
+    """The naive loop: PIL open, 8-bit gray (16-bit data scaled by its bit depth), BILINEAR resize, one thread."""
+    def work():
+        for path in paths:
+            with Image.open(path) as image:
+                if bits:
+                    gray = Image.fromarray((np.asarray(image).astype(np.float32) * (255.0 / (2 ** bits - 1)))
+                                           .astype(np.uint8))
+                else:
+                    gray = image.convert("L")
+                np.asarray(gray.resize((resolution, resolution), Image.Resampling.BILINEAR))
 
-
-def decode_img_per_s(paths: Sequence[Path], resolution: int, workers: int, declared_bits: int | None) -> float:
-    """The reader's decode_many over `paths` on a warm pool of `workers` worker processes, as a build decodes
-    (total img/s; the main process only collects)."""
-    from metachex_jax.data import images
-
-    declared = [declared_bits] * len(paths)
-    with images.decoding_pool(workers, pool_for_one=True) as pool:  # decoding as a build's workers do
-        list(images.decode_many(paths[:workers], resolution, pool=pool, progress=False,
-                                declared_bits=declared[:workers]))  # start the workers
-        start = time.perf_counter()
-        for _, error in images.decode_many(paths, resolution, pool=pool, progress=False, declared_bits=declared):
-            assert error is None, error
-        return len(paths) / (time.perf_counter() - start)
+    return timed(work, len(paths))
 
 
 def measure_source_builds(workdir: Path, args: argparse.Namespace) -> dict:
-    """Build throughput per core of the JPEG and 16-bit PNG sources against the naive loop (module docstring)."""
-    from metachex_jax.data import build
+    """The reader and the whole build of JPEG and 16-bit PNG sources against the naive loop (module docstring)."""
+    from metachex_jax.data import build, images
 
     rng = np.random.default_rng(2)
-    workers = args.build_workers
-    out = {"source_build_workers": workers}
-    sources = (("jpeg", "chexpert", lambda: write_chexpert_tree(workdir / "chexpert", args.jpeg_images, rng), None),
-               ("png16", "padchest", lambda: write_padchest_tree(workdir / "padchest", args.png16_images,
+    sources = []
+    if args.jpeg_images:
+        sources.append(("jpeg", "chexpert", write_chexpert_tree(workdir / "chexpert", args.jpeg_images, rng), None))
+    if args.png16_images:
+        sources.append(("png16", "padchest", write_padchest_tree(workdir / "padchest", args.png16_images,
                                                                    args.png16_size, rng), 12))
-    for name, dataset, write, bits in sources:
-        if not (args.jpeg_images if name == "jpeg" else args.png16_images):
-            continue
-        paths = write()
-        naive = naive_pil_img_per_s(paths, args.resolution, bits)
-        decode = decode_img_per_s(paths, args.resolution, workers, bits) / workers
-        start = time.perf_counter()
-        build.build_dataset(dataset, workdir / dataset, workdir / "tfds", resolution=args.resolution,
-                            num_workers=workers, progress=False)
-        built = len(paths) / (time.perf_counter() - start) / workers
-        out.update({f"{name}_naive_pil_img_per_s_per_core": naive, f"{name}_decode_img_per_s_per_core": decode,
-                    f"{name}_build_img_per_s_per_core": built, f"{name}_decode_vs_naive_per_core": decode / naive,
-                    f"{name}_build_vs_naive_per_core": built / naive})
-        print(f"{name:5} source ({len(paths)} images): naive PIL {naive:7.1f} img/s (1 core); reader "
-              f"{decode:7.1f}/core ({decode / naive:.2f}x); build {built:7.1f}/core ({built / naive:.2f}x)")
+    naive = {name: naive_pil_loop(paths, args.resolution, bits) for name, _, paths, bits in sources}
+    images._keep_large_buffers_on_the_heap()  # as every build's decoding workers do
+    out = {}
+    for name, dataset, paths, bits in sources:
+        declared = [bits] * len(paths)
+
+        def decode(paths=paths, declared=declared):
+            for _, error in images.decode_many(paths, args.resolution, progress=False, declared_bits=declared):
+                assert error is None, error
+
+        reader = timed(decode, len(paths))
+        built = timed(lambda dataset=dataset: build.build_dataset(
+            dataset, workdir / dataset, workdir / "tfds_sources", resolution=args.resolution, num_workers=1,
+            progress=False), len(paths))
+        base = naive[name]["img_per_cpu_s"]
+        out.update({f"{name}_naive_pil_img_per_cpu_s": base, f"{name}_reader_img_per_cpu_s": reader["img_per_cpu_s"],
+                    f"{name}_build_img_per_cpu_s": built["img_per_cpu_s"],
+                    f"{name}_reader_vs_naive_per_core": reader["img_per_cpu_s"] / base,
+                    f"{name}_build_vs_naive_per_core": built["img_per_cpu_s"] / base})
+        print(f"{name:>9} source ({len(paths)} images), per CPU second: naive PIL {base:8.1f}, reader "
+              f"{reader['img_per_cpu_s']:8.1f} ({reader['img_per_cpu_s'] / base:.2f}x), build "
+              f"{built['img_per_cpu_s']:8.1f} ({built['img_per_cpu_s'] / base:.2f}x)  load {built['load']}")
     return out
-
-
-def measure_mixture(args: argparse.Namespace, workdir: Path, augmentation: Augmentation) -> dict:
-    """Pipeline img/s: three sources of the shared label space mixed by weight vs one source of the same records."""
-    records = synthetic_nih_records(args.num_records, args.resolution)
-    labelled = [{**r, "labels": np.where(np.arange(14) < 7, r["labels"].astype(np.int8), np.int8(-1)),
-                 "image_id": r["image_name"], "patient_key": r["patient_id"]} for r in records]
-    third = len(records) // 3
-    paths = {}
-    for name, part in (("all", records), ("nih", records[:third]), ("a", labelled[third:2 * third]),
-                       ("b", labelled[2 * third:])):
-        paths[name] = workdir / f"mixture_{name}.array_record"
-        write_pickled_array_records(paths[name], part)
-    space = mixture.label_space("No Finding")
-    single = mixture.HarmonisedSource(PickledArrayRecordSource(str(paths["all"])), dataset="chestxray14",
-                                      kind="nih", space=space)
-    mixed = [mixture.HarmonisedSource(PickledArrayRecordSource(str(paths["nih"])), dataset="chestxray14",
-                                      kind="nih", space=space)]
-    mixed += [mixture.HarmonisedSource(PickledArrayRecordSource(str(paths[n])), dataset="csv", kind="labelled",
-                                       space=space, label_names=PATHOLOGIES) for n in ("a", "b")]
-    common = dict(kind="labelled", num_workers=0, augmentation=augmentation, image_size=args.image_size,
-                  batch_size=args.batch_size, num_batches=args.num_batches, read_threads=args.read_threads)
-    one = measure_pipeline(single, **common)
-    three = measure_pipeline(mixed, weights=[1.0, 2.0, 0.5], **common)
-    print(f"mixture pipeline:       {three:8.1f} img/s (3 sources) vs {one:.1f} (1 source): "
-          f"{three / one:.2f}x")
-    return {"mixture_img_per_s": three, "single_source_img_per_s": one, "mixture_vs_single": three / one}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m metachex_jax.bench data", description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--synthetic", action=argparse.BooleanOptionalAction, default=False,
-        help="benchmark on generated records instead of a built dataset")
-    add("--data_dir", help="tensorflow_datasets data_dir holding the built dataset")
+        help="build a synthetic chestxray14 dataset here and benchmark on it")
+    add("--data_dir", help="tensorflow_datasets data_dir holding a built dataset")
     add("--dataset", default="chestxray14", help="built dataset (tfds name, e.g. chestxray14/r256)")
     add("--split", default="train", help="split to read")
-    add("--num_records", type=int, default=512, help="synthetic records to write")
-    add("--resolution", type=int, default=256, help="stored resolution of synthetic records / naive resize")
+    add("--num_records", type=int, default=512, help="--synthetic: raw images generated and built")
+    add("--build_size", type=int, default=512, help="--synthetic: side of those raw PNGs (the real ones: 1024)")
+    add("--resolution", type=int, default=256, help="--synthetic: stored resolution")
     add("--image_size", type=int, default=224, help="model resolution")
     add("--batch_size", type=int, default=32, help="batch size")
     add("--num_batches", type=int, default=100, help="batches timed per configuration (after warm-up)")
     add("--num_workers", type=int, default=os.cpu_count() or 1,
-        help="workers for the multi-process run (0: in-process run only)")
-    add("--read_threads", type=int, default=1, help="reader threads per process")
+        help="workers for the multi-process host run (0: in-process runs only)")
     add("--rotation_degrees", type=float, default=10.0, help="augmentation: max rotation")
     add("--scale_range", type=lambda text: [float(v) for v in text.split(",")], default=[0.9, 1.1],
         help="augmentation: zoom range, LOW,HIGH")
     add("--translate_fraction", type=float, default=0.05, help="augmentation: max shift / image size")
     add("--naive_images", type=int, default=8, help="1024x1024 PNGs written for the naive loader")
     add("--naive_samples", type=int, default=64, help="samples timed for the naive loader")
-    add("--build_images", type=int, default=200, help="raw NIH-layout PNGs for the build timing (0 = skip)")
-    add("--build_size", type=int, default=512, help="side of those raw PNGs (the real ones are 1024)")
-    add("--source_builds", action=argparse.BooleanOptionalAction, default=True,
-        help="time JPEG and 16-bit PNG source builds against a naive PIL loop")
-    add("--jpeg_images", type=int, default=400, help="CheXpert-small-like 320 x 390 JPEGs (0 = skip)")
-    add("--png16_images", type=int, default=16, help="PadChest-like 16-bit PNGs (0 = skip)")
-    add("--png16_size", type=int, default=2000, help="side of those PNGs")
-    add("--build_workers", type=int, default=os.cpu_count() or 1, help="decoding processes of the source builds")
+    add("--num_reads", type=int, default=500, help="records read one by one for the read figures")
     add("--mixture", action=argparse.BooleanOptionalAction, default=True,
-        help="time the pipeline over a 3-source mixture against one source")
+        help="time the host pipeline over a 3-source mixture against one source")
+    add("--jpeg_images", type=int, default=2000, help="CheXpert-small-like 320 x 390 JPEGs (0 = skip)")
+    add("--png16_images", type=int, default=32, help="PadChest-like 16-bit PNGs (0 = skip)")
+    add("--png16_size", type=int, default=2000, help="side of those PNGs")
     args = parser.parse_args(argv)
     if not args.synthetic and not args.data_dir:
         parser.error("give --synthetic, or --data_dir (and --dataset) of a built dataset")
@@ -330,43 +298,55 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _open_source(args: argparse.Namespace, workdir: Path):
-    if args.synthetic:
-        path = workdir / "synthetic.array_record"
-        write_pickled_array_records(path, synthetic_nih_records(args.num_records, args.resolution))
-        return PickledArrayRecordSource(str(path)), "synthetic"
-    import tensorflow_datasets as tfds  # only here: no TensorFlow needed for array_record data sources
-    source = tfds.data_source(args.dataset, split=args.split, data_dir=args.data_dir)
-    return source, f"{args.dataset}/{args.split}"
-
-
 def main(argv: Sequence[str]) -> dict:
+    import tensorflow_datasets as tfds  # no TensorFlow needed for array_record data sources
+
+    from metachex_jax.data.records import RecordSource
+
     args = parse_args(argv)
+    tfds.disable_progress_bar()
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; this entry point has none
+        flags.FLAGS.mark_as_parsed()
     low, high = args.scale_range
     augmentation = Augmentation(rotation_degrees=args.rotation_degrees, scale_range=(low, high),
                                 translate_fraction=args.translate_fraction)
-    common = dict(augmentation=augmentation, image_size=args.image_size, batch_size=args.batch_size,
-                  num_batches=args.num_batches, read_threads=args.read_threads)
-    results = {"image_size": args.image_size, "batch_size": args.batch_size,
-               "augmentation": repr(augmentation), "cpu_count": os.cpu_count(),
-               "read_threads": args.read_threads}
+    results = {"image_size": args.image_size, "batch_size": args.batch_size, "augmentation": repr(augmentation),
+               "cpu_count": os.cpu_count(), "load_at_start": load()}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        source, results["source"] = _open_source(args, workdir)
-        common["kind"] = "nih" if args.synthetic else registry.family(args.dataset.split("/")[0]).kind
-        results["stored_resolution"] = int(np.asarray(source[0]["image"]).shape[0])
+        data_dir, dataset = args.data_dir, args.dataset
+        if args.synthetic:
+            built = build_synthetic_dataset(workdir, args.num_records, args.build_size, args.resolution)
+            data_dir, dataset = built.pop("data_dir"), built.pop("dataset")
+            results.update(built)
+            print(f"dataset build:        {built['build_img_per_s']:9.1f} img/s ({built['build_workers']} processes, "
+                  f"{args.build_size} px PNGs -> {args.resolution} px records)  load {load()}")
+        generic = tfds.data_source(dataset, split=args.split, data_dir=os.path.expanduser(data_dir))
+        source = RecordSource(generic)
+        kind = registry.family(dataset.split("/")[0]).kind
+        results.update(source=f"{dataset}/{args.split}", records=len(source),
+                       stored_resolution=int(np.asarray(source[0]["image"]).shape[0]),
+                       record_layout_version=str(generic.dataset_info.version))
 
-        in_process = measure_pipeline(source, num_workers=0, **common)
-        results["pipeline_0_workers_img_per_s"] = in_process
-        results["pipeline_0_workers_img_per_s_per_core"] = in_process
-        print(f"pipeline, in-process:   {in_process:8.1f} img/s (1 core)")
+        results["read_us_tfds"] = measure_reads(generic, min(args.num_reads, 200))
+        results["read_us_fast"] = measure_reads(source, args.num_reads)
+        print(f"one record: tfds.data_source {results['read_us_tfds']:.0f} us, RecordSource "
+              f"{results['read_us_fast']:.0f} us of CPU  load {load()}")
 
-        workers = args.num_workers
-        if workers > 0:
-            multi = measure_pipeline(source, num_workers=workers, **common)
-            results[f"pipeline_{workers}_workers_img_per_s"] = multi
-            results[f"pipeline_{workers}_workers_img_per_s_per_core"] = multi / workers
-            print(f"pipeline, {workers} workers:   {multi:8.1f} img/s ({multi / workers:.1f} per core)")
+        common = dict(kind=kind, image_size=args.image_size, batch_size=args.batch_size,
+                      num_batches=args.num_batches)
+        for name, aug in (("device", None), ("crop_flip", Augmentation()), ("host", augmentation)):
+            figures = measure_pipeline(source, augmentation=aug, **common)
+            results[f"{name}_img_per_s"] = figures["img_per_s"]
+            results[f"{name}_img_per_cpu_s"] = figures["img_per_cpu_s"]
+            print(f"{name:>9}, 1 thread: {figures['img_per_s']:9.1f} img/s, {figures['img_per_cpu_s']:9.1f} img "
+                  f"per CPU second  load {figures['load']}")
+        if args.num_workers > 0:
+            figures = measure_pipeline(source, augmentation=augmentation, num_workers=args.num_workers, **common)
+            results[f"host_{args.num_workers}_workers_img_per_s"] = figures["img_per_s"]
+            print(f"     host, {args.num_workers} workers: {figures['img_per_s']:8.1f} img/s "
+                  f"({figures['img_per_s'] / args.num_workers:.1f} per worker)  load {figures['load']}")
 
         rng = np.random.default_rng(1)
         png_paths = []
@@ -376,19 +356,26 @@ def main(argv: Sequence[str]) -> dict:
         naive = measure_naive_png_loader(png_paths, resolution=results["stored_resolution"],
                                          image_size=args.image_size, augmentation=augmentation,
                                          num_samples=args.naive_samples)
-        results["naive_png_img_per_s_per_core"] = naive
-        results["speedup_per_core_vs_naive_png"] = in_process / naive
-        print(f"naive PNG loader:       {naive:8.1f} img/s (1 core); "
-              f"pipeline/naive per core = {in_process / naive:.1f}x")
-        if args.build_images:
-            build = measure_dataset_build(workdir, args.build_images, args.build_size, args.resolution)
-            results.update(build)
-            print(f"dataset build:          {build['build_img_per_s']:8.1f} img/s ({build['build_workers']} "
-                  f"processes, {args.build_size} px PNGs -> {args.resolution} px records)")
+        results["naive_png_img_per_s"], results["naive_png_img_per_cpu_s"] = naive["img_per_s"], naive["img_per_cpu_s"]
+        results["host_vs_naive_per_core"] = results["host_img_per_cpu_s"] / naive["img_per_cpu_s"]
+        results["device_vs_naive_per_core"] = results["device_img_per_cpu_s"] / naive["img_per_cpu_s"]
+        print(f"    naive, 1 thread: {naive['img_per_s']:9.1f} img/s, {naive['img_per_cpu_s']:9.1f} img per CPU "
+              f"second  load {naive['load']}; per core, host = {results['host_vs_naive_per_core']:.1f}x naive, "
+              f"device = {results['device_vs_naive_per_core']:.1f}x naive")
         if args.mixture:
-            results.update(measure_mixture(args, workdir, augmentation))
-        if args.source_builds:
+            mixed = measure_mixture(source, augmentation=augmentation, image_size=args.image_size,
+                                    batch_size=args.batch_size, num_batches=args.num_batches)
+            print(f"  mixture, 1 thread: {mixed['mixture_img_per_cpu_s']:9.1f} img per CPU second over 3 sources vs "
+                  f"{mixed['single_source_img_per_cpu_s']:.1f} over one: {mixed['mixture_vs_single']:.2f}x  load "
+                  f"{mixed.pop('load')}")
+            results.update(mixed)
+        if args.jpeg_images or args.png16_images:
             results.update(measure_source_builds(workdir, args))
+    results["goals_met"] = {name: bool(results[name] >= goal) for name, goal in GOALS.items() if name in results}
+    results["load_at_end"] = load()
+    print("goals (per core, CPU rates): " + ", ".join(
+        f"{name} {results[name]:.1f} (goal {goal:g}: {'met' if results['goals_met'][name] else 'NOT met'})"
+        for name, goal in GOALS.items() if name in results))
     results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
     print(json.dumps(results), flush=True)
     return results

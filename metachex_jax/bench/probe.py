@@ -77,18 +77,20 @@ def extraction_throughput(arch: str, resolution: int, batch: int, batches: int) 
 
     from metachex_jax import config_lib
     from metachex_jax.models import build_model
+    from metachex_jax.preprocessing import PixelContract
     from metachex_jax.transfer.features import _forward
 
     config = config_lib.model_config(arch, multitask=True)
     model = build_model(config, nnx.Rngs(0))
     model.eval()
+    contract = PixelContract(resolution, resolution, config.normalization, config.geometry)
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution), np.uint8))
     start = time.perf_counter()
-    jax.block_until_ready(_forward(model, images))
+    jax.block_until_ready(_forward(model, images, contract))
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(batches):
-        out = _forward(model, images)
+        out = _forward(model, images, contract)
     jax.block_until_ready(out)
     return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "arch": arch,
             "resolution": resolution, "batch": batch, "extract_compile_s": compile_s,

@@ -40,7 +40,7 @@ from flax import nnx
 from metachex_jax import config_lib, optim, train_state
 from metachex_jax.data import pipeline
 from metachex_jax.models import SPECS, build_model, count_params
-from metachex_jax.preprocessing import to_model_input
+from metachex_jax.preprocessing import PixelContract, to_model_input
 
 NUM_CLASSES = 14  # CheXNet's head: the 14 ChestX-ray14 pathologies (torchvision's classifier size)
 LEARNING_RATE = 1e-4
@@ -88,7 +88,8 @@ def setup_jax(arch: str, batch: int, resolution: int, dtype: str) -> tuple[dict[
     model = build_model(config.model, nnx.Rngs(0))
     tx = optim.make_optimizer(config.optim, batch, total_steps=1000)
     graphdef, state = train_state.create(model, tx)
-    step_fn = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(dtype)), donate_argnums=0)
+    step_fn = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(dtype),
+                                                 contract=PixelContract.from_config(config)), donate_argnums=0)
     data = {k: jnp.asarray(v) for k, v in random_batch(batch, resolution).items()}
 
     start = time.perf_counter()

@@ -24,19 +24,17 @@ and a CSV dataset's also carries a fingerprint of the CSV file. Configs outside
 BUILDER_CONFIGS are built with `config=nih_config(...)` and read by name exactly like the predefined ones (TFDS
 reads unknown configs from the files). `skip_bad` is not part of the identity: what it dropped is in the skip report.
 
-Storage: pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8, encoding=BYTES)` (TFDS without TF cannot
-encode numpy through tfds.features.Image; the ArrayRecord writer compresses each record). BYTES stores the raw
-pixels; TFDS's default encoding writes every pixel as an int64 of a tf.train.Example, which cost 14.6 ms per 256 x
-256 image to serialize (24x the decoding of a CheXpert-small JPEG) and 3.5x the read time. Measured on the 2-core
-CPU dev box, 300 synthetic X-ray-like 256x256 images, ArrayRecord, reading `source[i]["image"]` in a loop (one run
-of each, on a loaded machine):
-    Tensor(uint8), BYTES:    58.9 KiB/record, 0.50 ms/record read, 0.33 s to write the 300
-    Tensor(uint8), default:  60.6 KiB/record, 1.78 ms/record read, 7.30 s to write the 300
-    PNG bytes (Image):       28.2 KiB/record, 0.77 ms/record read+decode (an earlier, quieter measurement)
-PNG would save about half the disk at 1.5x the read cost and a Pillow decode in every input worker; reads are the
-hot path of every epoch while disk is paid once, so raw bytes it is. (Synthetic images: real radiographs compress
-differently, so the size ratio is indicative.) Builds written before the switch (same versions, same decoded
-values) stay readable: each build's features.json records its encoding.
+Storage (chestxray14 1.2.0, TB 1.3.0): pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8, encoding=BYTES)` (one
+raw byte string; TFDS without TF cannot encode numpy through tfds.features.Image), the labels too, in ArrayRecord
+files written uncompressed (`_writing_uncompressed_array_records`: TFDS's writer would apply ArrayRecord's default
+zstd and offers no option). Reading is the input pipeline's hot path on every epoch; disk is paid once. Measured
+on the 2-core CPU box, the same 201 synthetic 256 px records (demo generator), CPU per record read at load ~10:
+    1.1.0  Tensor, one int64 per pixel, zstd:  54.4 KiB/record, 0.92 ms (tfds.data_source)
+    1.2.0  Tensor BYTES, uncompressed:          64.6 KiB/record, 0.30 ms (tfds.data_source), 0.12 ms (RecordSource)
+    PNG bytes (Image), measured earlier:        28.2 KiB/record, 1.5x the 1.1.0 read, plus a Pillow decode
+so NIH at 256 px takes about 7.2 GB (64 KiB x 112,120) instead of ~5.2 GB, for a 3-8x cheaper read.
+`data_source` below returns `records.RecordSource`. (Synthetic images: real radiographs compress differently, so
+only the uncompressed size is exact.)
 
 Records are written in the order the generator yields them (sorted by image name / id; `disable_shuffling=True`),
 so record index i is stable across builds of the same raw copy and config.
@@ -53,8 +51,9 @@ A killed process leaves `incomplete.*` behind, which readers never open (tfds on
 dataset_info.json); `remove_incomplete_builds` clears such leftovers before a new build, under `build_lock`
 (one build per config at a time, so concurrent callers never delete each other's work; the second one waits and
 then reuses the finished dataset). The skip report
-(`skip_report.json`, format in `write_skip_report`) is written inside the temporary folder, so it appears exactly
-when the dataset does.
+(`skip_report.json`, format in `write_skip_report`) and the per-split label counts (`label_counts.json`,
+`write_label_counts`: what `class_weighting="chexnet"` needs, without reading every record) are written inside
+the temporary folder, so they appear exactly when the dataset does.
 """
 
 from __future__ import annotations
@@ -72,12 +71,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core import file_adapters
 
 from metachex_jax.data import chexpert, csv_dataset, images, labelled, nih, padchest, tb
 from metachex_jax.data.raw_common import Problem, RawDataError
+from metachex_jax.data.records import RecordSource
 from metachex_jax.labels import PATHOLOGIES
 
 SKIP_REPORT_FILE = "skip_report.json"
+LABEL_COUNTS_FILE = "label_counts.json"
 DEFAULT_RESOLUTION = 256
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SEED = 0
@@ -223,18 +225,47 @@ def config_parameters(config: tfds.core.BuilderConfig) -> dict:
 
 
 def _image_feature(resolution: int) -> tfds.features.Tensor:
+    # BYTES: the pixels as one raw byte string (NONE would store one int64 varint per pixel).
     return tfds.features.Tensor(shape=(resolution, resolution, 1), dtype=np.uint8,
                                 encoding=tfds.features.Encoding.BYTES)
+
+
+class _UncompressedArrayRecords(file_adapters.ArrayRecordFileAdapter):
+    """TFDS's ArrayRecord writer with compression off (TFDS passes "group_size:1", so ArrayRecord's default zstd
+    applies; the TFDS writer offers no option for it)."""
+
+    @classmethod
+    def write_examples(cls, path, iterator):
+        from array_record.python import array_record_module
+        writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1,uncompressed")
+        for _, serialized_example in iterator:
+            writer.write(serialized_example)
+        writer.close()
+
+
+@contextlib.contextmanager
+def _writing_uncompressed_array_records() -> Iterator[None]:
+    """While building: TFDS writes ArrayRecord files through `_UncompressedArrayRecords` (its adapter table is
+    module state, looked up when a split is written; restored afterwards)."""
+    table, key = file_adapters.ADAPTER_FOR_FORMAT, file_adapters.FileFormat.ARRAY_RECORD
+    original = table[key]
+    table[key] = _UncompressedArrayRecords
+    try:
+        yield
+    finally:
+        table[key] = original
 
 
 class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """What the three builders share: options, the decoding pool, decode-failure policy, the skip report."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release.",
         "1.1.0": "16-bit PNGs holding 12-bit data without sBIT are scaled by 4095, not 65535 (they came out almost "
                  "black); format by content; DICOM; per-record `bit_depth`; bit depths in the skip report.",
+        "1.2.0": "Images and labels stored as raw bytes (Tensor encoding BYTES) in uncompressed ArrayRecord "
+                 "files: a record reads in a fraction of the time (see Storage in builders.py).",
     }
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, progress: bool = True,
@@ -251,9 +282,15 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._written: Counter = Counter()
         self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
         self._details: dict = {}  # dataset-specific facts for the report (label-table datasets)
+        self._positives: dict[str, Counter] = {}  # split -> label name -> records with that label = 1
+        self._known: dict[str, Counter] = {}  # split -> label name -> records whose label is known (not -1)
         super().__init__(**kwargs)
 
     # -- subclass hooks --------------------------------------------------------------------------------------
+    def label_names(self) -> tuple[str, ...]:
+        """The names of a record's `labels` entries (TB sets have none)."""
+        return ()
+
     def _read_raw(self, manual_dir: Path) -> dict[str, list]:
         """Parse the raw copy -> {split: records}; record problems/flags on self."""
         raise NotImplementedError
@@ -277,14 +314,17 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._written[split] += 1
             self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
             key, example = self._example(record, image[..., None])
+            self._positives.setdefault(split, Counter()).update(positive_labels(example, self.label_names()))
+            self._known.setdefault(split, Counter()).update(
+                name for name, value in zip(self.label_names(), example.get("labels", ())) if value >= 0)
             yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
         self._problems, self._flags, self._flag_details, self._ignored = [], {}, {}, {}
-        self._written, self._bit_depths = Counter(), Counter()
-        with images.decoding_pool(self._num_workers) as self._pool:  # one pool for all splits
+        self._written, self._bit_depths, self._positives, self._known = Counter(), Counter(), {}, {}
+        with images.decoding_pool(self._num_workers) as self._pool, _writing_uncompressed_array_records():
             try:
-                super()._download_and_prepare(dl_manager, download_config)
+                super()._download_and_prepare(dl_manager, download_config)  # one decoding pool for all splits
             except AssertionError as exc:  # tfds refuses a split without examples
                 if "No examples were yielded" not in str(exc):
                     raise
@@ -294,6 +334,40 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if decode_failures and not self._skip_bad:
             raise RawDataError(self.name, decode_failures)  # the temporary dataset folder is then deleted
         write_skip_report(Path(self.data_dir) / SKIP_REPORT_FILE, self, dl_manager.manual_dir)
+        write_label_counts(Path(self.data_dir) / LABEL_COUNTS_FILE, self)
+
+
+def positive_labels(example: dict, label_names=PATHOLOGIES) -> list[str]:
+    """The binary labels set to 1 in a record: its `labels` by `label_names` (chestxray14: NIH's 14; a
+    label-table dataset: its own), "tb", "sex_male", "view_ap"."""
+    names = [name for name, value in zip(label_names, example.get("labels", ())) if value == 1]
+    return names + [name for name in ("tb", "sex_male", "view_ap") if example.get(name) == 1]
+
+
+def write_label_counts(path: Path, builder: _RawImageBuilder) -> None:
+    """Per-split label counts of the records written, so that runs need not read every record (which decodes its
+    image) to weight classes. Written next to the records, like the skip report. Format:
+
+    {"dataset": "chestxray14", "config": "r256", "version": "1.2.0",
+     "splits": {"train": {"num_examples": n, "positives": {"Atelectasis": n, ..., "sex_male": n, "view_ap": n},
+                          "known": {"Atelectasis": n, ...}},   # label-table datasets: labels not -1 (unknown)
+                ...}}                               # every label of the dataset listed, 0 included
+    """
+    metadata = ["tb", "sex_male"] if isinstance(builder, _TbBuilder) else ["sex_male", "view_ap"]
+    names = list(builder.label_names()) + metadata
+    labelled = isinstance(builder, _LabelledBuilder)
+    splits = {}
+    for split, n in sorted(builder._written.items()):
+        splits[split] = {"num_examples": n,
+                         "positives": {name: builder._positives.get(split, Counter())[name] for name in names}}
+        if labelled:
+            splits[split]["known"] = {name: builder._known.get(split, Counter())[name]
+                                      for name in builder.label_names()}
+    counts = {"dataset": builder.name, "config": builder.builder_config.name, "version": str(builder.version),
+              "splits": splits}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(counts, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _record_name(record) -> str:
@@ -343,6 +417,9 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
 class Chestxray14(_RawImageBuilder):
     """NIH ChestX-ray14 (112,120 frontal chest X-rays, 14 pathologies + age/sex/view metadata)."""
 
+    def label_names(self) -> tuple[str, ...]:
+        return PATHOLOGIES
+
     BUILDER_CONFIGS = [nih_config(r) for r in PREDEFINED_RESOLUTIONS]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Download NIH ChestX-ray14 from https://nihcc.app.box.com/v/ChestXray-NIHCC (or a mirror). Put in one folder
@@ -362,7 +439,8 @@ class Chestxray14(_RawImageBuilder):
                 "image_name": tfds.features.Text(),
                 "patient_id": tfds.features.Scalar(dtype=np.int64),
                 "follow_up": tfds.features.Scalar(dtype=np.int64),
-                "labels": tfds.features.Tensor(shape=(len(PATHOLOGIES),), dtype=np.uint8),
+                "labels": tfds.features.Tensor(shape=(len(PATHOLOGIES),), dtype=np.uint8,
+                                               encoding=tfds.features.Encoding.BYTES),
                 "age": tfds.features.Scalar(dtype=np.float32),
                 "age_valid": tfds.features.Scalar(dtype=np.bool_),
                 "sex_male": tfds.features.Scalar(dtype=np.int64),
@@ -397,12 +475,13 @@ class Chestxray14(_RawImageBuilder):
 
 class _TbBuilder(_RawImageBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         **_RawImageBuilder.RELEASE_NOTES,
         "1.2.0": "Readings: 'femal' read as female; a normal image whose reading names TB (old or healed TB) is "
                  "kept and flagged (tb_mention_in_normal, with its reading in the skip report) instead of being "
                  "a label disagreement; negations after the word ('TB is not seen') understood.",
+        "1.3.0": "The record layout of chestxray14's 1.2.0: images as raw bytes in uncompressed ArrayRecord files.",
     }
     SOURCE: tb.TbSource
 
@@ -645,8 +724,21 @@ def read_skip_report(data_dir: str | os.PathLike, dataset: str, config_name: str
     return json.loads((dataset_dir(data_dir, dataset, config_name) / SKIP_REPORT_FILE).read_text())
 
 
+def read_label_counts(data_dir: str | os.PathLike, dataset: str, config_name: str) -> dict | None:
+    """The build's `write_label_counts` JSON (local or gs://), or None for a build made before it existed."""
+    return read_label_counts_at(dataset_dir(data_dir, dataset, config_name))
+
+
+def read_label_counts_at(build_dir: str | os.PathLike) -> dict | None:
+    """`read_label_counts` of the build in `build_dir` (<data_dir>/<dataset>/<config>/<version>, as
+    `tfds.data_source(...).dataset_info.data_dir` names it)."""
+    path = epath.Path(os.fspath(build_dir)) / LABEL_COUNTS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def data_source(dataset: str, split: str, data_dir: str | os.PathLike, *, config_name: str | None = None,
                 resolution: int = DEFAULT_RESOLUTION):
-    """`tfds.data_source("<dataset>/<config>", split=split, data_dir=data_dir)` (config defaults to r<resolution>)."""
+    """`tfds.data_source("<dataset>/<config>", split=split, data_dir=data_dir)` (config defaults to r<resolution>),
+    read through `records.RecordSource`: the same records, decoded without TFDS's per-record overhead."""
     config_name = config_name or f"r{resolution}"
-    return tfds.data_source(f"{dataset}/{config_name}", split=split, data_dir=os.fspath(data_dir))
+    return RecordSource(tfds.data_source(f"{dataset}/{config_name}", split=split, data_dir=os.fspath(data_dir)))

@@ -25,6 +25,7 @@ from absl import logging
 from metachex_jax import config_lib, distributed, files
 from metachex_jax.data import build, builders, mixture, registry
 from metachex_jax.errors import MissingDataError
+from metachex_jax.labels import PATHOLOGIES
 
 NIH_SPLITS = ("train", "validation", "test")
 
@@ -173,21 +174,61 @@ def pretraining_data(config) -> PretrainingData:
     return PretrainingData(space, weights, splits)
 
 
-def known_label_counts(sources) -> tuple[np.ndarray, np.ndarray]:
-    """(positives per label, images whose label is known per label) over HarmonisedSources, for CheXNet's class
-    weights on a label space where datasets may lack labels."""
-    positives, known = 0, 0
-    for source in sources:
-        for i in range(len(source)):
-            labels = np.asarray(source[i]["labels"], np.int64)
-            positives, known = positives + (labels == 1), known + (labels >= 0)
-    return np.asarray(positives, np.int64), np.asarray(known, np.int64)
+def known_label_counts(data: PretrainingData) -> tuple[np.ndarray, np.ndarray]:
+    """(positives per label of the space, training images whose label is known per label) over every dataset of a
+    pretraining run, for CheXNet's class weights on a label space where datasets may lack labels. From the counts
+    each build stored (`builders.write_label_counts`); a build without them is counted by reading (`label_counts`
+    says when)."""
+    positives, known = np.zeros(len(data.space), np.int64), np.zeros(len(data.space), np.int64)
+    for name, splits in data.splits.items():
+        harmonised = splits["train"]
+        source = harmonised.source
+        info = getattr(source, "dataset_info", None)
+        stored = builders.read_label_counts_at(info.data_dir) if info is not None else None
+        split = stored["splits"].get(str(source.split)) if stored else None
+        if split is None or (harmonised.kind == "labelled" and "known" not in split):
+            logging.warning("%s: counting the labels by reading every training record (no stored label counts)",
+                            name)
+            for i in range(len(harmonised)):
+                labels = np.asarray(harmonised[i]["labels"], np.int64)
+                positives, known = positives + (labels == 1), known + (labels >= 0)
+            continue
+        native_known = split.get("known") or {n: split["num_examples"] for n in harmonised.native_names}
+        for j, column in enumerate(harmonised.columns):
+            if column >= 0:
+                native = harmonised.native_names[column]
+                positives[j] += split["positives"][native]
+                known[j] += native_known[native]
+    return positives, known
 
 
 def label_counts(source) -> tuple[np.ndarray, int]:
-    """(positives per pathology, number of images) of a split, for CheXNet's class weights."""
-    positives = np.zeros(0)
+    """(positives per pathology, number of images) of a ChestX-ray14 split, for CheXNet's class weights.
+
+    Read from the counts the build stored next to the records (`builders.write_label_counts`), once per run. A
+    dataset built before the builders stored them (or a source that is no built split) has none: the split's
+    records are then read one by one, which decodes every image (minutes for NIH), with a warning saying how to
+    avoid it. The stored counts are checked against the split's size.
+    """
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    counts = builders.read_label_counts_at(info.data_dir) if info is not None else None
+    if counts is None or str(split) not in counts["splits"]:
+        where = f"{info.data_dir} has no {builders.LABEL_COUNTS_FILE} (built before the builders stored label " \
+                f"counts)" if info is not None else "the source is not a built dataset"
+        logging.warning("%s: counting the labels by reading all %d records of the split, which decodes every "
+                        "image; rebuild the dataset (python -m metachex_jax.prepare ...) to skip this", where,
+                        len(source))
+        return count_labels_by_reading(source)
+    stored = counts["splits"][str(split)]
+    if stored["num_examples"] != len(source):
+        raise ValueError(f"{info.data_dir}/{builders.LABEL_COUNTS_FILE} counts {stored['num_examples']} {split} "
+                         f"records, the split has {len(source)}: the folder was changed after its build; rebuild it")
+    return np.array([stored["positives"][name] for name in PATHOLOGIES], np.int64), stored["num_examples"]
+
+
+def count_labels_by_reading(source) -> tuple[np.ndarray, int]:
+    """(positives per pathology, number of images) counted over every record of a split."""
+    positives = np.zeros(len(PATHOLOGIES), np.int64)
     for i in range(len(source)):
-        labels = np.asarray(source[i]["labels"], np.int64)
-        positives = labels if i == 0 else positives + labels
+        positives += np.asarray(source[i]["labels"], np.int64)
     return positives, len(source)

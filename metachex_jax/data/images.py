@@ -26,7 +26,9 @@ Every raw image goes through `read_gray(path)` (full size) or `load_gray(path, r
      DICOM's BitsStored plays the part of (b) inside the DICOM rules.
    The bit depth used and where it came from are returned (`ImageInfo`): builds store it per record, `predict`
    writes it per row.
-3. Resize to R x R with aspect ratio NOT preserved (CheXNet-style). Downscaling uses Pillow's BOX filter, an exact
+3. Optionally (`square=True`, the torchxrayvision pixel contract) the centre square of the image is cut out first
+   (`augment.square_box`: torchxrayvision's XRayCenterCrop).
+   Resize to R x R with aspect ratio NOT preserved (CheXNet-style). Downscaling uses Pillow's BOX filter, an exact
    area average (like OpenCV's INTER_AREA): no ringing, no aliasing. Upscaling (only tiny synthetic images) uses
    BILINEAR. High-depth sources are resized in float ("F" mode) before rounding, so only one rounding happens.
 
@@ -226,9 +228,15 @@ def load_gray(path: str | os.PathLike, resolution: int | None, *, bit_depth: int
 
 
 def load_gray_with_info(path: str | os.PathLike, resolution: int | None, *, bit_depth: int | None = None,
-                        declared_bits: int | None = None) -> tuple[np.ndarray, ImageInfo]:
-    """`load_gray` and the reader's `ImageInfo` (format, original size, bit depth used)."""
+                        declared_bits: int | None = None, square: bool = False) -> tuple[np.ndarray, ImageInfo]:
+    """`load_gray` and the reader's `ImageInfo` (format, original size, bit depth used). `square`: cut out the
+    centre square before resizing (see the module docstring)."""
     gray, info = read_gray(path, bit_depth=bit_depth, declared_bits=declared_bits)
+    if square:
+        from metachex_jax.data.augment import square_box
+
+        top, left, side = square_box(gray.height, gray.width)
+        gray = gray.crop((left, top, left + side, top + side))
     return resize_gray(gray, resolution), info
 
 
@@ -238,12 +246,13 @@ class _Job:
     resolution: int | None
     bit_depth: int | None = None
     declared_bits: int | None = None
+    square: bool = False
 
 
 def _decode_one(job: _Job) -> tuple[np.ndarray | None, str | None, ImageInfo | None]:
     try:
         image, info = load_gray_with_info(job.path, job.resolution, bit_depth=job.bit_depth,
-                                          declared_bits=job.declared_bits)
+                                          declared_bits=job.declared_bits, square=job.square)
         return image, None, info
     except ImageDecodeError as exc:
         return None, str(exc), None
@@ -308,20 +317,22 @@ def decode_many(
     bit_depth: int | None = None,
     declared_bits: Sequence[int | None] | None = None,
     with_info: bool = False,
+    square: bool = False,
 ) -> Iterator[tuple]:
     """Yield (image, None) or (None, error message) for each path, in order (so builds are deterministic);
     with `with_info`, (image, None, ImageInfo) or (None, error, None).
 
     Decodes in `pool` (see `decoding_pool`) or, when pool is None, in this process. With resolution=None images
     are decoded at full size (a check). `bit_depth` overrides every file's depth; `declared_bits` gives each
-    path's depth from the dataset's metadata (None where unknown); see `choose_bit_depth`.
+    path's depth from the dataset's metadata (None where unknown); see `choose_bit_depth`. `square` cuts out each
+    image's centre square before resizing (`load_gray_with_info`).
     """
     from tqdm import tqdm
 
     if declared_bits is not None and len(declared_bits) != len(paths):
         raise ValueError(f"{len(declared_bits)} declared bit depths for {len(paths)} paths")
     declared = declared_bits if declared_bits is not None else [None] * len(paths)
-    jobs = [_Job(os.fspath(p), resolution, bit_depth, d) for p, d in zip(paths, declared)]
+    jobs = [_Job(os.fspath(p), resolution, bit_depth, d, square) for p, d in zip(paths, declared)]
     chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar:
         if pool is None:

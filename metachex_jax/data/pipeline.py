@@ -7,22 +7,31 @@ or a plain list in tests. Records are read lazily; nothing is loaded up front.
 Training (`train_batches`), per source:
 
     positions 0, 1, 2, ... (repeat(num_epochs); None = forever)
-      -> (epoch, record index)  epoch = position // shard size; this host's shard is records
+      -> (source number, epoch, record index)
+                                epoch = position // shard size; this host's shard is records
                                 process_index, process_index + process_count, ..., visited in a new
                                 permutation each epoch, drawn from (seed, source number, epoch)
-      -> read + augment         augmentation RNG seeded by (seed, source number, epoch, record index)
-several sources are then interleaved by weight (`grain.MapDataset.mix`, a fixed deterministic pattern), and
-batched (per-host batch = global batch / process count, remainder dropped). Because batching happens on the
-random-access dataset, each batch is a pure function of its position: `mp_prefetch` workers each build whole
-batches (worker w builds batches w, w+W, ...) and the output is identical for any worker count, including 0.
+several sources are then interleaved by weight (`grain.MapDataset.mix`, a fixed deterministic pattern) and the
+positions batched (per-host batch = global batch / process count, remainder dropped); then each batch is
 
-Evaluation (`eval_batches`) visits every record exactly once: no shuffle, no repeat, centre crop. Host h takes
+      -> read + augment + assemble
+                                records read, each augmentation RNG seeded by (seed, source number, epoch,
+                                record index), one array per field for the whole batch (`nih_batch`,
+                                `tb_batch`); with augmentation=None (config.data.augment_on="device") read
+                                only: the stored R x R images are batched whole and augmented in the train step
+
+Because batching happens on the random-access dataset, each batch is a pure function of its position:
+`mp_prefetch` workers each build whole batches (worker w builds batches w, w+W, ...) and the output is identical
+for any worker count, including 0.
+
+Evaluation (`eval_batches`) visits every record exactly once: no shuffle, no repeat, centre crop (or, for
+`geometry="crop_resize"`, the record resized to S; see `augment.py`). Host h takes
 records h, h + P, h + 2P, ... and every host is padded to the same number of full batches
 (`ceil(ceil(n / P) / B)`), because a multi-host jitted step needs every host to take the same number of steps.
 Padding rows have image 0, index -1 and ALL masks 0 (example_mask included), so metrics that weight by the masks
 count every real example exactly once.
 
-Images leave the pipeline as uint8 (B, S, S), values 0..255. The pipeline does NOT normalise: the device does,
+Images leave the pipeline as uint8 (B, S, S) (training with augmentation=None: (B, R, R)), values 0..255. The pipeline does NOT normalise: the device does,
 inside the jitted step, with `metachex_jax.preprocessing.to_model_input`.
 
 Iterators (`BatchIterator`) are grain `DatasetIterator`s: `get_state()`/`set_state()` resume at exactly the same
@@ -43,7 +52,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from metachex_jax.data.augment import Augmentation, as_gray_2d, augment, center_crop
+from metachex_jax.data.augment import Augmentation, as_gray_2d, eval_view, train_view
 from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
 
 Record = dict[str, Any]
@@ -57,7 +66,9 @@ class RandomAccessSource(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Record -> example, per dataset kind (the batch formats of the data contract).
+# Records -> batch, per dataset kind (the batch formats of the data contract). Columnar: one numpy array per
+# field for the whole batch, built once per batch (per-example dicts stacked afterwards cost more than the
+# record reads they follow).
 # ---------------------------------------------------------------------------------------------------------
 
 def _known_or_zero(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,117 +77,126 @@ def _known_or_zero(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(known, value, 0).astype(np.float32), known.astype(np.float32)
 
 
-def _age(record: Record) -> tuple[np.float32, np.float32]:
-    valid = bool(record["age_valid"])
-    return np.float32(record["age"] if valid else 0.0), np.float32(valid)
+def _ages(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+    valid = np.array([bool(r["age_valid"]) for r in records])
+    age = np.where(valid, np.array([r["age"] for r in records], np.float32), 0.0).astype(np.float32)
+    return age, valid.astype(np.float32)
 
 
-def nih_example(record: Record, image: np.ndarray, index: int) -> Example:
-    """A ChestX-ray14 record (already cropped image) -> the multi-task example."""
-    pathology = np.asarray(record["labels"], np.float32)
-    if pathology.shape != (len(PATHOLOGIES),):
-        raise ValueError(f"record {index}: labels has shape {pathology.shape}, expected ({len(PATHOLOGIES)},)")
+def nih_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """ChestX-ray14 records and their (already cropped) images -> the multi-task batch."""
+    bad = [int(i) for i, r in zip(indices, records) if np.shape(r["labels"]) != (len(PATHOLOGIES),)]
+    if bad:
+        raise ValueError(f"records {bad}: labels must have shape ({len(PATHOLOGIES)},)")
+    pathology = np.array([r["labels"] for r in records], np.float32)
     metadata, metadata_mask = _known_or_zero(
-        np.array([record[name] for name in METADATA_TASKS], np.float32))
-    age, age_mask = _age(record)
+        np.array([[r[name] for name in METADATA_TASKS] for r in records], np.float32))
+    age, age_mask = _ages(records)
     return {
-        "image": image,
+        "image": images,
         "pathology": pathology,
-        "pathology_mask": np.ones(len(PATHOLOGIES), np.float32),
+        "pathology_mask": np.ones_like(pathology),
         "metadata": metadata,
         "metadata_mask": metadata_mask,
         "age": age,
         "age_mask": age_mask,
-        "patient_id": np.int64(record["patient_id"]),
-        "index": np.int64(index),
-        "example_mask": np.float32(1.0),
+        "patient_id": np.array([r["patient_id"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
     }
 
 
-def tb_example(record: Record, image: np.ndarray, index: int) -> Example:
-    """A Shenzhen/Montgomery record (already cropped image) -> the TB example."""
-    sex_male, sex_mask = _known_or_zero(np.float32(record["sex_male"]))
-    age, age_mask = _age(record)
+def tb_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """Shenzhen/Montgomery records and their (already cropped) images -> the TB batch."""
+    sex_male, sex_mask = _known_or_zero(np.array([r["sex_male"] for r in records], np.float32))
+    age, age_mask = _ages(records)
     return {
-        "image": image,
-        "tb": np.float32(record["tb"]),
+        "image": images,
+        "tb": np.array([r["tb"] for r in records], np.float32),
         "sex_male": sex_male,
         "sex_mask": sex_mask,
         "age": age,
         "age_mask": age_mask,
-        "fold": np.int64(record["fold"]),
-        "index": np.int64(index),
-        "example_mask": np.float32(1.0),
+        "fold": np.array([r["fold"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
     }
 
 
-def binary_example(record: Record, image: np.ndarray, index: int) -> Example:
-    """A record of one binary target (the transfer pipeline's, transfer/sets.py: target 1/0/-1 = unknown) -> the
-    example fine-tuning and feature extraction read."""
-    target, target_mask = _known_or_zero(np.float32(record["target"]))
-    sex_male, sex_mask = _known_or_zero(np.float32(record["sex_male"]))
-    age, age_mask = _age(record)
+def binary_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """Records of one binary target of any dataset (transfer/sets.py: target 1/0/-1 = unknown) -> the batch that
+    fine-tuning and feature extraction read."""
+    target, target_mask = _known_or_zero(np.array([r["target"] for r in records], np.float32))
+    sex_male, sex_mask = _known_or_zero(np.array([r["sex_male"] for r in records], np.float32))
+    age, age_mask = _ages(records)
     return {
-        "image": image,
+        "image": images,
         "target": target,
         "target_mask": target_mask,
         "sex_male": sex_male,
         "sex_mask": sex_mask,
         "age": age,
         "age_mask": age_mask,
-        "fold": np.int64(record["fold"]),
-        "index": np.int64(index),
-        "example_mask": np.float32(1.0),
+        "fold": np.array([r["fold"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
     }
 
 
-def labelled_example(record: Record, image: np.ndarray, index: int) -> Example:
-    """A record of the shared label space (data/mixture.py: labels 1/0/-1 = unknown) -> the multi-task example,
-    with a 0 mask for every unknown label or metadata entry."""
-    labels = np.asarray(record["labels"], np.int8)
+def labelled_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """Records of the shared label space (data/mixture.py: labels 1/0/-1 = unknown) -> the multi-task batch, with
+    a 0 mask for every unknown label or metadata entry."""
+    labels = np.array([r["labels"] for r in records], np.int8)
     metadata, metadata_mask = _known_or_zero(
-        np.array([record[name] for name in METADATA_TASKS], np.float32))
-    age, age_mask = _age(record)
+        np.array([[r[name] for name in METADATA_TASKS] for r in records], np.float32))
+    age, age_mask = _ages(records)
     return {
-        "image": image,
+        "image": images,
         "pathology": (labels == 1).astype(np.float32),
         "pathology_mask": (labels >= 0).astype(np.float32),
         "metadata": metadata,
         "metadata_mask": metadata_mask,
         "age": age,
         "age_mask": age_mask,
-        "patient_id": np.int64(record["patient_key"]),
-        "index": np.int64(index),
-        "example_mask": np.float32(1.0),
+        "patient_id": np.array([r["patient_key"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
     }
 
 
 @dataclasses.dataclass(frozen=True)
 class ExampleFormat:
-    to_example: Callable[[Record, np.ndarray, int], Example]
+    to_batch: Callable[[Sequence[Record], np.ndarray, np.ndarray], Example]
     required_keys: tuple[str, ...]
 
 
 EXAMPLE_FORMATS = {
-    "nih": ExampleFormat(nih_example, ("image", "labels", "age", "age_valid", "patient_id")
-                         + METADATA_TASKS),
-    "tb": ExampleFormat(tb_example, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
+    "nih": ExampleFormat(nih_batch, ("image", "labels", "age", "age_valid", "patient_id") + METADATA_TASKS),
+    "tb": ExampleFormat(tb_batch, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
     # one binary target of any dataset (transfer/sets.py: BinaryRecords)
-    "binary": ExampleFormat(binary_example, ("image", "target", "sex_male", "age", "age_valid", "fold")),
+    "binary": ExampleFormat(binary_batch, ("image", "target", "sex_male", "age", "age_valid", "fold")),
     # the shared label space of data/mixture.py (HarmonisedSource records), any number of labels
-    "labelled": ExampleFormat(labelled_example, ("image", "labels", "age", "age_valid", "patient_key")
+    "labelled": ExampleFormat(labelled_batch, ("image", "labels", "age", "age_valid", "patient_key")
                               + METADATA_TASKS),
-}  # each dataset's kind: data/registry.py
+}
+# Which example format each built dataset (builder name) uses.
+KIND_OF_DATASET = {"chestxray14": "nih", "shenzhen": "tb", "montgomery": "tb", "chexpert": "labelled",
+                   "padchest": "labelled", "csv": "labelled"}
 
 
-def padding_example(kind: str, image_size: int, record: Record | None = None) -> Example:
-    """A padding row: same structure as a real example (of `record`, e.g. the source's first, where the label
-    count varies), image 0, every mask 0, ids -1."""
-    record = _ZERO_RECORD if record is None else record
-    example = EXAMPLE_FORMATS[kind].to_example(record, np.zeros((image_size, image_size), np.uint8), -1)
-    for name, value in example.items():
-        example[name] = np.full_like(value, -1) if value.dtype == np.int64 else np.zeros_like(value)
-    return example
+def _blank_padding(batch: Example, padding: np.ndarray) -> Example:
+    """Padding rows keep the structure: image 0, every mask 0, ids -1."""
+    if padding.any():
+        for value in batch.values():
+            value[padding] = -1 if value.dtype == np.int64 else 0
+    return batch
+
+
+def padding_record(source) -> Record:
+    """The record padding rows are made from: zeros shaped like the source's records (labels of its length)."""
+    if len(source) and "labels" in source[0]:
+        return {**_ZERO_RECORD, "labels": np.zeros(np.shape(source[0]["labels"]), np.int8)}
+    return _ZERO_RECORD
 
 
 _ZERO_RECORD = {"labels": np.zeros(len(PATHOLOGIES)), "age": 0.0, "age_valid": False, "patient_id": -1,
@@ -212,7 +232,7 @@ def _describe(source: RandomAccessSource) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 class _ShuffledShard(grain.transforms.MapWithIndex):
-    """(position in the repeated stream, position within the epoch) -> (epoch, record index).
+    """(position in the repeated stream, position within the epoch) -> (source number, epoch, record index).
 
     The shard is records first, first + step, ... (size of them); each epoch visits it in a fresh permutation
     drawn from (seed, source number, epoch). numpy permutations, cached for the current epoch, rather than
@@ -225,11 +245,11 @@ class _ShuffledShard(grain.transforms.MapWithIndex):
         self.seed, self.source_number, self.shuffle = seed, source_number, shuffle
         self._cached = (-1, None)   # (epoch, order); replaced as a whole, so safe with reader threads
 
-    def map_with_index(self, position: int, position_in_epoch: int) -> tuple[int, int]:
+    def map_with_index(self, position: int, position_in_epoch: int) -> tuple[int, int, int]:
         epoch = position // self.size
         if self.shuffle:
             position_in_epoch = int(self._order(epoch)[position_in_epoch])
-        return epoch, self.first + self.step * position_in_epoch
+        return self.source_number, epoch, self.first + self.step * position_in_epoch
 
     def _order(self, epoch: int) -> np.ndarray:
         cached_epoch, order = self._cached
@@ -239,39 +259,54 @@ class _ShuffledShard(grain.transforms.MapWithIndex):
         return order
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity hash; the source need not be hashable
-class _ReadTrainExample(grain.transforms.Map):
-    source: RandomAccessSource
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity hash; the sources need not be hashable
+class _ReadTrainBatch(grain.transforms.Map):
+    """[(source number, epoch, record index), ...] -> the batch of those records, augmented."""
+    sources: tuple[RandomAccessSource, ...]
     kind: str
     image_size: int
-    augmentation: Augmentation
+    augmentation: Augmentation | None  # None: the stored images as they are (augmentation on the device)
     seed: int
-    source_number: int
+    geometry: str = "resize_crop"
 
-    def map(self, epoch_and_index: tuple[int, int]) -> Example:
-        epoch, index = epoch_and_index
-        rng = np.random.default_rng([self.seed, self.source_number, epoch, index])
-        record = self.source[index]
-        image = augment(as_gray_2d(record["image"]), self.image_size, self.augmentation, rng)
-        return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
+    def map(self, positions: Sequence[tuple[int, int, int]]) -> Example:
+        records = [self.sources[number][index] for number, _, index in positions]
+        images = None
+        for row, (record, (number, epoch, index)) in enumerate(zip(records, positions)):
+            image = as_gray_2d(record["image"])
+            if self.augmentation is not None:
+                rng = np.random.default_rng([self.seed, number, epoch, index])
+                image = train_view(image, self.image_size, self.augmentation, rng, self.geometry)
+            if images is None:
+                images = np.empty((len(positions), *image.shape), np.uint8)
+            images[row] = image
+        indices = np.array([index for _, _, index in positions], np.int64)
+        return EXAMPLE_FORMATS[self.kind].to_batch(records, images, indices)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _ReadEvalExample(grain.transforms.Map):
-    """Host-local position -> the example of record process_index + position * process_count, or padding."""
+class _ReadEvalBatch(grain.transforms.Map):
+    """Batch number b -> this host's records process_index + p * process_count for the batch's positions p, centre
+    cropped; positions past the end of the source are padding rows."""
     source: RandomAccessSource
     kind: str
     image_size: int
+    per_host_batch_size: int
     process_index: int
     process_count: int
+    geometry: str = "resize_crop"
 
-    def map(self, position: int) -> Example:
-        index = self.process_index + position * self.process_count
-        if index >= len(self.source):
-            return padding_example(self.kind, self.image_size, self.source[0] if self.kind == "labelled" else None)
-        record = self.source[index]
-        image = center_crop(as_gray_2d(record["image"]), self.image_size)
-        return EXAMPLE_FORMATS[self.kind].to_example(record, image, index)
+    def map(self, batch_number: int) -> Example:
+        positions = batch_number * self.per_host_batch_size + np.arange(self.per_host_batch_size)
+        indices = self.process_index + positions * self.process_count
+        padding = indices >= len(self.source)
+        padded = padding_record(self.source) if padding.any() else None
+        records = [padded if pad else self.source[int(i)] for i, pad in zip(indices, padding)]
+        blank = np.zeros((self.image_size, self.image_size), np.uint8)
+        images = np.stack([blank if pad else eval_view(as_gray_2d(r["image"]), self.image_size, self.geometry)
+                           for r, pad in zip(records, padding)])
+        batch = EXAMPLE_FORMATS[self.kind].to_batch(records, images, np.where(padding, -1, indices))
+        return _blank_padding(batch, padding)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,30 +330,16 @@ def _per_host_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def train_examples(source: RandomAccessSource, *, kind: str, image_size: int, seed: int,
-                   augmentation: Augmentation, process_index: int, process_count: int,
-                   num_epochs: int | None = None, shuffle: bool = True,
-                   source_number: int = 0) -> grain.MapDataset:
-    """This host's stream of augmented training examples from one source (infinite when num_epochs is None)."""
-    check_source(source, kind, image_size)
+def _shard_positions(source: RandomAccessSource, *, seed: int, process_index: int, process_count: int,
+                     num_epochs: int | None, shuffle: bool, source_number: int) -> grain.MapDataset:
+    """This host's (source number, epoch, record index) stream over one source (infinite when num_epochs is None)."""
     shard_size = len(range(process_index, len(source), process_count))
     if shard_size == 0:
         raise ValueError(f"source of {len(source)} records has no records for host {process_index} of "
                          f"{process_count}")
     order = _ShuffledShard(process_index, process_count, shard_size, seed=seed, source_number=source_number,
                            shuffle=shuffle)
-    return (grain.MapDataset.range(shard_size).repeat(num_epochs)
-            .map_with_index(order)
-            .map(_ReadTrainExample(source, kind, image_size, augmentation, seed, source_number)))
-
-
-def eval_examples(source: RandomAccessSource, *, kind: str, image_size: int, per_host_batch_size: int,
-                  process_index: int, process_count: int) -> grain.MapDataset:
-    """This host's evaluation examples in record order, padded to the batch count shared by all hosts."""
-    check_source(source, kind, image_size)
-    num_batches = eval_num_batches(len(source), per_host_batch_size, process_count)
-    return (grain.MapDataset.range(num_batches * per_host_batch_size)
-            .map(_ReadEvalExample(source, kind, image_size, process_index, process_count)))
+    return grain.MapDataset.range(shard_size).repeat(num_epochs).map_with_index(order)
 
 
 def eval_num_batches(num_records: int, per_host_batch_size: int, process_count: int) -> int:
@@ -373,6 +394,32 @@ def workers_for_resume(requested: int, resolved: int, saved: int | None) -> int:
     return saved
 
 
+AUGMENT_ON = ("host", "device")
+
+
+def resolve_augment_on(requested: str, backend: str, saved: str | None = None,
+                       geometry: str = "resize_crop") -> str:
+    """Where training images are augmented, for `requested` (config.data.augment_on): "host", "device" or "auto".
+
+    Auto: what a checkpoint being resumed used (`saved`), else "host" on the CPU backend and "device" on GPU/TPU;
+    always "host" for a "crop_resize" model (the device crops stored images, resize_crop only; asking for
+    "device" there is an error).
+    Why (README, Benchmarks): on CPU the "device" is the same cores, so moving the work there gains nothing (the
+    host's crop + OpenCV affine is ~0.5 ms against a ~30 ms step per image); on an accelerator the step's
+    augmentation costs the device little, while the host's work per image drops to a read (~0.15 ms).
+    """
+    if requested not in AUGMENT_ON:
+        raise ValueError(f"config.data.augment_on={requested!r}: use 'host', 'device' or 'auto'")
+    if geometry != "resize_crop":
+        if requested == "device":
+            raise ValueError(f"config.data.augment_on=device crops the stored R x R images (geometry resize_crop); "
+                             f"this model's geometry is {geometry}: use augment_on=host or auto")
+        return "host"
+    if requested == "auto":
+        return saved or ("host" if backend == "cpu" else "device")
+    return requested
+
+
 def available_cpus() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -395,6 +442,22 @@ def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) 
     return requested
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """In grain's worker processes: ignore SIGINT and SIGTERM. Ctrl-C and schedulers signal the whole process
+    group; the trainer then saves a checkpoint at the next step boundary (`metachex_jax.preemption`), which
+    needs the workers alive until it closes them. So that a worker never outlives its trainer (killed, say), it
+    asks Linux for SIGKILL when its parent dies."""
+    import ctypes
+    import signal
+    import sys
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _to_iterator(batches: grain.MapDataset, num_batches: int | None, num_workers: int, read_threads: int,
                  prefetch_batches: int) -> BatchIterator:
     if num_workers < 0 or read_threads < 0:
@@ -403,17 +466,19 @@ def _to_iterator(batches: grain.MapDataset, num_batches: int | None, num_workers
                                                         prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches // num_workers)))
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches // num_workers)),
+            worker_init_fn=_ignore_stop_signals)
     return BatchIterator(dataset, num_batches)
 
 
 def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *, kind: str,
                   global_batch_size: int, image_size: int, seed: int,
-                  augmentation: Augmentation = Augmentation(),
+                  augmentation: Augmentation | None = Augmentation(),
                   weights: Sequence[float] | None = None,
                   num_epochs: int | None = None,
                   num_workers: int = 0, read_threads: int = 1, prefetch_batches: int = 2,
-                  process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
+                  process_index: int | None = None, process_count: int | None = None,
+                  geometry: str = "resize_crop") -> BatchIterator:
     """This host's training batches: sharded, shuffled each epoch, repeated, augmented, mixed, batched.
 
     Args:
@@ -423,8 +488,12 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
         what transfer fine-tuning feeds); a prepared dataset's kind is in data/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
+      geometry: the model's pixel geometry (`augment.GEOMETRIES`; `PixelContract.geometry`): "resize_crop" crops
+        S from the stored R x R, "crop_resize" resizes the record's centre square to S.
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.
-      augmentation: see `Augmentation`; `Augmentation.none()` gives centre crops.
+      augmentation: see `Augmentation`; `Augmentation.none()` gives centre crops; None gives the stored R x R
+        images uncropped, for augmentation in the train step (`metachex_jax.data.device_augment`): the host
+        then only reads and batches.
       weights: relative sampling weights of `sources` (default uniform).
       num_epochs: None repeats forever (count steps in the trainer); otherwise stops after that many passes
         (over the shortest source relative to its weight when mixing), the last incomplete batch dropped,
@@ -439,11 +508,16 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
     sources = [sources] if _is_single_source(sources) else list(sources)
     if weights is not None and len(weights) != len(sources):
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
-    streams = [train_examples(source, kind=kind, image_size=image_size, seed=seed, augmentation=augmentation,
-                              process_index=process_index, process_count=process_count,
-                              num_epochs=num_epochs, source_number=number)
+    for source in sources:
+        check_source(source, kind, image_size)
+    streams = [_shard_positions(source, seed=seed, process_index=process_index, process_count=process_count,
+                                num_epochs=num_epochs, shuffle=True, source_number=number)
                for number, source in enumerate(sources)]
-    batches = _mix(streams, weights).batch(per_host, drop_remainder=True)
+    if augmentation is None and geometry != "resize_crop":
+        raise ValueError(f"augmentation on the device crops the stored R x R images (geometry resize_crop); a "
+                         f"{geometry} model augments on the host (config.data.augment_on=host)")
+    read = _ReadTrainBatch(tuple(sources), kind, image_size, augmentation, seed, geometry)
+    batches = _mix(streams, weights).batch(per_host, drop_remainder=True, batch_fn=list).map(read)
     num_batches = None
     if num_epochs is not None:
         # Host shards differ in size by up to one record; every host stops where the smallest one does, so
@@ -461,17 +535,19 @@ def _mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float] | None) 
 
 def eval_batches(source: RandomAccessSource, *, kind: str, global_batch_size: int, image_size: int,
                  num_workers: int = 0, read_threads: int = 1, prefetch_batches: int = 2,
-                 process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
+                 process_index: int | None = None, process_count: int | None = None,
+                 geometry: str = "resize_crop") -> BatchIterator:
     """This host's evaluation batches: every record once over all hosts, padded, equal batch count per host.
 
     `iterator.num_batches` is the same on every host. Arguments as in `train_batches`.
     """
     process_index, process_count = _host(process_index, process_count)
     per_host = _per_host_batch_size(global_batch_size, process_count)
-    examples = eval_examples(source, kind=kind, image_size=image_size, per_host_batch_size=per_host,
-                             process_index=process_index, process_count=process_count)
-    batches = examples.batch(per_host, drop_remainder=True)  # exact: padded to whole batches
-    return _to_iterator(batches, len(batches), num_workers, read_threads, prefetch_batches)
+    check_source(source, kind, image_size)
+    num_batches = eval_num_batches(len(source), per_host, process_count)
+    batches = grain.MapDataset.range(num_batches).map(
+        _ReadEvalBatch(source, kind, image_size, per_host, process_index, process_count, geometry))
+    return _to_iterator(batches, num_batches, num_workers, read_threads, prefetch_batches)
 
 
 def _is_single_source(sources) -> bool:

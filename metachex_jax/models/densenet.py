@@ -178,16 +178,19 @@ class DenseNet(nnx.Module):
     Args:
       arch: a key of `SPECS` ("densenet121", ...) or a `DenseNetSpec`.
       num_classes: size of the classifier; None builds the backbone alone (`__call__` returns features).
+      in_channels: input channels of the stem convolution: 3 (ImageNet-style input) or 1 (torchxrayvision's
+        gray input); the pixel contract's normalisation decides which (`preprocessing.channels_of`).
       dtype: computation dtype (e.g. jnp.bfloat16); parameters and BatchNorm statistics stay float32.
     """
 
     def __init__(self, arch: str | DenseNetSpec = "densenet121", *, num_classes: int | None = 1000,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 in_channels: int = 3, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if isinstance(arch, str) and arch not in SPECS:
             raise ValueError(f"unknown DenseNet architecture {arch!r}; choose one of {sorted(SPECS)}")
         spec = SPECS[arch] if isinstance(arch, str) else arch
         self.spec = spec
-        self.conv0 = conv(3, spec.num_init_features, 7, 2, 3, dtype, rngs)
+        self.in_channels = in_channels
+        self.conv0 = conv(in_channels, spec.num_init_features, 7, 2, 3, dtype, rngs)
         self.norm0 = batch_norm(spec.num_init_features, dtype, rngs)
         blocks, transitions = [], []
         c = spec.num_init_features

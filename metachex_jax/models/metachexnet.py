@@ -36,19 +36,20 @@ class MetaChexNet(nnx.Module):
       metadata_tasks: names of the binary metadata logits (empty for no metadata head).
       age_hidden: width of the age head's intermediate layer (0 for no age head).
       age_mean, age_std: years; the age head predicts (age - age_mean) / age_std.
+      in_channels: input channels of the backbone's stem (3, or 1 for a torchxrayvision backbone).
       dtype: computation dtype; parameters stay float32.
     """
 
     def __init__(self, arch: str = "densenet121", *, num_pathologies: int = len(PATHOLOGIES),
                  metadata_tasks: tuple[str, ...] = METADATA_TASKS, age_hidden: int = 256,
-                 age_mean: float = 47.0, age_std: float = 17.0, dtype: Any = jnp.float32,
+                 age_mean: float = 47.0, age_std: float = 17.0, in_channels: int = 3, dtype: Any = jnp.float32,
                  pathology_names: tuple[str, ...] | None = None, rngs: nnx.Rngs):
         if pathology_names is not None and len(pathology_names) != num_pathologies:
             raise ValueError(f"{len(pathology_names)} pathology names for a head of {num_pathologies}")
         if pathology_names is None and num_pathologies == len(PATHOLOGIES):
             pathology_names = PATHOLOGIES
         self._pathology_names = tuple(pathology_names or (f"pathology_{i}" for i in range(num_pathologies)))
-        self.backbone = DenseNet(arch, num_classes=None, dtype=dtype, rngs=rngs)
+        self.backbone = DenseNet(arch, num_classes=None, in_channels=in_channels, dtype=dtype, rngs=rngs)
         f = self.backbone.num_features
         self.metadata_tasks = tuple(metadata_tasks)
         self.age_mean, self.age_std = float(age_mean), float(age_std)
@@ -113,7 +114,12 @@ class MetaChexNet(nnx.Module):
 
 
 def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
-    """Build the model a config's `model` section describes (see `metachex_jax.config_lib`)."""
+    """Build the model a config's `model` section describes (see `metachex_jax.config_lib`).
+
+    The stem's input channels follow the pixel contract's normalisation (`model_config.normalization`; configs
+    saved before it existed are "imagenet": 3 channels)."""
+    from metachex_jax.preprocessing import channels_of
+
     names = model_config.get("pathology_names")  # written by the trainer for mixtures with extra labels
     return MetaChexNet(
         model_config.arch,
@@ -123,6 +129,7 @@ def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
         age_hidden=model_config.age_hidden,
         age_mean=model_config.age_mean,
         age_std=model_config.age_std,
+        in_channels=channels_of(model_config.get("normalization", "imagenet")),
         dtype=jnp.dtype(model_config.dtype),
         rngs=rngs,
     )

@@ -41,8 +41,14 @@ class TbClassifier(nnx.Module):
 
 
 def build_tb_classifier(model_config) -> TbClassifier:
-    """The module a saved TB model's `model_config` ({"arch": ...}) describes (weights are loaded after)."""
-    return TbClassifier(DenseNet(model_config.arch, num_classes=None, rngs=nnx.Rngs(0)), nnx.Rngs(0))
+    """The module a saved TB model's `model_config` ({"arch", "normalization"}) describes (weights are loaded
+    after). The normalisation of its pixel contract fixes the stem's input channels (cards written before it was
+    recorded: "imagenet", 3 channels)."""
+    from metachex_jax.preprocessing import channels_of
+
+    in_channels = channels_of(model_config.get("normalization", "imagenet"))
+    return TbClassifier(DenseNet(model_config.arch, num_classes=None, in_channels=in_channels, rngs=nnx.Rngs(0)),
+                        nnx.Rngs(0))
 
 
 def fold_standardisation(weights: np.ndarray, bias: float, mean: np.ndarray, scale: np.ndarray):

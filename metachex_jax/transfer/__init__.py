@@ -4,11 +4,12 @@ by default, any prepared datasets and binary labels otherwise (e.g. a hospital's
 Entry point: `python -m metachex_jax.main --config=configs/transfer.py[:demo] --config.init_from=PRE --workdir=DIR`
 (`run.run(config, workdir)`). One module per job, in the order a run uses them:
 
-    weights.py     starting weights (pretraining workdir, converted backbone, random) + content fingerprint
+    weights.py     starting weights (pretraining workdir, converted backbone or model directory, random) + content
+                   fingerprint + each start's pixel contract
     sets.py        the prepared datasets (all records) + a content fingerprint of each build; each seen through
                    one binary target (images with a known label, folds by patient)
     protocols.py   k-fold CV within a dataset, train on some / test on another; fold/class checks
-    features.py    frozen pooled features + head outputs, cached by (weights, dataset) content
+    features.py    frozen pooled features + head outputs, cached by (weights, dataset, pixel contract) content
     probe.py       L2 logistic regression, strength by inner CV on the training folds (batched L-BFGS)
     finetune.py    new one-logit head, lower backbone lr (optax.multi_transform), early stopping on validation,
                    precise BatchNorm statistics before every prediction (finetune.bn_stats)

@@ -38,7 +38,6 @@ from flax import nnx
 
 from metachex_jax import files, metrics, saved_model
 from metachex_jax.models.tb_classifier import TbClassifier, fold_standardisation
-from metachex_jax.preprocessing import PixelContract
 from metachex_jax.transfer import sets as sets_lib
 
 THRESHOLD_RULES = ("sensitivity", "youden")
@@ -144,8 +143,9 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
     model.eval()
     card = {
         "kind": "tb_classifier",
-        "model_config": {"arch": config.model.arch},
-        "input": PixelContract.from_config(config).to_json(),
+        # The start's pixel contract (its normalisation also fixes the stem's input channels).
+        "model_config": {"arch": config.model.arch, "normalization": start.contract.normalization},
+        "input": start.contract.to_json(),
         "outputs": [{"name": spec.output_name, "kind": "probability", "threshold": threshold["threshold"]}],
         "threshold_rule": threshold,
         "training": training,

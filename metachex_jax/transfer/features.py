@@ -1,6 +1,6 @@
 """Frozen features of a dataset under one starting weight, extracted once and cached on disk.
 
-    table = features_for(start, records, image_size=..., batch_size=..., cache_dir=...)   # records: sets.py
+    table = features_for(start, records, batch_size=..., cache_dir=...)   # records: a sets.DatasetRecords
 
 `table` holds, per record of the dataset in record order: `features` (N, F) the backbone's pooled output, sex
 and age with their masks (the pipeline's "binary" batch), and the MetaChexNet heads' outputs on those
@@ -9,7 +9,7 @@ the extraction, compilation included) and `images_per_s` (after the first batch)
 A protocol's images are rows of these tables (sets.features_of): one extraction serves every target.
 
 Cache: CACHE_DIR/<key>.npz, key = SHA-256 of (the weights' content fingerprint, the dataset build's content
-fingerprint, image size, FORMAT_VERSION). A changed checkpoint or a rebuilt dataset gets a new key (the old
+fingerprint, the start's pixel contract (sizes, geometry, normalisation), FORMAT_VERSION). A changed checkpoint or a rebuilt dataset gets a new key (the old
 file is simply no longer used); moving either keeps the key. CACHE_DIR may be local or gs://. Entries are written
 with `files.write_atomic` (a temporary file renamed into place, or one upload), so a killed run never leaves a
 truncated cache entry that would be read later.
@@ -18,12 +18,14 @@ truncated cache entry that would be read later.
 ("precise BN"): the "random_bn" start's from ChestX-ray14 (`kind="nih"`, see `weights`), and every fine-tuned
 model's from its training (or test) images before it predicts (`kind="binary"`, see `finetune`).
 
-Images go through the same eval pipeline as the trainer's evaluation (centre crop, uint8 to the device,
-`to_model_input` inside the jitted step), batches are sharded over all devices, padding rows dropped.
+Images go through the same eval pipeline as the trainer's evaluation, made by the start's pixel contract
+(`Start.contract`: the geometry on the host, uint8 to the device, `contract.model_input` inside the jitted step),
+batches are sharded over all devices, padding rows dropped.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import time
@@ -39,20 +41,22 @@ from jax.sharding import PartitionSpec as P
 from metachex_jax import files, train
 from metachex_jax.data import pipeline
 from metachex_jax.labels import METADATA_TASKS
-from metachex_jax.preprocessing import to_model_input
+from metachex_jax.preprocessing import PixelContract
 
-FORMAT_VERSION = 2  # 2: any dataset, the "binary" batch's columns (1 held the TB label)
+FORMAT_VERSION = 3  # 2: the key holds the whole pixel contract; 3: any dataset, the "binary" batch's columns
 
 
-def cache_key(weights_fingerprint: str, dataset_fingerprint: str, image_size: int) -> str:
-    text = f"v{FORMAT_VERSION}|{weights_fingerprint}|{dataset_fingerprint}|{image_size}"
+def cache_key(weights_fingerprint: str, dataset_fingerprint: str, contract: PixelContract) -> str:
+    pixels = f"{contract.image_size}|{contract.resolution}|{contract.geometry}|{contract.normalization}"
+    text = f"v{FORMAT_VERSION}|{weights_fingerprint}|{dataset_fingerprint}|{pixels}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-@nnx.jit
-def _forward(model, images):
-    """Features and head outputs of uint8 images (nnx.jit: compiled once per model structure and shape)."""
-    features = model.features(to_model_input(images))
+@functools.partial(nnx.jit, static_argnums=2)
+def _forward(model, images, contract: PixelContract):
+    """Features and head outputs of uint8 images (nnx.jit: compiled once per model structure, contract and
+    shape)."""
+    features = model.features(contract.model_input(images))
     out = {"features": features}
     heads = model.heads(features)
     if "metadata" in heads:
@@ -62,8 +66,9 @@ def _forward(model, images):
     return out
 
 
-def extract(model, source, *, image_size: int, batch_size: int) -> tuple[dict[str, np.ndarray], float]:
-    """Run the frozen model over every record: (table of the module docstring, images/s after the first batch).
+def extract(model, source, *, contract: PixelContract, batch_size: int) -> tuple[dict[str, np.ndarray], float]:
+    """Run the frozen model over every record, fed by `contract`: (table of the module docstring, images/s after
+    the first batch).
 
     The first batch pays the compilation; throughput is measured over the others (0 if there are none).
     """
@@ -74,10 +79,10 @@ def extract(model, source, *, image_size: int, batch_size: int) -> tuple[dict[st
     columns: dict[str, list] = {}
     timed_images, timed_from = 0, None
     with pipeline.eval_batches(source, kind="binary", global_batch_size=global_batch,
-                               image_size=image_size) as batches:
+                               image_size=contract.image_size, geometry=contract.geometry) as batches:
         for local in batches:
             batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in local.items()}
-            out = _forward(model, batch["image"])
+            out = _forward(model, batch["image"], contract)
             keep = {k: v for k, v in batch.items() if k != "image"}
             gathered = multihost_utils.process_allgather({**keep, **out}, tiled=True)
             for k, v in gathered.items():
@@ -94,17 +99,19 @@ def extract(model, source, *, image_size: int, batch_size: int) -> tuple[dict[st
     return {k: v[order] for k, v in table.items()}, rate
 
 
-@nnx.jit
-def _batch_statistics(model, images):
+@functools.partial(nnx.jit, static_argnums=2)
+def _batch_statistics(model, images, contract: PixelContract):
     """A train-mode forward pass: every BatchNorm records this batch's statistics (momentum 0, see below)."""
-    model.features(to_model_input(images))
+    model.features(contract.model_input(images))
 
 
-def calibrate_batchnorm(model, source, *, kind: str, image_size: int, batch_size: int, max_images: int) -> int:
+def calibrate_batchnorm(model, source, *, kind: str, contract: PixelContract, batch_size: int,
+                        max_images: int) -> int:
     """"Precise BatchNorm": every BatchNorm's running mean and variance := the average of its batch statistics
-    over the first full batches of `source` (centre crops; whole batches until `max_images` images are
-    reached); weights unchanged. `model` is anything with a `features(x)` method (MetaChexNet, a DenseNet);
-    `kind` is the record kind of `source` ("nih" or "binary", as `pipeline.eval_batches` reads it).
+    over the first full batches of `source` (evaluation views made by the model's pixel `contract`; whole batches
+    until `max_images` images are reached); weights unchanged. `model` is anything with a `features(x)` method
+    (MetaChexNet, a DenseNet); `kind` is the record kind of `source` ("nih" or "binary", as
+    `pipeline.eval_batches` reads it).
 
     A freshly built network in eval mode normalises with its initial statistics (mean 0, variance 1), i.e. not
     at all; a pretrained one with statistics of its training images; a fine-tuned one with running averages
@@ -131,11 +138,12 @@ def calibrate_batchnorm(model, source, *, kind: str, image_size: int, batch_size
     try:
         for bn in norms:
             bn.momentum = 0.0  # the running statistics become the current batch's
-        with pipeline.eval_batches(source, kind=kind, global_batch_size=global_batch,
-                                   image_size=image_size) as iterator:
+        with pipeline.eval_batches(source, kind=kind, global_batch_size=global_batch, image_size=contract.image_size,
+                                   geometry=contract.geometry) as iterator:
             for _, local in zip(range(num_batches), iterator):
                 assert local["example_mask"].min() > 0  # padding rows would bias the statistics
-                _batch_statistics(model, jax.make_array_from_process_local_data(data_sharding, local["image"]))
+                _batch_statistics(model, jax.make_array_from_process_local_data(data_sharding, local["image"]),
+                                  contract)
                 stats = [(bn.mean[...], bn.var[...]) for bn in norms]
                 sums = stats if sums is None else [(a + m, b + v) for (a, b), (m, v) in zip(sums, stats)]
     finally:
@@ -147,12 +155,12 @@ def calibrate_batchnorm(model, source, *, kind: str, image_size: int, batch_size
     return num_batches * global_batch
 
 
-def features_for(start, records, *, image_size: int, batch_size: int, cache_dir: str) -> dict:
-    """The cached table for (start, records: a sets.DatasetRecords), extracting it on a miss. Adds `cache`
-    ("hit"/"miss") and timings."""
+def features_for(start, records, *, batch_size: int, cache_dir: str) -> dict:
+    """The cached table for (start, records: a sets.DatasetRecords), extracting it on a miss through the start's
+    pixel contract. Adds `cache` ("hit"/"miss") and timings."""
     from metachex_jax.transfer.sets import BinaryRecords
 
-    key = cache_key(start.fingerprint, records.fingerprint, image_size)
+    key = cache_key(start.fingerprint, records.fingerprint, start.contract)
     path = files.join(files.absolute(cache_dir), f"{key}.npz")  # local or gs://
     hit = files.is_file(path)
     if jax.process_count() > 1:  # hosts with their own disks may disagree; extraction is collective, so all miss
@@ -165,7 +173,7 @@ def features_for(start, records, *, image_size: int, batch_size: int, cache_dir:
                              f"({len(records)} records); delete it")
         return {**table, "cache": "hit", "cache_path": path, "seconds": 0.0, "images_per_s": 0.0}
     start_time = time.perf_counter()
-    table, rate = extract(start.model, BinaryRecords.every_record(records), image_size=image_size,
+    table, rate = extract(start.model, BinaryRecords.every_record(records), contract=start.contract,
                           batch_size=batch_size)
     seconds = time.perf_counter() - start_time
     if jax.process_index() == 0:

@@ -1,7 +1,7 @@
 """Fine-tuning for a binary target (TB by default): the starting backbone + a new one-logit head, trained end to
 end on one split.
 
-    tuner = Finetuner(settings, image_size, seed)           # builds the jitted steps once per run
+    tuner = Finetuner(settings, seed=seed)                   # builds the jitted steps once per model and contract
     result = tuner.run(start, split, sets)                   # -> FinetuneResult(test_prob, val_prob, ...)
 
 - Model: `TbClassifier(backbone=copy of the start's DenseNet, tb_head=Linear(F, 1))` (the head keeps its TB name
@@ -12,7 +12,8 @@ end on one split.
   rates are logged and reported either way (`Finetuner.effective_lr`). The schedule is constant after the warmup
   (`plateau` without reductions), so every split of a run shares one compiled step whatever its length.
 - Data: the split's training records minus its validation part (protocols.Split.fit), through the same grain
-  pipeline and augmentation as pretraining (`pipeline.train_batches(kind="binary")`), global batches on the mesh.
+  pipeline and augmentation as pretraining (`pipeline.train_batches(kind="binary")`), global batches on the mesh,
+  made by the start's pixel contract (`Start.contract`: its size, geometry and normalisation).
 - BatchNorm: training normalises with batch statistics; the running averages it leaves behind (momentum 0.9)
   would, after the few dozen steps a TB split allows, still hold much of the START's statistics (mean 0 /
   variance 1 for a random start), and evaluation would depend on them. So before EVERY prediction the
@@ -48,7 +49,7 @@ from metachex_jax import metrics, optim, train, train_state
 from metachex_jax.data import pipeline
 from metachex_jax.data.augment import Augmentation
 from metachex_jax.models.tb_classifier import TbClassifier
-from metachex_jax.preprocessing import to_model_input
+from metachex_jax.preprocessing import PixelContract
 from metachex_jax.transfer.features import calibrate_batchnorm
 from metachex_jax.transfer.sets import RecordSubset
 
@@ -97,8 +98,8 @@ def make_optimizer(settings, global_batch: int) -> optax.GradientTransformation:
 
 
 class Finetuner:
-    def __init__(self, settings, *, image_size: int, seed: int):
-        self.settings, self.image_size, self.seed = settings, image_size, seed
+    def __init__(self, settings, *, seed: int):
+        self.settings, self.seed = settings, seed
         self.mesh = train.make_mesh()
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
@@ -113,11 +114,11 @@ class Finetuner:
         self.effective_lr = effective_learning_rates(settings, self.global_batch)
         logging.info("fine-tuning learning rates (finetune.optim.lr_scaling=%r, global batch %d): %s",
                      settings.optim.lr_scaling, self.global_batch, self.effective_lr)
-        self._steps = []  # [(graphdef, (train_step, predict_step))]: compiled once per model structure
+        self._steps = []  # [((graphdef, contract), (train_step, predict_step))]: compiled once per model and contract
 
-    def _compiled(self, graphdef):
+    def _compiled(self, graphdef, contract: PixelContract):
         for known, steps in self._steps:  # (a GraphDef compares by value but is not hashable)
-            if known == graphdef:
+            if known == (graphdef, contract):
                 return steps
         tx = self.tx
 
@@ -125,7 +126,7 @@ class Finetuner:
             def loss_fn(params):
                 model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
                 model.train()
-                logits = model(to_model_input(batch["image"]))
+                logits = model(contract.model_input(batch["image"]))
                 per_example = optax.sigmoid_binary_cross_entropy(logits, batch["target"])
                 mask = batch["example_mask"]
                 loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -140,18 +141,18 @@ class Finetuner:
         def predict_step(state, images):
             model = nnx.merge(graphdef, state.params, state.batch_stats)
             model.eval()
-            return jax.nn.sigmoid(model(to_model_input(images)))
+            return jax.nn.sigmoid(model(contract.model_input(images)))
 
         steps = (jax.jit(train_step, donate_argnums=0, out_shardings=(self.replicated, self.replicated)),
                  jax.jit(predict_step))
-        self._steps.append((graphdef, steps))
+        self._steps.append(((graphdef, contract), steps))
         return steps
 
-    def predict(self, predict_step, state, source) -> np.ndarray:
+    def predict(self, predict_step, state, source, contract: PixelContract) -> np.ndarray:
         """P(TB) for every record of `source`, in record order."""
         probs, index = [], []
         with pipeline.eval_batches(source, kind="binary", global_batch_size=self.eval_batch,
-                                   image_size=self.image_size) as batches:
+                                   image_size=contract.image_size, geometry=contract.geometry) as batches:
             for local in batches:
                 batch = train.to_global({k: local[k] for k in ("image", "index", "example_mask")},
                                         self.data_sharding)
@@ -164,11 +165,12 @@ class Finetuner:
         probs, index = np.concatenate(probs), np.concatenate(index)
         return probs[np.argsort(index, kind="stable")].astype(np.float64)
 
-    def with_precise_batchnorm(self, graphdef, state, source) -> tuple[train_state.TrainState, int]:
+    def with_precise_batchnorm(self, graphdef, state, source, contract: PixelContract
+                               ) -> tuple[train_state.TrainState, int]:
         """`state` with its BatchNorm statistics recomputed on the images of `source` for its current weights
         (and the number of images used); `state` itself is unchanged."""
         model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
-        used = calibrate_batchnorm(model.backbone, source, kind="binary", image_size=self.image_size,
+        used = calibrate_batchnorm(model.backbone, source, kind="binary", contract=contract,
                                    batch_size=self.global_batch, max_images=len(source))
         _, _, stats = nnx.split(model, nnx.Param, ...)
         return state.replace(batch_stats=jax.device_put(stats, self.replicated)), used
@@ -180,17 +182,17 @@ class Finetuner:
         # A copy: the train step donates its state, and the start's own arrays serve the next split too.
         return graphdef, jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
 
-    def epochs(self, graphdef, state, fit, seed: int, what: str):
-        """Train on `fit` epoch by epoch: yields (epoch, state) after each. The next epoch donates that state,
-        so copy what you keep before asking for it."""
+    def epochs(self, graphdef, state, fit, contract: PixelContract, seed: int, what: str):
+        """Train on `fit` (images made by `contract`) epoch by epoch: yields (epoch, state) after each. The next
+        epoch donates that state, so copy what you keep before asking for it."""
         s = self.settings
         steps_per_epoch = len(fit) // self.global_batch
         if steps_per_epoch == 0:
             raise ValueError(f"{what}: {len(fit)} training images, fewer than one batch ({self.global_batch}); "
                              "lower finetune.batch_size")
-        train_step, _ = self._compiled(graphdef)
+        train_step, _ = self._compiled(graphdef, contract)
         with pipeline.train_batches(fit, kind="binary", global_batch_size=self.global_batch,
-                                    image_size=self.image_size, seed=seed,
+                                    image_size=contract.image_size, seed=seed, geometry=contract.geometry,
                                     augmentation=Augmentation(**s.augment)) as batches:
             for epoch in range(1, s.num_epochs + 1):
                 for _ in range(steps_per_epoch):
@@ -209,16 +211,17 @@ class Finetuner:
         validation = RecordSubset(train_set.source, split.validation)
         test = RecordSubset(test_set.source, split.test)
         graphdef, state = self.new_model(start)
-        _, predict_step = self._compiled(graphdef)
+        contract = start.contract
+        _, predict_step = self._compiled(graphdef, contract)
         val_y = train_set.y[split.validation]
 
         best = (-np.inf, 0, None)  # (validation AUROC, epoch, host copy of the state)
         history = []
         what = f"{start.name} {split.protocol} fold {split.fold}"
-        for epoch, state in self.epochs(graphdef, state, fit, self.seed * 1000 + max(split.fold, 0), what):
+        for epoch, state in self.epochs(graphdef, state, fit, contract, self.seed * 1000 + max(split.fold, 0), what):
             # Evaluate a copy with precise statistics; training continues from `state` unchanged.
-            evaluated, fit_images = self.with_precise_batchnorm(graphdef, state, fit)
-            auroc = float(metrics.roc_auc(val_y, self.predict(predict_step, evaluated, validation)))
+            evaluated, fit_images = self.with_precise_batchnorm(graphdef, state, fit, contract)
+            auroc = float(metrics.roc_auc(val_y, self.predict(predict_step, evaluated, validation, contract)))
             history.append(auroc)
             logging.info("finetune %s epoch %d: validation AUROC %.4f", what, epoch, auroc)
             if auroc > best[0]:
@@ -227,13 +230,13 @@ class Finetuner:
                 break
             del evaluated  # shares the weights `state` donates to the next step
         kept = jax.device_put(best[2], self.replicated)
-        val_prob = self.predict(predict_step, kept, validation)
+        val_prob = self.predict(predict_step, kept, validation, contract)
         test_bn_stats = "target" if s.bn_stats == "target" and split.train_set != split.test_set else "fit"
         if test_bn_stats == "target":
-            tested, test_images = self.with_precise_batchnorm(graphdef, kept, test)
+            tested, test_images = self.with_precise_batchnorm(graphdef, kept, test, contract)
         else:
             tested, test_images = kept, fit_images
-        test_prob = self.predict(predict_step, tested, test)
+        test_prob = self.predict(predict_step, tested, test, contract)
         return FinetuneResult(test_prob=test_prob, val_prob=val_prob, val_y=val_y, best_epoch=best[1],
                               epochs_run=len(history), val_auroc=history,
                               bn_images={"validation": fit_images, "test": test_images},
@@ -245,9 +248,9 @@ class Finetuner:
         graphdef, state = self.new_model(start)
         if not 1 <= num_epochs <= self.settings.num_epochs:
             raise ValueError(f"{what}: {num_epochs} epochs; expected 1..finetune.num_epochs")
-        for epoch, state in self.epochs(graphdef, state, source, self.seed * 1000 + 999, what):
+        for epoch, state in self.epochs(graphdef, state, source, start.contract, self.seed * 1000 + 999, what):
             if epoch == num_epochs:
                 kept = jax.tree.map(jnp.copy, state)
                 break
-        kept, _ = self.with_precise_batchnorm(graphdef, kept, source)
+        kept, _ = self.with_precise_batchnorm(graphdef, kept, source, start.contract)
         return train_state.model_of(graphdef, jax.device_get(kept))

@@ -68,7 +68,7 @@ def write_reliability_png(path: str, title: str, panels: list[dict], size: int |
     columns = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
     with matplotlib.rc_context(FONT):
-        figure = _figure(2.6 * columns, 2.7 * rows + 0.3, size)
+        figure = _figure(2.6 * columns, 2.9 * rows + 0.3, size)
         figure.suptitle(title)
         for i, panel in enumerate(panels):
             ax = figure.add_subplot(rows, columns, i + 1)
@@ -85,5 +85,5 @@ def write_reliability_png(path: str, title: str, panels: list[dict], size: int |
             if i >= len(panels) - columns:
                 ax.set_xlabel("mean predicted P(TB)")
             ax.grid(True, linewidth=0.4, color="0.9")
-        figure.tight_layout()
+        figure.tight_layout(h_pad=1.2)
         _save(figure, path, size)

@@ -266,7 +266,8 @@ def _operating_point_tables(result: dict) -> list[str]:
                                 f"sensitivity at {spec_t:g} specificity"], oracle_rows),
         "## Calibration", "",
         f"Brier score and expected calibration error ({result['calibration_bins']} equal-width bins) of the "
-        "predicted probabilities, 95% bootstrap CIs; reliability diagrams in reliability_<protocol>.png.", "",
+        "predicted probabilities, 95% bootstrap CIs (ECE is biased upwards on small samples, so its interval "
+        "may sit above the point estimate); reliability diagrams in reliability_<protocol>.png.", "",
         reports.markdown_table(["start / method", "protocol", "Brier", "ECE"], calibration_rows),
     ]
 

@@ -32,6 +32,7 @@ from absl import logging
 from metachex_jax import files
 from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.errors import ConfigError, MissingDataError
+from metachex_jax.preprocessing import PixelContract
 from metachex_jax.transfer import deploy as deploy_lib
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import paired as paired_lib
@@ -58,8 +59,9 @@ def start_specs(config) -> list[str]:
     only, so that needs config.baselines_only=True."""
     init_from = config.init_from.strip()
     if not init_from and not config.baselines_only:
-        raise ValueError("config.init_from is empty: set it to the weights under study (a pretraining workdir or a "
-                         "convert_torchvision output), or set config.baselines_only=True to compare only "
+        raise ValueError("config.init_from is empty: set it to the weights under study (a pretraining workdir, a "
+                         "convert_torchvision or a convert_torchxrayvision output), or set config.baselines_only=True "
+                         "to compare only "
                          f"config.compare_with ({config.compare_with!r})")
     if init_from and config.baselines_only:
         raise ValueError(f"config.baselines_only=True but config.init_from={init_from!r} is set; drop one of them")
@@ -87,7 +89,7 @@ def _estimate_batchnorm_statistics(start, config) -> None:
         raise MissingDataError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
                                f"ChestX-ray14 training images, which were not found:\n{e}") from e
     start.info["bn_statistics_images"] = features_lib.calibrate_batchnorm(
-        start.model, nih_train, kind="nih", image_size=config.data.image_size, batch_size=config.feature_batch_size,
+        start.model, nih_train, kind="nih", contract=start.contract, batch_size=config.feature_batch_size,
         max_images=config.bn_statistics_images)
     start.fingerprint = weights.weights_fingerprint(start.model)  # the feature cache must see the new statistics
 
@@ -98,10 +100,11 @@ def run(config, workdir: str) -> dict:
     methods = parse_methods(config.methods)
     protocol_list = protocols_lib.parse_protocols(config.protocols)
     targets = protocols_lib.parse_targets(config.targets)
-    image_size = config.data.image_size
 
-    # 1-3. Starting weights, data, protocols: every input is checked before the long work starts.
-    starts = weights.load_starts(start_specs(config), config.model, config.seed, str(config.checkpoint_step))
+    # 1-3. Starting weights, data, protocols: every input is checked before the long work starts. Each start is
+    # fed the pixels its weights expect (its contract), at this run's image size.
+    starts = weights.load_starts(start_specs(config), config.model, config.seed, str(config.checkpoint_step),
+                                 contract=PixelContract.from_config(config))
     needed = tuple(dict.fromkeys(d for p in protocol_list for d in p.datasets))
     records = sets_lib.load_datasets(config, needed)
     problems, splits, notes = [], {}, []
@@ -153,8 +156,7 @@ def run(config, workdir: str) -> dict:
         if "probe" not in methods and start not in want_age_sex:
             continue
         for name, dataset in records.items():
-            table = features_lib.features_for(start, dataset, image_size=image_size,
-                                              batch_size=config.feature_batch_size,
+            table = features_lib.features_for(start, dataset, batch_size=config.feature_batch_size,
                                               cache_dir=config.feature_cache_dir)
             tables[start.name, name] = table
             timings[f"features {start.name} {name} ({table['cache']}) s"] = table["seconds"]
@@ -210,7 +212,7 @@ def run(config, workdir: str) -> dict:
     tuner = None
     if "finetune" in methods:
         s = config.finetune
-        tuner = Finetuner(s, image_size=image_size, seed=config.seed)
+        tuner = Finetuner(s, seed=config.seed)
         finetune_info = {"bn_stats": s.bn_stats, "effective_lr": tuner.effective_lr,
                          "lr_scaling": s.optim.lr_scaling, "global_batch": tuner.global_batch}
         for start in starts:

@@ -1,16 +1,23 @@
-"""Starting weights for transfer: a pretraining workdir, a converted backbone directory, or "random".
+"""Starting weights for transfer: a pretraining workdir, a converted backbone or model directory, or "random".
 
-    load_start(spec, model_config, seed) -> Start(name, kind, model, fingerprint, info)
+    load_start(spec, model_config, seed, contract=...) -> Start(name, kind, model, fingerprint, info, contract)
 
 - a pretraining workdir (holds checkpoints/): `checkpointing.load_run_model` (MetaChexNet or the CheXNet baseline,
   as the run's saved config says), checkpoint `step` ("best", "latest" or a number);
 - a `convert_torchvision` output (holds metadata.json): `convert.load_backbone` into a fresh MetaChexNet of
   `model_config` (its heads stay random and are never evaluated);
+- a model directory (holds model.json), e.g. a `convert_torchxrayvision` output ("xrv_nih", "xrv_all", ... by its
+  weights): its backbone, the same way, into a MetaChexNet whose stem takes the directory's input channels;
 - "random": MetaChexNet of `model_config` from `seed`, BatchNorm at its initial statistics (mean 0, variance 1:
   in eval mode it does not normalise at all), as a freshly built network computes;
 - "random_bn": the same random weights, with BatchNorm statistics estimated on ChestX-ray14 training images by
   the caller (`run` calls `features.calibrate_batchnorm`), the images a pretrained network's statistics come
   from: a baseline that differs from the pretrained network in its learned weights only.
+Each start carries its pixel contract (`contract`): the run's sizes (`data.image_size`, `data.resolution`: the
+TB sets are built at one resolution) with the normalisation and geometry its weights expect: a pretraining run's
+own, ImageNet's for a torchvision backbone, the card's for a model directory (torchxrayvision's: 1 channel,
+[-1024, 1024], centre square), the config's for the random starts. Feature extraction, BatchNorm statistics and
+fine-tuning all feed each start through its own contract.
 Every start must have the architecture of `model_config.arch`, so that a comparison compares weights, not
 architectures; anything else is an error naming the path and both architectures. Unreadable or incomplete
 checkpoints raise `StartingWeightsError` naming the path and orbax's complaint.
@@ -28,10 +35,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from metachex_jax import checkpointing, convert, files
+from metachex_jax import checkpointing, convert, files, saved_model
 from metachex_jax.errors import UserError
 from metachex_jax.models import build_model
 from metachex_jax.models.metachexnet import MetaChexNet
+from metachex_jax.preprocessing import PixelContract
 
 
 RANDOM_KINDS = ("random", "random_bn")
@@ -48,6 +56,7 @@ class Start:
     model: MetaChexNet  # eval mode
     fingerprint: str
     info: dict  # where the weights came from (json-ready)
+    contract: PixelContract  # the pixels this start's model takes (see the module docstring)
 
     @property
     def has_trained_metadata_heads(self) -> bool:
@@ -65,25 +74,37 @@ def weights_fingerprint(model: nnx.Module) -> str:
     return digest.hexdigest()
 
 
-def load_start(spec: str, model_config, seed: int, step: str = "best") -> Start:
-    """The starting weights `spec` names (a path or "random"); see the module docstring."""
+def load_start(spec: str, model_config, seed: int, step: str = "best", *, contract: PixelContract) -> Start:
+    """The starting weights `spec` names (a path or "random"); see the module docstring. `contract` gives the
+    run's sizes and, for the random starts, the normalisation and geometry (`PixelContract.from_config(config)`)."""
     if spec in RANDOM_KINDS:
-        model = build_model(model_config, nnx.Rngs(seed))
+        model = build_model(_with_pixels(model_config, contract), nnx.Rngs(seed))
         model.eval()
         return Start(spec, spec, model, weights_fingerprint(model),
-                     {"source": spec, "seed": seed, "arch": model_config.arch})
+                     {"source": spec, "seed": seed, "arch": model_config.arch, "input": contract.describe()}, contract)
     path = files.absolute(spec)  # local or gs://
     if files.is_dir(files.join(path, "checkpoints")):
-        return _load_run(path, model_config, step)
+        return _load_run(path, model_config, step, contract)
+    if saved_model.is_model_dir(path):
+        return _load_model_dir(path, model_config, seed, contract)
     if files.is_file(files.join(path, convert.METADATA_FILE)):
-        return _load_backbone(path, model_config, seed)
-    what = "does not exist" if not files.exists(path) else "holds neither checkpoints/ (a pretraining workdir) " \
-        f"nor {convert.METADATA_FILE} (a convert_torchvision output)"
+        return _load_backbone(path, model_config, seed, dataclasses.replace(contract, normalization="imagenet",
+                                                                            geometry="resize_crop"))
+    what = "does not exist" if not files.exists(path) else "holds neither checkpoints/ (a pretraining workdir), " \
+        f"{saved_model.CARD_FILE} (a model directory) nor {convert.METADATA_FILE} (a convert_torchvision output)"
     raise StartingWeightsError(f"starting weights {spec!r}: {path} {what}; expected a pretraining workdir, a "
-                               "convert_torchvision output directory, 'random' or 'random_bn'")
+                               "convert_torchvision or convert_torchxrayvision output directory, 'random' or "
+                               "'random_bn'")
 
 
-def _load_run(path: str, model_config, step: str) -> Start:
+def _with_pixels(model_config, contract: PixelContract):
+    """`model_config` for a model fed by `contract` (its normalisation fixes the stem's input channels)."""
+    config = model_config.copy_and_resolve_references()
+    config.normalization, config.geometry = contract.normalization, contract.geometry
+    return config
+
+
+def _load_run(path: str, model_config, step: str, contract: PixelContract) -> Start:
     step_arg = step if step in ("best", "latest") else int(step)
     try:
         model, info = checkpointing.load_run_model(path, step_arg)
@@ -95,31 +116,55 @@ def _load_run(path: str, model_config, step: str) -> Start:
     if info["arch"] != model_config.arch:
         raise StartingWeightsError(f"starting weights {path}: the checkpoint is a {info['arch']} but this "
                                    f"comparison uses {model_config.arch} (config.model.arch)")
+    own = PixelContract.from_config(info["config"])
+    contract = dataclasses.replace(contract, normalization=own.normalization, geometry=own.geometry)
     name = "metachexnet" if model.metadata_head is not None else "chexnet"
     info = {"source": path, "step": info["step"], "arch": info["arch"],
-            "multitask": model.metadata_head is not None}
-    return Start(name, "run", model, weights_fingerprint(model), info)
+            "multitask": model.metadata_head is not None, "input": contract.describe()}
+    return Start(name, "run", model, weights_fingerprint(model), info, contract)
 
 
-def _load_backbone(path: str, model_config, seed: int) -> Start:
-    model = build_model(model_config, nnx.Rngs(seed))
+def _load_backbone(path: str, model_config, seed: int, contract: PixelContract, card: dict | None = None) -> Start:
+    model = build_model(_with_pixels(model_config, contract), nnx.Rngs(seed))
     try:
         metadata = convert.load_backbone(path, model)
     except (convert.StateDictMismatchError, convert.CheckpointReadError) as e:
         raise StartingWeightsError(f"starting weights {path}: {e}") from e
     model.eval()
-    source = str(metadata.get("source", ""))
-    name = "imagenet" if "imagenet" in source.lower() or "torchvision" in source.lower() else "backbone"
-    info = {"source": path, "arch": metadata.get("arch"), "converted_from": source}
-    return Start(name, "backbone", model, weights_fingerprint(model), info)
+    if card is not None:  # a model directory
+        weights_name = (card.get("source") or {}).get("weights_name", "")
+        name = f"xrv_{weights_name.rsplit('-', 1)[-1]}" if card.get("kind") == "torchxrayvision" else "model"
+        info = {"source": path, "arch": model_config.arch, "kind": card.get("kind"),
+                "converted_from": (card.get("source") or {}).get("file"), "weights_name": weights_name or None}
+    else:
+        source = str(metadata.get("source", ""))
+        name = "imagenet" if "imagenet" in source.lower() or "torchvision" in source.lower() else "backbone"
+        info = {"source": path, "arch": metadata.get("arch"), "converted_from": source}
+    info["input"] = contract.describe()
+    return Start(name, "backbone", model, weights_fingerprint(model), info, contract)
 
 
-def load_starts(specs: list[str], model_config, seed: int, step: str = "best") -> list[Start]:
+def _load_model_dir(path: str, model_config, seed: int, contract: PixelContract) -> Start:
+    """The backbone of a model directory (a converted torchxrayvision model, ...), fed by the card's contract."""
+    try:
+        card = saved_model.read_card(path)
+        own = PixelContract.from_json(card["input"])
+    except (ValueError, KeyError) as e:
+        raise StartingWeightsError(f"starting weights {path}: unreadable model card: {e}") from e
+    if card.get("kind") == "exported":
+        raise StartingWeightsError(f"starting weights {path}: an exported model holds no trainable weights; use the "
+                                   "directory it was exported from")
+    return _load_backbone(path, model_config, seed,
+                          dataclasses.replace(contract, normalization=own.normalization, geometry=own.geometry), card)
+
+
+def load_starts(specs: list[str], model_config, seed: int, step: str = "best", *,
+                contract: PixelContract) -> list[Start]:
     """Every start (errors collected and raised together); duplicate names get a numeric suffix."""
     starts, errors = [], []
     for spec in specs:
         try:
-            starts.append(load_start(spec, model_config, seed, step))
+            starts.append(load_start(spec, model_config, seed, step, contract=contract))
         except StartingWeightsError as e:
             errors.append(str(e))
     if errors:
