@@ -394,7 +394,7 @@ def workers_for_resume(requested: int, resolved: int, saved: int | None) -> int:
     return saved
 
 
-AUGMENT_ON = ("host", "device")
+AUGMENT_ON = ("auto", "host", "device")  # config.data.augment_on
 
 
 def resolve_augment_on(requested: str, backend: str, saved: str | None = None,
