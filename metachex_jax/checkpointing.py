@@ -167,6 +167,19 @@ def scanned_layout(manager: ocp.CheckpointManager) -> bool | None:
     return any(found)
 
 
+def saved_config(run_dir: str) -> dict:
+    """The config a pretraining run saved with its newest checkpoint (what `load_run_model` builds the model from)."""
+    directory = files.join(files.absolute(run_dir), "checkpoints")
+    manager = make_manager(directory, keep=1 << 30, async_save=False)
+    try:
+        meta = latest_meta(manager)
+    finally:
+        manager.close()
+    if meta is None:
+        raise FileNotFoundError(f"{run_dir} holds no readable checkpoint (looked in {directory})")
+    return meta["config"]
+
+
 def _on_local_device(state_dir: str):
     """Restore args that put every array of the checkpointed tree in `state_dir` on jax.local_devices()[0]."""
     with ocp.PyTreeCheckpointer() as checkpointer:

@@ -175,12 +175,6 @@ def architecture(value) -> str | None:
     return None if value in SPECS else f"unknown architecture; choose one of {', '.join(sorted(SPECS))}"
 
 
-def dataset_name(value) -> str | None:
-    from metachex_jax.data import registry
-
-    return None if value in registry.DATASETS else f"unknown dataset; choose one of {', '.join(registry.DATASETS)}"
-
-
 def split_list(value: str) -> list[str]:
     """"a, b,,c" -> ["a", "b", "c"]; "probe+finetune" -> ["probe", "finetune"]."""
     return [v.strip() for v in value.replace("+", ",").split(",") if v.strip()]
@@ -205,15 +199,54 @@ def starting_weights(value) -> str | None:
     return f"{'; '.join(wrong)} (each must be random, random_bn or an existing path)" if wrong else None
 
 
-def _protocol_names() -> tuple[str, ...]:
-    from metachex_jax.transfer.protocols import PROTOCOLS
+PRETRAIN_DATASETS = ("chestxray14", "chexpert", "padchest", "csv")  # what pretraining reads (a mixture of them)
+TRANSFER_DATASETS = ("shenzhen", "montgomery", "csv", "chexpert", "padchest", "chestxray14")
 
-    return tuple(PROTOCOLS)
+
+def mixture(value) -> str | None:
+    """data.datasets: "name[:weight],..." of PRETRAIN_DATASETS."""
+    from metachex_jax.data import mixture as mixture_lib
+
+    try:
+        names = mixture_lib.parse_mixture(value) if isinstance(value, str) else None
+    except ValueError:
+        names = None
+    if names is None:
+        return "must be name[:weight] entries separated by commas, each name once, weights > 0"
+    unknown = [n for n in names if n not in PRETRAIN_DATASETS]
+    return f"unknown {', '.join(unknown)}; pretraining takes {', '.join(PRETRAIN_DATASETS)}" if unknown else None
+
+
+def protocol_list(value) -> str | None:
+    """transfer protocols: cv_<dataset> or <a>[+<b>...]_to_<c> (transfer/protocols.py), datasets known."""
+    from metachex_jax.transfer.protocols import parse_protocols
+
+    try:
+        protocols = parse_protocols(value) if isinstance(value, str) else None
+    except ValueError as e:
+        return str(e)
+    if protocols is None:
+        return "must be a comma-separated string"
+    unknown = sorted({d for p in protocols for d in p.datasets} - set(TRANSFER_DATASETS))
+    return f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(TRANSFER_DATASETS)}" if unknown else None
+
+
+def uncertainty_policy(value) -> str | None:
+    from metachex_jax.data.chexpert import parse_uncertainty
+
+    try:
+        parse_uncertainty(value)
+    except (ValueError, AttributeError) as e:
+        return str(e)
+    return None
 
 
 def protocol_or_empty(value) -> str | None:
-    known = _protocol_names()
-    return None if value == "" or value in known else f"must be empty or one of {', '.join(known)}"
+    """"" or a report column: a protocol, or <protocol>.<target> with several targets."""
+    if value == "":
+        return None
+    wrong = protocol_list(value.split(".")[0]) if isinstance(value, str) else "must be a string"
+    return f"must be empty or a protocol column of the run ({wrong})" if wrong else None
 
 
 def checkpoint_step(value) -> str | None:
@@ -387,25 +420,57 @@ def _scale_range_ordered(c) -> list[Problem]:
     return [] if len(scale) == 2 and scale[0] <= scale[1] else [(("scale_range",), "must be two numbers, LOW <= HIGH")]
 
 
+def label_table_sections() -> dict:
+    """The build parameters (prepare's flags, data/registry.py) and raw copy of each label-table dataset:
+    `data.chexpert`, `data.padchest`, `data.csv` (manual_dir: if set and the build is missing, it is prepared
+    first; csv.csv is the CSV file, data/csv_dataset.py; with demo and no CSV, the demo tree's hospital)."""
+    fraction = number(min=0, below=1)
+    return dict(
+        chexpert=section("chexpert", manual_dir=("", existing_path), views=("frontal", one_of("frontal", "all")),
+                         uncertainty=("ignore", uncertainty_policy), test_fraction=(0.1, fraction),
+                         seed=(0, integer(min=0))),
+        padchest=section("padchest", manual_dir=("", existing_path), views=("frontal", one_of("frontal", "all")),
+                         val_fraction=(0.1, fraction), test_fraction=(0.1, fraction), seed=(0, integer(min=0))),
+        csv=section("csv", manual_dir=("", existing_path), csv=("", existing_path), num_folds=(10, integer(min=2)),
+                    seed=(0, integer(min=0)), stratify_by=("", string), val_fraction=(0.1, fraction),
+                    test_fraction=(0.2, fraction)),
+    )
+
+
 def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size: int = 224):
-    """The `data` section: where the prepared dataset lives, how images are cropped and augmented."""
-    tb_folds = {}
+    """The `data` section: where the prepared datasets live, how images are cropped and augmented. Pretraining
+    (dataset chestxray14) reads `datasets`, one or a weighted mixture; transfer (dataset shenzhen) the datasets
+    its protocols name, with `num_folds` / `fold_seed` for the TB sets' builds and for the folds drawn for
+    datasets that store none."""
     if dataset in ("shenzhen", "montgomery"):
-        tb_folds = dict(
-            num_folds=(10, integer(min=2)),  # stratified folds stored in the TB records at build time (k-fold CV)
+        which = dict(
+            # stratified folds stored in the TB records at build time (k-fold CV), or drawn for a dataset that
+            # stores none (by patient, stratified by the target)
+            num_folds=(10, integer(min=2)),
             fold_seed=(0, integer(min=0)),
+        )
+    else:
+        which = dict(
+            # the dataset, or a weighted mixture "chestxray14:1,chexpert:1,padchest:0.5" of chestxray14, chexpert,
+            # padchest and csv (weights: relative sampling rates, default 1; data/mixture.py)
+            datasets=(dataset, mixture),
+            # labels after NIH's 14 in the model's pathology head, e.g. "Lung Opacity,Fracture" (CheXpert's), "No
+            # Finding", "Tuberculosis" (PadChest's, or a CSV column's); each dataset is masked where it lacks one
+            extra_labels=("", string),
         )
     return section(
         "data",
         checks=(_crop_fits_stored_images,),
-        dataset=(dataset, dataset_name),
+        **which,
         data_dir=("~/tensorflow_datasets", text),  # where `python -m metachex_jax.prepare` wrote the dataset
-        manual_dir=("", existing_path),  # raw copy; if set and the dataset is missing, it is prepared first
+        # raw copy of chestxray14 (pretraining) or of the TB sets (transfer); if set and the dataset is missing, it
+        # is prepared first
+        manual_dir=("", existing_path),
         resolution=(resolution, integer(min=8)),  # stored R x R at build time
         image_size=(image_size, integer(min=8)),  # model input S x S (random crop for training, centre for eval)
         val_fraction=(0.1, number(min=0, below=1)),  # of train_val patients, carved out by patient at build time
         val_seed=(0, integer(min=0)),
-        **tb_folds,
+        **label_table_sections(),
         # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
         # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers
         workers=(-1, integer(min=-1)),
@@ -441,6 +506,9 @@ def optim_config(lr: float = 1e-3):
         schedule=("plateau", one_of("plateau", "cosine")),  # plateau: on validation loss; cosine: linear warmup
         plateau_factor=(0.1, number(above=0, below=1)),
         plateau_patience=(1, integer(min=0)),  # evaluations without improvement before the lr is reduced
+        # What the plateau watches on validation: "loss" (CheXNet's) or "mean_auroc" (for a mixture: the mean over
+        # datasets of each dataset's mean AUROC over the labels it has; the best checkpoint always uses it)
+        plateau_on=("loss", one_of("loss", "mean_auroc")),
         warmup_steps=(0, integer(min=0)),
         # Scale the lr with the global batch: "linear" (lr * batch / reference_batch), "sqrt" (by its square root,
         # gentler for Adam), or "none". With one device and batch 16 every rule gives CheXNet's 1e-3.
@@ -470,6 +538,7 @@ def _run_fields() -> dict:
             num_nih=(2000, integer(min=20)),
             num_shenzhen=(300, integer(min=2)),
             num_montgomery=(100, integer(min=2)),
+            num_hospital=(200, integer(min=0)),  # the hospital CSV dataset (Hospital/labels.csv)
             size=(256, integer(min=32)),
         ),
     )
@@ -480,9 +549,10 @@ def _run_fields() -> dict:
 def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDict:
     """The whole pretraining config; `configs/pretrain.py` (multitask) and `configs/chexnet.py` call this.
 
-    `arg`: demo, runlocal, arch=..., res=IMAGE_SIZE, init=MODEL_INIT_PATH (see the config files' docstrings).
+    `arg`: demo, runlocal, arch=..., res=IMAGE_SIZE, init=MODEL_INIT_PATH, datasets=A+B:WEIGHT+... (a mixture; see
+    the config files' docstrings).
     """
-    arg = parse_arg(arg, demo=False, runlocal=False, arch="densenet121", res=0, init="")
+    arg = parse_arg(arg, demo=False, runlocal=False, arch="densenet121", res=0, init="", datasets="")
     # Stored resolution R and crop S keep CheXNet's 256 -> 224 ratio: R = S * 8 / 7.
     image_size = arg.res or (64 if arg.demo else 224)
     c = section(
@@ -495,6 +565,10 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
         optim=optim_config(lr=1e-3),
         # global batch = batch_size_per_device x devices (CheXNet: 16 on one GPU)
         batch_size_per_device=(16, integer(min=1)),
+        # Training length: num_steps when > 0, else num_epochs epochs, an epoch being as many images as the
+        # training splits of every dataset hold together (one pass over the data when the mixture weights follow
+        # their sizes)
+        num_steps=(0, integer(min=0)),
         num_epochs=(15, integer(min=1)),
         max_steps=(0, integer(min=0)),  # stop after this many steps (0 = no limit)
         eval_every_steps=(0, integer(min=0)),  # 0 = once per epoch
@@ -511,6 +585,9 @@ def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDi
         model_init=(arg.init, existing_path),
         **_run_fields(),
     )
+    if arg.datasets:
+        c.data.datasets = arg.datasets.replace("+", ",")
+        c.optim.plateau_on = "mean_auroc"  # the losses of different datasets do not add up to one scale
     if arg.demo:
         c.demo = True
         c.data.val_fraction = 0.15
@@ -544,13 +621,20 @@ def _heads_match_loss(c) -> list[Problem]:
 
 
 def _pretraining_data_is_there(c) -> list[Problem]:
-    # The demo makes its data; a raw copy (manual_dir) is prepared at the start; invalid data settings are
-    # reported by the data section's rules already.
-    if c.demo or c.data.manual_dir or not is_valid(c.data, "data"):
+    # The demo makes its data (a csv dataset without a CSV is then the demo's hospital); a raw copy (manual_dir)
+    # is prepared at the start; invalid data settings are reported by the data section's rules already.
+    if not is_valid(c.data, "data"):
         return []
     from metachex_jax.data import datasets
+    from metachex_jax.data import mixture as mixture_lib
 
-    message = datasets.missing_data_message(c.data, ["chestxray14"], PRETRAIN_DEMO_COMMAND)
+    names = list(mixture_lib.parse_mixture(c.data.datasets))
+    if "csv" in names and not c.data.csv.csv and not c.demo:
+        return [(("data.datasets", "data.csv.csv"), "a csv dataset needs its CSV file (data/csv_dataset.py)")]
+    if c.demo:
+        return []
+    unprepared = [n for n in names if not _get(c, datasets.manual_dir_field(n))]
+    message = datasets.missing_data_message(c.data, unprepared, PRETRAIN_DEMO_COMMAND) if unprepared else ""
     return [((), message)] if message else []
 
 
@@ -593,10 +677,15 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
         # which checkpoint of a pretraining workdir: "best", "latest" or a step
         checkpoint_step=("best", checkpoint_step),
         methods=(arg.methods, names_from(METHODS)),  # "probe", "finetune" or "probe+finetune"
-        # cv_shenzhen / cv_montgomery: k-fold CV within a set; shenzhen_to_montgomery and the reverse: train on
-        # all of one set, test on all of the other (the unseen-dataset test).
-        protocols=("cv_shenzhen,cv_montgomery,shenzhen_to_montgomery,montgomery_to_shenzhen",
-                   names_from(_protocol_names)),
+        # The binary target(s), comma-separated, named as in the shared label space: "Tuberculosis" is the TB
+        # sets' label (and PadChest's, and the demo hospital's); any label of the datasets works (e.g.
+        # "Cardiomegaly" of a CSV dataset). Several targets: one probe / fine-tune per target, side by side.
+        targets=("Tuberculosis", text),
+        # cv_<dataset>: k-fold CV within a dataset; <a>[+<b>...]_to_<c>: train on all of a (and b), test on all of
+        # c (the unseen-dataset test). Datasets: shenzhen, montgomery, csv (data.csv: your own; the demo's
+        # hospital with demo), chexpert, padchest, chestxray14. A protocol whose datasets lack a target is skipped
+        # for it, with a note.
+        protocols=("cv_shenzhen,cv_montgomery,shenzhen_to_montgomery,montgomery_to_shenzhen", protocol_list),
         feature_cache_dir=("~/.cache/metachex_jax/features", text),  # keyed on the weights' and data's content
         feature_batch_size=(64, integer(min=1)),
         probe=section(
@@ -639,7 +728,9 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
             "deploy",
             start=("", string),  # a start's name ("" = init_from's, "none" = no model); checked once loaded
             method=("", one_of("", *METHODS)),  # "" = finetune when the run fine-tunes, else probe
-            protocol=("", protocol_or_empty),  # "" = the first of protocols; its training set is fitted
+            # "" = the first report column (a protocol, or <protocol>.<target> with several targets); its training
+            # set, one dataset, is fitted
+            protocol=("", protocol_or_empty),
             # "sensitivity": the largest threshold with out-of-fold sensitivity >= screening.sensitivity; "youden"
             threshold_rule=("sensitivity", one_of("sensitivity", "youden")),
         ),
@@ -691,11 +782,12 @@ def _random_bn_is_a_probe_baseline(c) -> list[Problem]:
 
 
 def _deploy_fits_the_run(c) -> list[Problem]:
-    """What the config alone says about the deployable model (the start's name is checked once starts load)."""
+    """What the config alone says about the deployable model (the start's name and the protocol column are
+    checked once the run's columns are known, transfer/deploy.py)."""
     d = c.deploy
     if d.start == "none" or (not d.start and not c.init_from.strip()):
         return []
-    methods, protocols = split_list(c.methods), split_list(c.protocols)
+    methods = split_list(c.methods)
     method = d.method or ("finetune" if "finetune" in methods else "probe")
     out = []
     if method not in methods:
@@ -703,32 +795,43 @@ def _deploy_fits_the_run(c) -> list[Problem]:
     elif method == "finetune" and d.start == "random_bn":
         out.append((("deploy.start", "deploy.method"), "random_bn is a probe-only baseline; deploy it with "
                     "deploy.method=probe"))
-    if names_from(_protocol_names)(c.protocols):  # reported by the protocols rule
+    if protocol_list(c.protocols) or not c.targets.strip():  # reported by the protocols and targets rules
         return out
-    from metachex_jax.transfer.protocols import PROTOCOLS
+    from metachex_jax.transfer.protocols import column_name, parse_protocols, parse_targets
 
-    protocol = d.protocol or protocols[0]
-    if protocol not in protocols:
-        out.append((("deploy.protocol", "protocols"), "the deployed protocol must be one the run uses"))
-    else:
-        cv = f"cv_{PROTOCOLS[protocol][0]}"  # its training set's cross-validation
-        if cv not in protocols:
-            out.append((("deploy.protocol", "protocols"), f"the model deployed from {protocol} takes its threshold "
-                        f"and epoch count from {cv}, which must be among protocols"))
+    targets = parse_targets(c.targets)
+    several = len(targets) > 1
+    columns = {column_name(p.name, t, several): (p, t) for t in targets for p in parse_protocols(c.protocols)}
+    column = d.protocol or next(iter(columns))
+    if column not in columns:
+        out.append((("deploy.protocol", "protocols"), "the deployed protocol must be one the run uses"
+                    + (" (with several targets: <protocol>.<target>, e.g. " + next(iter(columns)) + ")"
+                       if several else "")))
+        return out
+    protocol, target = columns[column]
+    cv = column_name(f"cv_{protocol.train_set}", target, several)
+    if len(protocol.train) > 1:
+        out.append((("deploy.protocol",), f"the model deployed from {column} would train on several datasets, "
+                    "for which no cross-validation gives a threshold; deploy a protocol that trains on one"))
+    elif cv not in columns:
+        out.append((("deploy.protocol", "protocols"), f"the model deployed from {column} takes its threshold "
+                    f"and epoch count from {cv}, which must be among protocols"))
     return out
 
 
 def _transfer_data_is_there(c) -> list[Problem]:
-    if c.demo or not is_valid(c.data, "data") or names_from(_protocol_names)(c.protocols):
+    if c.demo or not is_valid(c.data, "data") or protocol_list(c.protocols):
         return []
     from metachex_jax.data import datasets
-    from metachex_jax.transfer.protocols import PROTOCOLS
+    from metachex_jax.transfer.protocols import parse_protocols
 
     out = []
-    if not c.data.manual_dir:  # with a raw copy the TB sets are prepared at the start
-        tb_sets = sorted({name for p in split_list(c.protocols) for name in PROTOCOLS[p]})
-        message = datasets.missing_data_message(c.data, tb_sets, TRANSFER_DEMO_COMMAND)
-        out += [((), message)] if message else []
+    needed = sorted({d for p in parse_protocols(c.protocols) for d in p.datasets})
+    if "csv" in needed and not c.data.csv.csv:
+        return [(("protocols", "data.csv.csv"), "a csv dataset needs its CSV file (data/csv_dataset.py)")]
+    unprepared = [n for n in needed if not _get(c, datasets.manual_dir_field(n))]  # with a raw copy: at the start
+    message = datasets.missing_data_message(c.data, unprepared, TRANSFER_DEMO_COMMAND) if unprepared else ""
+    out += [((), message)] if message else []
     if "random_bn" in _starts(c):  # ChestX-ray14 is never prepared by a transfer run
         message = datasets.missing_data_message(c.data, ["chestxray14"], prepare_at_start=False)
         out += [((), "compare_with names random_bn, whose BatchNorm statistics come from ChestX-ray14 training "

@@ -13,6 +13,9 @@ README quick start run on this generator. It writes (see /work/shared/reference/
     DIR/MontgomerySet/CXR_png/MCUCXR_NNNN_L.png                (portrait/landscape, some 16-bit)
     DIR/MontgomerySet/ClinicalReadings/MCUCXR_NNNN_L.txt       ("Patient's Sex: M", "Patient's Age: 035Y")
     DIR/MontgomerySet/ManualMask/{leftMask,rightMask}/MCUCXR_NNNN_L.png   (from the generator's lung geometry)
+    DIR/Hospital/labels.csv, DIR/Hospital/images/H*.png|jpg    ("your own data": the CSV format of
+                                                                data/csv_dataset.py; TB and Cardiomegaly labels,
+                                                                blanks, several spellings of sex and view, JPEGs)
     DIR/README_SYNTHETIC.txt, DIR/demo_data_complete.json      (what this is; the marker, written last)
 
 Design:
@@ -49,10 +52,12 @@ from PIL import Image
 
 from metachex_jax.labels import NO_FINDING, PATHOLOGIES
 
-GENERATOR_VERSION = 3  # 3: BBox_List_2017.csv
+GENERATOR_VERSION = 4  # 3: BBox_List_2017.csv; 4: the Hospital CSV dataset
 MARKER_NAME = "demo_data_complete.json"
 README_NAME = "README_SYNTHETIC.txt"
-NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet"
+NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, HOSPITAL_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet", "Hospital"
+HOSPITAL_CSV_NAME = "labels.csv"
+HOSPITAL_COLUMNS = ("path", "Tuberculosis", "Cardiomegaly", "patient_id", "age", "sex", "view")
 NIH_CSV_NAME = "Data_Entry_2017_v2020.csv"
 BBOX_CSV_NAME = "BBox_List_2017.csv"
 BBOX_CSV_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # the real header: 6 fields, 3 of them empty
@@ -113,7 +118,7 @@ Nuisance: position, scale, rotation, thorax shape, heart size, exposure window, 
 # Random streams: one per (seed, dataset, purpose, index, component).
 # ----------------------------------------------------------------------------------------------------------
 
-DATASET_CODES = {"chestxray14": 1, "shenzhen": 2, "montgomery": 3}
+DATASET_CODES = {"chestxray14": 1, "shenzhen": 2, "montgomery": 3, "hospital": 4}
 PURPOSE_METADATA, PURPOSE_IMAGE = 0, 1
 COMPONENTS = ("pose", "anatomy", "vessels", "style", "noise", "tb", "tb_lesions", "tb_effusion", "tb_fibrosis")
 COMPONENTS += PATHOLOGIES
@@ -201,6 +206,7 @@ STYLES = {
     "chestxray14": AcquisitionStyle(gamma=1.0, window_low=-0.02, window_high=0.95, noise_std=0.012, blur=0.009),
     "shenzhen": AcquisitionStyle(gamma=0.85, window_low=0.02, window_high=0.90, noise_std=0.008, blur=0.008),
     "montgomery": AcquisitionStyle(gamma=1.15, window_low=-0.05, window_high=1.00, noise_std=0.010, blur=0.011),
+    "hospital": AcquisitionStyle(gamma=0.95, window_low=0.00, window_high=0.92, noise_std=0.014, blur=0.010),
 }
 
 
@@ -669,7 +675,7 @@ class ImageJob:
     shape: tuple[int, int]  # (height, width)
     factors: ChestFactors
     path: str  # relative to the tree root
-    mode: str = "L"  # "L" 8-bit gray, "RGB" gray in 3 channels, "I;16" 16-bit gray
+    mode: str = "L"  # "L" 8-bit gray, "RGB" gray in 3 channels, "I;16" 16-bit gray, "JPEG" 8-bit gray JPEG
     mask_paths: tuple[str, str] | None = None  # (leftMask, rightMask)
 
 
@@ -798,6 +804,65 @@ def sample_montgomery_records(seed: int, num_images: int, size: int) -> list[TBR
     return records
 
 
+@dataclasses.dataclass(frozen=True)
+class HospitalRecord:
+    """One image of the synthetic hospital CSV, with the cells as written (blank = unknown)."""
+
+    path: str  # relative to the Hospital folder
+    patient_id: str
+    tb: bool
+    cardiomegaly: bool
+    cells: dict  # column -> text, as the CSV holds it
+    factors: ChestFactors
+    shape: tuple[int, int]
+    mode: str  # "L" (PNG) or "JPEG"
+
+
+HOSPITAL_TB_FRACTION = 0.4
+HOSPITAL_CARDIOMEGALY_FRACTION = 0.15
+
+
+def sample_hospital_records(seed: int, num_images: int, size: int) -> list[HospitalRecord]:
+    """A hospital's own labelled set: ~30% of patients with two images (same TB status), TB in ~40% of patients,
+    Cardiomegaly in ~15% of images (blank = unknown for ~8%), ages with ~5% blanks, sex as M/F/male/Female (~4%
+    blank), view PA/AP/ap (~5% blank), ~30% JPEGs."""
+    rng = metadata_rng(seed, "hospital")
+    records = []
+    patient = 0
+    while len(records) < num_images:
+        patient += 1
+        tb = bool(rng.random() < HOSPITAL_TB_FRACTION)
+        sex_male = bool(rng.random() < 0.55)
+        sex_text = str(rng.choice(["M", "male", "Male"] if sex_male else ["F", "female", "Female"]))
+        sex_text = "" if rng.random() < 0.04 else sex_text
+        base_age = int(rng.integers(18, 86))
+        for image in range(min(1 + int(rng.random() < 0.3), num_images - len(records))):
+            age = base_age + image
+            view_ap = bool(rng.random() < 0.25)
+            view_text = "" if rng.random() < 0.05 else str(rng.choice(["AP", "ap"])) if view_ap else "PA"
+            cardiomegaly = bool(rng.random() < HOSPITAL_CARDIOMEGALY_FRACTION)
+            jpeg = bool(rng.random() < 0.3)
+            shape = (size, size - int(rng.integers(0, size // 10 + 1)))
+            path = f"images/H{patient:04d}_{image}.{'jpg' if jpeg else 'png'}"
+            cells = {"path": path, "Tuberculosis": str(int(tb)),
+                     "Cardiomegaly": "" if rng.random() < 0.08 else str(int(cardiomegaly)),
+                     "patient_id": f"H{patient:04d}", "age": "" if rng.random() < 0.05 else str(age),
+                     "sex": sex_text, "view": view_text}
+            factors = ChestFactors(frozenset({"Cardiomegaly"}) if cardiomegaly else frozenset(), tb, sex_male,
+                                   float(age), view_ap, "hospital")
+            records.append(HospitalRecord(path, cells["patient_id"], tb, cardiomegaly, cells, factors, shape,
+                                          "JPEG" if jpeg else "L"))
+    return records
+
+
+def _hospital_files(root: str, seed: int, records: list[HospitalRecord]) -> list[ImageJob]:
+    os.makedirs(os.path.join(root, HOSPITAL_DIR, "images"), exist_ok=True)
+    rows = [",".join(HOSPITAL_COLUMNS)] + [",".join(r.cells[c] for c in HOSPITAL_COLUMNS) for r in records]
+    _write_text(os.path.join(root, HOSPITAL_DIR, HOSPITAL_CSV_NAME), "\n".join(rows) + "\n")
+    return [ImageJob(image_key(seed, "hospital", i), r.shape, r.factors, os.path.join(HOSPITAL_DIR, r.path), r.mode)
+            for i, r in enumerate(records)]
+
+
 _SIDE_WORDS = {-1: "right", 1: "left"}  # image side -> patient side
 
 
@@ -846,7 +911,11 @@ def _save_png(array: np.ndarray, path: str) -> None:
 def _render_and_write(job: ImageJob, root: str) -> dict:
     """Render and write one image; returns its boxes."""
     rendered = render_chest(job.key, job.shape, job.factors)
-    _save_png(to_png_array(rendered["image"], job.mode), os.path.join(root, job.path))
+    if job.mode == "JPEG":
+        Image.fromarray(to_png_array(rendered["image"], "L")).save(os.path.join(root, job.path), format="JPEG",
+                                                                    quality=92)
+    else:
+        _save_png(to_png_array(rendered["image"], job.mode), os.path.join(root, job.path))
     if job.mask_paths:
         for mask, path in zip((rendered["left_lung"], rendered["right_lung"]), job.mask_paths):
             _save_png(mask.astype(np.uint8) * 255, os.path.join(root, path))
@@ -925,7 +994,8 @@ def _tb_files(root: str, seed: int, dataset: str, records: list[TBRecord]) -> li
 
 def _readme(params: dict) -> str:
     return (
-        "THIS DATA IS SYNTHETIC. It is not ChestX-ray14, Shenzhen or Montgomery and contains no patient data.\n"
+        "THIS DATA IS SYNTHETIC. It is not ChestX-ray14, Shenzhen, Montgomery or any hospital's data and contains\n"
+        "no patient data.\n"
         "It was drawn by metachex_jax.demo_data (a procedural chest-X-ray-like renderer) only to exercise the\n"
         "real on-disk layouts, the pipeline and the training code. Numbers measured on it say nothing about\n"
         "real chest X-rays.\n\n"
@@ -933,6 +1003,7 @@ def _readme(params: dict) -> str:
         "Regenerate byte for byte with:\n"
         f"  python -m metachex_jax.demo_data --out=DIR --seed={params['seed']} --num_nih={params['num_nih']} "
         f"--num_shenzhen={params['num_shenzhen']} --num_montgomery={params['num_montgomery']} "
+        f"--num_hospital={params['num_hospital']} "
         f"--size={params['size']}\n\n"
         f"{PLANTED_SIGNALS}\n"
     )
@@ -971,6 +1042,8 @@ def _generate(root: str, params: dict, num_workers: int) -> dict:
     montgomery = sample_montgomery_records(seed, params["num_montgomery"], size)
     jobs += _tb_files(root, seed, "shenzhen", shenzhen)
     jobs += _tb_files(root, seed, "montgomery", montgomery)
+    hospital = sample_hospital_records(seed, params["num_hospital"], size)
+    jobs += _hospital_files(root, seed, hospital)
     boxes = _run_jobs(jobs, root, num_workers)
     counts["num_nih_boxes"] = _write_bbox_list(root, nih_records, boxes[:num_nih])
     counts |= {
@@ -978,6 +1051,9 @@ def _generate(root: str, params: dict, num_workers: int) -> dict:
         "num_shenzhen_tb": sum(r.tb for r in shenzhen),
         "num_montgomery": len(montgomery),
         "num_montgomery_tb": sum(r.tb for r in montgomery),
+        "num_hospital": len(hospital),
+        "num_hospital_patients": len({r.patient_id for r in hospital}),
+        "num_hospital_tb": sum(r.tb for r in hospital),
     }
     _write_text(os.path.join(root, README_NAME), _readme(params))
     return counts
@@ -987,11 +1063,11 @@ def _generate(root: str, params: dict, num_workers: int) -> dict:
 # The tree: validate, reuse, or build in a temporary sibling and rename into place.
 # ----------------------------------------------------------------------------------------------------------
 
-TREE_ENTRIES = {NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, README_NAME, MARKER_NAME}
+TREE_ENTRIES = {NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, HOSPITAL_DIR, README_NAME, MARKER_NAME}
 
 
 def _validate(params: dict) -> None:
-    minimum = {"num_nih": 20, "num_shenzhen": 2, "num_montgomery": 2, "size": 32}
+    minimum = {"num_nih": 20, "num_shenzhen": 2, "num_montgomery": 2, "num_hospital": 0, "size": 32}
     problems = [f"{name}={params[name]} (must be an integer >= {low})" for name, low in minimum.items()
                 if not isinstance(params[name], int) or params[name] < low]
     if not isinstance(params["seed"], int) or params["seed"] < 0:
@@ -1014,6 +1090,8 @@ def _result(out_dir: str, marker: dict, reused: bool, seconds: float) -> dict:
         "chestxray14_dir": os.path.join(out_dir, NIH_DIR),
         "shenzhen_dir": os.path.join(out_dir, SHENZHEN_DIR),
         "montgomery_dir": os.path.join(out_dir, MONTGOMERY_DIR),
+        "hospital_dir": os.path.join(out_dir, HOSPITAL_DIR),
+        "hospital_csv": os.path.join(out_dir, HOSPITAL_DIR, HOSPITAL_CSV_NAME),
         **marker["params"],
         **marker["counts"],
         "reused": reused,
@@ -1029,6 +1107,7 @@ def write_demo_data(
     num_montgomery: int = 100,
     size: int = 256,
     num_workers: int | None = None,
+    num_hospital: int = 200,
 ) -> dict:
     """Writes (or reuses) a complete synthetic demo tree at `out_dir`; returns its paths, parameters, counts.
 
@@ -1042,7 +1121,7 @@ def write_demo_data(
     start = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
     params = {"version": GENERATOR_VERSION, "seed": seed, "num_nih": num_nih, "num_shenzhen": num_shenzhen,
-              "num_montgomery": num_montgomery, "size": size}
+              "num_montgomery": num_montgomery, "num_hospital": num_hospital, "size": size}
     _validate(params)
     existing = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
     if os.path.exists(out_dir) and existing is None:
@@ -1092,11 +1171,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_nih", type=int, default=2000)
     parser.add_argument("--num_shenzhen", type=int, default=300)
     parser.add_argument("--num_montgomery", type=int, default=100)
+    parser.add_argument("--num_hospital", type=int, default=200, help="images of the hospital CSV dataset")
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (NIH images are size x size)")
     parser.add_argument("--num_workers", type=int, default=None, help="processes (default: CPU count)")
     args = parser.parse_args(argv)
     result = write_demo_data(args.out, args.seed, args.num_nih, args.num_shenzhen, args.num_montgomery,
-                             args.size, args.num_workers)
+                             args.size, args.num_workers, args.num_hospital)
     print(json.dumps(result, indent=2))
 
 

@@ -9,6 +9,9 @@ are gathered; only the lead host writes:
     WORKDIR/eval/{tag}_step{N}.md                the same as a markdown table
 
 `python -m metachex_jax.reports recompute PREDICTIONS_CSV` recomputes the metrics from the CSV alone.
+
+As a command, `python -m metachex_jax.evaluate --run=WORKDIR --labels=nih_expert --labels_csv=FILE` scores a
+finished run on NIH's expert labels (expert_labels.py).
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ from jax.experimental import multihost_utils
 
 from metachex_jax import files, metrics, reports
 from metachex_jax.data import pipeline
-from metachex_jax.labels import METADATA_TASKS
+from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
 
 
-def predict(eval_step, state, source, *, global_batch, contract, data_sharding, max_batches=0, workers=0):
-    """Run `eval_step` over a split; images are made by the model's pixel `contract` (its size and geometry; the
-    step normalises them). Returns (per-image columns of the real examples, mean loss terms)."""
+def predict(eval_step, state, source, *, global_batch, contract, data_sharding, max_batches=0, workers=0,
+            kind="nih"):
+    """Run `eval_step` over a split (records of `kind`: pipeline.EXAMPLE_FORMATS); images are made by the model's
+    pixel `contract` (its size and geometry; the step normalises them). Returns (per-image columns of the real
+    examples, mean loss terms)."""
     columns: dict[str, list] = {}
     loss_sums: dict[str, float] = {}
     count = 0.0
-    with pipeline.eval_batches(source, kind="nih", global_batch_size=global_batch, image_size=contract.image_size,
+    with pipeline.eval_batches(source, kind=kind, global_batch_size=global_batch, image_size=contract.image_size,
                                geometry=contract.geometry, num_workers=workers) as batches:
         for i, local in enumerate(batches):
             if max_batches and i >= max_batches:
@@ -65,27 +70,64 @@ def prediction_columns(table: dict, image_names: list[str]) -> dict:
 
 
 def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, global_batch, contract,
-                   data_sharding, loss_weights, n_boot, seed, max_batches=0, workers=0) -> dict:
-    """Predict, compute every metric, write the files; returns the metrics (with the weighted loss)."""
+                   data_sharding, loss_weights, n_boot, seed, max_batches=0, workers=0, kind="nih",
+                   label_names=PATHOLOGIES) -> dict:
+    """Predict, compute every metric, write the files; returns the metrics (with the weighted loss).
+
+    `label_names`: the model's pathology outputs (a mixture's label space: data/mixture.py); records of kind
+    "labelled" carry a mask per label, so each dataset is scored on the labels it has."""
     table, loss_terms = predict(eval_step, state, source, global_batch=global_batch, contract=contract,
-                                data_sharding=data_sharding, max_batches=max_batches, workers=workers)
+                                data_sharding=data_sharding, max_batches=max_batches, workers=workers, kind=kind)
     names = [_text(source[int(i)]["image_name"]) for i in table["index"]]
     cols = prediction_columns(table, names)
-    result = metrics.evaluate_multitask(cols, n_boot=n_boot, seed=seed)
+    result = metrics.evaluate_multitask(cols, n_boot=n_boot, seed=seed, label_names=label_names)
     result["loss"] = float(sum(loss_weights[k] * v for k, v in loss_terms.items()))
     result.update({f"loss_{k}": v for k, v in loss_terms.items()})
     result["split"], result["step"] = split, int(step)
     if jax.process_index() == 0:
-        write_outputs(workdir, tag, step, split, cols, result)
+        write_outputs(workdir, tag, step, split, cols, result, label_names)
     return result
 
 
-def write_outputs(workdir: str, tag: str, step: int, split: str, cols: dict, result: dict) -> str:
+def combine_datasets(results: dict[str, dict], *, workdir: str, tag: str, step: int, split: str) -> dict:
+    """A mixture's evaluation: each dataset's result (its files are `{tag}_{dataset}_step{N}.*`) and their means.
+
+    `mean_auroc` is the mean over datasets of each dataset's mean AUROC over the labels it has (the best
+    checkpoint's criterion; datasets whose mean is undefined are left out), `loss` the mean of their losses.
+    Written to WORKDIR/eval/{tag}_step{N}_datasets.{json,md} on the lead host.
+    """
+    means = {name: r["mean_auroc"]["value"] for name, r in results.items()}
+    defined = [v for v in means.values() if np.isfinite(v)]
+    combined = {"split": split, "step": int(step), "datasets": results,
+                "mean_auroc": {"value": float(np.mean(defined)) if defined else float("nan"),
+                               "datasets": [name for name, v in means.items() if np.isfinite(v)]},
+                "loss": float(np.mean([r["loss"] for r in results.values()]))}
+    if jax.process_index() == 0:
+        out = files.join(workdir, "eval")
+        files.makedirs(out)
+        stem = files.join(out, f"{tag}_step{step}_datasets")
+        reports.write_json(stem + ".json", {k: v for k, v in combined.items() if k != "datasets"} | {
+            "per_dataset": {name: {"mean_auroc": r["mean_auroc"], "loss": r["loss"],
+                                   "images": r["counts"]["images"], "file": f"{tag}_{name}_step{step}.json"}
+                            for name, r in results.items()}})
+        rows = [[name, reports.format_number(r["mean_auroc"]["value"]),
+                 f"[{reports.format_number(r['mean_auroc']['ci_low'])}, "
+                 f"{reports.format_number(r['mean_auroc']['ci_high'])}]", len(r["mean_auroc"]["labels"]),
+                 r["counts"]["images"]] for name, r in results.items()]
+        rows.append(["mean over datasets", reports.format_number(combined["mean_auroc"]["value"]), "", "", ""])
+        reports.write_text(stem + ".md", f"### {split}, step {step}: each dataset on the labels it has\n\n"
+                           + reports.markdown_table(["Dataset", "Mean AUROC", "95% CI", "Labels", "Images"], rows))
+    return combined
+
+
+def write_outputs(workdir: str, tag: str, step: int, split: str, cols: dict, result: dict,
+                  label_names=PATHOLOGIES) -> str:
     """Write the three files of the module docstring into WORKDIR/eval (local or gs://); returns their stem."""
     out = files.join(workdir, "eval")
     files.makedirs(out)
     stem = files.join(out, f"{tag}_step{step}")
-    reports.write_predictions_csv(stem + "_predictions.csv", cols, column_names=reports.MULTITASK_COLUMN_NAMES)
+    reports.write_predictions_csv(stem + "_predictions.csv", cols,
+                                  column_names=reports.multitask_column_names(label_names))
     reports.write_json(stem + ".json", result)
     reports.write_text(stem + ".md", reports.multitask_markdown(result, title=f"{split}, step {step}"))
     return stem
@@ -93,3 +135,55 @@ def write_outputs(workdir: str, tag: str, step: int, split: str, cols: dict, res
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: a finished run scored on other labels.
+# ----------------------------------------------------------------------------------------------------------
+
+LABEL_SETS = ("nih_expert",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m metachex_jax.evaluate --run=WORKDIR --labels=nih_expert --labels_csv=FILE [--labels_csv=FILE2]
+    [--step=best] [--data_dir=DIR] [--n_boot=1000] [--seed=0]
+
+    Scores a pretraining run on the NIH expert labels (expert_labels.py); prints the table and writes
+    WORKDIR/eval/nih_expert_step{N}.{json,md} and _predictions.csv. Exit status 0, 1 for bad label files or a
+    missing build, 2 for usage errors.
+    """
+    import argparse
+    import sys
+
+    from metachex_jax import expert_labels
+    from metachex_jax.data.raw_common import RawDataError
+
+    parser = argparse.ArgumentParser(prog="python -m metachex_jax.evaluate", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a pretraining workdir")
+    parser.add_argument("--labels", required=True, choices=LABEL_SETS)
+    parser.add_argument("--step", default="best", help="best (by validation mean AUROC), latest, or a step")
+    parser.add_argument("--n_boot", type=int, default=1000, help="patient bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--batch_size", type=int, default=64)
+    expert_labels.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.labels_csv:
+        parser.error("--labels=nih_expert needs --labels_csv=FILE (the merged file, or the test and the "
+                     "validation file)")
+    try:
+        result = expert_labels.evaluate_run(args.run, args.labels_csv, step=args.step, data_dir=args.data_dir,
+                                            n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size)
+    except (RawDataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(expert_labels.markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

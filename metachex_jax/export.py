@@ -100,7 +100,8 @@ def _provenance(model_path: str, info: dict) -> dict:
 
     _, run = checkpointing.load_run_model(path, info["step"])
     config = run["config"]
-    out = {"training": {"dataset": config["data"]["dataset"], "data_dir": config["data"]["data_dir"],
+    data = config["data"]
+    out = {"training": {"dataset": data.get("datasets", data.get("dataset")), "data_dir": data["data_dir"],
                         "resolution": config["data"]["resolution"], "image_size": config["data"]["image_size"],
                         "val_fraction": config["data"]["val_fraction"], "demo_data": bool(config.get("demo")),
                         "step": info["step"], "arch": info["arch"]}}

@@ -670,9 +670,9 @@ def _with_mask(mask: np.ndarray, weight_mask: np.ndarray) -> np.ndarray:
     return weight_mask * _per_row(np.asarray(mask, dtype=np.float64), weight_mask)
 
 
-def _pathology_metrics(target, prob, mask, weight_mask):
-    """(14,) or (B, 14): AUROC per pathology."""
-    return roc_auc_per_column(target, prob, mask, weight_mask, column_names=PATHOLOGIES)
+def _pathology_metrics(target, prob, mask, weight_mask, names=PATHOLOGIES):
+    """(K,) or (B, K): AUROC per pathology (K = len(names))."""
+    return roc_auc_per_column(target, prob, mask, weight_mask, column_names=names)
 
 
 def _binary_task_metrics(target, prob, mask, weight_mask):
@@ -691,7 +691,7 @@ _TASK_METRICS = {"pathology": _pathology_metrics, "sex_male": _binary_task_metri
                  "view_ap": _binary_task_metrics, "age": _age_metrics}
 
 
-def _check_predictions(predictions: Mapping[str, Any]) -> tuple[int, list[str]]:
+def _check_predictions(predictions: Mapping[str, Any], label_names: Sequence[str]) -> tuple[int, list[str]]:
     """(N, tasks present); raises naming every missing key and every array of the wrong shape."""
     errors = []
     if "patient_id" not in predictions:
@@ -711,7 +711,7 @@ def _check_predictions(predictions: Mapping[str, Any]) -> tuple[int, list[str]]:
         if key not in predictions:
             continue
         shape = np.shape(predictions[key])
-        expected = (n, len(PATHOLOGIES)) if key.startswith("pathology") else (n,)
+        expected = (n, len(label_names)) if key.startswith("pathology") else (n,)
         if shape != expected:
             errors.append(f"{key!r} has shape {shape}, expected {expected}")
     if errors:
@@ -728,7 +728,7 @@ def _entry(value, distribution, alpha: float) -> dict[str, Any]:
     return {"value": float(value), "ci_low": low, "ci_high": high, "n_undefined": undefined}
 
 
-def _counts(predictions: Mapping[str, Any], n: int, tasks: list[str]) -> dict[str, Any]:
+def _counts(predictions: Mapping[str, Any], n: int, tasks: list[str], label_names: Sequence[str]) -> dict[str, Any]:
     counts: dict[str, Any] = {"images": n, "patients": int(len(np.unique(predictions["patient_id"])))}
     for task in tasks:
         target_key, _, mask_key = TASK_ARRAYS[task]
@@ -740,14 +740,14 @@ def _counts(predictions: Mapping[str, Any], n: int, tasks: list[str]) -> dict[st
         if task == "pathology":
             counts["pathology"] = {
                 name: {"labelled": int(labelled[:, j].sum()), "positives": int(positives[:, j].sum())}
-                for j, name in enumerate(PATHOLOGIES)}
+                for j, name in enumerate(label_names)}
         else:
             counts[task] = {"labelled": int(labelled.sum()), "positives": int(positives.sum())}
     return counts
 
 
 def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed: int = 0,
-                       alpha: float = 0.05) -> dict[str, Any]:
+                       alpha: float = 0.05, label_names: Sequence[str] = PATHOLOGIES) -> dict[str, Any]:
     """Metrics of the MetaChexNet heads with patient-bootstrap CIs, as a JSON-able nested dict.
 
     Args:
@@ -756,11 +756,14 @@ def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed:
       n_boot: bootstrap resamples of patients (0: no CIs, reported as NaN). All tasks see the same
         resamples (same seed and patients), so their CIs are paired.
       seed, alpha: bootstrap seed; the CIs are (1 - alpha) percentile intervals.
+      label_names: the names of the pathology columns (NIH's 14, or a mixture's label space: data/mixture.py).
+        A label no image has a known value for (mask 0 everywhere: a dataset without it) is undefined, hence
+        left out of the mean, which is then the mean over the labels the data has.
     Returns:
       {"counts": images, patients, labelled / positive counts per task, ages masked,
        "bootstrap": the settings,
        "mean_auroc": entry + "labels" (the pathologies averaged),
-       "pathology": {name: {"auroc": entry}} in PATHOLOGIES order,
+       "pathology": {name: {"auroc": entry}} in label_names order,
        "sex_male" / "view_ap": {"auroc": entry, "accuracy": entry, "accuracy_threshold": 0.5},
        "age": {"mae_years": entry, "pearson_r": entry}}
       for the tasks present, where entry = {"value", "ci_low", "ci_high", "n_undefined"} and n_undefined
@@ -768,15 +771,18 @@ def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed:
       The pathology mean is over the labels whose AUROC is defined on the full set; a resample's mean is
       undefined when any of those labels is undefined in it.
     """
-    n, tasks = _check_predictions(predictions)
+    label_names = tuple(label_names)
+    n, tasks = _check_predictions(predictions, label_names)
     if n_boot < 0 or not 0 < alpha < 1:
         raise ValueError(f"need n_boot >= 0 and 0 < alpha < 1; got n_boot={n_boot}, alpha={alpha}")
     arrays = {t: [np.asarray(predictions[k]) for k in TASK_ARRAYS[t]] for t in tasks}
     # Point estimates first: they check every input, and all problems are reported together.
     point, errors = {}, []
+    metric_fns = {**_TASK_METRICS,
+                  "pathology": lambda *a, weight_mask: _pathology_metrics(*a, weight_mask, names=label_names)}
     for task in tasks:
         try:
-            point[task] = _TASK_METRICS[task](*arrays[task], weight_mask=np.ones(n))
+            point[task] = metric_fns[task](*arrays[task], weight_mask=np.ones(n))
         except ValueError as e:
             errors.append(f"{task}: {e}")
     if errors:
@@ -784,7 +790,7 @@ def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed:
 
     groups = np.asarray(predictions["patient_id"])
     result: dict[str, Any] = {
-        "counts": _counts(predictions, n, tasks),
+        "counts": _counts(predictions, n, tasks, label_names),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha, "resampled": "patient_id",
                       "interval": "percentile"},
     }
@@ -792,7 +798,7 @@ def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed:
     sizes = [point[t].size for t in tasks]
 
     def all_tasks(weight_mask):
-        return np.concatenate([_TASK_METRICS[t](*arrays[t], weight_mask=weight_mask) for t in tasks], axis=1)
+        return np.concatenate([metric_fns[t](*arrays[t], weight_mask=weight_mask) for t in tasks], axis=1)
 
     if n_boot:
         all_dist = bootstrap_distribution(all_tasks, groups=groups, n_boot=n_boot, seed=seed)
@@ -806,9 +812,9 @@ def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed:
             mean_dist = dist[:, defined].mean(axis=1) if defined.any() else np.full(dist.shape[0], np.nan)
             mean = point[task][defined].mean() if defined.any() else float("nan")
             result["mean_auroc"] = {**_entry(mean, mean_dist, alpha),
-                                    "labels": [name for name, d in zip(PATHOLOGIES, defined) if d]}
+                                    "labels": [name for name, d in zip(label_names, defined) if d]}
             result[task] = {name: {"auroc": _entry(point[task][j], dist[:, j], alpha)}
-                            for j, name in enumerate(PATHOLOGIES)}
+                            for j, name in enumerate(label_names)}
         elif task == "age":
             result[task] = {"mae_years": _entry(point[task][0], dist[:, 0], alpha),
                             "pearson_r": _entry(point[task][1], dist[:, 1], alpha)}

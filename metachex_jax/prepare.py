@@ -3,10 +3,16 @@
     python -m metachex_jax.prepare --dataset=chestxray14 --manual_dir=RAW/ChestX-ray14 --data_dir=OUT \\
         [--resolution=256] [--val_fraction=0.1] [--num_folds=10] [--seed=0] [--skip_bad] [--overwrite] [--workers=N]
     python -m metachex_jax.prepare --dataset=shenzhen --manual_dir=RAW --data_dir=OUT --verify [--strict_counts]
+    python -m metachex_jax.prepare --dataset=chexpert --manual_dir=RAW --data_dir=OUT [--views=frontal|all] \
+        [--uncertainty=ignore|ones|zeros|ignore,Atelectasis=ones,...] [--test_fraction=0.1]
+    python -m metachex_jax.prepare --dataset=padchest --manual_dir=RAW --data_dir=OUT [--views=frontal|all]
+    python -m metachex_jax.prepare --dataset=csv --csv=LABELS.csv --manual_dir=IMAGE_ROOT --data_dir=OUT \
+        [--num_folds=10] [--stratify_by=COLUMN] [--val_fraction=0.1] [--test_fraction=0.2]
 
 Build prints where the dataset went, its split sizes, what was skipped (with --skip_bad) and the read call:
     tfds.data_source("chestxray14/r256", split="train", data_dir=OUT)
-Exit status: 0 built (or already built), 1 raw-data problems (the message lists every one), 2 usage errors.
+Exit status: 0 built (or already built), 1 raw-data problems (the message lists every one), 2 usage errors
+(including a bad option value, e.g. an unknown uncertainty policy or a CSV without a path column).
 
 --verify checks the raw copy WITHOUT building and exits 1 when it finds problems (what is checked, and the count
 rule: data/build.py). The datasets and their build parameters are the table in data/registry.py; a parameter a
@@ -29,12 +35,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--manual_dir", required=True, help="the raw copy (dataset folder or its parent)")
     parser.add_argument("--data_dir", help="where the tfds datasets go (required unless --verify)")
     parser.add_argument("--resolution", type=int, default=256)
-    defaults = {}
+    defaults: dict[str, dict] = {}  # parameter -> {family: its default}
     for family in registry.DATASETS.values():
-        defaults.update(family.parameters)
-    for name, default in defaults.items():  # every family's build parameters; the default is the family's own
-        parser.add_argument(f"--{name}", type=type(default), default=None,
-                            help=f"{registry.PARAMETER_HELP[name]} (default {default})")
+        for name, default in family.parameters.items():
+            defaults.setdefault(name, {})[family.name] = default
+    for name, by_family in defaults.items():  # every family's build parameters; the default is the family's own
+        text = ", ".join(f"{family} {default!r}" for family, default in by_family.items())
+        parser.add_argument(f"--{name}", type=type(next(iter(by_family.values()))), default=None,
+                            help=f"{registry.PARAMETER_HELP[name]} (defaults: {text})")
     parser.add_argument("--skip_bad", action="store_true", help="drop offending items and list them in the report")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if a complete build exists")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core)")
@@ -67,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RawDataError, FileNotFoundError) as exc:
         print(exc, file=sys.stderr)
         return 1
+    except ValueError as exc:  # a bad option value (the raw data's problems are RawDataErrors, above)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

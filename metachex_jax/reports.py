@@ -43,6 +43,18 @@ from metachex_jax.labels import PATHOLOGIES
 # Column names of the 2-D arrays of `metrics.evaluate_multitask` predictions, for write_predictions_csv.
 MULTITASK_COLUMN_NAMES = {key: PATHOLOGIES for key in metrics.TASK_ARRAYS["pathology"]}
 
+
+def multitask_column_names(label_names: Sequence[str] = PATHOLOGIES) -> dict[str, Sequence[str]]:
+    """MULTITASK_COLUMN_NAMES for another label space (a mixture's, data/mixture.py)."""
+    return {key: tuple(label_names) for key in metrics.TASK_ARRAYS["pathology"]}
+
+
+def pathology_names_in(path: str | os.PathLike) -> tuple[str, ...]:
+    """The pathology sub-column names of a predictions CSV's header, in order (NIH's 14 when it has none)."""
+    header = next(csv.reader(io.StringIO(files.read_bytes(os.fspath(path)).decode("utf-8"), newline="")), [])
+    names = [m["sub"] for m in map(_HEADER_CELL.match, header) if m and m["name"] == "pathology" and m["sub"]]
+    return tuple(names) or PATHOLOGIES
+
 _HEADER_CELL = re.compile(r"^(?P<name>[^\[\]:]+)(\[(?P<sub>[^\[\]]+)\])?:(?P<dtype>[a-z0-9]+)$")
 
 
@@ -333,8 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        predictions = read_predictions_csv(args.predictions_csv, MULTITASK_COLUMN_NAMES)
-        result = metrics.evaluate_multitask(predictions, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha)
+        label_names = pathology_names_in(args.predictions_csv)
+        predictions = read_predictions_csv(args.predictions_csv, multitask_column_names(label_names))
+        result = metrics.evaluate_multitask(predictions, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
+                                            label_names=label_names)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,20 @@
 """Pretraining: `train_and_evaluate(config, workdir)`, read top to bottom as the run happens.
 
   1. mesh and shardings       one "data" axis over every device of every host; state replicated
-  2. input                    prepared ChestX-ray14 splits -> grain iterators -> global jax.Arrays; training
-                              images augmented on the host or in the train step (config.data.augment_on)
+  2. input                    prepared splits of ChestX-ray14 or of a weighted mixture of datasets, in one label
+                              space with per-label masks (data/mixture.py) -> grain iterators -> global jax.Arrays;
+                              training images augmented on the host or in the train step (config.data.augment_on)
   3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim;
                               its pixel contract (preprocessing.PixelContract) from config.data + config.model
   4. starting weights         own workdir (resume) > config.resume > config.model_init (backbone) > random
   5. steps                    one jitted train step (state donated), one jitted eval step
   6. loop                     log, evaluate on validation, reduce-on-plateau, checkpoint, stop loudly on NaN;
                               on SIGTERM/SIGINT every process saves the same step and stops (`preemption.Preempted`)
-  7. final evaluation         the best checkpoint on the test split -> WORKDIR/eval/
+  7. final evaluation         the best checkpoint on the test split -> WORKDIR/eval/ (per dataset for a mixture)
+
+A mixture (config.data.datasets = "chestxray14:1,chexpert:1,...") is evaluated per dataset, each on the labels it
+has; the best checkpoint is the one with the highest mean over datasets of each dataset's validation mean AUROC,
+which reduce-on-plateau also watches when optim.plateau_on = "mean_auroc" (the mixture configs' setting).
 
 Everything a run writes lives in the workdir: checkpoints/, eval/, metrics.jsonl, tensorboard/.
 """
@@ -23,6 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -164,12 +170,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_batch = config.eval_batch_size_per_device * jax.device_count()
 
     # 2. Input.
-    splits = datasets.chestxray14_splits(config)
-    steps_per_epoch = len(splits["train"]) // global_batch
+    data = datasets.pretraining_data(config)
+    config = with_label_space(config, data.space)  # what the checkpoints record: the model's pathology names
+    train_size = sum(len(splits["train"]) for splits in data.splits.values())
+    steps_per_epoch = train_size // global_batch  # an epoch of a mixture: as many images as its training splits
     if steps_per_epoch == 0:
-        raise ValueError(f"the training split has {len(splits['train'])} images, fewer than one global batch "
+        raise ValueError(f"the training split has {train_size} images, fewer than one global batch "
                          f"({global_batch}); lower config.batch_size_per_device")
-    total_steps = config.num_epochs * steps_per_epoch
+    total_steps = config.get("num_steps") or config.num_epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     eval_every = config.eval_every_steps or steps_per_epoch
@@ -183,9 +191,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                              contract.geometry)
     augmentation = Augmentation(**config.data.augment)
     train_iter = pipeline.train_batches(
-        splits["train"], kind="nih", global_batch_size=global_batch, image_size=contract.image_size,
-        seed=config.seed, augmentation=augmentation if augment_on == "host" else None,  # None: read + batch only
-        num_workers=workers, geometry=contract.geometry)
+        [splits["train"] for splits in data.splits.values()], kind="labelled", global_batch_size=global_batch,
+        image_size=contract.image_size, seed=config.seed,
+        augmentation=augmentation if augment_on == "host" else None,  # None: read + batch only
+        weights=list(data.weights.values()) if data.is_mixture else None, num_workers=workers,
+        geometry=contract.geometry)
 
     # 3. Model and optimiser.
     model = build_model(config.model, nnx.Rngs(config.seed))
@@ -193,8 +203,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     graphdef, state = train_state.create(model, tx)
     state = jax.device_put(state, replicated)
     class_weights = None
-    if config.loss.class_weighting == "chexnet":
-        class_weights = chexnet_class_weights(*datasets.label_counts(splits["train"]))
+    if config.loss.class_weighting == "chexnet":  # per label, from the training images that know it
+        positives, known = datasets.known_label_counts(data)
+        class_weights = chexnet_class_weights(positives, np.maximum(known, 1))
     elif config.loss.class_weighting != "none":
         raise ValueError(f"config.loss.class_weighting must be 'none' or 'chexnet', got "
                          f"{config.loss.class_weighting!r}")
@@ -218,11 +229,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                    contract=contract))
 
     def run_eval(split: str, step: int, tag: str) -> dict:
-        return evaluate.evaluate_split(
-            eval_step, state, splits[split], split=split, step=step, tag=tag, workdir=workdir,
-            global_batch=eval_batch, contract=contract, data_sharding=data_sharding,
-            loss_weights=config.loss.weights, n_boot=config.n_boot, seed=config.seed,
-            max_batches=config.eval_max_batches, workers=workers)
+        """One dataset: its result. A mixture: each dataset's (files tagged with its name), and their means."""
+        results = {name: evaluate.evaluate_split(
+            eval_step, state, splits[split], split=split, step=step,
+            tag=f"{tag}_{name}" if data.is_mixture else tag, workdir=workdir, global_batch=eval_batch,
+            contract=contract, data_sharding=data_sharding, loss_weights=config.loss.weights, n_boot=config.n_boot,
+            seed=config.seed, max_batches=config.eval_max_batches, workers=workers, kind="labelled",
+            label_names=data.space) for name, splits in data.splits.items()}
+        if not data.is_mixture:
+            return next(iter(results.values()))
+        return evaluate.combine_datasets(results, workdir=workdir, tag=tag, step=step, split=split)
 
     def save(step: int, metrics: dict | None = None):
         nonlocal saved_step
@@ -267,7 +283,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     if math.isfinite(val_auroc) and (best["step"] is None or val_auroc > best["val_mean_auroc"]):
                         best = {"val_mean_auroc": val_auroc, "step": step}
                     if config.optim.schedule == "plateau":
-                        scale = plateau.update(val_loss, optim.plateau_scale(state.opt_state))
+                        watched = plateau_value(config.optim, val_loss, val_auroc)
+                        scale = plateau.update(watched, optim.plateau_scale(state.opt_state))
                         optim.set_plateau_scale(state.opt_state, scale)
                     writer.write(step, summary_scalars("val", result),
                                  f"validation at step {step}: loss {val_loss:.4f} mean AUROC {val_auroc:.4f}")
@@ -300,8 +317,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.close()
 
 
+def with_label_space(config, space) -> ml_collections.ConfigDict:
+    """An unlocked copy of the config whose model section names its pathology outputs (the label space), so that
+    a checkpoint's config rebuilds the model (checkpointing.load_run_model)."""
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.model.pathology_names = list(space)
+    resolved.model.num_pathologies = len(space) if resolved.model.num_pathologies else 0
+    if not resolved.model.num_pathologies:
+        resolved.model.pathology_names = []
+    return resolved
+
+
+def plateau_value(optim_config, val_loss: float, val_mean_auroc: float) -> float:
+    """What reduce-on-plateau minimises: the validation loss, or minus the (mixture's) mean AUROC."""
+    watched = optim_config.get("plateau_on", "loss")
+    if watched == "loss":
+        return val_loss
+    if watched == "mean_auroc":
+        return -val_mean_auroc if math.isfinite(val_mean_auroc) else math.inf
+    raise ValueError(f"optim.plateau_on must be 'loss' or 'mean_auroc', got {watched!r}")
+
+
 def summary_scalars(prefix: str, result: dict) -> dict:
-    """The headline numbers of an evaluation, for metrics.jsonl and TensorBoard (the JSON file has them all)."""
+    """The headline numbers of an evaluation, for metrics.jsonl and TensorBoard (the JSON file has them all);
+    a mixture's: its means, then each dataset's under `prefix/<dataset>/`."""
+    if "datasets" in result:
+        out = {f"{prefix}/loss": result["loss"], f"{prefix}/mean_auroc": result["mean_auroc"]["value"]}
+        for name, one in result["datasets"].items():
+            out.update(summary_scalars(f"{prefix}/{name}", one))
+        return out
     out = {f"{prefix}/loss": result["loss"], f"{prefix}/mean_auroc": result["mean_auroc"]["value"]}
     for task in ("sex_male", "view_ap"):
         if task in result:

@@ -142,6 +142,193 @@ def make_tb_tree(parent: Path, dataset: str, *, n_normal: int = 12, n_tb: int = 
     return tree
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The label-table datasets: CheXpert, PadChest, a CSV of one's own (real layouts: real_formats.md, the readers'
+# docstrings). Images are constant (pixel_value(i)) so a build can be checked pixel by pixel.
+
+def write_jpeg(path: Path, value: int, size: int = 32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8), mode="L").save(path, quality=95)
+    return path
+
+
+def write_png16(path: Path, value16: int, size: int = 32) -> Path:
+    """A 16-bit gray PNG without sBIT holding one sample value (e.g. 12-bit data: 0..4095)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value16, np.uint16)).save(path)
+    return path
+
+
+CHEXPERT_OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                         "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                         "Pleural Other", "Fracture", "Support Devices")
+
+
+@dataclasses.dataclass
+class ChexpertTree:
+    root: Path  # the release folder
+    rows: dict[str, list[dict]]  # "train"/"valid" -> rows (column -> text)
+    values: dict[str, int]  # Path -> pixel value
+
+    def write_csvs(self) -> None:
+        import csv
+        for table, rows in self.rows.items():
+            with open(self.root / f"{table}.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_OBSERVATIONS])
+                for r in rows:
+                    writer.writerow([r["Path"], r["Sex"], r["Age"], r["Frontal/Lateral"], r["AP/PA"],
+                                     *(r[o] for o in CHEXPERT_OBSERVATIONS)])
+
+
+def make_chexpert_tree(parent: Path, *, release: str = "CheXpert-v1.0-small", n_train_patients: int = 10,
+                       n_valid_patients: int = 3, size: int = 32) -> ChexpertTree:
+    """Patients with 1-2 studies of a frontal (AP or PA) and, every other study, a lateral JPEG. Observations
+    cycle through 1.0 / 0.0 / -1.0 / blank; in train.csv the second frontal has sex Unknown, the third AP/PA LL
+    and the fourth age 0."""
+    root = parent / release
+    tree = ChexpertTree(root=root, rows={"train": [], "valid": []}, values={})
+    index = 0
+    cycle = ("1.0", "0.0", "-1.0", "")
+    for table, first, count in (("train", 1, n_train_patients), ("valid", 64541, n_valid_patients)):
+        for patient in range(first, first + count):
+            for study in range(1, 1 + (patient % 2) + 1):
+                views = [("frontal", "Frontal")] + ([("lateral", "Lateral")] if (patient + study) % 2 else [])
+                for number, (word, frontal) in enumerate(views, start=1):
+                    path = f"{release}/{table}/patient{patient:05d}/study{study}/view{number}_{word}.jpg"
+                    write_jpeg(parent / path, pixel_value(index), size)
+                    tree.values[path] = pixel_value(index)
+                    ap_pa = "" if frontal == "Lateral" else "AP" if index % 3 else "PA"
+                    row = {"Path": path, "Sex": "Male" if index % 2 else "Female", "Age": str(20 + index % 60),
+                           "Frontal/Lateral": frontal, "AP/PA": ap_pa}
+                    row.update({o: cycle[(index + j) % 4] for j, o in enumerate(CHEXPERT_OBSERVATIONS)})
+                    row["No Finding"] = "1.0" if index % 5 == 0 else ""  # only 1.0 or blank, as in the real file
+                    tree.rows[table].append(row)
+                    index += 1
+    frontals = [r for r in tree.rows["train"] if r["Frontal/Lateral"] == "Frontal"]
+    frontals[1]["Sex"], frontals[2]["AP/PA"], frontals[3]["Age"] = "Unknown", "LL", "0"
+    tree.write_csvs()
+    return tree
+
+
+PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+PADCHEST_HEADER = ("", "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
+                   "PatientSex_DICOM", "ViewPosition_DICOM", "Projection", "MethodProjection", "Pediatric",
+                   "Modality_DICOM", "PhotometricInterpretation_DICOM", "BitsStored_DICOM", "Rows_DICOM",
+                   "Columns_DICOM", "ReportID", "Report", "MethodLabel", "Labels", "Localizations")
+PADCHEST_LABELS = ("['normal']", "['pleural effusion', 'cardiomegaly']", "['COPD signs', '']",
+                   "[' pulmonary edema', 'infiltrates']", "['tuberculosis sequelae', 'hiatal hernia']",
+                   "['tuberculosis', 'nodule', 'laminar atelectasis']", "['subcutaneous emphysema']", "[]")
+
+
+@dataclasses.dataclass
+class PadchestTree:
+    root: Path
+    rows: list[dict]
+    values16: dict[str, int]  # ImageID -> the 16-bit sample value
+    bits: dict[str, int]  # ImageID -> BitsStored_DICOM
+    gz: bool = False
+
+    @property
+    def csv_path(self) -> Path:
+        return self.root / (PADCHEST_CSV + (".gz" if self.gz else ""))
+
+    def write_csv(self) -> None:
+        import csv
+        import gzip
+        import io
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(PADCHEST_HEADER)
+        for i, r in enumerate(self.rows):
+            writer.writerow([str(i) if h == "" else r.get(h, "") for h in PADCHEST_HEADER])
+        data = text.getvalue().encode()
+        for name in (PADCHEST_CSV, PADCHEST_CSV + ".gz"):
+            (self.root / name).unlink(missing_ok=True)
+        self.csv_path.write_bytes(gzip.compress(data) if self.gz else data)
+
+    def row(self, image_id: str) -> dict:
+        return next(r for r in self.rows if r["ImageID"] == image_id)
+
+
+def make_padchest_tree(root: Path, *, n_patients: int = 12, gz: bool = False, size: int = 32) -> PadchestTree:
+    """Patients with 2 images each; projections cycle PA, AP, AP_horizontal, L, COSTAL, PA; 16-bit PNGs declared
+    12 or 10 bits; one sex O, one blank, one blank PatientBirth; labels cycle PADCHEST_LABELS."""
+    projections = ("PA", "AP", "AP_horizontal", "L", "COSTAL", "PA")
+    tree = PadchestTree(root=root, rows=[], values16={}, bits={}, gz=gz)
+    index = 0
+    for patient in range(n_patients):
+        for image in range(2):
+            image_id = f"2168401113669640{patient:05d}{image}_00-{index:03d}-000.png"
+            folder = str(index % 3)
+            bits = 10 if index % 4 == 0 else 12
+            value16 = (pixel_value(index) * ((1 << bits) - 1)) // 255
+            write_png16(root / folder / image_id, value16, size)
+            tree.values16[image_id], tree.bits[image_id] = value16, bits
+            tree.rows.append({
+                "ImageID": image_id, "ImageDir": folder, "StudyDate_DICOM": f"20{10 + image:02d}0315",
+                "StudyID": f"s{index}", "PatientID": f"{patient * 7919 + 10**30}",
+                "PatientBirth": "" if index == 5 else f"{1940 + (index * 3) % 50}.0",
+                "PatientSex_DICOM": "O" if index == 6 else "" if index == 7 else "M" if index % 2 else "F",
+                "ViewPosition_DICOM": "POSTEROANTERIOR", "Projection": projections[index % len(projections)],
+                "MethodProjection": "Manual review of DICOM fields", "Pediatric": "No", "Modality_DICOM": "CR",
+                "PhotometricInterpretation_DICOM": "MONOCHROME2", "BitsStored_DICOM": str(bits),
+                "Rows_DICOM": str(size), "Columns_DICOM": str(size), "ReportID": str(index),
+                "Report": "cardiomegalia, derrame pleural.", "MethodLabel": "Physician",
+                "Labels": PADCHEST_LABELS[index % len(PADCHEST_LABELS)], "Localizations": "[]"})
+            index += 1
+    tree.write_csv()
+    return tree
+
+
+@dataclasses.dataclass
+class CsvTree:
+    root: Path  # manual_dir: image paths are relative to it
+    csv_path: Path
+    header: list[str]
+    rows: list[dict]
+    values: dict[str, int]  # path -> 8-bit pixel value
+
+    def write_csv(self) -> None:
+        import csv
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.header)
+            writer.writerows([[r.get(h, "") for h in self.header] for r in self.rows])
+
+
+def make_csv_tree(root: Path, *, n_patients: int = 14, size: int = 32) -> CsvTree:
+    """A hospital's CSV: 1-2 images per patient (PNG, JPEG named .jpg, a 12-bit PNG), labels Tuberculosis and
+    Cardiomegaly with blanks, sex and view written in several ways (and some unknown)."""
+    header = ["path", "Tuberculosis", "Cardiomegaly", "patient_id", "age", "Sex", "view"]
+    sexes = ("M", "female", "F", "Male", "", "x")
+    views = ("PA", "ap", "AP", "", "lateral")
+    tree = CsvTree(root=root, csv_path=root / "labels.csv", header=header, rows=[], values={})
+    index = 0
+    for patient in range(n_patients):
+        for image in range(1 + patient % 2):
+            kind = index % 3
+            path = f"images/{patient:03d}_{image}." + ("jpg" if kind == 1 else "png")
+            value = pixel_value(index)
+            if kind == 0:
+                write_png(root / path, value, size)
+            elif kind == 1:
+                write_jpeg(root / path, value, size)
+            else:
+                write_png16(root / path, (value * 4095) // 255, size)
+            tree.values[path] = value
+            tree.rows.append({"path": path, "Tuberculosis": str(patient % 2),
+                              "Cardiomegaly": "" if index % 4 == 0 else str(index % 3 == 0),
+                              "patient_id": f"P{patient:03d}",
+                              "age": "" if index == 3 else "abc" if index == 4 else str(30 + index),
+                              "Sex": sexes[index % len(sexes)], "view": views[index % len(views)]})
+            index += 1
+    for r in tree.rows:
+        r["Cardiomegaly"] = {"True": "1", "False": "0"}.get(r["Cardiomegaly"], r["Cardiomegaly"])
+    tree.write_csv()
+    return tree
+
+
 # --- ArrayRecord files of pickled record dicts (an ArrayRecord source that is not a TFDS build) -----------
 
 class PickledArrayRecordSource:

@@ -127,7 +127,8 @@ def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
 
     config = os.path.join(REPO, "configs/pretrain.py:demo,arch=densenet_tiny,res=32")
     demo = ["--config.demo_data.num_nih=160", "--config.demo_data.num_shenzhen=12",
-            "--config.demo_data.num_montgomery=8", "--config.demo_data.size=64"]
+            "--config.demo_data.num_montgomery=8", "--config.demo_data.num_hospital=0",
+            "--config.demo_data.size=64"]
     result = loop.main([f"--config={config}", f"--config.demo_dir={tmp_path}", *demo,
                         "--config.batch_size_per_device=8", "--steps=2", "--log_every=1", "--augment_on=device",
                         "--norepeat_bare"])
@@ -152,7 +153,8 @@ def test_data_reports_reads_device_host_naive_and_build_throughput(capsys):
 
     result = data.main(["--synthetic", "--num_records=24", "--build_size=64", "--resolution=40", "--image_size=32",
                         "--batch_size=4", "--num_batches=3", "--num_workers=0", "--naive_images=2",
-                        "--naive_samples=4", "--num_reads=10"])
+                        "--naive_samples=4", "--num_reads=10", "--jpeg_images=20", "--png16_images=3",
+                        "--png16_size=128"])
     figures = last_json(capsys.readouterr().out)
     assert figures == result
     assert figures["stored_resolution"] == 40 and figures["image_size"] == 32 and figures["records"] > 0
@@ -163,6 +165,13 @@ def test_data_reports_reads_device_host_naive_and_build_throughput(capsys):
     assert figures["host_vs_naive_per_core"] == pytest.approx(
         figures["host_img_per_cpu_s"] / figures["naive_png_img_per_cpu_s"], rel=0.01)
     assert set(figures["goals_met"]) == set(data.GOALS)
+    for source in ("jpeg", "png16"):  # the source builds against the naive PIL loop, per core
+        for what in ("naive_pil", "reader", "build"):
+            assert figures[f"{source}_{what}_img_per_cpu_s"] > 0
+        assert figures[f"{source}_build_vs_naive_per_core"] == pytest.approx(
+            figures[f"{source}_build_img_per_cpu_s"] / figures[f"{source}_naive_pil_img_per_cpu_s"], rel=0.02)
+    assert figures["mixture_vs_single"] == pytest.approx(
+        figures["mixture_img_per_cpu_s"] / figures["single_source_img_per_cpu_s"], rel=0.02)
     assert isinstance(figures["load_at_start"], float)
     with pytest.raises(SystemExit):
         data.main(["--num_records=16"])  # neither --synthetic nor --data_dir

@@ -56,7 +56,19 @@ PRETRAIN_CASES = [
     ({"loss.class_weighting": "inverse"}, "--config.loss.class_weighting='inverse': must be one of none, chexnet"),
     ({"loss.age_loss": "l2"}, "--config.loss.age_loss='l2': must be one of l1, huber"),
     ({"loss.huber_delta": 0.0}, "--config.loss.huber_delta=0.0: must be > 0"),
-    ({"data.dataset": "chexpert"}, "--config.data.dataset='chexpert': unknown dataset; choose one of chestxray14"),
+    ({"data.datasets": "chestxray14,mimic"}, "--config.data.datasets='chestxray14,mimic': unknown mimic; "
+                                             "pretraining takes chestxray14, chexpert, padchest, csv"),
+    ({"data.datasets": "chestxray14:0"}, "--config.data.datasets='chestxray14:0': must be name[:weight] entries"),
+    ({"data.chexpert.uncertainty": "maybe"}, "--config.data.chexpert.uncertainty='maybe': uncertainty='maybe': "
+                                             "unknown policy 'maybe'"),
+    ({"data.padchest.views": "lateral"}, "--config.data.padchest.views='lateral': must be one of frontal, all"),
+    ({"data.csv.num_folds": 1}, "--config.data.csv.num_folds=1: must be >= 2"),
+    ({"data.csv.csv": "/no/such.csv"}, "--config.data.csv.csv='/no/such.csv': /no/such.csv does not exist"),
+    ({"data.datasets": "chestxray14,csv", "demo": False},  # (the demo's csv dataset is its hospital)
+     "--config.data.datasets='chestxray14,csv', --config.data.csv.csv='': a csv dataset needs its CSV file"),
+    ({"num_steps": -1}, "--config.num_steps=-1: must be >= 0"),
+    ({"optim.plateau_on": "accuracy"}, "--config.optim.plateau_on='accuracy': must be one of loss, mean_auroc"),
+    ({"demo_data.num_hospital": -1}, "--config.demo_data.num_hospital=-1: must be >= 0"),
     ({"data.data_dir": " "}, "--config.data.data_dir=' ': must be a non-empty string"),
     ({"data.manual_dir": "/no/such/raw"}, "--config.data.manual_dir='/no/such/raw': /no/such/raw does not exist"),
     ({"data.resolution": 4}, "--config.data.resolution=4: must be >= 8"),
@@ -113,8 +125,12 @@ def test_pretrain_rule(overrides, expected):
 TRANSFER_CASES = [
     ({"methods": "probe+svm"}, "--config.methods='probe+svm': unknown svm; choose from probe, finetune"),
     ({"methods": ""}, "--config.methods='': must name one or more of probe, finetune"),
-    ({"protocols": "cv_shenzhen,cv_nih"}, "--config.protocols='cv_shenzhen,cv_nih': unknown cv_nih; choose from "
-                                          "cv_shenzhen, cv_montgomery, shenzhen_to_montgomery"),
+    ({"protocols": "cv_shenzhen,cv_nih"}, "--config.protocols='cv_shenzhen,cv_nih': unknown dataset(s) nih; choose "
+                                          "from shenzhen, montgomery, csv"),
+    ({"protocols": "shenzhen_montgomery"}, "protocol 'shenzhen_montgomery': write cv_<dataset> or "
+                                           "<dataset>[+<dataset>...]_to_<dataset>"),
+    ({"protocols": "shenzhen+montgomery_to_shenzhen"}, "the test dataset must not be among the training ones"),
+    ({"targets": " "}, "--config.targets=' ': must be a non-empty string"),
     ({"checkpoint_step": "last"}, "--config.checkpoint_step='last': must be best, latest or a step number"),
     ({"init_from": "/no/such/run"}, "--config.init_from='/no/such/run': /no/such/run does not exist (each must be "
                                     "random, random_bn or an existing path)"),
@@ -151,7 +167,13 @@ TRANSFER_CASES = [
     ({"screening.specificity": 0.0}, "--config.screening.specificity=0.0: must be > 0"),
     ({"calibration_bins": 0}, "--config.calibration_bins=0: must be >= 1"),
     ({"deploy.method": "svm"}, "--config.deploy.method='svm': must be one of , probe, finetune"),
-    ({"deploy.protocol": "cv_nih"}, "--config.deploy.protocol='cv_nih': must be empty or one of cv_shenzhen"),
+    ({"deploy.protocol": "cv_nih"}, "--config.deploy.protocol='cv_nih': must be empty or a protocol column of the "
+                                    "run (unknown dataset(s) nih"),
+    ({"deploy.start": "random", "deploy.protocol": "shenzhen+montgomery_to_csv",
+      "protocols": "cv_csv,shenzhen+montgomery_to_csv"}, "would train on several datasets"),
+    ({"deploy.start": "random", "deploy.protocol": "cv_csv", "protocols": "cv_csv",
+      "targets": "Tuberculosis,Cardiomegaly"}, "the deployed protocol must be one the run uses (with several "
+                                               "targets: <protocol>.<target>, e.g. cv_csv.tuberculosis)"),
     ({"deploy.threshold_rule": "f1"}, "--config.deploy.threshold_rule='f1': must be one of sensitivity, youden"),
     # the deployable model is judged against the run when there is one (init_from set or deploy.start named)
     ({"deploy.start": "random", "deploy.method": "finetune", "methods": "probe", "compare_with": "random"},

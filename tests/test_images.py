@@ -212,3 +212,37 @@ def test_decode_many_with_info_and_declared_bits(tmp_path):
     np.testing.assert_array_equal(results[0][0], [[0, 255]])
     with pytest.raises(ValueError, match="2 paths"):
         list(images.decode_many([tmp_path / "a.png", tmp_path / "b.png"], None, declared_bits=[10]))
+
+
+def test_fast_gray_decoder_gives_pillows_pixels(tmp_path):
+    """Gray PNGs (8 and 16 bit) and gray JPEGs go through imagecodecs; the result is Pillow's, bit for bit."""
+    from PIL import Image
+
+    from metachex_jax.data import images as reader
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.normal(0, 3, (45, 61)), axis=1)
+    eight = np.clip(smooth + 128, 0, 255).astype(np.uint8)
+    sixteen = np.clip(smooth * 16 + 2000, 0, 4095).astype(np.uint16)
+    paths = {"8.png": eight, "16.png": sixteen, "q75.jpg": eight, "q95.jpg": eight, "prog.jpg": eight}
+    for name, array in paths.items():
+        kwargs = {"quality": int(name[1:3])} if name.startswith("q") else {"progressive": True} if "prog" in name else {}
+        Image.fromarray(array).save(tmp_path / name, **kwargs)
+    for name in paths:
+        head = (tmp_path / name).read_bytes()[:132]
+        assert reader._decode_gray_fast(tmp_path / name, head) is not None  # the fast path is taken
+        with Image.open(tmp_path / name) as image:
+            image.load()
+            expected, bits, source = reader._to_gray(image, reader.png_significant_bits(tmp_path / name),
+                                                    bit_depth=None, declared_bits=None)
+        for resolution in (None, 32):
+            got, info = reader.load_gray_with_info(tmp_path / name, resolution)
+            np.testing.assert_array_equal(got, reader.resize_gray(expected, resolution))
+            assert (info.bit_depth, info.bit_depth_source) == (bits, source)
+            assert (info.width, info.height) == (61, 45) and info.format == name.split(".")[1].replace("jpg", "jpeg")
+    Image.fromarray(np.stack([eight] * 3, axis=-1)).save(tmp_path / "rgb.jpg")
+    assert reader._decode_gray_fast(tmp_path / "rgb.jpg", (tmp_path / "rgb.jpg").read_bytes()[:132]) is None
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes((tmp_path / "16.png").read_bytes()[:300])
+    with pytest.raises(reader.ImageDecodeError, match=f"{truncated}: cannot decode image"):
+        reader.load_gray(truncated, 32)

@@ -13,7 +13,7 @@ import pytest
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax import config_lib, errors
 from metachex_jax.data import datasets
-from metachex_jax.transfer import tb_data
+from metachex_jax.transfer import sets as sets_lib
 
 
 def printed_commands(message: str) -> list[str]:
@@ -67,12 +67,12 @@ def test_transfer_message_prepares_both_tb_sets_and_random_bns_chestxray14(tmp_p
     assert all("--resolution=27 --num_folds=3 --seed=1" in c for c in commands[:2])
     assert commands[2].endswith("--resolution=27 --val_fraction=0.2 --seed=0")
     with pytest.raises(errors.MissingDataError) as raised:  # the run's own lookup says the same
-        tb_data.tb_sources(config)
+        sets_lib.tb_transfer_sets(config)
     assert printed_commands(str(raised.value)) == commands[:2]
     for command in commands:
         run_printed(command, raw)
     assert config_lib.problems(config) == []
-    sets = tb_data.tb_sources(config)
+    sets = sets_lib.tb_transfer_sets(config)
     assert {len(s) for s in sets.values()} == {22} and set(sets["shenzhen"].fold) == {0, 1, 2}
     nih_train = datasets.chestxray14_splits(config)["train"]  # what random_bn reads
     assert len(nih_train) > 0

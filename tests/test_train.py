@@ -20,7 +20,7 @@ from metachex_jax import checkpointing, config_lib, reports, train
 from metachex_jax.labels import PATHOLOGIES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = dict(seed=0, num_nih=160, num_shenzhen=12, num_montgomery=8, size=64)
+DEMO = dict(seed=0, num_nih=160, num_shenzhen=12, num_montgomery=8, num_hospital=40, size=64)
 ARG = "demo,arch=densenet_tiny,res=32"
 
 

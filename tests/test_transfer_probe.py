@@ -10,7 +10,7 @@ from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
 from metachex_jax import metrics
 from metachex_jax.transfer import paired, probe, protocols, report
-from metachex_jax.transfer.tb_data import TbSet
+from metachex_jax.transfer.sets import TransferSet
 
 
 def toy_features(n=120, d=40, seed=0, signal=0.6):
@@ -81,29 +81,32 @@ def test_inner_folds_stratified_and_deterministic():
 
 
 def tb_set(name, tb, fold):
-    return TbSet(name, None, np.asarray(tb), np.asarray(fold), [f"{name}_{i}" for i in range(len(tb))], "x", None)
+    n = len(tb)
+    return TransferSet(name, "Tuberculosis", [], None, np.asarray(tb), np.asarray(fold), np.arange(n),
+                       [f"{name}_{i}" for i in range(n)], [name] * n)
 
 
 def test_protocol_splits_are_disjoint_and_single_class_folds_are_named():
     tb = np.array([0, 1] * 9)
     sets = {"shenzhen": tb_set("shenzhen", tb, np.arange(18) % 3), "montgomery": tb_set("montgomery", tb[:12],
                                                                                           np.arange(12) % 3)}
-    for name in protocols.PROTOCOLS:
-        for split in protocols.check_protocol(name, sets, need_validation=True):
+    for name in protocols.TB_PROTOCOLS:
+        for split in protocols.check_protocol(protocols.parse_protocol(name), sets, need_validation=True):
             if split.train_set == split.test_set:
                 assert not set(split.train) & set(split.test)
             assert set(split.validation) < set(split.train)
     bad = {"shenzhen": tb_set("shenzhen", tb, np.where(tb == 1, 0, np.arange(18) % 3)), "montgomery": sets["montgomery"]}
     with pytest.raises(ValueError) as e:
-        protocols.check_protocol("cv_shenzhen", bad, need_validation=False)
-    assert "shenzhen fold 1: the test part has a single class (3 normal, 0 TB)" in str(e.value)
+        protocols.check_protocol(protocols.parse_protocol("cv_shenzhen"), bad, need_validation=False)
+    assert "shenzhen fold 1: the test part has a single class (3 negative, 0 positive Tuberculosis)" in str(e.value)
     assert "shenzhen fold 2: the test part has a single class" in str(e.value)
 
 
 def test_cell_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 80)
-    cols = {"tb": y, "prob": np.clip(0.3 * y + rng.random(80) * 0.7, 0, 1), "fold": np.arange(80) % 4}
+    cols = {"label": y, "prob": np.clip(0.3 * y + rng.random(80) * 0.7, 0, 1), "fold": np.arange(80) % 4,
+            "patient": np.arange(80)}
     for name, low, high in (("", 0.5, 0.4), ("_sens", 0.2, 0.25), ("_spec", 0.6, 0.55)):
         cols["margin" + name] = cols["prob"] - np.where(cols["fold"] < 2, low, high)
     screening = {"sensitivity": 0.9, "specificity": 0.7}
@@ -149,7 +152,7 @@ def test_paired_comparisons_use_common_images_and_holm():
     for key, score, keep in (("strong/probe", good, np.ones(n, bool)), ("weak/probe", rng.normal(size=n), np.ones(n, bool)),
                              ("strong/finetune", good + rng.normal(size=n) * 0.1, np.arange(n) < 60)):
         cells[key] = {"dataset": np.array(["shenzhen"] * keep.sum()), "image_id": np.array([f"i{i}" for i in np.flatnonzero(keep)]),
-                      "tb": y[keep], "prob": score[keep]}
+                      "label": y[keep], "prob": score[keep], "patient": np.flatnonzero(keep)}
     out = paired.paired_comparisons(cells, n_boot=200, seed=0)
     assert [(c["a"], c["b"]) for c in out] == [("strong/probe", "weak/probe"), ("strong/probe", "strong/finetune"),
                                                ("weak/probe", "strong/finetune")]

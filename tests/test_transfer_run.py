@@ -22,13 +22,14 @@ from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.data import pipeline
 from metachex_jax.preprocessing import PixelContract, to_model_input
 from metachex_jax.transfer import features as features_lib
-from metachex_jax.transfer import protocols, run, tb_data, weights
+from metachex_jax.transfer import protocols, run, weights
+from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer import report as report_lib
 from metachex_jax.models.tb_classifier import TbClassifier
 from metachex_jax.transfer.finetune import Finetuner
-from metachex_jax.transfer.tb_data import RecordSubset
+from metachex_jax.transfer.sets import RecordSubset
 
-DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, size=64)
+DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=60, size=64)
 ARCH, RES = "densenet_tiny", 32
 
 
@@ -41,6 +42,7 @@ def contract_of(config) -> PixelContract:
 def load(spec, config, seed=0):
     """`weights.load_start` as the run calls it: at the run's sizes."""
     return weights.load_start(spec, config.model, seed, contract=contract_of(config))
+
 
 def pretrain_config(demo_dir):
     c = config_lib.pretrain_config(f"demo,arch={ARCH},res={RES}", multitask=True)
@@ -95,11 +97,11 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     assert any("random_bn is not fine-tuned" in note for note in saved["notes"])
     assert saved["starts"]["random_bn"]["bn_statistics_images"] > 0
     for key, per_protocol in saved["cells"].items():
-        assert set(per_protocol) == set(protocols.PROTOCOLS)
+        assert set(per_protocol) == set(protocols.TB_PROTOCOLS)
         start, method = key.split("/")
         for protocol, cell in per_protocol.items():
             cols = reports.read_predictions_csv(out / "predictions" / f"{start}_{method}_{protocol}.csv")
-            y, prob, margin = cols["tb"], cols["prob"], cols["margin"]
+            y, prob, margin = cols["label"], cols["prob"], cols["margin"]
             assert cell["auroc"]["value"] == pytest.approx(roc_auc_score(y, prob), abs=1e-12)
             assert cell["accuracy"]["value"] == pytest.approx(np.mean((margin >= 0) == (y == 1)), abs=1e-12)
             assert cell["sensitivity"]["value"] == pytest.approx(np.mean(margin[y == 1] >= 0), abs=1e-12)
@@ -115,7 +117,7 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     for heading in ("## Who wins (paired)", "## Screening operating points", "## Calibration", "Test-set oracle"):
         assert heading in md
     # Paired comparisons: every pair of cells per protocol, on the images both predicted, Holm within the protocol.
-    for protocol in protocols.PROTOCOLS:
+    for protocol in protocols.TB_PROTOCOLS:
         comparisons = saved["paired"][protocol]
         assert len(comparisons) == 10  # 5 cells
         for c in comparisons:
@@ -167,9 +169,9 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
 
 def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
     config, workdir, result = finished
-    sets = tb_data.tb_sources(config)
-    for protocol in protocols.PROTOCOLS:
-        splits = protocols.check_protocol(protocol, sets, need_validation=True)
+    sets = sets_lib.tb_transfer_sets(config)
+    for protocol in protocols.TB_PROTOCOLS:
+        splits = protocols.check_protocol(protocols.parse_protocol(protocol), sets, need_validation=True)
         for split in splits:
             if split.train_set == split.test_set:
                 assert not set(split.train) & set(split.test)
@@ -179,7 +181,7 @@ def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
             assert sorted(tested) == list(range(len(sets[splits[0].train_set])))
     # Same config, same result (features from the cache): the probe's numbers are identical.
     again = run.run(transfer_config(setup[0], setup[1], config.feature_cache_dir, methods="probe"), str(tmp_path))
-    for protocol in protocols.PROTOCOLS:
+    for protocol in protocols.TB_PROTOCOLS:
         assert again["cells"]["metachexnet/probe"][protocol] == result["cells"]["metachexnet/probe"][protocol]
     assert all("(hit)" in k for k in again["timings"] if k.startswith("features") and k.endswith(" s"))
 
@@ -187,7 +189,7 @@ def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
 def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
     config, _, _ = finished
     demo_dir, pre = setup
-    sets = tb_data.tb_sources(config)
+    sets = sets_lib.load_datasets(config, sets_lib.TB_DATASETS)
     start = load(str(pre), config)
     kwargs = dict(batch_size=32, cache_dir=config.feature_cache_dir)
     hit = features_lib.features_for(start, sets["montgomery"], **kwargs)
@@ -204,7 +206,7 @@ def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
     assert features_lib.features_for(other, sets["montgomery"], **kwargs)["cache"] == "hit"
     # A changed dataset build (another fold seed -> other records): a new entry.
     reseeded = transfer_config(demo_dir, pre, config.feature_cache_dir, **{"data.fold_seed": 1})
-    changed = tb_data.tb_sources(reseeded, ("montgomery",))["montgomery"]
+    changed = sets_lib.load_datasets(reseeded, ("montgomery",))["montgomery"]
     assert changed.fingerprint != sets["montgomery"].fingerprint
     assert features_lib.features_for(start, changed, **kwargs)["cache"] == "miss"
 
@@ -265,7 +267,7 @@ def test_gs_workdir_and_feature_cache(finished, setup, fake_gcs):
         assert saved["cells"][key] == json.loads(reports.to_json_text(local_result["cells"][key]))
         for protocol in result["protocols"]:
             csv_url = f"{fake_gcs.url}/tb/report/predictions/{key.replace('/', '_')}_{protocol}.csv"
-            assert len(reports.read_predictions_csv(csv_url)["tb"]) == saved["cells"][key][protocol]["n_images"]
+            assert len(reports.read_predictions_csv(csv_url)["label"]) == saved["cells"][key][protocol]["n_images"]
     cached = sorted(os.listdir(fake_gcs.local(fake_gcs.url + "/cache")))
     assert len(cached) == 6 and all(name.endswith(".npz") for name in cached)  # 3 starts x 2 sets
     again = run.run(config, fake_gcs.url + "/tb2")  # read back from the gs:// cache
@@ -304,7 +306,7 @@ def test_probe_at_its_iteration_limit_is_flagged_in_log_and_report(finished, set
 def finetune_pieces(setup, **overrides):
     demo_dir, pre = setup
     config = transfer_config(demo_dir, pre, "", **overrides)
-    sets = tb_data.tb_sources(config)
+    sets = sets_lib.tb_transfer_sets(config)
     return config, sets, Finetuner(config.finetune, seed=0)
 
 
@@ -326,7 +328,7 @@ def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tu
     # Independently: the stem's BatchNorm holds the average over the fit images' full batches (of the training
     # batch size) of conv0's batch mean and variance, for the fine-tuned conv0.
     means, variances = [], []
-    with pipeline.eval_batches(fit, kind="tb", global_batch_size=8, image_size=RES) as batches:
+    with pipeline.eval_batches(fit, kind="binary", global_batch_size=8, image_size=RES) as batches:
         for batch, _ in zip(batches, range(len(fit) // 8)):
             y = np.asarray(model.backbone.conv0(to_model_input(jnp.asarray(batch["image"]))), np.float64)
             means.append(y.mean((0, 1, 2)))
@@ -337,7 +339,7 @@ def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tu
     # And the test predictions are this model's, in eval mode.
     model.eval()
     test = RecordSubset(sets["montgomery"].source, split.test)
-    with pipeline.eval_batches(test, kind="tb", global_batch_size=len(test), image_size=RES) as batches:
+    with pipeline.eval_batches(test, kind="binary", global_batch_size=len(test), image_size=RES) as batches:
         expected = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(next(iter(batches))["image"])))))
     np.testing.assert_allclose(out.test_prob, expected[:len(test)], rtol=1e-5, atol=1e-6)
 
@@ -349,7 +351,7 @@ def test_random_bn_fine_tunes_to_exactly_random(tuning):
     config, sets, tuner = tuning
     random = load("random", config)
     random_bn = load("random_bn", config)
-    features_lib.calibrate_batchnorm(random_bn.model, sets["shenzhen"].source, kind="tb", contract=contract_of(config),
+    features_lib.calibrate_batchnorm(random_bn.model, sets["shenzhen"].source, kind="binary", contract=contract_of(config),
                                      batch_size=8, max_images=32)
     assert not np.allclose(random_bn.model.backbone.norm0.var[...], random.model.backbone.norm0.var[...])
     for protocol in ("cv_montgomery", "montgomery_to_shenzhen"):
@@ -374,14 +376,14 @@ def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuni
     test = RecordSubset(sets["shenzhen"].source, cross.test)
     graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), fit_tuner.tx)
     model = nnx.merge(graphdef, on_target.state.params, on_target.state.batch_stats)
-    features_lib.calibrate_batchnorm(model.backbone, test, kind="tb", contract=contract_of(config), batch_size=8,
+    features_lib.calibrate_batchnorm(model.backbone, test, kind="binary", contract=contract_of(config), batch_size=8,
                                      max_images=len(test))
     model.eval()
-    with pipeline.eval_batches(test, kind="tb", global_batch_size=len(test), image_size=RES) as batches:
+    with pipeline.eval_batches(test, kind="binary", global_batch_size=len(test), image_size=RES) as batches:
         expected = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(next(iter(batches))["image"])))))
     np.testing.assert_allclose(on_target.test_prob, expected[:len(test)], rtol=1e-5, atol=1e-6)
     # Within a dataset the option changes nothing.
-    within = protocols.check_protocol("cv_montgomery", sets, need_validation=True)[0]
+    within = protocols.check_protocol(protocols.parse_protocol("cv_montgomery"), sets, need_validation=True)[0]
     np.testing.assert_array_equal(fit_tuner.run(start, within, sets).test_prob,
                                   target_tuner.run(start, within, sets).test_prob)
     with pytest.raises(ValueError, match="finetune.bn_stats must be one of"):
@@ -403,12 +405,48 @@ def test_flagged_readings_reach_the_transfer_report(tmp_path):
     tree.write_reading(normal_id, f"Patient's Sex: F \nPatient's Age: 027Y\n{text}\n")
     config = config_lib.transfer_config(f"arch={ARCH},res={RES}")
     config.data.update(manual_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "tfds"), num_folds=3)
-    montgomery = tb_data.tb_sources(config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.load_datasets(config, ("montgomery",))["montgomery"]
     assert montgomery.flagged_readings == {normal_id: text}
-    result = {"protocols": [], "cells": {}, "screening": dict(config.screening), "calibration_bins": 10,
+    result = {"protocols": [], "protocol_targets": {}, "cells": {}, "screening": dict(config.screening), "calibration_bins": 10,
               "timings": {}, "datasets": {"montgomery": {"flagged_readings": montgomery.flagged_readings}}}
     md = report_lib.markdown(result)
     assert "## Flagged readings" in md and f"| montgomery | {normal_id} | {text} |" in md
+
+
+def test_any_dataset_and_several_targets_on_the_demo_hospital(finished, setup, tmp_path):
+    """The demo's hospital CSV: CV within it and train on both TB sets / test on it, for TB and Cardiomegaly (which
+    the TB sets lack: that protocol is skipped for it, with a note); metrics vs scikit-learn, folds by patient."""
+    config, _, _ = finished
+    demo_dir, pre = setup
+    c = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe+finetune", compare_with="random",
+                        protocols="cv_csv,shenzhen+montgomery_to_csv", targets="Tuberculosis,Cardiomegaly",
+                        **{"data.csv.num_folds": 3})
+    result = run.run(c, str(tmp_path))
+    assert result["protocols"] == ["cv_csv.tuberculosis", "shenzhen+montgomery_to_csv.tuberculosis",
+                                   "cv_csv.cardiomegaly"]
+    assert result["protocol_targets"]["cv_csv.cardiomegaly"] == "Cardiomegaly"
+    assert any("shenzhen+montgomery_to_csv is not run for Cardiomegaly: shenzhen, montgomery has no Cardiomegaly"
+               in note for note in result["notes"])
+    records = sets_lib.load_datasets(c, ("shenzhen", "montgomery", "csv"))
+    hospital = records["csv"]
+    for protocol, cells in ((p, {k: v[p] for k, v in result["cells"].items()}) for p in result["protocols"]):
+        target = result["protocol_targets"][protocol]
+        known = hospital.labels[:, hospital.column(target)] >= 0
+        for key, cell in cells.items():
+            cols = reports.read_predictions_csv(tmp_path / "report" / "predictions" /
+                                                f"{key.replace('/', '_')}_{protocol}.csv")
+            assert cell["auroc"]["value"] == pytest.approx(roc_auc_score(cols["label"], cols["prob"]), abs=1e-12)
+            assert set(cols["dataset"]) == {"csv"} and cell["n_patients"] < cell["n_images"]  # patients resampled
+            if key.endswith("probe"):  # every hospital image with a known label tested once
+                assert sorted(cols["image_id"]) == sorted(np.array(hospital.image_id)[known])
+    # Cross-validation folds are folds of patients: no patient on both sides of any split.
+    for target in ("Tuberculosis", "Cardiomegaly"):
+        view = sets_lib.transfer_set(records, ("csv",), target, num_folds=3, fold_seed=0)
+        for split in protocols.check_protocol(protocols.parse_protocol("cv_csv"), {"csv": view}, True):
+            assert not set(view.patient[split.train]) & set(view.patient[split.test])
+    both = sets_lib.transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", num_folds=3, fold_seed=0)
+    assert len(both) == len(records["shenzhen"]) + len(records["montgomery"])
+    assert "# Transfer comparison: Tuberculosis, Cardiomegaly" in (tmp_path / "report" / "comparison.md").read_text()
 
 
 # --- the deployable TB model (transfer/deploy.py) -----------------------------------------------------------
@@ -428,9 +466,9 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     best = result["details"]["metachexnet/finetune"]["cv_shenzhen"]["best_epoch"]
     assert card["training"]["epochs"] == int(np.ceil(np.median(best)))
     oof = reports.read_predictions_csv(workdir / "report" / "predictions" / "metachexnet_finetune_cv_shenzhen.csv")
-    threshold = metrics.threshold_at_sensitivity(oof["tb"], oof["prob"], 0.9)
+    threshold = metrics.threshold_at_sensitivity(oof["label"], oof["prob"], 0.9)
     assert card["outputs"] == [{"name": "tb", "kind": "probability", "threshold": pytest.approx(threshold)}]
-    assert np.mean(oof["prob"][oof["tb"] == 1] >= threshold) >= 0.9
+    assert np.mean(oof["prob"][oof["label"] == 1] >= threshold) >= 0.9
     assert card["metrics"]["cv_shenzhen"]["auroc"] == pytest.approx(
         result["cells"]["metachexnet/finetune"]["cv_shenzhen"]["auroc"])
     assert result["deployed_model"]["path"] == str(workdir / "model")
@@ -441,8 +479,8 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     rows = {os.path.basename(r["path"])[:-4]: r for r in csv_rows(tmp_path / "p" / "predictions.csv")}
     assert all(r["tb_decision"] == str(int(float(r["tb"]) >= threshold)) for r in rows.values())
     model, _ = saved_model.load(str(workdir / "model"))
-    montgomery = tb_data.tb_sources(config, ("montgomery",))["montgomery"]
-    with pipeline.eval_batches(montgomery.source, kind="tb", global_batch_size=8, image_size=RES) as batches:
+    montgomery = sets_lib.tb_transfer_sets(config, ("montgomery",))["montgomery"]
+    with pipeline.eval_batches(montgomery.source, kind="binary", global_batch_size=8, image_size=RES) as batches:
         for batch in batches:
             probs = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(batch["image"])))))
             for i, p in zip(batch["index"], probs):
@@ -474,10 +512,10 @@ def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup
     out = run.run(probe_config, str(tmp_path))
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["training"]["method"] == "probe" and card["threshold_rule"]["rule"] == "youden"
-    montgomery = tb_data.tb_sources(probe_config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.load_datasets(probe_config, ("montgomery",))["montgomery"]
     start = load(str(pre), probe_config)
     table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=probe_config.feature_cache_dir)
-    fit = fit_probe(table["features"], montgomery.tb, table["features"],
+    fit = fit_probe(table["features"], montgomery.labels[:, 0], table["features"],
                     ProbeSettings.from_config(probe_config.probe, probe_config.seed))
     assert card["training"]["l2"] == fit.l2
     model, _ = saved_model.load(str(tmp_path / "model"))
@@ -496,7 +534,8 @@ def test_deploy_settings_are_checked_before_any_work(finished, setup, tmp_path):
         run.run(bad, str(tmp_path / "a"))
     message = str(error.value)
     for part in ("deploy.start='imagenet' is not among", "deploy.method='finetune' is not among",
-                 "deploy.threshold_rule='x'", "its threshold and (fine-tuning) epoch count come from cv_shenzhen"):
+                 "deploy.threshold_rule='x'", "its threshold and (fine-tuning) epoch count come from cv_shenzhen"
+                                              " for Tuberculosis"):
         assert part in message, part
     assert not (tmp_path / "a").exists()
     none = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe", compare_with="",
@@ -534,7 +573,7 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     start = load(str(xrv_dir), config)
     assert start.contract == PixelContract(RES, config.data.resolution, "xrv", "crop_resize")
     assert start.model.backbone.in_channels == 1
-    montgomery = tb_data.tb_sources(config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.load_datasets(config, ("montgomery",))["montgomery"]
     table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=config.feature_cache_dir)
     assert table["cache"] == "hit"  # the run extracted the same features
     records = [as_gray_2d(montgomery.source[i]["image"]) for i in range(3)]

@@ -16,6 +16,15 @@ On one split of a built dataset, in one run:
     naive      the common way to read ChestX-ray14: decode a 1024 x 1024 PNG with PIL, convert, resize to the
                stored resolution, the same augmentation (--naive_images PNGs written here, read round-robin)
     build      --synthetic: raw PNGs -> the dataset read above (`data.build.build_dataset`, every core)
+    mixture    the host figure over three sources of the shared label space (data/mixture.py: one NIH-format and
+               two label-table sources, weights 1 / 2 / 0.5) against one source of the same records (goal:
+               >= 0.9 of the single source's)
+    sources    source builds, in-process, per CPU second, against a naive PIL loop (open, 8-bit gray, BILINEAR
+               resize to --resolution) over the same files (goal: >= 1.5x): CheXpert-small-like gray JPEGs
+               (--jpeg_images of 320 x 390) and PadChest-like 16-bit PNGs (--png16_images of --png16_size px
+               holding 12-bit data, BitsStored_DICOM 12); for each, the reader alone (`images.decode_many`) and
+               the whole `build.build_dataset`. The naive loops run first; then this process keeps large buffers
+               on the heap, as every build's decoding workers do (images._keep_large_buffers_on_the_heap).
 
 Per core: the in-process figures run on one thread (no reader thread, no prefetch: `next()` does all the work)
 and are reported per wall-clock second and per CPU second of this process (`time.process_time`). On a machine
@@ -43,10 +52,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from metachex_jax.data import pipeline, registry
+from metachex_jax.data import mixture, pipeline, registry
 from metachex_jax.data.augment import Augmentation, augment
+from metachex_jax.labels import PATHOLOGIES
 
-GOALS = {"device_img_per_cpu_s": 10_000, "host_img_per_cpu_s": 1_000, "host_vs_naive_per_core": 10.0}
+GOALS = {"device_img_per_cpu_s": 10_000, "host_img_per_cpu_s": 1_000, "host_vs_naive_per_core": 10.0,
+         "mixture_vs_single": 0.9, "jpeg_build_vs_naive_per_core": 1.5, "png16_build_vs_naive_per_core": 1.5}
+CHEXPERT_OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                         "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                         "Pleural Other", "Fracture", "Support Devices")
 
 
 def load() -> float:
@@ -62,10 +76,13 @@ def timed(work, count: int) -> dict:
 
 
 def measure_pipeline(source, *, kind: str, augmentation: Augmentation | None, image_size: int, batch_size: int,
-                     num_batches: int, num_workers: int = 0, warmup_batches: int = 3) -> dict:
-    """Training batches of `pipeline.train_batches` (augmentation=None: read + batch only). In-process
-    (num_workers=0) on one thread; after warm-up (which also absorbs worker start-up)."""
+                     num_batches: int, num_workers: int = 0, warmup_batches: int = 3,
+                     weights: Sequence[float] | None = None) -> dict:
+    """Training batches of `pipeline.train_batches` (augmentation=None: read + batch only; `source` may be a list
+    mixed by `weights`). In-process (num_workers=0) on one thread; after warm-up (which also absorbs worker
+    start-up)."""
     with pipeline.train_batches(source, kind=kind, global_batch_size=batch_size, image_size=image_size, seed=0,
+                                weights=weights,
                                 augmentation=augmentation, num_workers=num_workers, read_threads=0,
                                 prefetch_batches=max(0, 2 * num_workers), process_index=0,
                                 process_count=1) as batches:
@@ -109,7 +126,7 @@ def build_synthetic_dataset(workdir: Path, num_images: int, png_size: int, resol
     from metachex_jax.data import build
 
     tree = demo_data.write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
-                                     size=png_size)
+                                     num_hospital=0, size=png_size)
     workers = os.cpu_count() or 1
     start = time.perf_counter()
     result = build.build_dataset("chestxray14", tree["chestxray14_dir"], workdir / "tfds", resolution=resolution,
@@ -117,6 +134,132 @@ def build_synthetic_dataset(workdir: Path, num_images: int, png_size: int, resol
     return {"build_img_per_s": num_images / (time.perf_counter() - start), "build_workers": workers,
             "build_png_size": png_size, "data_dir": str(workdir / "tfds"),
             "dataset": f"chestxray14/{result.config_name}"}
+
+
+def measure_mixture(source, *, augmentation: Augmentation, image_size: int, batch_size: int,
+                    num_batches: int) -> dict:
+    """The host pipeline over one harmonised source of `source`'s records against three (thirds of them: one
+    NIH-format, two label-table sources of other label names) mixed by weight."""
+    space = mixture.label_space("No Finding")
+    third = len(source) // 3
+
+    class Part:  # records [start, stop) of `source`, as a label-table source (labels 1/0/-1, patient_key)
+        def __init__(self, start, stop, labelled):
+            self.start, self.stop, self.labelled = start, stop, labelled
+
+        def __len__(self):
+            return self.stop - self.start
+
+        def __getitem__(self, i):
+            record = source[self.start + i]
+            if not self.labelled:
+                return record
+            labels = np.where(np.arange(len(PATHOLOGIES)) < 7, record["labels"].astype(np.int8), np.int8(-1))
+            return {**record, "labels": labels, "image_id": record["image_name"],
+                    "patient_key": record["patient_id"]}
+
+    single = mixture.HarmonisedSource(source, dataset="chestxray14", kind="nih", space=space)
+    mixed = [mixture.HarmonisedSource(Part(0, third, False), dataset="chestxray14", kind="nih", space=space)]
+    mixed += [mixture.HarmonisedSource(Part(a, b, True), dataset="csv", kind="labelled", space=space,
+                                       label_names=PATHOLOGIES) for a, b in ((third, 2 * third), (2 * third, 3 * third))]
+    common = dict(kind="labelled", augmentation=augmentation, image_size=image_size, batch_size=batch_size,
+                  num_batches=num_batches)
+    one = measure_pipeline(single, **common)
+    three = measure_pipeline(mixed, weights=[1.0, 2.0, 0.5], **common)
+    return {"single_source_img_per_cpu_s": one["img_per_cpu_s"], "mixture_img_per_cpu_s": three["img_per_cpu_s"],
+            "mixture_vs_single": three["img_per_cpu_s"] / one["img_per_cpu_s"], "load": three["load"]}
+
+
+def write_chexpert_tree(root: Path, num_images: int, rng: np.random.Generator) -> list[Path]:
+    """A CheXpert-v1.0-small tree of gray 320 x 390 JPEGs, one frontal per patient (train.csv and a tenth in
+    valid.csv); returns the image paths."""
+    release = root / "CheXpert-v1.0-small"
+    bases = [synthetic_xray(rng, 390)[:, :320] for _ in range(4)]
+    rows = {"train": [], "valid": []}
+    paths = []
+    for i in range(num_images):
+        table = "valid" if i % 10 == 9 else "train"
+        relative = f"{table}/patient{i + 1:05d}/study1/view1_frontal.jpg"
+        path = release / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        noisy = np.clip(bases[i % 4].astype(np.int16) + rng.integers(-3, 4, bases[0].shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(path, quality=90)
+        paths.append(path)
+        rows[table].append(f"CheXpert-v1.0-small/{relative},Male,{30 + i % 50},Frontal,PA,"
+                           + ",".join("1.0" if (i + j) % 7 == 0 else "" for j in range(14)))
+    for table, lines in rows.items():
+        header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_OBSERVATIONS)
+        (release / f"{table}.csv").write_text("\n".join([header, *lines]) + "\n")
+    return paths
+
+
+def write_padchest_tree(root: Path, num_images: int, size: int, rng: np.random.Generator) -> list[Path]:
+    """A PadChest tree of 16-bit PNGs holding 12-bit data (BitsStored_DICOM 12), PA, one per patient."""
+    root.mkdir(parents=True, exist_ok=True)
+    header = ("ImageID,ImageDir,StudyDate_DICOM,PatientID,PatientBirth,PatientSex_DICOM,Projection,MethodLabel,"
+              "Labels,BitsStored_DICOM,PhotometricInterpretation_DICOM")
+    lines, paths = [header], []
+    base = synthetic_xray(rng, size).astype(np.uint16) * 16
+    for i in range(num_images):
+        image_id = f"{i:020d}_00-000-000.png"
+        path = root / str(i % 3) / image_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(base + rng.integers(0, 16, base.shape).astype(np.uint16)).save(path)
+        paths.append(path)
+        lines.append(f"{image_id},{i % 3},20120101,{i},1950.0,M,PA,Physician,\"['normal']\",12,MONOCHROME2")
+    (root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv").write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def naive_pil_loop(paths: Sequence[Path], resolution: int, bits: int | None = None) -> dict:
+    """The naive loop: PIL open, 8-bit gray (16-bit data scaled by its bit depth), BILINEAR resize, one thread."""
+    def work():
+        for path in paths:
+            with Image.open(path) as image:
+                if bits:
+                    gray = Image.fromarray((np.asarray(image).astype(np.float32) * (255.0 / (2 ** bits - 1)))
+                                           .astype(np.uint8))
+                else:
+                    gray = image.convert("L")
+                np.asarray(gray.resize((resolution, resolution), Image.Resampling.BILINEAR))
+
+    return timed(work, len(paths))
+
+
+def measure_source_builds(workdir: Path, args: argparse.Namespace) -> dict:
+    """The reader and the whole build of JPEG and 16-bit PNG sources against the naive loop (module docstring)."""
+    from metachex_jax.data import build, images
+
+    rng = np.random.default_rng(2)
+    sources = []
+    if args.jpeg_images:
+        sources.append(("jpeg", "chexpert", write_chexpert_tree(workdir / "chexpert", args.jpeg_images, rng), None))
+    if args.png16_images:
+        sources.append(("png16", "padchest", write_padchest_tree(workdir / "padchest", args.png16_images,
+                                                                   args.png16_size, rng), 12))
+    naive = {name: naive_pil_loop(paths, args.resolution, bits) for name, _, paths, bits in sources}
+    images._keep_large_buffers_on_the_heap()  # as every build's decoding workers do
+    out = {}
+    for name, dataset, paths, bits in sources:
+        declared = [bits] * len(paths)
+
+        def decode(paths=paths, declared=declared):
+            for _, error in images.decode_many(paths, args.resolution, progress=False, declared_bits=declared):
+                assert error is None, error
+
+        reader = timed(decode, len(paths))
+        built = timed(lambda dataset=dataset: build.build_dataset(
+            dataset, workdir / dataset, workdir / "tfds_sources", resolution=args.resolution, num_workers=1,
+            progress=False), len(paths))
+        base = naive[name]["img_per_cpu_s"]
+        out.update({f"{name}_naive_pil_img_per_cpu_s": base, f"{name}_reader_img_per_cpu_s": reader["img_per_cpu_s"],
+                    f"{name}_build_img_per_cpu_s": built["img_per_cpu_s"],
+                    f"{name}_reader_vs_naive_per_core": reader["img_per_cpu_s"] / base,
+                    f"{name}_build_vs_naive_per_core": built["img_per_cpu_s"] / base})
+        print(f"{name:>9} source ({len(paths)} images), per CPU second: naive PIL {base:8.1f}, reader "
+              f"{reader['img_per_cpu_s']:8.1f} ({reader['img_per_cpu_s'] / base:.2f}x), build "
+              f"{built['img_per_cpu_s']:8.1f} ({built['img_per_cpu_s'] / base:.2f}x)  load {built['load']}")
+    return out
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -142,6 +285,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--naive_images", type=int, default=8, help="1024x1024 PNGs written for the naive loader")
     add("--naive_samples", type=int, default=64, help="samples timed for the naive loader")
     add("--num_reads", type=int, default=500, help="records read one by one for the read figures")
+    add("--mixture", action=argparse.BooleanOptionalAction, default=True,
+        help="time the host pipeline over a 3-source mixture against one source")
+    add("--jpeg_images", type=int, default=2000, help="CheXpert-small-like 320 x 390 JPEGs (0 = skip)")
+    add("--png16_images", type=int, default=32, help="PadChest-like 16-bit PNGs (0 = skip)")
+    add("--png16_size", type=int, default=2000, help="side of those PNGs")
     args = parser.parse_args(argv)
     if not args.synthetic and not args.data_dir:
         parser.error("give --synthetic, or --data_dir (and --dataset) of a built dataset")
@@ -214,11 +362,20 @@ def main(argv: Sequence[str]) -> dict:
         print(f"    naive, 1 thread: {naive['img_per_s']:9.1f} img/s, {naive['img_per_cpu_s']:9.1f} img per CPU "
               f"second  load {naive['load']}; per core, host = {results['host_vs_naive_per_core']:.1f}x naive, "
               f"device = {results['device_vs_naive_per_core']:.1f}x naive")
-    results["goals_met"] = {name: bool(results[name] >= goal) for name, goal in GOALS.items()}
+        if args.mixture:
+            mixed = measure_mixture(source, augmentation=augmentation, image_size=args.image_size,
+                                    batch_size=args.batch_size, num_batches=args.num_batches)
+            print(f"  mixture, 1 thread: {mixed['mixture_img_per_cpu_s']:9.1f} img per CPU second over 3 sources vs "
+                  f"{mixed['single_source_img_per_cpu_s']:.1f} over one: {mixed['mixture_vs_single']:.2f}x  load "
+                  f"{mixed.pop('load')}")
+            results.update(mixed)
+        if args.jpeg_images or args.png16_images:
+            results.update(measure_source_builds(workdir, args))
+    results["goals_met"] = {name: bool(results[name] >= goal) for name, goal in GOALS.items() if name in results}
     results["load_at_end"] = load()
     print("goals (per core, CPU rates): " + ", ".join(
         f"{name} {results[name]:.1f} (goal {goal:g}: {'met' if results['goals_met'][name] else 'NOT met'})"
-        for name, goal in GOALS.items()))
+        for name, goal in GOALS.items() if name in results))
     results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
     print(json.dumps(results), flush=True)
     return results

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.features:
         with np.load(args.features) as f:
-            x, y, source = f["features"], f["tb"], args.features
+            # a TB set's cached table (transfer/features.py) carries the TB label as its target (format 1: "tb")
+            x, y, source = f["features"], f["target"] if "target" in f.files else f["tb"], args.features
     else:
         (x, y), source = planted_features(), "planted"
     settings = ProbeSettings()

@@ -1,4 +1,5 @@
-"""TFDS builders `chestxray14`, `shenzhen`, `montgomery`: raw copies -> ArrayRecord datasets (no TensorFlow).
+"""TFDS builders `chestxray14`, `shenzhen`, `montgomery`, and the label-table datasets `chexpert`, `padchest` and
+`csv` (your own data): raw copies -> ArrayRecord datasets (no TensorFlow).
 
 Each is one entry of the dataset table, `registry.DATASETS`.
 
@@ -17,7 +18,9 @@ or `builder.as_data_source()[split]`. `data_source(dataset, split, data_dir, ...
 
 Identity: the config name carries everything that changes the content, so two builds never mix:
 `r{resolution}` with the defaults, plus `_val{fraction}_seed{seed}` (chestxray14) or `_k{k}_seed{seed}` (TB)
-when those differ from the defaults ("." in a fraction is written "p": r256_val0p05_seed3). Configs outside
+when those differ from the defaults ("." in a fraction is written "p": r256_val0p05_seed3); the label-table
+datasets' names are built the same way from their options (`chexpert_config`, `padchest_config`, `csv_config`),
+and a CSV dataset's also carries a fingerprint of the CSV file. Configs outside
 BUILDER_CONFIGS are built with `config=nih_config(...)` and read by name exactly like the predefined ones (TFDS
 reads unknown configs from the files). `skip_bad` is not part of the identity: what it dropped is in the skip report.
 
@@ -70,7 +73,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import file_adapters
 
-from metachex_jax.data import images, nih, tb
+from metachex_jax.data import chexpert, csv_dataset, images, labelled, nih, padchest, tb
 from metachex_jax.data.raw_common import Problem, RawDataError
 from metachex_jax.data.records import RecordSource
 from metachex_jax.labels import PATHOLOGIES
@@ -130,6 +133,97 @@ def tb_config(resolution: int = DEFAULT_RESOLUTION, num_folds: int = tb.DEFAULT_
                     description=f"{resolution}x{resolution} gray; {num_folds} stratified folds (seed {seed})")
 
 
+@dataclasses.dataclass(eq=False)
+class ChexpertConfig(tfds.core.BuilderConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    views: str = "frontal"
+    uncertainty: str = "ignore"
+    test_fraction: float = chexpert.DEFAULT_TEST_FRACTION
+    seed: int = DEFAULT_SEED
+
+
+@dataclasses.dataclass(eq=False)
+class PadchestConfig(tfds.core.BuilderConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    views: str = "frontal"
+    val_fraction: float = padchest.DEFAULT_VAL_FRACTION
+    test_fraction: float = padchest.DEFAULT_TEST_FRACTION
+    seed: int = DEFAULT_SEED
+
+
+@dataclasses.dataclass(eq=False)
+class CsvConfig(tfds.core.BuilderConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    csv: str = ""  # the CSV file (absolute)
+    num_folds: int = csv_dataset.DEFAULT_NUM_FOLDS
+    seed: int = DEFAULT_SEED
+    stratify_by: str = ""  # the label column (resolved: never blank in a built config)
+    val_fraction: float = csv_dataset.DEFAULT_VAL_FRACTION
+    test_fraction: float = csv_dataset.DEFAULT_TEST_FRACTION
+    label_names: tuple = ()  # the CSV's label columns, in order
+
+
+def chexpert_config(resolution: int = DEFAULT_RESOLUTION, views: str = "frontal", uncertainty: str = "ignore",
+                    test_fraction: float = chexpert.DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SEED) -> ChexpertConfig:
+    """r{R}, plus `_all` (every view), `_unc-...` (a non-default uncertainty policy, chexpert.uncertainty_name)
+    and `_test{f}_seed{s}` when they differ from the defaults."""
+    chexpert.parse_uncertainty(uncertainty)  # fails early, naming the problem
+    parts = [f"r{resolution}"]
+    parts += ["all"] if views == "all" else []
+    parts += [chexpert.uncertainty_name(uncertainty)] if chexpert.uncertainty_name(uncertainty) else []
+    if (test_fraction, seed) != (chexpert.DEFAULT_TEST_FRACTION, DEFAULT_SEED):
+        parts.append(f"test{_fraction_text(test_fraction)}_seed{seed}")
+    return ChexpertConfig(name="_".join(parts), resolution=resolution, views=views, uncertainty=uncertainty,
+                          test_fraction=test_fraction, seed=seed,
+                          description=f"{resolution}x{resolution} gray; {views} views; uncertain labels: "
+                                      f"{uncertainty}; test = {test_fraction:g} of train.csv's patients (seed {seed})")
+
+
+def padchest_config(resolution: int = DEFAULT_RESOLUTION, views: str = "frontal",
+                    val_fraction: float = padchest.DEFAULT_VAL_FRACTION,
+                    test_fraction: float = padchest.DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SEED) -> PadchestConfig:
+    """r{R}, plus `_all` (every projection) and `_val{f}_test{f}_seed{s}` when they differ from the defaults."""
+    parts = [f"r{resolution}"] + (["all"] if views == "all" else [])
+    if (val_fraction, test_fraction, seed) != (padchest.DEFAULT_VAL_FRACTION, padchest.DEFAULT_TEST_FRACTION,
+                                               DEFAULT_SEED):
+        parts.append(f"val{_fraction_text(val_fraction)}_test{_fraction_text(test_fraction)}_seed{seed}")
+    return PadchestConfig(name="_".join(parts), resolution=resolution, views=views, val_fraction=val_fraction,
+                          test_fraction=test_fraction, seed=seed,
+                          description=f"{resolution}x{resolution} gray; {views} projections; train/validation/test "
+                                      f"by patient ({val_fraction:g} validation, {test_fraction:g} test, seed {seed})")
+
+
+def csv_config(resolution: int = DEFAULT_RESOLUTION, csv: str = "", num_folds: int = csv_dataset.DEFAULT_NUM_FOLDS,
+               seed: int = DEFAULT_SEED, stratify_by: str = "", val_fraction: float = csv_dataset.DEFAULT_VAL_FRACTION,
+               test_fraction: float = csv_dataset.DEFAULT_TEST_FRACTION) -> CsvConfig:
+    """`<csv stem>_r{R}[_k{k}_seed{s}][_strat-{column}][_val{f}_test{f}]_<fingerprint>` (options when they differ
+    from the defaults; the fingerprint covers the CSV's bytes and every option: csv_dataset.fingerprint)."""
+    layout = csv_dataset.read_layout(csv)
+    stratify_by = csv_dataset._stratify_column(layout, stratify_by)
+    options = {"resolution": resolution, "num_folds": num_folds, "seed": seed, "stratify_by": stratify_by,
+               "val_fraction": val_fraction, "test_fraction": test_fraction}
+    parts = [csv_dataset.name_stem(layout.path), f"r{resolution}"]
+    if (num_folds, seed) != (csv_dataset.DEFAULT_NUM_FOLDS, DEFAULT_SEED):
+        parts.append(f"k{num_folds}_seed{seed}")
+    if stratify_by != layout.label_names[0]:
+        parts.append("strat-" + csv_dataset.name_stem(stratify_by))
+    if (val_fraction, test_fraction) != (csv_dataset.DEFAULT_VAL_FRACTION, csv_dataset.DEFAULT_TEST_FRACTION):
+        parts.append(f"val{_fraction_text(val_fraction)}_test{_fraction_text(test_fraction)}")
+    parts.append(csv_dataset.fingerprint(layout.path, options))
+    return CsvConfig(name="_".join(parts), resolution=resolution, csv=str(layout.path), num_folds=num_folds,
+                     seed=seed, stratify_by=stratify_by, val_fraction=val_fraction, test_fraction=test_fraction,
+                     label_names=layout.label_names,
+                     description=f"{layout.path.name}: {resolution}x{resolution} gray; labels "
+                                 f"{', '.join(layout.label_names)}; {num_folds} folds and a train/validation/test "
+                                 f"split by patient, stratified by {stratify_by} (seed {seed})")
+
+
+def config_parameters(config: tfds.core.BuilderConfig) -> dict:
+    """A config's own fields (resolution and the build parameters), as the skip report records them."""
+    common = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in common}
+
+
 def _image_feature(resolution: int) -> tfds.features.Tensor:
     # BYTES: the pixels as one raw byte string (NONE would store one int64 varint per pixel).
     return tfds.features.Tensor(shape=(resolution, resolution, 1), dtype=np.uint8,
@@ -187,10 +281,16 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._ignored: dict[str, list[str]] = {}  # files that are no part of the dataset, by kind
         self._written: Counter = Counter()
         self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
+        self._details: dict = {}  # dataset-specific facts for the report (label-table datasets)
         self._positives: dict[str, Counter] = {}  # split -> label name -> records with that label = 1
+        self._known: dict[str, Counter] = {}  # split -> label name -> records whose label is known (not -1)
         super().__init__(**kwargs)
 
     # -- subclass hooks --------------------------------------------------------------------------------------
+    def label_names(self) -> tuple[str, ...]:
+        """The names of a record's `labels` entries (TB sets have none)."""
+        return ()
+
     def _read_raw(self, manual_dir: Path) -> dict[str, list]:
         """Parse the raw copy -> {split: records}; record problems/flags on self."""
         raise NotImplementedError
@@ -205,7 +305,8 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, records: list):
         decoded = images.decode_many([r.path for r in records], self.builder_config.resolution, pool=self._pool,
-                                     desc=f"{self.name} {split}", progress=self._progress, with_info=True)
+                                     desc=f"{self.name} {split}", progress=self._progress, with_info=True,
+                                     declared_bits=[getattr(r, "declared_bits", None) for r in records])
         for record, (image, error, info) in zip(records, decoded):
             if error is not None:
                 self._problems.append(Problem("undecodable_image", _record_name(record), error))
@@ -213,14 +314,22 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._written[split] += 1
             self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
             key, example = self._example(record, image[..., None])
-            self._positives.setdefault(split, Counter()).update(positive_labels(example))
+            self._positives.setdefault(split, Counter()).update(positive_labels(example, self.label_names()))
+            self._known.setdefault(split, Counter()).update(
+                name for name, value in zip(self.label_names(), example.get("labels", ())) if value >= 0)
             yield key, {**example, "bit_depth": info.bit_depth}
 
     def _download_and_prepare(self, dl_manager, download_config):
         self._problems, self._flags, self._flag_details, self._ignored = [], {}, {}, {}
-        self._written, self._bit_depths, self._positives = Counter(), Counter(), {}
+        self._written, self._bit_depths, self._positives, self._known = Counter(), Counter(), {}, {}
         with images.decoding_pool(self._num_workers) as self._pool, _writing_uncompressed_array_records():
-            super()._download_and_prepare(dl_manager, download_config)  # one decoding pool for all splits
+            try:
+                super()._download_and_prepare(dl_manager, download_config)  # one decoding pool for all splits
+            except AssertionError as exc:  # tfds refuses a split without examples
+                if "No examples were yielded" not in str(exc):
+                    raise
+                raise RawDataError(self.name, self._problems, hint=f"add images ({exc}: every image of that split "
+                                   "was left out, for the problems above)") from exc
         decode_failures = [p for p in self._problems if p.kind == "undecodable_image"]
         if decode_failures and not self._skip_bad:
             raise RawDataError(self.name, decode_failures)  # the temporary dataset folder is then deleted
@@ -228,9 +337,10 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         write_label_counts(Path(self.data_dir) / LABEL_COUNTS_FILE, self)
 
 
-def positive_labels(example: dict) -> list[str]:
-    """The binary labels set to 1 in a record: pathology names (chestxray14), "tb", "sex_male", "view_ap"."""
-    names = [name for name, value in zip(PATHOLOGIES, example.get("labels", ())) if value == 1]
+def positive_labels(example: dict, label_names=PATHOLOGIES) -> list[str]:
+    """The binary labels set to 1 in a record: its `labels` by `label_names` (chestxray14: NIH's 14; a
+    label-table dataset: its own), "tb", "sex_male", "view_ap"."""
+    names = [name for name, value in zip(label_names, example.get("labels", ())) if value == 1]
     return names + [name for name in ("tb", "sex_male", "view_ap") if example.get(name) == 1]
 
 
@@ -239,18 +349,22 @@ def write_label_counts(path: Path, builder: _RawImageBuilder) -> None:
     image) to weight classes. Written next to the records, like the skip report. Format:
 
     {"dataset": "chestxray14", "config": "r256", "version": "1.2.0",
-     "splits": {"train": {"num_examples": n, "positives": {"Atelectasis": n, ..., "sex_male": n, "view_ap": n}},
+     "splits": {"train": {"num_examples": n, "positives": {"Atelectasis": n, ..., "sex_male": n, "view_ap": n},
+                          "known": {"Atelectasis": n, ...}},   # label-table datasets: labels not -1 (unknown)
                 ...}}                               # every label of the dataset listed, 0 included
     """
-    names = (list(PATHOLOGIES) + ["sex_male", "view_ap"]) if builder.name == "chestxray14" else ["tb", "sex_male"]
-    counts = {
-        "dataset": builder.name,
-        "config": builder.builder_config.name,
-        "version": str(builder.version),
-        "splits": {split: {"num_examples": n,
-                           "positives": {name: builder._positives.get(split, Counter())[name] for name in names}}
-                   for split, n in sorted(builder._written.items())},
-    }
+    metadata = ["tb", "sex_male"] if isinstance(builder, _TbBuilder) else ["sex_male", "view_ap"]
+    names = list(builder.label_names()) + metadata
+    labelled = isinstance(builder, _LabelledBuilder)
+    splits = {}
+    for split, n in sorted(builder._written.items()):
+        splits[split] = {"num_examples": n,
+                         "positives": {name: builder._positives.get(split, Counter())[name] for name in names}}
+        if labelled:
+            splits[split]["known"] = {name: builder._known.get(split, Counter())[name]
+                                      for name in builder.label_names()}
+    counts = {"dataset": builder.name, "config": builder.builder_config.name, "version": str(builder.version),
+              "splits": splits}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(counts, indent=1) + "\n")
     tmp.replace(path)
@@ -271,8 +385,9 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
      "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}},  # what a flag is about
      "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...],  # the reader's decisions (images.py)
-     "ignored_files": {"appledouble": {"count": n, "examples": [...]}, ...}}  # no part of the dataset (._*,
-                                                                      # hidden, Thumbs.db): not read
+     "ignored_files": {"appledouble": {"count": n, "examples": [...]}, ...},  # no part of the dataset (._*,
+                                                                       # hidden, Thumbs.db): not read
+     "details": {...}}   # label-table datasets: label names, unmapped findings, excluded views, the split drawn
     """
     config = builder.builder_config
     report = {
@@ -281,8 +396,7 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "version": str(builder.version),
         "manual_dir": os.fspath(manual_dir),
         "skip_bad": builder._skip_bad,
-        "build_parameters": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                             if f.name in ("resolution", "val_fraction", "seed", "num_folds")},
+        "build_parameters": config_parameters(config),
         "split_sizes": dict(sorted(builder._written.items())),
         "skipped": [p.as_dict() for p in sorted(builder._problems)],
         "skipped_counts": dict(sorted(Counter(p.kind for p in builder._problems).items())),
@@ -293,6 +407,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "ignored_files": {kind: {"count": len(paths), "examples": paths[:5]}
                           for kind, paths in sorted(builder._ignored.items())},
     }
+    if builder._details:
+        report["details"] = builder._details
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     tmp.replace(path)
@@ -300,6 +416,9 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
 
 class Chestxray14(_RawImageBuilder):
     """NIH ChestX-ray14 (112,120 frontal chest X-rays, 14 pathologies + age/sex/view metadata)."""
+
+    def label_names(self) -> tuple[str, ...]:
+        return PATHOLOGIES
 
     BUILDER_CONFIGS = [nih_config(r) for r in PREDEFINED_RESOLUTIONS]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -428,6 +547,137 @@ class Montgomery(_TbBuilder):
 
     SOURCE = tb.MONTGOMERY
     MANUAL_DOWNLOAD_INSTRUCTIONS = _TB_INSTRUCTIONS.format(folder=tb.MONTGOMERY.folder, name="montgomery")
+
+
+class _LabelledBuilder(_RawImageBuilder, skip_registration=True):
+    """The label-table datasets (labelled.py): one record format, the label names in the dataset's metadata.
+
+    Records: image, image_id, patient_id (as written), patient_key (labelled.patient_key: the int64 the pipeline
+    groups by), labels int8 (K,) 1/0/-1 in `dataset_info.metadata["label_names"]` order, age, age_valid, sex_male
+    and view_ap (-1 unknown), view (as written), fold (-1 where the dataset has none), bit_depth.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LOAD = None  # the reader's load function: (manual_dir, skip_bad=..., **options) -> labelled.LabelledRaw
+    OPTIONS: tuple[str, ...] = ()  # the config fields passed to LOAD
+    LABEL_NAMES: tuple[str, ...] = ()
+    DESCRIPTION = ""
+    HOMEPAGE = ""
+
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.LABEL_NAMES)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.builder_config.resolution
+        names = self.label_names()
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"{self.DESCRIPTION} 8-bit gray resized to RxR (aspect not preserved). Labels: 1 present, "
+                        "0 absent, -1 unknown, in metadata['label_names'] order.",
+            features=tfds.features.FeaturesDict({
+                "image": _image_feature(r),
+                "image_id": tfds.features.Text(),
+                "patient_id": tfds.features.Text(),
+                "patient_key": tfds.features.Scalar(dtype=np.int64),
+                "labels": tfds.features.Tensor(shape=(len(names),), dtype=np.int8),
+                "age": tfds.features.Scalar(dtype=np.float32),
+                "age_valid": tfds.features.Scalar(dtype=np.bool_),
+                "sex_male": tfds.features.Scalar(dtype=np.int64),
+                "view_ap": tfds.features.Scalar(dtype=np.int64),
+                "view": tfds.features.Text(),
+                "fold": tfds.features.Scalar(dtype=np.int64),
+                "bit_depth": tfds.features.Scalar(dtype=np.int64),  # of the raw file, as the reader decided
+            }),
+            metadata=tfds.core.MetadataDict(label_names=list(names)),
+            homepage=self.HOMEPAGE,
+            disable_shuffling=True,
+        )
+
+    def _read_raw(self, manual_dir: Path) -> dict[str, list]:
+        config = self.builder_config
+        raw = type(self).LOAD(manual_dir, skip_bad=self._skip_bad, **{k: getattr(config, k) for k in self.OPTIONS})
+        if raw.label_names != self.label_names():
+            raise ValueError(f"{self.name}: the raw copy's labels {raw.label_names} are not the build's "
+                             f"{self.label_names()}")
+        self._problems += raw.problems
+        self._flags = raw.flags
+        self._details = {"label_names": list(raw.label_names), **raw.details}
+        empty = [name for name, records in raw.splits.items() if not records]
+        if empty:
+            raise ValueError(f"{self.name}: the {' and '.join(empty)} split(s) would be empty "
+                             f"({ {k: len(v) for k, v in raw.splits.items()} } images): too few patients for the "
+                             f"split fractions of {self.builder_config.name}; add images or raise the fractions")
+        return raw.splits
+
+    def _example(self, record: labelled.LabelledRecord, image: np.ndarray) -> tuple[str, dict]:
+        return record.image_id, {
+            "image": image,
+            "image_id": record.image_id,
+            "patient_id": record.patient_id,
+            "patient_key": labelled.patient_key(record.patient_id),
+            "labels": np.asarray(record.labels, dtype=np.int8),
+            "age": np.float32(record.age),
+            "age_valid": record.age_valid,
+            "sex_male": record.sex_male,
+            "view_ap": record.view_ap,
+            "view": record.view,
+            "fold": record.fold,
+        }
+
+
+class Chexpert(_LabelledBuilder):
+    """CheXpert (224,316 images of 65,240 patients; train.csv + valid.csv), 14 observations (chexpert.py)."""
+
+    name = "chexpert"
+    BUILDER_CONFIGS = [chexpert_config(r) for r in PREDEFINED_RESOLUTIONS]
+    LOAD = staticmethod(chexpert.load_chexpert)
+    OPTIONS = ("views", "uncertainty", "test_fraction", "seed")
+    LABEL_NAMES = chexpert.OBSERVATIONS
+    DESCRIPTION = ("CheXpert: train.csv (less a patient-disjoint test carve-out) and valid.csv; uncertain "
+                   "observations by the config's policy.")
+    HOMEPAGE = "https://stanfordmlgroup.github.io/competitions/chexpert/"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download CheXpert-v1.0-small (or CheXpert-v1.0) from https://stanfordmlgroup.github.io/competitions/chexpert/
+    and unpack it; manual_dir is the folder holding CheXpert-v1.0-small/ (or that folder itself). Then run
+    python -m metachex_jax.prepare --dataset=chexpert --manual_dir=THAT_FOLDER --data_dir=OUT
+    """
+
+
+class Padchest(_LabelledBuilder):
+    """PadChest (160,861 images of 67,625 patients), findings mapped onto NIH's 14 + extras (padchest.py)."""
+
+    name = "padchest"
+    BUILDER_CONFIGS = [padchest_config(r) for r in PREDEFINED_RESOLUTIONS]
+    LOAD = staticmethod(padchest.load_padchest)
+    OPTIONS = ("views", "val_fraction", "test_fraction", "seed")
+    LABEL_NAMES = padchest.LABEL_NAMES
+    DESCRIPTION = ("PadChest: findings mapped onto NIH's 14 labels plus No Finding and Tuberculosis (padchest."
+                   "LABEL_FINDINGS); 16-bit PNGs scaled by their BitsStored_DICOM; train/validation/test by patient.")
+    HOMEPAGE = "https://bimcv.cipf.es/bimcv-projects/padchest/"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download PadChest from https://bimcv.cipf.es/bimcv-projects/padchest/ and unpack the image zips; manual_dir
+    holds PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) and the numbered image folders. Then run
+    python -m metachex_jax.prepare --dataset=padchest --manual_dir=THAT_FOLDER --data_dir=OUT
+    """
+
+
+class Csv(_LabelledBuilder):
+    """Your own images and labels, listed in a CSV (csv_dataset.py)."""
+
+    name = "csv"
+    BUILDER_CONFIGS = []  # every config depends on its CSV: csv_config(...)
+    LOAD = staticmethod(csv_dataset.load_csv)
+    OPTIONS = ("csv", "num_folds", "seed", "stratify_by", "val_fraction", "test_fraction")
+    DESCRIPTION = "Images and labels listed in a CSV; folds and train/validation/test by patient, stratified."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Write a CSV with a `path` column (relative to manual_dir), one column per label (1, 0 or blank) and optional
+    patient_id, age, sex and view columns (see metachex_jax/data/csv_dataset.py). Then run
+    python -m metachex_jax.prepare --dataset=csv --csv=YOUR.csv --manual_dir=IMAGE_ROOT --data_dir=OUT
+    """
+
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.builder_config.label_names)
 
 
 def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> epath.Path:

@@ -1,8 +1,11 @@
-"""The prepared datasets a run reads, found (or, for the demo, made) from the config's `data` section.
+"""The prepared datasets a run reads, found (or, for the demo, made) from the config's `data` section: one
+dataset or a weighted mixture (`pretraining_data`: chestxray14, chexpert, padchest and csv builds seen in one
+label space, data/mixture.py).
 
 Real data is prepared once with `python -m metachex_jax.prepare` (see the README). A run then opens the
 ArrayRecord splits with `tfds.data_source`. If the dataset is missing, the run prepares it when
-`config.data.manual_dir` names the raw copy; otherwise it stops with a MissingDataError holding the exact
+`config.data.manual_dir` (chexpert, padchest, csv: `config.data.<name>.manual_dir`) names the raw copy; otherwise
+it stops with a MissingDataError holding the exact
 `prepare` commands (`missing_data_message`, which config validation prints before any work too; a multi-process
 run refuses to prepare real data: prepare it once first). `required_build` maps the config to the build it
 reads (registry: each family's `from_config`). With `config.demo` the synthetic demo tree is generated (once)
@@ -12,6 +15,7 @@ data_dir may be a gs:// URL of a dataset prepared elsewhere (see launch/README.m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -19,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from metachex_jax import config_lib, distributed, files
-from metachex_jax.data import build, builders, registry
+from metachex_jax.data import build, builders, mixture, registry
 from metachex_jax.errors import MissingDataError
 from metachex_jax.labels import PATHOLOGIES
 
@@ -39,7 +43,7 @@ def resolve_demo(config) -> tuple[str, str]:
     # One folder per generator version and parameters, so a prepared dataset never outlives the tree it came from.
     root = os.path.join(os.path.expanduser(config.demo_dir),
                         f"v{demo_data.GENERATOR_VERSION}_seed{d.seed}_nih{d.num_nih}_sz{d.num_shenzhen}"
-                        f"_mc{d.num_montgomery}_px{d.size}")
+                        f"_mc{d.num_montgomery}_hs{d.num_hospital}_px{d.size}")
     distributed.one_process_at_a_time(lambda: demo_data.write_demo_data(os.path.join(root, "raw"), **d), "demo tree")
     return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
 
@@ -49,6 +53,11 @@ def required_build(dataset: str, data) -> tuple[str, dict]:
     family = registry.family(dataset)
     parameters = family.from_config(data)
     return family.config_name(data.resolution, **parameters), parameters
+
+
+def manual_dir_field(dataset: str) -> str:
+    """The config field naming a dataset's raw copy (prepared at the start of a run when set)."""
+    return f"data.{dataset}.manual_dir" if registry.family(dataset).kind == "labelled" else "data.manual_dir"
 
 
 def missing_data_message(data, names: list[str], demo_command: str | None = None,
@@ -75,41 +84,122 @@ def missing_data_message(data, names: list[str], demo_command: str | None = None
         if remote:
             lines.append(f"  gcloud storage cp -r LOCAL_DIR/{name}/{config_name} {data_dir}/{name}/")
     if prepare_at_start and not remote:
-        lines.append("or pass --config.data.manual_dir=RAW_DIR to prepare them at the start of this run.")
+        fields = dict.fromkeys(manual_dir_field(name) for name, _, _ in missing)
+        lines.append(f"or pass {' and '.join(f'--config.{f}=RAW_DIR' for f in fields)} to prepare them at the start "
+                     "of this run.")
     if demo_command:
         lines.append(f"To try the pipeline without the real data, run the synthetic demo instead:\n  {demo_command}")
     return "\n".join(lines)
 
 
-def chestxray14_splits(config) -> dict:
-    """{"train", "validation", "test"} -> random-access sources of the prepared ChestX-ray14 dataset."""
+def chestxray14_splits(config, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
+    """{"train", "validation", "test"} (or `splits`, e.g. "train+validation+test") -> random-access sources of the
+    prepared ChestX-ray14 dataset."""
+    return dataset_splits(config, "chestxray14", splits)
+
+
+def dataset_splits(config, name: str, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
+    """{"train", "validation", "test"} (or `splits`) -> sources of a prepared dataset: chestxray14, or a label-table
+    dataset (chexpert, padchest, csv; its build parameters in `config.data.<name>`), prepared first from its raw
+    copy (`manual_dir_field`) when missing. With config.demo, a csv dataset without a CSV file is the demo tree's
+    synthetic hospital."""
     data = config.data
-    manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
+    family = registry.family(name)
+    if family.kind == "tb":
+        raise ValueError(f"{name} is read by the transfer code (transfer/sets.py), not as splits")
+    manual_dir = data.manual_dir if family.kind == "nih" else data[name].manual_dir
+    data_dir = os.path.expanduser(data.data_dir)
+    config_name, parameters = (None, None)
     if config.demo:
-        manual_dir, data_dir = resolve_demo(config)
-    config_name, parameters = required_build("chestxray14", data)
-    name = f"chestxray14/{config_name}"
+        nih_manual_dir, data_dir = resolve_demo(config)
+        manual_dir = nih_manual_dir if name == "chestxray14" else manual_dir
+        if name == "csv" and not data.csv.csv:
+            from metachex_jax import demo_data
+
+            manual_dir = os.path.join(os.path.dirname(nih_manual_dir), demo_data.HOSPITAL_DIR)
+            parameters = {**family.from_config(data), "csv": os.path.join(manual_dir, demo_data.HOSPITAL_CSV_NAME)}
+            config_name = family.config_name(data.resolution, **parameters)
+    if config_name is None:
+        config_name, parameters = required_build(name, data)
+    full_name = f"{name}/{config_name}"
 
     def prepare_if_missing():
-        if builders.is_complete(data_dir, "chestxray14", config_name):
+        if builders.is_complete(data_dir, name, config_name):
             return
         if not manual_dir:
-            raise MissingDataError(missing_data_message(data, ["chestxray14"], config_lib.PRETRAIN_DEMO_COMMAND))
-        logging.info("preparing %s from %s into %s", name, manual_dir, data_dir)
-        build.build_dataset("chestxray14", os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
-                            **parameters)
+            demo = config_lib.PRETRAIN_DEMO_COMMAND if name == "chestxray14" else None
+            raise MissingDataError(missing_data_message(data, [name], demo))
+        logging.info("preparing %s from %s into %s", full_name, manual_dir, data_dir)
+        build.build_dataset(name, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution, **parameters)
 
     if config.demo:  # a local cache like the demo tree: prepared in turns, as resolve_demo explains
-        distributed.one_process_at_a_time(prepare_if_missing, "demo chestxray14")
-    elif jax.process_count() > 1 and not builders.is_complete(data_dir, "chestxray14", config_name):
-        raise MissingDataError(f"{name} is not prepared in {data_dir}; prepare it once before a multi-host run "
+        distributed.one_process_at_a_time(prepare_if_missing, f"demo {name}")
+    elif jax.process_count() > 1 and not builders.is_complete(data_dir, name, config_name):
+        raise MissingDataError(f"{full_name} is not prepared in {data_dir}; prepare it once before a multi-host run "
                                "(not from every host at once):\n  "
-                               + build.prepare_command("chestxray14", data_dir, manual_dir=manual_dir or "RAW_DIR",
+                               + build.prepare_command(name, data_dir, manual_dir=manual_dir or "RAW_DIR",
                                                        resolution=data.resolution, **parameters))
     else:
         prepare_if_missing()
-    return {split: builders.data_source("chestxray14", split, data_dir, config_name=config_name)
-            for split in NIH_SPLITS}
+    return {split: builders.data_source(name, split, data_dir, config_name=config_name) for split in splits}
+
+
+@dataclasses.dataclass
+class PretrainingData:
+    """The datasets a pretraining run reads, every split seen in one label space (data/mixture.py)."""
+
+    space: tuple[str, ...]  # the model's pathology outputs: NIH's 14, then config.data.extra_labels
+    weights: dict[str, float]  # dataset -> sampling weight, in config.data.datasets order
+    splits: dict[str, dict[str, mixture.HarmonisedSource]]  # dataset -> split -> records in the space
+
+    @property
+    def is_mixture(self) -> bool:
+        return len(self.splits) > 1
+
+
+def pretraining_data(config) -> PretrainingData:
+    """Every dataset of `config.data.datasets` (one, or a weighted mixture), prepared, in the label space."""
+    weights = mixture.parse_mixture(config.data.datasets)
+    space = mixture.label_space(config.data.extra_labels)
+    splits = {}
+    for name in weights:
+        kind = registry.family(name).kind
+        splits[name] = {split: mixture.HarmonisedSource(source, dataset=name, kind=kind, space=space)
+                        for split, source in dataset_splits(config, name).items()}
+        missing = [label for label in space if label not in splits[name]["train"].provided]
+        if missing and len(missing) == len(space):
+            raise ValueError(f"{name} provides none of the labels {space}")
+        if missing:
+            logging.info("%s lacks %s: masked for its images", name, ", ".join(missing))
+    return PretrainingData(space, weights, splits)
+
+
+def known_label_counts(data: PretrainingData) -> tuple[np.ndarray, np.ndarray]:
+    """(positives per label of the space, training images whose label is known per label) over every dataset of a
+    pretraining run, for CheXNet's class weights on a label space where datasets may lack labels. From the counts
+    each build stored (`builders.write_label_counts`); a build without them is counted by reading (`label_counts`
+    says when)."""
+    positives, known = np.zeros(len(data.space), np.int64), np.zeros(len(data.space), np.int64)
+    for name, splits in data.splits.items():
+        harmonised = splits["train"]
+        source = harmonised.source
+        info = getattr(source, "dataset_info", None)
+        stored = builders.read_label_counts_at(info.data_dir) if info is not None else None
+        split = stored["splits"].get(str(source.split)) if stored else None
+        if split is None or (harmonised.kind == "labelled" and "known" not in split):
+            logging.warning("%s: counting the labels by reading every training record (no stored label counts)",
+                            name)
+            for i in range(len(harmonised)):
+                labels = np.asarray(harmonised[i]["labels"], np.int64)
+                positives, known = positives + (labels == 1), known + (labels >= 0)
+            continue
+        native_known = split.get("known") or {n: split["num_examples"] for n in harmonised.native_names}
+        for j, column in enumerate(harmonised.columns):
+            if column >= 0:
+                native = harmonised.native_names[column]
+                positives[j] += split["positives"][native]
+                known[j] += native_known[native]
+    return positives, known
 
 
 def label_counts(source) -> tuple[np.ndarray, int]:

@@ -123,6 +123,47 @@ def tb_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray)
     }
 
 
+def binary_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """Records of one binary target of any dataset (transfer/sets.py: target 1/0/-1 = unknown) -> the batch that
+    fine-tuning and feature extraction read."""
+    target, target_mask = _known_or_zero(np.array([r["target"] for r in records], np.float32))
+    sex_male, sex_mask = _known_or_zero(np.array([r["sex_male"] for r in records], np.float32))
+    age, age_mask = _ages(records)
+    return {
+        "image": images,
+        "target": target,
+        "target_mask": target_mask,
+        "sex_male": sex_male,
+        "sex_mask": sex_mask,
+        "age": age,
+        "age_mask": age_mask,
+        "fold": np.array([r["fold"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
+    }
+
+
+def labelled_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """Records of the shared label space (data/mixture.py: labels 1/0/-1 = unknown) -> the multi-task batch, with
+    a 0 mask for every unknown label or metadata entry."""
+    labels = np.array([r["labels"] for r in records], np.int8)
+    metadata, metadata_mask = _known_or_zero(
+        np.array([[r[name] for name in METADATA_TASKS] for r in records], np.float32))
+    age, age_mask = _ages(records)
+    return {
+        "image": images,
+        "pathology": (labels == 1).astype(np.float32),
+        "pathology_mask": (labels >= 0).astype(np.float32),
+        "metadata": metadata,
+        "metadata_mask": metadata_mask,
+        "age": age,
+        "age_mask": age_mask,
+        "patient_id": np.array([r["patient_key"] for r in records], np.int64),
+        "index": np.asarray(indices, np.int64),
+        "example_mask": np.ones(len(records), np.float32),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class ExampleFormat:
     to_batch: Callable[[Sequence[Record], np.ndarray, np.ndarray], Example]
@@ -132,9 +173,15 @@ class ExampleFormat:
 EXAMPLE_FORMATS = {
     "nih": ExampleFormat(nih_batch, ("image", "labels", "age", "age_valid", "patient_id") + METADATA_TASKS),
     "tb": ExampleFormat(tb_batch, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
+    # one binary target of any dataset (transfer/sets.py: BinaryRecords)
+    "binary": ExampleFormat(binary_batch, ("image", "target", "sex_male", "age", "age_valid", "fold")),
+    # the shared label space of data/mixture.py (HarmonisedSource records), any number of labels
+    "labelled": ExampleFormat(labelled_batch, ("image", "labels", "age", "age_valid", "patient_key")
+                              + METADATA_TASKS),
 }
 # Which example format each built dataset (builder name) uses.
-KIND_OF_DATASET = {"chestxray14": "nih", "shenzhen": "tb", "montgomery": "tb"}
+KIND_OF_DATASET = {"chestxray14": "nih", "shenzhen": "tb", "montgomery": "tb", "chexpert": "labelled",
+                   "padchest": "labelled", "csv": "labelled"}
 
 
 def _blank_padding(batch: Example, padding: np.ndarray) -> Example:
@@ -145,8 +192,15 @@ def _blank_padding(batch: Example, padding: np.ndarray) -> Example:
     return batch
 
 
+def padding_record(source) -> Record:
+    """The record padding rows are made from: zeros shaped like the source's records (labels of its length)."""
+    if len(source) and "labels" in source[0]:
+        return {**_ZERO_RECORD, "labels": np.zeros(np.shape(source[0]["labels"]), np.int8)}
+    return _ZERO_RECORD
+
+
 _ZERO_RECORD = {"labels": np.zeros(len(PATHOLOGIES)), "age": 0.0, "age_valid": False, "patient_id": -1,
-                "tb": 0, "sex_male": -1, "fold": -1, "view_ap": -1}
+                "patient_key": -1, "tb": 0, "target": -1, "sex_male": -1, "fold": -1, "view_ap": -1}
 
 
 def check_source(source: RandomAccessSource, kind: str, image_size: int) -> None:
@@ -246,7 +300,8 @@ class _ReadEvalBatch(grain.transforms.Map):
         positions = batch_number * self.per_host_batch_size + np.arange(self.per_host_batch_size)
         indices = self.process_index + positions * self.process_count
         padding = indices >= len(self.source)
-        records = [_ZERO_RECORD if pad else self.source[int(i)] for i, pad in zip(indices, padding)]
+        padded = padding_record(self.source) if padding.any() else None
+        records = [padded if pad else self.source[int(i)] for i, pad in zip(indices, padding)]
         blank = np.zeros((self.image_size, self.image_size), np.uint8)
         images = np.stack([blank if pad else eval_view(as_gray_2d(r["image"]), self.image_size, self.geometry)
                            for r, pad in zip(records, padding)])
@@ -339,7 +394,7 @@ def workers_for_resume(requested: int, resolved: int, saved: int | None) -> int:
     return saved
 
 
-AUGMENT_ON = ("host", "device")
+AUGMENT_ON = ("auto", "host", "device")  # config.data.augment_on
 
 
 def resolve_augment_on(requested: str, backend: str, saved: str | None = None,
@@ -428,7 +483,9 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
 
     Args:
       sources: one source, or several (all of the same `kind`) mixed by `weights`.
-      kind: "nih" (ChestX-ray14 multi-task batches) or "tb" (Shenzhen/Montgomery); a dataset's kind is in data/registry.py.
+      kind: "nih" (ChestX-ray14 multi-task batches), "tb" (Shenzhen/Montgomery), "labelled" (records in the
+        shared label space of data/mixture.py: per-label masks; what the trainer feeds) or "binary" (one target:
+        what transfer fine-tuning feeds); a prepared dataset's kind is in data/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
       geometry: the model's pixel geometry (`augment.GEOMETRIES`; `PixelContract.geometry`): "resize_crop" crops

@@ -7,12 +7,13 @@ A family plugs in here. Its parts:
   make_config  (resolution, **parameters) -> the builder config; its name (r256, r256_k5_seed1) is the build's
                identity on disk, so builds with different parameters never mix
   parameters   the build parameters besides resolution, with their defaults; `prepare` offers each as a flag
-  kind         the record format the input pipeline turns into batches (pipeline.py: "nih" or "tb")
+  kind         the record format the input pipeline turns into batches (pipeline.py: "nih", "tb" or "labelled")
   from_config  the run config's `data` section -> the build parameters a run needs (the build it looks for)
   raw_copy     what --manual_dir must hold, and where to get it (for the messages that print `prepare` commands)
 
-To add a family (CheXpert, say): write data/chexpert.py (reader + `verify`), a builder class in builders.py, and
-one entry in DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
+To add a family: write data/<family>.py (reader + `verify`; a label table? reuse labelled.py's record and
+splits, as chexpert.py, padchest.py and csv_dataset.py do), a builder class in builders.py, and one entry in
+DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
 --dataset=chexpert` (build and --verify), `build.build_dataset` and `build.verify_raw` then know it.
 """
 
@@ -23,7 +24,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from metachex_jax.data import builders, nih, tb
+from metachex_jax.data import builders, chexpert, csv_dataset, nih, padchest, tb
 from metachex_jax.data.raw_common import RawCheck
 
 
@@ -58,6 +59,13 @@ class DatasetFamily:
 
 _NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED}
 _TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED}
+_CHEXPERT_PARAMETERS = {"views": "frontal", "uncertainty": "ignore", "test_fraction": chexpert.DEFAULT_TEST_FRACTION,
+                        "seed": builders.DEFAULT_SEED}
+_PADCHEST_PARAMETERS = {"views": "frontal", "val_fraction": padchest.DEFAULT_VAL_FRACTION,
+                        "test_fraction": padchest.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED}
+_CSV_PARAMETERS = {"csv": "", "num_folds": csv_dataset.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED,
+                   "stratify_by": "", "val_fraction": csv_dataset.DEFAULT_VAL_FRACTION,
+                   "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION}
 
 
 def _nih_from_config(data) -> dict[str, Any]:
@@ -66,6 +74,11 @@ def _nih_from_config(data) -> dict[str, Any]:
 
 def _tb_from_config(data) -> dict[str, Any]:
     return {"num_folds": data.num_folds, "seed": data.fold_seed}
+
+
+def _section_from_config(name: str, data) -> dict[str, Any]:
+    """A label-table dataset's build parameters: its own section of the data config (`data.chexpert`, ...)."""
+    return {key: data[name][key] for key in DATASETS[name].parameters}
 
 
 _TB_RAW = ("the folder holding {folder}/ (CXR_png/ and ClinicalReadings/), from "
@@ -82,13 +95,33 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
     DatasetFamily("montgomery", builders.Montgomery, builders.tb_config, _TB_PARAMETERS,
                   functools.partial(tb.verify, dataset="montgomery"), "tb", _tb_from_config,
                   _TB_RAW.format(folder=tb.MONTGOMERY.folder)),
+    DatasetFamily("chexpert", builders.Chexpert, builders.chexpert_config, _CHEXPERT_PARAMETERS, chexpert.verify,
+                  "labelled", functools.partial(_section_from_config, "chexpert"),
+                  "the folder holding CheXpert-v1.0-small/ (or CheXpert-v1.0/), from "
+                  "https://stanfordmlgroup.github.io/competitions/chexpert/"),
+    DatasetFamily("padchest", builders.Padchest, builders.padchest_config, _PADCHEST_PARAMETERS, padchest.verify,
+                  "labelled", functools.partial(_section_from_config, "padchest"),
+                  "the folder holding PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) and the image "
+                  "folders, from https://bimcv.cipf.es/bimcv-projects/padchest/"),
+    DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled",
+                  functools.partial(_section_from_config, "csv"),
+                  "the folder the CSV's image paths are relative to (data/csv_dataset.py)"),
 )}
 
 # What each build parameter means (the `prepare` flags' help).
 PARAMETER_HELP = {
-    "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation",
-    "num_folds": "shenzhen/montgomery: stratified cross-validation folds stored per record",
-    "seed": "the seed of the validation carve-out (chestxray14) or of the folds and split (TB sets)",
+    "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation; padchest, csv: "
+                    "fraction of the patients in validation",
+    "num_folds": "shenzhen/montgomery/csv: stratified cross-validation folds stored per record",
+    "seed": "the seed of the validation carve-out (chestxray14), of the folds and split (TB sets, csv), of the "
+            "test carve-out (chexpert) or of the split (padchest)",
+    "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'",
+    "uncertainty": "chexpert: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
+                   "after a default: 'ignore,Atelectasis=ones,Edema=ones'",
+    "test_fraction": "chexpert: fraction of train.csv's patients carved out as test; padchest, csv: fraction of "
+                     "the patients in test",
+    "csv": "csv: the CSV file listing path, labels and optional patient_id, age, sex, view",
+    "stratify_by": "csv: the label column folds and split are stratified by (default: the first label column)",
 }
 
 

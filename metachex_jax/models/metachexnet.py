@@ -32,6 +32,8 @@ class MetaChexNet(nnx.Module):
     Args:
       arch: backbone architecture, a key of `metachex_jax.models.SPECS`.
       num_pathologies: size of the pathology head (0 for none).
+      pathology_names: the head's label names (default: NIH's 14 when it has 14 outputs); a model pretrained on a
+        mixture with extra labels has NIH's 14 followed by them (data/mixture.py).
       metadata_tasks: names of the binary metadata logits (empty for no metadata head).
       age_hidden: width of the age head's intermediate layer (0 for no age head).
       age_mean, age_std: years; the age head predicts (age - age_mean) / age_std.
@@ -43,7 +45,13 @@ class MetaChexNet(nnx.Module):
     def __init__(self, arch: str = "densenet121", *, num_pathologies: int = len(PATHOLOGIES),
                  metadata_tasks: tuple[str, ...] = METADATA_TASKS, age_hidden: int = 256,
                  age_mean: float = 47.0, age_std: float = 17.0, in_channels: int = 3, dtype: Any = jnp.float32,
-                 scan_layers: bool = False, remat: bool = False, rngs: nnx.Rngs):
+                 scan_layers: bool = False, remat: bool = False,
+                 pathology_names: tuple[str, ...] | None = None, rngs: nnx.Rngs):
+        if pathology_names is not None and len(pathology_names) != num_pathologies:
+            raise ValueError(f"{len(pathology_names)} pathology names for a head of {num_pathologies}")
+        if pathology_names is None and num_pathologies == len(PATHOLOGIES):
+            pathology_names = PATHOLOGIES
+        self._pathology_names = tuple(pathology_names or (f"pathology_{i}" for i in range(num_pathologies)))
         self.backbone = DenseNet(arch, num_classes=None, in_channels=in_channels, dtype=dtype,
                                  scan_layers=scan_layers, remat=remat, rngs=rngs)
         f = self.backbone.num_features
@@ -106,10 +114,7 @@ class MetaChexNet(nnx.Module):
         return scores
 
     def pathology_names(self) -> tuple[str, ...]:
-        if self.pathology_head is None:
-            return ()
-        n = self.pathology_head.out_features
-        return PATHOLOGIES if n == len(PATHOLOGIES) else tuple(f"pathology_{i}" for i in range(n))
+        return self._pathology_names if self.pathology_head is not None else ()
 
 
 def resolve_scan_layers(value, backend: str | None = None) -> bool:
@@ -134,9 +139,11 @@ def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
     saved before it existed are "imagenet": 3 channels)."""
     from metachex_jax.preprocessing import channels_of
 
+    names = model_config.get("pathology_names")  # written by the trainer for mixtures with extra labels
     return MetaChexNet(
         model_config.arch,
-        num_pathologies=model_config.num_pathologies,
+        num_pathologies=len(names) if names else model_config.num_pathologies,
+        pathology_names=tuple(names) if names else None,
         metadata_tasks=tuple(model_config.metadata_tasks),
         age_hidden=model_config.age_hidden,
         age_mean=model_config.age_mean,

@@ -1,20 +1,23 @@
-"""TB transfer: starting weights x {linear probe, fine-tuning} x protocols on Shenzhen and Montgomery.
+"""Transfer: starting weights x {linear probe, fine-tuning} x protocols x targets; TB on Shenzhen and Montgomery
+by default, any prepared datasets and binary labels otherwise (e.g. a hospital's own CSV dataset).
 
 Entry point: `python -m metachex_jax.main --config=configs/transfer.py[:demo] --config.init_from=PRE --workdir=DIR`
 (`run.run(config, workdir)`). One module per job, in the order a run uses them:
 
     weights.py     starting weights (pretraining workdir, converted backbone or model directory, random) + content
                    fingerprint + each start's pixel contract
-    tb_data.py     the prepared TB sets (all records, folds) + a content fingerprint of each build
-    protocols.py   k-fold CV within a set, train-on-one/test-on-the-other; fold/class checks
+    sets.py        the prepared datasets (all records) + a content fingerprint of each build; each seen through
+                   one binary target (images with a known label, folds by patient)
+    protocols.py   k-fold CV within a dataset, train on some / test on another; fold/class checks
     features.py    frozen pooled features + head outputs, cached by (weights, dataset, pixel contract) content
     probe.py       L2 logistic regression, strength by inner CV on the training folds (batched L-BFGS)
-    finetune.py    new TB head, lower backbone lr (optax.multi_transform), early stopping on validation,
+    finetune.py    new one-logit head, lower backbone lr (optax.multi_transform), early stopping on validation,
                    precise BatchNorm statistics before every prediction (finetune.bn_stats)
     report.py      per-cell metrics with bootstrap CIs (AUROC, screening operating points, calibration),
                    JSON / markdown / CSV; plot.py draws the ROC and reliability figures (matplotlib)
     paired.py      every pair of cells on their common test images: paired bootstrap, DeLong, Holm, who wins
-    deploy.py      the deployable TB model: config.deploy's start and method on every training image,
-                   threshold from out-of-fold predictions -> WORKDIR/model/ (for predict and export)
+    deploy.py      the deployable model (TB by default): config.deploy's start, method and protocol column on
+                   every training image, threshold from out-of-fold predictions -> WORKDIR/model/ (for predict
+                   and export)
     run.py         the whole comparison
 """

@@ -1,11 +1,12 @@
-"""Frozen features of a TB set under one starting weight, extracted once and cached on disk.
+"""Frozen features of a dataset under one starting weight, extracted once and cached on disk.
 
-    table = features_for(start, tb_set, batch_size=..., cache_dir=...)
+    table = features_for(start, records, batch_size=..., cache_dir=...)   # records: a sets.DatasetRecords
 
-`table` holds, per record of the set in record order: `features` (N, F) the backbone's pooled output, the TB
-label, sex and age with their masks (the pipeline's TB batch), and the MetaChexNet heads' outputs on those
+`table` holds, per record of the dataset in record order: `features` (N, F) the backbone's pooled output, sex
+and age with their masks (the pipeline's "binary" batch), and the MetaChexNet heads' outputs on those
 features (`sex_male_prob`, `age_pred`; used by the external age/sex evaluation), plus `seconds` (all of
 the extraction, compilation included) and `images_per_s` (after the first batch), both 0 when read from the cache.
+A protocol's images are rows of these tables (sets.features_of): one extraction serves every target.
 
 Cache: CACHE_DIR/<key>.npz, key = SHA-256 of (the weights' content fingerprint, the dataset build's content
 fingerprint, the start's pixel contract (sizes, geometry, normalisation), FORMAT_VERSION). A changed checkpoint or a rebuilt dataset gets a new key (the old
@@ -15,7 +16,7 @@ truncated cache entry that would be read later.
 
 `calibrate_batchnorm(model, source, kind=...)` recomputes a network's BatchNorm statistics on images of `source`
 ("precise BN"): the "random_bn" start's from ChestX-ray14 (`kind="nih"`, see `weights`), and every fine-tuned
-model's from TB images before it predicts (`kind="tb"`, see `finetune`).
+model's from its training (or test) images before it predicts (`kind="binary"`, see `finetune`).
 
 Images go through the same eval pipeline as the trainer's evaluation, made by the start's pixel contract
 (`Start.contract`: the geometry on the host, uint8 to the device, `contract.model_input` inside the jitted step),
@@ -43,8 +44,7 @@ from metachex_jax.labels import METADATA_TASKS
 from metachex_jax.models import batch_norms
 from metachex_jax.preprocessing import PixelContract
 
-FORMAT_VERSION = 2  # 2: the key holds the whole pixel contract
-LABEL_COLUMNS = ("tb", "sex_male", "sex_mask", "age", "age_mask", "fold", "index")
+FORMAT_VERSION = 3  # 2: the key holds the whole pixel contract; 3: any dataset, the "binary" batch's columns
 
 
 def cache_key(weights_fingerprint: str, dataset_fingerprint: str, contract: PixelContract) -> str:
@@ -79,8 +79,8 @@ def extract(model, source, *, contract: PixelContract, batch_size: int) -> tuple
     model.eval()
     columns: dict[str, list] = {}
     timed_images, timed_from = 0, None
-    with pipeline.eval_batches(source, kind="tb", global_batch_size=global_batch, image_size=contract.image_size,
-                               geometry=contract.geometry) as batches:
+    with pipeline.eval_batches(source, kind="binary", global_batch_size=global_batch,
+                               image_size=contract.image_size, geometry=contract.geometry) as batches:
         for local in batches:
             batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in local.items()}
             out = _forward(model, batch["image"], contract)
@@ -110,8 +110,9 @@ def calibrate_batchnorm(model, source, *, kind: str, contract: PixelContract, ba
                         max_images: int) -> int:
     """"Precise BatchNorm": every BatchNorm's running mean and variance := the average of its batch statistics
     over the first full batches of `source` (evaluation views made by the model's pixel `contract`; whole batches
-    until `max_images` images are reached); weights unchanged. `model` is anything with a `features(x)` method (MetaChexNet, a DenseNet);
-    `kind` is the record kind of `source` ("nih" or "tb", as `pipeline.eval_batches` reads it).
+    until `max_images` images are reached); weights unchanged. `model` is anything with a `features(x)` method
+    (MetaChexNet, a DenseNet); `kind` is the record kind of `source` ("nih" or "binary", as
+    `pipeline.eval_batches` reads it).
 
     A freshly built network in eval mode normalises with its initial statistics (mean 0, variance 1), i.e. not
     at all; a pretrained one with statistics of its training images; a fine-tuned one with running averages
@@ -155,10 +156,12 @@ def calibrate_batchnorm(model, source, *, kind: str, contract: PixelContract, ba
     return num_batches * global_batch
 
 
-def features_for(start, tb_set, *, batch_size: int, cache_dir: str) -> dict:
-    """The cached table for (start, tb_set), extracting it on a miss through the start's pixel contract. Adds
-    `cache` ("hit"/"miss") and timings."""
-    key = cache_key(start.fingerprint, tb_set.fingerprint, start.contract)
+def features_for(start, records, *, batch_size: int, cache_dir: str) -> dict:
+    """The cached table for (start, records: a sets.DatasetRecords), extracting it on a miss through the start's
+    pixel contract. Adds `cache` ("hit"/"miss") and timings."""
+    from metachex_jax.transfer.sets import BinaryRecords
+
+    key = cache_key(start.fingerprint, records.fingerprint, start.contract)
     path = files.join(files.absolute(cache_dir), f"{key}.npz")  # local or gs://
     hit = files.is_file(path)
     if jax.process_count() > 1:  # hosts with their own disks may disagree; extraction is collective, so all miss
@@ -166,17 +169,18 @@ def features_for(start, tb_set, *, batch_size: int, cache_dir: str) -> dict:
     if hit:
         with np.load(io.BytesIO(files.read_bytes(path))) as f:
             table = {k: f[k] for k in f.files}
-        if len(table["features"]) != len(tb_set):  # cannot happen unless the file was tampered with
-            raise ValueError(f"feature cache {path} holds {len(table['features'])} rows for {tb_set.name} "
-                             f"({len(tb_set)} records); delete it")
+        if len(table["features"]) != len(records):  # cannot happen unless the file was tampered with
+            raise ValueError(f"feature cache {path} holds {len(table['features'])} rows for {records.name} "
+                             f"({len(records)} records); delete it")
         return {**table, "cache": "hit", "cache_path": path, "seconds": 0.0, "images_per_s": 0.0}
     start_time = time.perf_counter()
-    table, rate = extract(start.model, tb_set.source, contract=start.contract, batch_size=batch_size)
+    table, rate = extract(start.model, BinaryRecords.every_record(records), contract=start.contract,
+                          batch_size=batch_size)
     seconds = time.perf_counter() - start_time
     if jax.process_index() == 0:
         npz = io.BytesIO()
         np.savez(npz, **table)
         files.write_atomic(path, npz.getvalue())
-    logging.info("features of %s under %s: %d images in %.1f s incl. compilation; %.1f img/s after it", tb_set.name,
+    logging.info("features of %s under %s: %d images in %.1f s incl. compilation; %.1f img/s after it", records.name,
                  start.name, len(table["features"]), seconds, rate)
     return {**table, "cache": "miss", "cache_path": path, "seconds": seconds, "images_per_s": rate}

@@ -1,16 +1,18 @@
-"""Fine-tuning for TB: the starting backbone + a new one-logit TB head, trained end to end on one split.
+"""Fine-tuning for a binary target (TB by default): the starting backbone + a new one-logit head, trained end to
+end on one split.
 
     tuner = Finetuner(settings, seed=seed)                   # builds the jitted steps once per model and contract
-    result = tuner.run(start, split, tb_sets)                # -> FinetuneResult(test_prob, val_prob, ...)
+    result = tuner.run(start, split, sets)                   # -> FinetuneResult(test_prob, val_prob, ...)
 
-- Model: `TbClassifier(backbone=copy of the start's DenseNet, tb_head=Linear(F, 1))`, binary cross-entropy.
+- Model: `TbClassifier(backbone=copy of the start's DenseNet, tb_head=Linear(F, 1))` (the head keeps its TB name
+  whatever the target), binary cross-entropy.
 - Optimiser: `optax.multi_transform` of two `optim.make_optimizer` (the pretraining optimiser, config
   `finetune.optim`), one with `finetune.backbone_lr` for the backbone and one with `finetune.head_lr` for the head.
   The rates are used as written unless `finetune.optim.lr_scaling` says otherwise (default "none"); the effective
   rates are logged and reported either way (`Finetuner.effective_lr`). The schedule is constant after the warmup
   (`plateau` without reductions), so every split of a run shares one compiled step whatever its length.
 - Data: the split's training records minus its validation part (protocols.Split.fit), through the same grain
-  pipeline and augmentation as pretraining (`pipeline.train_batches(kind="tb")`), global batches on the mesh,
+  pipeline and augmentation as pretraining (`pipeline.train_batches(kind="binary")`), global batches on the mesh,
   made by the start's pixel contract (`Start.contract`: its size, geometry and normalisation).
 - BatchNorm: training normalises with batch statistics; the running averages it leaves behind (momentum 0.9)
   would, after the few dozen steps a TB split allows, still hold much of the START's statistics (mean 0 /
@@ -49,7 +51,7 @@ from metachex_jax.data.augment import Augmentation
 from metachex_jax.models.tb_classifier import TbClassifier
 from metachex_jax.preprocessing import PixelContract
 from metachex_jax.transfer.features import calibrate_batchnorm
-from metachex_jax.transfer.tb_data import RecordSubset
+from metachex_jax.transfer.sets import RecordSubset
 
 BN_STATS = ("fit", "target")
 
@@ -125,7 +127,7 @@ class Finetuner:
                 model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
                 model.train()
                 logits = model(contract.model_input(batch["image"]))
-                per_example = optax.sigmoid_binary_cross_entropy(logits, batch["tb"])
+                per_example = optax.sigmoid_binary_cross_entropy(logits, batch["target"])
                 mask = batch["example_mask"]
                 loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
                 _, _, new_stats = nnx.split(model, nnx.Param, ...)
@@ -149,7 +151,7 @@ class Finetuner:
     def predict(self, predict_step, state, source, contract: PixelContract) -> np.ndarray:
         """P(TB) for every record of `source`, in record order."""
         probs, index = [], []
-        with pipeline.eval_batches(source, kind="tb", global_batch_size=self.eval_batch,
+        with pipeline.eval_batches(source, kind="binary", global_batch_size=self.eval_batch,
                                    image_size=contract.image_size, geometry=contract.geometry) as batches:
             for local in batches:
                 batch = train.to_global({k: local[k] for k in ("image", "index", "example_mask")},
@@ -168,7 +170,7 @@ class Finetuner:
         """`state` with its BatchNorm statistics recomputed on the images of `source` for its current weights
         (and the number of images used); `state` itself is unchanged."""
         model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
-        used = calibrate_batchnorm(model.backbone, source, kind="tb", contract=contract,
+        used = calibrate_batchnorm(model.backbone, source, kind="binary", contract=contract,
                                    batch_size=self.global_batch, max_images=len(source))
         _, _, stats = nnx.split(model, nnx.Param, ...)
         return state.replace(batch_stats=jax.device_put(stats, self.replicated)), used
@@ -189,7 +191,7 @@ class Finetuner:
             raise ValueError(f"{what}: {len(fit)} training images, fewer than one batch ({self.global_batch}); "
                              "lower finetune.batch_size")
         train_step, _ = self._compiled(graphdef, contract)
-        with pipeline.train_batches(fit, kind="tb", global_batch_size=self.global_batch,
+        with pipeline.train_batches(fit, kind="binary", global_batch_size=self.global_batch,
                                     image_size=contract.image_size, seed=seed, geometry=contract.geometry,
                                     augmentation=Augmentation(**s.augment)) as batches:
             for epoch in range(1, s.num_epochs + 1):
@@ -201,17 +203,17 @@ class Finetuner:
                 logging.info("finetune %s epoch %d: train loss %.4f", what, epoch, loss)
                 yield epoch, state
 
-    def run(self, start, split, tb_sets) -> FinetuneResult:
+    def run(self, start, split, sets) -> FinetuneResult:
         s = self.settings
         began = time.perf_counter()
-        train_set, test_set = tb_sets[split.train_set], tb_sets[split.test_set]
+        train_set, test_set = sets[split.train_set], sets[split.test_set]
         fit = RecordSubset(train_set.source, split.fit)
         validation = RecordSubset(train_set.source, split.validation)
         test = RecordSubset(test_set.source, split.test)
         graphdef, state = self.new_model(start)
         contract = start.contract
         _, predict_step = self._compiled(graphdef, contract)
-        val_y = train_set.tb[split.validation]
+        val_y = train_set.y[split.validation]
 
         best = (-np.inf, 0, None)  # (validation AUROC, epoch, host copy of the state)
         history = []

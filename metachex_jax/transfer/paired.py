@@ -7,7 +7,7 @@ out-of-fold predictions, matched by dataset and image id; in the demo fine-tunin
 probe, so a probe/fine-tune pair is compared on fine-tuning's folds only):
 
 - the AUROC difference A - B with a paired bootstrap 95% CI over patients: every resample draws patients once and
-  evaluates both cells on it (`metrics.paired_bootstrap_difference`; each TB image is its own patient);
+  evaluates both cells on it (`metrics.paired_bootstrap_difference`; each TB-set image is its own patient);
 - DeLong's test p-value for the same difference (`metrics.delong_test`), raw and Holm-adjusted within the
   protocol (`metrics.holm_adjust`: the family is every pair of that protocol);
 - the winner: A (or B) when the paired 95% CI excludes 0 on its side, otherwise none.
@@ -36,14 +36,14 @@ def _common_images(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
 def compare_pair(a: dict, b: dict, n_boot: int, seed: int) -> dict:
     """AUROC(a) - AUROC(b) on the images both predicted; see the module docstring."""
     rows_a, rows_b = _common_images(a, b)
-    y = a["tb"][rows_a].astype(np.float64)
-    if not np.array_equal(y, b["tb"][rows_b]):  # the same image with two labels: a bug, never a result
+    y = a["label"][rows_a].astype(np.float64)
+    if not np.array_equal(y, b["label"][rows_b]):  # the same image with two labels: a bug, never a result
         raise ValueError("paired comparison: the two cells disagree on the labels of the same images")
     score_a, score_b = a["prob"][rows_a], b["prob"][rows_b]
-    out = {"n_images": int(len(y)), "n_tb": int(y.sum())}
+    out = {"n_images": int(len(y)), "n_positive": int(y.sum())}
     if len(y) == 0 or y.min() == y.max():
         return {**out, "difference": None, "delong": None, "winner": None}
-    difference = metrics.paired_bootstrap_difference(metrics.roc_auc, y, score_a, score_b, groups=rows_a,
+    difference = metrics.paired_bootstrap_difference(metrics.roc_auc, y, score_a, score_b, groups=a["patient"][rows_a],
                                                      n_boot=n_boot, seed=seed)
     delong = metrics.delong_test(y, score_a, score_b)
     winner = "a" if difference["ci_low"] > 0 else "b" if difference["ci_high"] < 0 else None

@@ -1,12 +1,15 @@
-"""Evaluation protocols: which records train and which test, for every split of a protocol.
+"""Evaluation protocols: which images train and which test, for every split of a protocol, on any datasets.
 
-    cv_shenzhen, cv_montgomery     k-fold cross-validation within the set, the folds stored in its records
-                                   (stratified by TB at build time, deterministic): split f tests fold f and
-                                   trains on the others; the out-of-fold predictions cover every image once.
-    shenzhen_to_montgomery,        the unseen-dataset test: train on every image of one set, test on every
-    montgomery_to_shenzhen         image of the other.
+    cv_<dataset>                   k-fold cross-validation within the dataset (its folds: transfer/sets.py): split
+                                   f tests fold f and trains on the others; the out-of-fold predictions cover
+                                   every image once. E.g. cv_shenzhen, cv_csv.
+    <a>[+<b>...]_to_<c>            the unseen-dataset test: train on every image of a (and b, ...), test on every
+                                   image of c. E.g. shenzhen_to_montgomery, shenzhen+montgomery_to_csv.
 
-Fine-tuning also needs a validation part for early stopping; it is carved from the TRAINING records only: the
+TB_PROTOCOLS are the paper's four (the default). Split indices are into the TransferSets (`sets`) named by the
+protocol ("shenzhen", "shenzhen+montgomery", ...): images whose target is known.
+
+Fine-tuning also needs a validation part for early stopping; it is carved from the TRAINING images only: the
 fold after the test fold (CV), or fold 0 of the training set (cross-dataset), so it is stratified too.
 
 `check_protocol` refuses (naming every offending fold) a fold whose training, validation or test part holds a
@@ -16,15 +19,69 @@ single class, or a set whose folds are not 0..k-1: metrics and thresholds would 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
-PROTOCOLS = {
-    "cv_shenzhen": ("shenzhen", "shenzhen"),
-    "cv_montgomery": ("montgomery", "montgomery"),
-    "shenzhen_to_montgomery": ("shenzhen", "montgomery"),
-    "montgomery_to_shenzhen": ("montgomery", "shenzhen"),
-}
+TB_PROTOCOLS = ("cv_shenzhen", "cv_montgomery", "shenzhen_to_montgomery", "montgomery_to_shenzhen")
+_NAME = r"[a-z][a-z0-9]*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    name: str
+    train: tuple[str, ...]  # the datasets trained on
+    test: str  # the dataset tested on
+
+    @property
+    def within(self) -> bool:
+        return self.train == (self.test,)
+
+    @property
+    def train_set(self) -> str:
+        """The TransferSet name of the training side ("a+b" for several datasets)."""
+        return "+".join(self.train)
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*self.train, self.test)))
+
+
+def parse_protocol(name: str) -> Protocol:
+    cv = re.fullmatch(rf"cv_({_NAME})", name)
+    if cv:
+        return Protocol(name, (cv.group(1),), cv.group(1))
+    cross = re.fullmatch(rf"({_NAME}(?:\+{_NAME})*)_to_({_NAME})", name)
+    if cross:
+        train = tuple(cross.group(1).split("+"))
+        if cross.group(2) in train or len(set(train)) < len(train):
+            raise ValueError(f"protocol {name}: the test dataset must not be among the training ones, each once "
+                             f"(for a test within a dataset use cv_{cross.group(2)})")
+        return Protocol(name, train, cross.group(2))
+    raise ValueError(f"protocol {name!r}: write cv_<dataset> or <dataset>[+<dataset>...]_to_<dataset> "
+                     f"(e.g. {', '.join(TB_PROTOCOLS)}, shenzhen+montgomery_to_csv)")
+
+
+def parse_protocols(text: str) -> list[Protocol]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ValueError(f"config.protocols is empty; e.g. {','.join(TB_PROTOCOLS)}")
+    if len(set(names)) < len(names):
+        raise ValueError(f"config.protocols names a protocol twice: {names}")
+    return [parse_protocol(name) for name in names]
+
+
+def parse_targets(text: str) -> list[str]:
+    """config.targets: comma-separated label names (a name may hold spaces: "Lung Opacity")."""
+    targets = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not targets:
+        raise ValueError("config.targets is empty: name the binary label(s) to transfer to, e.g. Tuberculosis")
+    return targets
+
+
+def column_name(protocol: str, target: str, several: bool) -> str:
+    """The report column of (protocol, target): the protocol's name, with the target when there are several."""
+    return f"{protocol}.{target.lower().replace(' ', '_')}" if several else protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +90,9 @@ class Split:
     fold: int  # the test fold (CV); -1 for a cross-dataset split
     train_set: str
     test_set: str
-    train: np.ndarray  # record indices into train_set
-    validation: np.ndarray  # record indices into train_set, a subset of `train` (fine-tuning early stopping)
-    test: np.ndarray  # record indices into test_set
+    train: np.ndarray  # indices into sets[train_set]
+    validation: np.ndarray  # indices into sets[train_set], a subset of `train` (fine-tuning early stopping)
+    test: np.ndarray  # indices into sets[test_set]
 
     @property
     def fit(self) -> np.ndarray:
@@ -43,28 +100,20 @@ class Split:
         return np.setdiff1d(self.train, self.validation)
 
 
-def parse_protocols(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PROTOCOLS]
-    if unknown or not names:
-        raise ValueError(f"config.protocols: unknown {unknown} (or none given); choose from {sorted(PROTOCOLS)}")
-    return names
-
-
-def splits(protocol: str, tb_sets: dict) -> list[Split]:
-    train_name, test_name = PROTOCOLS[protocol]
-    train_set, test_set = tb_sets[train_name], tb_sets[test_name]
-    if train_name == test_name:
+def splits(protocol: Protocol, sets: dict) -> list[Split]:
+    train_set, test_set = sets[protocol.train_set], sets[protocol.test]
+    if protocol.within:
         k = int(train_set.fold.max()) + 1
         out = []
         for f in range(k):
             train = np.flatnonzero(train_set.fold != f)
             validation = np.flatnonzero(train_set.fold == (f + 1) % k)
-            out.append(Split(protocol, f, train_name, test_name, train, validation, np.flatnonzero(train_set.fold == f)))
+            out.append(Split(protocol.name, f, protocol.train_set, protocol.test, train, validation,
+                             np.flatnonzero(train_set.fold == f)))
         return out
     every_train = np.arange(len(train_set))
-    return [Split(protocol, -1, train_name, test_name, every_train, np.flatnonzero(train_set.fold == 0),
-                  np.arange(len(test_set)))]
+    return [Split(protocol.name, -1, protocol.train_set, protocol.test, every_train,
+                  np.flatnonzero(train_set.fold == 0), np.arange(len(test_set)))]
 
 
 def _class_counts(y: np.ndarray) -> tuple[int, int]:
@@ -72,18 +121,22 @@ def _class_counts(y: np.ndarray) -> tuple[int, int]:
     return int(counts[0]), int(counts[1])
 
 
-def check_protocol(protocol: str, tb_sets: dict, need_validation: bool) -> list[Split]:
-    """The protocol's splits, after checking folds and classes; raises naming every problem."""
+def check_protocol(protocol: Protocol | str, sets: dict, need_validation: bool) -> list[Split]:
+    """The protocol's (a Protocol or its name) splits, after checking folds and classes; raises naming every
+    problem."""
+    protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
     problems = []
-    for name in set(PROTOCOLS[protocol]):
-        folds = tb_sets[name].fold
+    for name in dict.fromkeys((protocol.train_set, protocol.test)):
+        folds = sets[name].fold
         k = int(folds.max()) + 1 if len(folds) else 0
         present = set(np.unique(folds).tolist())
-        if k < 2 or present != set(range(k)):
+        if protocol.within and (k < 2 or present != set(range(k))):
             problems.append(f"{name}: fold ids {sorted(present)} are not 0..k-1 with k >= 2")
+        if not len(folds):
+            problems.append(f"{name}: no image with a known {sets[name].target}")
     if problems:
-        raise ValueError(f"protocol {protocol}: " + "; ".join(problems))
-    result = splits(protocol, tb_sets)
+        raise ValueError(f"protocol {protocol.name}: " + "; ".join(problems))
+    result = splits(protocol, sets)
     for split in result:
         where = f"fold {split.fold}" if split.fold >= 0 else "the whole set"
         parts = [("training part", split.train_set, split.train), ("test part", split.test_set, split.test)]
@@ -91,10 +144,11 @@ def check_protocol(protocol: str, tb_sets: dict, need_validation: bool) -> list[
             parts += [("validation part", split.train_set, split.validation),
                       ("training part without validation", split.train_set, split.fit)]
         for label, set_name, rows in parts:
-            normal, tb = _class_counts(tb_sets[set_name].tb[rows])
-            if normal == 0 or tb == 0:
-                problems.append(f"{set_name} {where}: the {label} has a single class ({normal} normal, {tb} TB)")
+            negative, positive = _class_counts(sets[set_name].y[rows])
+            if negative == 0 or positive == 0:
+                problems.append(f"{set_name} {where}: the {label} has a single class ({negative} negative, "
+                                f"{positive} positive {sets[set_name].target})")
     if problems:
-        raise ValueError(f"protocol {protocol} cannot be evaluated (lower data.num_folds or add images):\n  "
+        raise ValueError(f"protocol {protocol.name} cannot be evaluated (lower data.num_folds or add images):\n  "
                          + "\n  ".join(dict.fromkeys(problems)))
     return result

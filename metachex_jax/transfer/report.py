@@ -1,15 +1,17 @@
 """The comparison report: metrics of every (start, method, protocol) cell and the files they are written to.
 
-A cell's per-image predictions (`cell_columns`) are its out-of-fold test predictions: every test image once,
-with the thresholds of the split that predicted it. Thresholds are chosen on training data only
+A protocol column of the report is one protocol for one target (`result["protocol_targets"]`: its target; with
+several targets the column is named `<protocol>.<target>`). A cell's per-image predictions (`cell_columns`) are its
+out-of-fold test predictions: every test image once, with its label (the target's: TB by default), its patient,
+and the thresholds of the split that predicted it. Thresholds are chosen on training data only
 (`choose_thresholds`: the probe's inner out-of-fold predictions, fine-tuning's validation part):
     threshold / margin            Youden's J
     threshold_sens / margin_sens  the highest threshold reaching the sensitivity target (screening: 0.90)
     threshold_spec / margin_spec  the lowest threshold reaching the specificity target (screening: 0.70)
 Thresholded metrics use "positive when margin >= 0", so they are recomputable from the CSV alone.
 
-Metrics (`cell_metrics`), each with a 95% bootstrap CI over images (each TB image is its own patient; every
-metric of a cell sees the same resamples):
+Metrics (`cell_metrics`), each with a 95% bootstrap CI over patients (each TB-set image is its own patient;
+every metric of a cell sees the same resamples):
 - AUROC, the ROC curve and its pointwise bootstrap band; for CV the per-fold AUROCs;
 - accuracy, sensitivity, specificity at Youden's threshold;
 - operating points: sensitivity and specificity at the two screening thresholds, and whether WHO's triage
@@ -45,17 +47,18 @@ def choose_thresholds(y, score, screening) -> dict[str, float]:
             "spec": metrics.threshold_at_specificity(y, score, screening["specificity"])}
 
 
-def cell_columns(split_results: list[tuple], tb_sets: dict) -> dict[str, np.ndarray]:
+def cell_columns(split_results: list[tuple], sets: dict) -> dict[str, np.ndarray]:
     """Per-image columns from [(split, test_prob, thresholds), ...] of one cell (thresholds: choose_thresholds)."""
     names = {"threshold": "youden", "threshold_sens": "sens", "threshold_spec": "spec"}
-    cols = {k: [] for k in ("image_id", "dataset", "index", "fold", "tb", "prob", *names)}
+    cols = {k: [] for k in ("image_id", "dataset", "index", "patient", "fold", "label", "prob", *names)}
     for split, prob, thresholds in split_results:
-        test_set = tb_sets[split.test_set]
+        test_set = sets[split.test_set]
         cols["image_id"] += [test_set.image_id[i] for i in split.test]
         cols["dataset"] += [split.test_set] * len(split.test)
         cols["index"].append(split.test)
+        cols["patient"].append(test_set.patient[split.test])
         cols["fold"].append(np.full(len(split.test), split.fold, np.int64))
-        cols["tb"].append(test_set.tb[split.test])
+        cols["label"].append(test_set.y[split.test])
         cols["prob"].append(np.asarray(prob, np.float64))
         for column, name in names.items():
             cols[column].append(np.full(len(split.test), thresholds[name], np.float64))
@@ -65,9 +68,8 @@ def cell_columns(split_results: list[tuple], tb_sets: dict) -> dict[str, np.ndar
     return out
 
 
-def _entry(fn, arrays, n_boot: int, seed: int) -> dict:
+def _entry(fn, arrays, groups, n_boot: int, seed: int) -> dict:
     value = float(fn(*arrays))
-    groups = np.arange(len(arrays[0]))
     distribution = metrics.bootstrap_distribution(fn, *arrays, groups=groups, n_boot=n_boot, seed=seed)
     low, high = metrics.percentile_ci(distribution)
     return {"value": value, "ci_low": low, "ci_high": high, "n_undefined": metrics.count_undefined(distribution)}
@@ -92,9 +94,10 @@ def _who_met(sensitivity: dict, specificity: dict, screening, bound: str) -> boo
 def operating_points(y, prob, cols: dict, screening, n_boot: int, seed: int) -> dict:
     """Sensitivity / specificity at the thresholds chosen on training data, WHO targets, the test oracle."""
     out = {"targets": dict(screening)}
+    groups = cols["patient"]
     for rule, margin in (("at_sensitivity_target", cols["margin_sens"]), ("at_specificity_target", cols["margin_spec"])):
-        sens = _entry(_sensitivity, (y, margin), n_boot, seed)
-        spec = _entry(_specificity, (y, margin), n_boot, seed)
+        sens = _entry(_sensitivity, (y, margin), groups, n_boot, seed)
+        spec = _entry(_specificity, (y, margin), groups, n_boot, seed)
         out[rule] = {"sensitivity": sens, "specificity": spec,
                      "who_met_point": _who_met(sens, spec, screening, "value"),
                      "who_met_lower_bound": _who_met(sens, spec, screening, "ci_low")}
@@ -105,33 +108,33 @@ def operating_points(y, prob, cols: dict, screening, n_boot: int, seed: int) -> 
     def sens_at_spec(y, p, weight_mask=None):
         return metrics.sensitivity_at_specificity(y, p, screening["specificity"], weight_mask=weight_mask)
 
-    out["oracle"] = {"specificity_at_sensitivity_target": _entry(spec_at_sens, (y, prob), n_boot, seed),
-                     "sensitivity_at_specificity_target": _entry(sens_at_spec, (y, prob), n_boot, seed)}
+    out["oracle"] = {"specificity_at_sensitivity_target": _entry(spec_at_sens, (y, prob), groups, n_boot, seed),
+                     "sensitivity_at_specificity_target": _entry(sens_at_spec, (y, prob), groups, n_boot, seed)}
     return out
 
 
-def calibration(y, prob, n_bins: int, n_boot: int, seed: int) -> dict:
+def calibration(y, prob, groups, n_bins: int, n_boot: int, seed: int) -> dict:
     def ece(y, p, weight_mask=None):
         return metrics.expected_calibration_error(y, p, n_bins, weight_mask=weight_mask)
 
-    return {"brier": _entry(metrics.brier_score, (y, prob), n_boot, seed),
-            "ece": _entry(ece, (y, prob), n_boot, seed),
+    return {"brier": _entry(metrics.brier_score, (y, prob), groups, n_boot, seed),
+            "ece": _entry(ece, (y, prob), groups, n_boot, seed),
             "reliability": metrics.reliability_curve(y, prob, n_bins)}
 
 
 def cell_metrics(cols: dict, n_boot: int, seed: int, screening, calibration_bins: int = 10) -> dict:
-    y, prob, margin = cols["tb"].astype(np.float64), cols["prob"], cols["margin"]
+    y, prob, margin, groups = cols["label"].astype(np.float64), cols["prob"], cols["margin"], cols["patient"]
     out = {
-        "n_images": int(len(y)), "n_tb": int(y.sum()),
-        "auroc": _entry(metrics.roc_auc, (y, prob), n_boot, seed),
-        "accuracy": _entry(_accuracy, (y, margin), n_boot, seed),
-        "sensitivity": _entry(_sensitivity, (y, margin), n_boot, seed),
-        "specificity": _entry(_specificity, (y, margin), n_boot, seed),
+        "n_images": int(len(y)), "n_positive": int(y.sum()), "n_patients": int(len(np.unique(groups))),
+        "auroc": _entry(metrics.roc_auc, (y, prob), groups, n_boot, seed),
+        "accuracy": _entry(_accuracy, (y, margin), groups, n_boot, seed),
+        "sensitivity": _entry(_sensitivity, (y, margin), groups, n_boot, seed),
+        "specificity": _entry(_specificity, (y, margin), groups, n_boot, seed),
         "operating_points": operating_points(y, prob, cols, screening, n_boot, seed),
-        "calibration": calibration(y, prob, calibration_bins, n_boot, seed),
+        "calibration": calibration(y, prob, groups, calibration_bins, n_boot, seed),
     }
     fpr, tpr, _ = metrics.roc_curve(y, prob)
-    low, high = metrics.roc_band(y, prob, groups=np.arange(len(y)), fpr_grid=ROC_GRID, n_boot=n_boot, seed=seed)
+    low, high = metrics.roc_band(y, prob, groups=groups, fpr_grid=ROC_GRID, n_boot=n_boot, seed=seed)
     out["roc_curve"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     out["roc_band"] = {"fpr": ROC_GRID.tolist(), "tpr_low": low.tolist(), "tpr_high": high.tolist()}
     folds = sorted(set(cols["fold"].tolist()) - {-1})
@@ -143,9 +146,9 @@ def cell_metrics(cols: dict, n_boot: int, seed: int, screening, calibration_bins
     return out
 
 
-def age_sex_metrics(table: dict, n_boot: int, seed: int) -> dict:
-    """The MetaChexNet age and sex heads on a TB set vs its clinical readings (unknown values masked out)."""
-    groups = np.arange(len(table["tb"]))
+def age_sex_metrics(table: dict, groups, n_boot: int, seed: int) -> dict:
+    """The MetaChexNet age and sex heads on a dataset vs its recorded ages and sexes (a TB set's clinical readings;
+    unknown values masked out); CIs resample `groups` (patients)."""
     age_mask, sex_mask = table["age_mask"].astype(np.float64), table["sex_mask"].astype(np.float64)
 
     def masked(fn, mask):  # the known-value mask folded into the (bootstrap) weights
@@ -200,7 +203,7 @@ def _auroc_table(result: dict) -> list[str]:
             cell = cell_group.get(protocol)
             row.append(f"{_ci_cell(cell['auroc'])} (n={cell['n_images']})" if cell else "-")
         rows.append(row)
-    lines = ["AUROC [95% bootstrap CI over images] of the pooled out-of-fold test predictions; n = test images "
+    lines = ["AUROC [95% bootstrap CI over patients] of the pooled out-of-fold test predictions; n = test images "
              "(fine-tuning may cover fewer CV folds: see finetune.max_folds).", ""]
     finetune = result.get("finetune")
     if finetune:
@@ -285,7 +288,8 @@ def _flag_lines(result: dict) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# TB transfer comparison", ""] + _auroc_table(result)
+    targets = ", ".join(dict.fromkeys(result["protocol_targets"].values()))
+    lines = [f"# Transfer comparison: {targets}", ""] + _auroc_table(result)
     if result.get("paired"):
         lines += _who_wins_tables(result)
     lines += _operating_point_tables(result)
@@ -299,7 +303,8 @@ def markdown(result: dict) -> str:
                                         rows))
     if result.get("age_sex"):
         lines += ["## Age and sex", "",
-                  "MetaChexNet age and sex heads applied unchanged to the TB sets (vs the clinical readings):", ""]
+                  "MetaChexNet age and sex heads applied unchanged to the transfer datasets (vs their recorded "
+                  "ages and sexes: the TB sets' clinical readings):", ""]
         rows = [[start, dataset, _ci_cell(e["age_mae_years"]), e["n_age_known"], _ci_cell(e["sex_auroc"]),
                  _ci_cell(e["sex_accuracy"]), e["n_sex_known"]]
                 for start, per_set in result["age_sex"].items() for dataset, e in per_set.items()]
@@ -321,7 +326,8 @@ def write_report(out_dir: str, result: dict, predictions: dict[str, dict]) -> No
         cells = [(key, cell[protocol]) for key, cell in result["cells"].items() if protocol in cell]
         curves = [(f"{key} (AUROC {c['auroc']['value']:.3f})", c["roc_curve"]["fpr"], c["roc_curve"]["tpr"],
                    (c["roc_band"]["fpr"], c["roc_band"]["tpr_low"], c["roc_band"]["tpr_high"])) for key, c in cells]
-        write_roc_png(files.join(out_dir, f"roc_{protocol}.png"), f"TB detection, {protocol}", curves)
+        target = result["protocol_targets"][protocol]
+        write_roc_png(files.join(out_dir, f"roc_{protocol}.png"), f"{target}, {protocol}", curves)
         panels = [{"label": key, "reliability": c["calibration"]["reliability"],
                    "brier": c["calibration"]["brier"]["value"], "ece": c["calibration"]["ece"]["value"]}
                   for key, c in cells]

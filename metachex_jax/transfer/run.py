@@ -1,11 +1,14 @@
-"""The TB transfer comparison, `run(config, workdir)`, read top to bottom as the run happens:
+"""The transfer comparison, `run(config, workdir)`, read top to bottom as the run happens. TB on Shenzhen and
+Montgomery is the default; any prepared datasets and binary targets work (config.protocols, config.targets):
 
   1. starting weights    config.init_from (required unless config.baselines_only) + config.compare_with
                          (weights.load_starts; all checked first; "random_bn" gets BatchNorm statistics from
                          ChestX-ray14 training images)
-  2. data                prepared Shenzhen and Montgomery, every record with its fold (tb_data.tb_sources)
+  2. data                every dataset the protocols name, all records (sets.load_datasets); per target, the
+                         images whose target is known, with folds (sets.transfer_set); a protocol whose
+                         datasets lack a target is skipped for it, with a note
   3. protocols           checked before any work: folds 0..k-1, both classes in every part (protocols)
-  4. features            frozen pooled features + head outputs per start x set, cached by content (features)
+  4. features            frozen pooled features + head outputs per start x dataset, cached by content (features)
   5. linear probe        per split: standardise, inner-CV L2 strength, refit, predict (probe); a solve that hits
                          probe.max_iter is logged and noted in the report
   6. fine-tuning         per split (the first finetune.max_folds of a CV protocol): new head, early stop,
@@ -13,9 +16,9 @@
      (5, 6)              thresholds per split from training-side scores only (report.choose_thresholds)
   7. cell metrics        AUROC, operating points, calibration per cell (report.cell_metrics); every pair of
                          cells compared on their common test images per protocol (paired)
-  8. age and sex         the MetaChexNet heads on the TB sets vs the clinical readings (report.age_sex_metrics)
-  9. deployable model    config.deploy's start and method fitted on every training image, threshold from
-                         out-of-fold predictions -> WORKDIR/model/ for `predict` (deploy)
+  8. age and sex         the MetaChexNet heads on each dataset vs its ages and sexes (report.age_sex_metrics)
+  9. deployable model    config.deploy's start, method and protocol column fitted on every training image,
+                         threshold from out-of-fold predictions -> WORKDIR/model/ for `predict` (deploy)
  10. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report)
 """
 
@@ -35,7 +38,8 @@ from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import paired as paired_lib
 from metachex_jax.transfer import protocols as protocols_lib
 from metachex_jax.transfer import report as report_lib
-from metachex_jax.transfer import tb_data, weights
+from metachex_jax.transfer import sets as sets_lib
+from metachex_jax.transfer import weights
 from metachex_jax.transfer.finetune import Finetuner
 from metachex_jax.transfer.probe import ProbeSettings, fit_probe
 
@@ -94,43 +98,65 @@ def run(config, workdir: str) -> dict:
     workdir = files.absolute(workdir)  # a gs:// workdir stays a URL
     began = time.perf_counter()
     methods = parse_methods(config.methods)
-    protocol_names = protocols_lib.parse_protocols(config.protocols)
+    protocol_list = protocols_lib.parse_protocols(config.protocols)
+    targets = protocols_lib.parse_targets(config.targets)
 
     # 1-3. Starting weights, data, protocols: every input is checked before the long work starts. Each start is
     # fed the pixels its weights expect (its contract), at this run's image size.
     starts = weights.load_starts(start_specs(config), config.model, config.seed, str(config.checkpoint_step),
                                  contract=PixelContract.from_config(config))
-    needed = sorted({d for p in protocol_names for d in protocols_lib.PROTOCOLS[p]})
-    tb_sets = tb_data.tb_sources(config, tuple(needed))
-    problems, splits = [], {}
+    needed = tuple(dict.fromkeys(d for p in protocol_list for d in p.datasets))
+    records = sets_lib.load_datasets(config, needed)
+    problems, splits, notes = [], {}, []
     if "probe" not in methods:
         problems += [f"starting weights {s.name!r} are a linear-probe baseline (fine-tuning would repeat 'random'); "
                      "drop them from config.compare_with or add the probe to config.methods"
                      for s in starts if s.kind == "random_bn"]
-    for protocol in protocol_names:
-        try:
-            splits[protocol] = protocols_lib.check_protocol(protocol, tb_sets, need_validation="finetune" in methods)
-        except ValueError as e:
-            problems.append(str(e))
+    views: dict[str, dict[str, sets_lib.TransferSet]] = {}  # target -> set name -> its images of that target
+    protocol_targets: dict[str, str] = {}  # report column -> target
+    column_protocols: dict[str, protocols_lib.Protocol] = {}  # report column -> protocol
+    for target in targets:
+        for protocol in protocol_list:
+            lacking = [d for d in protocol.datasets if not sets_lib.has_target(records[d], target)]
+            if lacking:
+                notes.append(f"{protocol.name} is not run for {target}: {', '.join(lacking)} has no {target} label")
+                continue
+            key = protocols_lib.column_name(protocol.name, target, len(targets) > 1)
+            sets_t = views.setdefault(target, {})
+            for name in (protocol.train_set, protocol.test):
+                if name not in sets_t:
+                    sets_t[name] = sets_lib.transfer_set(records, tuple(name.split("+")), target,
+                                                         num_folds=config.data.num_folds,
+                                                         fold_seed=config.data.fold_seed)
+            try:
+                splits[key] = protocols_lib.check_protocol(protocol, sets_t, need_validation="finetune" in methods)
+                protocol_targets[key], column_protocols[key] = target, protocol
+            except ValueError as e:
+                problems.append(str(e))
+    for target in targets:
+        if not any(t == target for t in protocol_targets.values()) and not problems:
+            problems.append(f"no protocol can run for target {target!r}: " + "; ".join(
+                n for n in notes if n.endswith(f"has no {target} label")))
     try:
-        deploy_spec = deploy_lib.deploy_spec(config, starts, protocol_names, methods)
+        deploy_spec = deploy_lib.deploy_spec(config, starts, column_protocols, protocol_targets, methods)
     except ValueError as e:
         problems.append(str(e))
-    if problems:  # the data cannot serve this config (its folds, methods): a ValueError the user fixes
+    if problems:  # the data cannot serve this config (its folds, methods, deployment): errors the user fixes
         raise ConfigError(problems)
+    column_names = list(protocol_targets)
     for start in starts:
         if start.kind == "random_bn":
             _estimate_batchnorm_statistics(start, config)
         logging.info("start %s: %s (weights %s)", start.name, start.info, start.fingerprint[:12])
 
-    # 4. Features (needed by the probe and by the age/sex evaluation).
+    # 4. Features (needed by the probe and by the age/sex evaluation), per dataset; a set's are rows of them.
     tables, timings = {}, {}
     want_age_sex = [s for s in starts if s.has_trained_metadata_heads]
     for start in starts:
         if "probe" not in methods and start not in want_age_sex:
             continue
-        for name, tb_set in tb_sets.items():
-            table = features_lib.features_for(start, tb_set, batch_size=config.feature_batch_size,
+        for name, dataset in records.items():
+            table = features_lib.features_for(start, dataset, batch_size=config.feature_batch_size,
                                               cache_dir=config.feature_cache_dir)
             tables[start.name, name] = table
             timings[f"features {start.name} {name} ({table['cache']}) s"] = table["seconds"]
@@ -138,7 +164,6 @@ def run(config, workdir: str) -> dict:
                 timings[f"features {start.name} {name} img/s (after compilation)"] = table["images_per_s"]
 
     cells: dict[str, dict] = {}
-    notes: list[str] = []
     predictions: dict[str, dict] = {}
     details: dict[str, dict] = {}
 
@@ -147,7 +172,7 @@ def run(config, workdir: str) -> dict:
 
     def add_cell(start, method, protocol, split_results, extra):
         key = f"{start.name}/{method}"
-        cols = report_lib.cell_columns(split_results, tb_sets)
+        cols = report_lib.cell_columns(split_results, views[protocol_targets[protocol]])
         cells.setdefault(key, {})[protocol] = report_lib.cell_metrics(cols, config.n_boot, config.seed, screening,
                                                                      config.calibration_bins)
         details.setdefault(key, {})[protocol] = extra
@@ -158,14 +183,17 @@ def run(config, workdir: str) -> dict:
     settings = ProbeSettings.from_config(config.probe, config.seed)
     if "probe" in methods:
         for start in starts:
-            for protocol in protocol_names:
+            per_dataset = {name: tables[start.name, name] for name in records}
+            for protocol in column_names:
+                sets_t = views[protocol_targets[protocol]]
                 t0 = time.perf_counter()
                 results, extra = [], {"l2": [], "iterations": [], "converged": [], "thresholds": []}
+                first = splits[protocol][0]  # every split of a protocol has the same training and test sets
+                train_features = sets_lib.features_of(per_dataset, sets_t[first.train_set])
+                test_features = sets_lib.features_of(per_dataset, sets_t[first.test_set])
                 for split in splits[protocol]:
-                    train_table, test_table = tables[start.name, split.train_set], tables[start.name, split.test_set]
-                    y_train = tb_sets[split.train_set].tb[split.train]
-                    fit = fit_probe(train_table["features"][split.train], y_train,
-                                    test_table["features"][split.test], settings)
+                    y_train = sets_t[split.train_set].y[split.train]
+                    fit = fit_probe(train_features[split.train], y_train, test_features[split.test], settings)
                     thresholds = report_lib.choose_thresholds(y_train, fit.train_oof_prob, screening)
                     results.append((split, fit.test_prob, thresholds))
                     for k in ("l2", "iterations", "converged"):
@@ -193,14 +221,14 @@ def run(config, workdir: str) -> dict:
                              "only, which fine-tuning recomputes for its weights before predicting, so its "
                              "predictions would be identical to random/finetune's (tested).")
                 continue
-            for protocol in protocol_names:
+            for protocol in column_names:
                 chosen = splits[protocol][:s.max_folds] if s.max_folds else splits[protocol]
                 results = []
                 extra = {"best_epoch": [], "epochs_run": [], "val_auroc": [], "folds": [], "thresholds": [],
                          "bn_images": [], "test_bn_stats": []}
                 t0 = time.perf_counter()
                 for split in chosen:
-                    out = tuner.run(start, split, tb_sets)
+                    out = tuner.run(start, split, views[protocol_targets[protocol]])
                     thresholds = report_lib.choose_thresholds(out.val_y, out.val_prob, screening)
                     results.append((split, out.test_prob, thresholds))
                     for k in ("best_epoch", "epochs_run", "val_auroc", "bn_images", "test_bn_stats"):
@@ -213,26 +241,32 @@ def run(config, workdir: str) -> dict:
 
     # 7. Paired comparisons of the cells, per protocol (the cell metrics were computed in add_cell).
     paired = {protocol: paired_lib.paired_comparisons(columns[protocol], config.n_boot, config.seed)
-              for protocol in protocol_names if len(columns.get(protocol, {})) > 1}
+              for protocol in column_names if len(columns.get(protocol, {})) > 1}
 
     # 8. Age and sex, externally.
-    age_sex = {start.name: {name: report_lib.age_sex_metrics(tables[start.name, name], config.n_boot, config.seed)
-                            for name in tb_sets}
+    age_sex = {start.name: {name: report_lib.age_sex_metrics(tables[start.name, name], dataset.patient,
+                                                             config.n_boot, config.seed)
+                            for name, dataset in records.items()}
                for start in want_age_sex}
 
     # 9. The deployable model.
     deployed = None
     if deploy_spec is not None:
         t0 = time.perf_counter()
-        deployed = deploy_lib.fit_and_save(deploy_spec, config, workdir, starts=starts, tb_sets=tb_sets,
-                                           tables=tables, columns=columns, cells=cells, details=details,
-                                           settings=settings, tuner=tuner)
+        deployed = deploy_lib.fit_and_save(deploy_spec, config, workdir, starts=starts,
+                                           view=views[deploy_spec.target][deploy_spec.train_set],
+                                           tables={name: tables[deploy_spec.start, name] for name in records
+                                                   if (deploy_spec.start, name) in tables},
+                                           columns=columns, cells=cells, details=details, settings=settings,
+                                           tuner=tuner)
         timings["deployable model s"] = time.perf_counter() - t0
 
     # 10. Report.
     timings["total s"] = time.perf_counter() - began
     result = {
-        "protocols": protocol_names,
+        "protocols": column_names,
+        "protocol_targets": protocol_targets,
+        "targets": targets,
         "methods": methods,
         "cells": cells,
         "paired": paired,
@@ -245,10 +279,13 @@ def run(config, workdir: str) -> dict:
         "notes": notes,
         "timings": timings,
         "starts": {s.name: {**s.info, "weights_fingerprint": s.fingerprint} for s in starts},
-        "datasets": {name: {"build": str(t.build_dir), "fingerprint": t.fingerprint, "n_images": len(t),
-                            "n_tb": int(t.tb.sum()), "num_folds": int(t.fold.max()) + 1,
-                            "flagged_readings": t.flagged_readings}
-                     for name, t in tb_sets.items()},
+        "datasets": {name: {"build": str(d.build_dir), "fingerprint": d.fingerprint, "n_images": len(d),
+                            "targets": {t: {"known": int((d.labels[:, d.column(t)] >= 0).sum()),
+                                            "positive": int((d.labels[:, d.column(t)] == 1).sum())}
+                                        for t in targets if d.column(t) is not None},
+                            "stored_folds": int(d.fold.max()) + 1 if (d.fold >= 0).all() else None,
+                            "flagged_readings": d.flagged_readings}
+                     for name, d in records.items()},
         "config": config.to_dict(),
     }
     if jax.process_index() == 0:
