@@ -246,7 +246,7 @@ def test_start_order_own_workdir_then_resume_then_model_init(demo_dir, finished_
     def start(workdir):
         manager = checkpointing.make_manager(str(workdir / "checkpoints"), keep=2, async_save=False)
         try:
-            return train.initial_state(config, str(workdir), manager, graphdef, fresh, replicated, None)
+            return train.initial_state(config, str(workdir), manager, graphdef, fresh, replicated, None, tx)
         finally:
             manager.close()
 

@@ -376,6 +376,6 @@ def main(argv: Sequence[str]) -> dict:
     print("goals (per core, CPU rates): " + ", ".join(
         f"{name} {results[name]:.1f} (goal {goal:g}: {'met' if results['goals_met'][name] else 'NOT met'})"
         for name, goal in GOALS.items() if name in results))
-    results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
+    results = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in results.items()}
     print(json.dumps(results), flush=True)
     return results
