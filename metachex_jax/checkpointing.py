@@ -160,8 +160,7 @@ def scanned_layout(manager: ocp.CheckpointManager) -> bool | None:
     steps = manager.all_steps()
     if not steps:
         return None
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(files.join(str(manager.directory), str(max(steps)), "state")).item_metadata.tree
+    tree = _tree_metadata(files.join(str(manager.directory), str(max(steps)), "state"))
     found = []
     jax.tree_util.tree_map_with_path(lambda path, _: found.append("'stacked'" in jax.tree_util.keystr(path)), tree)
     return any(found)
@@ -180,10 +179,15 @@ def saved_config(run_dir: str) -> dict:
     return meta["config"]
 
 
+def _tree_metadata(state_dir: str):
+    """The array tree (shapes, dtypes) of a checkpoint item folder. Read through the handler, not a Checkpointer:
+    the step's own metadata file is one level up, and a Checkpointer warns that it is missing."""
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+
+
 def _on_local_device(state_dir: str):
     """Restore args that put every array of the checkpointed tree in `state_dir` on jax.local_devices()[0]."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(state_dir).item_metadata.tree
+    tree = _tree_metadata(state_dir)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), tree)
 

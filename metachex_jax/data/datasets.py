@@ -30,6 +30,16 @@ from metachex_jax.labels import PATHOLOGIES
 NIH_SPLITS = ("train", "validation", "test")
 
 
+def demo_root(config) -> str:
+    """The folder of the demo tree a config uses (raw/ and tfds/ inside), `config.demo_dir` unexpanded. One folder
+    per generator version and parameters, so a prepared dataset never outlives the tree it came from."""
+    from metachex_jax import demo_data
+
+    d = config.demo_data
+    return os.path.join(config.demo_dir, f"v{demo_data.GENERATOR_VERSION}_seed{d.seed}_nih{d.num_nih}"
+                                         f"_sz{d.num_shenzhen}_mc{d.num_montgomery}_hs{d.num_hospital}_px{d.size}")
+
+
 def resolve_demo(config) -> tuple[str, str]:
     """Generate the demo raw tree if missing; return (manual_dir for chestxray14, data_dir).
 
@@ -40,10 +50,7 @@ def resolve_demo(config) -> tuple[str, str]:
     from metachex_jax import demo_data
 
     d = config.demo_data
-    # One folder per generator version and parameters, so a prepared dataset never outlives the tree it came from.
-    root = os.path.join(os.path.expanduser(config.demo_dir),
-                        f"v{demo_data.GENERATOR_VERSION}_seed{d.seed}_nih{d.num_nih}_sz{d.num_shenzhen}"
-                        f"_mc{d.num_montgomery}_hs{d.num_hospital}_px{d.size}")
+    root = os.path.expanduser(demo_root(config))
     distributed.one_process_at_a_time(lambda: demo_data.write_demo_data(os.path.join(root, "raw"), **d), "demo tree")
     return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
 

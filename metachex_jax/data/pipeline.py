@@ -106,13 +106,12 @@ def nih_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray
     }
 
 
-def tb_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
-    """Shenzhen/Montgomery records and their (already cropped) images -> the TB batch."""
+def _transfer_fields(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """What every transfer batch holds besides its target: the image, sex and age with masks, fold and index."""
     sex_male, sex_mask = _known_or_zero(np.array([r["sex_male"] for r in records], np.float32))
     age, age_mask = _ages(records)
     return {
         "image": images,
-        "tb": np.array([r["tb"] for r in records], np.float32),
         "sex_male": sex_male,
         "sex_mask": sex_mask,
         "age": age,
@@ -121,26 +120,18 @@ def tb_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray)
         "index": np.asarray(indices, np.int64),
         "example_mask": np.ones(len(records), np.float32),
     }
+
+
+def tb_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """Shenzhen/Montgomery records and their (already cropped) images -> the TB batch."""
+    return {"tb": np.array([r["tb"] for r in records], np.float32), **_transfer_fields(records, images, indices)}
 
 
 def binary_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
     """Records of one binary target of any dataset (transfer/sets.py: target 1/0/-1 = unknown) -> the batch that
     fine-tuning and feature extraction read."""
     target, target_mask = _known_or_zero(np.array([r["target"] for r in records], np.float32))
-    sex_male, sex_mask = _known_or_zero(np.array([r["sex_male"] for r in records], np.float32))
-    age, age_mask = _ages(records)
-    return {
-        "image": images,
-        "target": target,
-        "target_mask": target_mask,
-        "sex_male": sex_male,
-        "sex_mask": sex_mask,
-        "age": age,
-        "age_mask": age_mask,
-        "fold": np.array([r["fold"] for r in records], np.int64),
-        "index": np.asarray(indices, np.int64),
-        "example_mask": np.ones(len(records), np.float32),
-    }
+    return {"target": target, "target_mask": target_mask, **_transfer_fields(records, images, indices)}
 
 
 def labelled_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
