@@ -398,16 +398,22 @@ def torchvision_model_with_statistics(torchvision, torch, spec: DenseNetSpec, nu
     torch.manual_seed(0)
     model = torchvision.models.DenseNet(spec.growth_rate, spec.block_config, spec.num_init_features,
                                         spec.bn_size, num_classes=num_classes)
+    return with_random_batchnorm(torch, model, lambda: model(torch.randn(4, 3, size, size)))
+
+
+def with_random_batchnorm(torch, model, forward):
+    """`model` (a torch DenseNet) with random BatchNorm affine parameters and classifier bias, and running
+    statistics averaged over three train-mode calls of `forward`; returned in eval mode."""
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
             torch.nn.init.normal_(module.bias, 0.0, 0.1)
-            module.momentum = None
+            module.momentum = None  # cumulative average
     torch.nn.init.normal_(model.classifier.bias)
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.randn(4, 3, size, size))
+            forward()
     return model.eval()
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch_files
+from test_convert import with_random_batchnorm
 from flax import nnx
 from PIL import Image
 from test_convert import mismatch_lines
@@ -313,17 +314,8 @@ def torchxrayvision_reference(torch, xrv, arch: str, name: str, seed: int = 0):
     model = xrv.models.DenseNet(growth_rate=spec.growth_rate, block_config=spec.block_config,
                                 num_init_features=spec.num_init_features, bn_size=spec.bn_size,
                                 op_threshs=torch.from_numpy(thresholds(name)))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-            torch.nn.init.normal_(module.bias, 0.0, 0.1)
-            module.momentum = None
-    torch.nn.init.normal_(model.classifier.bias)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model.features2(torch.empty(4, 1, 64, 64).uniform_(-1024, 1024))
-    return model.eval()
+    return with_random_batchnorm(torch, model,
+                                 lambda: model.features2(torch.empty(4, 1, 64, 64).uniform_(-1024, 1024)))
 
 
 def check_parity(tmp_path, arch: str, name: str, zip_layout: bool, n: int = 3):
