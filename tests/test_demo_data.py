@@ -380,7 +380,7 @@ def test_the_project_readers_load_the_tree_without_problems(tree):
         assert all(r.sex_male in (0, 1) and r.age > 0 for r in tb_raw.records)
 
 
-def test_readme_predict_command_names_the_demo_tree_the_demo_config_writes():
+def test_readme_commands_name_the_demo_tree_the_demo_config_writes():
     """The README's predict example points into the demo tree; its folder name carries the generator version."""
     from metachex_jax import config_lib
     from metachex_jax.data.datasets import demo_root
@@ -388,3 +388,5 @@ def test_readme_predict_command_names_the_demo_tree_the_demo_config_writes():
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")).read()
     config = config_lib.pretrain_config("demo", multitask=True)
     assert f"DEMO={demo_root(config)}/raw/ChestX-ray14\n" in readme
+    named = set(re.findall(r"~/\.cache/metachex_jax/demo/v\w+", readme))  # every command naming a demo tree
+    assert named == {demo_root(config)}, named
