@@ -25,7 +25,8 @@ weights, BatchNorm statistics from ChestX-ray14 training images in data.data_dir
 both). init_from is required; --config.baselines_only=True runs the compare_with baselines alone.
 
 Fine-tuned models predict with BatchNorm statistics recomputed for their weights; across datasets from the
-training set (--config.finetune.bn_stats=fit, the default) or from the unlabelled test set (=target).
+training set (--config.finetune.bn_stats=fit, the default) or from the unlabelled test set (=target; the validation
+predictions the thresholds are chosen on then use the validation images' own statistics).
 
 Arguments after the colon (comma-separated): demo, runlocal (one fine-tuning fold, one epoch),
 methods=probe|finetune|probe+finetune, init=PATH (init_from), res=IMAGE_SIZE (default 224; demo 64),

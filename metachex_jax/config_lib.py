@@ -690,7 +690,7 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
         feature_batch_size=(64, integer(min=1)),
         probe=section(
             "probe",
-            inner_folds=(5, integer(min=2)),  # inner stratified CV on the training folds, to choose the L2 strength
+            inner_folds=(5, integer(min=2)),  # inner stratified CV (folds of patients) to choose the L2 strength
             # lambda: mean log loss + l2/2 |w|^2
             l2_grid=((1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0), numbers(above=0)),
             selection=("log_loss", one_of("log_loss", "auroc")),  # inner-CV criterion
@@ -708,7 +708,8 @@ def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
             backbone_lr=(1e-4, number(min=0)),  # lower than the head's: the pretrained backbone moves slowly
             # BatchNorm statistics of the test predictions in the cross-dataset protocols (recomputed for the
             # fine-tuned weights either way): "fit" = the training set's fit images; "target" = the unlabelled
-            # test images (test-time adaptation). Within a dataset they always come from the fit images.
+            # test images (test-time adaptation), and then the validation predictions the thresholds are chosen on
+            # use the validation images' own. Within a dataset they always come from the fit images.
             bn_stats=("fit", one_of("fit", "target")),
             # name, betas, clipping, warmup; finetune.py sets the two lrs and a constant schedule (early stopping
             # decides the length)

@@ -26,7 +26,8 @@ arguments see the same resamples, which makes CIs of several metrics paired. Res
 undefined give NaN; `percentile_ci` drops them and `count_undefined` counts them so reports can show it.
 
 Comparisons and screening (used by the TB transfer report):
-- `delong_test` (two correlated AUROCs on the same cases, DeLong 1988), `holm_adjust` (a family of tests),
+- `delong_test` (two correlated AUROCs on the same cases, DeLong 1988), `clustered_auc_test` (the same when
+  patients have several images: Obuchowski 1997, patients as clusters), `holm_adjust` (a family of tests),
   `paired_bootstrap_difference` (metric(a) - metric(b) with both evaluated on every resample).
 - Operating points: `threshold_at_sensitivity` / `threshold_at_specificity` choose a threshold on training data;
   `specificity_at_sensitivity` / `sensitivity_at_specificity` are the test-set oracle values; `roc_band` is a
@@ -605,22 +606,9 @@ def delong_placements(y_true, score) -> tuple[float, np.ndarray, np.ndarray]:
     return float(v10.mean()), v10, v01
 
 
-def delong_test(y_true, score_a, score_b) -> dict[str, float]:
-    """DeLong, DeLong & Clarke-Pearson (1988, Biometrics 44:837) test of AUROC(a) = AUROC(b), two scores of
-    the SAME cases (paired): var(A - B) = (S10_aa + S10_bb - 2 S10_ab) / m + (S01_aa + S01_bb - 2 S01_ab) / n
-    with S10 / S01 the sample covariances (ddof 1) of the placement values over the m positives / n negatives.
-
-    Returns {"auroc_a", "auroc_b", "difference", "se", "z", "p_value"} (two-sided normal p-value). When the
-    variance is 0 (e.g. identical scores, or both perfect) z is NaN and p is 1 if the AUROCs are equal, NaN if
-    not. Cases are assumed independent (one image per patient, as in the TB sets).
-    """
-    auc_a, v10_a, v01_a = delong_placements(y_true, score_a)
-    auc_b, v10_b, v01_b = delong_placements(y_true, score_b)
-    m, n = len(v10_a), len(v01_a)
-    if m < 2 or n < 2:
-        raise ValueError(f"DeLong's variance needs at least 2 cases of each class; got {m} positive, {n} negative")
-    s10, s01 = np.cov(np.stack([v10_a, v10_b])), np.cov(np.stack([v01_a, v01_b]))
-    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+def _normal_test(auc_a: float, auc_b: float, variance: float) -> dict[str, float]:
+    """Two-sided normal test of AUROC(a) = AUROC(b) given the variance of the difference. When the variance is 0
+    (e.g. identical scores, or both perfect) z is NaN and p is 1 if the AUROCs are equal, NaN if not."""
     difference = auc_a - auc_b
     se = float(np.sqrt(max(variance, 0.0)))
     if se > 1e-15:
@@ -630,6 +618,73 @@ def delong_test(y_true, score_a, score_b) -> dict[str, float]:
         z, p = float("nan"), 1.0 if abs(difference) < 1e-15 else float("nan")
     return {"auroc_a": auc_a, "auroc_b": auc_b, "difference": float(difference), "se": se, "z": float(z),
             "p_value": p}
+
+
+def delong_test(y_true, score_a, score_b) -> dict[str, float]:
+    """DeLong, DeLong & Clarke-Pearson (1988, Biometrics 44:837) test of AUROC(a) = AUROC(b), two scores of
+    the SAME cases (paired): var(A - B) = (S10_aa + S10_bb - 2 S10_ab) / m + (S01_aa + S01_bb - 2 S01_ab) / n
+    with S10 / S01 the sample covariances (ddof 1) of the placement values over the m positives / n negatives.
+
+    Returns {"auroc_a", "auroc_b", "difference", "se", "z", "p_value"} (two-sided normal p-value; see
+    `_normal_test` for a zero variance). Cases are assumed independent (one image per patient, as in the TB
+    sets); with several images per patient use `clustered_auc_test`.
+    """
+    auc_a, v10_a, v01_a = delong_placements(y_true, score_a)
+    auc_b, v10_b, v01_b = delong_placements(y_true, score_b)
+    m, n = len(v10_a), len(v01_a)
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong's variance needs at least 2 cases of each class; got {m} positive, {n} negative")
+    s10, s01 = np.cov(np.stack([v10_a, v10_b])), np.cov(np.stack([v01_a, v01_b]))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return _normal_test(auc_a, auc_b, variance)
+
+
+def clustered_auc_test(y_true, score_a, score_b, clusters) -> dict[str, float]:
+    """Test of AUROC(a) = AUROC(b), two scores of the same images, when images come in correlated CLUSTERS
+    (patients): Obuchowski (1997, "Nonparametric analysis of clustered ROC curve data", Biometrics 53:567).
+
+    Images are the units; AUROC is over all (positive image, negative image) pairs, as for unclustered data.
+    With the placement values V10 / V01 (`delong_placements`) summed per cluster i (V10_i over its m_i positive
+    images, V01_i over its n_i negative ones), N / M the positive / negative images, I the clusters, I10 / I01
+    those holding a positive / negative image, and for scores r, s in {a, b}:
+        S10_rs = I10 / ((I10 - 1) N) sum_i (V10_i^r - m_i A_r)(V10_i^s - m_i A_s)
+        S01_rs = I01 / ((I01 - 1) M) sum_i (V01_i^r - n_i A_r)(V01_i^s - n_i A_s)
+        S11_rs = I / (I - 1) sum_i (V10_i^r - m_i A_r)(V01_i^s - n_i A_s)
+        cov(A_r, A_s) = S10_rs / N + S01_rs / M + (S11_rs + S11_sr) / (N M)
+    and var(A_a - A_b) = cov_aa + cov_bb - 2 cov_ab. A cluster may hold both classes. With one image per
+    cluster this is DeLong's variance exactly (S11 = 0). Vectorised: O(N log N), one sort per score.
+
+    `clusters`: (N,) any hashable patient keys (an image without a patient id is its own cluster: give it a key
+    of its own). Returns `delong_test`'s dict plus "n_clusters". Raises unless at least 2 clusters hold each
+    class.
+    """
+    y, _, _ = _binary_inputs(y_true, score_a, None)
+    clusters = _check_1d("clusters", clusters, len(y))
+    _, cluster = np.unique(clusters, return_inverse=True)
+    cluster = cluster.reshape(-1)
+    num_clusters = int(cluster.max()) + 1 if len(cluster) else 0
+    positive = y == 1
+    pos_cluster, neg_cluster = cluster[positive], cluster[~positive]
+    m_i = np.bincount(pos_cluster, minlength=num_clusters).astype(np.float64)
+    n_i = np.bincount(neg_cluster, minlength=num_clusters).astype(np.float64)
+    i10, i01 = int(np.sum(m_i > 0)), int(np.sum(n_i > 0))
+    if i10 < 2 or i01 < 2:
+        raise ValueError(f"the clustered AUROC variance needs at least 2 clusters holding each class; got {i10} "
+                         f"with a positive and {i01} with a negative image")
+    big_n, big_m = float(m_i.sum()), float(n_i.sum())
+    aucs, d10, d01 = [], [], []
+    for score in (score_a, score_b):
+        auc, v10, v01 = delong_placements(y, score)
+        aucs.append(auc)
+        d10.append(np.bincount(pos_cluster, weights=v10, minlength=num_clusters) - m_i * auc)
+        d01.append(np.bincount(neg_cluster, weights=v01, minlength=num_clusters) - n_i * auc)
+    d10, d01 = np.stack(d10, axis=1), np.stack(d01, axis=1)  # (I, 2): the clusters' deviations per score
+    s10 = i10 / ((i10 - 1) * big_n) * (d10.T @ d10)
+    s01 = i01 / ((i01 - 1) * big_m) * (d01.T @ d01)
+    s11 = num_clusters / (num_clusters - 1) * (d10.T @ d01)
+    cov = s10 / big_n + s01 / big_m + (s11 + s11.T) / (big_n * big_m)
+    variance = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    return {**_normal_test(aucs[0], aucs[1], variance), "n_clusters": num_clusters}
 
 
 def holm_adjust(p_values) -> np.ndarray:

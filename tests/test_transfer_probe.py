@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedGroupKFold
 
 from metachex_jax import metrics
 from metachex_jax.transfer import paired, probe, protocols, report
@@ -45,8 +46,8 @@ def test_fit_probe_chooses_by_inner_cv_and_is_deterministic():
     x, y = toy_features(n=200, d=60, seed=1)
     settings = probe.ProbeSettings(inner_folds=4, l2_grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0))
     train, test = np.arange(200) < 150, np.arange(200) >= 150
-    a = probe.fit_probe(x[train], y[train], x[test], settings)
-    b = probe.fit_probe(x[train], y[train], x[test], settings)
+    a = probe.fit_probe(x[train], y[train], x[test], settings, groups=np.arange(150))
+    b = probe.fit_probe(x[train], y[train], x[test], settings, groups=np.arange(150))
     np.testing.assert_array_equal(a.test_prob, b.test_prob)
     # The chosen lambda is the inner-CV optimum, and the refit equals sklearn's fit with that lambda.
     assert a.l2 == min(a.inner_scores, key=a.inner_scores.get)
@@ -55,18 +56,19 @@ def test_fit_probe_chooses_by_inner_cv_and_is_deterministic():
     np.testing.assert_allclose(a.test_prob, reference.predict_proba((x[test] - a.mean) / a.scale)[:, 1], atol=1e-4)
     assert roc_auc_score(y[test], a.test_prob) > 0.8
     with pytest.raises(ValueError, match=r"single class \(150 normal, 0 TB\)"):
-        probe.fit_probe(x[train], np.zeros(150, np.int64), x[test], settings)
+        probe.fit_probe(x[train], np.zeros(150, np.int64), x[test], settings, groups=np.arange(150))
 
 
 def test_probe_that_hits_its_iteration_limit_says_so():
     x, y = toy_features(n=120, d=40, seed=2)
     train, test = np.arange(120) < 90, np.arange(120) >= 90
     settings = probe.ProbeSettings(inner_folds=3, l2_grid=(1e-3, 1.0), max_iter=2, tol=1e-9)
-    stopped = probe.fit_probe(x[train], y[train], x[test], settings)
+    stopped = probe.fit_probe(x[train], y[train], x[test], settings, groups=np.arange(90))
     assert not stopped.converged and stopped.iterations == 2
     assert [u["l2"] for u in stopped.unconverged] == [1e-3, 1.0]
     assert all(1 <= u["problems"] <= 4 for u in stopped.unconverged)  # of 3 inner folds + the refit
-    done = probe.fit_probe(x[train], y[train], x[test], probe.ProbeSettings(inner_folds=3, l2_grid=(1e-3, 1.0)))
+    done = probe.fit_probe(x[train], y[train], x[test], probe.ProbeSettings(inner_folds=3, l2_grid=(1e-3, 1.0)),
+                           groups=np.arange(90))
     assert done.converged and done.unconverged == [] and done.iterations < 500
     # The threshold scores are the inner out-of-fold probabilities of the training rows.
     assert done.train_oof_prob.shape == (90,) and roc_auc_score(y[train], done.train_oof_prob) > 0.7
@@ -74,10 +76,57 @@ def test_probe_that_hits_its_iteration_limit_says_so():
 
 def test_inner_folds_stratified_and_deterministic():
     y = np.array([0] * 23 + [1] * 17)
-    folds = probe.stratified_folds(y, 5, seed=3)
-    np.testing.assert_array_equal(folds, probe.stratified_folds(y, 5, seed=3))
+    folds = probe.stratified_group_folds(y, np.arange(40), 5, seed=3)
+    np.testing.assert_array_equal(folds, probe.stratified_group_folds(y, np.arange(40), 5, seed=3))
     for f in range(5):
         assert np.sum(y[folds == f] == 0) in (4, 5) and np.sum(y[folds == f] == 1) in (3, 4)
+
+
+def patients_with_several_images(rng, n_patients, signal=0.0, d=30):
+    """(features, labels, patients): 1-4 images per patient, a patient-level label, and features that are the
+    patient's own signature plus a little image noise (near-duplicate images of one patient), plus `signal` x label."""
+    sizes = rng.integers(1, 5, n_patients)
+    patient = np.repeat(rng.permutation(100 * n_patients)[:n_patients], sizes)
+    label = np.repeat(np.arange(n_patients) % 2, sizes)
+    signature = np.repeat(rng.normal(size=(n_patients, d)), sizes, axis=0)
+    x = signature + 0.05 * rng.normal(size=signature.shape) + signal * label[:, None]
+    order = rng.permutation(len(label))
+    return x[order], label[order], patient[order]
+
+
+def test_inner_folds_keep_each_patients_images_together():
+    rng = np.random.default_rng(5)
+    x, y, patient = patients_with_several_images(rng, 60, signal=0.5)
+    settings = probe.ProbeSettings(inner_folds=4, l2_grid=(1e-2, 1.0))
+    fit = probe.fit_probe(x, y, x[:5], settings, groups=patient)
+    folds = fit.inner_fold
+    assert sorted(set(folds.tolist())) == [0, 1, 2, 3]
+    for f in range(4):
+        held, fitted = set(patient[folds == f]), set(patient[folds != f])
+        assert not held & fitted  # no patient both in an inner fit part and its held-out part
+        assert set(y[folds == f]) == {0, 1}
+    # Balanced about as well as scikit-learn's StratifiedGroupKFold (the reference) in images and in classes.
+    reference = [held for _, held in StratifiedGroupKFold(n_splits=4).split(x, y, patient)]
+    sizes, reference_sizes = [np.sum(folds == f) for f in range(4)], [len(held) for held in reference]
+    assert np.ptp(sizes) <= np.ptp(reference_sizes) + 2
+    deviation = max(abs(y[folds == f].mean() - y.mean()) for f in range(4))
+    assert deviation <= max(abs(y[held].mean() - y.mean()) for held in reference) + 0.03
+    # Deterministic.
+    np.testing.assert_array_equal(folds, probe.stratified_group_folds(y, patient, 4, settings.seed))
+
+
+def test_out_of_fold_scores_are_not_inflated_by_a_patients_other_images():
+    """Labels unrelated to the features, near-duplicate images per patient: folds of images put a patient's copies
+    on both sides and the out-of-fold scores look informative (the old behaviour); folds of patients do not."""
+    rng = np.random.default_rng(6)
+    x, y, patient = patients_with_several_images(rng, 80, d=100)
+    settings = probe.ProbeSettings(inner_folds=5, l2_grid=(1e-3, 1e-1, 10.0))
+    by_patient = probe.fit_probe(x, y, x[:5], settings, groups=patient)
+    by_image = probe.fit_probe(x, y, x[:5], settings, groups=np.arange(len(y)))
+    assert roc_auc_score(y, by_image.train_oof_prob) > 0.9  # leakage
+    assert abs(roc_auc_score(y, by_patient.train_oof_prob) - 0.5) < 0.2
+    with pytest.raises(ValueError, match=r"only 1 patient\(s\) of one class"):
+        probe.fit_probe(x[:6], np.array([1, 1, 0, 0, 0, 0]), x[:1], settings, groups=np.array([3, 3, 4, 5, 6, 7]))
 
 
 def tb_set(name, tb, fold):
@@ -158,10 +207,62 @@ def test_paired_comparisons_use_common_images_and_holm():
                                                ("weak/probe", "strong/finetune")]
     first = out[0]
     assert first["n_images"] == n and first["wins"] == "strong/probe" and first["difference"]["ci_low"] > 0
-    assert first["delong"]["difference"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, cells["weak/probe"]["prob"]))
+    assert first["test"]["method"] == "delong" and first["p_holm"] < 0.05  # one image per patient
+    expected = roc_auc_score(y, good) - roc_auc_score(y, cells["weak/probe"]["prob"])
+    assert first["test"]["difference"] == pytest.approx(expected)
     assert out[1]["n_images"] == 60  # only the images both cells predicted
     assert out[1]["auroc_a"] == pytest.approx(roc_auc_score(y[:60], good[:60]))
     assert out[2]["wins"] == "strong/finetune"
-    raw = [c["delong"]["p_value"] for c in out]
+    raw = [c["test"]["p_value"] for c in out]
+    assert raw[0] == metrics.delong_test(y, good, cells["weak/probe"]["prob"])["p_value"]
     np.testing.assert_allclose([c["p_holm"] for c in out], metrics.holm_adjust(raw))
+
+
+def one_protocol(scores: dict, y, patient) -> dict:
+    """Per-image columns of cells that predicted the same images."""
+    ids = np.array([f"i{i}" for i in range(len(y))])
+    return {key: {"dataset": np.array(["csv"] * len(y)), "image_id": ids, "label": y, "prob": score,
+                  "patient": patient} for key, score in scores.items()}
+
+
+def test_a_cell_wins_only_when_holm_and_the_paired_ci_agree():
+    """A CI that excludes 0 next to a Holm-adjusted p above 0.05 is no win (the old rule called it one)."""
+    rng = np.random.default_rng(8)
+    n = 200
+    y = np.arange(n) % 2
+    shared = y + rng.normal(size=n)
+    scores = {"a/probe": shared + 0.5 * y + rng.normal(size=n) * 0.7, "b/probe": shared + rng.normal(size=n) * 0.7,
+              "c/probe": rng.normal(size=n), "d/probe": rng.normal(size=n)}
+    out = paired.paired_comparisons(one_protocol(scores, y, np.arange(n)), n_boot=500, seed=0)
+    first = out[0]
+    assert (first["a"], first["b"]) == ("a/probe", "b/probe")
+    assert first["difference"]["ci_low"] > 0 and first["test"]["p_value"] < 0.05  # raw: both say a > b
+    assert first["p_holm"] > 0.05 and first["wins"] is None  # adjusted over the 6 pairs: neither
+    assert out[1]["wins"] == "a/probe" and out[1]["p_holm"] < 0.05 and out[1]["difference"]["ci_low"] > 0
+    # The rule itself, both sides, and a CI on the other side of the tested difference.
+    ci = {"ci_low": 0.01, "ci_high": 0.2}
+    assert paired.winner(ci, {"difference": 0.1}, 0.049) == "a"
+    assert paired.winner(ci, {"difference": 0.1}, 0.05) is None and paired.winner(ci, {"difference": 0.1}, None) is None
+    assert paired.winner({"ci_low": -0.2, "ci_high": -0.01}, {"difference": -0.1}, 0.01) == "b"
+    assert paired.winner({"ci_low": -0.2, "ci_high": 0.01}, {"difference": -0.1}, 0.01) is None
+    assert paired.winner(ci, {"difference": -0.1}, 0.01) is None
+
+
+def test_patients_with_several_images_are_compared_with_the_clustered_test():
+    rng = np.random.default_rng(9)
+    sizes = rng.integers(1, 5, 80)
+    patient = np.repeat(rng.permutation(1000)[:80], sizes)
+    y = np.repeat(np.arange(80) % 2, sizes)
+    shared = np.repeat(rng.normal(size=80), sizes)
+    scores = {"a/probe": y + shared + rng.normal(size=len(y)), "b/finetune": y + shared + rng.normal(size=len(y))}
+    (c,) = paired.paired_comparisons(one_protocol(scores, y, patient), n_boot=100, seed=0)
+    assert c["test"]["method"] == "clustered" and c["n_patients"] == 80 and c["n_images"] == len(y)
+    expected = metrics.clustered_auc_test(y, scores["a/probe"], scores["b/finetune"], patient)
+    assert c["test"]["p_value"] == expected["p_value"] and c["p_holm"] == expected["p_value"]
+    assert c["test"]["se"] > metrics.delong_test(y, scores["a/probe"], scores["b/finetune"])["se"]
+    md = report.markdown({"protocols": ["cv_csv"], "protocol_targets": {"cv_csv": "Tuberculosis"}, "cells": {},
+                          "paired": {"cv_csv": [c]}, "screening": {"sensitivity": 0.9, "specificity": 0.7},
+                          "calibration_bins": 10, "timings": {}, "datasets": {}})
+    assert "Holm-adjusted p is below 0.05 AND the paired CI excludes 0 on its side; otherwise neither" in md
+    assert f"| a/probe | b/finetune | {len(y)} | 80 |" in md and "| clustered (Obuchowski) |" in md
 

@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from data_fixtures import make_tb_tree
-from metachex_jax import config_lib, reports, train, train_state
+from metachex_jax import config_lib, metrics, reports, train, train_state
 from metachex_jax.data import datasets as nih_datasets
 from metachex_jax.data import pipeline
 from metachex_jax.preprocessing import PixelContract, to_model_input
@@ -124,8 +124,12 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
             n_a, n_b = (saved["cells"][c[k]][protocol]["n_images"] for k in ("a", "b"))
             assert c["n_images"] == min(n_a, n_b)
             assert c["wins"] in (None, c["a"], c["b"])
-            assert (c["wins"] is not None) == (c["difference"]["ci_low"] > 0 or c["difference"]["ci_high"] < 0)
-            assert c["p_holm"] >= c["delong"]["p_value"]
+            # The wins rule: Holm-adjusted p below 0.05 and the paired CI on the same side of 0.
+            ci, test = c["difference"], c["test"]
+            assert test["method"] == "delong" and c["n_patients"] == c["n_images"]  # TB sets: one image a patient
+            assert (c["wins"] == c["a"]) == (c["p_holm"] < 0.05 and ci["ci_low"] > 0 and test["difference"] > 0)
+            assert (c["wins"] == c["b"]) == (c["p_holm"] < 0.05 and ci["ci_high"] < 0 and test["difference"] < 0)
+            assert c["p_holm"] >= test["p_value"]
     # Fine-tuning: precise BatchNorm statistics from the fit images, the learning rates as written.
     assert saved["finetune"] == {"bn_stats": "fit", "effective_lr": {"backbone": 1e-4, "tb_head": 1e-3},
                                  "lr_scaling": "none", "global_batch": 8}
@@ -362,6 +366,17 @@ def test_random_bn_fine_tunes_to_exactly_random(tuning):
         assert a.val_auroc == b.val_auroc
 
 
+def adapted_predictions(graphdef, state, subset, config, batch_size=8):
+    """The model of `state` with its BatchNorm statistics recomputed on `subset`'s own images, predicting them."""
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    features_lib.calibrate_batchnorm(model.backbone, subset, kind="binary", contract=contract_of(config),
+                                     batch_size=batch_size, max_images=len(subset))
+    model.eval()
+    with pipeline.eval_batches(subset, kind="binary", global_batch_size=len(subset), image_size=RES) as batches:
+        images = jnp.asarray(next(iter(batches))["image"])
+    return np.asarray(jax.nn.sigmoid(model(to_model_input(images))))[:len(subset)]
+
+
 def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuning):
     config, sets, fit_tuner = tuning
     _, _, target_tuner = finetune_pieces(setup, **{"finetune.bn_stats": "target"})
@@ -369,23 +384,36 @@ def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuni
     cross = protocols.check_protocol("montgomery_to_shenzhen", sets, need_validation=True)[0]
     on_fit, on_target = fit_tuner.run(start, cross, sets), target_tuner.run(start, cross, sets)
     assert (on_fit.test_bn_stats, on_target.test_bn_stats) == ("fit", "target")
-    np.testing.assert_array_equal(on_fit.val_prob, on_target.val_prob)  # validation: the fit images either way
+    assert on_fit.val_auroc == on_target.val_auroc  # early stopping: the fit images' statistics either way
     assert not np.allclose(on_fit.test_prob, on_target.test_prob)
-    assert on_target.bn_images["test"] == 8 * (len(sets["shenzhen"]) // 8)
+    n_val = len(cross.validation)
+    assert on_target.bn_images == {"validation": 8 * (n_val // 8) if n_val >= 8 else n_val,
+                                   "test": 8 * (len(sets["shenzhen"]) // 8)}
     # The adapted predictions are the kept weights' with statistics recomputed on the unlabelled test images.
-    test = RecordSubset(sets["shenzhen"].source, cross.test)
     graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), fit_tuner.tx)
-    model = nnx.merge(graphdef, on_target.state.params, on_target.state.batch_stats)
-    features_lib.calibrate_batchnorm(model.backbone, test, kind="binary", contract=contract_of(config), batch_size=8,
-                                     max_images=len(test))
-    model.eval()
-    with pipeline.eval_batches(test, kind="binary", global_batch_size=len(test), image_size=RES) as batches:
-        expected = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(next(iter(batches))["image"])))))
-    np.testing.assert_allclose(on_target.test_prob, expected[:len(test)], rtol=1e-5, atol=1e-6)
+    test = RecordSubset(sets["shenzhen"].source, cross.test)
+    np.testing.assert_allclose(on_target.test_prob, adapted_predictions(graphdef, on_target.state, test, config),
+                               rtol=1e-5, atol=1e-6)
+    # The thresholds' validation predictions are made as the test predictions are (before: with the fit images'
+    # statistics, so thresholds were chosen on one normalisation and applied to another).
+    validation = RecordSubset(sets["montgomery"].source, cross.validation)
+    np.testing.assert_allclose(on_target.val_prob, adapted_predictions(graphdef, on_target.state, validation, config),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(on_target.val_prob, on_fit.val_prob)
+    # A part smaller than one batch (finetune.batch_size 8) gives its statistics from one batch of all its images.
+    few = RecordSubset(sets["montgomery"].source, cross.validation[:5])
+    kept = jax.device_put(on_target.state, target_tuner.replicated)
+    adapted, used = target_tuner.with_precise_batchnorm(graphdef, kept, few, contract_of(config))
+    assert used == 5
+    adapted_model, kept_model = (nnx.merge(graphdef, x.params, x.batch_stats) for x in (adapted, on_target.state))
+    with pipeline.eval_batches(few, kind="binary", global_batch_size=5, image_size=RES) as batches:
+        stem = np.asarray(kept_model.backbone.conv0(to_model_input(jnp.asarray(next(iter(batches))["image"]))))
+    np.testing.assert_allclose(adapted_model.backbone.norm0.mean[...], stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
     # Within a dataset the option changes nothing.
     within = protocols.check_protocol(protocols.parse_protocol("cv_montgomery"), sets, need_validation=True)[0]
-    np.testing.assert_array_equal(fit_tuner.run(start, within, sets).test_prob,
-                                  target_tuner.run(start, within, sets).test_prob)
+    a, b = fit_tuner.run(start, within, sets), target_tuner.run(start, within, sets)
+    np.testing.assert_array_equal(a.test_prob, b.test_prob)
+    np.testing.assert_array_equal(a.val_prob, b.val_prob)
     with pytest.raises(ValueError, match="finetune.bn_stats must be one of"):
         finetune_pieces(setup, **{"finetune.bn_stats": "test"})
 
@@ -444,6 +472,19 @@ def test_any_dataset_and_several_targets_on_the_demo_hospital(finished, setup, t
         view = sets_lib.transfer_set(records, ("csv",), target, num_folds=3, fold_seed=0)
         for split in protocols.check_protocol(protocols.parse_protocol("cv_csv"), {"csv": view}, True):
             assert not set(view.patient[split.train]) & set(view.patient[split.test])
+    # Patients with several images: the paired test is the clustered one, on the pair's common images.
+    for protocol in ("cv_csv.tuberculosis", "cv_csv.cardiomegaly"):
+        for comparison in result["paired"][protocol]:
+            assert comparison["test"]["method"] == "clustered"
+            assert comparison["n_patients"] < comparison["n_images"]
+        first = result["paired"][protocol][0]
+        assert (first["a"], first["b"]) == ("metachexnet/probe", "random/probe")
+        a, b = (reports.read_predictions_csv(tmp_path / "report" / "predictions" /
+                                             f"{key.replace('/', '_')}_{protocol}.csv") for key in ("metachexnet_probe",
+                                                                                                    "random_probe"))
+        assert list(a["image_id"]) == list(b["image_id"])
+        expected = metrics.clustered_auc_test(a["label"], a["prob"], b["prob"], a["patient"])
+        assert first["test"]["p_value"] == pytest.approx(expected["p_value"], rel=1e-9, abs=1e-15)
     both = sets_lib.transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", num_folds=3, fold_seed=0)
     assert len(both) == len(records["shenzhen"]) + len(records["montgomery"])
     assert "# Transfer comparison: Tuberculosis, Cardiomegaly" in (tmp_path / "report" / "comparison.md").read_text()
@@ -455,7 +496,7 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     """The run's WORKDIR/model/: fine-tuned on all of Shenzhen for the CV's median best epoch, threshold at 90%
     out-of-fold sensitivity; `predict --model=WORKDIR` on the raw files equals the model on the prepared records,
     and the exported model equals both."""
-    from metachex_jax import export, metrics, predict, saved_model
+    from metachex_jax import export, predict, saved_model
     from metachex_jax.inference import Predictor
 
     config, workdir, result = finished
@@ -516,7 +557,7 @@ def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup
     start = load(str(pre), probe_config)
     table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=probe_config.feature_cache_dir)
     fit = fit_probe(table["features"], montgomery.labels[:, 0], table["features"],
-                    ProbeSettings.from_config(probe_config.probe, probe_config.seed))
+                    ProbeSettings.from_config(probe_config.probe, probe_config.seed), groups=montgomery.patient)
     assert card["training"]["l2"] == fit.l2
     model, _ = saved_model.load(str(tmp_path / "model"))
     folded = np.asarray(jax.nn.sigmoid(model.output_scores(jnp.asarray(table["features"]))["tb"]))

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from metachex_jax.transfer.probe import ProbeSettings, fit_probe, stratified_folds
+from metachex_jax.transfer.probe import ProbeSettings, fit_probe, stratified_group_folds
 
 NUM_IMAGES, NUM_TB, NUM_FEATURES = 662, 336, 1024  # the real Shenzhen set; DenseNet-121's pooled features
 
@@ -41,12 +41,13 @@ def planted_features(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def time_probe(x: np.ndarray, y: np.ndarray, folds: int, settings: ProbeSettings) -> tuple[float, np.ndarray]:
     """Seconds for the whole cross-validated probe, and its out-of-fold probabilities."""
-    fold = stratified_folds(y, folds, settings.seed)
+    patients = np.arange(len(y))  # one image per patient, as in the TB sets
+    fold = stratified_group_folds(y, patients, folds, settings.seed)
     oof = np.zeros(len(y))
     start = time.perf_counter()
     for f in range(folds):
         test = fold == f
-        oof[test] = fit_probe(x[~test], y[~test], x[test], settings).test_prob
+        oof[test] = fit_probe(x[~test], y[~test], x[test], settings, groups=patients[~test]).test_prob
     return time.perf_counter() - start, oof
 
 
@@ -56,12 +57,13 @@ def time_sklearn(x: np.ndarray, y: np.ndarray, folds: int, num_folds: int, setti
     from sklearn.model_selection import PredefinedSplit
     from sklearn.preprocessing import StandardScaler
 
-    fold = stratified_folds(y, folds, settings.seed)
+    patients = np.arange(len(y))
+    fold = stratified_group_folds(y, patients, folds, settings.seed)
     seconds = []
     for f in range(num_folds):
         train = fold != f
         z = StandardScaler().fit_transform(x[train])
-        inner = PredefinedSplit(stratified_folds(y[train], settings.inner_folds, settings.seed))
+        inner = PredefinedSplit(stratified_group_folds(y[train], patients[train], settings.inner_folds, settings.seed))
         cs = [1.0 / (lam * train.sum()) for lam in settings.l2_grid]
         start = time.perf_counter()
         with warnings.catch_warnings():

@@ -10,12 +10,14 @@ Entry point: `python -m metachex_jax.main --config=configs/transfer.py[:demo] --
                    one binary target (images with a known label, folds by patient)
     protocols.py   k-fold CV within a dataset, train on some / test on another; fold/class checks
     features.py    frozen pooled features + head outputs, cached by (weights, dataset, pixel contract) content
-    probe.py       L2 logistic regression, strength by inner CV on the training folds (batched L-BFGS)
+    probe.py       L2 logistic regression, strength by inner CV (folds of patients) on the training folds
+                   (batched L-BFGS)
     finetune.py    new one-logit head, lower backbone lr (optax.multi_transform), early stopping on validation,
                    precise BatchNorm statistics before every prediction (finetune.bn_stats)
     report.py      per-cell metrics with bootstrap CIs (AUROC, screening operating points, calibration),
                    JSON / markdown / CSV; plot.py draws the ROC and reliability figures (matplotlib)
-    paired.py      every pair of cells on their common test images: paired bootstrap, DeLong, Holm, who wins
+    paired.py      every pair of cells on their common test images: paired bootstrap, DeLong or the clustered
+                   test (patients with several images), Holm, who wins (Holm p < 0.05 and the CI on the same side)
     deploy.py      the deployable model (TB by default): config.deploy's start, method and protocol column on
                    every training image, threshold from out-of-fold predictions -> WORKDIR/model/ (for predict
                    and export)

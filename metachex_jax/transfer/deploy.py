@@ -127,7 +127,7 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
         from metachex_jax.transfer.probe import fit_probe
 
         features = sets_lib.features_of(tables, view)
-        fit = fit_probe(features, view.y, features[:0], settings)
+        fit = fit_probe(features, view.y, features[:0], settings, groups=view.patient)
         model = TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0))
         kernel, bias = fold_standardisation(fit.weights, fit.bias, fit.mean, fit.scale)
         model.tb_head.kernel[...], model.tb_head.bias[...] = kernel, bias

@@ -18,15 +18,17 @@ end on one split.
   would, after the few dozen steps a TB split allows, still hold much of the START's statistics (mean 0 /
   variance 1 for a random start), and evaluation would depend on them. So before EVERY prediction the
   statistics are recomputed for the current weights ("precise BN", `features.calibrate_batchnorm`, batches of
-  `finetune.batch_size`, centre crops): on the fit images for validation, and for the test images as
+  `finetune.batch_size`, centre crops): on the fit images for early stopping, and for the test images as
   `finetune.bn_stats` says: "fit" (default) the fit images; "target" the unlabelled test images themselves
   (test-time BatchNorm adaptation, "AdaBN") in the cross-dataset protocols. Within a dataset the fit images
   are always used (they come from the same distribution). Every start is treated alike, so a start that
   differs only in its BatchNorm statistics (`random_bn` vs `random`) fine-tunes to identical predictions.
-- Early stopping: validation AUROC after every epoch; the best epoch's weights are kept (in host memory) and
-  training stops after `patience` epochs without improvement or after `num_epochs`. The validation predictions
-  of the kept weights are returned (the caller chooses decision thresholds on them); then the test records are
-  predicted.
+- Early stopping: validation AUROC after every epoch (fit-image statistics); the best epoch's weights are kept
+  (in host memory) and training stops after `patience` epochs without improvement or after `num_epochs`. The
+  validation predictions of the kept weights are returned (the caller chooses decision thresholds on them),
+  made by the TEST predictions' rule so that a threshold is chosen as it is applied: with "target" the
+  validation images are normalised by their own statistics, as the test images are by theirs. Then the test
+  records are predicted.
 """
 
 from __future__ import annotations
@@ -59,12 +61,13 @@ BN_STATS = ("fit", "target")
 @dataclasses.dataclass
 class FinetuneResult:
     test_prob: np.ndarray  # P(TB) of the split's test records
-    val_prob: np.ndarray  # P(TB) of its validation records, best epoch (thresholds are chosen on these)
+    val_prob: np.ndarray  # P(TB) of its validation records, best epoch, BatchNorm as for the test records
+    # (thresholds are chosen on these)
     val_y: np.ndarray
     best_epoch: int
     epochs_run: int
     val_auroc: list[float]  # per epoch
-    bn_images: dict  # images the BatchNorm statistics were recomputed on: {"validation": n, "test": n}
+    bn_images: dict  # images the statistics of val_prob / test_prob were recomputed on: {"validation": n, "test": n}
     test_bn_stats: str  # where the test predictions' statistics came from: "fit" or "target"
     seconds: float
     state: train_state.TrainState  # host copy of the kept weights, statistics recomputed on the fit images
@@ -168,10 +171,14 @@ class Finetuner:
     def with_precise_batchnorm(self, graphdef, state, source, contract: PixelContract
                                ) -> tuple[train_state.TrainState, int]:
         """`state` with its BatchNorm statistics recomputed on the images of `source` for its current weights
-        (and the number of images used); `state` itself is unchanged."""
+        (and the number of images used); `state` itself is unchanged. Full batches of `finetune.batch_size`, or
+        one batch of all of them (to a multiple of the devices) when `source` holds fewer (a small validation
+        part under bn_stats=target)."""
         model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
-        used = calibrate_batchnorm(model.backbone, source, kind="binary", contract=contract,
-                                   batch_size=self.global_batch, max_images=len(source))
+        devices = jax.device_count()
+        batch = min(self.global_batch, max(len(source) // devices, 1) * devices)
+        used = calibrate_batchnorm(model.backbone, source, kind="binary", contract=contract, batch_size=batch,
+                                   max_images=len(source))
         _, _, stats = nnx.split(model, nnx.Param, ...)
         return state.replace(batch_stats=jax.device_put(stats, self.replicated)), used
 
@@ -230,16 +237,19 @@ class Finetuner:
                 break
             del evaluated  # shares the weights `state` donates to the next step
         kept = jax.device_put(best[2], self.replicated)
-        val_prob = self.predict(predict_step, kept, validation, contract)
+        # The validation predictions the thresholds are chosen on are made by the test predictions' rule: with
+        # "target", each part normalised by its own images' statistics (the validation images', the test images').
         test_bn_stats = "target" if s.bn_stats == "target" and split.train_set != split.test_set else "fit"
         if test_bn_stats == "target":
+            validated, val_images = self.with_precise_batchnorm(graphdef, kept, validation, contract)
             tested, test_images = self.with_precise_batchnorm(graphdef, kept, test, contract)
         else:
-            tested, test_images = kept, fit_images
+            (validated, val_images), (tested, test_images) = (kept, fit_images), (kept, fit_images)
+        val_prob = self.predict(predict_step, validated, validation, contract)
         test_prob = self.predict(predict_step, tested, test, contract)
         return FinetuneResult(test_prob=test_prob, val_prob=val_prob, val_y=val_y, best_epoch=best[1],
                               epochs_run=len(history), val_auroc=history,
-                              bn_images={"validation": fit_images, "test": test_images},
+                              bn_images={"validation": val_images, "test": test_images},
                               test_bn_stats=test_bn_stats, seconds=time.perf_counter() - began, state=best[2])
 
     def fit_all(self, start, source, num_epochs: int, what: str):

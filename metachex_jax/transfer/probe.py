@@ -3,10 +3,11 @@
 For one outer split (training rows, test rows of a feature matrix):
 
   1. standardise with the TRAINING rows' mean and standard deviation (never the test rows');
-  2. for each strength lambda of the grid and each inner fold (stratified, deterministic, on the training rows
-     only) fit  mean_i logloss(y_i, x_i.w + b) + lambda/2 |w|^2  on the other inner folds and score the
-     held-out inner fold; choose the lambda with the best pooled inner out-of-fold score ("log_loss" or
-     "auroc"; ties -> the stronger regularisation);
+  2. for each strength lambda of the grid and each inner fold (on the training rows only; folds of PATIENTS, so
+     no patient's images are on both sides of an inner split; stratified, deterministic) fit
+     mean_i logloss(y_i, x_i.w + b) + lambda/2 |w|^2  on the other inner folds and score the held-out inner fold;
+     choose the lambda with the best pooled inner out-of-fold score ("log_loss" or "auroc"; ties -> the stronger
+     regularisation);
   3. refit on all training rows with that lambda; return the inner out-of-fold probabilities at that lambda,
      on which the caller chooses decision thresholds (held-out scores of the training data: in-sample scores
      of a 1024-d model on ~600 images are nearly separable and would put a threshold anywhere);
@@ -57,6 +58,7 @@ class ProbeSettings:
 class ProbeResult:
     test_prob: np.ndarray  # (n_test,) P(TB)
     train_oof_prob: np.ndarray  # (n_train,) inner out-of-fold P(TB) of the training rows at the chosen lambda
+    inner_fold: np.ndarray  # (n_train,) the inner fold of each training row (folds of patients)
     l2: float  # the chosen lambda
     inner_scores: dict  # lambda -> inner-CV score (log loss: lower is better; auroc: higher)
     weights: np.ndarray  # (d,) on the standardised features
@@ -68,17 +70,36 @@ class ProbeResult:
     unconverged: list  # [{"l2": lambda, "problems": n of (inner folds + 1)}] that stopped at max_iter
 
 
-def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Deterministic stratified fold ids 0..k-1 (per class: a seeded permutation dealt round-robin)."""
+def stratified_group_folds(y: np.ndarray, groups, k: int, seed: int) -> np.ndarray:
+    """Deterministic fold ids 0..k-1 of the rows, whole GROUPS (patients) to a fold, stratified by the group's label
+    (1 if any of its rows is positive) and balanced in rows.
+
+    Per label, its groups (in order of first appearance) are put in a seeded permutation, then largest first (a
+    stable sort by size); each goes to the fold holding the fewest rows of that label so far, ties broken
+    cyclically from the fold after the previous choice (the second label starts where the first stopped). With
+    one row per group this deals the rows round-robin: the row-level stratified folds of earlier versions."""
     y = np.asarray(y)
-    folds = np.empty(len(y), np.int64)
-    offset = 0
-    for label in (0, 1):
-        rows = np.flatnonzero(y == label)
-        order = np.random.default_rng([seed, label]).permutation(len(rows))
-        folds[rows[order]] = (np.arange(len(rows)) + offset) % k
-        offset += len(rows)
-    return folds
+    _, first_row, group = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    rank = np.empty(len(first_row), np.int64)
+    rank[np.argsort(first_row, kind="stable")] = np.arange(len(first_row))
+    group = rank[group.reshape(-1)]  # group ids in order of first appearance
+    size = np.bincount(group)
+    label = np.zeros(len(size), np.int64)
+    np.maximum.at(label, group, (y == 1).astype(np.int64))
+    fold_of_group = np.empty(len(size), np.int64)
+    start = 0  # where the cyclic tie-break begins
+    for value in (0, 1):
+        members = np.flatnonzero(label == value)
+        members = members[np.random.default_rng([seed, value]).permutation(len(members))]
+        members = members[np.argsort(-size[members], kind="stable")]
+        rows = np.zeros(k, np.int64)  # rows of this label per fold
+        for g in members:
+            cyclic = (start + np.arange(k)) % k
+            fold = int(cyclic[np.argmin(rows[cyclic])])  # the first fewest-rows fold from `start` on
+            fold_of_group[g] = fold
+            rows[fold] += size[g]
+            start = fold + 1
+    return fold_of_group[group]
 
 
 def fit_logistic(z, y, sample_weight, l2, *, max_iter: int = 500, tol: float = 1e-6, memory: int = 10,
@@ -174,19 +195,23 @@ def check_both_classes(y: np.ndarray, what: str) -> None:
                          "a TB classifier needs both")
 
 
-def fit_probe(x_train, y_train, x_test, settings: ProbeSettings) -> ProbeResult:
-    """Steps 1-4 of the module docstring for one outer split.
+def fit_probe(x_train, y_train, x_test, settings: ProbeSettings, *, groups) -> ProbeResult:
+    """Steps 1-4 of the module docstring for one outer split. `groups`: (n_train,) the training rows' patients;
+    the inner folds keep each patient's images together (`stratified_group_folds`).
 
     BLAS runs single-threaded here: the solves are small, and multi-threaded BLAS next to XLA's threads was
     measured 15x slower on a busy 2-core machine.
     """
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        return _fit_probe(x_train, y_train, x_test, settings)
+        return _fit_probe(x_train, y_train, x_test, settings, groups)
 
 
-def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings) -> ProbeResult:
+def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings, groups) -> ProbeResult:
     x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
     y_train = np.asarray(y_train, np.float64)
+    groups = np.asarray(groups)
+    if groups.shape != y_train.shape:
+        raise ValueError(f"fit_probe: {groups.shape} groups for {y_train.shape} training labels")
     check_both_classes(y_train, "the probe's training data")
     # Step 1: standardise with training statistics; constant features (std 0) are left centred at 0.
     mean, scale = x_train.mean(0), x_train.std(0)
@@ -200,13 +225,15 @@ def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings) -> ProbeResult
     s, u = np.sqrt(eigval[keep]), eigvec[:, keep]
     design, vt = u * s, (z_train.T @ u / s).T
 
-    # Step 2: inner folds (as many as the smaller class allows) x lambdas, plus the refit on all rows.
-    n_minor = int(min(y_train.sum(), len(y_train) - y_train.sum()))
+    # Step 2: inner folds of patients (as many as the smaller class of patients allows) x lambdas, plus the refit.
+    positive_groups = np.unique(groups[y_train == 1])
+    n_groups = len(np.unique(groups))
+    n_minor = int(min(len(positive_groups), n_groups - len(positive_groups)))
     k = min(settings.inner_folds, n_minor)
     if k < 2:
-        raise ValueError(f"the probe's training data has only {n_minor} example(s) of one class: inner "
-                         "cross-validation needs at least 2 of each")
-    inner = stratified_folds(y_train, k, settings.seed)
+        raise ValueError(f"the probe's training data has only {n_minor} patient(s) of one class (a patient with a "
+                         "positive image counts as positive): inner cross-validation needs at least 2 of each")
+    inner = stratified_group_folds(y_train, groups, k, settings.seed)
     grid = np.asarray(settings.l2_grid, np.float64)
     masks = np.asarray([(inner != f) for f in range(k)] + [np.ones(len(y_train), bool)], np.float64)
     # The k inner problems + the refit, solved together, along the grid from the strongest lambda down, each
@@ -236,7 +263,7 @@ def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings) -> ProbeResult
     w = vt.T @ coef[best, k]
     # Step 4.
     test_prob = _sigmoid(z_test @ w + bias[best, k])
-    return ProbeResult(test_prob=test_prob, train_oof_prob=oof[:, best], l2=float(grid[best]),
+    return ProbeResult(test_prob=test_prob, train_oof_prob=oof[:, best], inner_fold=inner, l2=float(grid[best]),
                        inner_scores={float(g): float(sc) for g, sc in zip(grid, scores)}, weights=w,
                        bias=float(bias[best, k]), mean=mean, scale=scale, iterations=iterations,
                        converged=not unconverged, unconverged=sorted(unconverged, key=lambda u: u["l2"]))

@@ -4,7 +4,8 @@ A protocol column of the report is one protocol for one target (`result["protoco
 several targets the column is named `<protocol>.<target>`). A cell's per-image predictions (`cell_columns`) are its
 out-of-fold test predictions: every test image once, with its label (the target's: TB by default), its patient,
 and the thresholds of the split that predicted it. Thresholds are chosen on training data only
-(`choose_thresholds`: the probe's inner out-of-fold predictions, fine-tuning's validation part):
+(`choose_thresholds`: the probe's inner out-of-fold predictions, fine-tuning's validation part predicted with the
+test predictions' BatchNorm rule, finetune.py):
     threshold / margin            Youden's J
     threshold_sens / margin_sens  the highest threshold reaching the sensitivity target (screening: 0.90)
     threshold_spec / margin_spec  the lowest threshold reaching the specificity target (screening: 0.70)
@@ -35,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from metachex_jax import files, metrics, reports
+from metachex_jax.transfer import paired
 from metachex_jax.transfer.plot import write_reliability_png, write_roc_png
 
 ROC_GRID = np.linspace(0.0, 1.0, 101)  # false positive rates of the ROC band
@@ -218,20 +220,24 @@ def _auroc_table(result: dict) -> list[str]:
 
 def _who_wins_tables(result: dict) -> list[str]:
     lines = ["## Who wins (paired)", "",
-             "AUROC difference A - B on the test images both cells predicted, with a paired bootstrap 95% CI "
-             "(the same resampled images for both); DeLong's test p-value, raw and Holm-adjusted over the "
-             "protocol's pairs. A cell wins when the paired CI excludes 0.", ""]
+             "AUROC difference A - B on the test images both cells predicted, with a paired bootstrap 95% CI over "
+             "patients (the same resampled patients for both); the paired test's p-value, raw and Holm-adjusted over "
+             "the protocol's pairs: DeLong's test where every patient has one image, the clustered test (Obuchowski "
+             "1997, patients as clusters) where any patient has several. A cell wins a pair when the Holm-adjusted p "
+             f"is below {paired.WIN_ALPHA:g} AND the paired CI excludes 0 on its side; otherwise neither.", ""]
     for protocol, comparisons in result.get("paired", {}).items():
         rows = []
         for c in comparisons:
             if c["difference"] is None:
-                rows.append([c["a"], c["b"], c["n_images"], "-", "-", "-", "undefined (one class)"])
+                rows.append([c["a"], c["b"], c["n_images"], c["n_patients"], "-", "-", "-", "-",
+                             "undefined (one class)"])
                 continue
-            rows.append([c["a"], c["b"], c["n_images"], _signed_ci(c["difference"]),
-                         _p_value(c["delong"]["p_value"]), _p_value(c["p_holm"]),
-                         c["wins"] or "neither"])
+            rows.append([c["a"], c["b"], c["n_images"], c["n_patients"], _signed_ci(c["difference"]),
+                         paired.TEST_NAMES[c["test"]["method"]], _p_value(c["test"]["p_value"]),
+                         _p_value(c["p_holm"]), c["wins"] or "neither"])
         lines += [f"### {protocol}", "",
-                  reports.markdown_table(["A", "B", "n", "AUROC A - B [95% CI]", "DeLong p", "Holm p", "wins"], rows)]
+                  reports.markdown_table(["A", "B", "images", "patients", "AUROC A - B [95% CI]", "test", "p",
+                                          "Holm p", "wins"], rows)]
     return lines
 
 

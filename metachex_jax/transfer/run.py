@@ -193,7 +193,8 @@ def run(config, workdir: str) -> dict:
                 test_features = sets_lib.features_of(per_dataset, sets_t[first.test_set])
                 for split in splits[protocol]:
                     y_train = sets_t[split.train_set].y[split.train]
-                    fit = fit_probe(train_features[split.train], y_train, test_features[split.test], settings)
+                    fit = fit_probe(train_features[split.train], y_train, test_features[split.test], settings,
+                                    groups=sets_t[split.train_set].patient[split.train])
                     thresholds = report_lib.choose_thresholds(y_train, fit.train_oof_prob, screening)
                     results.append((split, fit.test_prob, thresholds))
                     for k in ("l2", "iterations", "converged"):
