@@ -6,8 +6,9 @@
 DIR holds (see `metachex_jax.saved_model`):
 
     DIR/model.json                    the model card: input contract (`PixelContract`), output names, kinds and
-                                      thresholds in order, training data, headline metrics with their 95% CIs,
-                                      the source run, versions, and what was exported
+                                      thresholds in order, training data, headline metrics with their 95% CIs
+                                      of the exported step (`step_metrics`), the source run, versions, and what
+                                      was exported
     DIR/exported/forward.jaxexport    the whole inference function, `(weights, uint8 images (b, S, S)) ->
                                       (values (b, K), features (b, F))`, serialised with `jax.export`:
                                       batch-size polymorphic (b is symbolic), lowered for CPU, CUDA and TPU, and
@@ -27,7 +28,6 @@ import sys
 
 import jax
 import numpy as np
-from etils import epath
 
 from metachex_jax import files, saved_model
 
@@ -105,19 +105,38 @@ def _provenance(model_path: str, info: dict) -> dict:
                         "resolution": config["data"]["resolution"], "image_size": config["data"]["image_size"],
                         "val_fraction": config["data"]["val_fraction"], "demo_data": bool(config.get("demo")),
                         "step": info["step"], "arch": info["arch"]}}
-    eval_dir = files.join(path, "eval")
-    tests = [str(p) for p in epath.Path(eval_dir).glob("test_step*.json")] if files.is_dir(eval_dir) else []
-    if tests:
-        latest = max(tests, key=lambda p: int(p.rsplit("test_step", 1)[1].split(".")[0]))
-        result = json.loads(files.read_text(latest))
-        metrics = {"split": "test", "file": latest, "mean_auroc": result.get("mean_auroc")}
-        for task in ("sex_male", "view_ap"):
-            if task in result:
-                metrics[f"{task}_auroc"] = result[task]["auroc"]
-        if "age" in result:
-            metrics["age_mae_years"] = result["age"]["mae_years"]
+    metrics = step_metrics(path, info["step"])
+    if metrics:
         out["metrics"] = metrics
     return out
+
+
+def _headline(result: dict) -> dict:
+    """The headline numbers of one evaluation file (`evaluate.evaluate_split`'s JSON)."""
+    out = {"mean_auroc": result.get("mean_auroc")}
+    for task in ("sex_male", "view_ap"):
+        if task in result:
+            out[f"{task}_auroc"] = result[task]["auroc"]
+    if "age" in result:
+        out["age_mae_years"] = result["age"]["mae_years"]
+    return out
+
+
+def step_metrics(run_dir: str, step: int) -> dict | None:
+    """The evaluation of the exported step itself: its test results (the trainer tests the best checkpoint), else
+    its validation results, else None. A mixture's step has `{split}_step{N}_datasets.json` (the mean over datasets)
+    and one file per dataset (`{split}_{dataset}_step{N}.json`); one dataset's, `{split}_step{N}.json`."""
+    eval_dir = files.join(run_dir, "eval")
+    for split in ("test", "validation"):
+        single, mixture = (files.join(eval_dir, f"{split}_step{step}{suffix}.json") for suffix in ("", "_datasets"))
+        if files.is_file(single):
+            return {"split": split, "step": step, "file": single, **_headline(json.loads(files.read_text(single)))}
+        if files.is_file(mixture):
+            combined = json.loads(files.read_text(mixture))
+            return {"split": split, "step": step, "file": mixture, "mean_auroc": combined["mean_auroc"],
+                    "datasets": {name: _headline(json.loads(files.read_text(files.join(eval_dir, entry["file"]))))
+                                 for name, entry in combined["per_dataset"].items()}}
+    return None
 
 
 def export(model_path: str, out: str, *, step: str | int = "best", platforms=DEFAULT_PLATFORMS,

@@ -111,6 +111,10 @@ class _FlaxModel:
         if model.backbone.in_channels != contract.channels:
             raise ModelError(f"the model's first convolution takes {model.backbone.in_channels} channel(s), but its "
                              f"pixel contract makes {contract.channels} ({contract.describe()})")
+        names = list(model.output_kinds())
+        if names != [o.name for o in outputs]:
+            raise ModelError(f"the model names its outputs {names}, but its card says {[o.name for o in outputs]}: "
+                             "one name for each output everywhere (card, model, CSV, heatmaps)")
         self.module = model
         self.graphdef, self.state = nnx.split(model)
         self.num_features = model.num_features
@@ -154,6 +158,20 @@ class _ExportedModel:
         return self._forward(self.weights, images)
 
 
+def file_error(path: str, stage: str, exc: BaseException) -> str:
+    """The error of a file that failed at `stage` after it was read ("pixel contract", "prediction", "heatmap")."""
+    return f"{path}: {stage} failed ({type(exc).__name__}: {exc})"
+
+
+def one_by_one(items: Sequence, run, fail) -> None:
+    """run(item) for each item; fail(item, exception) for those that raise (their batch failed together)."""
+    for item in items:
+        try:
+            run(item)
+        except Exception as exc:  # noqa: BLE001 - one file's failure is that file's error
+            fail(item, exc)
+
+
 def make_forward(graphdef, outputs: Sequence[Output], contract: PixelContract):
     """(state, uint8 images (N, S, S)) -> (values (N, K) float32, features (N, F) float32): the whole model.
 
@@ -181,10 +199,10 @@ def make_forward(graphdef, outputs: Sequence[Output], contract: PixelContract):
     def forward(state, images):
         model = nnx.merge(graphdef, state)
         features = model.features(contract.model_input(images))
-        scores = list(model.output_scores(features).values())
-        if len(scores) != len(outputs):
-            raise ValueError(f"the model has {len(scores)} outputs, the predictor expects {len(outputs)}")
-        values = [value(s, o) for s, o in zip(scores, outputs)]
+        scores = model.output_scores(features)
+        if list(scores) != [o.name for o in outputs]:
+            raise ValueError(f"the model's outputs {list(scores)} are not the predictor's {[o.name for o in outputs]}")
+        values = [value(scores[o.name], o) for o in outputs]
         stacked = jnp.stack(values, axis=1) if values else jnp.zeros((images.shape[0], 0), jnp.float32)
         return stacked.astype(jnp.float32), features.astype(jnp.float32)
 
@@ -343,10 +361,12 @@ class Predictor:
     def predict_files(self, paths: Sequence[str], *, tta: str | None = None, features: bool = False,
                       bit_depth: int | None = None, workers: int | None = None,
                       progress: bool = False) -> FilePredictions:
-        """Read, preprocess and predict every file; a file that cannot be read gets its error, the rest run.
+        """Read, preprocess and predict every file; a file that fails at any stage (read, pixel contract,
+        prediction) gets its error, naming the file and the stage, and the rest run.
 
         Files are decoded in `workers` processes (default: every core when there are many files) ahead of the
-        device, which computes batch k while the host assembles batch k + 1.
+        device, which computes batch k while the host assembles batch k + 1. A batch that fails is run again one
+        file at a time, so only the files that fail alone get an error.
         """
         from tqdm import tqdm
 
@@ -359,14 +379,34 @@ class Predictor:
         errors: list = [None] * n
         if workers is None:
             workers = image_reader.default_num_workers() if n >= 4 * self.batch_size else 1
-        pending = None  # (rows, runs): the batch on the device while the next one is assembled
+        pending = None  # (rows, crops, runs): the batch on the device while the next one is assembled
 
-        def finish(job):
-            rows, runs = job
+        def store(rows, runs):
             v, f = self._collect(runs)
             values[rows] = v
             if feats is not None:
                 feats[rows] = f
+
+        def launch(rows, crops):
+            try:
+                return rows, crops, self._run_tta(np.stack(crops), tta)
+            except Exception:  # noqa: BLE001 - finish() runs the batch's files one by one and names those that fail
+                return rows, crops, None
+
+        def finish(job):
+            rows, crops, runs = job
+            if runs is not None:
+                try:
+                    store(rows, runs)
+                    return
+                except Exception:  # noqa: BLE001 - the same: one file at a time
+                    pass
+            crop_of = dict(zip(rows, crops))
+            one_by_one(rows, lambda i: store([i], self._run_tta(crop_of[i][None], tta)),
+                       lambda i, exc: fail(i, "prediction", exc))
+
+        def fail(i, stage, exc):
+            errors[i] = file_error(paths[i], stage, exc)
 
         with image_reader.decoding_pool(workers) as pool, tqdm(total=n, unit="img", disable=not progress,
                                                                  desc="predict") as bar:
@@ -374,15 +414,18 @@ class Predictor:
                                                with_info=True, progress=False, square=self.contract.crops_to_square)
             rows, crops = [], []
             for i, (stored, error, info) in enumerate(decoded):
+                infos[i] = info
+                errors[i] = error
                 if error is None:
-                    infos[i] = info
-                    rows.append(i)
-                    crops.append(self.contract.from_stored(stored))
-                else:
-                    errors[i] = error
+                    try:
+                        crops.append(self.contract.from_stored(stored))
+                        rows.append(i)
+                    except Exception as exc:  # noqa: BLE001 - one file's failure is that file's error
+                        fail(i, "pixel contract", exc)
+                if errors[i] is not None:
                     bar.update(1)
                 if len(rows) == self.batch_size or (i == n - 1 and rows):
-                    job = (rows, self._run_tta(np.stack(crops), tta))
+                    job = launch(rows, crops)
                     if pending is not None:
                         finish(pending)
                         bar.update(len(pending[0]))

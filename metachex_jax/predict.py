@@ -16,15 +16,17 @@ counted), and globs;
 Writes into --out (default ./predictions):
     predictions.csv     one row per input, in input order: path, every output of the model (probabilities,
                         age in years; `<name>_decision` for outputs with a threshold, e.g. tb), the reader's
-                        format, original size, bit depth and its source, and `error` (empty when the file was read)
+                        format, original size, bit depth and its source, and `error` (empty when all went well)
     summary.json        the model, its pixel contract and outputs, counts, failures with reasons, timings
     features.npy        (--features) float32 (N, F) pooled features, row i = CSV row i (NaN rows for failures)
     heatmaps/REL/NAME.npy, NAME.png   (--heatmaps) the Grad-CAM map at model-input resolution and an overlay on
-                        the original image; REL mirrors the input's path below the inputs' common folder, so equal
-                        file names in different folders never overwrite each other
-Files are written atomically. A file that cannot be read gets its error in the CSV and the summary; the others
-still run; the exit status is 1 if any file failed, 2 for usage errors (bad MODEL, unknown output, no inputs),
-reported before any work starts.
+                        the original image; REL is the input's path below the inputs' common folder, extension
+                        included (heatmaps/x/a.png/, heatmaps/x/a.dcm/), so no two inputs share a folder
+Files are written atomically; the CSV and the summary before any heatmap, and again with the heatmaps' outcome.
+A file that fails at any stage (read, pixel contract, prediction, heatmap) gets its error, naming the file and
+the stage, in the CSV and the summary (a failed heatmap leaves the file's predictions in place); the others still
+run; the exit status is 1 if any file failed, 2 for usage errors (bad MODEL, unknown output, no inputs), reported
+before any work starts.
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ def expand_inputs(inputs: list[str], list_file: str | None = None) -> tuple[list
     return paths, left_out
 
 
-def heatmap_stem(path: str, base: str) -> str:
-    """heatmaps/ sub-path of an input: its path below `base` without the extension."""
-    return os.path.splitext(os.path.relpath(path, base))[0]
+def heatmap_folder(path: str, base: str) -> str:
+    """heatmaps/ sub-folder of an input: its path below `base`, extension included, so a.png, a.dcm and an
+    extensionless DICOM `a` each get their own folder (a file's path is never a folder of another's)."""
+    return os.path.relpath(path, base)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -118,48 +121,96 @@ def write_png(path: str, rgb: np.ndarray) -> None:
     files.write_atomic(path, buffer.getvalue())
 
 
-def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str, bit_depth: int | None) -> list[str]:
-    """Grad-CAM for every readable input and output in `names`: .npy maps and overlay PNGs. Returns the files."""
+def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str,
+                   bit_depth: int | None) -> tuple[list[str], dict[int, str]]:
+    """Grad-CAM for every predicted input and output in `names`: .npy maps and overlay PNGs.
+
+    Returns (the files written, {input index: error}): a file whose heatmap fails at any stage (its read, Grad-CAM,
+    the overlay, the writing) gets that error; the others are still written. A batch whose Grad-CAM fails is
+    computed again one file at a time."""
     from metachex_jax import gradcam
     from metachex_jax.data import images as image_reader
+    from metachex_jax.inference import file_error, one_by_one
 
     ok = [i for i, e in enumerate(result.errors) if e is None]
     base = os.path.commonpath([os.path.dirname(result.paths[i]) for i in ok]) if ok else ""
-    written = []
-    for start in range(0, len(ok), predictor.batch_size):
-        rows = ok[start:start + predictor.batch_size]
-        crops = np.stack([predictor.contract.from_file(result.paths[i], bit_depth=bit_depth)[0] for i in rows])
-        maps = predictor.gradcam(crops, names, layer=layer)
+    written, errors = [], {}
+
+    def fail(i, exc):
+        errors[i] = file_error(result.paths[i], "heatmap", exc)
+
+    def write(i, maps, k):
+        original, _ = image_reader.read_gray(result.paths[i], bit_depth=bit_depth)
+        original = np.asarray(original, np.float32)
+        overlays = {name: gradcam.overlay(original, maps[name][k], predictor.contract) for name in names}
+        folder = os.path.join(out_dir, "heatmaps", heatmap_folder(result.paths[i], base))
+        os.makedirs(folder, exist_ok=True)
+        for name in names:  # everything is computed: only a failing disk leaves a file's heatmaps incomplete
+            write_npy(os.path.join(folder, f"{name}.npy"), maps[name][k])
+            write_png(os.path.join(folder, f"{name}.png"), overlays[name])
+            written.extend([os.path.join(folder, f"{name}.npy"), os.path.join(folder, f"{name}.png")])
+
+    def run(rows, crops):
+        maps = predictor.gradcam(np.stack(crops), names, layer=layer)
         for k, i in enumerate(rows):
-            original, _ = image_reader.read_gray(result.paths[i], bit_depth=bit_depth)
-            original = np.asarray(original, np.float32)
-            folder = os.path.join(out_dir, "heatmaps", heatmap_stem(result.paths[i], base))
-            os.makedirs(folder, exist_ok=True)
-            for name in names:
-                write_npy(os.path.join(folder, f"{name}.npy"), maps[name][k])
-                write_png(os.path.join(folder, f"{name}.png"), gradcam.overlay(original, maps[name][k],
-                                                                               predictor.contract))
-                written += [os.path.join(folder, f"{name}.npy"), os.path.join(folder, f"{name}.png")]
-    return written
+            try:
+                write(i, maps, k)
+            except Exception as exc:  # noqa: BLE001 - one file's failure is that file's error
+                fail(i, exc)
+
+    for start in range(0, len(ok), predictor.batch_size):
+        rows, crops = [], []
+        for i in ok[start:start + predictor.batch_size]:
+            try:
+                crops.append(predictor.contract.from_file(result.paths[i], bit_depth=bit_depth)[0])
+                rows.append(i)
+            except Exception as exc:  # noqa: BLE001 - e.g. the file changed since it was predicted
+                fail(i, exc)
+        if not rows:
+            continue
+        try:
+            run(rows, crops)
+        except Exception:  # noqa: BLE001 - Grad-CAM of the batch failed: one file at a time names the failing ones
+            crop_of = dict(zip(rows, crops))
+            one_by_one(rows, lambda i: run([i], [crop_of[i]]), fail)
+    return written, errors
 
 
-def summary(predictor, result, args, left_out: dict, heatmap_files: list[str]) -> dict:
+def file_errors(result, heatmap_errors: dict[int, str]) -> list[str | None]:
+    """Each input's error: its prediction's (read, pixel contract, prediction), else its heatmap's, else None."""
+    return [e or heatmap_errors.get(i) for i, e in enumerate(result.errors)]
+
+
+def csv_rows(result, heatmap_errors: dict[int, str]) -> list[dict]:
+    rows = result.rows()
+    for row, error in zip(rows, file_errors(result, heatmap_errors)):
+        row["error"] = error or ""
+    return rows
+
+
+def summary(predictor, result, args, left_out: dict, heatmap_files: list[str] | None,
+            heatmap_errors: dict[int, str]) -> dict:
+    errors = file_errors(result, heatmap_errors)
+    failed = [i for i, e in enumerate(errors) if e is not None]
+    predicted = [i for i, e in enumerate(result.errors) if e is None]
     out = {
         "model": predictor.info,
         "input_contract": predictor.contract.to_json(),
         "outputs": [o.to_json() for o in predictor.outputs],
         "images": len(result.paths),
-        "predicted": len(result.paths) - len(result.failed),
-        "failed": len(result.failed),
-        "failures": [{"path": result.paths[i], "error": result.errors[i]} for i in result.failed],
+        "predicted": len(predicted),
+        "failed": len(failed),
+        "failures": [{"path": result.paths[i], "error": errors[i]} for i in failed],
         "left_out_of_folders": {k: {"count": len(v), "examples": v[:10]} for k, v in left_out.items()},
         "tta": args.tta,
         "bit_depth_override": args.bit_depth,
-        "bit_depths": _count([(i.bit_depth, i.bit_depth_source) for i in result.infos if i is not None]),
+        "bit_depths": _count([(result.infos[i].bit_depth, result.infos[i].bit_depth_source) for i in predicted]),
         "seconds": result.seconds,
-        "images_per_s": (len(result.paths) - len(result.failed)) / max(result.seconds, 1e-9),
-        "heatmaps": {"outputs": args.heatmaps, "layer": args.heatmap_layer, "files": len(heatmap_files)}
-        if heatmap_files else None,
+        "images_per_s": len(predicted) / max(result.seconds, 1e-9),
+        # files None: the heatmaps are not written yet (this summary is the one written before them)
+        "heatmaps": {"outputs": args.heatmaps, "layer": args.heatmap_layer,
+                     "files": None if heatmap_files is None else len(heatmap_files), "failed": len(heatmap_errors)}
+        if args.heatmaps.strip() else None,
         "features": "features.npy" if args.features else None,
     }
     for output in predictor.outputs:
@@ -233,18 +284,27 @@ def run(args) -> int:
 
     result = predictor.predict_files(paths, tta=args.tta, features=args.features, bit_depth=args.bit_depth,
                                      workers=args.workers, progress=True)
-    heatmap_files = write_heatmaps(predictor, result, heatmaps, args.heatmap_layer, out_dir, args.bit_depth) \
-        if heatmaps else []
-    write_csv(os.path.join(out_dir, "predictions.csv"), result.rows())
     if args.features:
         write_npy(os.path.join(out_dir, "features.npy"), result.features)
-    report = summary(predictor, result, args, left_out, heatmap_files)
-    files.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(report, indent=1, default=str) + "\n")
+    # The predictions are on disk before any heatmap is made; the heatmaps' outcome is then added to both files.
+    report = write_report(out_dir, predictor, result, args, left_out, None, {})
+    if heatmaps:
+        heatmap_files, heatmap_errors = write_heatmaps(predictor, result, heatmaps, args.heatmap_layer, out_dir,
+                                                       args.bit_depth)
+        report = write_report(out_dir, predictor, result, args, left_out, heatmap_files, heatmap_errors)
     print(f"{report['predicted']} of {report['images']} images predicted in {result.seconds:.1f} s "
           f"({report['images_per_s']:.1f} img/s) -> {out_dir}/predictions.csv", file=sys.stderr)
     for failure in report["failures"]:
         print(f"failed: {failure['error']}", file=sys.stderr)
-    return 1 if result.failed else 0
+    return 1 if report["failed"] else 0
+
+
+def write_report(out_dir: str, predictor, result, args, left_out: dict, heatmap_files, heatmap_errors) -> dict:
+    """predictions.csv and summary.json (each atomically); returns the summary."""
+    write_csv(os.path.join(out_dir, "predictions.csv"), csv_rows(result, heatmap_errors))
+    report = summary(predictor, result, args, left_out, heatmap_files, heatmap_errors)
+    files.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(report, indent=1, default=str) + "\n")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

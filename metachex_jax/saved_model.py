@@ -138,6 +138,8 @@ def load(path: str):
     if kind not in BUILDERS:
         raise ValueError(f"{path}: unknown model kind {kind!r}; known: {sorted(BUILDERS)}")
     model_config = ml_collections.ConfigDict(card["model_config"])
+    if kind == "tb_classifier" and "output_name" not in model_config:  # cards written before it was recorded
+        model_config.output_name = card["outputs"][0]["name"]
     scan = resolve_scan_layers(model_config.get("scan_layers", "no"))
     unrolled_config = ml_collections.ConfigDict({**model_config.to_dict(), "scan_layers": "no"})
     model = nnx.eval_shape(lambda: BUILDERS[kind](unrolled_config))  # the stored layout

@@ -35,6 +35,12 @@ def write_png(path: Path, value: int, size: int = 32, mode: str = "L") -> Path:
     return path
 
 
+def write_gray_png_with_trns(path: Path, pixels: np.ndarray) -> Path:
+    """A gray 8-bit PNG (colour type 0) with a tRNS chunk: gray level 5 is transparent."""
+    Image.fromarray(np.asarray(pixels, np.uint8), mode="L").save(path, format="PNG", transparency=5)
+    return path
+
+
 @dataclasses.dataclass
 class NihTree:
     """A tiny ChestX-ray14 copy. `rows` are the CSV fields (strings); edit them and call write_csv()."""

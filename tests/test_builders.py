@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_fixtures import make_nih_tree, make_tb_tree
+from data_fixtures import make_nih_tree, make_tb_tree, write_gray_png_with_trns
 from metachex_jax.data import builders, nih, tb
 from metachex_jax.data.raw_common import RawDataError
 from metachex_jax.data.build import build_dataset
@@ -237,6 +237,39 @@ def test_undecodable_images_fail_the_build_naming_each_and_leave_nothing(tmp_pat
     assert [p.name for p in config_dir.iterdir()] == [".build.lock"]  # neither the dataset nor a temp folder
     with pytest.raises(ValueError):  # tfds: no such dataset
         tfds.data_source(f"shenzhen/r{RESOLUTION}", split="train", data_dir=str(tmp_path / "out"))
+
+
+def test_a_file_that_decodes_to_what_no_record_holds_is_that_files_problem(tmp_path, monkeypatch):
+    """After its decode, a file that is not a uint8 R x R gray image is reported by name, like an undecodable one,
+    by the build and by `verify_raw` alike; on main the build died in TFDS's encoder. Real: a gray PNG with a tRNS
+    chunk (gray + alpha on main; read as gray by a fixed reader, then simply built). Simulated, to keep the check
+    tested whatever the reader does: the reader returns two channels for one named file."""
+    from metachex_jax.data import build as build_lib
+    from metachex_jax.data import images
+
+    tree = make_tb_tree(tmp_path / "raw", "shenzhen")
+    ids = sorted(tree.values)
+    write_gray_png_with_trns(tree.image_path(ids[3]), np.full((32, 32), 120, np.uint8))
+    two_channels = str(tree.image_path(ids[7]))
+    load = images.load_gray_with_info
+
+    def two_channels_for_one_file(path, *args, **kwargs):
+        image, info = load(path, *args, **kwargs)
+        return (np.stack([image, image], axis=-1) if str(path) == two_channels else image), info
+
+    monkeypatch.setattr(images, "load_gray_with_info", two_channels_for_one_file)  # in-process decoding below
+    options = dict(resolution=RESOLUTION, num_workers=1, progress=False)
+    with pytest.raises(RawDataError) as error:
+        build_dataset("shenzhen", tmp_path / "raw", tmp_path / "out", **options)
+    refused = {p.item for p in error.value.problems if p.kind == "undecodable_image"}
+    assert {p.kind for p in error.value.problems} == {"undecodable_image"} and refused in ({ids[7]}, {ids[3], ids[7]})
+    assert f"{two_channels}: ValueError: decoded to uint8 ({RESOLUTION}, {RESOLUTION}, 2)" in str(error.value)
+    report = build_lib.verify_raw("shenzhen", tmp_path / "raw", num_workers=1, progress=False)
+    assert {p.item for p in report.problems} == refused  # --verify refuses the same files
+    result = build_dataset("shenzhen", tmp_path / "raw", tmp_path / "out", skip_bad=True, **options)
+    assert {s["item"] for s in result.report["skipped"]} == refused
+    built = {r["image_id"].decode() for r in read_split("shenzhen", tmp_path / "out", "train+validation+test")}
+    assert built == set(ids) - refused
 
 
 def test_tb_skip_bad_reports_disagreements_and_flags(tmp_path):

@@ -1,6 +1,7 @@
 """Pretraining on a mixture: one label space with per-label masks from each example's own dataset (checked entry
 by entry on tiny builds of ChestX-ray14, CheXpert, PadChest and a CSV), and the trainer on a mixture of the
-demo's ChestX-ray14 and hospital CSV: per-dataset evaluation, the best checkpoint on the mean over datasets."""
+demo's ChestX-ray14 and hospital CSV: per-dataset evaluation, the best checkpoint on the mean over datasets, and
+its export with each step's own metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_fixtures import make_chexpert_tree, make_csv_tree, make_nih_tree, make_padchest_tree
-from metachex_jax import checkpointing, config_lib, reports, train
+from metachex_jax import checkpointing, config_lib, export, reports, train
 from metachex_jax.data import build, mixture, pipeline
 from metachex_jax.data.augment import Augmentation
 from metachex_jax.labels import PATHOLOGIES
@@ -145,3 +146,21 @@ def test_trainer_on_a_mixture_evaluates_each_dataset_on_its_labels(tmp_path):
     assert model.pathology_names() == space and info["config"]["data"]["datasets"] == "chestxray14,csv:0.5"
     lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
     assert any("val/csv/mean_auroc" in x and "val/chestxray14/mean_auroc" in x for x in lines)
+
+    # Export at each evaluated step, the earlier one first (not the latest): the card's metrics are that step's own,
+    # its test results where the trainer tested it (the best checkpoint), else its validation results.
+    def same(a, b):  # NaN-safe equality of JSON values
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    for step in (2, 4):
+        out = tmp_path / f"exported_step{step}"
+        assert export.main([str(workdir), f"--out={out}", f"--step={step}", "--platforms=cpu"]) == 0
+        metrics = json.loads((out / "model.json").read_text())["metrics"]
+        split = "test" if step == final["step"] else "validation"
+        combined = json.loads((workdir / "eval" / f"{split}_step{step}_datasets.json").read_text())
+        assert (metrics["split"], metrics["step"]) == (split, step)
+        assert same(metrics["mean_auroc"], combined["mean_auroc"])
+        for name in ("chestxray14", "csv"):
+            per_dataset = json.loads((workdir / "eval" / f"{split}_{name}_step{step}.json").read_text())
+            assert same(metrics["datasets"][name]["mean_auroc"], per_dataset["mean_auroc"])
+            assert same(metrics["datasets"][name]["age_mae_years"], per_dataset["age"]["mae_years"])

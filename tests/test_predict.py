@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from data_fixtures import write_gray_png_with_trns
 from metachex_jax import convert, export, predict, reports, train
 from metachex_jax.inference import ModelError, Predictor
 from metachex_jax.labels import PATHOLOGIES
@@ -110,6 +111,114 @@ def test_bad_files_get_their_error_and_the_rest_still_run(run_dir, tmp_path):
     assert summary["failed"] == 3 and {f["path"] for f in summary["failures"]} == {
         str(inputs / n) for n in ("empty.png", "notes.png", "truncated.png")}
     assert sorted(os.listdir(tmp_path / "p")) == ["predictions.csv", "summary.json"]  # no temporary leftovers
+
+
+def test_a_failure_at_any_stage_is_that_files_error_and_the_rest_are_predicted(run_dir, tmp_path, monkeypatch):
+    """Files that fail after they are read (the pixel contract, the model) get their error, naming the file and the
+    stage; every other file is predicted exactly as when predicted alone. The stage failures are simulated (the
+    stage raises for one marked image); the gray PNG with tRNS is a real file (decoded as gray + alpha on main, where
+    it aborted the whole run)."""
+    from metachex_jax.preprocessing import PixelContract
+
+    workdir, nih_root = run_dir
+    good = nih_test_files(nih_root)[:4]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_gray_png_with_trns(inputs / "trns.png", np.asarray(Image.open(good[0]).convert("L")))
+    for name, value in (("contract_fails.png", 9), ("model_fails.png", 7)):  # constant images mark the file
+        Image.fromarray(np.full((40, 40), value, np.uint8)).save(inputs / name)
+    order = [good[0], inputs / "trns.png", good[1], inputs / "contract_fails.png", good[2],
+             inputs / "model_fails.png", good[3]]
+    assert predict.main([f"--model={workdir}", *map(str, good), f"--out={tmp_path}/alone", "--batch_size=4",
+                         "--features"]) == 0
+    alone = {r["path"]: r for r in read_rows(tmp_path / "alone" / "predictions.csv")}
+    alone_features = np.load(tmp_path / "alone" / "features.npy")
+
+    from_stored, run_tta = PixelContract.from_stored, Predictor._run_tta
+
+    def contract_fails_for_nines(self, image):
+        if np.all(np.asarray(image) == 9):
+            raise RuntimeError("simulated contract failure")
+        return from_stored(self, image)
+
+    def model_fails_for_sevens(self, images, tta):
+        if any(np.all(image == 7) for image in images):
+            raise RuntimeError("simulated model failure")
+        return run_tta(self, images, tta)
+
+    monkeypatch.setattr(PixelContract, "from_stored", contract_fails_for_nines)
+    monkeypatch.setattr(Predictor, "_run_tta", model_fails_for_sevens)
+    status = predict.main([f"--model={workdir}", *map(str, order), f"--out={tmp_path}/p", "--batch_size=4",
+                           "--features"])
+    assert status == 1
+    rows = read_rows(tmp_path / "p" / "predictions.csv")
+    assert [r["path"] for r in rows] == [str(p) for p in order]
+    errors = {os.path.basename(r["path"]): r["error"] for r in rows}
+    assert errors["contract_fails.png"].startswith(f"{inputs / 'contract_fails.png'}: pixel contract failed "
+                                                   "(RuntimeError: simulated contract failure")
+    assert errors["model_fails.png"].startswith(f"{inputs / 'model_fails.png'}: prediction failed "
+                                                "(RuntimeError: simulated model failure")
+    # The tRNS file: predicted where the reader reads it as gray, else its own error (never the run's end).
+    trns = rows[1]
+    assert (trns["error"] == "" and trns["Mass"] != "") or (
+        trns["error"].startswith(str(inputs / "trns.png")) and trns["Mass"] == "")
+    features = np.load(tmp_path / "p" / "features.npy")
+    for i, row in enumerate(rows):
+        if row["path"] in alone:  # the good files, batched with failing ones: as when predicted alone
+            assert row["error"] == ""
+            for name in (*PATHOLOGIES, "age"):
+                assert abs(float(row[name]) - float(alone[row["path"]][name])) <= 1e-6 * max(1.0, abs(float(row[name])))
+            np.testing.assert_allclose(features[i], alone_features[[str(p) for p in good].index(row["path"])],
+                                       rtol=1e-5, atol=1e-6)
+        elif row["error"]:
+            assert row["Mass"] == "" and np.isnan(features[i]).all()
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    failed = {r["path"]: r["error"] for r in rows if r["error"]}
+    assert {f["path"]: f["error"] for f in summary["failures"]} == failed and summary["failed"] == len(failed)
+    assert summary["predicted"] == len(order) - len(failed)
+
+
+def test_a_failed_heatmap_keeps_the_predictions_and_the_other_heatmaps(run_dir, tmp_path, monkeypatch, capsys):
+    """Heatmaps come after the predictions are written. One file is overwritten (truncated) after it was
+    predicted, so its heatmap's read fails for real; another's Grad-CAM is made to fail (simulated, for its image
+    only). Both keep their predictions in the CSV with their heatmap error, the third gets its heatmaps, exit 1."""
+    workdir, nih_root = run_dir
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for source in nih_test_files(nih_root)[:3]:
+        Image.open(source).save(inputs / source.name)
+    keep, changes, gradcam_fails = sorted(inputs.iterdir())
+    marked = Predictor.load(str(workdir)).contract.from_file(gradcam_fails)[0]
+    predict_files, gradcam = Predictor.predict_files, Predictor.gradcam
+
+    def then_a_file_changes(self, paths, **kwargs):
+        result = predict_files(self, paths, **kwargs)
+        changes.write_bytes(changes.read_bytes()[:200])  # e.g. a copy in progress replaced it
+        return result
+
+    def gradcam_fails_for_one_image(self, images, names, *, layer="final"):
+        if any(np.array_equal(image, marked) for image in images):
+            raise RuntimeError("simulated Grad-CAM failure")
+        return gradcam(self, images, names, layer=layer)
+
+    monkeypatch.setattr(Predictor, "predict_files", then_a_file_changes)
+    monkeypatch.setattr(Predictor, "gradcam", gradcam_fails_for_one_image)
+    status = predict.main([f"--model={workdir}", str(inputs), "--heatmaps=Mass", "--heatmap_layer=transition3",
+                           f"--out={tmp_path}/p", "--batch_size=4"])
+    assert status == 1
+    rows = {os.path.basename(r["path"]): r for r in read_rows(tmp_path / "p" / "predictions.csv")}
+    assert all(r["Mass"] != "" for r in rows.values())  # every file predicted
+    assert rows[keep.name]["error"] == ""
+    assert rows[changes.name]["error"].startswith(f"{changes}: heatmap failed (ImageDecodeError: ")
+    assert rows[gradcam_fails.name]["error"].startswith(f"{gradcam_fails}: heatmap failed (RuntimeError: simulated")
+    assert sorted(os.listdir(tmp_path / "p" / "heatmaps")) == [keep.name]
+    assert sorted(os.listdir(tmp_path / "p" / "heatmaps" / keep.name)) == ["Mass.npy", "Mass.png"]
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["predicted"] == 3 and summary["failed"] == 2
+    assert summary["heatmaps"]["files"] == 2 and summary["heatmaps"]["failed"] == 2
+    assert {f["path"] for f in summary["failures"]} == {str(changes), str(gradcam_fails)}
+    err = capsys.readouterr().err
+    assert f"failed: {changes}: heatmap failed" in err and f"failed: {gradcam_fails}: heatmap failed" in err
 
 
 def test_usage_errors_stop_before_any_work(run_dir, tmp_path, capsys):
@@ -208,12 +317,39 @@ def test_heatmap_files_mirror_input_paths_and_overlay_the_original(run_dir, tmp_
                            "--heatmap_layer=transition3", f"--out={tmp_path}/p"])
     assert status == 0
     for folder in ("a", "b"):
-        out = tmp_path / "p" / "heatmaps" / folder / "x"
+        out = tmp_path / "p" / "heatmaps" / folder / "x.png"
         assert sorted(os.listdir(out)) == sorted(f"{n}.{e}" for n in [*PATHOLOGIES, "view_ap", "sex_male", "age"]
                                                  for e in ("npy", "png"))
         assert np.load(out / "age.npy").shape == (RES, RES)
         with Image.open(out / "age.png") as overlay:
             assert overlay.size == (96, 80) and overlay.mode == "RGB"
+
+
+def test_heatmaps_of_files_differing_only_by_extension_keep_their_own_folders(run_dir, tmp_path):
+    """a.png, a.dcm and an extensionless DICOM `a` side by side: three heatmap folders, each holding the map of its
+    own file (Grad-CAM of that file's model input, computed directly)."""
+    pydicom_test = pytest.importorskip("test_dicom")
+    workdir, nih_root = run_dir
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sources = [np.asarray(Image.open(p).convert("L")) for p in nih_test_files(nih_root)[:3]]  # three different X-rays
+    Image.fromarray(sources[0]).save(inputs / "a.png")
+    for pixels, name in ((sources[1], "a.dcm"), (sources[2], "a")):  # as 12-bit DICOM
+        pydicom_test.write(pydicom_test.make_dataset(np.rint(pixels * (4095 / 255)).astype(np.uint16)), inputs / name)
+    status = predict.main([f"--model={workdir}", str(inputs), "--heatmaps=Mass,age", "--heatmap_layer=transition3",
+                           f"--out={tmp_path}/p"])
+    assert status == 0
+    assert sorted(os.listdir(tmp_path / "p" / "heatmaps")) == ["a", "a.dcm", "a.png"]
+    predictor = Predictor.load(str(workdir))
+    maps = []
+    for name in ("a", "a.dcm", "a.png"):
+        crop, _ = predictor.contract.from_file(inputs / name)
+        expected = predictor.gradcam(crop[None], ["Mass", "age"], layer="transition3")
+        for output in ("Mass", "age"):
+            np.testing.assert_allclose(np.load(tmp_path / "p" / "heatmaps" / name / f"{output}.npy"),
+                                       expected[output][0], rtol=1e-5, atol=1e-7)
+        maps.append(np.stack([expected["Mass"][0], expected["age"][0]]))
+    assert all(not np.allclose(maps[i], maps[j]) for i, j in ((0, 1), (0, 2), (1, 2)))  # three different maps
 
 
 def test_gradcam_overlay_geometry():

@@ -448,7 +448,7 @@ def test_any_dataset_and_several_targets_on_the_demo_hospital(finished, setup, t
     demo_dir, pre = setup
     c = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe+finetune", compare_with="random",
                         protocols="cv_csv,shenzhen+montgomery_to_csv", targets="Tuberculosis,Cardiomegaly",
-                        **{"data.csv.num_folds": 3})
+                        **{"data.csv.num_folds": 3, "deploy.protocol": "cv_csv.cardiomegaly"})
     result = run.run(c, str(tmp_path))
     assert result["protocols"] == ["cv_csv.tuberculosis", "shenzhen+montgomery_to_csv.tuberculosis",
                                    "cv_csv.cardiomegaly"]
@@ -488,6 +488,48 @@ def test_any_dataset_and_several_targets_on_the_demo_hospital(finished, setup, t
     both = sets_lib.transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", num_folds=3, fold_seed=0)
     assert len(both) == len(records["shenzhen"]) + len(records["montgomery"])
     assert "# Transfer comparison: Tuberculosis, Cardiomegaly" in (tmp_path / "report" / "comparison.md").read_text()
+    deployed_cardiomegaly_model_has_one_output_name(tmp_path, demo_dir)
+
+
+def deployed_cardiomegaly_model_has_one_output_name(workdir, demo_dir):
+    """The deployed model of a target other than TB: "Cardiomegaly" on its card, as the classifier's output, in
+    predict's CSV and heatmap files (Grad-CAM died with KeyError on main), in its export, and for a card written
+    before the name was recorded in model_config."""
+    from metachex_jax import export, predict, saved_model
+    from metachex_jax.inference import Predictor
+
+    card = json.loads((workdir / "model" / "model.json").read_text())
+    assert [o["name"] for o in card["outputs"]] == ["Cardiomegaly"] and card["training"]["target"] == "Cardiomegaly"
+    model, _ = saved_model.load(str(workdir / "model"))
+    assert model.output_kinds() == {"Cardiomegaly": "probability"}
+    (raw,) = list(demo_dir.glob("*/raw"))
+    images = sorted(str(p) for p in (raw / "Hospital").rglob("*.png"))[:3]
+    assert predict.main([f"--model={workdir}", *images, "--heatmaps=all", f"--out={workdir}/p"]) == 0
+    rows = csv_rows(workdir / "p" / "predictions.csv")
+    assert [k for k in rows[0] if k.startswith(("Cardiomegaly", "tb"))] == ["Cardiomegaly", "Cardiomegaly_decision"]
+    maps = sorted((workdir / "p" / "heatmaps").rglob("*.npy"))
+    assert [m.name for m in maps] == ["Cardiomegaly.npy"] * 3
+    # At the final layer a linear head makes Grad-CAM closed-form: ReLU(A . w) / (h w), upsampled.
+    first = next(m for m in maps if m.parent.name == os.path.basename(images[0]))
+    predictor = Predictor.load(str(workdir))
+    crop, _ = predictor.contract.from_file(images[0])
+    activation = np.asarray(model.backbone.feature_map(predictor.contract.model_input(jnp.asarray(crop[None]))))
+    w = np.asarray(model.tb_head.kernel[...])[:, 0]
+    cam = np.maximum(activation @ w / (activation.shape[1] * activation.shape[2]), 0)
+    expected = np.asarray(jax.image.resize(cam, (1, RES, RES), "linear"))[0]
+    np.testing.assert_allclose(np.load(first), expected, rtol=1e-4, atol=1e-7)
+    exported = export.export(str(workdir), str(workdir / "exported"), platforms=("cpu",))
+    from_export = Predictor.load(exported).predict_files(images)
+    assert [o.name for o in from_export.outputs] == ["Cardiomegaly"]
+    np.testing.assert_allclose(from_export.column("Cardiomegaly"), [float(r["Cardiomegaly"]) for r in rows],
+                               atol=1e-5)
+    del card["model_config"]["output_name"]  # a card written before it was recorded: the card's output names it
+    shutil.copytree(workdir / "model", workdir / "old_model")
+    (workdir / "old_model" / "model.json").write_text(json.dumps(card))
+    old = Predictor.load(str(workdir / "old_model"))
+    assert old.output_names == ["Cardiomegaly"]
+    np.testing.assert_allclose(old.gradcam(crop[None], ["Cardiomegaly"])["Cardiomegaly"][0], expected, rtol=1e-4,
+                               atol=1e-7)
 
 
 # --- the deployable TB model (transfer/deploy.py) -----------------------------------------------------------

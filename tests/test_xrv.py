@@ -195,7 +195,7 @@ def test_gradcam_on_the_converted_model(converted, tmp_path):
     write_xray(tmp_path / "a.png", 230, 250, 1)
     assert predict.main([f"--model={root / 'model'}", str(tmp_path / "a.png"), "--heatmaps=Mass",
                          f"--out={tmp_path / 'h'}"]) == 0
-    with Image.open(tmp_path / "h" / "heatmaps" / "a" / "Mass.png") as overlay:
+    with Image.open(tmp_path / "h" / "heatmaps" / "a.png" / "Mass.png") as overlay:
         assert overlay.size == (250, 230)
 
 

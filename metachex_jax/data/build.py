@@ -143,7 +143,16 @@ def _check_images(paths: dict[str, str], num_workers: int | None, progress: bool
     with images.decoding_pool(num_workers) as pool:
         results = images.decode_many([paths[n] for n in names], None, pool=pool, desc="checking images",
                                      progress=progress)
-        return [Problem("undecodable_image", name, error) for name, (_, error) in zip(names, results) if error]
+        problems = []
+        for name, (image, error) in zip(names, results):
+            if error is None:
+                try:  # what the build would refuse after the decode, refused here too
+                    builders.check_decoded(image, None)
+                except ValueError as exc:
+                    error = f"{paths[name]}: {exc}"
+            if error is not None:
+                problems.append(Problem("undecodable_image", name, error))
+        return problems
 
 
 def verify_raw(dataset: str, manual_dir: str | os.PathLike, *, check_images: bool = True,

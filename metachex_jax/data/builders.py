@@ -307,13 +307,19 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         decoded = images.decode_many([r.path for r in records], self.builder_config.resolution, pool=self._pool,
                                      desc=f"{self.name} {split}", progress=self._progress, with_info=True,
                                      declared_bits=[getattr(r, "declared_bits", None) for r in records])
+        resolution = self.builder_config.resolution
         for record, (image, error, info) in zip(records, decoded):
+            if error is None:
+                try:  # one file's failure after its decode is that file's problem, not the build's end
+                    check_decoded(image, resolution)
+                    key, example = self._example(record, image[..., None])
+                except Exception as exc:  # noqa: BLE001 - named below with the file, like a decode failure
+                    error = f"{record.path}: {type(exc).__name__}: {exc}"
             if error is not None:
                 self._problems.append(Problem("undecodable_image", _record_name(record), error))
                 continue
             self._written[split] += 1
             self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
-            key, example = self._example(record, image[..., None])
             self._positives.setdefault(split, Counter()).update(positive_labels(example, self.label_names()))
             self._known.setdefault(split, Counter()).update(
                 name for name, value in zip(self.label_names(), example.get("labels", ())) if value >= 0)
@@ -335,6 +341,13 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise RawDataError(self.name, decode_failures)  # the temporary dataset folder is then deleted
         write_skip_report(Path(self.data_dir) / SKIP_REPORT_FILE, self, dl_manager.manual_dir)
         write_label_counts(Path(self.data_dir) / LABEL_COUNTS_FILE, self)
+
+
+def check_decoded(image: np.ndarray, resolution: int | None) -> None:
+    """ValueError unless the reader returned what a record holds: a uint8 gray image, R x R when resized."""
+    if image.dtype != np.uint8 or image.ndim != 2 or (resolution and image.shape != (resolution, resolution)):
+        size = f"{resolution} x {resolution} " if resolution else ""
+        raise ValueError(f"decoded to {image.dtype} {image.shape}, not the {size}uint8 gray image a record holds")
 
 
 def positive_labels(example: dict, label_names=PATHOLOGIES) -> list[str]:

@@ -1,6 +1,10 @@
-"""TbClassifier: a DenseNet backbone and a one-logit TB head (fine-tuning, and the deployable TB model).
+"""TbClassifier: a DenseNet backbone and a one-logit head (fine-tuning, and the deployable model of a target).
 
-    logit = tb_head(backbone.features(x))        P(TB) = sigmoid(logit)
+    logit = tb_head(backbone.features(x))        P(target) = sigmoid(logit)
+
+The head's weights keep their TB name (`tb_head`) whatever the target; the OUTPUT is named `output_name` ("tb" for
+Tuberculosis, else the target's name, as the deployed model's card says), and that one name is used by
+`output_kinds`, `output_scores`, Grad-CAM, predict's CSV columns and heatmap files alike.
 
 A linear probe deploys as the same module: its weights on standardised features are folded into `tb_head`
 (`fold_standardisation`), so every TB model runs through the same code in `predict` and export.
@@ -18,8 +22,9 @@ from metachex_jax.models.densenet import DenseNet, linear_init
 
 
 class TbClassifier(nnx.Module):
-    def __init__(self, backbone: DenseNet, rngs: nnx.Rngs):
+    def __init__(self, backbone: DenseNet, rngs: nnx.Rngs, output_name: str = "tb"):
         self.backbone = backbone
+        self.output_name = output_name
         self.tb_head = nnx.Linear(backbone.num_features, 1, kernel_init=linear_init,
                                   bias_init=nnx.initializers.zeros, rngs=rngs)
 
@@ -31,24 +36,24 @@ class TbClassifier(nnx.Module):
         return self.backbone.features(x).astype(jnp.float32)
 
     def __call__(self, x):
-        return self.output_scores(self.features(x))["tb"]
+        return self.output_scores(self.features(x))[self.output_name]
 
     def output_kinds(self) -> dict[str, str]:
-        return {"tb": "probability"}
+        return {self.output_name: "probability"}
 
     def output_scores(self, features) -> dict[str, Any]:
-        return {"tb": self.tb_head(features.astype(jnp.float32))[:, 0].astype(jnp.float32)}
+        return {self.output_name: self.tb_head(features.astype(jnp.float32))[:, 0].astype(jnp.float32)}
 
 
 def build_tb_classifier(model_config) -> TbClassifier:
-    """The module a saved TB model's `model_config` ({"arch", "normalization"}) describes (weights are loaded
-    after). The normalisation of its pixel contract fixes the stem's input channels (cards written before it was
-    recorded: "imagenet", 3 channels)."""
+    """The module a saved TB model's `model_config` ({"arch", "normalization", "output_name"}) describes (weights
+    are loaded after). The normalisation of its pixel contract fixes the stem's input channels (cards written
+    before it was recorded: "imagenet", 3 channels); `output_name` names the output (default "tb")."""
     from metachex_jax.preprocessing import channels_of
 
     in_channels = channels_of(model_config.get("normalization", "imagenet"))
     return TbClassifier(DenseNet(model_config.arch, num_classes=None, in_channels=in_channels, rngs=nnx.Rngs(0)),
-                        nnx.Rngs(0))
+                        nnx.Rngs(0), output_name=model_config.get("output_name", "tb"))
 
 
 def fold_standardisation(weights: np.ndarray, bias: float, mean: np.ndarray, scale: np.ndarray):

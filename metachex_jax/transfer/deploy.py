@@ -10,7 +10,8 @@ weights under study, `init_from`; a baselines-only run then deploys nothing; "no
 `deploy.protocol` (a report column: a protocol, `<protocol>.<target>` with several targets; "" = the first),
 whose TRAINING set, one dataset, is fitted on every image with a known target (cv_shenzhen and
 shenzhen_to_montgomery both train on all of Shenzhen). The model's output is named "tb" for Tuberculosis, else
-after the target.
+after the target, and that one name is the card's output, the classifier's output (Grad-CAM), predict's CSV
+column and heatmap file name.
 
 - Threshold: chosen on the out-of-fold predictions of the training data, i.e. the pooled held-out predictions of
   the same start and method in the cross-validation protocol within the training set (`cv_<training set>` for the
@@ -140,11 +141,13 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
         training |= {"epochs": epochs, "cv_best_epochs": best_epochs,
                      "batchnorm": f"statistics recomputed on all {len(view)} training images",
                      "effective_lr": tuner.effective_lr}
+    model.output_name = spec.output_name  # fine-tuning trains it as "tb"; it is deployed under the target's name
     model.eval()
     card = {
         "kind": "tb_classifier",
         # The start's pixel contract (its normalisation also fixes the stem's input channels).
-        "model_config": {"arch": config.model.arch, "normalization": start.contract.normalization},
+        "model_config": {"arch": config.model.arch, "normalization": start.contract.normalization,
+                         "output_name": spec.output_name},
         "input": start.contract.to_json(),
         "outputs": [{"name": spec.output_name, "kind": "probability", "threshold": threshold["threshold"]}],
         "threshold_rule": threshold,
