@@ -12,6 +12,9 @@ message says what to change, without a traceback, see errors.py); anything else 
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import sys
 
 import jax
@@ -30,6 +33,16 @@ flags.DEFINE_string("compilation_cache_dir", "~/.cache/metachex_jax/xla",
                     "H200). Local or gs://; '' turns it off. Default: JAX_COMPILATION_CACHE_DIR if set, else "
                     "this.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+DUMP_STACKS_VAR = "METACHEX_JAX_DUMP_STACKS_ON_SIGUSR1"
+
+
+def dump_stacks_on_sigusr1_if_asked(env=os.environ) -> None:
+    """With METACHEX_JAX_DUMP_STACKS_ON_SIGUSR1=1, `kill -USR1 PID` prints every thread's Python stack to stderr and
+    the run goes on (even a thread waiting in XLA's C++ code): how the tests show where a hung process sits. Off by
+    default, because SIGUSR1 otherwise ends the process, which is what a scheduler sending it may count on."""
+    if env.get(DUMP_STACKS_VAR) == "1":
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def use_compilation_cache(directory: str, explicit: bool = True) -> None:
@@ -96,4 +109,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    dump_stacks_on_sigusr1_if_asked()
     app.run(main, flags_parser=parse_flags)
