@@ -67,6 +67,7 @@ def wait(children: Sequence[Child], until: Callable[[], bool] | None = None, *,
          stall_seconds: float = STALL_SECONDS, poll_seconds: float = 0.05) -> None:
     """Return once every child has exited or, given `until`, once `until()` holds; a child that exits while `until`
     is still pending fails the wait. A run without progress for `stall_seconds` fails it too (see the module)."""
+    __tracebackhide__ = True  # pytest: the failure's message says it all
     watch = _Progress(children, stall_seconds)
     while True:
         if until is None and all(c.popen.poll() is not None for c in children):

@@ -171,10 +171,11 @@ def test_a_rerun_on_the_compilation_cache_of_the_first_run_completes_bit_identic
     """The same run again, in a fresh workdir, on the compilation cache directory the first run used (the restart
     path of a requeued job): it completes and ends bit-identical to the first. It used to hang at its first step:
     process 0 loaded its compiled steps from the cache while process 1 compiled its own, and on CPU the all-reduce
-    of a loaded executable never meets that of a freshly compiled one (README, "Multi-host runs and the
-    compilation cache")."""
+    of a loaded executable never meets that of a freshly compiled one (launch/README.md, "Multi-host runs and
+    the compilation cache"). Multi-process CPU runs now go without the cache, and say so."""
     workdir = tmp_path / "rerun"
     finish(start(workdir, demo_dir, cache=f"{two_process_run}.xla"), workdir)
+    assert "JAX's persistent compilation cache is off: in a multi-process run on CPU" in output(workdir, 0)
     for x, y in zip(leaves(saved_state(two_process_run, 6)), leaves(saved_state(workdir, 6)), strict=True):
         np.testing.assert_array_equal(x, y)
     assert logged_losses(workdir) == logged_losses(two_process_run)
