@@ -3,10 +3,12 @@
 on the tiny demo run of test_train.py. Checked: jax.distributed is initialised exactly when asked or detected;
 the run trains, evaluates every test image exactly once over both hosts, logs from the lead process only and
 checkpoints collectively, each host saving its own input position; a run SIGKILLed on both processes resumes
-from its last checkpoint and ends with bit-identical parameters; a SIGTERM to one process stops both at the same step
-with a checkpoint, and the restarted pair ends bit-identical too. Moving to a different number of processes (the
-two-process checkpoint read by one process, with load_run_model and with the trainer's restore_latest) restores
-the state and starts the input afresh.
+from its last checkpoint and ends with bit-identical parameters; the same run again on the first run's compilation
+cache directory completes, bit-identical; a SIGTERM to one process stops both at the same step with a checkpoint,
+and the restarted pair ends bit-identical too. Moving to a different number of processes (the two-process
+checkpoint read by one process, with load_run_model and with the trainer's restore_latest) restores the state and
+starts the input afresh. Every wait is on the processes' progress (tests/subprocesses.py): a hung run fails with
+each process's Python stacks.
 """
 from __future__ import annotations
 
