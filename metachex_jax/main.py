@@ -12,6 +12,9 @@ message says what to change, without a traceback, see errors.py); anything else 
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import sys
 
 import jax
@@ -28,18 +31,42 @@ flags.DEFINE_string("compilation_cache_dir", "~/.cache/metachex_jax/xla",
                     "JAX's persistent compilation cache: a restarted or repeated run loads its compiled steps "
                     "instead of compiling them again (DenseNet-121's train step took 103 s to compile on an "
                     "H200). Local or gs://; '' turns it off. Default: JAX_COMPILATION_CACHE_DIR if set, else "
-                    "this.")
+                    "this. Always off in a multi-process run on CPU, where a cache hit hangs the run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+DUMP_STACKS_VAR = "METACHEX_JAX_DUMP_STACKS_ON_SIGUSR1"
+
+
+def dump_stacks_on_sigusr1_if_asked(env=os.environ) -> None:
+    """With METACHEX_JAX_DUMP_STACKS_ON_SIGUSR1=1, `kill -USR1 PID` prints every thread's Python stack to stderr and
+    the run goes on (even a thread waiting in XLA's C++ code): how the tests show where a hung process sits. Off by
+    default, because SIGUSR1 otherwise ends the process, which is what a scheduler sending it may count on."""
+    if env.get(DUMP_STACKS_VAR) == "1":
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def use_compilation_cache(directory: str, explicit: bool = True) -> None:
     """Point JAX's persistent compilation cache at `directory` ('' = off). Without an explicit flag, a cache that
     JAX_COMPILATION_CACHE_DIR already set is kept. Only the lead process writes entries (JAX's rule), every
     process reads them; entries are keyed on the program, the JAX/XLA versions and the devices, so a stale
-    entry is never used."""
-    if not explicit and jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", files.absolute(directory) if directory else None)
+    entry is never used. Call it after `distributed.maybe_initialize`: where a cache hit would hang the run
+    (`cache_hit_hangs`), the cache stays off, with a warning."""
+    if explicit or not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", files.absolute(directory) if directory else None)
+    if jax.config.jax_compilation_cache_dir and cache_hit_hangs():
+        logging.warning("JAX's persistent compilation cache is off: in a multi-process run on CPU, a process that "
+                        "loads its compiled steps from it waits forever for the others at the first step "
+                        "(launch/README.md, \"Multi-host runs and the compilation cache\")")
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
+def cache_hit_hangs() -> bool:
+    """Whether a persistent-cache hit hangs this run: in a multi-process run on CPU. There JAX keys an entry by the
+    process that compiled it (the key covers the process's own devices) and only process 0 writes, so a rerun has
+    process 0 load its steps while the others compile theirs, and XLA:CPU's all-reduce in a loaded executable
+    never meets the one in a freshly compiled executable (gloo waits forever; all loaded or all compiled works).
+    On GPU and TPU, by JAX's cache-key code, every process computes the same key and loads what process 0 wrote."""
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
 
 
 def run(config, workdir: str):
@@ -82,8 +109,8 @@ def main(argv):
             raise UserError(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
         config = FLAGS.config
         config_lib.validate(config)
-        use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
         distributed.maybe_initialize(config.distributed)
+        use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
         workdir = files.absolute(FLAGS.workdir)  # gs://... stays as it is
         if jax.process_index() == 0:
             logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
@@ -96,4 +123,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    dump_stacks_on_sigusr1_if_asked()
     app.run(main, flags_parser=parse_flags)

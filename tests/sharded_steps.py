@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from metachex_jax import config_lib, distributed, train, train_state  # noqa: E402
 from metachex_jax.data import pipeline  # noqa: E402
+from metachex_jax.main import dump_stacks_on_sigusr1_if_asked  # noqa: E402
 from metachex_jax.models import build_model  # noqa: E402
 from metachex_jax.preprocessing import PixelContract  # noqa: E402
 
@@ -66,4 +67,5 @@ def main():
 
 
 if __name__ == "__main__":
+    dump_stacks_on_sigusr1_if_asked()  # tests/subprocesses.py asks for the stacks of a hung run
     main()

@@ -9,11 +9,11 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
+import subprocesses
 from metachex_jax.bench import MODES
 from metachex_jax.bench import __main__ as dispatcher
 from metachex_jax.bench import train as train_bench
@@ -50,8 +50,8 @@ def test_dispatcher_lists_modes_and_refuses_unknown_ones(capsys):
 
 
 def test_a_mode_runs_through_python_dash_m():
-    done = subprocess.run([sys.executable, "-m", "metachex_jax.bench", "probe", "--folds=3"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    done = subprocesses.run([sys.executable, "-m", "metachex_jax.bench", "probe", "--folds=3"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO})
     assert done.returncode == 0, done.stderr[-2000:]
     figures = last_json(done.stdout)
     assert figures["folds"] == 3 and figures["probe_s"] > 0

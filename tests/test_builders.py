@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import subprocesses
 from data_fixtures import make_nih_tree, make_tb_tree, write_gray_png_with_trns
 from metachex_jax.data import builders, nih, tb
 from metachex_jax.data.raw_common import RawDataError
@@ -323,10 +323,11 @@ def test_concurrent_builds_of_one_config_build_once(tmp_path):
     script = tmp_path / "build_once.py"
     script.write_text(CONCURRENT_SCRIPT)
     command = [sys.executable, str(script), str(tmp_path / "raw"), str(tmp_path / "out")]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    outputs = [p.communicate(timeout=120) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], [err.decode()[-2000:] for _, err in outputs]
-    lines = sorted(out.decode().strip().splitlines()[-1] for out, _ in outputs)
+    processes = [subprocesses.start(command, tmp_path / f"build{i}.out", stderr_log=tmp_path / f"build{i}.err")
+                 for i in range(2)]
+    subprocesses.wait(processes)
+    assert [p.popen.returncode for p in processes] == [0, 0], [p.output(1)[-2000:] for p in processes]
+    lines = sorted(p.output(0).strip().splitlines()[-1] for p in processes)
     assert lines[0].startswith("BUILT") and lines[1].startswith("REUSED") and lines[0][5:] == lines[1][6:]
     assert len(read_split("montgomery", tmp_path / "out", "train+validation+test")) == 22
 
@@ -335,9 +336,8 @@ def test_killed_build_never_reads_as_complete_and_is_cleaned_up(tmp_path):
     make_tb_tree(tmp_path / "raw", "shenzhen")
     script = tmp_path / "kill.py"
     script.write_text(textwrap.dedent(KILL_SCRIPT))
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "raw"), str(tmp_path / "out")],
-                          capture_output=True, timeout=120)
-    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    done = subprocesses.run([sys.executable, str(script), str(tmp_path / "raw"), str(tmp_path / "out")])
+    assert done.returncode == -9, done.stderr[-2000:]
     config_dir = tmp_path / "out" / "shenzhen" / "r16"
     assert list(config_dir.glob("incomplete.*"))  # the half-written build is there...
     assert not builders.is_complete(tmp_path / "out", "shenzhen", "r16")  # ...but does not count as a dataset

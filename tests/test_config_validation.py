@@ -10,6 +10,7 @@ import sys
 import pytest
 from absl.testing import flagsaver
 
+import subprocesses
 from metachex_jax import config_lib, errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,8 +240,8 @@ def test_bad_config_file_argument_names_every_problem():
 # --- python -m metachex_jax.main ------------------------------------------------------------------------------
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "metachex_jax.main", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    return subprocesses.run([sys.executable, "-m", "metachex_jax.main", *args], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
 
 
 def test_main_exits_2_with_every_problem_before_any_work_and_no_traceback(tmp_path):

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+import subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")))
@@ -25,8 +27,7 @@ def launch(script: str, *args: str, env: dict | None = None) -> subprocess.Compl
     # has no account or project to act with.
     full_env.update({"USER": "tester", "CLOUDSDK_CONFIG": os.devnull,
                      **(env or {})})
-    return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], capture_output=True, text=True,
-                          env=full_env, timeout=60)
+    return subprocesses.run(["bash", os.path.join(LAUNCH, script), *args], env=full_env)
 
 
 def dry_run(script: str, *args: str, env: dict | None = None) -> list[list[str]]:

@@ -5,11 +5,11 @@ then finds."""
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 
 import pytest
 
+import subprocesses
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax import config_lib, errors
 from metachex_jax.data import datasets
@@ -25,7 +25,7 @@ def run_printed(command: str, raw_dir) -> None:
     assert words[:3] == ["python", "-m", "metachex_jax.prepare"]
     words = [sys.executable, *words[1:]]
     words = [w.replace("RAW_DIR", str(raw_dir)) for w in words]
-    done = subprocess.run(words + ["--workers=1"], capture_output=True, text=True, timeout=300)
+    done = subprocesses.run(words + ["--workers=1"])
     assert done.returncode == 0, done.stderr[-3000:]
 
 

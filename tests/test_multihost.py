@@ -3,10 +3,12 @@
 on the tiny demo run of test_train.py. Checked: jax.distributed is initialised exactly when asked or detected;
 the run trains, evaluates every test image exactly once over both hosts, logs from the lead process only and
 checkpoints collectively, each host saving its own input position; a run SIGKILLed on both processes resumes
-from its last checkpoint and ends with bit-identical parameters; a SIGTERM to one process stops both at the same step
-with a checkpoint, and the restarted pair ends bit-identical too. Moving to a different number of processes (the
-two-process checkpoint read by one process, with load_run_model and with the trainer's restore_latest) restores
-the state and starts the input afresh.
+from its last checkpoint and ends with bit-identical parameters; the same run again on the first run's compilation
+cache directory completes, bit-identical; a SIGTERM to one process stops both at the same step with a checkpoint,
+and the restarted pair ends bit-identical too. Moving to a different number of processes (the two-process
+checkpoint read by one process, with load_run_model and with the trainer's restore_latest) restores the state and
+starts the input afresh. Every wait is on the processes' progress (tests/subprocesses.py): a hung run fails with
+each process's Python stacks.
 """
 from __future__ import annotations
 
@@ -14,9 +16,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+import subprocesses
 from metachex_jax import checkpointing, optim, reports, train_state
 from metachex_jax.data import datasets, pipeline
 from metachex_jax.models import build_model
@@ -39,13 +40,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir, demo_dir, launch: str = "first", **overrides) -> list[subprocess.Popen]:
-    """Both processes of one two-process run; their output goes to WORKDIR.logs/<launch>.process<i>.txt."""
+def start(workdir, demo_dir, launch: str = "first", cache=None, **overrides) -> list[subprocesses.Child]:
+    """Both processes of one two-process run; their output goes to WORKDIR.logs/<launch>.process<i>.txt.
+
+    JAX's persistent compilation cache is on with the thresholds at 0, so that every step would be cached: in
+    `cache` if given, else in WORKDIR.xla, which only this workdir's runs (a run and its restart) share."""
     coordinator = f"localhost:{_free_port()}"
     os.makedirs(f"{workdir}.logs", exist_ok=True)
-    # The three runs here compile the same steps: JAX's persistent cache compiles them once (same executables,
-    # so bit-for-bit comparisons are unaffected).
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": os.path.join(demo_dir, "jax_cache"),
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache or f"{workdir}.xla"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     procs = []
@@ -53,8 +55,8 @@ def start(workdir, demo_dir, launch: str = "first", **overrides) -> list[subproc
         cmd = ["bash", LAUNCHER, f"--coordinator={coordinator}", f"--num-processes={NUM_PROCESSES}",
                f"--process-id={i}", f"--config={REPO}/configs/pretrain.py:{ARG}", f"--workdir={workdir}",
                f"--python={sys.executable}", "--"] + overrides_as_flags(tiny_config(demo_dir, **overrides))
-        with open(log_path(workdir, launch, i), "w") as out:
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        procs.append(subprocesses.start(cmd, log_path(workdir, launch, i), name=f"{launch} process {i}",
+                                        cwd=REPO, env=env))
     return procs
 
 
@@ -67,17 +69,12 @@ def output(workdir, i: int, launch: str = "first") -> str:
         return f.read()
 
 
-def finish(procs, workdir, launch: str = "first", timeout=300) -> None:
-    deadline = time.time() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+def finish(procs, workdir, launch: str = "first") -> None:
+    """Wait until both processes exit (failing if the run stalls, see tests/subprocesses.py), each with status 0."""
+    subprocesses.wait(procs)
     for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{output(workdir, i, launch)[-4000:]}"
+        code = p.popen.returncode
+        assert code == 0, f"process {i} exited with {code}:\n{output(workdir, i, launch)[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +109,7 @@ def by_path(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path).replace("'", ""): np.asarray(value) for path, value in flat}
 
 
-def test_initialize_is_called_exactly_when_asked_or_detected():
+def test_initialize_is_called_exactly_when_asked_or_detected(tmp_path):
     """maybe_initialize in a fresh process: the coordinator variables are passed on; "no" and a plain host skip it."""
     probe = ("import sys, jax; from metachex_jax import distributed; "
              "print(distributed.maybe_initialize(sys.argv[1]), jax.distributed.is_initialized(), jax.process_count())")
@@ -121,13 +118,14 @@ def test_initialize_is_called_exactly_when_asked_or_detected():
     plain = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC",
                                                                        "JAX_PROCESS_ID", "SLURM_", "TPU_WORKER"))}
     cases = {("auto", True): "True True 1", ("no", True): "False False 1", ("auto", False): "False False 1"}
-    procs = {case: subprocess.Popen([sys.executable, "-c", probe, case[0]], text=True, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE,
-                                    env={**plain, "JAX_PLATFORMS": "cpu", **(coordinator if case[1] else {})})
-             for case in cases}
+    procs = {case: subprocesses.start([sys.executable, "-c", probe, case[0]], tmp_path / f"{n}.out",
+                                      stderr_log=tmp_path / f"{n}.err",
+                                      env={**plain, "JAX_PLATFORMS": "cpu", **(coordinator if case[1] else {})})
+             for n, case in enumerate(cases)}
+    subprocesses.wait(list(procs.values()))
     for case, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-3000:]
+        out, err = proc.output(0), proc.output(1)
+        assert proc.popen.returncode == 0, err[-3000:]
         assert out.split("\n")[-2] == cases[case], (case, out, err[-3000:])
 
 
@@ -155,24 +153,34 @@ def test_two_processes_train_evaluate_log_once_and_checkpoint(two_process_run, d
 def test_killed_two_process_run_resumes_bit_identical(two_process_run, demo_dir, tmp_path):
     workdir = tmp_path / "killed"
     procs = start(workdir, demo_dir)
-    try:
-        deadline = time.time() + 300
-        while not (workdir / "checkpoints" / "2").exists():  # orbax renames a step into place once complete
-            for i, p in enumerate(procs):
-                assert p.poll() is None, output(workdir, i)[-4000:]
-            assert time.time() < deadline
-            time.sleep(0.05)
+    try:  # orbax renames a step into place once complete
+        subprocesses.wait(procs, until=lambda: (workdir / "checkpoints" / "2").exists())
     finally:
         for p in procs:
-            p.send_signal(signal.SIGKILL)
+            p.popen.send_signal(signal.SIGKILL)
         for p in procs:
-            p.wait()
+            p.popen.wait()
     steps_at_kill = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert steps_at_kill and max(steps_at_kill) < 6
     finish(start(workdir, demo_dir, "resumed"), workdir, "resumed")
     assert f"resumed from {workdir}/checkpoints step {max(steps_at_kill)}" in output(workdir, 0, "resumed")
     for x, y in zip(leaves(saved_state(two_process_run, 6)), leaves(saved_state(workdir, 6)), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_rerun_on_the_compilation_cache_of_the_first_run_completes_bit_identical(two_process_run, demo_dir,
+                                                                                     tmp_path):
+    """The same run again, in a fresh workdir, on the compilation cache directory the first run used (the restart
+    path of a requeued job): it completes and ends bit-identical to the first. It used to hang at its first step:
+    process 0 loaded its compiled steps from the cache while process 1 compiled its own, and on CPU the all-reduce
+    of a loaded executable never meets that of a freshly compiled one (launch/README.md, "Multi-host runs and
+    the compilation cache"). Multi-process CPU runs now go without the cache, and say so."""
+    workdir = tmp_path / "rerun"
+    finish(start(workdir, demo_dir, cache=f"{two_process_run}.xla"), workdir)
+    assert "JAX's persistent compilation cache is off: in a multi-process run on CPU" in output(workdir, 0)
+    for x, y in zip(leaves(saved_state(two_process_run, 6)), leaves(saved_state(workdir, 6)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert logged_losses(workdir) == logged_losses(two_process_run)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_is_bit_identical(two_process_run, demo_dir,
@@ -182,20 +190,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_is_bit_id
     to the uninterrupted run."""
     workdir = tmp_path / "preempted"
     procs = start(workdir, demo_dir, checkpoint_every_steps=100)  # only evaluations (3, 6) and the signal save
-    try:
-        deadline = time.time() + 300
-        while not ((workdir / "metrics.jsonl").exists() and logged_losses(workdir)):  # a step done: mid-run
-            for i, p in enumerate(procs):
-                assert p.poll() is None, output(workdir, i)[-4000:]
-            assert time.time() < deadline
-            time.sleep(0.02)
+    try:  # a step done: mid-run
+        subprocesses.wait(procs, until=lambda: (workdir / "metrics.jsonl").exists() and logged_losses(workdir))
         done_at_signal = logged_losses(workdir)[-1][0]
-        procs[1].send_signal(signal.SIGTERM)
+        procs[1].popen.send_signal(signal.SIGTERM)
         finish(procs, workdir)  # both exit with status 0
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            if p.popen.poll() is None:
+                p.popen.kill()
     assert "SIGTERM received" in output(workdir, 1) and "SIGTERM received" not in output(workdir, 0)
     stopped = [int(output(workdir, i).split("stopped at step ")[1].split()[0]) for i in range(NUM_PROCESSES)]
     assert stopped[0] == stopped[1] and done_at_signal <= stopped[0] < 6, (done_at_signal, stopped)

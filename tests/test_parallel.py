@@ -13,10 +13,11 @@ sharded_steps.py):
 
 import os
 import socket
-import subprocess
 import sys
 
 import numpy as np
+
+import subprocesses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "sharded_steps.py")
@@ -24,13 +25,14 @@ SCRIPT = os.path.join(HERE, "sharded_steps.py")
 
 def _run(out, *args, env=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.Popen([sys.executable, SCRIPT, str(out), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocesses.start([sys.executable, SCRIPT, str(out), *args], f"{out}.{env.get('JAX_PROCESS_ID', 0)}.log",
+                              env=env)
 
 
-def _check(proc):
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
+def _check(*procs):
+    subprocesses.wait(procs)
+    for proc in procs:
+        assert proc.popen.returncode == 0, proc.output()[-4000:]
 
 
 def _assert_same(a_path, b_path, max_atol, mean_atol):
@@ -45,8 +47,7 @@ def _assert_same(a_path, b_path, max_atol, mean_atol):
 def test_eight_devices_match_one_device(tmp_path):
     flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     one, eight = _run(tmp_path / "one.npz", "--mesh_devices=1", env=flags), _run(tmp_path / "eight.npz", env=flags)
-    _check(one)
-    _check(eight)
+    _check(one, eight)
     _assert_same(tmp_path / "one.npz", tmp_path / "eight.npz", max_atol=1e-6, mean_atol=1e-6)
 
 
@@ -61,6 +62,5 @@ def test_two_processes_match_one_process(tmp_path):
     _check(single)
     coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
     procs = [_run(tmp_path / "multi.npz", env={**coordinator, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    for p in procs:
-        _check(p)
+    _check(*procs)
     _assert_same(tmp_path / "single.npz", tmp_path / "multi.npz", max_atol=1e-3, mean_atol=1e-4)

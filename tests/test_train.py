@@ -7,15 +7,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from sklearn.metrics import roc_auc_score
 
+import subprocesses
 from metachex_jax import checkpointing, config_lib, reports, train
 from metachex_jax.labels import PATHOLOGIES
 
@@ -102,18 +101,16 @@ def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path)
     cmd = [sys.executable, "-m", "metachex_jax.main", f"--config={REPO}/configs/pretrain.py:{ARG}",
            f"--workdir={workdir}", f"--compilation_cache_dir={cache}"] + overrides_as_flags(tiny_config(demo_dir))
     env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cache even the tiny model's steps
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "2").exists():  # orbax renames a step directory into place when complete
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocesses.start(cmd, tmp_path / "killed.log", cwd=REPO, env=env)
+    try:  # orbax renames a step directory into place when complete
+        subprocesses.wait([proc], until=lambda: (workdir / "checkpoints" / "2").exists())
+    finally:
+        proc.popen.send_signal(signal.SIGKILL)
+        proc.popen.wait()
     steps_at_kill = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert steps_at_kill and max(steps_at_kill) < 6
     assert any(cache.iterdir())
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocesses.run(cmd, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
     a, b = saved_state(reference, 6), saved_state(workdir, 6)
@@ -146,22 +143,23 @@ def test_sigterm_saves_the_step_and_the_resumed_run_is_bit_identical(demo_dir, f
            f"--workdir={workdir}", f"--compilation_cache_dir={cache}", "--config.data.augment_on=device",
            ] + overrides_as_flags(tiny_config(demo_dir, checkpoint_every_steps=100))
     env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not ((workdir / "metrics.jsonl").exists() and logged_losses(workdir)):  # a step done: mid-run
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    done_at_signal = logged_losses(workdir)[-1][0]
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    proc = subprocesses.start(cmd, tmp_path / "stopped.log", cwd=REPO, env=env)
+    try:  # a step done: mid-run
+        subprocesses.wait([proc], until=lambda: (workdir / "metrics.jsonl").exists() and logged_losses(workdir))
+        done_at_signal = logged_losses(workdir)[-1][0]
+        proc.popen.send_signal(signal.SIGTERM)
+        subprocesses.wait([proc])
+    finally:
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+    stderr = proc.output()
+    assert proc.popen.returncode == 0, stderr[-3000:]
     assert "SIGTERM received: saving a checkpoint at the next step boundary" in stderr
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
     assert saved[-1] == stopped_at and done_at_signal <= stopped_at < 6, (done_at_signal, stopped_at)
     assert not (workdir / "eval" / "test_step6.json").exists()  # it stopped before the end
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocesses.run(cmd, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints step {stopped_at}" in done.stderr
     for x, y in zip(_leaves(saved_state(finished_device_run, 6)), _leaves(saved_state(workdir, 6)), strict=True):
