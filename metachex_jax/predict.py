@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from metachex_jax import files
+from metachex_jax.data.file_formats import DEFAULT_MAX_PIXELS
 from metachex_jax.data.raw_common import not_dataset_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -118,7 +119,8 @@ def write_png(path: str, rgb: np.ndarray) -> None:
     files.write_atomic(path, buffer.getvalue())
 
 
-def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str, bit_depth: int | None) -> list[str]:
+def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str, bit_depth: int | None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[str]:
     """Grad-CAM for every readable input and output in `names`: .npy maps and overlay PNGs. Returns the files."""
     from metachex_jax import gradcam
     from metachex_jax.data import images as image_reader
@@ -128,10 +130,11 @@ def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str
     written = []
     for start in range(0, len(ok), predictor.batch_size):
         rows = ok[start:start + predictor.batch_size]
-        crops = np.stack([predictor.contract.from_file(result.paths[i], bit_depth=bit_depth)[0] for i in rows])
+        crops = np.stack([predictor.contract.from_file(result.paths[i], bit_depth=bit_depth, max_pixels=max_pixels)[0]
+                          for i in rows])
         maps = predictor.gradcam(crops, names, layer=layer)
         for k, i in enumerate(rows):
-            original, _ = image_reader.read_gray(result.paths[i], bit_depth=bit_depth)
+            original, _ = image_reader.read_gray(result.paths[i], bit_depth=bit_depth, max_pixels=max_pixels)
             original = np.asarray(original, np.float32)
             folder = os.path.join(out_dir, "heatmaps", heatmap_stem(result.paths[i], base))
             os.makedirs(folder, exist_ok=True)
@@ -192,7 +195,11 @@ def parse_args(argv):
                              "e.g. block3 for low-resolution models)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--bit_depth", type=int, default=None,
-                        help="force the sample depth of 16-bit sources (default: the reader's rule)")
+                        help="read high-depth sources (16-bit PNG/TIFF, DICOM) as this many bits (default: the "
+                             "reader's rule); 8-bit files ignore it, and their bit_depth_source says so")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse (as that file's error) images whose header declares more pixels, before "
+                             f"decoding them (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--step", default="best", help="pretraining checkpoint: best, latest or a step")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
     parser.add_argument("--image_size", type=int, default=None, help="backbone-only models: model input size")
@@ -205,6 +212,8 @@ def run(args) -> int:
 
     if args.bit_depth is not None and not 1 <= args.bit_depth <= 16:
         raise UsageError(f"--bit_depth={args.bit_depth}: must be in 1..16")
+    if args.max_pixels < 1:
+        raise UsageError(f"--max_pixels={args.max_pixels}: must be >= 1")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size={args.batch_size}: must be >= 1")
     paths, left_out = expand_inputs(args.inputs, args.list_file)
@@ -232,9 +241,9 @@ def run(args) -> int:
           file=sys.stderr)
 
     result = predictor.predict_files(paths, tta=args.tta, features=args.features, bit_depth=args.bit_depth,
-                                     workers=args.workers, progress=True)
-    heatmap_files = write_heatmaps(predictor, result, heatmaps, args.heatmap_layer, out_dir, args.bit_depth) \
-        if heatmaps else []
+                                     workers=args.workers, progress=True, max_pixels=args.max_pixels)
+    heatmap_files = write_heatmaps(predictor, result, heatmaps, args.heatmap_layer, out_dir, args.bit_depth,
+                                   args.max_pixels) if heatmaps else []
     write_csv(os.path.join(out_dir, "predictions.csv"), result.rows())
     if args.features:
         write_npy(os.path.join(out_dir, "features.npy"), result.features)
