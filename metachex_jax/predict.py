@@ -16,7 +16,8 @@ counted), and globs;
 Writes into --out (default ./predictions):
     predictions.csv     one row per input, in input order: path, every output of the model (probabilities,
                         age in years; `<name>_decision` for outputs with a threshold, e.g. tb), the reader's
-                        format, original size, bit depth and its source, and `error` (empty when the file was read)
+                        format, original size (as displayed), bit depth and its source, JPEG EXIF orientation, and
+                        `error` (empty when the file was read)
     summary.json        the model, its pixel contract and outputs, counts, failures with reasons, timings
     features.npy        (--features) float32 (N, F) pooled features, row i = CSV row i (NaN rows for failures)
     heatmaps/REL/NAME.npy, NAME.png   (--heatmaps) the Grad-CAM map at model-input resolution and an overlay on

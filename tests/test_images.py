@@ -469,7 +469,7 @@ def test_decompression_bombs_are_refused_from_the_header_with_bounded_memory(tmp
         finally:
             tracemalloc.stop()
         assert message is not None and message.startswith(str(path)), message
-        assert "above the limit of 100 megapixels (max_pixels=100000000)" in message, message
+        assert "pixels, above the limit max_pixels=100,000,000: refused before decoding" in message, message
         assert peak < 32 << 20, (path.name, peak)  # nothing of the declared size was allocated
     assert Image.MAX_IMAGE_PIXELS == images.DEFAULT_MAX_PIXELS
 
@@ -478,9 +478,9 @@ def test_max_pixels_is_an_option(tmp_path):
     write_png(tmp_path / "a.png", np.zeros((40, 50), np.uint8))
     Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "a.tif")
     for name in ("a.png", "a.tif"):
-        assert "declares 50 x 40 pixels" in images.check_image(tmp_path / name, max_pixels=1999)
+        assert "declares 50 x 40 = 2,000 pixels" in images.check_image(tmp_path / name, max_pixels=1999)
         assert images.check_image(tmp_path / name, max_pixels=2000) is None
         assert images.check_image(tmp_path / name, max_pixels=None) is None
     results = list(images.decode_many([tmp_path / "a.png"], 8, max_pixels=1000, progress=False))
-    assert "max_pixels=1000" in results[0][1]
+    assert "max_pixels=1,000" in results[0][1]
 

@@ -133,11 +133,12 @@ def test_max_pixels_is_an_option_of_prepare_and_predict(tmp_path, capsys, backbo
     verify = ["--dataset=montgomery", f"--manual_dir={tmp_path / 'raw'}", "--verify", "--workers=1"]
     assert prepare.main(verify + ["--max_pixels=1000"]) == 1
     out = capsys.readouterr().out
-    assert out.count("[undecodable_image]") == 4 and "declares 32 x 32 pixels" in out and "max_pixels=1000" in out
+    assert out.count("[undecodable_image]") == 4
+    assert "declares 32 x 32 = 1,024 pixels, above the limit max_pixels=1,000" in out
     assert prepare.main(verify + ["--max_pixels=1024"]) == 0
     Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "a.png")
     status, rows = run_predict(backbone_dir, tmp_path / "p", tmp_path / "a.png", "--max_pixels=1199")
-    assert status == 1 and "declares 30 x 40 pixels" in rows["a.png"]["error"]
+    assert status == 1 and "declares 30 x 40 = 1,200 pixels" in rows["a.png"]["error"]
     assert run_predict(backbone_dir, tmp_path / "q", tmp_path / "a.png", "--max_pixels=1200")[0] == 0
 
 

@@ -64,10 +64,9 @@ def sniff(head: bytes) -> str:
 def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     """Refuse an image whose header declares more than `max_pixels` pixels (None: no limit)."""
     if max_pixels is not None and width * height > max_pixels:
-        raise FormatError(f"the file declares {width} x {height} pixels ({width * height / 1e6:,.0f} megapixels), "
-                          f"above the limit of {max_pixels / 1e6:,.0f} megapixels (max_pixels={max_pixels}): "
-                          "refused before decoding (a corrupt header or a decompression bomb; raise max_pixels "
-                          "if the image is real)")
+        raise FormatError(f"the file declares {width} x {height} = {width * height:,} pixels, above the limit "
+                          f"max_pixels={max_pixels:,}: refused before decoding (a corrupt header or a "
+                          "decompression bomb; raise max_pixels if the image is real)")
 
 
 @dataclasses.dataclass(frozen=True)
