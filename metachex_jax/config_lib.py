@@ -470,6 +470,9 @@ def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size:
         image_size=(image_size, integer(min=8)),  # model input S x S (random crop for training, centre for eval)
         val_fraction=(0.1, number(min=0, below=1)),  # of train_val patients, carved out by patient at build time
         val_seed=(0, integer(min=0)),
+        # the bit depth high-depth images of every dataset were built with (prepare --bit_depth; 0: the reader's
+        # rule, data/images.py); it names the build the run reads (r256_bits12)
+        bit_depth=(0, integer(min=0, max=16)),
         **label_table_sections(),
         # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
         # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers

@@ -95,6 +95,7 @@ class FilePredictions:
             row["height"] = info.height if info else ""
             row["bit_depth"] = info.bit_depth if info else ""
             row["bit_depth_source"] = info.bit_depth_source if info else ""
+            row["orientation"] = info.orientation if info else ""
             row["error"] = self.errors[i] or ""
             rows.append(row)
         return rows
@@ -359,8 +360,8 @@ class Predictor:
         return out
 
     def predict_files(self, paths: Sequence[str], *, tta: str | None = None, features: bool = False,
-                      bit_depth: int | None = None, workers: int | None = None,
-                      progress: bool = False) -> FilePredictions:
+                      bit_depth: int | None = None, workers: int | None = None, progress: bool = False,
+                      max_pixels: int | None = image_reader.DEFAULT_MAX_PIXELS) -> FilePredictions:
         """Read, preprocess and predict every file; a file that fails at any stage (read, pixel contract,
         prediction) gets its error, naming the file and the stage, and the rest run.
 
@@ -411,7 +412,8 @@ class Predictor:
         with image_reader.decoding_pool(workers) as pool, tqdm(total=n, unit="img", disable=not progress,
                                                                  desc="predict") as bar:
             decoded = image_reader.decode_many(paths, self.contract.resolution, pool=pool, bit_depth=bit_depth,
-                                               with_info=True, progress=False, square=self.contract.crops_to_square)
+                                               with_info=True, progress=False, square=self.contract.crops_to_square,
+                                               max_pixels=max_pixels)
             rows, crops = [], []
             for i, (stored, error, info) in enumerate(decoded):
                 infos[i] = info

@@ -16,7 +16,8 @@ counted), and globs;
 Writes into --out (default ./predictions):
     predictions.csv     one row per input, in input order: path, every output of the model (probabilities,
                         age in years; `<name>_decision` for outputs with a threshold, e.g. tb), the reader's
-                        format, original size, bit depth and its source, and `error` (empty when all went well)
+                        format, original size (as displayed), bit depth and its source, JPEG EXIF orientation, and
+                        `error` (empty when all went well)
     summary.json        the model, its pixel contract and outputs, counts, failures with reasons, timings
     features.npy        (--features) float32 (N, F) pooled features, row i = CSV row i (NaN rows for failures)
     heatmaps/REL/NAME.npy, NAME.png   (--heatmaps) the Grad-CAM map at model-input resolution and an overlay on
@@ -43,6 +44,7 @@ import time
 import numpy as np
 
 from metachex_jax import files
+from metachex_jax.data.file_formats import DEFAULT_MAX_PIXELS
 from metachex_jax.data.raw_common import not_dataset_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -122,7 +124,8 @@ def write_png(path: str, rgb: np.ndarray) -> None:
 
 
 def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str,
-                   bit_depth: int | None) -> tuple[list[str], dict[int, str]]:
+                   bit_depth: int | None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[list[str], dict[int, str]]:
     """Grad-CAM for every predicted input and output in `names`: .npy maps and overlay PNGs.
 
     Returns (the files written, {input index: error}): a file whose heatmap fails at any stage (its read, Grad-CAM,
@@ -140,7 +143,7 @@ def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str
         errors[i] = file_error(result.paths[i], "heatmap", exc)
 
     def write(i, maps, k):
-        original, _ = image_reader.read_gray(result.paths[i], bit_depth=bit_depth)
+        original, _ = image_reader.read_gray(result.paths[i], bit_depth=bit_depth, max_pixels=max_pixels)
         original = np.asarray(original, np.float32)
         overlays = {name: gradcam.overlay(original, maps[name][k], predictor.contract) for name in names}
         folder = os.path.join(out_dir, "heatmaps", heatmap_folder(result.paths[i], base))
@@ -162,7 +165,8 @@ def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str
         rows, crops = [], []
         for i in ok[start:start + predictor.batch_size]:
             try:
-                crops.append(predictor.contract.from_file(result.paths[i], bit_depth=bit_depth)[0])
+                crops.append(predictor.contract.from_file(result.paths[i], bit_depth=bit_depth,
+                                                            max_pixels=max_pixels)[0])
                 rows.append(i)
             except Exception as exc:  # noqa: BLE001 - e.g. the file changed since it was predicted
                 fail(i, exc)
@@ -243,7 +247,11 @@ def parse_args(argv):
                              "e.g. block3 for low-resolution models)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--bit_depth", type=int, default=None,
-                        help="force the sample depth of 16-bit sources (default: the reader's rule)")
+                        help="read high-depth sources (16-bit PNG/TIFF, DICOM) as this many bits (default: the "
+                             "reader's rule); 8-bit files ignore it, and their bit_depth_source says so")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse (as that file's error) images whose header declares more pixels, before "
+                             f"decoding them (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--step", default="best", help="pretraining checkpoint: best, latest or a step")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
     parser.add_argument("--image_size", type=int, default=None, help="backbone-only models: model input size")
@@ -256,6 +264,8 @@ def run(args) -> int:
 
     if args.bit_depth is not None and not 1 <= args.bit_depth <= 16:
         raise UsageError(f"--bit_depth={args.bit_depth}: must be in 1..16")
+    if args.max_pixels < 1:
+        raise UsageError(f"--max_pixels={args.max_pixels}: must be >= 1")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size={args.batch_size}: must be >= 1")
     paths, left_out = expand_inputs(args.inputs, args.list_file)
@@ -283,14 +293,14 @@ def run(args) -> int:
           file=sys.stderr)
 
     result = predictor.predict_files(paths, tta=args.tta, features=args.features, bit_depth=args.bit_depth,
-                                     workers=args.workers, progress=True)
+                                     workers=args.workers, progress=True, max_pixels=args.max_pixels)
     if args.features:
         write_npy(os.path.join(out_dir, "features.npy"), result.features)
     # The predictions are on disk before any heatmap is made; the heatmaps' outcome is then added to both files.
     report = write_report(out_dir, predictor, result, args, left_out, None, {})
     if heatmaps:
         heatmap_files, heatmap_errors = write_heatmaps(predictor, result, heatmaps, args.heatmap_layer, out_dir,
-                                                       args.bit_depth)
+                                                       args.bit_depth, args.max_pixels)
         report = write_report(out_dir, predictor, result, args, left_out, heatmap_files, heatmap_errors)
     print(f"{report['predicted']} of {report['images']} images predicted in {result.seconds:.1f} s "
           f"({report['images_per_s']:.1f} img/s) -> {out_dir}/predictions.csv", file=sys.stderr)

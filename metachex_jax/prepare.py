@@ -8,6 +8,10 @@
     python -m metachex_jax.prepare --dataset=padchest --manual_dir=RAW --data_dir=OUT [--views=frontal|all]
     python -m metachex_jax.prepare --dataset=csv --csv=LABELS.csv --manual_dir=IMAGE_ROOT --data_dir=OUT \
         [--num_folds=10] [--stratify_by=COLUMN] [--val_fraction=0.1] [--test_fraction=0.2]
+Every dataset also takes the reader's options (data/images.py): --bit_depth=N reads high-depth images (16-bit
+PNG/TIFF, DICOM) as N-bit data instead of the reader's rule (8-bit images ignore it; the build is then named
+r256_bits12 and read by runs with --config.data.bit_depth=12), --max_pixels=N refuses images larger than N pixels
+(default 100,000,000) as undecodable, before decoding them.
 
 Build prints where the dataset went, its split sizes, what was skipped (with --skip_bad) and the read call:
     tfds.data_source("chestxray14/r256", split="train", data_dir=OUT)
@@ -25,7 +29,7 @@ import argparse
 import sys
 
 from metachex_jax import files
-from metachex_jax.data import build, registry
+from metachex_jax.data import build, images, registry
 from metachex_jax.data.raw_common import RawDataError
 
 
@@ -49,7 +53,12 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="check the raw copy only; exit 1 on problems")
     parser.add_argument("--strict_counts", action="store_true", help="--verify: the copy must be complete")
     parser.add_argument("--no_image_check", action="store_true", help="--verify: skip decoding every image")
+    parser.add_argument("--max_pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+                        help="refuse images whose header declares more pixels, before decoding them (default "
+                             f"{images.DEFAULT_MAX_PIXELS:,}: far above any radiograph; a decompression bomb guard)")
     args = parser.parse_args(argv)
+    if args.max_pixels < 1:
+        parser.error(f"--max_pixels={args.max_pixels}: must be >= 1")
     if not args.verify and not args.data_dir:
         parser.error("--data_dir is required to build")
     if not args.verify and files.is_url(args.data_dir):
@@ -64,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verify:
             report = build.verify_raw(args.dataset, args.manual_dir, check_images=not args.no_image_check,
-                                      strict_counts=args.strict_counts, num_workers=args.workers, **parameters)
+                                      strict_counts=args.strict_counts, num_workers=args.workers,
+                                      max_pixels=args.max_pixels, **parameters)
             print(report.format())
             return 0 if report.ok else 1
         result = build.build_dataset(args.dataset, args.manual_dir, args.data_dir, resolution=args.resolution,
                                      skip_bad=args.skip_bad, overwrite=args.overwrite, num_workers=args.workers,
-                                     **parameters)
+                                     max_pixels=args.max_pixels, **parameters)
         print(result.format())
         return 0
     except (RawDataError, FileNotFoundError) as exc:

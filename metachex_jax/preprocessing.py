@@ -30,6 +30,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from metachex_jax.data.file_formats import DEFAULT_MAX_PIXELS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -180,14 +182,15 @@ class PixelContract:
         """Whether a raw file's centre square is cut out before the resize to R x R."""
         return self.geometry == "crop_resize"
 
-    def from_file(self, path: str | os.PathLike, *, bit_depth: int | None = None):
+    def from_file(self, path: str | os.PathLike, *, bit_depth: int | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
         """A raw image file -> (S x S uint8, the reader's ImageInfo): the builders' read and resize (after the
         square crop for "crop_resize"), then `from_stored`. Raises `metachex_jax.data.images.ImageDecodeError`
         naming the file."""
         from metachex_jax.data import images
 
         stored, info = images.load_gray_with_info(path, self.resolution, bit_depth=bit_depth,
-                                                  square=self.crops_to_square)
+                                                  square=self.crops_to_square, max_pixels=max_pixels)
         return self.from_stored(stored), info
 
     def model_input(self, images, dtype=jnp.float32):

@@ -1,10 +1,12 @@
-"""DICOM input through the one image reader: the display rules of metachex_jax/data/dicom.py on files pydicom writes."""
+"""DICOM input through the one image reader: the display rules of metachex_jax/data/dicom.py on files pydicom writes,
+the stored values checked against GDCM (an independent decoder; the reader is built on pydicom)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, MPEG2MPML, RLELossless,
@@ -185,14 +187,15 @@ def test_refusals_name_the_file_and_the_reason(tmp_path):
         "multi.dcm": "multi-frame DICOM (2 frames)",
         "colour.dcm": "colour DICOM (PhotometricInterpretation RGB",
         "nopixels.dcm": "no pixel data",
-        "mpeg.dcm": "compressed transfer syntax MPEG2",
+        "mpeg.dcm": "compressed transfer syntax MPEG2",  # (no decoder for it exists)
         "truncated.dcm": "cannot decode",
     }
     for name, reason in expected.items():
         message = images.check_image(tmp_path / name)
         assert message is not None and message.startswith(str(tmp_path / name)), (name, message)
         assert reason in message, (name, message)
-    assert "pip install" in images.check_image(tmp_path / "mpeg.dcm")
+    assert "has no DICOM pixel decoder" in images.check_image(tmp_path / "mpeg.dcm")  # none exists: no install tip
+    assert "pip install" not in images.check_image(tmp_path / "mpeg.dcm")
     assert images.check_image(tmp_path / "ok.dcm") is None
 
 
@@ -210,3 +213,118 @@ def test_dicom_resized_like_any_other_image(tmp_path):
     small = images.load_gray(tmp_path / "big.dcm", 8)
     np.testing.assert_array_equal(small[:4], 255)
     np.testing.assert_array_equal(small[4:], 0)
+
+
+def test_corrupt_jpeg2000_names_the_decoders_tried_not_an_install(tmp_path):
+    """Defect 1h: a corrupt JPEG 2000 file was reported as "install a decoder" although decoders are installed."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = make_dataset(RNG.integers(0, 4096, (64, 64)).astype(np.uint16))
+    ds.compress(JPEG2000Lossless)
+    data = bytearray(write(ds, tmp_path / "j2k.dcm").read_bytes())
+    siz = data.index(b"\xff\x4f\xff\x51") + 6  # the codestream's image size: zeroed
+    data[siz:siz + 14] = bytes(14)
+    (tmp_path / "corrupt.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "corrupt.dcm")
+    plugins = get_decoder(JPEG2000Lossless).available_plugins
+    assert plugins and message.startswith(str(tmp_path / "corrupt.dcm"))
+    assert f"cannot be decoded by the installed decoders ({', '.join(plugins)}): the data are corrupt" in message
+    assert "pip install" not in message and "\n" not in message
+    assert images.check_image(tmp_path / "j2k.dcm") is None
+
+
+def test_empty_window_elements_count_as_absent(tmp_path):
+    """Defect 1e: Window Center / Width present but empty raised TypeError."""
+    values = np.array([[0, 4095], [2048, 100]], np.uint16)
+    ds = make_dataset(values)
+    ds.add_new(0x00281050, "DS", None)  # Window Center, empty
+    ds.add_new(0x00281051, "DS", None)  # Window Width, empty
+    write(ds, tmp_path / "empty.dcm")
+    reread = pydicom.dcmread(tmp_path / "empty.dcm")
+    assert "WindowCenter" in reread and reread.WindowCenter in (None, "")
+    gray, info = read(tmp_path / "empty.dcm")
+    np.testing.assert_array_equal(gray, stored_range_scale(values, 12))
+    assert info.bit_depth_source == "BitsStored range (12 bits)"
+    ds.WindowCenter = 2048  # a width without a centre: no window either
+    write(ds, tmp_path / "half.dcm")
+    np.testing.assert_array_equal(read(tmp_path / "half.dcm")[0], stored_range_scale(values, 12))
+
+
+@pytest.mark.parametrize("first", ["patient", "image"])
+def test_dicom_without_preamble_is_recognised_by_parsing_whatever_its_first_element(tmp_path, first):
+    """Defect 1f: a file without preamble whose first element is not in group 0002 or 0008 was "not an image"."""
+    values = RNG.integers(0, 4096, (9, 7)).astype(np.uint16)
+    ds = make_dataset(values)
+    del ds.file_meta
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality"):  # group 0008
+        delattr(ds, keyword)
+    if first == "patient":
+        ds.PatientName = "Anonymous"  # (0010,0010)
+    for implicit in (True, False):
+        path = tmp_path / f"{first}{implicit}"
+        ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[:2] == (b"\x10\x00" if first == "patient" else b"\x28\x00")
+        gray, info = read(path)
+        np.testing.assert_array_equal(gray, stored_range_scale(values, 12))
+        assert info.format == "dicom"
+
+
+def test_tiff_and_random_bytes_are_not_taken_for_dicom(tmp_path):
+    pixels = RNG.integers(0, 256, (6, 5), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.dcm", format="TIFF")  # named like a DICOM
+    gray, info = read(tmp_path / "image.dcm")
+    assert info.format == "tiff"
+    np.testing.assert_array_equal(gray, pixels)
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        (tmp_path / f"random{i}").write_bytes(rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8)
+                                              .tobytes())
+        assert dicom.probe((tmp_path / f"random{i}").read_bytes()) is None
+        assert "not an image file this reader knows" in images.check_image(tmp_path / f"random{i}")
+    # Random bytes after a DICOM-like first tag are not DICOM either (no Rows, Columns, PixelData).
+    (tmp_path / "tagged").write_bytes(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + rng.integers(0, 256, 500,
+                                      dtype=np.uint8).tobytes())
+    assert dicom.probe((tmp_path / "tagged").read_bytes()) is None
+
+
+def test_bit_depth_override_on_dicom_applies_to_high_depth_files_only(tmp_path):
+    eight = RNG.integers(0, 256, (4, 4)).astype(np.uint8)
+    write(make_dataset(eight, bits_stored=8), tmp_path / "eight.dcm")
+    gray, info = read(tmp_path / "eight.dcm", bit_depth=12)
+    np.testing.assert_array_equal(gray, eight)
+    assert (info.bit_depth, info.bit_depth_source) == (8, "BitsStored range (8 bits) (bit_depth=12 not applied: "
+                                                          "8-bit file)")
+    twelve = np.array([[0, 4095]], np.uint16)
+    write(make_dataset(twelve), tmp_path / "twelve.dcm")
+    with pytest.raises(images.ImageDecodeError, match="bit_depth=10 was requested but samples reach 4095"):
+        read(tmp_path / "twelve.dcm", bit_depth=10)
+
+
+def gdcm_stored_values(path) -> np.ndarray:
+    """The stored values as GDCM decodes them (uncompressed, RLE, JPEG 2000)."""
+    gdcm = pytest.importorskip("gdcm", reason="python-gdcm (the test extra) is not installed")
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read(), path
+    image = reader.GetImage()
+    buffer = image.GetBuffer().encode("utf-8", "surrogateescape")  # python-gdcm returns the bytes as a str
+    kind = {"UINT16": np.uint16, "INT16": np.int16, "UINT8": np.uint8}[image.GetPixelFormat().GetScalarTypeAsString()]
+    return np.frombuffer(buffer, kind).reshape(image.GetDimension(1), image.GetDimension(0))
+
+
+@pytest.mark.parametrize("syntax", ["uncompressed", "RLE", "JPEG 2000"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_pixels_agree_with_gdcm_after_the_documented_mapping(tmp_path, syntax, photometric):
+    from pydicom.uid import JPEG2000Lossless
+
+    values = RNG.integers(0, 4096, (64, 48)).astype(np.uint16)
+    ds = make_dataset(values, photometric=photometric, RescaleSlope=1, RescaleIntercept=0)
+    if syntax != "uncompressed":
+        ds.compress(RLELossless if syntax == "RLE" else JPEG2000Lossless)
+    write(ds, tmp_path / "x.dcm")
+    stored = gdcm_stored_values(tmp_path / "x.dcm")
+    expected = stored_range_scale(stored, 12)
+    if photometric == "MONOCHROME1":
+        expected = 255 - expected
+    np.testing.assert_array_equal(read(tmp_path / "x.dcm")[0], expected)

@@ -319,6 +319,6 @@ def test_skip_report_records_every_build_parameter(tmp_path):
     result = build_one("padchest", tmp_path / "raw", tmp_path / "out", views="all", seed=2)
     report = json.loads((result.path / builders.SKIP_REPORT_FILE).read_text())
     assert report["build_parameters"] == {"resolution": RESOLUTION, "views": "all", "val_fraction": 0.1,
-                                          "test_fraction": 0.1, "seed": 2}
+                                          "test_fraction": 0.1, "seed": 2, "bit_depth": 0}
     assert result.config_name == "r16_all_val0p1_test0p1_seed2"
     assert report["details"]["split"] == {"val_fraction": 0.1, "test_fraction": 0.1, "seed": 2, "by": "patient"}

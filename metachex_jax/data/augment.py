@@ -17,12 +17,12 @@ Geometry (`GEOMETRIES`; a model's pixel contract says which it expects, `metache
 - "resize_crop" (ours, CheXNet's): the stored R x R image (resized at build time), centre S x S crop to evaluate,
   random S x S crops to train, as above.
 - "crop_resize" (torchxrayvision's): the centre square of the image (`square_box`, XRayCenterCrop's arithmetic),
-  resized to S x S (the builders' area filter). A prepared dataset's records are already R x R (the builder
-  resized the whole image, aspect ratio not kept), so on a stored record the square crop changes nothing and the
-  record is resized R -> S: the model sees the whole radiograph squeezed to a square, where from a raw
-  non-square file (`predict`) it sees the centre square. The two agree for square originals (NIH's 1024 x 1024).
-  Training resizes to S first, then applies the affine and flip (a random S x S crop of an S x S image is the
-  whole image).
+  resized to S x S by the builders' resize (`resize.resize_gray`: the exact area average, rounded once). A
+  prepared dataset's records are already R x R (the builder resized the whole image, aspect ratio not kept), so
+  on a stored record the square crop changes nothing and the record is resized R -> S: the model sees the whole
+  radiograph squeezed to a square, where from a raw non-square file (`predict`) it sees the centre square. The
+  two agree for square originals (NIH's 1024 x 1024). Training resizes to S first, then applies the affine and
+  flip (a random S x S crop of an S x S image is the whole image).
 
 Images stay uint8 0..255 here. Normalisation is NOT done on the host: it happens on the device in
 `metachex_jax.preprocessing.to_model_input`, the one definition of model input.
@@ -38,7 +38,8 @@ import functools
 import math
 
 import numpy as np
-from PIL import Image
+
+from metachex_jax.data.resize import resize_gray
 
 GEOMETRIES = ("resize_crop", "crop_resize")
 
@@ -110,11 +111,7 @@ def eval_view(image: np.ndarray, size: int, geometry: str = "resize_crop") -> np
         _check_fits(image, size)
         top, left, side = square_box(*image.shape)
         square = image[top:top + side, left:left + side]
-        if side == size:
-            return np.ascontiguousarray(square)
-        from metachex_jax.data.images import resize_gray
-
-        return resize_gray(Image.fromarray(square), size)
+        return resize_gray(np.ascontiguousarray(square), size)
     raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
 
 

@@ -46,7 +46,8 @@ def prepare_command(dataset: str, data_dir: str | os.PathLike, *, manual_dir: st
     words = ["python", "-m", "metachex_jax.prepare", f"--dataset={dataset}", f"--manual_dir={manual_dir}",
              f"--data_dir={data_dir if data_dir == 'LOCAL_DIR' else files.absolute(data_dir)}",
              f"--resolution={resolution}"]
-    words += [f"--{name}={value}" for name, value in family.resolve(parameters).items()]
+    words += [f"--{name}={value}" for name, value in family.resolve(parameters).items()
+              if name != "bit_depth" or value]  # (0, the reader's own rule, needs no flag)
     return shlex.join(words)
 
 
@@ -88,10 +89,13 @@ class BuildResult:
 
 def build_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
                   resolution: int = builders.DEFAULT_RESOLUTION, skip_bad: bool = False, overwrite: bool = False,
-                  num_workers: int | None = None, progress: bool = True, **parameters) -> BuildResult:
+                  num_workers: int | None = None, progress: bool = True,
+                  max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **parameters) -> BuildResult:
     """Build `dataset` from the raw copy in manual_dir into data_dir (no-op if already complete, unless overwrite).
 
-    `parameters`: the family's build parameters (registry.DATASETS[dataset].parameters; defaults for the rest).
+    `parameters`: the family's build parameters (registry.DATASETS[dataset].parameters; defaults for the rest),
+    `bit_depth` among them (the reader's override for high-depth images). `max_pixels`: the reader's size limit
+    (images.py); a larger image is an undecodable image.
     Raises RawDataError naming every problem (raw rows/files or undecodable images) unless skip_bad; then nothing
     readable is left behind.
     """
@@ -108,7 +112,7 @@ def build_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str | o
         reused = builders.is_complete(data_dir, dataset, config.name) and not overwrite
         if not reused:
             builder = family.builder(config=config, data_dir=os.fspath(data_dir), skip_bad=skip_bad,
-                                     num_workers=num_workers, progress=progress)
+                                     num_workers=num_workers, progress=progress, max_pixels=max_pixels)
             mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite  # replaces the complete build
                     else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -138,11 +142,12 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _check_images(paths: dict[str, str], num_workers: int | None, progress: bool) -> list[Problem]:
+def _check_images(paths: dict[str, str], num_workers: int | None, progress: bool, bit_depth: int,
+                  max_pixels: int | None) -> list[Problem]:
     names = sorted(paths)
     with images.decoding_pool(num_workers) as pool:
         results = images.decode_many([paths[n] for n in names], None, pool=pool, desc="checking images",
-                                     progress=progress)
+                                     progress=progress, bit_depth=bit_depth or None, max_pixels=max_pixels)
         problems = []
         for name, (image, error) in zip(names, results):
             if error is None:
@@ -157,11 +162,14 @@ def _check_images(paths: dict[str, str], num_workers: int | None, progress: bool
 
 def verify_raw(dataset: str, manual_dir: str | os.PathLike, *, check_images: bool = True,
                strict_counts: bool = False, num_workers: int | None = None, progress: bool = True,
-               **parameters) -> VerifyReport:
-    """Check a raw copy without building (see the module docstring for what is checked and the count rule)."""
+               max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **parameters) -> VerifyReport:
+    """Check a raw copy without building (see the module docstring for what is checked and the count rule).
+    Images are decoded as a build would (`bit_depth` among the parameters, `max_pixels`)."""
     family = registry.family(dataset)
-    check = family.verify(manual_dir, strict_counts=strict_counts, **family.resolve(parameters))
+    resolved = family.resolve(parameters)
+    bit_depth = resolved.pop("bit_depth")  # the reader's option, not the raw copy's
+    check = family.verify(manual_dir, strict_counts=strict_counts, **resolved)
     problems = list(check.problems)
     if check_images:
-        problems += _check_images(check.image_paths, num_workers, progress)
+        problems += _check_images(check.image_paths, num_workers, progress, bit_depth, max_pixels)
     return VerifyReport(dataset=dataset, root=check.root, problems=sorted(problems), notes=check.notes)

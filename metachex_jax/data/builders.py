@@ -18,17 +18,26 @@ or `builder.as_data_source()[split]`. `data_source(dataset, split, data_dir, ...
 
 Identity: the config name carries everything that changes the content, so two builds never mix:
 `r{resolution}` with the defaults, plus `_val{fraction}_seed{seed}` (chestxray14) or `_k{k}_seed{seed}` (TB)
-when those differ from the defaults ("." in a fraction is written "p": r256_val0p05_seed3); the label-table
-datasets' names are built the same way from their options (`chexpert_config`, `padchest_config`, `csv_config`),
-and a CSV dataset's also carries a fingerprint of the CSV file. Configs outside
-BUILDER_CONFIGS are built with `config=nih_config(...)` and read by name exactly like the predefined ones (TFDS
-reads unknown configs from the files). `skip_bad` is not part of the identity: what it dropped is in the skip report.
+when those differ from the defaults ("." in a fraction is written "p": r256_val0p05_seed3), and `_bits{n}` when
+the build overrides the bit depth of high-depth images (`bit_depth`, the reader's override, data/images.py; 0,
+the default, is the reader's rule); the label-table datasets' names are built the same way from their options
+(`chexpert_config`, `padchest_config`, `csv_config`), and a CSV dataset's also carries a fingerprint of the CSV
+file. Configs outside BUILDER_CONFIGS are built with `config=nih_config(...)` and read by name exactly like the
+predefined ones (TFDS reads unknown configs from the files). `skip_bad` and `max_pixels` (the reader's size
+limit) are not part of the identity: what they left out is in the skip report.
 
-Storage (chestxray14 1.2.0, TB 1.3.0): pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8, encoding=BYTES)` (one
-raw byte string; TFDS without TF cannot encode numpy through tfds.features.Image), the labels too, in ArrayRecord
-files written uncompressed (`_writing_uncompressed_array_records`: TFDS's writer would apply ArrayRecord's default
-zstd and offers no option). Reading is the input pipeline's hot path on every epoch; disk is paid once. Measured
-on the 2-core CPU box, the same 201 synthetic 256 px records (demo generator), CPU per record read at load ~10:
+Versions: a build's folder is named after its builder's VERSION, and a run reads only builds of the current
+VERSION (`is_complete`), so a build made by an older reader is never mixed with new ones: the run prepares the
+dataset again when it knows the raw copy, or stops with the `prepare` command that rebuilds it (an older build
+found is named: `older_builds`). The pixels of chestxray14 1.3.0, TB 1.4.0 and the label-table datasets 1.1.0
+come from the reader's one-rounding rule (data/images.py, data/resize.py).
+
+Storage (chestxray14 1.2.0+, TB 1.3.0+): pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8,
+encoding=BYTES)` (one raw byte string; TFDS without TF cannot encode numpy through tfds.features.Image), the
+labels too, in ArrayRecord files written uncompressed (`_writing_uncompressed_array_records`: TFDS's writer would
+apply ArrayRecord's default zstd and offers no option). Reading is the input pipeline's hot path on every epoch;
+disk is paid once. Measured on the 2-core CPU box, the same 201 synthetic 256 px records (demo generator), CPU
+per record read at load ~10:
     1.1.0  Tensor, one int64 per pixel, zstd:  54.4 KiB/record, 0.92 ms (tfds.data_source)
     1.2.0  Tensor BYTES, uncompressed:          64.6 KiB/record, 0.30 ms (tfds.data_source), 0.12 ms (RecordSource)
     PNG bytes (Image), measured earlier:        28.2 KiB/record, 1.5x the 1.1.0 read, plus a Pillow decode
@@ -78,6 +87,12 @@ from metachex_jax.data.raw_common import Problem, RawDataError
 from metachex_jax.data.records import RecordSource
 from metachex_jax.labels import PATHOLOGIES
 
+# What the reader's one-rounding rule changed in every family's pixels (the release note of its version bump).
+PIXELS_NOTE = ("One pixel path: every source mapped to 8 bits with one rounding, then the exact area average rounded "
+               "once (data/resize.py; Pillow's BOX filter rounded between passes and is no area average for "
+               "non-integer ratios); 16-bit colour and gray+alpha PNGs at full depth; gray PNGs with tRNS read; "
+               "JPEG EXIF orientation applied; truncated JPEGs refused; build parameter bit_depth; "
+               "`orientations` in the skip report.")
 SKIP_REPORT_FILE = "skip_report.json"
 LABEL_COUNTS_FILE = "label_counts.json"
 DEFAULT_RESOLUTION = 256
@@ -95,6 +110,7 @@ class NihConfig(tfds.core.BuilderConfig):
     resolution: int = DEFAULT_RESOLUTION
     val_fraction: float = DEFAULT_VAL_FRACTION
     seed: int = DEFAULT_SEED
+    bit_depth: int = 0  # the reader's override for high-depth images (0: the reader's rule)
 
 
 @dataclasses.dataclass(eq=False)
@@ -102,35 +118,50 @@ class TbConfig(tfds.core.BuilderConfig):
     resolution: int = DEFAULT_RESOLUTION
     num_folds: int = tb.DEFAULT_NUM_FOLDS
     seed: int = DEFAULT_SEED
+    bit_depth: int = 0
+
+
+def _bits_suffix(bit_depth: int) -> list[str]:
+    """The config name part of a bit-depth override (none for the reader's rule)."""
+    if bit_depth and not 1 <= bit_depth <= 16:
+        raise ValueError(f"bit_depth={bit_depth}: must be in 1..16 (or 0: the reader's rule)")
+    return [f"bits{bit_depth}"] if bit_depth else []
 
 
 def nih_config_name(resolution: int = DEFAULT_RESOLUTION, val_fraction: float = DEFAULT_VAL_FRACTION,
-                    seed: int = DEFAULT_SEED) -> str:
-    if (val_fraction, seed) == (DEFAULT_VAL_FRACTION, DEFAULT_SEED):
-        return f"r{resolution}"
-    return f"r{resolution}_val{_fraction_text(val_fraction)}_seed{seed}"
+                    seed: int = DEFAULT_SEED, bit_depth: int = 0) -> str:
+    parts = [f"r{resolution}"]
+    if (val_fraction, seed) != (DEFAULT_VAL_FRACTION, DEFAULT_SEED):
+        parts.append(f"val{_fraction_text(val_fraction)}_seed{seed}")
+    return "_".join(parts + _bits_suffix(bit_depth))
 
 
 def tb_config_name(resolution: int = DEFAULT_RESOLUTION, num_folds: int = tb.DEFAULT_NUM_FOLDS,
-                   seed: int = DEFAULT_SEED) -> str:
-    if (num_folds, seed) == (tb.DEFAULT_NUM_FOLDS, DEFAULT_SEED):
-        return f"r{resolution}"
-    return f"r{resolution}_k{num_folds}_seed{seed}"
+                   seed: int = DEFAULT_SEED, bit_depth: int = 0) -> str:
+    parts = [f"r{resolution}"]
+    if (num_folds, seed) != (tb.DEFAULT_NUM_FOLDS, DEFAULT_SEED):
+        parts.append(f"k{num_folds}_seed{seed}")
+    return "_".join(parts + _bits_suffix(bit_depth))
+
+
+def _bits_text(bit_depth: int) -> str:
+    return f"; high-depth images read as {bit_depth}-bit" if bit_depth else ""
 
 
 def nih_config(resolution: int = DEFAULT_RESOLUTION, val_fraction: float = DEFAULT_VAL_FRACTION,
-               seed: int = DEFAULT_SEED) -> NihConfig:
-    return NihConfig(name=nih_config_name(resolution, val_fraction, seed), resolution=resolution,
-                     val_fraction=val_fraction, seed=seed,
+               seed: int = DEFAULT_SEED, bit_depth: int = 0) -> NihConfig:
+    return NihConfig(name=nih_config_name(resolution, val_fraction, seed, bit_depth), resolution=resolution,
+                     val_fraction=val_fraction, seed=seed, bit_depth=bit_depth,
                      description=f"{resolution}x{resolution} gray; validation = {val_fraction:g} of train_val "
-                                 f"patients (seed {seed})")
+                                 f"patients (seed {seed}){_bits_text(bit_depth)}")
 
 
 def tb_config(resolution: int = DEFAULT_RESOLUTION, num_folds: int = tb.DEFAULT_NUM_FOLDS,
-              seed: int = DEFAULT_SEED) -> TbConfig:
-    return TbConfig(name=tb_config_name(resolution, num_folds, seed), resolution=resolution, num_folds=num_folds,
-                    seed=seed,
-                    description=f"{resolution}x{resolution} gray; {num_folds} stratified folds (seed {seed})")
+              seed: int = DEFAULT_SEED, bit_depth: int = 0) -> TbConfig:
+    return TbConfig(name=tb_config_name(resolution, num_folds, seed, bit_depth), resolution=resolution,
+                    num_folds=num_folds, seed=seed, bit_depth=bit_depth,
+                    description=f"{resolution}x{resolution} gray; {num_folds} stratified folds (seed {seed})"
+                                f"{_bits_text(bit_depth)}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -140,6 +171,7 @@ class ChexpertConfig(tfds.core.BuilderConfig):
     uncertainty: str = "ignore"
     test_fraction: float = chexpert.DEFAULT_TEST_FRACTION
     seed: int = DEFAULT_SEED
+    bit_depth: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -149,6 +181,7 @@ class PadchestConfig(tfds.core.BuilderConfig):
     val_fraction: float = padchest.DEFAULT_VAL_FRACTION
     test_fraction: float = padchest.DEFAULT_TEST_FRACTION
     seed: int = DEFAULT_SEED
+    bit_depth: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -161,43 +194,49 @@ class CsvConfig(tfds.core.BuilderConfig):
     val_fraction: float = csv_dataset.DEFAULT_VAL_FRACTION
     test_fraction: float = csv_dataset.DEFAULT_TEST_FRACTION
     label_names: tuple = ()  # the CSV's label columns, in order
+    bit_depth: int = 0
 
 
 def chexpert_config(resolution: int = DEFAULT_RESOLUTION, views: str = "frontal", uncertainty: str = "ignore",
-                    test_fraction: float = chexpert.DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SEED) -> ChexpertConfig:
-    """r{R}, plus `_all` (every view), `_unc-...` (a non-default uncertainty policy, chexpert.uncertainty_name)
-    and `_test{f}_seed{s}` when they differ from the defaults."""
+                    test_fraction: float = chexpert.DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SEED,
+                    bit_depth: int = 0) -> ChexpertConfig:
+    """r{R}, plus `_all` (every view), `_unc-...` (a non-default uncertainty policy, chexpert.uncertainty_name),
+    `_test{f}_seed{s}` and `_bits{n}` when they differ from the defaults."""
     chexpert.parse_uncertainty(uncertainty)  # fails early, naming the problem
     parts = [f"r{resolution}"]
     parts += ["all"] if views == "all" else []
     parts += [chexpert.uncertainty_name(uncertainty)] if chexpert.uncertainty_name(uncertainty) else []
     if (test_fraction, seed) != (chexpert.DEFAULT_TEST_FRACTION, DEFAULT_SEED):
         parts.append(f"test{_fraction_text(test_fraction)}_seed{seed}")
-    return ChexpertConfig(name="_".join(parts), resolution=resolution, views=views, uncertainty=uncertainty,
-                          test_fraction=test_fraction, seed=seed,
+    return ChexpertConfig(name="_".join(parts + _bits_suffix(bit_depth)), resolution=resolution, views=views,
+                          uncertainty=uncertainty, test_fraction=test_fraction, seed=seed, bit_depth=bit_depth,
                           description=f"{resolution}x{resolution} gray; {views} views; uncertain labels: "
-                                      f"{uncertainty}; test = {test_fraction:g} of train.csv's patients (seed {seed})")
+                                      f"{uncertainty}; test = {test_fraction:g} of train.csv's patients (seed {seed})"
+                                      f"{_bits_text(bit_depth)}")
 
 
 def padchest_config(resolution: int = DEFAULT_RESOLUTION, views: str = "frontal",
                     val_fraction: float = padchest.DEFAULT_VAL_FRACTION,
-                    test_fraction: float = padchest.DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SEED) -> PadchestConfig:
-    """r{R}, plus `_all` (every projection) and `_val{f}_test{f}_seed{s}` when they differ from the defaults."""
+                    test_fraction: float = padchest.DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SEED,
+                    bit_depth: int = 0) -> PadchestConfig:
+    """r{R}, plus `_all` (every projection), `_val{f}_test{f}_seed{s}` and `_bits{n}` when they differ from the
+    defaults."""
     parts = [f"r{resolution}"] + (["all"] if views == "all" else [])
     if (val_fraction, test_fraction, seed) != (padchest.DEFAULT_VAL_FRACTION, padchest.DEFAULT_TEST_FRACTION,
                                                DEFAULT_SEED):
         parts.append(f"val{_fraction_text(val_fraction)}_test{_fraction_text(test_fraction)}_seed{seed}")
-    return PadchestConfig(name="_".join(parts), resolution=resolution, views=views, val_fraction=val_fraction,
-                          test_fraction=test_fraction, seed=seed,
+    return PadchestConfig(name="_".join(parts + _bits_suffix(bit_depth)), resolution=resolution, views=views,
+                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, bit_depth=bit_depth,
                           description=f"{resolution}x{resolution} gray; {views} projections; train/validation/test "
-                                      f"by patient ({val_fraction:g} validation, {test_fraction:g} test, seed {seed})")
+                                      f"by patient ({val_fraction:g} validation, {test_fraction:g} test, seed {seed})"
+                                      f"{_bits_text(bit_depth)}")
 
 
 def csv_config(resolution: int = DEFAULT_RESOLUTION, csv: str = "", num_folds: int = csv_dataset.DEFAULT_NUM_FOLDS,
                seed: int = DEFAULT_SEED, stratify_by: str = "", val_fraction: float = csv_dataset.DEFAULT_VAL_FRACTION,
-               test_fraction: float = csv_dataset.DEFAULT_TEST_FRACTION) -> CsvConfig:
-    """`<csv stem>_r{R}[_k{k}_seed{s}][_strat-{column}][_val{f}_test{f}]_<fingerprint>` (options when they differ
-    from the defaults; the fingerprint covers the CSV's bytes and every option: csv_dataset.fingerprint)."""
+               test_fraction: float = csv_dataset.DEFAULT_TEST_FRACTION, bit_depth: int = 0) -> CsvConfig:
+    """`<csv stem>_r{R}[_k{k}_seed{s}][_strat-{column}][_val{f}_test{f}][_bits{n}]_<fingerprint>` (options when
+    they differ from the defaults; the fingerprint covers the CSV's bytes and every option: csv_dataset.fingerprint)."""
     layout = csv_dataset.read_layout(csv)
     stratify_by = csv_dataset._stratify_column(layout, stratify_by)
     options = {"resolution": resolution, "num_folds": num_folds, "seed": seed, "stratify_by": stratify_by,
@@ -209,13 +248,16 @@ def csv_config(resolution: int = DEFAULT_RESOLUTION, csv: str = "", num_folds: i
         parts.append("strat-" + csv_dataset.name_stem(stratify_by))
     if (val_fraction, test_fraction) != (csv_dataset.DEFAULT_VAL_FRACTION, csv_dataset.DEFAULT_TEST_FRACTION):
         parts.append(f"val{_fraction_text(val_fraction)}_test{_fraction_text(test_fraction)}")
+    parts += _bits_suffix(bit_depth)
+    if bit_depth:  # (only then, so that the fingerprints of builds without an override stay what they were)
+        options["bit_depth"] = bit_depth
     parts.append(csv_dataset.fingerprint(layout.path, options))
     return CsvConfig(name="_".join(parts), resolution=resolution, csv=str(layout.path), num_folds=num_folds,
                      seed=seed, stratify_by=stratify_by, val_fraction=val_fraction, test_fraction=test_fraction,
-                     label_names=layout.label_names,
+                     label_names=layout.label_names, bit_depth=bit_depth,
                      description=f"{layout.path.name}: {resolution}x{resolution} gray; labels "
                                  f"{', '.join(layout.label_names)}; {num_folds} folds and a train/validation/test "
-                                 f"split by patient, stratified by {stratify_by} (seed {seed})")
+                                 f"split by patient, stratified by {stratify_by} (seed {seed}){_bits_text(bit_depth)}")
 
 
 def config_parameters(config: tfds.core.BuilderConfig) -> dict:
@@ -259,19 +301,21 @@ def _writing_uncompressed_array_records() -> Iterator[None]:
 class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """What the three builders share: options, the decoding pool, decode-failure policy, the skip report."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release.",
         "1.1.0": "16-bit PNGs holding 12-bit data without sBIT are scaled by 4095, not 65535 (they came out almost "
                  "black); format by content; DICOM; per-record `bit_depth`; bit depths in the skip report.",
         "1.2.0": "Images and labels stored as raw bytes (Tensor encoding BYTES) in uncompressed ArrayRecord "
                  "files: a record reads in a fraction of the time (see Storage in builders.py).",
+        "1.3.0": PIXELS_NOTE,
     }
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, progress: bool = True,
-                 **kwargs):
+                 max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs):
         kwargs.setdefault("file_format", "array_record")  # TFRecord would need TensorFlow
         self._skip_bad = skip_bad
+        self._max_pixels = max_pixels  # the reader's limit (not part of the identity: it refuses, never changes)
         self._num_workers = num_workers
         self._progress = progress
         self._pool = None
@@ -281,6 +325,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._ignored: dict[str, list[str]] = {}  # files that are no part of the dataset, by kind
         self._written: Counter = Counter()
         self._bit_depths: Counter = Counter()  # (bits, source) of every written image, for the report
+        self._orientations: Counter = Counter()  # EXIF orientation of the written images that had one (not 1)
         self._details: dict = {}  # dataset-specific facts for the report (label-table datasets)
         self._positives: dict[str, Counter] = {}  # split -> label name -> records with that label = 1
         self._known: dict[str, Counter] = {}  # split -> label name -> records whose label is known (not -1)
@@ -306,7 +351,8 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, records: list):
         decoded = images.decode_many([r.path for r in records], self.builder_config.resolution, pool=self._pool,
                                      desc=f"{self.name} {split}", progress=self._progress, with_info=True,
-                                     declared_bits=[getattr(r, "declared_bits", None) for r in records])
+                                     declared_bits=[getattr(r, "declared_bits", None) for r in records],
+                                     bit_depth=self.builder_config.bit_depth or None, max_pixels=self._max_pixels)
         resolution = self.builder_config.resolution
         for record, (image, error, info) in zip(records, decoded):
             if error is None:
@@ -320,6 +366,8 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 continue
             self._written[split] += 1
             self._bit_depths[info.bit_depth, info.bit_depth_source] += 1
+            if info.orientation != 1:
+                self._orientations[info.orientation] += 1
             self._positives.setdefault(split, Counter()).update(positive_labels(example, self.label_names()))
             self._known.setdefault(split, Counter()).update(
                 name for name, value in zip(self.label_names(), example.get("labels", ())) if value >= 0)
@@ -328,6 +376,7 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _download_and_prepare(self, dl_manager, download_config):
         self._problems, self._flags, self._flag_details, self._ignored = [], {}, {}, {}
         self._written, self._bit_depths, self._positives, self._known = Counter(), Counter(), {}, {}
+        self._orientations = Counter()
         with images.decoding_pool(self._num_workers) as self._pool, _writing_uncompressed_array_records():
             try:
                 super()._download_and_prepare(dl_manager, download_config)  # one decoding pool for all splits
@@ -398,6 +447,8 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
      "flags": {"invalid_age": ["00000001_000.png", ...], ...},        # kept, but with a value marked invalid
      "flag_details": {"tb_mention_in_normal": {"CHNCXR_0001_0": "reading text"}},  # what a flag is about
      "bit_depths": [{"bits": 8, "source": "8-bit file", "images": n}, ...],  # the reader's decisions (images.py)
+     "orientations": {"6": n, ...},  # JPEG EXIF orientations applied (images other than 1; builds 1.3.0 / 1.4.0 /
+                                     # 1.1.0 on)
      "ignored_files": {"appledouble": {"count": n, "examples": [...]}, ...},  # no part of the dataset (._*,
                                                                        # hidden, Thumbs.db): not read
      "details": {...}}   # label-table datasets: label names, unmapped findings, excluded views, the split drawn
@@ -417,6 +468,7 @@ def write_skip_report(path: Path, builder: _RawImageBuilder, manual_dir) -> None
         "flag_details": builder._flag_details,
         "bit_depths": [{"bits": bits, "source": source, "images": n}
                        for (bits, source), n in sorted(builder._bit_depths.items())],
+        "orientations": {str(k): n for k, n in sorted(builder._orientations.items())},
         "ignored_files": {kind: {"count": len(paths), "examples": paths[:5]}
                           for kind, paths in sorted(builder._ignored.items())},
     }
@@ -488,13 +540,14 @@ class Chestxray14(_RawImageBuilder):
 
 class _TbBuilder(_RawImageBuilder, skip_registration=True):
     BUILDER_CONFIGS = [tb_config(r) for r in PREDEFINED_RESOLUTIONS]
-    VERSION = tfds.core.Version("1.3.0")
+    VERSION = tfds.core.Version("1.4.0")
     RELEASE_NOTES = {
         **_RawImageBuilder.RELEASE_NOTES,
         "1.2.0": "Readings: 'femal' read as female; a normal image whose reading names TB (old or healed TB) is "
                  "kept and flagged (tb_mention_in_normal, with its reading in the skip report) instead of being "
                  "a label disagreement; negations after the word ('TB is not seen') understood.",
         "1.3.0": "The record layout of chestxray14's 1.2.0: images as raw bytes in uncompressed ArrayRecord files.",
+        "1.4.0": PIXELS_NOTE,
     }
     SOURCE: tb.TbSource
 
@@ -570,8 +623,8 @@ class _LabelledBuilder(_RawImageBuilder, skip_registration=True):
     and view_ap (-1 unknown), view (as written), fold (-1 where the dataset has none), bit_depth.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": PIXELS_NOTE}
     LOAD = None  # the reader's load function: (manual_dir, skip_bad=..., **options) -> labelled.LabelledRaw
     OPTIONS: tuple[str, ...] = ()  # the config fields passed to LOAD
     LABEL_NAMES: tuple[str, ...] = ()
@@ -703,6 +756,18 @@ def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> 
 def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> bool:
     """True when the build finished (tfds wrote dataset_info.json and renamed the folder into place)."""
     return (dataset_dir(data_dir, dataset, config_name) / "dataset_info.json").is_file()
+
+
+def older_builds(data_dir: str | os.PathLike, dataset: str, config_name: str) -> list[str]:
+    """The versions of complete builds of this config made by earlier builders: a run never reads them (the
+    pixels or records differ; see Versions in the module docstring), so they are named when a build is missing."""
+    from metachex_jax.data import registry  # the table of families imports this module
+
+    config_dir = epath.Path(os.fspath(data_dir)) / dataset / config_name
+    current = str(registry.family(dataset).builder.VERSION)
+    if not config_dir.is_dir():
+        return []
+    return sorted(p.name for p in config_dir.iterdir() if p.name != current and (p / "dataset_info.json").exists())
 
 
 @contextlib.contextmanager

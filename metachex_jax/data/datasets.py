@@ -85,6 +85,11 @@ def missing_data_message(data, names: list[str], demo_command: str | None = None
              "raw copy:"]
     remote = files.is_url(data_dir)  # builds are made locally, then copied (build.remote_data_dir_message)
     for name, config_name, parameters in missing:
+        older = builders.older_builds(data_dir, name, config_name)
+        if older:
+            lines.append(f"  # {name}/{config_name} in {data_dir} was built by an older version of its builder "
+                         f"({', '.join(older)}; now {registry.family(name).builder.VERSION}), whose images differ: "
+                         "rebuild it")
         lines.append(f"  # {name}: RAW_DIR = {registry.family(name).raw_copy}")
         lines.append("  " + build.prepare_command(name, "LOCAL_DIR" if remote else data_dir,
                                                   resolution=data.resolution, **parameters))

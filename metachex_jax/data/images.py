@@ -1,36 +1,58 @@
 """The image reader: raw chest X-ray files (PNG, JPEG, DICOM, ...) -> 8-bit gray, used by the dataset builders
 and by inference (`metachex_jax.predict`) alike.
 
-Every raw image goes through `read_gray(path)` (full size) or `load_gray(path, resolution)` (resized):
+Every raw image goes through `read_gray(path)` (full size) or `load_gray(path, resolution)` (resized). The rule,
+in one sentence: every source is mapped to 8-bit gray with ONE rounding, then every source goes through the SAME
+resize, which rounds once; so every lossless encoding of the same 8-bit pixels (gray, RGB, RGBA, palette, 12-bit
+in a 16-bit PNG, a 12-bit DICOM, MONOCHROME1 or 2) gives the identical model input, bit for bit (tested).
 
 1. The format is decided by CONTENT, never by the extension (real collections hold JPEGs named .png, PNGs named
-   .jpg, upper-case extensions): DICOM ('DICM' at byte 128, or a file without the preamble that starts with a
-   group 0002/0008 tag) goes to `metachex_jax.data.dicom` (pydicom; its rules are documented there); everything
-   else is opened by Pillow, which also identifies formats from their first bytes (PNG, JPEG, TIFF, BMP, ...).
-   A full decode is forced, so a truncated or corrupt file fails here with an `ImageDecodeError` naming the file
-   (Pillow's `LOAD_TRUNCATED_IMAGES` is never enabled). Gray 8/16-bit PNGs and gray JPEGs, what X-ray
-   collections hold, are decoded by imagecodecs (`_decode_gray_fast`: zlib-ng and libjpeg-turbo in one C call,
-   about twice Pillow's speed on a 2000x2000 16-bit PNG; the same pixels, tested); every other file by Pillow.
-2. Conversion to gray on a 0..255 scale:
-   - 8-bit gray ("L") is used as is; "1" (bilevel) becomes 0/255.
-   - RGB / RGBA / LA / palette ("P") go through Pillow's ITU-R 601-2 luma conversion; alpha is dropped (the X-ray
-     copies that carry alpha have it fully opaque). Gray stored as colour (R = G = B) thus comes out unchanged.
-   - 16-bit gray ("I;16*", or 32-bit "I" holding 16-bit samples) is scaled LINEARLY, v * 255 / (2**bits - 1),
-     never clipped at 255 and never min/max-stretched, with `bits` chosen by `choose_bit_depth`, in this order:
-       a. `bit_depth` given by the caller (`--bit_depth`): used as is (samples above it are an error);
+   .jpg, upper-case extensions; `file_formats.sniff`): PNG and JPEG by their signatures, DICOM by 'DICM' at byte
+   128 or, for a file without that preamble, by parsing it (pydicom must find Rows, Columns and PixelData;
+   `dicom.probe`), the other formats Pillow reads (TIFF, BMP, GIF, WebP, JPEG 2000, PNM) by theirs.
+   - PNG, every colour type and depth, is decoded by imagecodecs (libpng), at full depth. Before decoding, every
+     chunk is walked: a truncated file, a missing IEND or a bad CRC is an error (libpng checks the IDAT CRCs).
+   - JPEG: the markers are walked from SOI to EOI first: a JPEG without its end-of-image marker is truncated and
+     refused (libjpeg-turbo would fill the missing rows with grey; Pillow refuses it too). Gray JPEGs (8- or
+     12-bit) are decoded by imagecodecs (libjpeg-turbo), colour and CMYK JPEGs by Pillow. The EXIF orientation
+     (1-8) is applied, as browsers and viewers do (Pillow's `ImageOps.exif_transpose`), on both paths; it is
+     recorded in `ImageInfo.orientation`, and width and height are those of the image as displayed.
+   - DICOM: `metachex_jax.data.dicom` (pydicom; its display rules are documented there).
+   - Anything else goes to Pillow, whose full decode is forced (`LOAD_TRUNCATED_IMAGES` is never enabled).
+   A file that cannot be read raises `ImageDecodeError` whose message starts with the file's path.
+2. Refused before anything is decoded (bounded memory): a header (PNG IHDR, JPEG SOF, DICOM Rows x Columns,
+   Pillow's header) declaring more than `max_pixels` pixels, default DEFAULT_MAX_PIXELS = 100 megapixels
+   (about 5x the largest radiographs, 4020 x 4892 Montgomery originals: 19.7 megapixels); an option of the
+   builders (`prepare --max_pixels`) and of `predict`. Pillow's own limit (`Image.MAX_IMAGE_PIXELS`) is set to
+   the same default for any other use of Pillow in the process; the reader applies its caller's limit itself.
+3. Mapping to 8-bit gray, one rounding (`gray_8bit`):
+   - alpha is dropped (never blended: the X-ray copies that carry it have it fully opaque), as is a gray PNG's
+     tRNS transparency (libpng gives it as an alpha channel);
+   - colour (RGB, palette, CMYK / YCbCr via Pillow's RGB) becomes ITU-R 601-2 luma, with Pillow's integer
+     weights: L = (19595 R + 38470 G + 7471 B) / 65536 (the weights sum to 65536, so gray stored as colour,
+     R = G = B, comes out exactly);
+   - 8-bit samples: L itself, rounded half up (8-bit gray is used as is); low-depth gray PNGs (1, 2, 4 bits) are
+     expanded by libpng to 0..255 (1 bit: 0 / 255);
+   - high-depth samples (16-bit containers: PNG gray, gray + alpha, RGB, RGBA; 16-bit TIFF; 12-bit JPEG) are
+     scaled LINEARLY, round(v x 255 / (2**bits - 1)) (for colour v = L, computed in integers, so the luma is not
+     truncated to 8 bits first), never clipped at 255 and never min/max-stretched, with `bits` chosen by
+     `choose_bit_depth`, in this order:
+       a. `bit_depth` given by the caller (`--bit_depth` of prepare and predict): used as is (samples above it
+          are an error). It applies to high-depth sources only: an 8-bit file ignores it, and its
+          `bit_depth_source` says so;
        b. the dataset's own metadata (`declared_bits`, e.g. PadChest's BitsStored_DICOM), when every sample fits;
-       c. the PNG's sBIT chunk, when every sample fits (a writer that shifted 12-bit data up to 16 bits, as the
-          PNG standard intends, has samples above 4095: those are 16-bit data);
+       c. the PNG's sBIT chunk (the largest of its gray or colour entries), when every sample fits (a writer that
+          shifted 12-bit data up to 16 bits, as the PNG standard intends, has samples above 4095: 16-bit data);
        d. the data: 12 bits if every sample is below 4096 (12-bit X-rays are commonly stored in 16-bit PNGs
           without sBIT; dividing them by 65535 leaves them almost black), else 16.
-     DICOM's BitsStored plays the part of (b) inside the DICOM rules.
+     DICOM's BitsStored plays the part of (b) inside the DICOM rules, whose result is rounded once to 8 bits.
    The bit depth used and where it came from are returned (`ImageInfo`): builds store it per record, `predict`
-   writes it per row.
-3. Optionally (`square=True`, the torchxrayvision pixel contract) the centre square of the image is cut out first
-   (`augment.square_box`: torchxrayvision's XRayCenterCrop).
-   Resize to R x R with aspect ratio NOT preserved (CheXNet-style). Downscaling uses Pillow's BOX filter, an exact
-   area average (like OpenCV's INTER_AREA): no ringing, no aliasing. Upscaling (only tiny synthetic images) uses
-   BILINEAR. High-depth sources are resized in float ("F" mode) before rounding, so only one rounding happens.
+   writes it per row. For 8-bit data stored at 10 to 16 bits (round(v x (2**bits - 1) / 255)) the mapping gives
+   v back exactly: the error of the stored value, at most 0.5, shrinks by (2**bits - 1) / 255 on the way back.
+4. Optionally (`square=True`, the torchxrayvision pixel contract) the centre square of the image is cut out
+   (`augment.square_box`: torchxrayvision's XRayCenterCrop). Then the resize to R x R, aspect ratio NOT
+   preserved (CheXNet-style), `resize.resize_gray`: the exact area average, rounded once, when downscaling;
+   bilinear, rounded once, when upscaling (only tiny synthetic images).
 
 `decode_many` runs `load_gray` over many files in a process pool (`decoding_pool`, every core by default; order
 preserved, so builds are deterministic) and reports failures as values instead of raising, so a caller can
@@ -43,9 +65,9 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import io
 import multiprocessing
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -53,14 +75,16 @@ from concurrent.futures.process import BrokenProcessPool
 import imagecodecs
 import numpy as np
 from PIL import Image, ImageFile
+from tqdm import tqdm
 
-from metachex_jax.data import dicom
+from metachex_jax.data import dicom, file_formats
+from metachex_jax.data.augment import square_box
+from metachex_jax.data.resize import resize_gray
 
+DEFAULT_MAX_PIXELS = file_formats.DEFAULT_MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, never decode half-grey
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_HEAD_BYTES = 132  # enough for the DICOM preamble + 'DICM' (and a PNG's IHDR chunk)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # Pillow's own check, for other uses; the reader checks max_pixels
+LUMA_WEIGHTS = (19595, 38470, 7471)  # ITU-R 601-2 luma x 65536, Pillow's integers (they sum to 65536)
 
 
 class ImageDecodeError(ValueError):
@@ -72,36 +96,16 @@ class ImageInfo:
     """What the reader found and decided for one file."""
 
     format: str  # "png", "jpeg", "dicom", ... (from the content, not the name)
-    width: int  # of the file, before any resizing
+    width: int  # as displayed (after the EXIF orientation), before any resizing
     height: int
     bit_depth: int  # the sample depth the 0..255 scale was computed from (8 for 8-bit files)
     bit_depth_source: str  # "8-bit file", "override", "dataset metadata", "png sBIT", "data", or the DICOM rule
-
-
-def png_significant_bits(path: str | os.PathLike) -> int | None:
-    """The gray sample depth recorded in a PNG's sBIT chunk, or None (no chunk / not a PNG).
-
-    Pillow does not expose sBIT, so this walks the chunk list up to the first IDAT.
-    """
-    with open(path, "rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
-            return None
-        while True:
-            header = f.read(8)
-            if len(header) < 8:
-                return None
-            length, kind = struct.unpack(">I4s", header)
-            if kind in (b"IDAT", b"IEND"):
-                return None
-            data = f.read(length)
-            f.read(4)  # CRC
-            if kind == b"sBIT" and length >= 1:
-                return data[0]
+    orientation: int = 1  # the JPEG EXIF orientation applied (1: none; every other format: 1)
 
 
 def choose_bit_depth(max_sample: int, *, bit_depth: int | None = None, declared_bits: int | None = None,
                      sbit: int | None = None) -> tuple[int, str]:
-    """(bits, source) for a 16-bit container whose largest sample is `max_sample`; see the module docstring."""
+    """(bits, source) for a high-depth source whose largest sample is `max_sample`; see the module docstring."""
     if bit_depth:
         if max_sample >= 2 ** bit_depth:
             raise ValueError(f"bit_depth={bit_depth} was requested but samples reach {max_sample} "
@@ -115,129 +119,189 @@ def choose_bit_depth(max_sample: int, *, bit_depth: int | None = None, declared_
     return (12, "data" + note) if max_sample < 4096 else (16, "data" + note)
 
 
-def to_gray(image: Image.Image, significant_bits: int | None = None, *, bit_depth: int | None = None,
-            declared_bits: int | None = None) -> Image.Image:
-    """Convert a decoded image to gray on a 0..255 scale: mode "L", or mode "F" for 16-bit sources."""
-    return _to_gray(image, significant_bits, bit_depth=bit_depth, declared_bits=declared_bits)[0]
+def eight_bit_source(bit_depth: int | None) -> str:
+    """The `bit_depth_source` of an 8-bit file: a `bit_depth` override is for high-depth sources only."""
+    return f"8-bit file (bit_depth={bit_depth} not applied)" if bit_depth and bit_depth != 8 else "8-bit file"
 
 
-def _scale_high_depth(values: np.ndarray, sbit: int | None, *, bit_depth: int | None,
-                      declared_bits: int | None) -> tuple[Image.Image, int, str]:
-    """(mode "F" image on 0..255, bits, source) for 16-bit samples (rule of the module docstring)."""
-    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+def gray_8bit(samples: np.ndarray, *, sbit: int | None = None, bit_depth: int | None = None,
+              declared_bits: int | None = None) -> tuple[np.ndarray, int, str]:
+    """Decoded samples, (H, W) gray or (H, W, C) with C = 2 (gray + alpha), 3 (RGB) or 4 (RGBA), 8-bit or high
+    depth -> (uint8 (H, W), bits, source): the mapping of the module docstring, rounded once."""
+    samples = np.asarray(samples)
+    if samples.ndim == 3:
+        if samples.shape[2] in (2, 4):
+            samples = samples[..., :-1]  # alpha dropped
+        if samples.shape[2] == 1:
+            samples = samples[..., 0]
+    if samples.ndim not in (2, 3) or (samples.ndim == 3 and samples.shape[2] != 3):
+        raise ValueError(f"unsupported sample layout {samples.shape}")
+    if samples.dtype == np.uint8:
+        return (samples if samples.ndim == 2 else _luma_8bit(samples)), 8, eight_bit_source(bit_depth)
+    if samples.dtype.kind not in "ui":
+        raise ValueError(f"unsupported sample type {samples.dtype}")
+    low, high = (int(samples.min()), int(samples.max())) if samples.size else (0, 0)
     if low < 0 or high > 65535:
-        raise ValueError("an image with samples outside 0..65535 is not a 16-bit gray image")
+        raise ValueError("an image with samples outside 0..65535 is not a 16-bit image")
     bits, source = choose_bit_depth(high, bit_depth=bit_depth, declared_bits=declared_bits, sbit=sbit)
-    scaled = values.astype(np.float32)
-    scaled *= np.float32(255.0 / (2**bits - 1))
-    return Image.fromarray(scaled), bits, source  # float32 -> mode "F" (naming the mode takes a 5x slower path)
+    top = 2**bits - 1
+    if samples.ndim == 2:  # round(v * 255 / top), half up (exact in integers; there are no ties)
+        scaled = samples.astype(np.uint32)
+        scaled *= 510
+        scaled += top
+        scaled //= 2 * top
+        return scaled.astype(np.uint8), bits, source
+    luma = _luma_sum(samples, np.int64)  # 65536 x L: round(L * 255 / top), half up, in integers
+    return ((luma * 510 + 65536 * top) // (131072 * top)).astype(np.uint8), bits, source
 
 
-def _to_gray(image: Image.Image, sbit: int | None, *, bit_depth: int | None,
-             declared_bits: int | None) -> tuple[Image.Image, int, str]:
-    """(gray image, bits, source) for a Pillow image."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        return _scale_high_depth(np.asarray(image), sbit, bit_depth=bit_depth, declared_bits=declared_bits)
-    if bit_depth and bit_depth != 8:
-        raise ValueError(f"bit_depth={bit_depth} was requested for an 8-bit {image.mode} image")
-    if image.mode == "L":
-        return image, 8, "8-bit file"
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGB")  # drop alpha before the luma conversion
-    if image.mode in ("RGB", "P", "1", "CMYK", "YCbCr", "LAB", "HSV"):
-        return image.convert("L"), 8, "8-bit file"
+def _luma_sum(rgb: np.ndarray, dtype) -> np.ndarray:
+    """65536 x the ITU-R 601-2 luma of (H, W, 3) samples, exact in integers."""
+    total = rgb[..., 0].astype(dtype) * LUMA_WEIGHTS[0]
+    total += rgb[..., 1].astype(dtype) * LUMA_WEIGHTS[1]
+    total += rgb[..., 2].astype(dtype) * LUMA_WEIGHTS[2]
+    return total
+
+
+def _luma_8bit(rgb: np.ndarray) -> np.ndarray:
+    """Luma of 8-bit RGB rounded half up: Pillow's convert("L"), bit for bit (the 16-bit formula with top 255)."""
+    return ((_luma_sum(rgb, np.uint32) + 32768) >> 16).astype(np.uint8)
+
+
+def orient(gray: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) as Pillow's `ImageOps.exif_transpose` does."""
+    return {
+        2: lambda a: a[:, ::-1],  # mirrored
+        3: lambda a: a[::-1, ::-1],  # rotated 180
+        4: lambda a: a[::-1, :],  # mirrored vertically
+        5: lambda a: a.T,  # transposed
+        6: lambda a: np.rot90(a, -1),  # stored rotated 90 counter-clockwise: turn it clockwise
+        7: lambda a: np.rot90(a, 2).T,  # transversed
+        8: lambda a: np.rot90(a, 1),
+    }.get(orientation, lambda a: a)(gray)
+
+
+def _read_png(data: bytes, options: dict) -> tuple[np.ndarray, ImageInfo]:
+    layout = file_formats.png_layout(data)
+    file_formats.check_pixels(layout.width, layout.height, options["max_pixels"])
+    gray, bits, source = gray_8bit(imagecodecs.png_decode(data), sbit=layout.color_significant_bits,
+                                   bit_depth=options["bit_depth"], declared_bits=options["declared_bits"])
+    return gray, ImageInfo("png", layout.width, layout.height, bits, source)
+
+
+def _read_jpeg(data: bytes, options: dict) -> tuple[np.ndarray, ImageInfo]:
+    layout = file_formats.jpeg_layout(data)
+    file_formats.check_pixels(layout.width, layout.height, options["max_pixels"])
+    if layout.components == 1:
+        samples = imagecodecs.jpeg8_decode(data)
+    else:  # colour and CMYK: Pillow's conversion to RGB (the Adobe CMYK conventions included)
+        samples = np.asarray(_pillow_rgb(data, options["max_pixels"]))
+    gray, bits, source = gray_8bit(samples, bit_depth=options["bit_depth"], declared_bits=options["declared_bits"])
+    gray = np.ascontiguousarray(orient(gray, layout.orientation))
+    return gray, ImageInfo("jpeg", gray.shape[1], gray.shape[0], bits, source, layout.orientation)
+
+
+def _pillow_rgb(data: bytes, max_pixels: int | None) -> Image.Image:
+    with _pillow_open(data, max_pixels) as image:
+        return image.convert("RGB")
+
+
+@contextlib.contextmanager
+def _pillow_open(data: bytes, max_pixels: int | None) -> Iterator[Image.Image]:
+    """Pillow's image with its size checked before the pixels are decoded, and then fully decoded."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked below, against the caller's limit
+    try:
+        image = Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    with image:
+        file_formats.check_pixels(image.width, image.height, max_pixels)
+        image.load()
+        yield image
+
+
+def _pillow_samples(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image -> samples for `gray_8bit`: gray, gray + alpha, RGB or RGBA, 8 or 16 bits."""
+    if image.mode in ("L", "LA", "RGB", "RGBA"):
+        return np.asarray(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint16)
+    if image.mode in ("1", "La"):
+        return np.asarray(image.convert("L"))
+    if image.mode in ("P", "PA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(image.convert("RGB"))
     raise ValueError(f"unsupported image mode {image.mode!r}")
 
 
-def _decode_gray_fast(path: str | os.PathLike, head: bytes) -> tuple[np.ndarray, str] | None:
-    """(samples, format) of a gray 8/16-bit PNG or a gray JPEG, decoded by imagecodecs; None for any other file."""
-    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and head[25] == 0 and head[24] in (8, 16):
-        with open(path, "rb") as f:
-            return imagecodecs.png_decode(f.read()), "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        with open(path, "rb") as f:
-            samples = imagecodecs.jpeg8_decode(f.read())
-        return (samples, "jpeg") if samples.ndim == 2 else None  # colour: Pillow's luma conversion, below
-    return None
+def _read_with_pillow(data: bytes, options: dict) -> tuple[np.ndarray, ImageInfo]:
+    with _pillow_open(data, options["max_pixels"]) as image:
+        samples = _pillow_samples(image)
+        file_format = (image.format or "unknown").lower()
+    gray, bits, source = gray_8bit(samples, bit_depth=options["bit_depth"], declared_bits=options["declared_bits"])
+    return gray, ImageInfo(file_format, gray.shape[1], gray.shape[0], bits, source)
 
 
-def read_gray(path: str | os.PathLike, *, bit_depth: int | None = None,
-              declared_bits: int | None = None) -> tuple[Image.Image, ImageInfo]:
-    """Decode `path` at full size to a gray Pillow image ("L", or "F" on 0..255 for high-depth sources).
+def _read_dicom(dataset, options: dict) -> tuple[np.ndarray, ImageInfo]:
+    gray, bits, rule = dicom.read_dicom(dataset, options["bit_depth"], max_pixels=options["max_pixels"])
+    return gray, ImageInfo("dicom", gray.shape[1], gray.shape[0], bits, rule)
+
+
+def read_gray(path: str | os.PathLike, *, bit_depth: int | None = None, declared_bits: int | None = None,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:
+    """Decode `path` at full size to uint8 gray (H, W) as displayed; see the module docstring.
 
     Raises ImageDecodeError naming the file for empty, truncated, corrupt, unsupported or refused files.
     """
+    options = {"bit_depth": bit_depth, "declared_bits": declared_bits, "max_pixels": max_pixels}
     try:
         with open(path, "rb") as f:
-            head = f.read(_HEAD_BYTES)
-        if not head:
+            data = f.read()
+        if not data:
             raise ValueError("the file is empty")
-        if dicom.is_dicom(head):
-            pixels, bits, rule = dicom.read_dicom(path, bit_depth)
-            gray = Image.fromarray(np.asarray(pixels, np.float32))  # mode "F"
-            return gray, ImageInfo("dicom", gray.width, gray.height, bits, rule)
-        fast = _decode_gray_fast(path, head)
-        if fast is not None:
-            samples, file_format = fast
-            if samples.dtype == np.uint16:
-                gray, bits, source = _scale_high_depth(samples, png_significant_bits(path), bit_depth=bit_depth,
-                                                       declared_bits=declared_bits)
-            elif bit_depth and bit_depth != 8:
-                raise ValueError(f"bit_depth={bit_depth} was requested for an 8-bit L image")
-            else:
-                gray, bits, source = Image.fromarray(samples), 8, "8-bit file"
-            return gray, ImageInfo(file_format, samples.shape[1], samples.shape[0], bits, source)
-        with Image.open(path) as image:
-            image.load()
-            sbit = png_significant_bits(path) if image.mode in _SIXTEEN_BIT_MODES else None
-            gray, bits, source = _to_gray(image, sbit, bit_depth=bit_depth, declared_bits=declared_bits)
-            return gray, ImageInfo((image.format or "unknown").lower(), image.width, image.height, bits, source)
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... for bad files
+        kind = file_formats.sniff(data[:file_formats.HEAD_BYTES])
+        if kind == "png":
+            return _read_png(data, options)
+        if kind == "jpeg":
+            return _read_jpeg(data, options)
+        if kind == "dicom":
+            return _read_dicom(dicom.parse(data), options)
+        if kind == "unknown":  # no signature: a DICOM file without preamble?
+            dataset = dicom.probe(data)
+            if dataset is not None:
+                return _read_dicom(dataset, options)
+        return _read_with_pillow(data, options)
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... for bad files
         raise ImageDecodeError(f"{os.fspath(path)}: cannot decode image ({_reason(exc)})") from exc
 
 
 def _reason(exc: Exception) -> str:
-    if isinstance(exc, dicom.DicomError):
+    if isinstance(exc, (dicom.DicomError, file_formats.FormatError)):
         return str(exc)
     if type(exc).__name__ == "UnidentifiedImageError":
         return "not an image file this reader knows (PNG, JPEG, DICOM, TIFF, ...)"
     return f"{type(exc).__name__}: {exc}"
 
 
-def resize_gray(gray: Image.Image, resolution: int | None) -> np.ndarray:
-    """Resize a gray ("L" or "F") image to (resolution, resolution) uint8 (None: keep the size).
-
-    See the module docstring for the filters.
-    """
-    if resolution is not None:
-        downscaling = gray.width >= resolution and gray.height >= resolution
-        resample = Image.Resampling.BOX if downscaling else Image.Resampling.BILINEAR
-        gray = gray.resize((resolution, resolution), resample=resample)
-    if gray.mode == "F":
-        return np.clip(np.rint(np.asarray(gray)), 0, 255).astype(np.uint8)
-    return np.asarray(gray, dtype=np.uint8)
-
-
 def load_gray(path: str | os.PathLike, resolution: int | None, *, bit_depth: int | None = None,
-              declared_bits: int | None = None) -> np.ndarray:
+              declared_bits: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode `path` to uint8 gray, resized to (resolution, resolution) (or full size when resolution is None).
 
-    Raises ImageDecodeError naming the file for truncated, corrupt or unsupported images.
+    Raises ImageDecodeError naming the file for truncated, corrupt, unsupported or refused images.
     """
-    return load_gray_with_info(path, resolution, bit_depth=bit_depth, declared_bits=declared_bits)[0]
+    return load_gray_with_info(path, resolution, bit_depth=bit_depth, declared_bits=declared_bits,
+                               max_pixels=max_pixels)[0]
 
 
 def load_gray_with_info(path: str | os.PathLike, resolution: int | None, *, bit_depth: int | None = None,
-                        declared_bits: int | None = None, square: bool = False) -> tuple[np.ndarray, ImageInfo]:
-    """`load_gray` and the reader's `ImageInfo` (format, original size, bit depth used). `square`: cut out the
-    centre square before resizing (see the module docstring)."""
-    gray, info = read_gray(path, bit_depth=bit_depth, declared_bits=declared_bits)
+                        declared_bits: int | None = None, square: bool = False,
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:
+    """`load_gray` and the reader's `ImageInfo` (format, size, bit depth used, orientation). `square`: cut out
+    the centre square before resizing (see the module docstring)."""
+    gray, info = read_gray(path, bit_depth=bit_depth, declared_bits=declared_bits, max_pixels=max_pixels)
     if square:
-        from metachex_jax.data.augment import square_box
-
-        top, left, side = square_box(gray.height, gray.width)
-        gray = gray.crop((left, top, left + side, top + side))
-    return resize_gray(gray, resolution), info
+        top, left, side = square_box(*gray.shape)
+        gray = gray[top:top + side, left:left + side]
+    return (gray if resolution is None else resize_gray(gray, resolution)), info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,12 +311,14 @@ class _Job:
     bit_depth: int | None = None
     declared_bits: int | None = None
     square: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 def _decode_one(job: _Job) -> tuple[np.ndarray | None, str | None, ImageInfo | None]:
     try:
         image, info = load_gray_with_info(job.path, job.resolution, bit_depth=job.bit_depth,
-                                          declared_bits=job.declared_bits, square=job.square)
+                                          declared_bits=job.declared_bits, square=job.square,
+                                          max_pixels=job.max_pixels)
         return image, None, info
     except ImageDecodeError as exc:
         return None, str(exc), None
@@ -318,21 +384,21 @@ def decode_many(
     declared_bits: Sequence[int | None] | None = None,
     with_info: bool = False,
     square: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple]:
     """Yield (image, None) or (None, error message) for each path, in order (so builds are deterministic);
     with `with_info`, (image, None, ImageInfo) or (None, error, None).
 
     Decodes in `pool` (see `decoding_pool`) or, when pool is None, in this process. With resolution=None images
-    are decoded at full size (a check). `bit_depth` overrides every file's depth; `declared_bits` gives each
-    path's depth from the dataset's metadata (None where unknown); see `choose_bit_depth`. `square` cuts out each
-    image's centre square before resizing (`load_gray_with_info`).
+    are decoded at full size (a check). `bit_depth` overrides the depth of every high-depth file; `declared_bits`
+    gives each path's depth from the dataset's metadata (None where unknown); see `choose_bit_depth`. `square`
+    cuts out each image's centre square before resizing (`load_gray_with_info`); `max_pixels` refuses larger
+    images (None: no limit).
     """
-    from tqdm import tqdm
-
     if declared_bits is not None and len(declared_bits) != len(paths):
         raise ValueError(f"{len(declared_bits)} declared bit depths for {len(paths)} paths")
     declared = declared_bits if declared_bits is not None else [None] * len(paths)
-    jobs = [_Job(os.fspath(p), resolution, bit_depth, d, square) for p, d in zip(paths, declared)]
+    jobs = [_Job(os.fspath(p), resolution, bit_depth, d, square, max_pixels) for p, d in zip(paths, declared)]
     chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar:
         if pool is None:
@@ -361,23 +427,24 @@ def _ordered_bounded_map(pool: ProcessPoolExecutor, fn, items: list, in_flight: 
                            "`if __name__ == '__main__':` (spawned workers re-import the main module)") from exc
 
 
-def check_image(path: str | os.PathLike) -> str | None:
+def check_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
     """None when `path` decodes fully, else the error message (used by the raw-data verifier)."""
-    return _decode_one(_Job(os.fspath(path), None))[1]
+    return _decode_one(_Job(os.fspath(path), None, max_pixels=max_pixels))[1]
 
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "ImageDecodeError",
     "ImageInfo",
     "choose_bit_depth",
-    "read_gray",
-    "load_gray_with_info",
     "check_image",
     "decode_many",
     "decoding_pool",
     "default_num_workers",
+    "gray_8bit",
     "load_gray",
-    "png_significant_bits",
+    "load_gray_with_info",
+    "orient",
+    "read_gray",
     "resize_gray",
-    "to_gray",
 ]

@@ -57,28 +57,30 @@ class DatasetFamily:
         return self.config(resolution, **parameters).name
 
 
-_NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED}
-_TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED}
+_BIT_DEPTH = {"bit_depth": 0}  # every family: the reader's override for high-depth images (0: the reader's rule)
+_NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
+_TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
 _CHEXPERT_PARAMETERS = {"views": "frontal", "uncertainty": "ignore", "test_fraction": chexpert.DEFAULT_TEST_FRACTION,
-                        "seed": builders.DEFAULT_SEED}
+                        "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
 _PADCHEST_PARAMETERS = {"views": "frontal", "val_fraction": padchest.DEFAULT_VAL_FRACTION,
-                        "test_fraction": padchest.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED}
+                        "test_fraction": padchest.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
 _CSV_PARAMETERS = {"csv": "", "num_folds": csv_dataset.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED,
                    "stratify_by": "", "val_fraction": csv_dataset.DEFAULT_VAL_FRACTION,
-                   "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION}
+                   "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION, **_BIT_DEPTH}
 
 
 def _nih_from_config(data) -> dict[str, Any]:
-    return {"val_fraction": data.val_fraction, "seed": data.val_seed}
+    return {"val_fraction": data.val_fraction, "seed": data.val_seed, "bit_depth": data.bit_depth}
 
 
 def _tb_from_config(data) -> dict[str, Any]:
-    return {"num_folds": data.num_folds, "seed": data.fold_seed}
+    return {"num_folds": data.num_folds, "seed": data.fold_seed, "bit_depth": data.bit_depth}
 
 
 def _section_from_config(name: str, data) -> dict[str, Any]:
-    """A label-table dataset's build parameters: its own section of the data config (`data.chexpert`, ...)."""
-    return {key: data[name][key] for key in DATASETS[name].parameters}
+    """A label-table dataset's build parameters: its own section of the data config (`data.chexpert`, ...), and
+    the bit-depth override that every dataset of a run shares (`data.bit_depth`)."""
+    return {key: data.bit_depth if key == "bit_depth" else data[name][key] for key in DATASETS[name].parameters}
 
 
 _TB_RAW = ("the folder holding {folder}/ (CXR_png/ and ClinicalReadings/), from "
@@ -122,6 +124,9 @@ PARAMETER_HELP = {
                      "the patients in test",
     "csv": "csv: the CSV file listing path, labels and optional patient_id, age, sex, view",
     "stratify_by": "csv: the label column folds and split are stratified by (default: the first label column)",
+    "bit_depth": "every dataset: read high-depth images (16-bit PNG/TIFF, DICOM BitsStored > 8) as this many bits "
+                 "instead of the reader's rule (metadata, sBIT, the data); 8-bit images ignore it; part of the "
+                 "build's name (_bits12)",
 }
 
 
