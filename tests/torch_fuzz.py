@@ -368,14 +368,15 @@ class _Watch:
 # ---------------------------------------------------------------------------------------------------------------
 # The worker: runs one example at a time, and tells the parent which phase it is in (so a crash is attributed).
 
-def _same(got: dict, expected: dict) -> str | None:
+def difference(got: dict, expected: dict) -> str | None:
+    """How two state dicts differ (keys, dtype, shape or bits), or None."""
     if sorted(got) != sorted(expected):
         return f"keys {sorted(got)[:6]} != {sorted(expected)[:6]}"
     for key, value in expected.items():
         value = np.asarray(value)
         if got[key].dtype != value.dtype or got[key].shape != value.shape:
             return f"{key}: {got[key].dtype}{got[key].shape} != {value.dtype}{value.shape}"
-        if got[key].tobytes() != value.astype(value.dtype).tobytes():
+        if got[key].tobytes() != value.tobytes():
             return f"{key}: {got[key].ravel()[:4]} != {value.ravel()[:4]}"
     return None
 
@@ -395,7 +396,7 @@ def _judge(ex: Example, path: str, loader, watch: _Watch, baseline, send) -> tup
         got, error = loader(path), None
     except TorchFileError as e:
         got, error = None, e
-    except BaseException as e:  # noqa: BLE001 - anything else is a finding
+    except BaseException as e:  # anything else is a finding
         return "unexpected_exception", f"{type(e).__name__}: {e}"
     finally:
         watch.armed_for = None
@@ -413,7 +414,7 @@ def _judge(ex: Example, path: str, loader, watch: _Watch, baseline, send) -> tup
     if ex.layout == "zip" and ex.family == "file":  # CRC-32s: the seed's tensors or an error
         if error is not None:
             return "refused", ""
-        problem = _same(got, ex.seed.expected) if ex.seed.expected is not None else "loaded a refused seed"
+        problem = difference(got, ex.seed.expected) if ex.seed.expected is not None else "loaded a refused seed"
         return ("original", "") if problem is None else ("wrong_tensors", problem)
     send(("phase", "reference"))
     try:
@@ -426,12 +427,12 @@ def _judge(ex: Example, path: str, loader, watch: _Watch, baseline, send) -> tup
         return "refused", ""
     if reference_error is not None:
         return "loaded_where_reference_refuses", str(reference_error)[:200]
-    problem = _same(got, reference)
+    problem = difference(got, reference)
     if problem is not None:
         return "differs_from_reference", problem
     if ex.raw_only and ex.seed.expected is not None and sorted(_geometry(got)) != sorted(_geometry(ex.seed.expected)):
         return "wrong_tensors", "raw bytes changed the keys, dtypes or shapes"
-    same_as_seed = ex.seed.expected is not None and _same(got, ex.seed.expected) is None
+    same_as_seed = ex.seed.expected is not None and difference(got, ex.seed.expected) is None
     return ("original" if same_as_seed else "other"), ""
 
 
