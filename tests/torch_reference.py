@@ -27,7 +27,6 @@ import numpy as np
 MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 
 
-
 class Refused(Exception):
     """The reference decoder finds the file malformed."""
 
