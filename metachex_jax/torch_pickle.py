@@ -269,6 +269,8 @@ class _Known:
 def _index(value: Any, what: str) -> int:
     """A size, stride, offset or count: an int64 >= 0 (torch's type), so arithmetic on it stays cheap."""
     try:
+        if isinstance(value, bool):
+            raise TypeError
         number = operator.index(value)
     except TypeError:
         raise TorchFileError(f"{what} is a {type(value).__name__}, not an integer") from None
@@ -406,6 +408,8 @@ class _Unpickler(pickle._Unpickler):
         self.copies_left = copy_budget + 1024  # a torch pickle copies each container it builds at most once
 
     def find_class(self, module, name):
+        if not module or not name:  # (the C unpickler, and so torch, refuses them too)
+            raise TorchFileError(f"the pickle names a global {module!r}.{name!r} with an empty part")
         known = _KNOWN.get((module, name))
         return known if known is not None else Global(module, name)
 

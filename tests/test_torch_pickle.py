@@ -307,6 +307,23 @@ def test_a_legacy_storage_of_another_size_than_the_pickle_says_is_refused(tmp_pa
         torch_pickle.read_state_dict(tmp_path / "longer.pt")
 
 
+def test_what_torchs_own_unpickler_refuses_is_refused(tmp_path):
+    """The reader runs the pure-Python unpickler, which accepts a few things the C one (torch's) does not; found
+    by the fuzzer against the C unpickler."""
+    tensor = (global_("torch._utils", "_rebuild_tensor_v2") + b"((" + opcodes("storage")
+              + global_("torch", "FloatStorage"))
+    cases = {
+        "empty global name": (b"ccollections\n\n)R", "names a global 'collections'.'' with an empty part"),
+        "a frame longer than the file": (b"\x95" + (1000).to_bytes(8, "little") + b"N", "a pickle frame of 1000 bytes"),
+        "values left on the stack": (b"NN", "ends with unused values on its stack"),
+        "a bool as a size": (tensor + opcodes("0") + opcodes("cpu") + b"K\x01tQK\x00\x88\x85K\x01\x85tR",
+                             "tensor size is a bool"),
+    }
+    for name, (body, message) in cases.items():
+        with pytest.raises(TorchFileError, match=re.escape(message)):
+            torch_pickle.load(write_pickle(tmp_path / f"{name}.pt", body))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Files written by torch itself (skipped without torch).
 

@@ -140,9 +140,10 @@ class _ReferenceUnpickler(pickle.Unpickler):
         return function if isinstance(function, type) else functools.partial(function)
 
     def persistent_load(self, pid):
-        if pid[0] == "module":
+        kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]  # torch's _maybe_decode_ascii
+        if kind == "module":
             return pid[1]
-        if pid[0] != "storage":
+        if kind != "storage":
             raise Refused(f"persistent id {pid[0]!r}")
         storage_type, key, location, numel = pid[1:5]
         view = pid[5] if len(pid) > 5 else None
