@@ -2,6 +2,8 @@
 
     write_state_dict(path, {"a.weight": array, ...}, layout="zip" | "legacy")
     write_module(path, state_dict, layout=..., classes=..., extra_state={"payload": exec_call("...")})
+    write_state_dict(path, {"t": Strided(storage, offset, size, stride)})   # a view, as torch writes it
+    pickled, storages = state_dict_pickle(...); data, raw = encode(pickled, storages, layout)   # for fuzzers
 
 The bytes follow torch's own writer (`torch/serialization.py`: `_save` for the zip layout, `_legacy_save` for the
 legacy one): a protocol-2 pickle whose tensors are `torch._utils._rebuild_tensor_v2(<persistent id ("storage",
@@ -12,6 +14,7 @@ Nothing here imports the reader: the files are written independently of the code
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import struct
@@ -34,25 +37,70 @@ def global_(module: str, name: str) -> Raw:
     return Raw(b"c" + f"{module}\n{name}\n".encode())
 
 
+def opcodes(value) -> Raw:
+    """The opcodes of a value made of str, int, float, bool, None, tuples, lists and dicts (no memo)."""
+    return Raw(_value(value, None))
+
+
+def attacks() -> dict[str, Raw]:
+    """Crafted opcodes that try to change what the reader hands to later files (each leaves one value on the stack):
+    BUILD, SETITEM, APPEND, NEWOBJ and REDUCE on the names a safe reader knows, and a built object built again."""
+    return {name: Raw(body) for name, body in {
+        # BUILD with a dict state writes a frozen record's __dict__ (the storage type: floats read as halves)
+        "storage_type_dict_state": global_("torch", "FloatStorage") + b"}" + opcodes("dtype") + opcodes("<f2")
+        + b"sb",
+        # BUILD with a (dict, slots) state setattr()s a function (the tensor rebuild: every tensor conjugate)
+        "function_slot_state": global_("torch._utils", "_rebuild_tensor_v2") + b"N"
+        + opcodes({"__defaults__": (False, None, {"conj": True})}) + b"\x86b",
+        "ordered_dict_class_state": global_("collections", "OrderedDict") + b"N" + opcodes({"fromkeys": None})
+        + b"\x86b",
+        "setitem_on_storage_type": global_("torch", "FloatStorage") + opcodes("dtype") + opcodes("<f2") + b"s",
+        "append_to_torch_size": global_("torch", "Size") + b"K\x01a",
+        "newobj_of_set": global_("builtins", "set") + b")\x81",
+        "call_a_storage_type": global_("torch", "FloatStorage") + b")R",
+        "shadow_ordered_dict_method": global_("collections", "OrderedDict") + b")R" + opcodes({"items": None})
+        + b"b",
+        "build_twice": global_("a", "B") + b")\x81" + opcodes({"x": 1}) + b"b" + opcodes({"x": 2}) + b"b",
+    }.items()}
+
+
 def exec_call(code: str) -> Raw:
     """`builtins.exec(code)`: what a malicious pickle does; run by any ordinary unpickler."""
     return Raw(global_("builtins", "exec") + b"(" + _value(code, None) + b"tR")
+
+
+@dataclasses.dataclass
+class Strided:
+    """A tensor viewing `storage` (a 1-d array: one storage of the file, however many tensors view it) from element
+    `offset` with `size` and `stride` in elements, as torch writes views and non-contiguous tensors. Nothing is
+    checked: a crafted size can reach past the storage."""
+
+    storage: np.ndarray
+    offset: int
+    size: tuple
+    stride: tuple
 
 
 class _Writer:
     def __init__(self, legacy: bool):
         self.legacy = legacy
         self.storages: dict[str, np.ndarray] = {}
+        self.keys: dict[int, str] = {}  # id of a Strided's storage array -> its key
 
-    def tensor(self, array: np.ndarray, parameter: bool = False) -> bytes:
-        array = np.array(array, order="C")  # (not ascontiguousarray: it makes 0-d arrays 1-d)
-        key = str(len(self.storages))
+    def tensor(self, array: np.ndarray | Strided, parameter: bool = False) -> bytes:
+        if isinstance(array, Strided):
+            view, array = array, array.storage
+            key = self.keys.setdefault(id(array), str(len(self.storages)))
+        else:
+            array = np.array(array, order="C")  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+            key = str(len(self.storages))
+            view = Strided(array, 0, array.shape, tuple(int(np.prod(array.shape[i + 1:])) for i in range(array.ndim)))
         self.storages[key] = array
         pid = (b"(" + _value("storage", self) + global_("torch", STORAGE_NAMES[array.dtype]) + _value(key, self)
                + _value("cpu", self) + _value(array.size, self) + (b"N" if self.legacy else b"") + b"tQ")
-        stride = tuple(int(np.prod(array.shape[i + 1:])) for i in range(array.ndim))
-        out = (global_("torch._utils", "_rebuild_tensor_v2") + b"(" + pid + _value(0, self)
-               + _value(tuple(array.shape), self) + _value(stride, self) + b"\x89" + _ordered_dict({}, self) + b"tR")
+        out = (global_("torch._utils", "_rebuild_tensor_v2") + b"(" + pid + _value(view.offset, self)
+               + _value(tuple(view.size), self) + _value(tuple(view.stride), self) + b"\x89"
+               + _ordered_dict({}, self) + b"tR")
         if parameter:
             out = (global_("torch._utils", "_rebuild_parameter") + b"(" + out + b"\x88" + _ordered_dict({}, self)
                    + b"tR")
@@ -62,7 +110,7 @@ class _Writer:
 def _value(value, writer) -> bytes:
     if isinstance(value, Raw):
         return bytes(value)
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.ndarray, Strided)):
         return writer.tensor(value)
     if isinstance(value, dict):
         return b"}(" + b"".join(_value(k, writer) + _value(v, writer) for k, v in value.items()) + b"u"
@@ -83,7 +131,7 @@ def _scalar(value) -> bytes:
 
 
 def _ordered_dict(items: dict, writer, parameters: bool = False) -> bytes:
-    body = b"".join(_value(k, writer) + (writer.tensor(v, parameters) if isinstance(v, np.ndarray)
+    body = b"".join(_value(k, writer) + (writer.tensor(v, parameters) if isinstance(v, (np.ndarray, Strided))
                                          else _value(v, writer)) for k, v in items.items())
     return global_("collections", "OrderedDict") + b")R" + (b"(" + body + b"u" if items else b"")
 
@@ -124,36 +172,54 @@ def _pickle(body_fn, legacy: bool) -> tuple[bytes, dict]:
     return b"\x80\x02" + body + b".", writer.storages
 
 
-def _write(path, data: bytes, storages: dict, layout: str) -> None:
+def encode(pickled: bytes, storages: dict, layout: str, byteorder: str = "little") -> tuple[bytes, list[range]]:
+    """The file torch would write for a main pickle and its storages (key -> array), and the byte ranges in it that
+    hold raw storage bytes (legacy layout; none listed for zip, where every member carries a CRC-32)."""
+    order = "<" if byteorder == "little" else ">"
+    raw = {key: np.asarray(array).astype(array.dtype.newbyteorder(order)).tobytes() for key, array in storages.items()}
+    out = io.BytesIO()
     if layout == "zip":
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-            archive.writestr("archive/data.pkl", data)
-            archive.writestr("archive/byteorder", "little")
-            for key, array in storages.items():
-                archive.writestr(f"archive/data/{key}", array.astype(array.dtype.newbyteorder("<")).tobytes())
-            archive.writestr("archive/version", "3\n")
-    elif layout == "legacy":
-        out = io.BytesIO()
-        for header in (MAGIC_NUMBER, 1001, {"protocol_version": 1001, "little_endian": True,
-                                            "type_sizes": {"short": 2, "int": 4, "long": 4}}):
-            pickle.dump(header, out, protocol=2)
-        out.write(data)
-        keys = sorted(storages)
-        pickle.dump(keys, out, protocol=2)
-        for key in keys:
-            array = storages[key]
-            out.write(struct.pack("<q", array.size) + array.astype(array.dtype.newbyteorder("<")).tobytes())
-        with open(path, "wb") as f:
-            f.write(out.getvalue())
-    else:
-        raise ValueError(layout)
+        members = {"archive/data.pkl": pickled, "archive/byteorder": byteorder.encode(),
+                   **{f"archive/data/{key}": data for key, data in raw.items()}, "archive/version": b"3\n"}
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+            for name, data in members.items():  # a fixed date: the same bytes every time
+                archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+        return out.getvalue(), []
+    if layout != "legacy" or byteorder != "little":
+        raise ValueError((layout, byteorder))
+    for header in (MAGIC_NUMBER, 1001, {"protocol_version": 1001, "little_endian": True,
+                                        "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, out, protocol=2)
+    out.write(pickled)
+    keys = sorted(storages)
+    pickle.dump(keys, out, protocol=2)
+    ranges = []
+    for key in keys:
+        out.write(struct.pack("<q", storages[key].size))
+        ranges.append(range(out.tell(), out.tell() + len(raw[key])))
+        out.write(raw[key])
+    return out.getvalue(), ranges
 
 
-def write_state_dict(path, state_dict: dict, layout: str = "zip", extra: dict | None = None) -> None:
+def state_dict_pickle(state_dict: dict, layout: str = "zip", extra: dict | None = None) -> tuple[bytes, dict]:
+    """The main pickle of torch.save(OrderedDict(state_dict)) and its storages (key -> array)."""
+    items = {k: v if isinstance(v, Strided) else np.asarray(v) for k, v in state_dict.items()} | (extra or {})
+    return _pickle(lambda w: _ordered_dict(items, w), layout == "legacy")
+
+
+def module_pickle(state_dict: dict, layout: str = "zip", classes: dict | None = None,
+                  extra_state: dict | None = None) -> tuple[bytes, dict]:
+    """The main pickle of torch.save(module) and its storages (see `write_module`)."""
+    tree = _nest(state_dict)
+    classes = {"": ("torchxrayvision.models", "DenseNet"), **(classes or {})}
+    return _pickle(lambda w: _module(tree, w, classes, "", extra_state or {}), layout == "legacy")
+
+
+def write_state_dict(path, state_dict: dict, layout: str = "zip", extra: dict | None = None,
+                     byteorder: str = "little") -> None:
     """torch.save(OrderedDict(state_dict)) in `layout`; `extra` adds raw entries (e.g. an `exec_call`)."""
-    items = {k: np.asarray(v) for k, v in state_dict.items()} | (extra or {})
-    data, storages = _pickle(lambda w: _ordered_dict(items, w), layout == "legacy")
-    _write(path, data, storages, layout)
+    with open(path, "wb") as f:
+        f.write(encode(*state_dict_pickle(state_dict, layout, extra), layout, byteorder)[0])
 
 
 def write_module(path, state_dict: dict, layout: str = "zip", classes: dict | None = None,
@@ -161,7 +227,5 @@ def write_module(path, state_dict: dict, layout: str = "zip", classes: dict | No
     """torch.save(module) in `layout` for a module whose state_dict() is `state_dict` (weights/biases as
     parameters, everything else as buffers). `classes` maps a module path ("" = the root, "features.conv0", ...)
     to its (module, class name); `extra_state` adds attributes to the root module's __dict__."""
-    tree = _nest(state_dict)
-    classes = {"": ("torchxrayvision.models", "DenseNet"), **(classes or {})}
-    data, storages = _pickle(lambda w: _module(tree, w, classes, "", extra_state or {}), layout == "legacy")
-    _write(path, data, storages, layout)
+    with open(path, "wb") as f:
+        f.write(encode(*module_pickle(state_dict, layout, classes, extra_state), layout)[0])
