@@ -1,1 +1,2 @@
-"""Data: raw-layout readers, TFDS builders, the grain input pipeline and the synthetic demo data."""
+"""Data, in three layers: `raw/` (raw copies -> rows), `build/` (rows -> prepared datasets), `input/` (prepared
+datasets -> batches)."""
