@@ -1,17 +1,8 @@
-"""The CheXNet baseline: the same DenseNet and trainer, the 14-pathology head alone (Rajpurkar et al., 2017).
+"""The CheXNet baseline: the path users pass to --config. A one-line shim; the recipe (pretraining's with the
+pathology head alone) is metachex_jax/configs/chexnet.py (importable as metachex_jax.configs.chexnet).
 
-Real data:
-  python -m metachex_jax.main --config=configs/chexnet.py --workdir=/tmp/chexnet \
-      --config.data.data_dir=$HOME/tensorflow_datasets
-
-Demo on the synthetic data:
   python -m metachex_jax.main --config=configs/chexnet.py:demo --workdir=/tmp/chexnet_demo
-
-Arguments: as configs/pretrain.py (demo, runlocal, arch=..., res=..., init=...).
+  python -m metachex_jax.main --config=configs/chexnet.py --workdir=/tmp/chexnet --config.data.data_dir=DIR
 """
 
-from metachex_jax import config_lib
-
-
-def get_config(arg=None):
-    return config_lib.pretrain_config(arg, multitask=False)
+from metachex_jax.configs.chexnet import get_config  # noqa: F401

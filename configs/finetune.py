@@ -1,10 +1,7 @@
-"""The TB transfer comparison with fine-tuning only (configs/transfer.py with methods=finetune).
+"""The transfer comparison with fine-tuning only: the path users pass to --config. A one-line shim; the recipe is
+metachex_jax/configs/finetune.py (importable as metachex_jax.configs.finetune).
 
   python -m metachex_jax.main --config=configs/finetune.py[:demo] --config.init_from=PRE --workdir=DIR
 """
 
-from metachex_jax import config_lib
-
-
-def get_config(arg=None):
-    return config_lib.transfer_config(",".join(filter(None, ["methods=finetune", arg])))
+from metachex_jax.configs.finetune import get_config  # noqa: F401

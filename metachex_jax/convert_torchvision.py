@@ -3,9 +3,9 @@
     python -m metachex_jax.convert_torchvision densenet121-a639ec97.pth /ckpt/densenet121_imagenet
     python -m metachex_jax.convert_torchvision weights.safetensors DEST --arch densenet121 --overwrite
 
-SRC is a `.pth`/`.pt` (read without torch by `metachex_jax.torch_pickle`, which runs nothing from the file), `.npz`
-or `.safetensors` torchvision state dict.
-The classifier is dropped (training configs bring their own heads); see `metachex_jax.convert` for the format.
+SRC is a `.pth`/`.pt` (read without torch by `metachex_jax.interop.torch_pickle`, which runs nothing from the
+file), `.npz` or `.safetensors` torchvision state dict. The classifier is dropped (training configs bring their own
+heads); see `metachex_jax.interop.convert` for the format.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from metachex_jax.convert import (CheckpointReadError, StateDictMismatchError, densenet_from_state_dict, describe,
-                                  read_state_dict, save_backbone)
+from metachex_jax.interop.convert import (CheckpointReadError, StateDictMismatchError, densenet_from_state_dict,
+                                          describe, read_state_dict, save_backbone)
 from metachex_jax.models import SPECS, count_params
 
 

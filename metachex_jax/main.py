@@ -1,13 +1,14 @@
 """Entry point: `python -m metachex_jax.main --config=configs/pretrain.py[:ARGS] --workdir=DIR`.
 
-Deliberately thin: parse flags, check the config (`config_lib.validate`: every problem at once, before any
-work), start the multi-host runtime when asked or detected, print the config, and hand over to the trainer the
-config names (`config.trainer`). Everything else is importable from tests and notebooks
-(`metachex_jax.train.train_and_evaluate(config, workdir)`).
+Deliberately thin: parse flags, check the config (`check`: the config's rules, `config_lib.validate`, then the
+data preflight of its trainer; every problem at once, before any work), start the multi-host runtime when asked or
+detected, print the config, and hand over to the trainer the config names (`config.trainer`). Everything else is
+importable from tests and notebooks (`metachex_jax.training.trainer.train_and_evaluate(config, workdir)`).
 
 Exit status: 0 done, or a pretraining run stopped by SIGTERM/SIGINT after saving its checkpoint
-(`preemption.Preempted`); 2 a user error (bad flags or config, missing data, unusable starting weights: the
-message says what to change, without a traceback, see errors.py); anything else is a bug and shows its traceback.
+(`core.preemption.Preempted`); 2 a user error (bad flags or config, missing data, unusable starting weights: the
+message says what to change, without a traceback, see core/errors.py); anything else is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metachex_jax import config_lib, distributed, files, preemption
-from metachex_jax.errors import UserError
+from metachex_jax.configs import config_lib
+from metachex_jax.core import distributed, files, preemption
+from metachex_jax.core.errors import ConfigError, UserError
+from metachex_jax.data.input import preflight
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.training import trainer
+from metachex_jax.transfer import preflight as transfer_preflight
+from metachex_jax.transfer import run as transfer_run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
@@ -56,7 +63,7 @@ def use_compilation_cache(directory: str, explicit: bool = True) -> None:
     if jax.config.jax_compilation_cache_dir and cache_hit_hangs():
         logging.warning("JAX's persistent compilation cache is off: in a multi-process run on CPU, a process that "
                         "loads its compiled steps from it waits forever for the others at the first step "
-                        "(launch/README.md, \"Multi-host runs and the compilation cache\")")
+                        "(the docs' Launching page, \"Multi-host runs and the compilation cache\")")
         jax.config.update("jax_compilation_cache_dir", None)
 
 
@@ -72,12 +79,22 @@ def cache_hit_hangs() -> bool:
 def run(config, workdir: str):
     """Dispatch to the trainer that `config.trainer` names."""
     if config.trainer == "pretrain":
-        from metachex_jax import train
-        return train.train_and_evaluate(config, workdir)
+        return trainer.train_and_evaluate(config, workdir)
     if config.trainer == "transfer":
-        from metachex_jax.transfer import run as transfer_run
         return transfer_run.run(config, workdir)
     raise ValueError(f"unknown config.trainer {config.trainer!r}; expected one of {config_lib.TRAINERS}")
+
+
+def check(config) -> None:
+    """Everything wrong with a config, before any work: its rules (config_lib.validate), then whether the data it
+    names is there or can be made by the run (the data preflight of its trainer). Raises errors.ConfigError."""
+    config_lib.validate(config)
+    if config.trainer == "pretrain":
+        missing = preflight.missing_pretraining_data(DataSpec.from_config(config))
+    else:
+        missing = transfer_preflight.missing_transfer_data(config)
+    if missing:
+        raise ConfigError(missing)
 
 
 def user_error_exit(message: str) -> None:
@@ -108,7 +125,7 @@ def main(argv):
         if len(argv) > 1:
             raise UserError(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
         config = FLAGS.config
-        config_lib.validate(config)
+        check(config)
         distributed.maybe_initialize(config.distributed)
         use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
         workdir = files.absolute(FLAGS.workdir)  # gs://... stays as it is

@@ -8,7 +8,7 @@
     python -m metachex_jax.prepare --dataset=padchest --manual_dir=RAW --data_dir=OUT [--views=frontal|all]
     python -m metachex_jax.prepare --dataset=csv --csv=LABELS.csv --manual_dir=IMAGE_ROOT --data_dir=OUT \
         [--num_folds=10] [--stratify_by=COLUMN] [--val_fraction=0.1] [--test_fraction=0.2]
-Every dataset also takes the reader's options (data/images.py): --bit_depth=N reads high-depth images (16-bit
+Every dataset also takes the reader's options (imaging/images.py): --bit_depth=N reads high-depth images (16-bit
 PNG/TIFF, DICOM) as N-bit data instead of the reader's rule (8-bit images ignore it; the build is then named
 r256_bits12 and read by runs with --config.data.bit_depth=12), --max_pixels=N refuses images larger than N pixels
 (default 100,000,000) as undecodable, before decoding them.
@@ -19,8 +19,8 @@ Exit status: 0 built (or already built), 1 raw-data problems (the message lists 
 (including a bad option value, e.g. an unknown uncertainty policy or a CSV without a path column).
 
 --verify checks the raw copy WITHOUT building and exits 1 when it finds problems (what is checked, and the count
-rule: data/build.py). The datasets and their build parameters are the table in data/registry.py; a parameter a
-dataset does not take (--num_folds for chestxray14) is ignored.
+rule: metachex_jax/data/build/build.py). The datasets and their build parameters are the table in
+metachex_jax/data/build/registry.py; a parameter a dataset does not take (--num_folds for chestxray14) is ignored.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metachex_jax import files
-from metachex_jax.data import build, images, registry
-from metachex_jax.data.raw_common import RawDataError
+from metachex_jax.core import files
+from metachex_jax.data.build import build, registry
+from metachex_jax.data.raw.common import RawDataError
+from metachex_jax.imaging import images
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""Tiny raw trees in the real layouts (datasets.md) for the data tests: a few dozen 32-48 px PNGs.
+"""Tiny raw trees in the real layouts (the readers' docstrings, data/raw/) for the data tests: a few dozen 32-48 px
+PNGs.
 
 Each image is a constant gray value that is unique per image (`pixel_value(i)`), so a test can check that the
 pixels read back belong to the right record (BOX resizing keeps a constant image exact).
@@ -12,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grain
-
 import numpy as np
 from PIL import Image
 
-from metachex_jax.labels import NO_FINDING, PATHOLOGIES
+from metachex_jax.core.labels import NO_FINDING, PATHOLOGIES
 
 NIH_HEADER_2017 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
                    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
@@ -149,8 +149,8 @@ def make_tb_tree(parent: Path, dataset: str, *, n_normal: int = 12, n_tb: int = 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The label-table datasets: CheXpert, PadChest, a CSV of one's own (real layouts: real_formats.md, the readers'
-# docstrings). Images are constant (pixel_value(i)) so a build can be checked pixel by pixel.
+# The label-table datasets: CheXpert, PadChest, a CSV of one's own (real layouts: the readers' docstrings). Images
+# are constant (pixel_value(i)) so a build can be checked pixel by pixel.
 
 def write_jpeg(path: Path, value: int, size: int = 32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

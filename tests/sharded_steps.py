@@ -18,11 +18,14 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from metachex_jax import config_lib, distributed, train, train_state  # noqa: E402
-from metachex_jax.data import pipeline  # noqa: E402
+from metachex_jax.configs import pretrain
+from metachex_jax.contract.pixels import PixelContract  # noqa: E402
+from metachex_jax.core import distributed  # noqa: E402
+from metachex_jax.core import sharding
+from metachex_jax.data.input import pipeline  # noqa: E402
 from metachex_jax.main import dump_stacks_on_sigusr1_if_asked  # noqa: E402
 from metachex_jax.models import build_model  # noqa: E402
-from metachex_jax.preprocessing import PixelContract  # noqa: E402
+from metachex_jax.training import train_state
 
 GLOBAL_BATCH, STEPS, SIZE = 16, 2, 32
 
@@ -43,7 +46,7 @@ def main():
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
-    config = config_lib.pretrain_config(f"arch=densenet_tiny,res={SIZE}", multitask=True)
+    config = pretrain.get_config(f"arch=densenet_tiny,res={SIZE}")
     model = build_model(config.model, nnx.Rngs(0))
     # Plain SGD: Adam divides by sqrt(v), which turns the last-bit noise of a near-zero gradient into a full
     # lr-sized step of either sign, hiding what this checks (the sharded forward/backward and synchronised BN).
@@ -59,7 +62,7 @@ def main():
     losses = []
     for step in range(STEPS):
         local = {k: v[i * per_process:(i + 1) * per_process] for k, v in global_batch(step).items()}
-        state, metrics = step_fn(state, train.to_global(local, data_sharding))
+        state, metrics = step_fn(state, sharding.to_global(local, data_sharding))
         losses.append(float(metrics["loss"]))
     leaves = [np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats))]
     if i == 0:

@@ -12,9 +12,10 @@ import tensorflow_datasets as tfds
 
 import subprocesses
 from data_fixtures import make_nih_tree, make_tb_tree, write_gray_png_with_trns
-from metachex_jax.data import builders, nih, tb
-from metachex_jax.data.raw_common import RawDataError
-from metachex_jax.data.build import build_dataset
+from metachex_jax.data.build import builders
+from metachex_jax.data.build.build import build_dataset
+from metachex_jax.data.raw import nih, tb
+from metachex_jax.data.raw.common import RawDataError
 
 RESOLUTION = 16  # from 32 px raw images
 WORKERS = 2
@@ -67,8 +68,8 @@ def test_chestxray14_label_counts_are_stored_and_read_once(nih_build, caplog, tm
     record, with a warning saying so."""
     import shutil
 
-    from metachex_jax.data import datasets
-    from metachex_jax.labels import PATHOLOGIES
+    from metachex_jax.core.labels import PATHOLOGIES
+    from metachex_jax.data.input import datasets
 
     _, out_dir, result = nih_build
     stored = builders.read_label_counts(out_dir, "chestxray14", result.config_name)
@@ -244,8 +245,8 @@ def test_a_file_that_decodes_to_what_no_record_holds_is_that_files_problem(tmp_p
     by the build and by `verify_raw` alike; on main the build died in TFDS's encoder. Real: a gray PNG with a tRNS
     chunk (gray + alpha on main; read as gray by a fixed reader, then simply built). Simulated, to keep the check
     tested whatever the reader does: the reader returns two channels for one named file."""
-    from metachex_jax.data import build as build_lib
-    from metachex_jax.data import images
+    from metachex_jax.data.build import build as build_lib
+    from metachex_jax.imaging import images
 
     tree = make_tb_tree(tmp_path / "raw", "shenzhen")
     ids = sorted(tree.values)
@@ -293,7 +294,7 @@ def test_tb_skip_bad_reports_disagreements_and_flags(tmp_path):
 
 KILL_SCRIPT = """
 import os, signal, sys
-from metachex_jax.data import builders
+from metachex_jax.data.build import builders
 import tensorflow_datasets as tfds
 
 class KilledMidway(builders.Shenzhen, skip_registration=True):
@@ -311,7 +312,7 @@ if __name__ == "__main__":
 
 CONCURRENT_SCRIPT = """
 import sys
-from metachex_jax.data.build import build_dataset
+from metachex_jax.data.build.build import build_dataset
 if __name__ == "__main__":
     result = build_dataset("montgomery", sys.argv[1], sys.argv[2], resolution=16, num_workers=1, progress=False)
     print("REUSED" if result.reused else "BUILT", result.report["split_sizes"])

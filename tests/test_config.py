@@ -6,7 +6,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from metachex_jax import config_lib, distributed
+from metachex_jax.configs import config_lib
+from metachex_jax.core import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,6 @@
-"""Config validation (config_lib.validate): every rule, the combinations that cannot work, every problem in one
-message, and `python -m metachex_jax.main` exiting 2 without a traceback on user errors (before any work)."""
+"""Config validation (config_lib.validate, then the data preflight): every rule, the combinations that cannot work,
+every problem in one message, and `python -m metachex_jax.main` exiting 2 without a traceback on user errors
+(before any work)."""
 
 from __future__ import annotations
 
@@ -7,24 +8,29 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from absl.testing import flagsaver
 
 import subprocesses
-from metachex_jax import config_lib, errors
+from metachex_jax import main
+from metachex_jax.configs import chexnet, config_lib
+from metachex_jax.configs import pretrain as pretrain_recipe
+from metachex_jax.configs import transfer as transfer_recipe
+from metachex_jax.core import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pretrain(arg="demo", **overrides):
-    config = config_lib.pretrain_config(arg, multitask=True)
+    config = pretrain_recipe.get_config(arg)
     config.update_from_flattened_dict(overrides)
     return config
 
 
 def transfer(arg="demo", **overrides):
     """A transfer config comparing the demo's baselines (no init_from, so no deployable model)."""
-    config = config_lib.transfer_config(arg)
+    config = transfer_recipe.get_config(arg)
     config.baselines_only = True
     config.update_from_flattened_dict(overrides)
     return config
@@ -33,14 +39,17 @@ def transfer(arg="demo", **overrides):
 def test_every_config_file_is_valid_as_shipped(tmp_path):
     init = f"init={tmp_path}"  # the transfer configs need the weights under study: any existing path passes here
     for config in (pretrain(), pretrain("runlocal,arch=densenet_tiny,res=32,demo"),
-                   config_lib.pretrain_config("demo", multitask=False), config_lib.transfer_config(f"demo,{init}"),
-                   config_lib.transfer_config(f"demo,methods=probe,{init}"),
-                   config_lib.transfer_config(f"demo,methods=finetune,{init}"), transfer()):
-        assert config_lib.problems(config) == []
-    # Real-data configs are valid but for the data, which is not prepared here.
+                   chexnet.get_config("demo"), transfer_recipe.get_config(f"demo,{init}"),
+                   transfer_recipe.get_config(f"demo,methods=probe,{init}"),
+                   transfer_recipe.get_config(f"demo,methods=finetune,{init}"), transfer()):
+        main.check(config)  # neither a rule nor the data preflight finds a problem
+    # Real-data configs are valid but for the data, which is not prepared here: the data preflight says so.
     for config in (pretrain("", **{"data.data_dir": str(tmp_path)}),
                    transfer("", **{"data.data_dir": str(tmp_path)})):
-        [problem] = config_lib.problems(config)
+        assert config_lib.problems(config) == []
+        with pytest.raises(errors.ConfigError) as found:
+            main.check(config)
+        [problem] = found.value.problems
         assert "not found in" in problem and "python -m metachex_jax.prepare" in problem
 
 
@@ -215,12 +224,13 @@ def test_every_problem_in_one_error():
         assert fragment in message
 
 
-def test_a_rule_is_one_line_next_to_its_default():
-    """How other sections add fields: (default, rule); the rule applies wherever the section appears."""
-    c = config_lib.section("toy", checks=(lambda s: [(("low", "high"), "low > high")] if s.low > s.high else [],),
-                           low=(1, config_lib.integer(min=0)), high=(2, config_lib.integer(min=0)),
-                           group=dict(mode=("a", config_lib.one_of("a", "b"))))
-    assert (c.low, c.high, c.group.mode) == (1, 2, "a")
+def test_a_rule_is_one_line_per_field_keyed_by_section():
+    """How sections get their rules: field=RULE under the section's name (the defaults are the recipes'); the
+    rules apply wherever the section appears."""
+    config_lib.rules("toy", checks=(lambda s: [(("low", "high"), "low > high")] if s.low > s.high else [],),
+                     low=config_lib.integer(min=0), high=config_lib.integer(min=0),
+                     group=dict(mode=config_lib.one_of("a", "b")))
+    c = ml_collections.ConfigDict(dict(low=1, high=2, group=dict(mode="a")))
     assert config_lib.boolean(1) == "must be True or False"  # (ConfigDict's type checks stop 1 for a bool)
     assert config_lib._section_problems(c, "toy", "", set()) == []
     c.low, c.group.mode = 3, "c"
@@ -277,8 +287,6 @@ def test_main_usage_errors_exit_2_without_a_traceback(tmp_path):
 
 
 def test_user_errors_found_during_the_run_exit_2_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
-    from metachex_jax import main
-
     def fails_with(error):
         def run(config, workdir):
             raise error

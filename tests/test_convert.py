@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from metachex_jax import convert, convert_torchvision
-from metachex_jax.convert import (CheckpointReadError, StateDictMismatchError, abstract_densenet, convert_state_dict,
-                                  infer_spec, load_backbone, load_torchvision_densenet, save_backbone,
-                                  to_torchvision_state_dict)
+from metachex_jax import convert_torchvision
+from metachex_jax.interop import convert
+from metachex_jax.interop.convert import (CheckpointReadError, StateDictMismatchError, abstract_densenet,
+                                          convert_state_dict, infer_spec, load_backbone, load_torchvision_densenet,
+                                          save_backbone, to_torchvision_state_dict)
 from metachex_jax.models import SPECS, DenseNet, DenseNetSpec, MetaChexNet
 
 TINY = SPECS["densenet_tiny"]

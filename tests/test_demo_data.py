@@ -14,8 +14,11 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from metachex_jax import demo_data
-from metachex_jax.labels import NO_FINDING, PATHOLOGIES
+from metachex_jax.configs import pretrain
+from metachex_jax.core.labels import NO_FINDING, PATHOLOGIES
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.demo import records as demo_records
+from metachex_jax.demo import render, write
 
 SMALL = dict(num_nih=80, num_shenzhen=20, num_montgomery=9, size=40, num_workers=1)
 REAL_HEADER = (
@@ -27,7 +30,7 @@ REAL_HEADER = (
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    result = demo_data.write_demo_data(out, seed=0, **SMALL)
+    result = write.write_demo_data(out, seed=0, **SMALL)
     return out, result
 
 
@@ -116,7 +119,7 @@ def test_every_label_has_positives_in_both_splits(tree):
 
 
 def test_default_sizes_give_every_label_enough_test_positives():
-    records = demo_data.sample_nih_records(seed=0, num_images=2000)  # metadata only, no images
+    records = demo_records.sample_nih_records(seed=0, num_images=2000)  # metadata only, no images
     test = [r for r in records if r.test]
     assert 0.2 < len(test) / len(records) < 0.26
     for name in PATHOLOGIES:
@@ -188,7 +191,7 @@ def test_readme_and_marker(tree):
     readme = (root / "README_SYNTHETIC.txt").read_text()
     assert "SYNTHETIC" in readme and "--seed=0" in readme and "Cardiomegaly" in readme
     assert result["reused"] is False and result["chestxray14_dir"] == str(root / "ChestX-ray14")
-    assert (root / demo_data.MARKER_NAME).is_file()
+    assert (root / write.MARKER_NAME).is_file()
 
 
 # ---------------------------------------------------------------- determinism and tree safety
@@ -197,8 +200,8 @@ def test_readme_and_marker(tree):
 def test_same_seed_same_bytes_different_seed_differs(tree, tmp_path):
     root, _ = tree
     params = dict(SMALL, num_workers=2)  # a process pool must not change a byte
-    demo_data.write_demo_data(tmp_path / "again", seed=0, **params)
-    demo_data.write_demo_data(tmp_path / "other", seed=1, **params)
+    write.write_demo_data(tmp_path / "again", seed=0, **params)
+    write.write_demo_data(tmp_path / "other", seed=1, **params)
     reference = _tree_digest(root)
     assert _tree_digest(tmp_path / "again") == reference
     other = _tree_digest(tmp_path / "other")
@@ -211,35 +214,35 @@ def test_same_seed_same_bytes_different_seed_differs(tree, tmp_path):
 def test_reuses_complete_tree_and_refuses_foreign_folders(tmp_path):
     params = dict(num_nih=20, num_shenzhen=2, num_montgomery=2, size=32, num_workers=1)
     out = tmp_path / "demo"
-    first = demo_data.write_demo_data(out, **params)
+    first = write.write_demo_data(out, **params)
     csv_path = out / "ChestX-ray14" / "Data_Entry_2017_v2020.csv"
     stamp = csv_path.stat().st_mtime_ns
-    again = demo_data.write_demo_data(out, **params)
+    again = write.write_demo_data(out, **params)
     assert again["reused"] and csv_path.stat().st_mtime_ns == stamp
     assert {k: v for k, v in again.items() if k not in ("reused", "seconds")} == {
         k: v for k, v in first.items() if k not in ("reused", "seconds")
     }
     # Other parameters: the tree is rebuilt and swapped in; no staging folders are left behind.
-    bigger = demo_data.write_demo_data(out, **dict(params, num_nih=24))
+    bigger = write.write_demo_data(out, **dict(params, num_nih=24))
     assert not bigger["reused"] and len(_nih_rows(out)[1]) == 24
     assert sorted(os.listdir(tmp_path)) == ["demo"]
     # A demo tree holding someone else's files is not replaced.
     (out / "my_results").mkdir()
     with pytest.raises(FileExistsError, match="my_results"):
-        demo_data.write_demo_data(out, **dict(params, seed=3))
+        write.write_demo_data(out, **dict(params, seed=3))
     assert (out / "my_results").is_dir()
     # A non-empty folder that is not a complete demo tree (e.g. an interrupted copy) is refused, by name.
     foreign = tmp_path / "foreign"
     (foreign / "ChestX-ray14").mkdir(parents=True)
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=r"ChestX-ray14, notes\.txt"):
-        demo_data.write_demo_data(foreign, **params)
+        write.write_demo_data(foreign, **params)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
 def test_invalid_parameters_are_all_named(tmp_path):
     with pytest.raises(ValueError) as error:
-        demo_data.write_demo_data(tmp_path / "x", seed=-1, num_nih=3, num_shenzhen=1, num_montgomery=2, size=8)
+        write.write_demo_data(tmp_path / "x", seed=-1, num_nih=3, num_shenzhen=1, num_montgomery=2, size=8)
     for fragment in ("num_nih=3", "num_shenzhen=1", "size=8", "seed=-1"):
         assert fragment in str(error.value)
     assert not (tmp_path / "x").exists()
@@ -250,15 +253,15 @@ def test_invalid_parameters_are_all_named(tmp_path):
 SIZE = 64
 
 
-def _factors(i: int, **overrides) -> demo_data.ChestFactors:
+def _factors(i: int, **overrides) -> render.ChestFactors:
     """Random sex/age/view (nuisance for the signal under test), with overrides."""
     rng = np.random.default_rng([1234, i])
     values = dict(sex_male=bool(rng.random() < 0.5), age=float(rng.integers(1, 96)), view_ap=bool(rng.random() < 0.4))
-    return demo_data.ChestFactors(**(values | overrides))
+    return render.ChestFactors(**(values | overrides))
 
 
 def _render(i: int, factors, shape=(SIZE, SIZE)) -> np.ndarray:
-    return demo_data.render_chest(demo_data.image_key(0, "chestxray14", i), shape, factors)["image"]
+    return render.render_chest(render.image_key(0, "chestxray14", i), shape, factors)["image"]
 
 
 def _box_mean(image, v0, v1, u0, u1):
@@ -287,16 +290,16 @@ def test_boxes_hold_where_each_boxed_finding_changed_the_image():
     """A box per boxed finding: most of the change the finding makes to the pixels lies inside its box.
 
     Atelectasis also raises the hemidiaphragm (volume loss); its box, like a real one, holds the collapsed band."""
-    for name in demo_data.BOX_FINDINGS:
+    for name in render.BOX_FINDINGS:
         for i in range(3):
-            with_finding = demo_data.render_chest(demo_data.image_key(0, "chestxray14", i), (SIZE, SIZE),
+            with_finding = render.render_chest(render.image_key(0, "chestxray14", i), (SIZE, SIZE),
                                                   _factors(i, findings=frozenset([name])))
             change = np.abs(with_finding["image"] - _render(i, _factors(i)))
             x, y, w, h = with_finding["boxes"][name]
             assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE and w * h < 0.6 * SIZE * SIZE, name
             inside = change[y:y + h, x:x + w].sum() / change.sum()
             assert inside > (0.4 if name == "Atelectasis" else 0.9), (name, i, inside)
-    plain = demo_data.render_chest(demo_data.image_key(0, "chestxray14", 0), (SIZE, SIZE),
+    plain = render.render_chest(render.image_key(0, "chestxray14", 0), (SIZE, SIZE),
                                    _factors(0, findings=frozenset(["Emphysema"])))
     assert plain["boxes"] == {}  # only the eight boxed findings of the real list get boxes
 
@@ -367,7 +370,7 @@ def test_age_sets_rib_contrast():
 
 
 def test_the_project_readers_load_the_tree_without_problems(tree):
-    from metachex_jax.data import nih, tb
+    from metachex_jax.data.raw import nih, tb
 
     root, result = tree
     raw = nih.load_nih(root / "ChestX-ray14")
@@ -382,11 +385,8 @@ def test_the_project_readers_load_the_tree_without_problems(tree):
 
 def test_readme_commands_name_the_demo_tree_the_demo_config_writes():
     """The README's predict example points into the demo tree; its folder name carries the generator version."""
-    from metachex_jax import config_lib
-    from metachex_jax.data.datasets import demo_root
-
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")).read()
-    config = config_lib.pretrain_config("demo", multitask=True)
-    assert f"DEMO={demo_root(config)}/raw/ChestX-ray14\n" in readme
+    demo_root = DataSpec.from_config(pretrain.get_config("demo")).demo.root
+    assert f"DEMO={demo_root}/raw/ChestX-ray14\n" in readme
     named = set(re.findall(r"~/\.cache/metachex_jax/demo/v\w+", readme))  # every command naming a demo tree
-    assert named == {demo_root(config)}, named
+    assert named == {demo_root}, named

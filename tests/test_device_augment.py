@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from metachex_jax.data import device_augment, pipeline
-from metachex_jax.data.augment import NUM_UNIFORMS, Augmentation, augment_with
+from metachex_jax.data.input import device_augment, pipeline
+from metachex_jax.data.input.augment import NUM_UNIFORMS, Augmentation, augment_with
 
 STORED, SIZE, BATCH = 40, 32, 12
 AFFINE = Augmentation(rotation_degrees=10, scale_range=(0.9, 1.1), translate_fraction=0.05)

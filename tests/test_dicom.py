@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, MPEG2MPML, RLELossless,
+from pydicom.uid import (MPEG2MPML, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless,
                          generate_uid)
 
-from metachex_jax.data import dicom, images
+from metachex_jax.imaging import dicom, images
 
 RNG = np.random.default_rng(0)
 

@@ -14,15 +14,17 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-
-from metachex_jax import distributed, evaluate, files, metrics, prepare, reports
-from metachex_jax.data import builders
-from metachex_jax.data.build import build_dataset
-from metachex_jax.metric_writer import MetricWriter
-from metachex_jax.preprocessing import PixelContract
-from metachex_jax.transfer import plot, weights
 from test_metrics import multitask_predictions
 from test_reports import assert_same_arrays
+
+from metachex_jax import prepare
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import distributed, files
+from metachex_jax.data.build import builders
+from metachex_jax.data.build.build import build_dataset
+from metachex_jax.evaluation import evaluate, metrics, reports
+from metachex_jax.training.metric_writer import MetricWriter
+from metachex_jax.transfer import plot, weights
 
 
 def test_paths_local_and_url(tmp_path, monkeypatch):
@@ -90,7 +92,7 @@ def test_metric_writer_gs_uploads_after_flush_secs(fake_gcs):
 
 
 def test_metric_writer_gs_survives_a_failed_upload_and_retries(fake_gcs, monkeypatch):
-    from metachex_jax import metric_writer
+    from metachex_jax.training import metric_writer
 
     jsonl = fake_gcs.local(fake_gcs.url + "/run/metrics.jsonl")
     writer = MetricWriter(fake_gcs.url + "/run", enabled=True, flush_secs=0)

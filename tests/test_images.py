@@ -12,9 +12,9 @@ import numpy as np
 import png
 import pytest
 from PIL import Image, ImageFile, ImageOps
-
-from metachex_jax.data import file_formats, images, resize
 from test_dicom import make_dataset, write
+
+from metachex_jax.imaging import file_formats, images, resize
 
 RNG = np.random.default_rng(0)
 RESOLUTIONS = (73, 224, 256, 320)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_fixtures import (CHEXPERT_OBSERVATIONS, make_chexpert_tree, make_csv_tree, make_padchest_tree,
-                           pixel_value, write_png)
+from data_fixtures import (CHEXPERT_OBSERVATIONS, make_chexpert_tree, make_csv_tree, make_padchest_tree, pixel_value,
+                           write_png)
 from metachex_jax import prepare
-from metachex_jax.data import build, builders, chexpert, labelled, padchest, registry
-from metachex_jax.data.raw_common import RawDataError
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.build import build, builders, registry
+from metachex_jax.data.raw import chexpert, labelled, padchest
+from metachex_jax.data.raw.common import RawDataError
 
 RESOLUTION = 16
 

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 from sklearn.metrics import log_loss
 
-from metachex_jax import config_lib, losses
+from metachex_jax.configs import chexnet, pretrain
 from metachex_jax.models import MetaChexNet
+from metachex_jax.training import losses
 
 AGE_MEAN, AGE_STD = 47.0, 17.0
 
@@ -36,7 +37,7 @@ def _outputs(n=6, seed=1):
 
 
 def _loss(outputs, batch, cfg=None, **kw):
-    cfg = cfg or config_lib.loss_config()
+    cfg = cfg or pretrain.get_config().loss
     return losses.multitask_loss(outputs, batch, cfg, age_mean=AGE_MEAN, age_std=AGE_STD, **kw)
 
 
@@ -54,7 +55,7 @@ def test_terms_match_independent_formulas():
 
 
 def test_huber_matches_optax_and_weights_apply():
-    cfg = config_lib.loss_config()
+    cfg = pretrain.get_config().loss
     cfg.age_loss, cfg.huber_delta = "huber", 0.5
     cfg.weights.metadata, cfg.weights.age = 0.25, 2.0
     out, batch = _outputs(), _batch()
@@ -137,6 +138,6 @@ def test_masked_age_leaves_model_gradients_unchanged():
 
 
 def test_no_terms_is_an_error():
-    cfg = config_lib.loss_config(multitask=False)
+    cfg = chexnet.get_config().loss
     with pytest.raises(ValueError, match="no terms"):
         _loss({"age_z": jnp.zeros(6)}, _batch(), cfg)

@@ -7,8 +7,8 @@ import pytest
 import scipy.stats
 from sklearn import metrics as skm
 
-from metachex_jax import metrics
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.evaluation import metrics
 
 
 def binary_case(rng, n, n_levels=None, dtype=np.float64):
@@ -602,7 +602,7 @@ def test_clustered_auc_test_needs_two_clusters_of_each_class():
 def test_clustered_test_holds_its_level_where_delong_does_not():
     """1,000 null data sets of 200 patients with 1-4 images each (equal true AUROC 0.8, within-patient score
     correlation 0.5, between-model 0.6): the clustered test rejects about 5% at 0.05, plain DeLong far more."""
-    from metachex_jax import auc_test_level
+    from metachex_jax.evaluation import auc_test_level
 
     # The generator has the stated properties (checked with scikit-learn and numpy on pooled data sets).
     rng = np.random.default_rng(99)

@@ -11,9 +11,21 @@ import pytest
 
 import subprocesses
 from data_fixtures import make_nih_tree, make_tb_tree
-from metachex_jax import config_lib, errors
-from metachex_jax.data import datasets
+from metachex_jax import main
+from metachex_jax.configs import pretrain, transfer
+from metachex_jax.core import errors
+from metachex_jax.data.input import datasets
+from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.transfer import sets as sets_lib
+
+
+def problems(config) -> list[str]:
+    """What `python -m metachex_jax.main` reports before any work: the config's rules, then the data preflight."""
+    try:
+        main.check(config)
+    except errors.ConfigError as e:
+        return e.problems
+    return []
 
 
 def printed_commands(message: str) -> list[str]:
@@ -31,20 +43,20 @@ def run_printed(command: str, raw_dir) -> None:
 
 def test_pretraining_message_prepares_exactly_the_build_the_run_reads(tmp_path):
     tree = make_nih_tree(tmp_path / "raw" / "ChestX-ray14", n_patients=12)
-    config = config_lib.pretrain_config("arch=densenet_tiny,res=24", multitask=True)  # stored resolution 27
+    config = pretrain.get_config("arch=densenet_tiny,res=24")  # stored resolution 27
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.val_fraction, config.data.val_seed = 0.25, 3
-    [message] = config_lib.problems(config)
+    [message] = problems(config)
     with pytest.raises(errors.MissingDataError) as raised:  # the run's own lookup says the same
-        datasets.chestxray14_splits(config)
+        datasets.chestxray14_splits(DataSpec.from_config(config))
     assert printed_commands(str(raised.value)) == printed_commands(message)
     assert "chestxray14/r27_val0p25_seed3 not found" in message and "RAW_DIR = the folder holding Data_Entry" in message
     [command] = printed_commands(message)
     assert command == (f"python -m metachex_jax.prepare --dataset=chestxray14 --manual_dir=RAW_DIR "
                        f"--data_dir={tmp_path / 'tfds'} --resolution=27 --val_fraction=0.25 --seed=3")
     run_printed(command, tree.root)
-    assert config_lib.problems(config) == []
-    splits = datasets.chestxray14_splits(config)
+    assert problems(config) == []
+    splits = datasets.chestxray14_splits(DataSpec.from_config(config))
     assert sum(len(s) for s in splits.values()) == len(tree.rows)
     assert splits["train"][0]["image"].shape == (27, 27, 1)
 
@@ -54,11 +66,11 @@ def test_transfer_message_prepares_both_tb_sets_and_random_bns_chestxray14(tmp_p
     make_tb_tree(raw, "shenzhen")
     make_tb_tree(raw, "montgomery")
     make_nih_tree(raw / "ChestX-ray14", n_patients=12)
-    config = config_lib.transfer_config("arch=densenet_tiny,res=24,methods=probe")
+    config = transfer.get_config("arch=densenet_tiny,res=24,methods=probe")
     config.update_from_flattened_dict({"data.data_dir": str(tmp_path / "tfds"), "data.num_folds": 3,
                                        "data.fold_seed": 1, "data.val_fraction": 0.2, "baselines_only": True,
                                        "compare_with": "random,random_bn"})
-    tb_message, nih_message = config_lib.problems(config)
+    tb_message, nih_message = problems(config)
     assert "montgomery/r27_k3_seed1, shenzhen/r27_k3_seed1 not found" in tb_message
     assert "--config.data.manual_dir=RAW_DIR" in tb_message  # TB sets can be prepared at the start of the run
     assert nih_message.startswith("compare_with names random_bn") and "--config.data.manual_dir" not in nih_message
@@ -67,21 +79,21 @@ def test_transfer_message_prepares_both_tb_sets_and_random_bns_chestxray14(tmp_p
     assert all("--resolution=27 --num_folds=3 --seed=1" in c for c in commands[:2])
     assert commands[2].endswith("--resolution=27 --val_fraction=0.2 --seed=0")
     with pytest.raises(errors.MissingDataError) as raised:  # the run's own lookup says the same
-        sets_lib.tb_transfer_sets(config)
+        sets_lib.tb_transfer_sets(DataSpec.from_config(config))
     assert printed_commands(str(raised.value)) == commands[:2]
     for command in commands:
         run_printed(command, raw)
-    assert config_lib.problems(config) == []
-    sets = sets_lib.tb_transfer_sets(config)
+    assert problems(config) == []
+    sets = sets_lib.tb_transfer_sets(DataSpec.from_config(config))
     assert {len(s) for s in sets.values()} == {22} and set(sets["shenzhen"].fold) == {0, 1, 2}
-    nih_train = datasets.chestxray14_splits(config)["train"]  # what random_bn reads
+    nih_train = datasets.chestxray14_splits(DataSpec.from_config(config))["train"]  # what random_bn reads
     assert len(nih_train) > 0
 
 
 def test_a_bucket_data_dir_gets_a_local_prepare_and_a_copy(fake_gcs):
-    config = config_lib.pretrain_config("", multitask=True)
+    config = pretrain.get_config("")
     config.data.data_dir = fake_gcs.url + "/tfds"
-    [message] = config_lib.problems(config)
+    [message] = problems(config)
     assert (f"--data_dir=LOCAL_DIR --resolution=256 --val_fraction=0.1 --seed=0\n"
             f"  gcloud storage cp -r LOCAL_DIR/chestxray14/r256 {fake_gcs.url}/tfds/chestxray14/") in message
     assert "--config.data.manual_dir" not in message  # a run cannot prepare into a bucket either

@@ -13,10 +13,16 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_fixtures import make_chexpert_tree, make_csv_tree, make_nih_tree, make_padchest_tree
-from metachex_jax import checkpointing, config_lib, export, reports, train
-from metachex_jax.data import build, mixture, pipeline
-from metachex_jax.data.augment import Augmentation
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax import export
+from metachex_jax import reports as reports_command
+from metachex_jax.configs import pretrain
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.build import build
+from metachex_jax.data.input import mixture, pipeline
+from metachex_jax.data.input.augment import Augmentation
+from metachex_jax.evaluation import reports
+from metachex_jax.models import runs
+from metachex_jax.training import trainer
 
 EXTRAS = ("No Finding", "Tuberculosis", "Lung Opacity")
 # Where each label of the space comes from in each dataset (written out here, independently of mixture.py).
@@ -108,7 +114,7 @@ def test_label_space_and_mixture_parsing():
 
 
 def test_trainer_on_a_mixture_evaluates_each_dataset_on_its_labels(tmp_path):
-    c = config_lib.pretrain_config("demo,arch=densenet_tiny,res=32,datasets=chestxray14+csv:0.5", multitask=True)
+    c = pretrain.get_config("demo,arch=densenet_tiny,res=32,datasets=chestxray14+csv:0.5")
     c.demo_dir = str(tmp_path / "demo")
     c.demo_data.update(num_nih=96, num_shenzhen=2, num_montgomery=2, num_hospital=60, size=64)
     c.data.extra_labels = "Tuberculosis"
@@ -117,7 +123,7 @@ def test_trainer_on_a_mixture_evaluates_each_dataset_on_its_labels(tmp_path):
     c.optim.schedule, c.optim.warmup_steps = "plateau", 0
     assert c.optim.plateau_on == "mean_auroc"
     workdir = tmp_path / "run"
-    final = train.train_and_evaluate(c, str(workdir))
+    final = trainer.train_and_evaluate(c, str(workdir))
     space = PATHOLOGIES + ("Tuberculosis",)
 
     files = set(os.listdir(workdir / "eval"))
@@ -138,11 +144,11 @@ def test_trainer_on_a_mixture_evaluates_each_dataset_on_its_labels(tmp_path):
     # The per-image CSV of a mixture's label space recomputes to the same numbers.
     csv_path = workdir / "eval" / f"test_csv_step{final['step']}_predictions.csv"
     assert reports.pathology_names_in(csv_path) == space
-    assert reports.main(["recompute", str(csv_path), "--n_boot=20", "--json", str(tmp_path / "re.json")]) == 0
+    assert reports_command.main(["recompute", str(csv_path), "--n_boot=20", "--json", str(tmp_path / "re.json")]) == 0
     recomputed = json.loads((tmp_path / "re.json").read_text())
     assert recomputed["mean_auroc"]["value"] == pytest.approx(per["csv"]["mean_auroc"]["value"])
     # The checkpoint records the label space, so the model is rebuilt with its 15 named outputs.
-    model, info = checkpointing.load_run_model(str(workdir))
+    model, info = runs.load_run_model(str(workdir))
     assert model.pathology_names() == space and info["config"]["data"]["datasets"] == "chestxray14,csv:0.5"
     lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
     assert any("val/csv/mean_auroc" in x and "val/chestxray14/mean_auroc" in x for x in lines)

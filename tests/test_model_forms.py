@@ -7,12 +7,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from metachex_jax import config_lib, convert, train_state
-from metachex_jax.data import pipeline
-from metachex_jax.models import (SPECS, DenseNet, batch_norms, build_model, convert_layout, count_params, ops,
+from metachex_jax.configs import chexnet, pretrain
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import sharding
+from metachex_jax.data.input import pipeline
+from metachex_jax.interop import convert
+from metachex_jax.models import (SPECS, DenseNet, batch_norms, build_model, convert_layout, count_params, ops, runs,
                                  set_block_options)
 from metachex_jax.models.densenet import StackedBatchNorm
-from metachex_jax.preprocessing import PixelContract
+from metachex_jax.training import train_state
 
 TINY = SPECS["densenet_tiny"]
 FORMS = {"unrolled": {}, "scanned": {"scan_layers": True}, "remat": {"remat": True},
@@ -150,8 +153,8 @@ def test_train_state_converts_between_forms_mid_training():
     """Two real trainer steps (float32) in the scanned form, the whole state (weights, statistics, momentum)
     converted to the unrolled form, one more step in each: the same result. (SGD with momentum: Adam would
     magnify float32 rounding of near-zero gradients into whole steps; its moments convert in the next test.)"""
-    config = config_lib.model_config("densenet_tiny", multitask=True)
-    loss_config = config_lib.loss_config(multitask=True)
+    config = pretrain.model("densenet_tiny")
+    loss_config = pretrain.get_config().loss
     tx = optax.sgd(0.1, momentum=0.9)
     states, graphdefs = {}, {}
     for scan in (True, False):
@@ -178,15 +181,15 @@ def test_train_state_converts_between_forms_mid_training():
 
 def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
     """A checkpoint written by a scanned run restores into an unrolled run (and back), converted exactly: what
-    `train.restore_latest` does when config.model.scan_layers changed between runs of one workdir."""
+    `trainer.restore_latest` does when config.model.scan_layers changed between runs of one workdir."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from metachex_jax import checkpointing, train
+    from metachex_jax.training import checkpointing, trainer
 
-    config = config_lib.pretrain_config("arch=densenet_tiny,res=32", multitask=False)
+    config = chexnet.get_config("arch=densenet_tiny,res=32")
     tx = optax.adam(1e-2)
-    replicated = NamedSharding(train.make_mesh(), P())
+    replicated = NamedSharding(sharding.make_mesh(), P())
     states = {}
     for choice in ("yes", "no"):
         config.model.scan_layers = choice
@@ -197,23 +200,23 @@ def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
     scanned_graphdef = train_state.create(build_model(config.model, nnx.Rngs(1)), tx)[0]
     trained, _ = jax.jit(train_state.make_train_step(scanned_graphdef, tx, config.loss, jnp.float32,
                                                      contract=PixelContract.from_config(config)))(states["yes"], batch)
-    manager = checkpointing.make_manager(str(tmp_path / "checkpoints"), keep=2, async_save=False)
+    manager = runs.make_manager(str(tmp_path / "checkpoints"), keep=2, async_save=False)
     checkpointing.save(manager, 1, trained, None, {"config": config.to_dict()})
     manager.wait_until_finished()
-    assert checkpointing.scanned_layout(manager) is True
+    assert runs.scanned_layout(manager) is True
     config.model.scan_layers = "no"
-    step, restored, _ = train.restore_latest(manager, config, tx, states["no"], replicated)
+    step, restored, _ = trainer.restore_latest(manager, config, tx, states["no"], replicated)
     assert step == 1 and jax.tree.structure(restored) == jax.tree.structure(states["no"])
     _assert_trees_equal(restored, train_state.convert_layout(trained, states["no"], TINY, scan_layers=False))
     model = train_state.model_of(graphdef, restored)
     assert model.backbone.blocks[0].layers is not None
     manager.close()
     # Evaluation and transfer read the same checkpoint: the run's saved config says "yes", a transfer config "no".
-    run_model, info = checkpointing.load_run_model(str(tmp_path), "latest")
+    run_model, info = runs.load_run_model(str(tmp_path), "latest")
     assert run_model.backbone.blocks[0].scan_layers and info["step"] == 1
     from metachex_jax.transfer import weights
 
-    transfer_model = config_lib.model_config("densenet_tiny", multitask=False)
+    transfer_model = chexnet.get_config("arch=densenet_tiny").model
     transfer_model.scan_layers = "no"
     start = weights.load_start(str(tmp_path), transfer_model, seed=0, step="latest",
                                contract=PixelContract.from_config(config))
@@ -225,7 +228,7 @@ def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
 def test_transfer_starts_and_batchnorm_calibration_follow_the_configs_form():
     from metachex_jax.transfer import weights
 
-    config = config_lib.model_config("densenet_tiny", multitask=True)
+    config = pretrain.model("densenet_tiny")
     contract = PixelContract(32, 36, "imagenet", "resize_crop")
     config.scan_layers, config.remat = "yes", True
     scanned = weights.load_start("random", config, seed=0, contract=contract)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from metachex_jax import config_lib
+from metachex_jax.configs import chexnet, pretrain
 from metachex_jax.models import SPECS, DenseNet, DenseNet121, MetaChexNet, build_model, count_params
 from metachex_jax.models.densenet import conv_init
 
@@ -77,14 +77,14 @@ def test_torchvision_initialisation_statistics_and_determinism():
 
 def test_metachexnet_heads_from_config():
     rngs = nnx.Rngs(0)
-    multi = build_model(config_lib.model_config("densenet_tiny", multitask=True), rngs)
+    multi = build_model(pretrain.model("densenet_tiny"), rngs)
     out = multi(_tiny_batch())
     assert set(out) == {"pathology", "metadata", "age_z", "age"}
     assert out["pathology"].shape == (4, 14) and out["metadata"].shape == (4, 2) and out["age"].shape == (4,)
     np.testing.assert_allclose(out["age"], multi.age_mean + multi.age_std * out["age_z"], rtol=1e-6)
-    chexnet = build_model(config_lib.model_config("densenet_tiny", multitask=False), rngs)
-    assert set(chexnet(_tiny_batch())) == {"pathology"}
-    assert chexnet.metadata_head is None and chexnet.age_out is None
+    baseline = build_model(chexnet.get_config("arch=densenet_tiny").model, rngs)
+    assert set(baseline(_tiny_batch())) == {"pathology"}
+    assert baseline.metadata_head is None and baseline.age_out is None
     assert multi.features(_tiny_batch()).shape == (4, multi.num_features)
 
 

@@ -23,12 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from test_train import ARG, REPO, logged_losses, overrides_as_flags, tiny_config
 
 import subprocesses
-from metachex_jax import checkpointing, optim, reports, train_state
-from metachex_jax.data import datasets, pipeline
-from metachex_jax.models import build_model
-from test_train import ARG, REPO, logged_losses, overrides_as_flags, tiny_config
+from metachex_jax.data.input import datasets, pipeline
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.evaluation import reports
+from metachex_jax.models import build_model, runs
+from metachex_jax.training import checkpointing, optim, train_state
 
 LAUNCHER = os.path.join(REPO, "launch", "multinode.sh")
 NUM_PROCESSES = 2
@@ -139,7 +141,7 @@ def test_two_processes_train_evaluate_log_once_and_checkpoint(two_process_run, d
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
     assert "step 6/6" in output(workdir, 0) and "step 6/6" not in output(workdir, 1)
     # Each host evaluated its own shard; gathered, every test image appears exactly once.
-    test_split = datasets.chestxray14_splits(tiny_config(demo_dir))["test"]
+    test_split = datasets.chestxray14_splits(DataSpec.from_config(tiny_config(demo_dir)))["test"]
     cols = reports.read_predictions_csv(workdir / "eval" / "test_step6_predictions.csv")
     assert sorted(cols["index"].tolist()) == list(range(len(test_split)))
     # Checkpoints hold the state once and each host's own input position.
@@ -173,8 +175,8 @@ def test_a_rerun_on_the_compilation_cache_of_the_first_run_completes_bit_identic
     """The same run again, in a fresh workdir, on the compilation cache directory the first run used (the restart
     path of a requeued job): it completes and ends bit-identical to the first. It used to hang at its first step:
     process 0 loaded its compiled steps from the cache while process 1 compiled its own, and on CPU the all-reduce
-    of a loaded executable never meets that of a freshly compiled one (launch/README.md, "Multi-host runs and
-    the compilation cache"). Multi-process CPU runs now go without the cache, and say so."""
+    of a loaded executable never meets that of a freshly compiled one (the docs' Launching page, "Multi-host runs
+    and the compilation cache"). Multi-process CPU runs now go without the cache, and say so."""
     workdir = tmp_path / "rerun"
     finish(start(workdir, demo_dir, cache=f"{two_process_run}.xla"), workdir)
     assert "JAX's persistent compilation cache is off: in a multi-process run on CPU" in output(workdir, 0)
@@ -215,13 +217,13 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_is_bit_id
 
 
 def test_two_process_checkpoint_restores_in_one_process(two_process_run):
-    model, info = checkpointing.load_run_model(str(two_process_run), step="latest")
+    model, info = runs.load_run_model(str(two_process_run), step="latest")
     assert info["step"] == 6 and info["arch"] == "densenet_tiny"
     saved = saved_state(two_process_run, 6)
     _, params, batch_stats = nnx.split(model, nnx.Param, ...)
     restored = {"params": params, "batch_stats": batch_stats}
     for part in ("params", "batch_stats"):
-        expected, got = by_path(checkpointing._unwrap_values(saved[part])), by_path(restored[part].to_pure_dict())
+        expected, got = by_path(runs._unwrap_values(saved[part])), by_path(restored[part].to_pure_dict())
         assert expected.keys() == got.keys() and len(got) > 10
         for name, value in expected.items():
             np.testing.assert_array_equal(got[name], value, err_msg=f"{part}{name}")
@@ -237,8 +239,8 @@ def test_two_process_checkpoint_resumes_training_in_one_process(two_process_run,
     model = build_model(config.model, nnx.Rngs(config.seed))
     _, fresh = train_state.create(model, optim.make_optimizer(config.optim, global_batch, config.max_steps))
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    manager = checkpointing.make_manager(str(two_process_run / "checkpoints"), keep=2, async_save=False)
-    train_split = datasets.chestxray14_splits(config)["train"]
+    manager = runs.make_manager(str(two_process_run / "checkpoints"), keep=2, async_save=False)
+    train_split = datasets.chestxray14_splits(DataSpec.from_config(config))["train"]
     try:
         with pipeline.train_batches(train_split, kind="nih", global_batch_size=config.batch_size_per_device,
                                     image_size=config.data.image_size, seed=config.seed) as batches:
@@ -249,7 +251,7 @@ def test_two_process_checkpoint_resumes_training_in_one_process(two_process_run,
     assert step == 6 and int(state.step) == 6 and meta["best"]["step"] in (3, 6)
     saved = saved_state(two_process_run, 6)
     for part in ("params", "batch_stats"):
-        expected = by_path(checkpointing._unwrap_values(saved[part]))
+        expected = by_path(runs._unwrap_values(saved[part]))
         got = by_path(getattr(state, part).to_pure_dict())
         assert expected.keys() == got.keys() and len(got) > 10
         for name, value in expected.items():

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from data_fixtures import make_nih_tree
-from metachex_jax.data import nih
-from metachex_jax.data.raw_common import RawDataError
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.raw import nih
+from metachex_jax.data.raw.common import RawDataError
 
 
 def all_records(raw):

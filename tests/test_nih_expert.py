@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from metachex_jax import config_lib, evaluate, expert_labels, metrics, reports, train
-from metachex_jax.data import datasets, nih_expert
-from metachex_jax.data.raw_common import RawDataError
-from metachex_jax.inference import Predictor
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax import evaluate
+from metachex_jax.configs import pretrain
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.input import datasets
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.data.raw import nih_expert
+from metachex_jax.data.raw.common import RawDataError
+from metachex_jax.evaluation import expert_labels, metrics, reports
+from metachex_jax.serving.predictor import Predictor
+from metachex_jax.training import trainer
 
 HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
           "OriginalImage[Width, Height],OriginalImagePixelSpacing[x, y],Fracture,Pneumothorax,Airspace opacity,"
@@ -42,13 +47,13 @@ def expert_rows(nih_csv, names: dict[str, str], seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("expert")
-    c = config_lib.pretrain_config("demo,arch=densenet_tiny,res=32", multitask=True)
+    c = pretrain.get_config("demo,arch=densenet_tiny,res=32")
     c.demo_dir = str(base / "demo")
     c.demo_data.update(num_nih=120, num_shenzhen=2, num_montgomery=2, num_hospital=0, size=64)
     c.batch_size_per_device, c.eval_batch_size_per_device, c.num_steps, c.n_boot = 8, 32, 2, 10
     workdir = base / "run"
-    train.train_and_evaluate(c, str(workdir))
-    splits = datasets.chestxray14_splits(c)
+    trainer.train_and_evaluate(c, str(workdir))
+    splits = datasets.chestxray14_splits(DataSpec.from_config(c))
     names = {s: [splits[s][i]["image_name"].decode() for i in range(len(splits[s]))] for s in splits}
     chosen = {n: "test" for n in names["test"][:30]}
     chosen |= {n: "val" for n in names["train"][:10] + names["validation"][:4]}
@@ -97,10 +102,10 @@ def test_expert_scores_exclude_the_runs_training_and_validation_images_and_match
         assert cols["expert"][i, findings.index("Pneumothorax")] == expert[name].labels[1]
     # The scores are the model's outputs: max(Nodule, Mass) for "Nodule or mass", on the centre crops of the build.
     predictor = Predictor.load(str(workdir))
-    c = config_lib.pretrain_config("demo,arch=densenet_tiny,res=32", multitask=True)
+    c = pretrain.get_config("demo,arch=densenet_tiny,res=32")
     c.demo_dir = str(workdir.parent / "demo")
     c.demo_data.update(num_nih=120, num_shenzhen=2, num_montgomery=2, num_hospital=0, size=64)
-    test = datasets.chestxray14_splits(c)["test"]
+    test = datasets.chestxray14_splits(DataSpec.from_config(c))["test"]
     index = {test[i]["image_name"].decode(): i for i in range(len(test))}
     crops = np.stack([predictor.contract.from_stored(test[index[n]]["image"]) for n in cols["image_name"]])
     out = predictor(crops)

@@ -5,11 +5,12 @@ import numpy as np
 import optax
 import pytest
 
-from metachex_jax import config_lib, optim
+from metachex_jax.configs import pretrain
+from metachex_jax.training import optim
 
 
 def test_lr_scaling_rules():
-    c = config_lib.optim_config(lr=1e-3)
+    c = pretrain.optim(lr=1e-3)
     for rule, expected in (("none", 1e-3), ("linear", 4e-3), ("sqrt", 2e-3)):
         c.lr_scaling = rule
         assert optim.scaled_lr(c, global_batch=64) == pytest.approx(expected)  # reference batch 16
@@ -19,7 +20,7 @@ def test_lr_scaling_rules():
 
 
 def test_schedules():
-    c = config_lib.optim_config(lr=1e-3)
+    c = pretrain.optim(lr=1e-3)
     c.lr_scaling, c.warmup_steps = "none", 10
     plateau = optim.lr_schedule(c, 16, 100)
     assert float(plateau(0)) == 0 and float(plateau(5)) == pytest.approx(5e-4)
@@ -45,7 +46,7 @@ def test_plateau_follows_torch_reduce_on_plateau():
 
 
 def test_plateau_scale_scales_the_update_and_lives_in_the_state():
-    c = config_lib.optim_config(lr=1e-2)
+    c = pretrain.optim(lr=1e-2)
     c.lr_scaling = "none"
     tx = optim.make_optimizer(c, 16, 100)
     params = {"w": jnp.ones(3)}
@@ -61,7 +62,7 @@ def test_plateau_scale_scales_the_update_and_lives_in_the_state():
 
 
 def test_adamw_and_clipping_options():
-    c = config_lib.optim_config(lr=1e-2)
+    c = pretrain.optim(lr=1e-2)
     c.weight_decay = 0.1
     with pytest.raises(ValueError, match="adamw"):
         optim.make_optimizer(c, 16, 10)

@@ -9,10 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from metachex_jax.data import pipeline
-from metachex_jax.data.augment import Augmentation, affine_crop, augment, center_crop
 from data_fixtures import PickledArrayRecordSource, write_pickled_array_records
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.input import pipeline
+from metachex_jax.data.input.augment import Augmentation, affine_crop, augment
+from metachex_jax.imaging.geometry import center_crop
 
 STORED = 40   # stored resolution R of the test records
 SIZE = 32     # model resolution S

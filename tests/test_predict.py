@@ -20,9 +20,14 @@ from flax import nnx
 from PIL import Image
 
 from data_fixtures import write_gray_png_with_trns
-from metachex_jax import convert, export, predict, reports, train
-from metachex_jax.inference import ModelError, Predictor
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax import predict
+from metachex_jax.core.errors import ModelError
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.evaluation import pointing_game, reports
+from metachex_jax.interop import convert
+from metachex_jax.serving import export
+from metachex_jax.serving.predictor import Predictor
+from metachex_jax.training import trainer
 from test_transfer_run import ARCH, RES, pretrain_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_dir(tmp_path_factory):
     """The transfer tests' tiny pretraining run (densenet_tiny, 32 px, 3 steps) on its own demo tree."""
     demo_dir, workdir = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(pretrain_config(demo_dir), str(workdir))
+    trainer.train_and_evaluate(pretrain_config(demo_dir), str(workdir))
     (raw,) = list(demo_dir.glob("*/raw"))
     return workdir, raw / "ChestX-ray14"
 
@@ -118,7 +123,7 @@ def test_a_failure_at_any_stage_is_that_files_error_and_the_rest_are_predicted(r
     stage; every other file is predicted exactly as when predicted alone. The stage failures are simulated (the
     stage raises for one marked image); the gray PNG with tRNS is a real file (decoded as gray + alpha on main, where
     it aborted the whole run)."""
-    from metachex_jax.preprocessing import PixelContract
+    from metachex_jax.contract.pixels import PixelContract
 
     workdir, nih_root = run_dir
     good = nih_test_files(nih_root)[:4]
@@ -268,7 +273,7 @@ def _independent_gradcam(model, images, name, layer):
     differentiated per example with jax.grad."""
     bb = model.backbone
     x = jnp.asarray(images)
-    from metachex_jax.preprocessing import to_model_input
+    from metachex_jax.contract.pixels import to_model_input
 
     _, activation = bb.feature_map(to_model_input(x), tap=layer)
     assert layer == "transition3"
@@ -295,7 +300,7 @@ def test_gradcam_matches_an_independent_computation(run_dir):
                                    rtol=1e-4, atol=1e-6)
     # At the final layer a linear head makes Grad-CAM closed-form: ReLU(A . w_k) / (h w), upsampled.
     final = predictor.gradcam(crops, ["Mass"])["Mass"]
-    from metachex_jax.preprocessing import to_model_input
+    from metachex_jax.contract.pixels import to_model_input
 
     activation = np.asarray(model.backbone.feature_map(to_model_input(jnp.asarray(crops))))
     w = np.asarray(model.pathology_head.kernel[...])[:, PATHOLOGIES.index("Mass")]
@@ -354,8 +359,8 @@ def test_heatmaps_of_files_differing_only_by_extension_keep_their_own_folders(ru
 
 def test_gradcam_overlay_geometry():
     """The map goes back through the crop and the resize: a peak at the crop's centre lands at the image's."""
-    from metachex_jax import gradcam
-    from metachex_jax.preprocessing import PixelContract
+    from metachex_jax.contract.pixels import PixelContract
+    from metachex_jax.serving import gradcam
 
     contract = PixelContract(image_size=8, resolution=12)
     cam = np.zeros((8, 8), np.float32)
@@ -364,7 +369,7 @@ def test_gradcam_overlay_geometry():
     assert (x, y) == ((4 + 2 + 0.5) * 10, (3 + 2 + 0.5) * 5)
     heat, covered = gradcam.to_original(cam, contract, 120, 60)
     assert covered[:, :10].max() < 0.5 and covered[30, 60] == 1.0  # the crop cut 2 of 12 columns per side
-    result = gradcam.pointing_game([(x, y), (1, 1)], [[(60, 20, 10, 10)], [(50, 50, 5, 5)]], [7200, 7200])
+    result = pointing_game.pointing_game([(x, y), (1, 1)], [[(60, 20, 10, 10)], [(50, 50, 5, 5)]], [7200, 7200])
     assert (result["hits"], result["cases"]) == (1, 2) and list(result["case_hits"]) == [1.0, 0.0]
     assert result["random_point_baseline"] == pytest.approx((100 / 7200 + 25 / 7200) / 2)
 
@@ -423,10 +428,10 @@ def test_backbone_directory_gives_features_only(tmp_path, run_dir):
                          f"--out={tmp_path}/f"]) == 0
     features = np.load(tmp_path / "f" / "features.npy")
     backbone.eval()
-    from metachex_jax.preprocessing import PixelContract
+    from metachex_jax.contract.pixels import PixelContract
 
     crop, _ = PixelContract(32, 36).from_file(image)
-    from metachex_jax.preprocessing import to_model_input
+    from metachex_jax.contract.pixels import to_model_input
 
     expected = np.asarray(backbone.features(to_model_input(jnp.asarray(crop[None]))))
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)

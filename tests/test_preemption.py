@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import preemption, train
+from metachex_jax.core import preemption, sharding
 
 
 def wait_for(condition, timeout=5.0):
@@ -26,7 +26,7 @@ def wait_for(condition, timeout=5.0):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_sets_the_flag_that_the_step_reduces(signum):
-    data = NamedSharding(train.make_mesh(), P("data"))
+    data = NamedSharding(sharding.make_mesh(), P("data"))
     reduce = jax.jit(preemption.any_process_stops)
     before = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
     with preemption.StopSignals(data) as signals:
@@ -45,7 +45,7 @@ def test_a_signal_sets_the_flag_that_the_step_reduces(signum):
 
 
 def test_a_second_sigint_stops_at_once():
-    data = NamedSharding(train.make_mesh(), P("data"))
+    data = NamedSharding(sharding.make_mesh(), P("data"))
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job of a shell
     with pytest.raises(KeyboardInterrupt):
         with preemption.StopSignals(data) as signals:

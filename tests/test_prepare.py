@@ -1,5 +1,5 @@
-"""The prepare CLI and the build library (data/build.py): --verify reports (counts, problems, exit codes), a build
-through main(), and the dataset table (data/registry.py)."""
+"""The prepare CLI and the build library (data/build/build.py): --verify reports (counts, problems, exit codes), a build
+through main(), and the dataset table (data/build/registry.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from data_fixtures import make_nih_tree, make_tb_tree
 from metachex_jax import prepare
-from metachex_jax.data import build, builders, registry
+from metachex_jax.data.build import build, builders, registry
 
 
 def test_verify_clean_synthetic_copy_reports_counts_but_passes(tmp_path, capsys):

@@ -13,9 +13,13 @@ from flax import nnx
 from PIL import Image, ImageOps
 
 from data_fixtures import make_tb_tree
-from metachex_jax import config_lib, convert, predict, prepare
-from metachex_jax.data import build, builders, datasets, file_formats, registry, resize
-from metachex_jax.data.raw_common import RawDataError
+from metachex_jax import predict, prepare
+from metachex_jax.data.build import build, builders, registry
+from metachex_jax.data.input import datasets
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.data.raw.common import RawDataError
+from metachex_jax.imaging import file_formats, resize
+from metachex_jax.interop import convert
 from test_transfer_run import ARCH
 
 RESOLUTION = 16
@@ -121,9 +125,8 @@ def test_prepare_bit_depth_applies_to_high_depth_images_only_and_names_the_build
     assert rule[ids[1]]["image"][:, -2:].min() > 200 and rule[ids[1]]["image"][:, :8].max() < 50  # band: right
     assert report["orientations"] == {"6": 1}
     # A run reads the build its config names.
-    data = config_lib.data_config("shenzhen", resolution=RESOLUTION, image_size=RESOLUTION)
-    data.bit_depth = 16
-    assert datasets.required_build("montgomery", data)[0] == f"r{RESOLUTION}_bits16"
+    spec = DataSpec(data_dir="~/tensorflow_datasets", resolution=RESOLUTION, image_size=RESOLUTION, bit_depth=16)
+    assert datasets.required_build("montgomery", spec)[0] == f"r{RESOLUTION}_bits16"
     assert registry.family("chexpert").config_name(RESOLUTION, bit_depth=12) == f"r{RESOLUTION}_bits12"
     assert "--bit_depth" not in build.prepare_command("montgomery", tmp_path, resolution=RESOLUTION)
 
@@ -165,9 +168,8 @@ def test_an_older_build_is_refused_with_its_rebuild_command(tmp_path):
     assert str(builders.Montgomery.VERSION) != "1.3.0"
     assert not builders.is_complete(tmp_path / "tfds", "montgomery", f"r{RESOLUTION}")
     assert builders.older_builds(tmp_path / "tfds", "montgomery", f"r{RESOLUTION}") == ["1.3.0"]
-    data = config_lib.data_config("shenzhen", resolution=RESOLUTION, image_size=RESOLUTION)
-    data.data_dir = str(tmp_path / "tfds")
-    message = datasets.missing_data_message(data, ["montgomery"])
+    spec = DataSpec(data_dir=str(tmp_path / "tfds"), resolution=RESOLUTION, image_size=RESOLUTION)
+    message = datasets.missing_data_message(spec, ["montgomery"])
     assert (f"montgomery/r{RESOLUTION} in {tmp_path / 'tfds'} was built by an older version of its builder "
             f"(1.3.0; now {builders.Montgomery.VERSION}), whose images differ: rebuild it") in message
     assert (f"python -m metachex_jax.prepare --dataset=montgomery --manual_dir=RAW_DIR "

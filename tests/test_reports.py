@@ -1,4 +1,4 @@
-"""metachex_jax.reports: exact CSV round trips, atomic JSON, markdown, the recompute command."""
+"""metachex_jax.evaluation.reports: exact CSV round trips, atomic JSON, markdown, the recompute command."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-
-from metachex_jax import metrics, reports
-from metachex_jax.labels import PATHOLOGIES
 from test_metrics import multitask_predictions
+
+from metachex_jax import reports as reports_command
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.evaluation import metrics, reports
 
 
 def assert_same_arrays(a: dict, b: dict):
@@ -162,13 +163,13 @@ def test_recompute_command(tmp_path, capsys):
     predictions = multitask_predictions(np.random.default_rng(4))
     csv_path, json_path = tmp_path / "predictions.csv", tmp_path / "metrics.json"
     reports.write_predictions_csv(csv_path, predictions, column_names=reports.MULTITASK_COLUMN_NAMES)
-    assert reports.main(["recompute", str(csv_path), "--n_boot", "40", "--json", str(json_path)]) == 0
+    assert reports_command.main(["recompute", str(csv_path), "--n_boot", "40", "--json", str(json_path)]) == 0
     expected = metrics.evaluate_multitask(predictions, n_boot=40, seed=0)
     assert capsys.readouterr().out == reports.multitask_markdown(expected)
     assert json_path.read_text() == reports.to_json_text(expected)
 
     (tmp_path / "bad.csv").write_text("patient_id:int64\n1\n")
-    assert reports.main(["recompute", str(tmp_path / "bad.csv")]) == 2
+    assert reports_command.main(["recompute", str(tmp_path / "bad.csv")]) == 2
     assert "no task to evaluate" in capsys.readouterr().err
 
     # The module entry point, as users run it.

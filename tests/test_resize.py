@@ -1,5 +1,5 @@
-"""The one resize (data/resize.py) against brute force: the exact area average in rational arithmetic, rounded
-once; bilinear upscaling in float64; and the places that must use it (the square crop, augment.eval_view)."""
+"""The one resize (imaging/resize.py) against brute force: the exact area average in rational arithmetic, rounded
+once; bilinear upscaling in float64; and the places that must use it (the square crop, geometry.eval_view)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-
-from metachex_jax.data import augment, images, resize
 from test_images import write_png
+
+from metachex_jax.imaging import geometry, images, resize
 
 RNG = np.random.default_rng(0)
 
@@ -93,13 +93,13 @@ def test_upscaling_is_bilinear_rounded_once():
 def test_the_square_crop_paths_use_the_same_resize(tmp_path):
     pixels = IMAGES["smooth"]((90, 130))
     write_png(tmp_path / "wide.png", pixels)
-    square = pixels[:, 20:110]  # augment.square_box: the centre square
+    square = pixels[:, 20:110]  # geometry.square_box: the centre square
     for size in (32, 73, 90):
         expected = resize.resize_gray(square, size)
         np.testing.assert_array_equal(images.load_gray(tmp_path / "wide.png", None)[:, 20:110], square)
         np.testing.assert_array_equal(images.load_gray_with_info(tmp_path / "wide.png", size, square=True)[0],
                                       expected)
-        np.testing.assert_array_equal(augment.eval_view(pixels, size, "crop_resize"), expected)
+        np.testing.assert_array_equal(geometry.eval_view(pixels, size, "crop_resize"), expected)
     np.testing.assert_array_equal(resize.resize_gray(square, 90), square)  # the same size: unchanged
 
 

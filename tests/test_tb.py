@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from data_fixtures import make_tb_tree
-from metachex_jax.data import tb
-from metachex_jax.data.raw_common import RawDataError
+from metachex_jax.data.raw import tb
+from metachex_jax.data.raw.common import RawDataError
 
 
 @pytest.mark.parametrize("line,sex,age", [

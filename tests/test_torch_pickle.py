@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import torch_files
 import torch_fuzz
+from metachex_jax.interop import torch_pickle
+from metachex_jax.interop.torch_pickle import TorchFileError
 from torch_files import Strided, global_, opcodes
-
-from metachex_jax import torch_pickle
-from metachex_jax.torch_pickle import TorchFileError
 
 LAYOUTS = ("zip", "legacy")
 

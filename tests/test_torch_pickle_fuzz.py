@@ -15,11 +15,11 @@ import signal
 from pathlib import Path
 
 import pytest
+
 import torch_files
 import torch_fuzz
 import torch_reference
-
-from metachex_jax import torch_pickle
+from metachex_jax.interop import torch_pickle
 
 EXAMPLES = int(os.environ.get("METACHEX_FUZZ_EXAMPLES", "600"))  # per layout; about 15 s in all on a 2-core box
 

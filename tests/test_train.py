@@ -15,8 +15,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import subprocesses
-from metachex_jax import checkpointing, config_lib, reports, train
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.configs import chexnet, pretrain
+from metachex_jax.core import errors, sharding
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.evaluation import reports
+from metachex_jax.models import runs
+from metachex_jax.training import checkpointing, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = dict(seed=0, num_nih=160, num_shenzhen=12, num_montgomery=8, num_hospital=40, size=64)
@@ -24,7 +28,7 @@ ARG = "demo,arch=densenet_tiny,res=32"
 
 
 def tiny_config(demo_dir, **overrides):
-    c = config_lib.pretrain_config(ARG, multitask=True)
+    c = pretrain.get_config(ARG)
     c.demo_dir = str(demo_dir)
     c.demo_data.update(DEMO)
     c.batch_size_per_device = 8
@@ -58,7 +62,7 @@ def demo_dir(tmp_path_factory):
 def finished_run(demo_dir, tmp_path_factory):
     """One uninterrupted tiny run (6 steps, evaluations at 3 and 6, checkpoints at 2, 3, 4, 6)."""
     workdir = tmp_path_factory.mktemp("run")
-    result = train.train_and_evaluate(tiny_config(demo_dir), str(workdir))
+    result = trainer.train_and_evaluate(tiny_config(demo_dir), str(workdir))
     return workdir, result
 
 
@@ -122,7 +126,7 @@ def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path)
 def finished_device_run(demo_dir, tmp_path_factory):
     """The tiny run of `finished_run` with augmentation in the train step (augment_on="device")."""
     workdir = tmp_path_factory.mktemp("device_run")
-    train.train_and_evaluate(tiny_config(demo_dir, **{"data.augment_on": "device"}), str(workdir))
+    trainer.train_and_evaluate(tiny_config(demo_dir, **{"data.augment_on": "device"}), str(workdir))
     return workdir
 
 
@@ -178,8 +182,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, finished_ru
     shutil.copytree(finished_run[0], workdir)
     before = sorted(os.listdir(workdir / "checkpoints"))
     config = tiny_config(demo_dir, max_steps=12, num_epochs=5, **{"loss.weights.age": float("nan")})
-    with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 7"):
-        train.train_and_evaluate(config, str(workdir))
+    with pytest.raises(errors.NonFiniteLossError, match="loss is nan at step 7"):
+        trainer.train_and_evaluate(config, str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
@@ -191,7 +195,7 @@ def test_resume_keeps_the_worker_count_its_input_position_was_saved_with(demo_di
     config = tiny_config(demo_dir, max_steps=8, **{"data.workers": 2})
     with pytest.raises(ValueError, match=r"config.data.workers=2, but the checkpoint .* with 0 worker\(s\); "
                                          r"resume with --config.data.workers=0"):
-        train.train_and_evaluate(config, str(workdir))
+        trainer.train_and_evaluate(config, str(workdir))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path, caplog):
@@ -202,7 +206,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path
         for name in names:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    manager = checkpointing.make_manager(str(workdir / "checkpoints"), keep=2, async_save=False)
+    manager = runs.make_manager(str(workdir / "checkpoints"), keep=2, async_save=False)
     like = saved_state(finished_run[0], 4)
     import jax
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -215,10 +219,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path
 
 
 def test_missing_dataset_says_how_to_prepare_it_or_run_the_demo(tmp_path):
-    config = config_lib.pretrain_config("arch=densenet_tiny", multitask=True)
+    config = pretrain.get_config("arch=densenet_tiny")
     config.data.data_dir = str(tmp_path / "no_data")
     with pytest.raises(FileNotFoundError) as e:
-        train.train_and_evaluate(config, str(tmp_path / "wd"))
+        trainer.train_and_evaluate(config, str(tmp_path / "wd"))
     message = str(e.value)
     assert "chestxray14/r256" in message and str(tmp_path / "no_data") in message
     assert "python -m metachex_jax.prepare --dataset=chestxray14" in message
@@ -230,21 +234,22 @@ def test_start_order_own_workdir_then_resume_then_model_init(demo_dir, finished_
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from metachex_jax import convert, optim, train_state
+    from metachex_jax.interop import convert
     from metachex_jax.models import DenseNet, build_model
+    from metachex_jax.training import optim, train_state
 
     donor = DenseNet("densenet_tiny", num_classes=None, rngs=nnx.Rngs(7))
     convert.save_backbone(donor, tmp_path / "backbone", source="test")
     config = tiny_config(demo_dir, model_init=str(tmp_path / "backbone"))
     tx = optim.make_optimizer(config.optim, 8, 6)
     graphdef, fresh = train_state.create(build_model(config.model, nnx.Rngs(0)), tx)
-    replicated = NamedSharding(train.make_mesh(), PartitionSpec())
+    replicated = NamedSharding(sharding.make_mesh(), PartitionSpec())
     fresh = jax.device_put(fresh, replicated)
 
     def start(workdir):
-        manager = checkpointing.make_manager(str(workdir / "checkpoints"), keep=2, async_save=False)
+        manager = runs.make_manager(str(workdir / "checkpoints"), keep=2, async_save=False)
         try:
-            return train.initial_state(config, str(workdir), manager, graphdef, fresh, replicated, None, tx)
+            return trainer.initial_state(config, str(workdir), manager, graphdef, fresh, replicated, None, tx)
         finally:
             manager.close()
 
@@ -271,12 +276,12 @@ def test_start_order_own_workdir_then_resume_then_model_init(demo_dir, finished_
 
 
 def test_chexnet_baseline_trains_through_the_same_trainer(demo_dir, tmp_path):
-    config = config_lib.pretrain_config("demo,arch=densenet_tiny,res=32", multitask=False)
+    config = chexnet.get_config("demo,arch=densenet_tiny,res=32")
     config.demo_dir = str(demo_dir)
     config.demo_data.update(DEMO)
     config.update_from_flattened_dict({"batch_size_per_device": 8, "eval_batch_size_per_device": 16, "max_steps": 2,
                                        "eval_every_steps": 2, "log_every_steps": 1, "n_boot": 10})
-    result = train.train_and_evaluate(config, str(tmp_path / "chexnet"))
+    result = trainer.train_and_evaluate(config, str(tmp_path / "chexnet"))
     assert set(result) >= {"pathology", "mean_auroc"} and "age" not in result and "sex_male" not in result
     cols = reports.read_predictions_csv(tmp_path / "chexnet" / "eval" / "test_step2_predictions.csv")
     assert "pathology_prob" in cols and "age_pred" not in cols

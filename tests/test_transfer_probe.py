@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
-from metachex_jax import metrics
+from metachex_jax.evaluation import metrics
 from metachex_jax.transfer import paired, probe, protocols, report
 from metachex_jax.transfer.sets import TransferSet
 

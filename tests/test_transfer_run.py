@@ -17,15 +17,20 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from data_fixtures import make_tb_tree
-from metachex_jax import config_lib, metrics, reports, train, train_state
-from metachex_jax.data import datasets as nih_datasets
-from metachex_jax.data import pipeline
-from metachex_jax.preprocessing import PixelContract, to_model_input
-from metachex_jax.transfer import features as features_lib
-from metachex_jax.transfer import protocols, run, weights
-from metachex_jax.transfer import sets as sets_lib
-from metachex_jax.transfer import report as report_lib
+from metachex_jax.configs import pretrain, transfer
+from metachex_jax.contract.pixels import PixelContract, to_model_input
+from metachex_jax.data.input import datasets as nih_datasets
+from metachex_jax.data.input import pipeline
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.evaluation import metrics, reports
 from metachex_jax.models.tb_classifier import TbClassifier
+from metachex_jax.training import train_state, trainer
+from metachex_jax.transfer import features as features_lib
+from metachex_jax.transfer import protocols
+from metachex_jax.transfer import report as report_lib
+from metachex_jax.transfer import run
+from metachex_jax.transfer import sets as sets_lib
+from metachex_jax.transfer import weights
 from metachex_jax.transfer.finetune import Finetuner
 from metachex_jax.transfer.sets import RecordSubset
 
@@ -45,7 +50,7 @@ def load(spec, config, seed=0):
 
 
 def pretrain_config(demo_dir):
-    c = config_lib.pretrain_config(f"demo,arch={ARCH},res={RES}", multitask=True)
+    c = pretrain.get_config(f"demo,arch={ARCH},res={RES}")
     c.demo_dir = str(demo_dir)
     c.demo_data.update(DEMO)
     c.batch_size_per_device, c.eval_batch_size_per_device = 16, 32
@@ -55,7 +60,7 @@ def pretrain_config(demo_dir):
 
 
 def transfer_config(demo_dir, init_from, cache_dir, **overrides):
-    c = config_lib.transfer_config(f"demo,arch={ARCH},res={RES}")
+    c = transfer.get_config(f"demo,arch={ARCH},res={RES}")
     c.demo_dir = str(demo_dir)
     c.demo_data.update(DEMO)
     c.init_from = str(init_from)
@@ -73,7 +78,7 @@ def transfer_config(demo_dir, init_from, cache_dir, **overrides):
 def setup(tmp_path_factory):
     demo_dir = tmp_path_factory.mktemp("demo")
     pre = tmp_path_factory.mktemp("pre")
-    train.train_and_evaluate(pretrain_config(demo_dir), str(pre))
+    trainer.train_and_evaluate(pretrain_config(demo_dir), str(pre))
     return demo_dir, pre
 
 
@@ -145,7 +150,7 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
 def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(setup):
     demo_dir, _ = setup
     config = transfer_config(demo_dir, "", "")
-    source = nih_datasets.chestxray14_splits(config)["train"]
+    source = nih_datasets.chestxray14_splits(DataSpec.from_config(config))["train"]
     start = load("random_bn", config)
     model = start.model
     params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
@@ -173,7 +178,7 @@ def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(se
 
 def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
     config, workdir, result = finished
-    sets = sets_lib.tb_transfer_sets(config)
+    sets = sets_lib.tb_transfer_sets(DataSpec.from_config(config))
     for protocol in protocols.TB_PROTOCOLS:
         splits = protocols.check_protocol(protocols.parse_protocol(protocol), sets, need_validation=True)
         for split in splits:
@@ -193,7 +198,7 @@ def test_probe_fold_hygiene_and_determinism(finished, setup, tmp_path):
 def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
     config, _, _ = finished
     demo_dir, pre = setup
-    sets = sets_lib.load_datasets(config, sets_lib.TB_DATASETS)
+    sets = sets_lib.load_datasets(DataSpec.from_config(config), sets_lib.TB_DATASETS)
     start = load(str(pre), config)
     kwargs = dict(batch_size=32, cache_dir=config.feature_cache_dir)
     hit = features_lib.features_for(start, sets["montgomery"], **kwargs)
@@ -210,7 +215,7 @@ def test_feature_cache_is_keyed_on_content(finished, setup, tmp_path):
     assert features_lib.features_for(other, sets["montgomery"], **kwargs)["cache"] == "hit"
     # A changed dataset build (another fold seed -> other records): a new entry.
     reseeded = transfer_config(demo_dir, pre, config.feature_cache_dir, **{"data.fold_seed": 1})
-    changed = sets_lib.load_datasets(reseeded, ("montgomery",))["montgomery"]
+    changed = sets_lib.load_datasets(DataSpec.from_config(reseeded), ("montgomery",))["montgomery"]
     assert changed.fingerprint != sets["montgomery"].fingerprint
     assert features_lib.features_for(start, changed, **kwargs)["cache"] == "miss"
 
@@ -244,7 +249,7 @@ def test_bad_inputs_give_clear_errors(finished, setup, tmp_path):
                        r"python -m metachex_jax.prepare --dataset=shenzhen "):
         run.run(unprepared, str(tmp_path / "b"))
     # random_bn without the ChestX-ray14 build it takes its BatchNorm statistics from (TB sets prepared).
-    _, tb_data_dir = nih_datasets.resolve_demo(config)
+    _, tb_data_dir = nih_datasets.resolve_demo(DataSpec.from_config(config))
     no_nih = transfer_config(demo_dir, pre, tmp_path, demo=False, methods="probe",
                              **{"data.data_dir": tb_data_dir, "data.val_fraction": 0.3})
     with pytest.raises(FileNotFoundError, match=r"(?s)'random_bn' take their BatchNorm statistics from the "
@@ -310,7 +315,7 @@ def test_probe_at_its_iteration_limit_is_flagged_in_log_and_report(finished, set
 def finetune_pieces(setup, **overrides):
     demo_dir, pre = setup
     config = transfer_config(demo_dir, pre, "", **overrides)
-    sets = sets_lib.tb_transfer_sets(config)
+    sets = sets_lib.tb_transfer_sets(DataSpec.from_config(config))
     return config, sets, Finetuner(config.finetune, seed=0)
 
 
@@ -431,9 +436,9 @@ def test_flagged_readings_reach_the_transfer_report(tmp_path):
     normal_id = sorted(i for i in tree.values if i.endswith("_0"))[0]
     text = "calcified granuloma; old healed TB"
     tree.write_reading(normal_id, f"Patient's Sex: F \nPatient's Age: 027Y\n{text}\n")
-    config = config_lib.transfer_config(f"arch={ARCH},res={RES}")
+    config = transfer.get_config(f"arch={ARCH},res={RES}")
     config.data.update(manual_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "tfds"), num_folds=3)
-    montgomery = sets_lib.load_datasets(config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.load_datasets(DataSpec.from_config(config), ("montgomery",))["montgomery"]
     assert montgomery.flagged_readings == {normal_id: text}
     result = {"protocols": [], "protocol_targets": {}, "cells": {}, "screening": dict(config.screening), "calibration_bins": 10,
               "timings": {}, "datasets": {"montgomery": {"flagged_readings": montgomery.flagged_readings}}}
@@ -455,7 +460,7 @@ def test_any_dataset_and_several_targets_on_the_demo_hospital(finished, setup, t
     assert result["protocol_targets"]["cv_csv.cardiomegaly"] == "Cardiomegaly"
     assert any("shenzhen+montgomery_to_csv is not run for Cardiomegaly: shenzhen, montgomery has no Cardiomegaly"
                in note for note in result["notes"])
-    records = sets_lib.load_datasets(c, ("shenzhen", "montgomery", "csv"))
+    records = sets_lib.load_datasets(DataSpec.from_config(c), ("shenzhen", "montgomery", "csv"))
     hospital = records["csv"]
     for protocol, cells in ((p, {k: v[p] for k, v in result["cells"].items()}) for p in result["protocols"]):
         target = result["protocol_targets"][protocol]
@@ -495,8 +500,10 @@ def deployed_cardiomegaly_model_has_one_output_name(workdir, demo_dir):
     """The deployed model of a target other than TB: "Cardiomegaly" on its card, as the classifier's output, in
     predict's CSV and heatmap files (Grad-CAM died with KeyError on main), in its export, and for a card written
     before the name was recorded in model_config."""
-    from metachex_jax import export, predict, saved_model
-    from metachex_jax.inference import Predictor
+    from metachex_jax import predict
+    from metachex_jax.models import saved_model
+    from metachex_jax.serving import export
+    from metachex_jax.serving.predictor import Predictor
 
     card = json.loads((workdir / "model" / "model.json").read_text())
     assert [o["name"] for o in card["outputs"]] == ["Cardiomegaly"] and card["training"]["target"] == "Cardiomegaly"
@@ -538,8 +545,10 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     """The run's WORKDIR/model/: fine-tuned on all of Shenzhen for the CV's median best epoch, threshold at 90%
     out-of-fold sensitivity; `predict --model=WORKDIR` on the raw files equals the model on the prepared records,
     and the exported model equals both."""
-    from metachex_jax import export, predict, saved_model
-    from metachex_jax.inference import Predictor
+    from metachex_jax import predict
+    from metachex_jax.models import saved_model
+    from metachex_jax.serving import export
+    from metachex_jax.serving.predictor import Predictor
 
     config, workdir, result = finished
     demo_dir, _ = setup
@@ -562,7 +571,7 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     rows = {os.path.basename(r["path"])[:-4]: r for r in csv_rows(tmp_path / "p" / "predictions.csv")}
     assert all(r["tb_decision"] == str(int(float(r["tb"]) >= threshold)) for r in rows.values())
     model, _ = saved_model.load(str(workdir / "model"))
-    montgomery = sets_lib.tb_transfer_sets(config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.tb_transfer_sets(DataSpec.from_config(config), ("montgomery",))["montgomery"]
     with pipeline.eval_batches(montgomery.source, kind="binary", global_batch_size=8, image_size=RES) as batches:
         for batch in batches:
             probs = np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(batch["image"])))))
@@ -585,7 +594,7 @@ def csv_rows(path):
 def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup, tmp_path):
     """methods=probe deploys the probe refitted on every training image: the folded head on the frozen backbone's
     features gives exactly the probe's own probabilities."""
-    from metachex_jax import saved_model
+    from metachex_jax.models import saved_model
     from metachex_jax.transfer.probe import ProbeSettings, fit_probe
 
     config, _, _ = finished
@@ -595,7 +604,7 @@ def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup
     out = run.run(probe_config, str(tmp_path))
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["training"]["method"] == "probe" and card["threshold_rule"]["rule"] == "youden"
-    montgomery = sets_lib.load_datasets(probe_config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.load_datasets(DataSpec.from_config(probe_config), ("montgomery",))["montgomery"]
     start = load(str(pre), probe_config)
     table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=probe_config.feature_cache_dir)
     fit = fit_probe(table["features"], montgomery.labels[:, 0], table["features"],
@@ -629,17 +638,17 @@ def test_deploy_settings_are_checked_before_any_work(finished, setup, tmp_path):
 def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, tmp_path):
     """compare_with=random,<a convert_torchxrayvision output>: recognised by what the directory holds (model.json),
     probed and fine-tuned like any start, through its own pixel contract (1 channel, [-1024, 1024], resize)."""
-    import torch_files
     from test_xrv import calibrated_densenet, xrv_input, xrv_state_dict
 
-    from metachex_jax import convert_torchxrayvision
-    from metachex_jax.data.augment import as_gray_2d
+    import torch_files
+    from metachex_jax.imaging.geometry import as_gray_2d
+    from metachex_jax.interop import torchxrayvision
 
     demo_dir, pre = setup
     reference = calibrated_densenet(ARCH)
     torch_files.write_module(tmp_path / "nih.pt", xrv_state_dict(reference), "legacy")
     xrv_dir = tmp_path / "xrv-nih"
-    convert_torchxrayvision.convert_to_directory(str(tmp_path / "nih.pt"), str(xrv_dir), "densenet121-res224-nih",
+    torchxrayvision.convert_to_directory(str(tmp_path / "nih.pt"), str(xrv_dir), "densenet121-res224-nih",
                                                  arch=ARCH)
     config = transfer_config(demo_dir, pre, tmp_path / "cache", compare_with=f"random,{xrv_dir}",
                              methods="probe+finetune", protocols="cv_montgomery", **{"deploy.start": "xrv_nih"})
@@ -656,7 +665,7 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     start = load(str(xrv_dir), config)
     assert start.contract == PixelContract(RES, config.data.resolution, "xrv", "crop_resize")
     assert start.model.backbone.in_channels == 1
-    montgomery = sets_lib.load_datasets(config, ("montgomery",))["montgomery"]
+    montgomery = sets_lib.load_datasets(DataSpec.from_config(config), ("montgomery",))["montgomery"]
     table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=config.feature_cache_dir)
     assert table["cache"] == "hit"  # the run extracted the same features
     records = [as_gray_2d(montgomery.source[i]["image"]) for i in range(3)]
@@ -665,8 +674,8 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     np.testing.assert_allclose(table["features"][:3], expected, rtol=1e-4, atol=1e-5)
 
     # Deployed from that start, the TB model keeps its contract: predict feeds it 1-channel [-1024, 1024] pixels.
-    from metachex_jax import saved_model
-    from metachex_jax.inference import Predictor
+    from metachex_jax.models import saved_model
+    from metachex_jax.serving.predictor import Predictor
 
     card = json.loads((tmp_path / "tb" / "model" / "model.json").read_text())
     assert card["training"]["start"] == "xrv_nih" and card["input"]["normalization"] == "xrv"

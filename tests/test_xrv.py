@@ -16,17 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch_files
-from test_convert import with_random_batchnorm
 from flax import nnx
 from PIL import Image
-from test_convert import mismatch_lines
+from test_convert import mismatch_lines, with_random_batchnorm
 
-from metachex_jax import convert, convert_torchxrayvision, export, gradcam, predict
-from metachex_jax.convert_torchxrayvision import LABELS, WEIGHTS
-from metachex_jax.data.resize import resize_gray
-from metachex_jax.inference import Predictor
-from metachex_jax.models import SPECS, DenseNet
+import torch_files
+from metachex_jax import convert_torchxrayvision, predict
+from metachex_jax.configs import pretrain
+from metachex_jax.imaging.resize import resize_gray
+from metachex_jax.interop import convert, torchxrayvision
+from metachex_jax.interop.torchxrayvision import LABELS, WEIGHTS
+from metachex_jax.models import SPECS, DenseNet, runs
+from metachex_jax.serving import export, gradcam
+from metachex_jax.serving.predictor import Predictor
 
 TINY = "densenet_tiny"
 NAME = "densenet121-res224-nih"  # 14 trained labels, 4 untrained ('')
@@ -155,7 +157,7 @@ def test_predict_reports_probabilities_and_op_normalised_outputs(converted, tmp_
 
 
 def test_raw_file_geometry_is_the_centre_square(tmp_path):
-    from metachex_jax.preprocessing import PixelContract
+    from metachex_jax.contract.pixels import PixelContract
 
     contract = PixelContract(32, 32, "xrv", "crop_resize")
     image = write_xray(tmp_path / "wide.png", 32, 45, 0)
@@ -163,7 +165,7 @@ def test_raw_file_geometry_is_the_centre_square(tmp_path):
     np.testing.assert_array_equal(crop, centre_square(image))
     assert (info.width, info.height) == (45, 32)
     # A stored (prepared) record is square already: the square crop keeps it, the resize takes it to S (the
-    # builders' resize, data/resize.py, checked against a brute-force area average in test_resize.py).
+    # builders' resize, imaging/resize.py, checked against a brute-force area average in test_resize.py).
     stored = resize_gray(image, 40)
     np.testing.assert_array_equal(contract.from_stored(stored), resize_gray(stored, 32))
     # Through a 40 x 40 resize first (R > S): the same two (area) resizes a prepared dataset's record gets.
@@ -274,7 +276,7 @@ def test_bad_inputs_name_what_is_wrong_and_write_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_torchxrayvision.main([str(tmp_path / "full.pt"), str(tmp_path / "x"), "--weights_name=resnet50"])
     with pytest.raises(ValueError, match="unknown --weights_name"):
-        convert_torchxrayvision.convert_file(str(tmp_path / "full.pt"), "densenet121-res224-imagenet")
+        torchxrayvision.convert_file(str(tmp_path / "full.pt"), "densenet121-res224-imagenet")
 
 
 def test_legacy_layout_converts_to_the_same_model(converted, tmp_path, capsys):
@@ -322,7 +324,7 @@ def check_parity(tmp_path, arch: str, name: str, zip_layout: bool, n: int = 3):
     xrv = pytest.importorskip("torchxrayvision")
     reference = torchxrayvision_reference(torch, xrv, arch, name)
     torch.save(reference, tmp_path / "w.pt", _use_new_zipfile_serialization=zip_layout)  # the whole module
-    convert_torchxrayvision.convert_to_directory(str(tmp_path / "w.pt"), str(tmp_path / "m"), name, arch=arch)
+    torchxrayvision.convert_to_directory(str(tmp_path / "w.pt"), str(tmp_path / "m"), name, arch=arch)
 
     images = np.random.default_rng(1).integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)
     x = torch.from_numpy(xrv.datasets.normalize(images.astype(np.float32), 255)[:, None])
@@ -364,11 +366,11 @@ def test_parity_with_torchxrayvision_densenet121(tmp_path):
 # model_init: pretraining MetaChexNet from a converted torchxrayvision backbone.
 
 def test_model_init_keeps_the_one_channel_stem_and_takes_the_contract(converted, tmp_path):
-    from metachex_jax import checkpointing, config_lib, train
-    from metachex_jax.preprocessing import PixelContract
+    from metachex_jax.contract.pixels import PixelContract
+    from metachex_jax.training import trainer
 
     root, reference = converted
-    c = config_lib.pretrain_config(f"demo,arch={TINY},res=32", multitask=True)
+    c = pretrain.get_config(f"demo,arch={TINY},res=32")
     c.demo_dir = str(tmp_path / "demo")
     c.demo_data.update(dict(seed=0, num_nih=96, num_shenzhen=12, num_montgomery=8, size=64))
     c.batch_size_per_device, c.eval_batch_size_per_device = 16, 32
@@ -376,10 +378,10 @@ def test_model_init_keeps_the_one_channel_stem_and_takes_the_contract(converted,
     c.optim.lr = 0.0  # no update: the weights the run saves are the ones it started from
     c.model_init = str(root / "model")
     assert (c.model.normalization, c.model.geometry) == ("imagenet", "resize_crop")  # the config's defaults
-    result = train.train_and_evaluate(c, str(tmp_path / "run"))
+    result = trainer.train_and_evaluate(c, str(tmp_path / "run"))
     assert np.isfinite(result["loss"])
 
-    model, run = checkpointing.load_run_model(str(tmp_path / "run"))
+    model, run = runs.load_run_model(str(tmp_path / "run"))
     assert (run["config"]["model"]["normalization"], run["config"]["model"]["geometry"]) == ("xrv", "crop_resize")
     assert model.backbone.in_channels == 1
     np.testing.assert_array_equal(np.asarray(model.backbone.conv0.kernel[...]), np.asarray(reference.conv0.kernel[...]))
@@ -391,8 +393,8 @@ def test_model_init_keeps_the_one_channel_stem_and_takes_the_contract(converted,
     assert predictor.contract == PixelContract(32, 36, "xrv", "crop_resize")
     # One definition of the pixels: predicting the raw (square) demo files gives the trainer's own test-split
     # predictions, made from the prepared records through the same contract.
-    from metachex_jax import reports
-    from metachex_jax.labels import PATHOLOGIES
+    from metachex_jax.core.labels import PATHOLOGIES
+    from metachex_jax.evaluation import reports
 
     (evaluated,) = (tmp_path / "run" / "eval").glob("test_step*_predictions.csv")
     cols = reports.read_predictions_csv(evaluated)

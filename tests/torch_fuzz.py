@@ -1,4 +1,4 @@
-"""Mutation fuzzing of the torch reader (`metachex_jax.torch_pickle`) in both layouts, seeded and bounded.
+"""Mutation fuzzing of the torch reader (`metachex_jax.interop.torch_pickle`) in both layouts, seeded and bounded.
 
 CI runs a short campaign (tests/test_torch_pickle_fuzz.py). A long one, printing files tried and failures per
 layout (on the order of a hundred files a second):
@@ -50,14 +50,14 @@ import time
 import types
 
 import numpy as np
+
 import torch_files
+from metachex_jax.interop.torch_pickle import TorchFileError, read_state_dict
 from torch_files import Raw, Strided, global_, opcodes
 from torch_reference import Refused, Unchecked, reference_state_dict
 
-from metachex_jax.torch_pickle import TorchFileError, read_state_dict
-
 LAYOUTS = ("zip", "legacy")
-READER = "metachex_jax.torch_pickle:read_state_dict"
+READER = "metachex_jax.interop.torch_pickle:read_state_dict"
 TRIPPED: list = []  # what `tripwire` was called with, in this process
 
 
@@ -296,7 +296,7 @@ def reachable() -> list:
     """What a file could change that the reader hands to later files: everything reachable from the reader
     module's globals (functions with their defaults, code and dicts; classes; the frozen records find_class hands
     out; dicts and lists), from the pure-Python unpickler it is built on, and copyreg's registries."""
-    module = sys.modules["metachex_jax.torch_pickle"]
+    module = sys.modules["metachex_jax.interop.torch_pickle"]
     todo = [module.__dict__, pickle._Unpickler, copyreg.dispatch_table, copyreg._extension_registry,
             copyreg._inverted_registry, copyreg._extension_cache]
     seen: dict[int, object] = {}

@@ -1,4 +1,4 @@
-"""An independent decoder of torch files, for differential tests of `metachex_jax.torch_pickle`.
+"""An independent decoder of torch files, for differential tests of `metachex_jax.interop.torch_pickle`.
 
     state_dict = reference_state_dict(data)   # raises Refused (malformed) or Unchecked (declined)
 

@@ -16,7 +16,7 @@ On one split of a built dataset, in one run:
     naive      the common way to read ChestX-ray14: decode a 1024 x 1024 PNG with PIL, convert, resize to the
                stored resolution, the same augmentation (--naive_images PNGs written here, read round-robin)
     build      --synthetic: raw PNGs -> the dataset read above (`data.build.build_dataset`, every core)
-    mixture    the host figure over three sources of the shared label space (data/mixture.py: one NIH-format and
+    mixture    the host figure over three sources of the shared label space (data/input/mixture.py: one NIH-format and
                two label-table sources, weights 1 / 2 / 0.5) against one source of the same records (goal:
                >= 0.9 of the single source's)
     sources    source builds, in-process, per CPU second, against a naive PIL loop (open, 8-bit gray, BILINEAR
@@ -50,11 +50,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import tensorflow_datasets as tfds  # no TensorFlow needed for array_record data sources
+from absl import flags
 from PIL import Image
 
-from metachex_jax.data import mixture, pipeline, registry
-from metachex_jax.data.augment import Augmentation, augment
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.build import build, registry
+from metachex_jax.data.build.records import RecordSource
+from metachex_jax.data.input import mixture, pipeline
+from metachex_jax.data.input.augment import Augmentation, augment
+from metachex_jax.demo.write import write_demo_data
+from metachex_jax.imaging import images
 
 GOALS = {"device_img_per_cpu_s": 10_000, "host_img_per_cpu_s": 1_000, "host_vs_naive_per_core": 10.0,
          "mixture_vs_single": 0.9, "jpeg_build_vs_naive_per_core": 1.5, "png16_build_vs_naive_per_core": 1.5}
@@ -122,10 +128,7 @@ def synthetic_xray(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def build_synthetic_dataset(workdir: Path, num_images: int, png_size: int, resolution: int) -> dict:
     """Raw NIH-layout demo PNGs -> a chestxray14 dataset with `build.build_dataset` on every core, timed."""
-    from metachex_jax import demo_data
-    from metachex_jax.data import build
-
-    tree = demo_data.write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
+    tree = write_demo_data(workdir / "raw", num_nih=num_images, num_shenzhen=2, num_montgomery=2,
                                      num_hospital=0, size=png_size)
     workers = os.cpu_count() or 1
     start = time.perf_counter()
@@ -228,8 +231,6 @@ def naive_pil_loop(paths: Sequence[Path], resolution: int, bits: int | None = No
 
 def measure_source_builds(workdir: Path, args: argparse.Namespace) -> dict:
     """The reader and the whole build of JPEG and 16-bit PNG sources against the naive loop (module docstring)."""
-    from metachex_jax.data import build, images
-
     rng = np.random.default_rng(2)
     sources = []
     if args.jpeg_images:
@@ -299,13 +300,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> dict:
-    import tensorflow_datasets as tfds  # no TensorFlow needed for array_record data sources
-
-    from metachex_jax.data.records import RecordSource
-
     args = parse_args(argv)
     tfds.disable_progress_bar()
-    from absl import flags
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; this entry point has none
         flags.FLAGS.mark_as_parsed()
     low, high = args.scale_range

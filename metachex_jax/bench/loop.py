@@ -2,14 +2,14 @@
 
     python -m metachex_jax.bench loop --config=configs/pretrain.py:demo --steps=60
 
-Runs the real trainer (`train.train_and_evaluate`) for `--steps` steps in a scratch workdir, once with
+Runs the real trainer (`trainer.train_and_evaluate`) for `--steps` steps in a scratch workdir, once with
 config.data.augment_on="host" and once with "device", and reads its logged img/s (every `log_every` steps; the
 first interval, which includes compilation, is dropped). Then times train steps alone, on one batch already on
 the device, for the same number of steps:
 
     bare          `train_state.make_train_step` on a batch of crops: the reference of the goal (loop >= 0.97 x bare
                   on CPU for the demo config; >= 0.95 on a GPU with augment_on=device)
-    trainer_host  the trainer's own jitted step (`train.jit_train_step`) with its stop-flag input and the OR over
+    trainer_host  the trainer's own jitted step (`trainer.jit_train_step`) with its stop-flag input and the OR over
                   processes (preemption.py): the cost of the preemption check, against bare
     trainer_device  the same with the augmentation in the step, on a batch of stored (uncropped) images: the
                   device's cost of augment_on="device", against bare
@@ -34,11 +34,14 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from metachex_jax import config_lib, optim, preemption, train, train_state
-from metachex_jax.data import pipeline
-from metachex_jax.errors import UserError
+from metachex_jax.configs import config_lib
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import preemption, sharding
+from metachex_jax.core.errors import UserError
+from metachex_jax.data.input import pipeline
+from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.models import build_model
-from metachex_jax.preprocessing import PixelContract
+from metachex_jax.training import optim, train_state, trainer
 
 
 def load() -> float:
@@ -56,7 +59,7 @@ def loop_throughput(config, steps: int, log_every: int, augment_on: str | None =
     config.eval_max_batches = 1
     config.n_boot = 0
     with tempfile.TemporaryDirectory() as workdir:
-        train.train_and_evaluate(config, workdir)
+        trainer.train_and_evaluate(config, workdir)
         logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     rates = [x["train/img_per_s"] for x in logged if "train/img_per_s" in x]
     return statistics.median(rates[1:])
@@ -66,25 +69,26 @@ def bare_step_throughput(config, steps: int, trainer_step: str | None = None) ->
     """img/s of a jitted train step alone, on one device-resident batch.
 
     trainer_step None: `train_state.make_train_step` on crops (the bare step); "host" / "device": the trainer's
-    step (`train.jit_train_step`, stop flags included) for that augment_on, on crops / stored images."""
+    step (`trainer.jit_train_step`, stop flags included) for that augment_on, on crops / stored images."""
     batch_size = config.batch_size_per_device * jax.device_count()
     model = build_model(config.model, nnx.Rngs(0))
     tx = optim.make_optimizer(config.optim, batch_size, steps)
     graphdef, state = train_state.create(model, tx)
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = jax.device_put(state, replicated)
     contract = PixelContract.from_config(config)
     size = config.data.resolution if trainer_step == "device" else config.data.image_size
-    batch = train.to_global(pipeline.random_nih_batch(batch_size, size), data)
+    batch = sharding.to_global(pipeline.random_nih_batch(batch_size, size), data)
     if trainer_step is None:
         jitted = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype),
                                                      contract=contract),
                          donate_argnums=0)
         step = lambda state: jitted(state, batch)  # noqa: E731
     else:
-        jitted = train.jit_train_step(config, graphdef, tx, None, trainer_step, replicated, contract)
+        jitted = trainer.jit_train_step(config, graphdef, tx, None, trainer_step, replicated, contract,
+                                        DataSpec.from_config(config).augmentation)
         flags = preemption.StopSignals(data).flags()  # not entered: no handlers, the flag stays 0
         step = lambda state: jitted(state, batch, flags)[:2]  # noqa: E731
     for _ in range(2):  # compile and warm up

@@ -29,28 +29,29 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
 
-from metachex_jax import config_lib
 from metachex_jax.bench.train import cpu_threads, import_torch, time_interleaved
-from metachex_jax.inference import Predictor, _FlaxModel, outputs_of
+from metachex_jax.configs import pretrain
+from metachex_jax.contract.outputs import outputs_of
+from metachex_jax.contract.pixels import PixelContract, to_model_input
 from metachex_jax.models import build_model
-from metachex_jax.preprocessing import PixelContract, to_model_input
+from metachex_jax.serving.flax_model import FlaxModel
+from metachex_jax.serving.predictor import Predictor
 
 
 def random_predictor(arch: str, image_size: int, batch: int, dtype: str) -> Predictor:
-    config = config_lib.pretrain_config(f"arch={arch},res={image_size}", multitask=True)
+    config = pretrain.get_config(f"arch={arch},res={image_size}")
     config.model.dtype = dtype
     model = build_model(config.model, nnx.Rngs(0))
     model.eval()
     contract = PixelContract.from_config(config)
     outputs = outputs_of(model)
-    return Predictor(_FlaxModel(model, outputs, contract), outputs, contract, {"kind": "random"}, batch)
+    return Predictor(FlaxModel(model, outputs, contract), outputs, contract, {"kind": "random"}, batch)
 
 
 def write_pngs(folder: str, count: int, size: int = 1024) -> list[str]:
     """Chest-X-ray-sized 8-bit gray PNGs with smooth content and noise (so they compress like photographs)."""
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     paths = []

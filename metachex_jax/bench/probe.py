@@ -22,8 +22,15 @@ import statistics
 import time
 import warnings
 
+import jax
 import numpy as np
+from flax import nnx
 
+from metachex_jax.configs import pretrain
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.evaluation import metrics
+from metachex_jax.models import build_model
+from metachex_jax.transfer.features import _forward
 from metachex_jax.transfer.probe import ProbeSettings, fit_probe, stratified_group_folds
 
 NUM_IMAGES, NUM_TB, NUM_FEATURES = 662, 336, 1024  # the real Shenzhen set; DenseNet-121's pooled features
@@ -53,7 +60,7 @@ def time_probe(x: np.ndarray, y: np.ndarray, folds: int, settings: ProbeSettings
 
 def time_sklearn(x: np.ndarray, y: np.ndarray, folds: int, num_folds: int, settings: ProbeSettings) -> float:
     """Seconds per outer fold of scikit-learn's LogisticRegressionCV on the same problem."""
-    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegressionCV  # optional: scikit-learn is the test extra's
     from sklearn.model_selection import PredefinedSplit
     from sklearn.preprocessing import StandardScaler
 
@@ -74,15 +81,7 @@ def time_sklearn(x: np.ndarray, y: np.ndarray, folds: int, num_folds: int, setti
 
 
 def extraction_throughput(arch: str, resolution: int, batch: int, batches: int) -> dict:
-    import jax
-    from flax import nnx
-
-    from metachex_jax import config_lib
-    from metachex_jax.models import build_model
-    from metachex_jax.preprocessing import PixelContract
-    from metachex_jax.transfer.features import _forward
-
-    config = config_lib.model_config(arch, multitask=True)
+    config = pretrain.model(arch)
     model = build_model(config, nnx.Rngs(0))
     model.eval()
     contract = PixelContract(resolution, resolution, config.normalization, config.geometry)
@@ -121,7 +120,6 @@ def main(argv: list[str] | None = None) -> dict:
     settings = ProbeSettings()
     result = {"features": source, "n": len(y), "d": x.shape[1], "folds": args.folds}
     result["probe_s"], oof = time_probe(x, y, args.folds, settings)
-    from metachex_jax import metrics
     result["probe_oof_auroc"] = float(metrics.roc_auc(y, oof))
     print(f"linear probe: {args.folds}-fold CV with a {settings.inner_folds}-fold inner search over "
           f"{len(settings.l2_grid)} strengths on {len(y)} x {x.shape[1]} ({source}): {result['probe_s']:.2f} s "

@@ -44,10 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metachex_jax import config_lib, optim, train_state
-from metachex_jax.data import pipeline
+from metachex_jax.configs import chexnet
+from metachex_jax.contract.pixels import PixelContract, to_model_input
+from metachex_jax.data.input import pipeline
 from metachex_jax.models import SPECS, build_model, count_params, resolve_scan_layers
-from metachex_jax.preprocessing import PixelContract, to_model_input
+from metachex_jax.training import optim, train_state
 
 NUM_CLASSES = 14  # CheXNet's head: the 14 ChestX-ray14 pathologies (torchvision's classifier size)
 LEARNING_RATE = 1e-4
@@ -104,7 +105,7 @@ def step_memory_mb(compiled) -> float:
 def setup_jax(arch: str, batch: int, resolution: int, dtype: str, form: str = "unrolled"
               ) -> tuple[dict[str, Any], Callable]:
     """Compiles and runs the JAX step of one form (a key of FORMS) once; returns its figures and the step to time."""
-    config = config_lib.pretrain_config(f"arch={arch},res={resolution}", multitask=False)  # CheXNet
+    config = chexnet.get_config(f"arch={arch},res={resolution}")
     config.model.dtype = dtype
     config.model.scan_layers, config.model.remat = FORMS[form]
     config.optim.lr, config.optim.lr_scaling = LEARNING_RATE, "none"
@@ -136,7 +137,7 @@ def setup_jax(arch: str, batch: int, resolution: int, dtype: str, form: str = "u
 def import_torch():
     """(torch, torchvision), or a clear error: torch is an optional extra."""
     try:
-        import torch
+        import torch  # optional: the torch extra
         import torchvision
     except ImportError as e:
         raise SystemExit(f"--torch needs torch and torchvision, which are not importable here ({e}); "

@@ -1,20 +1,23 @@
-"""Building blocks for the `configs/*.py` files (ml_collections), in the style of big_vision, and their checks.
+"""The rules of the configs (the recipes are metachex_jax/configs/*.py), in the style of big_vision, and their
+checks.
 
-A config file is `get_config(arg)`; `arg` is the short string after the colon in
-`--config=configs/pretrain.py:demo,arch=densenet_tiny`. `parse_arg` turns it into a ConfigDict whose values keep
-the types of the defaults, so `res=64` is an int and `demo` alone means `demo=True`. Any field can still be
-overridden on the command line: `--config.optim.lr=3e-4`.
+A recipe is `get_config(arg)` returning a plain ml_collections ConfigDict; `arg` is the short string after the
+colon in `--config=configs/pretrain.py:demo,arch=densenet_tiny`. `parse_arg` turns it into a ConfigDict whose
+values keep the types of the defaults, so `res=64` is an int and `demo` alone means `demo=True`. Any field can
+still be overridden on the command line: `--config.optim.lr=3e-4`.
 
-Sections and their rules. Each section is built by `section(NAME, field=(default, rule), ...)`: every field
-declares its default and, next to it, the rule its value must satisfy, e.g.
+The rules live here, apart from the defaults, keyed by SECTION name and field: `rules(NAME, field=RULE, ...)`
+records what each field's value must satisfy, e.g.
 
-    dtype=("float32", one_of("float32", "bfloat16")),  # computation dtype
+    rules("model", dtype=one_of("float32", "bfloat16"), ...)
 
-A section may also name `checks`: functions of the whole section for combinations that cannot work (the root
-sections "pretrain" and "transfer" see the whole config). `validate(config)`, which `main` runs before anything
-else, applies the rules of every section wherever a sub-dict of that name appears (so `optim`'s rules also check
-`finetune.optim`) and raises one `errors.ConfigError` listing every problem. Rules are the small functions
-below (`one_of`, `integer`, `number`, `boolean`, `existing_path`, ...); each returns None or what is wrong.
+and `checks` of the whole section for combinations that cannot work (the root sections "pretrain" and "transfer"
+see the whole config). `validate(config)`, which `main` runs before anything else, applies the rules of every
+section wherever a sub-dict of that name appears (so `optim`'s rules also check `finetune.optim`; a field a
+section's dict does not have is not checked) and raises one `errors.ConfigError` listing every problem. Rules
+are the small functions below (`one_of`, `integer`, `number`, `boolean`, `existing_path`, ...); each returns
+None or what is wrong. Whether the data a valid config names is there is not a rule: `main` asks the data
+preflight next (data/input/preflight.py, transfer/preflight.py).
 """
 
 from __future__ import annotations
@@ -25,8 +28,15 @@ from typing import Any
 
 import ml_collections
 
-from metachex_jax.errors import ConfigArgumentError, ConfigError
-from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.contract.pixels import NORMALIZATIONS
+from metachex_jax.core import files
+from metachex_jax.core.errors import ConfigArgumentError, ConfigError
+from metachex_jax.core.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.data.input import mixture as mixture_lib
+from metachex_jax.data.raw.chexpert import parse_uncertainty
+from metachex_jax.imaging.geometry import GEOMETRIES
+from metachex_jax.models import SPECS
+from metachex_jax.transfer.protocols import column_name, parse_protocols, parse_targets
 
 TRAINERS = ("pretrain", "transfer")  # config.trainer -> main.run dispatches; each is also a root section
 METHODS = ("probe", "finetune")  # transfer methods
@@ -131,8 +141,6 @@ def existing_path(value) -> str | None:
         return "must be a path"
     if not value:
         return None
-    from metachex_jax import files
-
     return None if files.exists(files.absolute(value)) else f"{files.absolute(value)} does not exist"
 
 
@@ -158,20 +166,14 @@ def numbers(above=None) -> Rule:
 
 
 def pixel_normalization(value) -> str | None:
-    from metachex_jax.preprocessing import NORMALIZATIONS
-
     return None if value in NORMALIZATIONS else f"must be one of {', '.join(NORMALIZATIONS)}"
 
 
 def pixel_geometry(value) -> str | None:
-    from metachex_jax.data.augment import GEOMETRIES
-
     return None if value in GEOMETRIES else f"must be one of {', '.join(GEOMETRIES)}"
 
 
 def architecture(value) -> str | None:
-    from metachex_jax.models import SPECS
-
     return None if value in SPECS else f"unknown architecture; choose one of {', '.join(sorted(SPECS))}"
 
 
@@ -205,8 +207,6 @@ TRANSFER_DATASETS = ("shenzhen", "montgomery", "csv", "chexpert", "padchest", "c
 
 def mixture(value) -> str | None:
     """data.datasets: "name[:weight],..." of PRETRAIN_DATASETS."""
-    from metachex_jax.data import mixture as mixture_lib
-
     try:
         names = mixture_lib.parse_mixture(value) if isinstance(value, str) else None
     except ValueError:
@@ -219,8 +219,6 @@ def mixture(value) -> str | None:
 
 def protocol_list(value) -> str | None:
     """transfer protocols: cv_<dataset> or <a>[+<b>...]_to_<c> (transfer/protocols.py), datasets known."""
-    from metachex_jax.transfer.protocols import parse_protocols
-
     try:
         protocols = parse_protocols(value) if isinstance(value, str) else None
     except ValueError as e:
@@ -232,8 +230,6 @@ def protocol_list(value) -> str | None:
 
 
 def uncertainty_policy(value) -> str | None:
-    from metachex_jax.data.chexpert import parse_uncertainty
-
     try:
         parse_uncertainty(value)
     except (ValueError, AttributeError) as e:
@@ -255,7 +251,7 @@ def checkpoint_step(value) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Sections: each field is (default, rule).
+# Sections: each field's rule, keyed by the section's name.
 # -------------------------------------------------------------------------------------------------------------
 
 Problem = tuple[tuple[str, ...], str]  # what a check finds: (the fields involved, what is wrong)
@@ -267,31 +263,24 @@ class _Rules:
     checks: tuple[Callable[[Any], list[Problem]], ...]  # section ConfigDict -> problems of combinations
 
 
-_SECTIONS: dict[str, _Rules] = {}  # section name -> its rules (recorded by `section`)
+_SECTIONS: dict[str, _Rules] = {}  # section name -> its rules (recorded by `rules`)
 
 
-def section(name: str, /, *, checks: tuple[Callable, ...] = (), **fields) -> ml_collections.ConfigDict:
-    """A ConfigDict of the fields' defaults; records their rules (and `checks`) under the section's `name`.
+def rules(name: str, /, *, checks: tuple[Callable, ...] = (), **fields) -> None:
+    """Record the rules of section `name`: field=RULE, or a dict of such for a nested group (e.g. loss.weights).
+    A sub-dict that is a section of its own (data.augment) is checked by that section's rules. A check is a
+    function of the section's ConfigDict returning [(fields involved, what is wrong), ...]."""
+    flat: dict[str, Rule] = {}
 
-    A field is (default, rule), a dict of such (a nested group, e.g. loss.weights) or a ConfigDict another
-    `section` built (a sub-section with its own rules). A check is a function of the section's ConfigDict
-    returning [(fields involved, what is wrong), ...]."""
-    rules: dict[str, Rule] = {}
-
-    def defaults(items: dict, prefix: str) -> dict:
-        values = {}
-        for key, spec in items.items():
-            if isinstance(spec, ml_collections.ConfigDict):
-                values[key] = spec
-            elif isinstance(spec, dict):
-                values[key] = defaults(spec, f"{prefix}{key}.")
+    def add(items: dict, prefix: str) -> None:
+        for key, rule in items.items():
+            if isinstance(rule, dict):
+                add(rule, f"{prefix}{key}.")
             else:
-                values[key], rules[prefix + key] = spec
-        return values
+                flat[prefix + key] = rule
 
-    config = ml_collections.ConfigDict(defaults(fields, ""))
-    _SECTIONS[name] = _Rules(rules, tuple(checks))
-    return config
+    add(fields, "")
+    _SECTIONS[name] = _Rules(flat, tuple(checks))
 
 
 _MISSING = object()
@@ -311,11 +300,6 @@ def problems(config) -> list[str]:
     if trainer not in TRAINERS:
         return [f"--config.trainer={trainer!r}: must be one of {', '.join(TRAINERS)}"]
     return _section_problems(config, trainer, "", set())
-
-
-def is_valid(config, name: str) -> bool:
-    """True when `config`, a section named `name`, has no problems (its sub-sections and checks included)."""
-    return not _section_problems(config, name, "", set())
 
 
 def _section_problems(config, name: str, prefix: str, invalid: set[str]) -> list[str]:
@@ -349,265 +333,17 @@ def _section_problems(config, name: str, prefix: str, invalid: set[str]) -> list
 
 
 def validate(config) -> None:
-    """Raise errors.ConfigError naming every problem of the config; main calls this before anything else."""
+    """Raise errors.ConfigError naming every problem of the config; main calls this before anything else (then
+    the data preflight, data/input/preflight.py and transfer/preflight.py)."""
     found = problems(config)
     if found:
         raise ConfigError(found)
 
 
-# --- model ---------------------------------------------------------------------------------------------------
+# --- the sections' rules ---------------------------------------------------------------------------------------
 
-def model_config(arch: str = "densenet121", multitask: bool = True) -> ml_collections.ConfigDict:
-    """The `model` section: MetaChexNet (all heads) or, with multitask=False, the CheXNet baseline."""
-    return section(
-        "model",
-        arch=(arch, architecture),
-        num_pathologies=(len(PATHOLOGIES), one_of(len(PATHOLOGIES))),
-        metadata_tasks=(list(METADATA_TASKS) if multitask else [], subset_of(*METADATA_TASKS)),
-        # width of the age head's intermediate layer; 0 = no age head
-        age_hidden=(256 if multitask else 0, integer(min=0)),
-        age_mean=(47.0, number()),  # years; the age head regresses (age - age_mean) / age_std
-        age_std=(17.0, number(above=0)),
-        # computation dtype; "bfloat16" on accelerators. Parameters stay float32.
-        dtype=("float32", one_of("float32", "bfloat16")),
-        # The model's pixel contract besides the sizes in `data` (metachex_jax.preprocessing.PixelContract):
-        # "imagenet" (gray -> 3 channels, ImageNet mean/std) or "xrv" (1 channel, [-1024, 1024]; the stem gets 1
-        # input channel), and "resize_crop" (resize to R, centre/random crop S) or "crop_resize" (centre square,
-        # resize to S). A model_init from a converted torchxrayvision model sets both to its own.
-        normalization=("imagenet", pixel_normalization),
-        geometry=("resize_crop", pixel_geometry),
-        # Dense blocks stored stacked and run as one lax.scan each: one compiled layer body per block, so the
-        # train step compiles in seconds; the same function, and checkpoints convert between the forms. "auto"
-        # (yes on CPU, no on GPU/TPU; README "Model forms"), "yes" or "no".
-        scan_layers=("auto", one_of("auto", "yes", "no")),
-        remat=(False, boolean),  # recompute each dense layer in the backward pass: less memory, more compute
-    )
-
-
-# --- loss ----------------------------------------------------------------------------------------------------
-
-def loss_config(multitask: bool = True) -> ml_collections.ConfigDict:
-    """The `loss` section: per-task weights of the summed loss and the per-task options."""
-    return section(
-        "loss",
-        weights=dict(pathology=(1.0, number(min=0)), metadata=(1.0 if multitask else 0.0, number(min=0)),
-                     age=(1.0 if multitask else 0.0, number(min=0))),
-        # "none", or "chexnet": per-class positive/negative weights |N|/(|P|+|N|) and |P|/(|P|+|N|) from the
-        # training set's label prevalence, as in CheXNet.
-        class_weighting=("none", one_of("none", "chexnet")),
-        age_loss=("l1", one_of("l1", "huber")),  # on the normalised age
-        huber_delta=(1.0, number(above=0)),  # in units of age_std
-    )
-
-
-# --- data ----------------------------------------------------------------------------------------------------
-
-def augment_config() -> ml_collections.ConfigDict:
-    """The `augment` section: metachex_jax.data.augment.Augmentation's fields (training only)."""
-    return section(
-        "augment",
-        checks=(_scale_range_ordered,),
-        random_crop=(True, boolean),  # False: centre crop
-        flip_probability=(0.5, number(min=0, max=1)),
-        rotation_degrees=(5.0, number(min=0, max=180)),
-        scale_range=((0.95, 1.05), numbers(above=0)),  # zoom drawn uniformly; > 1 magnifies
-        translate_fraction=(0.03, number(min=0, below=1)),  # shift, as a fraction of the image size
-    )
-
-
-def _scale_range_ordered(c) -> list[Problem]:
-    scale = c.scale_range
-    return [] if len(scale) == 2 and scale[0] <= scale[1] else [(("scale_range",), "must be two numbers, LOW <= HIGH")]
-
-
-def label_table_sections() -> dict:
-    """The build parameters (prepare's flags, data/registry.py) and raw copy of each label-table dataset:
-    `data.chexpert`, `data.padchest`, `data.csv` (manual_dir: if set and the build is missing, it is prepared
-    first; csv.csv is the CSV file, data/csv_dataset.py; with demo and no CSV, the demo tree's hospital)."""
-    fraction = number(min=0, below=1)
-    return dict(
-        chexpert=section("chexpert", manual_dir=("", existing_path), views=("frontal", one_of("frontal", "all")),
-                         uncertainty=("ignore", uncertainty_policy), test_fraction=(0.1, fraction),
-                         seed=(0, integer(min=0))),
-        padchest=section("padchest", manual_dir=("", existing_path), views=("frontal", one_of("frontal", "all")),
-                         val_fraction=(0.1, fraction), test_fraction=(0.1, fraction), seed=(0, integer(min=0))),
-        csv=section("csv", manual_dir=("", existing_path), csv=("", existing_path), num_folds=(10, integer(min=2)),
-                    seed=(0, integer(min=0)), stratify_by=("", string), val_fraction=(0.1, fraction),
-                    test_fraction=(0.2, fraction)),
-    )
-
-
-def data_config(dataset: str = "chestxray14", resolution: int = 256, image_size: int = 224):
-    """The `data` section: where the prepared datasets live, how images are cropped and augmented. Pretraining
-    (dataset chestxray14) reads `datasets`, one or a weighted mixture; transfer (dataset shenzhen) the datasets
-    its protocols name, with `num_folds` / `fold_seed` for the TB sets' builds and for the folds drawn for
-    datasets that store none."""
-    if dataset in ("shenzhen", "montgomery"):
-        which = dict(
-            # stratified folds stored in the TB records at build time (k-fold CV), or drawn for a dataset that
-            # stores none (by patient, stratified by the target)
-            num_folds=(10, integer(min=2)),
-            fold_seed=(0, integer(min=0)),
-        )
-    else:
-        which = dict(
-            # the dataset, or a weighted mixture "chestxray14:1,chexpert:1,padchest:0.5" of chestxray14, chexpert,
-            # padchest and csv (weights: relative sampling rates, default 1; data/mixture.py)
-            datasets=(dataset, mixture),
-            # labels after NIH's 14 in the model's pathology head, e.g. "Lung Opacity,Fracture" (CheXpert's), "No
-            # Finding", "Tuberculosis" (PadChest's, or a CSV column's); each dataset is masked where it lacks one
-            extra_labels=("", string),
-        )
-    return section(
-        "data",
-        checks=(_crop_fits_stored_images,),
-        **which,
-        data_dir=("~/tensorflow_datasets", text),  # where `python -m metachex_jax.prepare` wrote the dataset
-        # raw copy of chestxray14 (pretraining) or of the TB sets (transfer); if set and the dataset is missing, it
-        # is prepared first
-        manual_dir=("", existing_path),
-        resolution=(resolution, integer(min=8)),  # stored R x R at build time
-        image_size=(image_size, integer(min=8)),  # model input S x S (random crop for training, centre for eval)
-        val_fraction=(0.1, number(min=0, below=1)),  # of train_val patients, carved out by patient at build time
-        val_seed=(0, integer(min=0)),
-        # the bit depth high-depth images of every dataset were built with (prepare --bit_depth; 0: the reader's
-        # rule, data/images.py); it names the build the run reads (r256_bits12)
-        bit_depth=(0, integer(min=0, max=16)),
-        **label_table_sections(),
-        # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
-        # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers
-        workers=(-1, integer(min=-1)),
-        # Pretraining: where training images are cropped, flipped and warped (`augment`): "host" (the input
-        # pipeline), "device" (inside the jitted train step; the host only reads and batches the stored images),
-        # or "auto": "host" on a CPU backend, "device" on GPU/TPU (measurements in the README), or what a resumed
-        # run used; always "host" for a crop_resize (torchxrayvision) model. Fine-tuning augments on the host.
-        augment_on=("auto", one_of("auto", "host", "device")),
-        augment=augment_config(),
-    )
-
-
-def _crop_fits_stored_images(c) -> list[Problem]:
-    if c.image_size <= c.resolution:
-        return []
-    return [(("image_size", "resolution"), "the model input is cropped from the stored images, so image_size "
-             "must be <= resolution (the config files' res=S sets resolution = S * 8 // 7)")]
-
-
-# --- optimiser -----------------------------------------------------------------------------------------------
-
-def optim_config(lr: float = 1e-3):
-    """The `optim` section: CheXNet's recipe by default (Adam, lr 1e-3, reduce-on-plateau by 10x)."""
-    return section(
-        "optim",
-        checks=(_weight_decay_needs_adamw,),
-        name=("adam", one_of("adam", "adamw")),
-        lr=(lr, number(above=0)),
-        b1=(0.9, number(min=0, below=1)),
-        b2=(0.999, number(min=0, below=1)),
-        weight_decay=(0.0, number(min=0)),
-        grad_clip_norm=(0.0, number(min=0)),  # 0 = off
-        schedule=("plateau", one_of("plateau", "cosine")),  # plateau: on validation loss; cosine: linear warmup
-        plateau_factor=(0.1, number(above=0, below=1)),
-        plateau_patience=(1, integer(min=0)),  # evaluations without improvement before the lr is reduced
-        # What the plateau watches on validation: "loss" (CheXNet's) or "mean_auroc" (for a mixture: the mean over
-        # datasets of each dataset's mean AUROC over the labels it has; the best checkpoint always uses it)
-        plateau_on=("loss", one_of("loss", "mean_auroc")),
-        warmup_steps=(0, integer(min=0)),
-        # Scale the lr with the global batch: "linear" (lr * batch / reference_batch), "sqrt" (by its square root,
-        # gentler for Adam), or "none". With one device and batch 16 every rule gives CheXNet's 1e-3.
-        lr_scaling=("sqrt", one_of("linear", "sqrt", "none")),
-        reference_batch=(16, integer(min=1)),  # CheXNet's batch size
-    )
-
-
-def _weight_decay_needs_adamw(c) -> list[Problem]:
-    if c.weight_decay > 0 and c.name != "adamw":
-        return [(("weight_decay", "name"), "weight decay needs name='adamw' (decoupled weight decay)")]
-    return []
-
-
-# --- what every trainer shares -------------------------------------------------------------------------------
-
-def _run_fields() -> dict:
-    return dict(
-        seed=(0, integer(min=0)),
-        distributed=("auto", one_of("auto", "yes", "no")),  # "auto": initialise when a cluster is detected
-        n_boot=(1000, integer(min=0)),  # bootstrap resamples (by patient) for confidence intervals
-        demo=(False, boolean),  # generate and prepare the synthetic demo data if missing (metachex_jax.demo_data)
-        demo_dir=("~/.cache/metachex_jax/demo", local_path),  # raw demo trees + prepared datasets live here
-        demo_data=section(
-            "demo_data",
-            seed=(0, integer(min=0)),
-            num_nih=(2000, integer(min=20)),
-            num_shenzhen=(300, integer(min=2)),
-            num_montgomery=(100, integer(min=2)),
-            num_hospital=(200, integer(min=0)),  # the hospital CSV dataset (Hospital/labels.csv)
-            size=(256, integer(min=32)),
-        ),
-    )
-
-
-# --- pretraining ---------------------------------------------------------------------------------------------
-
-def pretrain_config(arg: str | None, multitask: bool) -> ml_collections.ConfigDict:
-    """The whole pretraining config; `configs/pretrain.py` (multitask) and `configs/chexnet.py` call this.
-
-    `arg`: demo, runlocal, arch=..., res=IMAGE_SIZE, init=MODEL_INIT_PATH, datasets=A+B:WEIGHT+... (a mixture; see
-    the config files' docstrings).
-    """
-    arg = parse_arg(arg, demo=False, runlocal=False, arch="densenet121", res=0, init="", datasets="")
-    # Stored resolution R and crop S keep CheXNet's 256 -> 224 ratio: R = S * 8 / 7.
-    image_size = arg.res or (64 if arg.demo else 224)
-    c = section(
-        "pretrain",
-        checks=(_heads_match_loss, _pretraining_data_is_there),
-        trainer=("pretrain", one_of(*TRAINERS)),
-        data=data_config("chestxray14", resolution=image_size * 8 // 7, image_size=image_size),
-        model=model_config(arg.arch, multitask),
-        loss=loss_config(multitask),
-        optim=optim_config(lr=1e-3),
-        # global batch = batch_size_per_device x devices (CheXNet: 16 on one GPU)
-        batch_size_per_device=(16, integer(min=1)),
-        # Training length: num_steps when > 0, else num_epochs epochs, an epoch being as many images as the
-        # training splits of every dataset hold together (one pass over the data when the mixture weights follow
-        # their sizes)
-        num_steps=(0, integer(min=0)),
-        num_epochs=(15, integer(min=1)),
-        max_steps=(0, integer(min=0)),  # stop after this many steps (0 = no limit)
-        eval_every_steps=(0, integer(min=0)),  # 0 = once per epoch
-        eval_max_batches=(0, integer(min=0)),  # 0 = the whole split
-        eval_batch_size_per_device=(64, integer(min=1)),
-        log_every_steps=(50, integer(min=1)),
-        checkpoint_every_steps=(0, integer(min=0)),  # 0 = at every evaluation
-        keep_checkpoints=(2, integer(min=1)),  # the latest N are kept, plus the best by validation mean AUROC
-        # Where the starting weights come from, in this order (written once, in train.initial_state):
-        #   1. this run's own workdir (automatic resume), 2. `resume` (another run's checkpoint, full state),
-        #   3. `model_init` (backbone weights only: converted ImageNet weights or another run; heads are new),
-        #   4. random initialisation.
-        resume=("", existing_path),
-        model_init=(arg.init, existing_path),
-        **_run_fields(),
-    )
-    if arg.datasets:
-        c.data.datasets = arg.datasets.replace("+", ",")
-        c.optim.plateau_on = "mean_auroc"  # the losses of different datasets do not add up to one scale
-    if arg.demo:
-        c.demo = True
-        c.data.val_fraction = 0.15
-        c.batch_size_per_device = 32
-        c.eval_batch_size_per_device = 64
-        c.num_epochs = 10
-        c.optim.schedule = "cosine"
-        c.optim.warmup_steps = 20
-        c.log_every_steps = 10
-        c.n_boot = 200
-    if arg.runlocal:
-        c.num_epochs = 1
-        c.max_steps = 4
-        c.eval_max_batches = 2
-        c.log_every_steps = 1
-        c.n_boot = 20
-    return c
+FRACTION = number(min=0, below=1)
+SEED = integer(min=0)
 
 
 def _heads_match_loss(c) -> list[Problem]:
@@ -623,142 +359,34 @@ def _heads_match_loss(c) -> list[Problem]:
     return out
 
 
-def _pretraining_data_is_there(c) -> list[Problem]:
-    # The demo makes its data (a csv dataset without a CSV is then the demo's hospital); a raw copy (manual_dir)
-    # is prepared at the start; invalid data settings are reported by the data section's rules already.
-    if not is_valid(c.data, "data"):
+def _csv_needs_its_file(c) -> list[Problem]:
+    """A csv dataset in the run needs its CSV file (with demo and no CSV, csv is the demo tree's hospital)."""
+    if c.demo or c.data.csv.csv:
         return []
-    from metachex_jax.data import datasets
-    from metachex_jax.data import mixture as mixture_lib
+    if c.trainer == "pretrain" and not mixture(c.data.datasets) and "csv" in mixture_lib.parse_mixture(c.data.datasets):
+        return [(("data.datasets", "data.csv.csv"), "a csv dataset needs its CSV file (data/raw/csv_dataset.py)")]
+    if c.trainer == "transfer" and not protocol_list(c.protocols) and any(
+            "csv" in p.datasets for p in parse_protocols(c.protocols)):
+        return [(("protocols", "data.csv.csv"), "a csv dataset needs its CSV file (data/raw/csv_dataset.py)")]
+    return []
 
-    names = list(mixture_lib.parse_mixture(c.data.datasets))
-    if "csv" in names and not c.data.csv.csv and not c.demo:
-        return [(("data.datasets", "data.csv.csv"), "a csv dataset needs its CSV file (data/csv_dataset.py)")]
-    if c.demo:
+
+def _scale_range_ordered(c) -> list[Problem]:
+    scale = c.scale_range
+    return [] if len(scale) == 2 and scale[0] <= scale[1] else [(("scale_range",), "must be two numbers, LOW <= HIGH")]
+
+
+def _crop_fits_stored_images(c) -> list[Problem]:
+    if c.image_size <= c.resolution:
         return []
-    unprepared = [n for n in names if not _get(c, datasets.manual_dir_field(n))]
-    message = datasets.missing_data_message(c.data, unprepared, PRETRAIN_DEMO_COMMAND) if unprepared else ""
-    return [((), message)] if message else []
+    return [(("image_size", "resolution"), "the model input is cropped from the stored images, so image_size "
+             "must be <= resolution (the config files' res=S sets resolution = S * 8 // 7)")]
 
 
-PRETRAIN_DEMO_COMMAND = "python -m metachex_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/metachex_demo"
-TRANSFER_DEMO_COMMAND = ("python -m metachex_jax.main --config=configs/transfer.py:demo "
-                         "--config.init_from=/tmp/metachex_demo --workdir=/tmp/tb_demo")
-
-
-# --- TB transfer ---------------------------------------------------------------------------------------------
-
-def transfer_config(arg: str | None) -> ml_collections.ConfigDict:
-    """The TB transfer comparison config; `configs/transfer.py`, `linear_probe.py` and `finetune.py` call this.
-
-    `arg`: demo, runlocal, methods=probe+finetune, init=PATH (init_from), res=IMAGE_SIZE, arch=... (see
-    configs/transfer.py). One run = every starting weight x every method x every protocol -> one report.
-    """
-    arg = parse_arg(arg, demo=False, runlocal=False, methods="probe+finetune", arch="densenet121", res=0,
-                    init="")
-    image_size = arg.res or (64 if arg.demo else 224)
-    data = data_config("shenzhen", resolution=image_size * 8 // 7, image_size=image_size)
-    c = section(
-        "transfer",
-        checks=(_starting_weights_given, _random_bn_is_a_probe_baseline, _deploy_fits_the_run,
-                _transfer_data_is_there),
-        trainer=("transfer", one_of(*TRAINERS)),
-        data=data,
-        model=model_config(arg.arch, multitask=True),  # every starting weight must have this architecture
-        # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its
-        # best checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), a model directory such
-        # as a convert_torchxrayvision output (fed its own pixels: 1 channel, [-1024, 1024], centre square), or
-        # "random".
-        init_from=(arg.init, starting_weights),  # the weights under study; required unless baselines_only
-        # True: run the compare_with baselines without init_from (else its absence is an error)
-        baselines_only=(False, boolean),
-        # More starting weights: comma-separated paths, "random" (BatchNorm at its initial statistics) and/or
-        # "random_bn" (random weights, BatchNorm statistics from bn_statistics_images ChestX-ray14 training
-        # images read from data.data_dir at this resolution: needs that dataset prepared).
-        compare_with=("random", starting_weights),
-        bn_statistics_images=(1280, integer(min=1)),
-        # which checkpoint of a pretraining workdir: "best", "latest" or a step
-        checkpoint_step=("best", checkpoint_step),
-        methods=(arg.methods, names_from(METHODS)),  # "probe", "finetune" or "probe+finetune"
-        # The binary target(s), comma-separated, named as in the shared label space: "Tuberculosis" is the TB
-        # sets' label (and PadChest's, and the demo hospital's); any label of the datasets works (e.g.
-        # "Cardiomegaly" of a CSV dataset). Several targets: one probe / fine-tune per target, side by side.
-        targets=("Tuberculosis", text),
-        # cv_<dataset>: k-fold CV within a dataset; <a>[+<b>...]_to_<c>: train on all of a (and b), test on all of
-        # c (the unseen-dataset test). Datasets: shenzhen, montgomery, csv (data.csv: your own; the demo's
-        # hospital with demo), chexpert, padchest, chestxray14. A protocol whose datasets lack a target is skipped
-        # for it, with a note.
-        protocols=("cv_shenzhen,cv_montgomery,shenzhen_to_montgomery,montgomery_to_shenzhen", protocol_list),
-        feature_cache_dir=("~/.cache/metachex_jax/features", text),  # keyed on the weights' and data's content
-        feature_batch_size=(64, integer(min=1)),
-        probe=section(
-            "probe",
-            inner_folds=(5, integer(min=2)),  # inner stratified CV (folds of patients) to choose the L2 strength
-            # lambda: mean log loss + l2/2 |w|^2
-            l2_grid=((1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0), numbers(above=0)),
-            selection=("log_loss", one_of("log_loss", "auroc")),  # inner-CV criterion
-            max_iter=(500, integer(min=1)),
-            tol=(1e-5, number(above=0)),  # preconditioned gradient norm at which L-BFGS stops
-        ),
-        finetune=section(
-            "finetune",
-            max_folds=(0, integer(min=0)),  # 0 = every fold of a CV protocol; n = only the first n folds (demo)
-            num_epochs=(30, integer(min=1)),
-            patience=(5, integer(min=1)),  # epochs without a better validation AUROC before stopping
-            batch_size=(16, integer(min=1)),
-            eval_batch_size=(64, integer(min=1)),
-            head_lr=(1e-3, number(above=0)),
-            backbone_lr=(1e-4, number(min=0)),  # lower than the head's: the pretrained backbone moves slowly
-            # BatchNorm statistics of the test predictions in the cross-dataset protocols (recomputed for the
-            # fine-tuned weights either way): "fit" = the training set's fit images; "target" = the unlabelled
-            # test images (test-time adaptation), and then the validation predictions the thresholds are chosen on
-            # use the validation images' own. Within a dataset they always come from the fit images.
-            bn_stats=("fit", one_of("fit", "target")),
-            # name, betas, clipping, warmup; finetune.py sets the two lrs and a constant schedule (early stopping
-            # decides the length)
-            optim=optim_config(lr=1e-3),
-            augment=augment_config(),
-        ),
-        # Screening operating points, thresholds chosen on training data: WHO's target product profile for a TB
-        # triage test asks for sensitivity >= 0.90 with specificity >= 0.70.
-        screening=section(
-            "screening",
-            sensitivity=(0.9, number(above=0, max=1)),
-            specificity=(0.7, number(above=0, max=1)),
-        ),
-        # The deployable TB model fitted at the end on every training image and saved to WORKDIR/model/ for
-        # `predict` (transfer/deploy.py; chosen by the config, never by test results).
-        deploy=section(
-            "deploy",
-            start=("", string),  # a start's name ("" = init_from's, "none" = no model); checked once loaded
-            method=("", one_of("", *METHODS)),  # "" = finetune when the run fine-tunes, else probe
-            # "" = the first report column (a protocol, or <protocol>.<target> with several targets); its training
-            # set, one dataset, is fitted
-            protocol=("", protocol_or_empty),
-            # "sensitivity": the largest threshold with out-of-fold sensitivity >= screening.sensitivity; "youden"
-            threshold_rule=("sensitivity", one_of("sensitivity", "youden")),
-        ),
-        # equal-width probability bins of the expected calibration error and reliability plots
-        calibration_bins=(10, integer(min=1)),
-        **_run_fields(),
-    )
-    c.finetune.optim.warmup_steps = 0
-    c.finetune.optim.lr_scaling = "none"  # head_lr and backbone_lr are used as written, whatever the batch size
-    if arg.demo:
-        c.demo = True
-        c.feature_batch_size = 100
-        c.finetune.max_folds = 2
-        c.compare_with = "random,random_bn" if "probe" in arg.methods else "random"  # random_bn: probe only
-        c.data.val_fraction = 0.15  # as the pretraining demo: random_bn reads the same ChestX-ray14 build
-        c.finetune.num_epochs = 3
-        c.finetune.patience = 2
-        c.finetune.batch_size = 32
-        c.n_boot = 200
-    if arg.runlocal:
-        c.finetune.max_folds = 1
-        c.finetune.num_epochs = 1
-        c.n_boot = 20
-    return c
+def _weight_decay_needs_adamw(c) -> list[Problem]:
+    if c.weight_decay > 0 and c.name != "adamw":
+        return [(("weight_decay", "name"), "weight decay needs name='adamw' (decoupled weight decay)")]
+    return []
 
 
 def _starts(c) -> list[str]:
@@ -801,8 +429,6 @@ def _deploy_fits_the_run(c) -> list[Problem]:
                     "deploy.method=probe"))
     if protocol_list(c.protocols) or not c.targets.strip():  # reported by the protocols and targets rules
         return out
-    from metachex_jax.transfer.protocols import column_name, parse_protocols, parse_targets
-
     targets = parse_targets(c.targets)
     several = len(targets) > 1
     columns = {column_name(p.name, t, several): (p, t) for t in targets for p in parse_protocols(c.protocols)}
@@ -823,21 +449,52 @@ def _deploy_fits_the_run(c) -> list[Problem]:
     return out
 
 
-def _transfer_data_is_there(c) -> list[Problem]:
-    if c.demo or not is_valid(c.data, "data") or protocol_list(c.protocols):
-        return []
-    from metachex_jax.data import datasets
-    from metachex_jax.transfer.protocols import parse_protocols
-
-    out = []
-    needed = sorted({d for p in parse_protocols(c.protocols) for d in p.datasets})
-    if "csv" in needed and not c.data.csv.csv:
-        return [(("protocols", "data.csv.csv"), "a csv dataset needs its CSV file (data/csv_dataset.py)")]
-    unprepared = [n for n in needed if not _get(c, datasets.manual_dir_field(n))]  # with a raw copy: at the start
-    message = datasets.missing_data_message(c.data, unprepared, TRANSFER_DEMO_COMMAND) if unprepared else ""
-    out += [((), message)] if message else []
-    if "random_bn" in _starts(c):  # ChestX-ray14 is never prepared by a transfer run
-        message = datasets.missing_data_message(c.data, ["chestxray14"], prepare_at_start=False)
-        out += [((), "compare_with names random_bn, whose BatchNorm statistics come from ChestX-ray14 training "
-                 f"images: {message}")] if message else []
-    return out
+rules("model", arch=architecture, num_pathologies=one_of(len(PATHOLOGIES)), metadata_tasks=subset_of(*METADATA_TASKS),
+      age_hidden=integer(min=0), age_mean=number(), age_std=number(above=0), dtype=one_of("float32", "bfloat16"),
+      normalization=pixel_normalization, geometry=pixel_geometry, scan_layers=one_of("auto", "yes", "no"),
+      remat=boolean)
+rules("loss", weights=dict(pathology=number(min=0), metadata=number(min=0), age=number(min=0)),
+      class_weighting=one_of("none", "chexnet"), age_loss=one_of("l1", "huber"), huber_delta=number(above=0))
+rules("augment", checks=(_scale_range_ordered,), random_crop=boolean, flip_probability=number(min=0, max=1),
+      rotation_degrees=number(min=0, max=180), scale_range=numbers(above=0), translate_fraction=number(min=0, below=1))
+rules("chexpert", manual_dir=existing_path, views=one_of("frontal", "all"), uncertainty=uncertainty_policy,
+      test_fraction=FRACTION, seed=SEED)
+rules("padchest", manual_dir=existing_path, views=one_of("frontal", "all"), val_fraction=FRACTION,
+      test_fraction=FRACTION, seed=SEED)
+rules("csv", manual_dir=existing_path, csv=existing_path, num_folds=integer(min=2), seed=SEED, stratify_by=string,
+      val_fraction=FRACTION, test_fraction=FRACTION)
+rules("data", checks=(_crop_fits_stored_images,),
+      datasets=mixture, extra_labels=string,  # pretraining
+      num_folds=integer(min=2), fold_seed=SEED,  # transfer
+      data_dir=text, manual_dir=existing_path, resolution=integer(min=8), image_size=integer(min=8),
+      val_fraction=FRACTION, val_seed=SEED, bit_depth=integer(min=0, max=16), workers=integer(min=-1),
+      augment_on=one_of("auto", "host", "device"))
+rules("optim", checks=(_weight_decay_needs_adamw,), name=one_of("adam", "adamw"), lr=number(above=0),
+      b1=number(min=0, below=1), b2=number(min=0, below=1), weight_decay=number(min=0), grad_clip_norm=number(min=0),
+      schedule=one_of("plateau", "cosine"), plateau_factor=number(above=0, below=1), plateau_patience=integer(min=0),
+      plateau_on=one_of("loss", "mean_auroc"), warmup_steps=integer(min=0),
+      lr_scaling=one_of("linear", "sqrt", "none"), reference_batch=integer(min=1))
+rules("demo_data", seed=SEED, num_nih=integer(min=20), num_shenzhen=integer(min=2), num_montgomery=integer(min=2),
+      num_hospital=integer(min=0), size=integer(min=32))
+RUN_RULES = dict(seed=SEED, distributed=one_of("auto", "yes", "no"), n_boot=integer(min=0), demo=boolean,
+                 demo_dir=local_path)  # what every trainer's root has
+rules("pretrain", checks=(_heads_match_loss, _csv_needs_its_file), trainer=one_of(*TRAINERS),
+      batch_size_per_device=integer(min=1), num_steps=integer(min=0), num_epochs=integer(min=1),
+      max_steps=integer(min=0), eval_every_steps=integer(min=0), eval_max_batches=integer(min=0),
+      eval_batch_size_per_device=integer(min=1), log_every_steps=integer(min=1),
+      checkpoint_every_steps=integer(min=0), keep_checkpoints=integer(min=1), resume=existing_path,
+      model_init=existing_path, **RUN_RULES)
+rules("probe", inner_folds=integer(min=2), l2_grid=numbers(above=0), selection=one_of("log_loss", "auroc"),
+      max_iter=integer(min=1), tol=number(above=0))
+rules("finetune", max_folds=integer(min=0), num_epochs=integer(min=1), patience=integer(min=1),
+      batch_size=integer(min=1), eval_batch_size=integer(min=1), head_lr=number(above=0),
+      backbone_lr=number(min=0), bn_stats=one_of("fit", "target"))
+rules("screening", sensitivity=number(above=0, max=1), specificity=number(above=0, max=1))
+rules("deploy", start=string, method=one_of("", *METHODS), protocol=protocol_or_empty,
+      threshold_rule=one_of("sensitivity", "youden"))
+rules("transfer", checks=(_starting_weights_given, _random_bn_is_a_probe_baseline, _deploy_fits_the_run,
+                          _csv_needs_its_file),
+      trainer=one_of(*TRAINERS), init_from=starting_weights, baselines_only=boolean, compare_with=starting_weights,
+      bn_statistics_images=integer(min=1), checkpoint_step=checkpoint_step, methods=names_from(METHODS),
+      targets=text, protocols=protocol_list, feature_cache_dir=text, feature_batch_size=integer(min=1),
+      calibration_bins=integer(min=1), **RUN_RULES)

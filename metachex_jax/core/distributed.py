@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import jax
+from jax.experimental import multihost_utils
 
 T = TypeVar("T")
 
@@ -72,7 +73,6 @@ def one_process_at_a_time(fn: Callable[[], T], name: str, *, process_index: int 
     if count == 1:
         return fn()
     if barrier is None:
-        from jax.experimental import multihost_utils
         barrier = multihost_utils.sync_global_devices
     result, error = None, None
     for turn in range(count):

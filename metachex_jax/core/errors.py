@@ -11,7 +11,8 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """The config has problems (config_lib.validate): `.problems` lists every one, the message names them all."""
+    """The config has problems (configs/config_lib.validate; or the data it names is missing, the data preflight):
+    `.problems` lists every one, the message names them all."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -25,3 +26,11 @@ class ConfigArgumentError(UserError, ValueError):
 
 class MissingDataError(UserError, FileNotFoundError):
     """A prepared dataset the run needs is not there; the message holds the commands that prepare it."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss that is NaN or infinite: the run stops loudly (the last good checkpoint is kept)."""
+
+
+class ModelError(ValueError):
+    """MODEL cannot be used as asked (not a model, no such output, ...); raised before any work starts."""

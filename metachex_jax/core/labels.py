@@ -19,9 +19,10 @@ PATHOLOGIES = (
 )
 NO_FINDING = "No Finding"
 
-# A dataset's label names that are NIH labels under another name (data/mixture.py maps labels by name after these).
+# A dataset's label names that are NIH labels under another name (data/input/mixture.py maps labels by name after
+# these).
 # CheXpert's other observations keep their own names (extra labels); PadChest's builder writes NIH's names itself
-# (data/padchest.py: LABEL_FINDINGS); a CSV column is the label its header names.
+# (data/raw/padchest.py: LABEL_FINDINGS); a CSV column is the label its header names.
 LABEL_ALIASES = {"chexpert": {"Pleural Effusion": "Effusion"}}
 
 # The binary metadata head: one logit per entry, positive class named by the entry.

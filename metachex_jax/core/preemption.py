@@ -1,6 +1,6 @@
 """Stopping a run cleanly on SIGTERM or SIGINT: every process saves a checkpoint at the same step, then exits 0.
 
-Spot TPU VMs and SLURM (preemption, or `--signal` before the time limit; see launch/README.md) send SIGTERM and
+Spot TPU VMs and SLURM (preemption, or `--signal` before the time limit; see the docs' Launching page) send SIGTERM and
 kill the run a little later; Ctrl-C sends SIGINT. `StopSignals` turns either into a flag that the trainer acts
 on at a step boundary:
 

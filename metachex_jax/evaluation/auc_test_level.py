@@ -1,6 +1,6 @@
-"""Does the paired AUROC test hold its level when patients have several images? A simulation with known truth.
-
-    python -m metachex_jax.auc_test_level [--datasets=2000] [--patients=200] [--seed=0]
+"""Does the paired AUROC test hold its level when patients have several images? A simulation with known truth
+(`rejection_rates`; the command `python -m metachex_jax.auc_test_level [--datasets=2000] [--patients=200]
+[--seed=0]`).
 
 Each null data set: `patients` patients, each with 1 to 4 images (uniform), a patient-level label (positive with
 probability `prevalence`), and two scores per image from models of EQUAL true AUROC:
@@ -18,14 +18,11 @@ is one JSON object with every figure. Same arguments, same output.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 
 import numpy as np
 
-from metachex_jax import metrics
-
+from metachex_jax.evaluation import metrics
 
 # The null model of the issue's check (module docstring).
 NULL_MODEL = {"max_images": 4, "prevalence": 0.5, "auroc": 0.8, "rho_within": 0.5, "rho_models": 0.6}
@@ -58,22 +55,3 @@ def rejection_rates(datasets: int = 1000, patients: int = 200, seed: int = 0, al
     return {"datasets": datasets, "patients": patients, **NULL_MODEL, "alpha": alpha, "seed": seed,
             "rejection_rate": rates,
             "monte_carlo_se": {test: float(np.sqrt(r * (1 - r) / datasets)) for test, r in rates.items()}}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.auc_test_level", description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", type=int, default=2000)
-    parser.add_argument("--patients", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--alpha", type=float, default=0.05)
-    args = parser.parse_args(argv)
-    result = rejection_rates(args.datasets, args.patients, args.seed, args.alpha)
-    for test, rate in result["rejection_rate"].items():
-        print(f"{test}: rejects {rate:.2%} of {args.datasets} null data sets at alpha {args.alpha:g} "
-              f"(Monte Carlo SE {result['monte_carlo_se'][test]:.2%})")
-    print(json.dumps(result))
-    return result
-
-
-if __name__ == "__main__":
-    main()

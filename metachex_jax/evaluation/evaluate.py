@@ -8,10 +8,7 @@ are gathered; only the lead host writes:
     WORKDIR/eval/{tag}_step{N}.json              every metric with its 95% CI (bootstrap over patients)
     WORKDIR/eval/{tag}_step{N}.md                the same as a markdown table
 
-`python -m metachex_jax.reports recompute PREDICTIONS_CSV` recomputes the metrics from the CSV alone.
-
-As a command, `python -m metachex_jax.evaluate --run=WORKDIR --labels=nih_expert --labels_csv=FILE` scores a
-finished run on NIH's expert labels (expert_labels.py).
+`python -m metachex_jax.evaluation.reports recompute PREDICTIONS_CSV` recomputes the metrics from the CSV alone.
 """
 
 from __future__ import annotations
@@ -20,9 +17,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from metachex_jax import files, metrics, reports
-from metachex_jax.data import pipeline
-from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.core import files
+from metachex_jax.core.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.data.input import pipeline
+from metachex_jax.evaluation import metrics, reports
 
 
 def predict(eval_step, state, source, *, global_batch, contract, data_sharding, max_batches=0, workers=0,
@@ -74,7 +72,7 @@ def evaluate_split(eval_step, state, source, *, split, step, tag, workdir, globa
                    label_names=PATHOLOGIES) -> dict:
     """Predict, compute every metric, write the files; returns the metrics (with the weighted loss).
 
-    `label_names`: the model's pathology outputs (a mixture's label space: data/mixture.py); records of kind
+    `label_names`: the model's pathology outputs (a mixture's label space: data/input/mixture.py); records of kind
     "labelled" carry a mask per label, so each dataset is scored on the labels it has."""
     table, loss_terms = predict(eval_step, state, source, global_batch=global_batch, contract=contract,
                                 data_sharding=data_sharding, max_batches=max_batches, workers=workers, kind=kind)
@@ -135,55 +133,3 @@ def write_outputs(workdir: str, tag: str, step: int, split: str, cols: dict, res
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line: a finished run scored on other labels.
-# ----------------------------------------------------------------------------------------------------------
-
-LABEL_SETS = ("nih_expert",)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m metachex_jax.evaluate --run=WORKDIR --labels=nih_expert --labels_csv=FILE [--labels_csv=FILE2]
-    [--step=best] [--data_dir=DIR] [--n_boot=1000] [--seed=0]
-
-    Scores a pretraining run on the NIH expert labels (expert_labels.py); prints the table and writes
-    WORKDIR/eval/nih_expert_step{N}.{json,md} and _predictions.csv. Exit status 0, 1 for bad label files or a
-    missing build, 2 for usage errors.
-    """
-    import argparse
-    import sys
-
-    from metachex_jax import expert_labels
-    from metachex_jax.data.raw_common import RawDataError
-
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.evaluate", description=main.__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="a pretraining workdir")
-    parser.add_argument("--labels", required=True, choices=LABEL_SETS)
-    parser.add_argument("--step", default="best", help="best (by validation mean AUROC), latest, or a step")
-    parser.add_argument("--n_boot", type=int, default=1000, help="patient bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--batch_size", type=int, default=64)
-    expert_labels.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if not args.labels_csv:
-        parser.error("--labels=nih_expert needs --labels_csv=FILE (the merged file, or the test and the "
-                     "validation file)")
-    try:
-        result = expert_labels.evaluate_run(args.run, args.labels_csv, step=args.step, data_dir=args.data_dir,
-                                            n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size)
-    except (RawDataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    sys.stdout.write(expert_labels.markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

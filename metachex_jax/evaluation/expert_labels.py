@@ -3,7 +3,7 @@ same images' original (text-mined) NIH labels:
 
     python -m metachex_jax.evaluate --run=WORKDIR --labels=nih_expert --labels_csv=FILE [--labels_csv=FILE2]
 
-1. The label files (data/nih_expert.py: the merged file with `Set Id`, or the test and validation files).
+1. The label files (data/raw/nih_expert.py: the merged file with `Set Id`, or the test and validation files).
 2. The run's model (best checkpoint unless --step) and its config: which ChestX-ray14 build it read (data_dir,
    resolution, validation carve-out), and whether ChestX-ray14 was in its training data at all.
 3. Contamination: every expert-labelled image is looked up in the prepared ChestX-ray14 build. Images in the
@@ -29,10 +29,16 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
-from metachex_jax import checkpointing, files, metrics, reports
-from metachex_jax.data import datasets, mixture, nih_expert
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core import files
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.input import datasets, mixture
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.data.raw import nih_expert
+from metachex_jax.evaluation import metrics, reports
+from metachex_jax.models import runs
+from metachex_jax.serving.predictor import Predictor
 
 # finding -> (model outputs whose maximum scores it, in order of preference: the first rule the model has all
 # outputs of wins; the NIH labels whose union is the original label, or () when NIH has none)
@@ -57,8 +63,6 @@ def scoring_rules(output_names: Sequence[str]) -> dict[str, tuple[str, ...]]:
 
 
 def _read_names(source) -> list[str]:
-    from tqdm import tqdm
-
     names = []
     for i in tqdm(range(len(source)), desc="reading image names", unit="img", mininterval=2.0):
         name = source[i]["image_name"]
@@ -108,10 +112,8 @@ def evaluate_run(run: str, label_files: Sequence[str], *, step: str = "best", da
                  n_boot: int = 1000, seed: int = 0, batch_size: int = 64) -> dict:
     """Score `run` on the expert labels (module docstring); writes WORKDIR/eval/nih_expert_step{N}.* and returns
     the result."""
-    from metachex_jax.inference import Predictor
-
     expert = nih_expert.read_expert_labels(label_files)
-    config = ml_collections.ConfigDict(checkpointing.saved_config(run))
+    config = ml_collections.ConfigDict(runs.saved_config(run))
     if data_dir:
         config.data.data_dir = data_dir
     predictor = Predictor.load(run, step=step, batch_size=batch_size)
@@ -120,7 +122,7 @@ def evaluate_run(run: str, label_files: Sequence[str], *, step: str = "best", da
         raise ValueError(f"the model of {run} has none of the outputs the expert findings are scored from "
                          f"({EXPERT_RULES}); its outputs: {predictor.output_names}")
     trained_on_nih = "chestxray14" in mixture.parse_mixture(config.data.get("datasets", "chestxray14"))
-    splits = datasets.chestxray14_splits(config)
+    splits = datasets.chestxray14_splits(DataSpec.from_config(config))
     scored, accounting = locate(expert, splits, trained_on_nih)
     if not scored:
         raise ValueError(f"none of the {len(expert)} expert-labelled images is left to score: {accounting}")

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
 
 # Bootstrap weight matrices are built in chunks of at most this many elements (N * B float64 = 32 MB).
 _CHUNK_ELEMENTS = 4_000_000
@@ -811,7 +811,7 @@ def evaluate_multitask(predictions: Mapping[str, Any], n_boot: int = 1000, seed:
       n_boot: bootstrap resamples of patients (0: no CIs, reported as NaN). All tasks see the same
         resamples (same seed and patients), so their CIs are paired.
       seed, alpha: bootstrap seed; the CIs are (1 - alpha) percentile intervals.
-      label_names: the names of the pathology columns (NIH's 14, or a mixture's label space: data/mixture.py).
+      label_names: the names of the pathology columns (NIH's 14, or a mixture's label space: data/input/mixture.py).
         A label no image has a known value for (mask 0 everywhere: a dataset without it) is undefined, hence
         left out of the mean, which is then the mean over the labels the data has.
     Returns:

@@ -1,10 +1,8 @@
 """Writing and reading evaluation outputs: per-image prediction CSVs, metric JSON, markdown tables.
 
-Every published number should be recomputable from a per-image predictions CSV:
-
-    python -m metachex_jax.reports recompute PREDICTIONS_CSV [--n_boot 1000] [--seed 0] [--json OUT]
-
-reads the CSV, runs `metrics.evaluate_multitask` and prints the markdown table. Such a CSV holds the
+Every published number should be recomputable from a per-image predictions CSV: `recompute` (the command
+`python -m metachex_jax.reports recompute PREDICTIONS_CSV [--n_boot 1000] [--seed 0] [--json OUT]`)
+reads the CSV and runs `metrics.evaluate_multitask`; the command prints the markdown table. Such a CSV holds the
 `metrics.TASK_ARRAYS` arrays and `patient_id` (other columns, e.g. image_name, are carried along), written
 with `write_predictions_csv(path, predictions, column_names=MULTITASK_COLUMN_NAMES)`.
 
@@ -24,28 +22,27 @@ JSON: NaN (undefined metrics) is written as null, infinities are refused, keys k
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from metachex_jax import files, metrics
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core import files
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.evaluation import metrics
 
 # Column names of the 2-D arrays of `metrics.evaluate_multitask` predictions, for write_predictions_csv.
 MULTITASK_COLUMN_NAMES = {key: PATHOLOGIES for key in metrics.TASK_ARRAYS["pathology"]}
 
 
 def multitask_column_names(label_names: Sequence[str] = PATHOLOGIES) -> dict[str, Sequence[str]]:
-    """MULTITASK_COLUMN_NAMES for another label space (a mixture's, data/mixture.py)."""
+    """MULTITASK_COLUMN_NAMES for another label space (a mixture's, data/input/mixture.py)."""
     return {key: tuple(label_names) for key in metrics.TASK_ARRAYS["pathology"]}
 
 
@@ -328,35 +325,8 @@ def multitask_markdown(result: Mapping[str, Any], title: str | None = None) -> s
     return heading + markdown_table(["Metric", "Value", ci_label], rows) + "\n" + " ".join(notes) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.reports",
-                                     description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    recompute = commands.add_parser("recompute", help="recompute the metrics of a per-image predictions CSV")
-    recompute.add_argument("predictions_csv")
-    recompute.add_argument("--n_boot", type=int, default=1000, help="patient bootstrap resamples")
-    recompute.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    recompute.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha")
-    recompute.add_argument("--json", help="also write the metrics as JSON to this path")
-    args = parser.parse_args(argv)
-
-    try:
-        label_names = pathology_names_in(args.predictions_csv)
-        predictions = read_predictions_csv(args.predictions_csv, multitask_column_names(label_names))
-        result = metrics.evaluate_multitask(predictions, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
-                                            label_names=label_names)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        write_json(args.json, result)
-    sys.stdout.write(multitask_markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def recompute(predictions_csv: str, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Every metric of a per-image predictions CSV (`write_predictions_csv`'s format), recomputed from it alone."""
+    label_names = pathology_names_in(predictions_csv)
+    predictions = read_predictions_csv(predictions_csv, multitask_column_names(label_names))
+    return metrics.evaluate_multitask(predictions, n_boot=n_boot, seed=seed, alpha=alpha, label_names=label_names)

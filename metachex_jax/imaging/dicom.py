@@ -25,7 +25,7 @@ a file with the 128-byte preamble, `probe(data)` one without it. The rules, in t
       here for high-depth files (BitsStored > 8; stored values above it are an error); 8-bit files ignore it.
 4. MONOCHROME1 (low values displayed white) is inverted, so the result is always MONOCHROME2: bright = dense.
 5. The result is rounded once to 8 bits (numpy's rint). For 8-bit data stored at 10 to 16 bits, either
-   photometric interpretation, this gives the 8-bit values back exactly (see data/images.py).
+   photometric interpretation, this gives the 8-bit values back exactly (see images.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from metachex_jax.data import file_formats
+from metachex_jax.imaging import file_formats
 
 if TYPE_CHECKING:
     import pydicom

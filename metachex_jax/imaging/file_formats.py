@@ -3,7 +3,7 @@ dimensions (so that a decompression bomb is refused before anything is allocated
 
     sniff(head)            "png", "jpeg", "dicom" (preamble + 'DICM'), "pillow" (another format Pillow reads,
                            known by its signature: TIFF, BMP, GIF, WebP, JPEG 2000, PNM) or "unknown" (then the
-                           reader tries DICOM by parsing, data/dicom.py, and Pillow last)
+                           reader tries DICOM by parsing, dicom.py, and Pillow last)
     png_layout(data)       IHDR, sBIT; walks every chunk to IEND: a truncated file, a missing IEND or a bad CRC of
                            any chunk but IDAT is an error (libpng checks the IDAT CRCs while it decodes)
     jpeg_layout(data)      the frame header (SOF: size, components, precision), the EXIF orientation (first APP1

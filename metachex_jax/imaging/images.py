@@ -17,7 +17,7 @@ in a 16-bit PNG, a 12-bit DICOM, MONOCHROME1 or 2) gives the identical model inp
      12-bit) are decoded by imagecodecs (libjpeg-turbo), colour and CMYK JPEGs by Pillow. The EXIF orientation
      (1-8) is applied, as browsers and viewers do (Pillow's `ImageOps.exif_transpose`), on both paths; it is
      recorded in `ImageInfo.orientation`, and width and height are those of the image as displayed.
-   - DICOM: `metachex_jax.data.dicom` (pydicom; its display rules are documented there).
+   - DICOM: `metachex_jax.imaging.dicom` (pydicom; its display rules are documented there).
    - Anything else goes to Pillow, whose full decode is forced (`LOAD_TRUNCATED_IMAGES` is never enabled).
    A file that cannot be read raises `ImageDecodeError` whose message starts with the file's path.
 2. Refused before anything is decoded (bounded memory): a header (PNG IHDR, JPEG SOF, DICOM Rows x Columns,
@@ -50,7 +50,7 @@ in a 16-bit PNG, a 12-bit DICOM, MONOCHROME1 or 2) gives the identical model inp
    writes it per row. For 8-bit data stored at 10 to 16 bits (round(v x (2**bits - 1) / 255)) the mapping gives
    v back exactly: the error of the stored value, at most 0.5, shrinks by (2**bits - 1) / 255 on the way back.
 4. Optionally (`square=True`, the torchxrayvision pixel contract) the centre square of the image is cut out
-   (`augment.square_box`: torchxrayvision's XRayCenterCrop). Then the resize to R x R, aspect ratio NOT
+   (`geometry.square_box`: torchxrayvision's XRayCenterCrop). Then the resize to R x R, aspect ratio NOT
    preserved (CheXNet-style), `resize.resize_gray`: the exact area average, rounded once, when downscaling;
    bilinear, rounded once, when upscaling (only tiny synthetic images).
 
@@ -77,9 +77,9 @@ import numpy as np
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from metachex_jax.data import dicom, file_formats
-from metachex_jax.data.augment import square_box
-from metachex_jax.data.resize import resize_gray
+from metachex_jax.imaging import dicom, file_formats
+from metachex_jax.imaging.geometry import square_box
+from metachex_jax.imaging.resize import resize_gray
 
 DEFAULT_MAX_PIXELS = file_formats.DEFAULT_MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, never decode half-grey

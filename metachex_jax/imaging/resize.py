@@ -1,7 +1,7 @@
 """The one resize of the project's pixels: 8-bit gray (H, W) -> (height, width) 8-bit gray, rounded once.
 
 Every image the builders store and `predict` reads goes through `resize_gray`, after the reader has mapped its
-source to 8 bits (data/images.py). So the same 8-bit pixels give the same model input whatever file they came
+source to 8 bits (images.py). So the same 8-bit pixels give the same model input whatever file they came
 from, and no value is rounded twice.
 
 - Downscaling (both sides >= the target): the EXACT area average. Output pixel (i, j) covers the input rectangle
@@ -23,15 +23,10 @@ from __future__ import annotations
 
 import functools
 
+import cv2
 import numpy as np
 
-
-@functools.cache
-def _cv2():
-    import cv2  # imported on first use (only upscaling needs it), single-threaded: decoding runs a process per core
-
-    cv2.setNumThreads(1)
-    return cv2
+cv2.setNumThreads(1)  # one thread: decoding runs a process per core
 
 
 def resize_gray(gray: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
@@ -44,7 +39,7 @@ def resize_gray(gray: np.ndarray, height: int, width: int | None = None) -> np.n
         return gray
     if gray.shape[0] >= height and gray.shape[1] >= width:
         return area_average(gray, height, width)
-    resized = _cv2().resize(gray.astype(np.float32), (width, height), interpolation=_cv2().INTER_LINEAR)
+    resized = cv2.resize(gray.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 

@@ -21,7 +21,7 @@ keys, unexpected keys, shape mismatches) is collected and reported in one error.
 Old torchvision checkpoints spell dense-layer modules `norm.1`, `conv.2`, ...; they are renamed exactly as
 torchvision's own `_load_state_dict` does (its regex, extended to `num_batches_tracked`).
 
-Files: `.pth`/`.pt` are read by `metachex_jax.torch_pickle` (no torch needed; a restricted unpickler that runs
+Files: `.pth`/`.pt` are read by `metachex_jax.interop.torch_pickle` (no torch needed; a restricted unpickler that runs
 nothing from the file; a plain state dict or a whole pickled module); `.npz` and `.safetensors` with numpy /
 safetensors alone.
 
@@ -47,10 +47,15 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
 from etils import epath
 from flax import nnx
 
-from metachex_jax import files, torch_pickle
+from metachex_jax.contract.card import is_model_dir
+from metachex_jax.core import files
+from metachex_jax.interop import torch_pickle
+from metachex_jax.models import saved_model
 from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, convert_layout, count_params, unrolled
 
 BACKBONE_FORMAT = "metachex_jax.backbone/1"
@@ -277,8 +282,6 @@ def _nest(flat: Mapping[tuple, Any]) -> dict:
 
 def _load_backbone_from_model_dir(src: str, model: nnx.Module) -> dict:
     """`load_backbone` from a model directory: its model's `.backbone`, checked key by key like a checkpoint."""
-    from metachex_jax import saved_model
-
     backbone = _backbone_of(model)
     try:
         source, card = saved_model.load(src)
@@ -318,7 +321,7 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a flat state dict of numpy arrays from `.pth`/`.pt` (torch's zip or legacy format: a state dict or a
-    whole pickled module, read by `metachex_jax.torch_pickle` without torch), `.npz` or `.safetensors`."""
+    whole pickled module, read by `metachex_jax.interop.torch_pickle` without torch), `.npz` or `.safetensors`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -331,7 +334,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as archive:
                 loaded = {key: archive[key] for key in archive.files}
         elif suffix == ".safetensors":
-            import safetensors.numpy
             loaded = safetensors.numpy.load_file(path)
         else:
             # Our own restricted unpickler (no torch needed): a state dict or a whole pickled module; nothing
@@ -397,7 +399,7 @@ def load_torchvision_densenet(path: str | os.PathLike, num_classes: int | None =
 
     The model comes back in the default (training) mode, like a freshly built one. For inference and for parity
     with torchvision's `model.eval()`, call `model.eval()` so that BatchNorm uses the loaded running statistics.
-    Inputs are NHWC (torch's NCHW transposed), normalised as `metachex_jax.preprocessing` documents.
+    Inputs are NHWC (torch's NCHW transposed), normalised as `metachex_jax.contract.pixels` documents.
     """
     return densenet_from_state_dict(read_state_dict(path), num_classes, arch, dtype=dtype, what=str(path),
                                     in_channels=in_channels)[0]
@@ -459,8 +461,6 @@ def save_backbone(model: nnx.Module, dest: str | os.PathLike, *, source: str, ov
     unless overwrite=True. Single-process tool: call it from one process, not from every host of a multi-host run.
     Returns DEST as an absolute path.
     """
-    import orbax.checkpoint as ocp
-
     dest = Path(dest).absolute()
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
@@ -531,12 +531,8 @@ def load_backbone(src: str | os.PathLike, model: nnx.Module) -> dict:
     take the shardings of the model's current arrays. Returns the checkpoint's metadata (for a model directory:
     its card).
     """
-    import orbax.checkpoint as ocp
-
-    from metachex_jax import saved_model
-
     src = files.absolute(src)  # a gs:// checkpoint stays a URL (orbax reads it)
-    if saved_model.is_model_dir(src):
+    if is_model_dir(src):
         return _load_backbone_from_model_dir(src, model)
     metadata = read_backbone_metadata(src)
     backbone = _backbone_of(model)

@@ -1,49 +1,34 @@
-"""Convert torchxrayvision's DenseNet-121 chest X-ray weights into a model directory every tool here reads.
+"""torchxrayvision's DenseNet-121 chest X-ray weights -> a model directory every tool here reads: the library
+behind `python -m metachex_jax.convert_torchxrayvision` (whose help describes SRC, DEST and --weights_name).
 
-    python -m metachex_jax.convert_torchxrayvision \\
-        ~/.torchxrayvision/nih-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt ~/models/xrv-nih \\
-        --weights_name=densenet121-res224-nih
-
-SRC: a torchxrayvision release file (a whole pickled `torchxrayvision.models.DenseNet`, in torch's zip or legacy
-format), or a state dict of that module (`.pt`/`.pth`, `.safetensors`, `.npz`). `.pt`/`.pth` files are read by
-`metachex_jax.torch_pickle`: no torch needed, and nothing from the file is imported or run.
-
---weights_name (required) names the published weights; it picks the 18 label names ('' for labels those weights
-were never trained on) and the per-label operating thresholds, which the files do not carry: torchxrayvision keeps
-them in `model_urls` (torchxrayvision/models.py). `WEIGHTS` below is a copy of that table, from `TABLE_VERSION`.
-
-DEST: a model directory (`metachex_jax.saved_model`) of kind "torchxrayvision" (`models/xrv.py`): the 1-channel
-DenseNet backbone, the 18-way classifier, the labels and thresholds (`model_config`), the input contract (centre
-square, resized to 224, 1 channel, [-1024, 1024]: `PixelContract(224, 224, "xrv", "crop_resize")`), the named
-outputs, and the provenance: the source file's SHA-256, the weights name and address, the table version.
-Use it with `predict --model=DEST` (and Grad-CAM, `export`), as `--config.model_init=DEST` for pretraining, and in
-a transfer comparison's `compare_with`.
-
-Every tensor is checked against the architecture (`convert.convert_state_dict`): a ResNet, an autoencoder, a
-3-channel torchvision DenseNet or a state dict with missing, extra or misshapen keys is refused with every
-mismatched key listed. DEST is written under a temporary name and renamed into place: nothing half-converted.
+`WEIGHTS` is a copy of torchxrayvision's `model_urls` table (torchxrayvision/models.py, `TABLE_VERSION`): the label
+names and per-label operating thresholds of each published weights file, which the files do not carry. DEST is a
+model directory (`models/saved_model.py`) of kind "torchxrayvision" (`models/xrv.py`), with the pixel contract
+`PixelContract(224, 224, "xrv", "crop_resize")` and the source file's SHA-256. Every tensor is checked against the
+architecture (`convert.convert_state_dict`); DEST is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import math
 import os
 import platform
-import sys
 
 import flax
 import jax
 import numpy as np
 from flax import nnx
 
-import metachex_jax
-from metachex_jax import convert, files, saved_model
-from metachex_jax.inference import outputs_of
+from metachex_jax.contract.card import is_model_dir
+from metachex_jax.contract.outputs import outputs_of
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import files
+from metachex_jax.core.version import __version__
+from metachex_jax.interop import convert
+from metachex_jax.models import saved_model
 from metachex_jax.models.xrv import XRVDenseNet
-from metachex_jax.preprocessing import PixelContract
 
 TABLE_VERSION = "torchxrayvision 1.5.7, torchxrayvision/models.py: model_urls"
 PAPER = "https://arxiv.org/abs/2002.02497"
@@ -161,7 +146,7 @@ def convert_file(src: str, weights_name: str, *, arch: str | None = None) -> tup
         "training": {"data": weights.training_data, "by": "torchxrayvision (" + PAPER + ")",
                      "input_resolution": weights.input_resolution},
         "licence": LICENCE,
-        "versions": {"metachex_jax": metachex_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+        "versions": {"metachex_jax": __version__, "jax": jax.__version__, "flax": flax.__version__,
                      "python": platform.python_version()},
     }
     return model, card
@@ -185,45 +170,10 @@ def convert_to_directory(src: str, dest: str, weights_name: str, *, arch: str | 
     if os.path.exists(dest):
         if not overwrite:
             raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
-        if not saved_model.is_model_dir(dest):
+        if not is_model_dir(dest):
             raise FileExistsError(f"{dest} exists and is not a model directory; refusing to replace it")
     if not files.is_file(src):
         raise FileNotFoundError(f"weights file not found: {src}")
     model, card = convert_file(src, weights_name, arch=arch)
     saved_model.save(dest, model, card)
     return card
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.convert_torchxrayvision", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="torchxrayvision weights: the release .pt, or a state dict (.pt/.pth, "
-                                    ".safetensors, .npz)")
-    parser.add_argument("dest", help="the model directory to create")
-    parser.add_argument("--weights_name", required=True, choices=sorted(WEIGHTS),
-                        help="which published weights SRC holds (picks the labels and operating thresholds)")
-    parser.add_argument("--arch", default=None, help="override the DenseNet architecture (default: the table's, "
-                                                     "densenet121)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DEST model directory")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        card = convert_to_directory(args.src, args.dest, args.weights_name, arch=args.arch, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # CheckpointReadError, StateDictMismatchError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    trained = [label for label in card["model_config"]["labels"] if label]
-    print(f"weights:  {args.weights_name} ({card['training']['data']}); sha256 {card['source']['sha256']}")
-    print(f"outputs:  {len(trained)} labels, each as a probability and (with a threshold) _opnorm: "
-          + ", ".join(trained))
-    print(f"input:    {card['input']['description']}")
-    print(f"written:  {os.path.abspath(args.dest)}")
-    print(f"use it:   python -m metachex_jax.predict --model={os.path.abspath(args.dest)} IMAGES...")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

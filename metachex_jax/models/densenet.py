@@ -1,7 +1,7 @@
 """DenseNet (Huang et al., 2017) in Flax NNX with torchvision's exact topology and parameter layout.
 
 Layout mirrors torchvision's `features.*` / `classifier` modules one to one, so that converting weights is a
-renaming (see `metachex_jax.convert`):
+renaming (see `metachex_jax.interop.convert`):
 
     conv0, norm0                      stem: 7x7/2 conv (no bias), BN, ReLU, 3x3/2 max-pool (padding 1)
     blocks[b].layers[l].norm1/conv1   BN-ReLU-1x1 conv (bn_size * growth channels)
@@ -10,7 +10,7 @@ renaming (see `metachex_jax.convert`):
     norm5                             final BN, ReLU, global average pool -> `num_features` features
     classifier                        optional Linear(num_features, num_classes)
 
-Inputs are NHWC floats normalised as `metachex_jax.preprocessing.to_model_input` documents.
+Inputs are NHWC floats normalised as `metachex_jax.contract.pixels.to_model_input` documents.
 BatchNorm uses momentum 0.9 (Flax convention; torch's 0.1) and epsilon 1e-5 like torchvision. Under `jit` with
 a data-sharded batch the batch statistics are computed over the global batch (synchronised BN). One remaining
 difference from torch: torch updates `running_var` with the unbiased batch variance (n / (n - 1)), Flax with

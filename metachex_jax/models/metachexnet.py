@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.contract.pixels import channels_of
+from metachex_jax.core.labels import METADATA_TASKS, PATHOLOGIES
 from metachex_jax.models.densenet import DenseNet, linear_init
 
 
@@ -33,7 +34,7 @@ class MetaChexNet(nnx.Module):
       arch: backbone architecture, a key of `metachex_jax.models.SPECS`.
       num_pathologies: size of the pathology head (0 for none).
       pathology_names: the head's label names (default: NIH's 14 when it has 14 outputs); a model pretrained on a
-        mixture with extra labels has NIH's 14 followed by them (data/mixture.py).
+        mixture with extra labels has NIH's 14 followed by them (data/input/mixture.py).
       metadata_tasks: names of the binary metadata logits (empty for no metadata head).
       age_hidden: width of the age head's intermediate layer (0 for no age head).
       age_mean, age_std: years; the age head predicts (age - age_mean) / age_std.
@@ -119,7 +120,7 @@ class MetaChexNet(nnx.Module):
 
 def resolve_scan_layers(value, backend: str | None = None) -> bool:
     """config.model.scan_layers -> bool: "auto" scans the dense blocks on CPU and unrolls them elsewhere (the
-    measured defaults, README "Benchmarks"); "yes"/"no" (or a bool) choose explicitly."""
+    measured defaults, the docs' Benchmarks page); "yes"/"no" (or a bool) choose explicitly."""
     if isinstance(value, bool):
         return value
     choice = str(value).strip().lower()
@@ -133,12 +134,10 @@ def resolve_scan_layers(value, backend: str | None = None) -> bool:
 
 
 def build_model(model_config, rngs: nnx.Rngs) -> MetaChexNet:
-    """Build the model a config's `model` section describes (see `metachex_jax.config_lib`).
+    """Build the model a config's `model` section describes (the recipes: `metachex_jax.configs`).
 
     The stem's input channels follow the pixel contract's normalisation (`model_config.normalization`; configs
     saved before it existed are "imagenet": 3 channels)."""
-    from metachex_jax.preprocessing import channels_of
-
     names = model_config.get("pathology_names")  # written by the trainer for mixtures with extra labels
     return MetaChexNet(
         model_config.arch,

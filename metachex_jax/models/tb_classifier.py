@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metachex_jax.contract.pixels import channels_of
 from metachex_jax.models.densenet import DenseNet, linear_init
 
 
@@ -49,8 +50,6 @@ def build_tb_classifier(model_config) -> TbClassifier:
     """The module a saved TB model's `model_config` ({"arch", "normalization", "output_name"}) describes (weights
     are loaded after). The normalisation of its pixel contract fixes the stem's input channels (cards written
     before it was recorded: "imagenet", 3 channels); `output_name` names the output (default "tb")."""
-    from metachex_jax.preprocessing import channels_of
-
     in_channels = channels_of(model_config.get("normalization", "imagenet"))
     return TbClassifier(DenseNet(model_config.arch, num_classes=None, in_channels=in_channels, rngs=nnx.Rngs(0)),
                         nnx.Rngs(0), output_name=model_config.get("output_name", "tb"))

@@ -1,54 +1,34 @@
-"""Export a model as a self-contained directory that runs without this project's model code.
+"""Export a model as a self-contained directory that runs without this project's model code: `export(MODEL,
+out)`, the library behind `python -m metachex_jax.export` (whose help describes the directory).
 
-    python -m metachex_jax.export RUN_OR_TB_WORKDIR --out=DIR [--step=best] [--platforms=cpu,cuda,tpu]
-    python -m metachex_jax.predict --model=DIR xray.png      # runs it (the model code is never imported)
-
-DIR holds (see `metachex_jax.saved_model`):
-
-    DIR/model.json                    the model card: input contract (`PixelContract`), output names, kinds and
-                                      thresholds in order, training data, headline metrics with their 95% CIs
-                                      of the exported step (`step_metrics`), the source run, versions, and what
-                                      was exported
-    DIR/exported/forward.jaxexport    the whole inference function, `(weights, uint8 images (b, S, S)) ->
-                                      (values (b, K), features (b, F))`, serialised with `jax.export`:
-                                      batch-size polymorphic (b is symbolic), lowered for CPU, CUDA and TPU, and
-                                      without shardings, so the caller spreads batches over the devices it has
-    DIR/exported/weights.npz          the weights as numpy arrays, in the function's argument order
-
-Grad-CAM is not exported: `predict --heatmaps` on an exported model says so and names the workdir to use.
+The directory is a model directory (`saved_model`) whose card says what was exported, with DIR/exported/
+(`exported.py`): the whole inference function (`forward.make_forward`) serialised with `jax.export`, batch-size
+polymorphic, lowered for CPU, CUDA and TPU and without shardings, and its weights. Grad-CAM is not exported.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import platform
-import sys
 
+import flax
 import jax
 import numpy as np
 
-from metachex_jax import files, saved_model
+from metachex_jax.contract.card import EXPORTED_DIR, is_model_dir, read_card, write_directory
+from metachex_jax.core import files
+from metachex_jax.core.version import __version__
+from metachex_jax.models import runs
+from metachex_jax.serving.exported import FUNCTION_FILE, WEIGHTS_FILE
+from metachex_jax.serving.flax_model import make_forward
+from metachex_jax.serving.predictor import Predictor
 
-FUNCTION_FILE = "forward.jaxexport"
-WEIGHTS_FILE = "weights.npz"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def read_exported(path: str):
-    """(jax.export.Exported, weights list) of an exported model directory."""
-    directory = files.join(path, saved_model.EXPORTED_DIR)
-    function = jax.export.deserialize(bytearray(files.read_bytes(files.join(directory, FUNCTION_FILE))))
-    with np.load(io.BytesIO(files.read_bytes(files.join(directory, WEIGHTS_FILE)))) as npz:
-        weights = [npz[f"w{i}"] for i in range(len(npz.files))]
-    return function, weights
-
-
 def export_predictor(predictor, platforms=DEFAULT_PLATFORMS):
-    """(serialised function bytes, weight arrays) of a Flax-backed `inference.Predictor`."""
-    from metachex_jax.inference import make_forward
-
+    """(serialised function bytes, weight arrays) of a Flax-backed `Predictor`."""
     backend = predictor._backend
     forward = make_forward(backend.graphdef, predictor.outputs, predictor.contract)
     leaves, treedef = jax.tree.flatten(backend.state)
@@ -66,20 +46,16 @@ def export_predictor(predictor, platforms=DEFAULT_PLATFORMS):
 
 def model_card(predictor, model_path: str, platforms) -> dict:
     """The card of the exported model: what it expects, what it outputs, where it came from."""
-    import flax
-
-    import metachex_jax
-
     card = {
         "kind": "exported",  # run through exported/ only; "source" says what it was exported from
         "input": predictor.contract.to_json(),
         "outputs": [o.to_json() for o in predictor.outputs],
         "num_features": predictor.num_features,
         "source": {k: v for k, v in predictor.info.items() if k != "exported"} | {"model": model_path},
-        "versions": {"metachex_jax": metachex_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+        "versions": {"metachex_jax": __version__, "jax": jax.__version__, "flax": flax.__version__,
                      "python": platform.python_version()},
-        "exported": {"function": f"{saved_model.EXPORTED_DIR}/{FUNCTION_FILE}",
-                     "weights": f"{saved_model.EXPORTED_DIR}/{WEIGHTS_FILE}", "platforms": list(platforms),
+        "exported": {"function": f"{EXPORTED_DIR}/{FUNCTION_FILE}",
+                     "weights": f"{EXPORTED_DIR}/{WEIGHTS_FILE}", "platforms": list(platforms),
                      "signature": "(weights: list of arrays in weights.npz order (w0, w1, ...), images: uint8 "
                                   "(b, S, S)) -> (values float32 (b, K) in outputs order, features float32 (b, F))",
                      "serialization_version": jax.export.maximum_supported_calling_convention_version},
@@ -91,14 +67,12 @@ def model_card(predictor, model_path: str, platforms) -> dict:
 def _provenance(model_path: str, info: dict) -> dict:
     """Training data and headline metrics of the source, as far as it records them."""
     path = files.absolute(model_path)
-    if saved_model.is_model_dir(info.get("model", "")):
-        card = saved_model.read_card(info["model"])
+    if is_model_dir(info.get("model", "")):
+        card = read_card(info["model"])
         return {k: card[k] for k in ("training", "metrics", "threshold_rule") if k in card}
     if info.get("kind") != "pretraining run":
         return {}
-    from metachex_jax import checkpointing
-
-    _, run = checkpointing.load_run_model(path, info["step"])
+    _, run = runs.load_run_model(path, info["step"])
     config = run["config"]
     data = config["data"]
     out = {"training": {"dataset": data.get("datasets", data.get("dataset")), "data_dir": data["data_dir"],
@@ -142,12 +116,10 @@ def step_metrics(run_dir: str, step: int) -> dict | None:
 def export(model_path: str, out: str, *, step: str | int = "best", platforms=DEFAULT_PLATFORMS,
            overwrite: bool = False) -> str:
     """Export MODEL (a pretraining or transfer workdir, or a model directory) into `out`; returns `out`."""
-    from metachex_jax.inference import Predictor
-
     out = files.absolute(out)
     if files.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if files.exists(out) and not saved_model.is_model_dir(out):
+    if files.exists(out) and not is_model_dir(out):
         raise FileExistsError(f"{out} exists and is not a model directory; refusing to replace it")
     predictor = Predictor.load(model_path, step=step)
     if predictor.exported:
@@ -155,38 +127,7 @@ def export(model_path: str, out: str, *, step: str | int = "best", platforms=DEF
     function, weights = export_predictor(predictor, platforms)
     npz = io.BytesIO()
     np.savez(npz, **{f"w{i}": w for i, w in enumerate(weights)})
-    saved_model.write_directory(out, {f"{saved_model.EXPORTED_DIR}/{FUNCTION_FILE}": bytes(function),
-                                      f"{saved_model.EXPORTED_DIR}/{WEIGHTS_FILE}": npz.getvalue()},
+    write_directory(out, {f"{EXPORTED_DIR}/{FUNCTION_FILE}": bytes(function),
+                                      f"{EXPORTED_DIR}/{WEIGHTS_FILE}": npz.getvalue()},
                                 model_card(predictor, model_path, platforms))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a pretraining workdir, a transfer workdir (its TB model) or a model directory")
-    parser.add_argument("--out", required=True, help="the directory to write")
-    parser.add_argument("--step", default="best", help="pretraining checkpoint: best, latest or a step number")
-    parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                        help="comma-separated jax.export platforms (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    args = parser.parse_args(argv)
-    step = args.step if args.step in ("best", "latest") else int(args.step)
-    from metachex_jax.inference import ModelError
-
-    try:
-        out = export(args.model, args.out, step=step, platforms=[p.strip() for p in args.platforms.split(",")],
-                     overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ModelError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    card = saved_model.read_card(out)
-    print(f"exported {args.model} -> {out}")
-    print(f"  input:   {card['input']['description']}")
-    print(f"  outputs: {', '.join(o['name'] for o in card['outputs']) or '(features only)'}")
-    print(f"  run it:  python -m metachex_jax.predict --model={out} IMAGES...")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,57 +1,60 @@
-"""Apply a model to X-ray files: `python -m metachex_jax.predict --model=MODEL INPUT...`.
+"""Apply a model to X-ray files and write the results: `run(Request(model=..., inputs=[...]))`, the library behind
+`python -m metachex_jax.predict` (its help lists the inputs it takes and the files it writes: predictions.csv,
+summary.json, features.npy, heatmaps/).
 
-    python -m metachex_jax.predict --model=/tmp/metachex_demo ~/xrays/ scan.dcm 'more/*.png' --out=preds
-    python -m metachex_jax.predict --model=/tmp/tb_demo --list=files.txt --tta=flip
-    python -m metachex_jax.predict --model=/tmp/metachex_demo img.png --heatmaps=Cardiomegaly,age --features
-
-MODEL: a pretraining workdir (best checkpoint; --step), a transfer workdir (its deployable TB model), a model
-directory (a TB model, an exported model, a convert_torchxrayvision output) or a convert_torchvision backbone
-(features only); see
-`metachex_jax.inference`. INPUT: files (any name: the format is read from the content), folders (searched
-recursively for files named like images: .png .jpg .jpeg .dcm .dicom .tif .tiff .bmp in any case, or with no
-extension, as DICOM files often are; hidden files, AppleDouble `._*` files and Thumbs.db are left out and
-counted), and globs;
-`--list=FILE` adds one path per line.
-
-Writes into --out (default ./predictions):
-    predictions.csv     one row per input, in input order: path, every output of the model (probabilities,
-                        age in years; `<name>_decision` for outputs with a threshold, e.g. tb), the reader's
-                        format, original size (as displayed), bit depth and its source, JPEG EXIF orientation, and
-                        `error` (empty when all went well)
-    summary.json        the model, its pixel contract and outputs, counts, failures with reasons, timings
-    features.npy        (--features) float32 (N, F) pooled features, row i = CSV row i (NaN rows for failures)
-    heatmaps/REL/NAME.npy, NAME.png   (--heatmaps) the Grad-CAM map at model-input resolution and an overlay on
-                        the original image; REL is the input's path below the inputs' common folder, extension
-                        included (heatmaps/x/a.png/, heatmaps/x/a.dcm/), so no two inputs share a folder
-Files are written atomically; the CSV and the summary before any heatmap, and again with the heatmaps' outcome.
-A file that fails at any stage (read, pixel contract, prediction, heatmap) gets its error, naming the file and
-the stage, in the CSV and the summary (a failed heatmap leaves the file's predictions in place); the others still
-run; the exit status is 1 if any file failed, 2 for usage errors (bad MODEL, unknown output, no inputs), reported
-before any work starts.
+Every file is written atomically; the CSV and the summary before any heatmap, and again with the heatmaps'
+outcome. A file that fails at any stage (read, pixel contract, prediction, heatmap) gets its error, naming the file
+and the stage; the others still run. Usage errors (bad MODEL, unknown output, no inputs) raise `UsageError` before
+any work starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import glob
 import io
 import json
 import os
 import sys
-import time
 
 import numpy as np
+from PIL import Image
 
-from metachex_jax import files
-from metachex_jax.data.file_formats import DEFAULT_MAX_PIXELS
-from metachex_jax.data.raw_common import not_dataset_file
+from metachex_jax.core import files
+from metachex_jax.core.errors import ModelError
+from metachex_jax.data.raw.common import not_dataset_file
+from metachex_jax.imaging import images as image_reader
+from metachex_jax.imaging.file_formats import DEFAULT_MAX_PIXELS
+from metachex_jax.serving import gradcam
+from metachex_jax.serving.predictor import Predictor, file_error, one_by_one
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 
 
 class UsageError(ValueError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What to predict and write: the flags of `python -m metachex_jax.predict` (see its --help)."""
+
+    model: str
+    inputs: tuple[str, ...] = ()
+    list_file: str | None = None
+    out: str = "predictions"
+    features: bool = False
+    tta: str | None = None
+    heatmaps: str = ""
+    heatmap_layer: str = "final"
+    batch_size: int = 32
+    bit_depth: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    step: str = "best"
+    workers: int | None = None
+    image_size: int | None = None
+    resolution: int | None = None
 
 
 def expand_inputs(inputs: list[str], list_file: str | None = None) -> tuple[list[str], dict]:
@@ -116,8 +119,6 @@ def write_npy(path: str, array: np.ndarray) -> None:
 
 
 def write_png(path: str, rgb: np.ndarray) -> None:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
     files.write_atomic(path, buffer.getvalue())
@@ -131,10 +132,6 @@ def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str
     Returns (the files written, {input index: error}): a file whose heatmap fails at any stage (its read, Grad-CAM,
     the overlay, the writing) gets that error; the others are still written. A batch whose Grad-CAM fails is
     computed again one file at a time."""
-    from metachex_jax import gradcam
-    from metachex_jax.data import images as image_reader
-    from metachex_jax.inference import file_error, one_by_one
-
     ok = [i for i, e in enumerate(result.errors) if e is None]
     base = os.path.commonpath([os.path.dirname(result.paths[i]) for i in ok]) if ok else ""
     written, errors = [], {}
@@ -192,7 +189,7 @@ def csv_rows(result, heatmap_errors: dict[int, str]) -> list[dict]:
     return rows
 
 
-def summary(predictor, result, args, left_out: dict, heatmap_files: list[str] | None,
+def summary(predictor, result, args: Request, left_out: dict, heatmap_files: list[str] | None,
             heatmap_errors: dict[int, str]) -> dict:
     errors = file_errors(result, heatmap_errors)
     failed = [i for i, e in enumerate(errors) if e is not None]
@@ -232,36 +229,8 @@ def _count(pairs) -> list[dict]:
     return [{"bits": b, "source": s, "images": n} for (b, s), n in sorted(counts.items())]
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m metachex_jax.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="image files, folders (recursive) or globs")
-    parser.add_argument("--model", required=True, help="pretraining/transfer workdir, model directory, backbone")
-    parser.add_argument("--list", dest="list_file", help="a text file with one input path per line")
-    parser.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
-    parser.add_argument("--features", action="store_true", help="also write features.npy (pooled features)")
-    parser.add_argument("--tta", choices=["flip"], default=None, help="test-time augmentation")
-    parser.add_argument("--heatmaps", default="", help="comma-separated output names, or 'all': Grad-CAM maps")
-    parser.add_argument("--heatmap_layer", default="final",
-                        help="the layer Grad-CAM uses (final = ReLU of the last BatchNorm, the pooled tensor; "
-                             "e.g. block3 for low-resolution models)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--bit_depth", type=int, default=None,
-                        help="read high-depth sources (16-bit PNG/TIFF, DICOM) as this many bits (default: the "
-                             "reader's rule); 8-bit files ignore it, and their bit_depth_source says so")
-    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="refuse (as that file's error) images whose header declares more pixels, before "
-                             f"decoding them (default {DEFAULT_MAX_PIXELS:,})")
-    parser.add_argument("--step", default="best", help="pretraining checkpoint: best, latest or a step")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
-    parser.add_argument("--image_size", type=int, default=None, help="backbone-only models: model input size")
-    parser.add_argument("--resolution", type=int, default=None, help="backbone-only models: resize before crop")
-    return parser.parse_args(argv)
-
-
-def run(args) -> int:
-    from metachex_jax.inference import ModelError, Predictor
-
+def run(args: Request) -> int:
+    """Predict every input, write the files into `args.out`; 1 if any file failed, else 0."""
     if args.bit_depth is not None and not 1 <= args.bit_depth <= 16:
         raise UsageError(f"--bit_depth={args.bit_depth}: must be in 1..16")
     if args.max_pixels < 1:
@@ -315,19 +284,3 @@ def write_report(out_dir: str, predictor, result, args, left_out: dict, heatmap_
     report = summary(predictor, result, args, left_out, heatmap_files, heatmap_errors)
     files.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(report, indent=1, default=str) + "\n")
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    began = time.perf_counter()
-    try:
-        status = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"done in {time.perf_counter() - began:.1f} s", file=sys.stderr)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

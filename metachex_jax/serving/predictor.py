@@ -6,58 +6,48 @@
     maps = predictor.gradcam(uint8_images, ["Cardiomegaly"])  # {name: (N, S, S)} Grad-CAM maps
 
 MODEL is one of:
-- a model directory (`model.json`; `metachex_jax.saved_model`): a transfer run's deployable TB model
-  (`TB_WORKDIR/model/`, or the TB workdir itself), or an exported model (`metachex_jax.export`; run through
-  jax.export without importing the model code);
+- a model directory (`model.json`; contract/card.py): a transfer run's deployable TB model (`TB_WORKDIR/model/`,
+  or the TB workdir itself), or an exported model (`python -m metachex_jax.export`; run through jax.export without
+  importing the model code);
 - a pretraining workdir (its best checkpoint; `step=` picks another): MetaChexNet or the CheXNet baseline;
 - a `convert_torchvision` backbone directory: features only (`features=True`), at `image_size`/`resolution`;
 - a `convert_torchxrayvision` model directory (a model directory of kind "torchxrayvision").
 
-Named outputs, in the model's order: probabilities (sigmoid of a logit: each pathology by name, `view_ap` = P(AP
-view), `sex_male` = P(male), `tb` = P(TB)), `age` in years, and for a converted torchxrayvision model each trained
-label's probability `L` and op-normalised value `L_opnorm` (models/xrv.py). An output with a decision threshold (the TB
-model's) also gets `<name>_decision` (1 when the probability >= the threshold) in `predict_files` results.
+Named outputs (contract/outputs.py), in the model's order: probabilities (sigmoid of a logit: each pathology by
+name, `view_ap` = P(AP view), `sex_male` = P(male), `tb` = P(TB)), `age` in years, and for a converted
+torchxrayvision model each trained label's probability `L` and op-normalised value `L_opnorm` (models/xrv.py). An
+output with a decision threshold (the TB model's) also gets `<name>_decision` (1 when the probability >= the
+threshold) in `predict_files` results.
 
-Preprocessing is the model's `PixelContract` (preprocessing.py): the same functions the dataset builders and the
+Preprocessing is the model's `PixelContract` (contract/pixels.py): the same functions the dataset builders and the
 evaluation path of training use, so predicting a raw file equals evaluating the prepared record of that file.
-Batches are sharded over every local device (a 1-D "data" mesh); the last batch is padded, never recompiled.
-Test-time augmentation `tta="flip"` averages each output (probabilities, years, features) over the image and
-its horizontal mirror.
+The model code (flax_model.py) is imported only for a model that is not exported: an exported model runs on
+jax.export alone. Batches are sharded over every local device (a 1-D "data" mesh); the last batch is padded,
+never recompiled. Test-time augmentation `tta="flip"` averages each output (probabilities, years, features) over
+the image and its horizontal mirror.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
-from metachex_jax import files, saved_model
-from metachex_jax.data import images as image_reader
-from metachex_jax.preprocessing import PixelContract
+from metachex_jax.contract.card import EXPORTED_DIR, is_model_dir, read_card
+from metachex_jax.contract.outputs import Output
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import files
+from metachex_jax.core.errors import ModelError
+from metachex_jax.imaging import images as image_reader
+from metachex_jax.serving.exported import read_exported
 
 TTA_MODES = ("flip",)
-
-
-class ModelError(ValueError):
-    """MODEL cannot be used as asked (not a model, no such output, ...); raised before any work starts."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Output:
-    name: str
-    kind: str  # "probability" (sigmoid of a logit), "op_norm" (torchxrayvision's op-normalised one) or "years"
-    threshold: float | None = None  # decision threshold on the probability (e.g. TB screening)
-    op_threshold: float | None = None  # "op_norm" outputs: the probability that maps to 0.5 (models/xrv.py)
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclasses.dataclass
@@ -101,53 +91,13 @@ class FilePredictions:
         return rows
 
 
-class _FlaxModel:
-    """The NNX model behind a Predictor: jitted forward (values, features) and Grad-CAM."""
-
-    exported = False
-
-    def __init__(self, model, outputs: list[Output], contract: PixelContract):
-        from flax import nnx
-
-        if model.backbone.in_channels != contract.channels:
-            raise ModelError(f"the model's first convolution takes {model.backbone.in_channels} channel(s), but its "
-                             f"pixel contract makes {contract.channels} ({contract.describe()})")
-        names = list(model.output_kinds())
-        if names != [o.name for o in outputs]:
-            raise ModelError(f"the model names its outputs {names}, but its card says {[o.name for o in outputs]}: "
-                             "one name for each output everywhere (card, model, CSV, heatmaps)")
-        self.module = model
-        self.graphdef, self.state = nnx.split(model)
-        self.num_features = model.num_features
-        self.layer_names = model.backbone.layer_names()
-        self.contract = contract
-        self._forward = jax.jit(make_forward(self.graphdef, outputs, contract))
-        self._gradcam = {}  # (outputs, layer) -> jitted Grad-CAM
-
-    def replicate(self, sharding) -> None:
-        self.state = jax.device_put(self.state, sharding)
-
-    def forward(self, images):
-        return self._forward(self.state, images)
-
-    def gradcam(self, images, names: tuple[str, ...], layer: str) -> dict:
-        from metachex_jax import gradcam
-
-        key = (names, layer)
-        if key not in self._gradcam:
-            self._gradcam[key] = jax.jit(gradcam.make_gradcam(self.graphdef, names, layer, self.contract))
-        return self._gradcam[key](self.state, images)
-
-
 class _ExportedModel:
-    """An exported model (`metachex_jax.export`): a jax.export function and its weights; no model code."""
+    """An exported model (`metachex_jax.serving.export`): a jax.export function and its weights; no model code."""
 
     exported = True
 
     def __init__(self, path: str, card: dict):
-        from metachex_jax import export
-
-        self.function, self.weights = export.read_exported(path)
+        self.function, self.weights = read_exported(path)
         self.num_features = int(card["num_features"])
         self.layer_names = ()
         self._forward = jax.jit(self.function.call)
@@ -171,54 +121,6 @@ def one_by_one(items: Sequence, run, fail) -> None:
             run(item)
         except Exception as exc:  # noqa: BLE001 - one file's failure is that file's error
             fail(item, exc)
-
-
-def make_forward(graphdef, outputs: Sequence[Output], contract: PixelContract):
-    """(state, uint8 images (N, S, S)) -> (values (N, K) float32, features (N, F) float32): the whole model.
-
-    Values are in `outputs` order (the model's `output_kinds()` order), from each output's score (a logit or
-    years; `output_scores`): sigmoid for "probability", torchxrayvision's op_norm of the sigmoid for "op_norm"
-    (with the output's `op_threshold`), the value itself for "years". Pure: `export` serialises exactly this
-    function.
-    """
-    from flax import nnx
-
-    from metachex_jax.models.xrv import op_norm
-
-    outputs = tuple(outputs)
-    unknown = [f"{o.name} ({o.kind})" for o in outputs if o.kind not in OUTPUT_KINDS]
-    if unknown:
-        raise ModelError(f"outputs of unknown kinds: {unknown}; known: {OUTPUT_KINDS}")
-
-    def value(score, output: Output):
-        if output.kind == "probability":
-            return jax.nn.sigmoid(score)
-        if output.kind == "op_norm":
-            return op_norm(jax.nn.sigmoid(score), output.op_threshold)
-        return score
-
-    def forward(state, images):
-        model = nnx.merge(graphdef, state)
-        features = model.features(contract.model_input(images))
-        scores = model.output_scores(features)
-        if list(scores) != [o.name for o in outputs]:
-            raise ValueError(f"the model's outputs {list(scores)} are not the predictor's {[o.name for o in outputs]}")
-        values = [value(scores[o.name], o) for o in outputs]
-        stacked = jnp.stack(values, axis=1) if values else jnp.zeros((images.shape[0], 0), jnp.float32)
-        return stacked.astype(jnp.float32), features.astype(jnp.float32)
-
-    return forward
-
-
-OUTPUT_KINDS = ("probability", "op_norm", "years")
-
-
-def outputs_of(model, thresholds: dict | None = None) -> list[Output]:
-    """The named outputs of a Flax model (`output_kinds()`), with decision thresholds and op-norm thresholds."""
-    thresholds = thresholds or {}
-    op_thresholds = model.output_op_thresholds() if hasattr(model, "output_op_thresholds") else {}
-    return [Output(name, kind, thresholds.get(name), op_thresholds.get(name))
-            for name, kind in model.output_kinds().items()]
 
 
 class Predictor:
@@ -246,37 +148,19 @@ class Predictor:
         if not files.exists(path):
             raise ModelError(f"--model={model}: {path} does not exist")
         tb_model = files.join(path, "model")
-        if not saved_model.is_model_dir(path) and saved_model.is_model_dir(tb_model):
+        if not is_model_dir(path) and is_model_dir(tb_model):
             path = tb_model  # a transfer workdir: its deployable TB model
-        if saved_model.is_model_dir(path):
-            card = saved_model.read_card(path)
+        if is_model_dir(path) and files.is_dir(files.join(path, EXPORTED_DIR)):
+            card = read_card(path)
             contract = PixelContract.from_json(card["input"])
-            outputs = [Output(o["name"], o["kind"], o.get("threshold"), o.get("op_threshold"))
-                       for o in card["outputs"]]
-            info = {"model": path, "kind": card["kind"], "source": card.get("source")}
-            if files.is_dir(files.join(path, saved_model.EXPORTED_DIR)):
-                backend = _ExportedModel(path, card)
-                info["exported"] = True
-            else:
-                module, card = saved_model.load(path)
-                backend = _FlaxModel(module, outputs, contract)
-        elif files.is_dir(files.join(path, "checkpoints")):
-            from metachex_jax import checkpointing
-
-            module, run = checkpointing.load_run_model(path, step)
-            contract = PixelContract.from_config(run["config"])
-            outputs = outputs_of(module)
-            backend = _FlaxModel(module, outputs, contract)
-            info = {"model": path, "kind": "pretraining run", "step": run["step"], "arch": run["arch"]}
-        elif files.is_file(files.join(path, "metadata.json")):
-            module, info = _load_backbone(path)
-            contract = PixelContract(image_size or 224, resolution or 256)
-            outputs = []
-            backend = _FlaxModel(module, outputs, contract)
+            outputs = [Output.from_json(o) for o in card["outputs"]]
+            info = {"model": path, "kind": card["kind"], "source": card.get("source"), "exported": True}
+            backend = _ExportedModel(path, card)
         else:
-            raise ModelError(f"--model={model}: {path} is neither a model directory (model.json), a transfer "
-                             "workdir (model/model.json), a pretraining workdir (checkpoints/) nor a "
-                             "convert_torchvision backbone (metadata.json)")
+            # The model code (flax, orbax, the networks), imported here only: an exported model runs without it.
+            from metachex_jax.serving import flax_model
+            backend, outputs, contract, info = flax_model.load(model, path, step=step, image_size=image_size,
+                                                               resolution=resolution)
         for name, value, saved in (("image_size", image_size, contract.image_size),
                                    ("resolution", resolution, contract.resolution)):
             if value is not None and value != saved:
@@ -369,8 +253,6 @@ class Predictor:
         device, which computes batch k while the host assembles batch k + 1. A batch that fails is run again one
         file at a time, so only the files that fail alone get an error.
         """
-        from tqdm import tqdm
-
         began = time.perf_counter()
         paths = [str(p) for p in paths]
         n = len(paths)
@@ -458,21 +340,3 @@ class Predictor:
         return {name: np.concatenate(v) if v else np.zeros((0,) * 3, np.float32) for name, v in maps.items()}
 
 
-def _load_backbone(path: str):
-    """A convert_torchvision backbone as a head-less MetaChexNet (features only)."""
-    from flax import nnx
-
-    from metachex_jax import convert
-    from metachex_jax.models import MetaChexNet
-    from metachex_jax.models.densenet import DenseNetSpec
-
-    metadata = json.loads(files.read_text(files.join(path, "metadata.json")))
-    spec = metadata.get("spec")
-    if not spec:
-        raise ModelError(f"{path}/metadata.json has no DenseNet spec: not a convert_torchvision output")
-    model = MetaChexNet(DenseNetSpec(**{**spec, "block_config": tuple(spec["block_config"])}), num_pathologies=0,
-                        metadata_tasks=(), age_hidden=0, in_channels=int(metadata.get("in_channels", 3)),
-                        rngs=nnx.Rngs(0))
-    convert.load_backbone(path, model)
-    model.eval()
-    return model, {"model": path, "kind": "backbone", "source": metadata.get("source"), "arch": metadata.get("arch")}

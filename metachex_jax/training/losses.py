@@ -6,7 +6,7 @@ so even a NaN target there cannot leak into the gradient.
 
     total = w_pathology * L_pathology + w_metadata * L_metadata + w_age * L_age      (weights from config.loss)
 
-The batch layout is the pipeline's (see `metachex_jax.data.pipeline`): pathology/pathology_mask (N, 14),
+The batch layout is the pipeline's (see `metachex_jax.data.input.pipeline`): pathology/pathology_mask (N, 14),
 metadata/metadata_mask (N, 2), age/age_mask (N,), example_mask (N,) for padding rows.
 """
 

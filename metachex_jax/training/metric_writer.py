@@ -18,8 +18,9 @@ import time
 
 import jax
 from absl import logging
+from tensorboardX import SummaryWriter
 
-from metachex_jax import files
+from metachex_jax.core import files
 
 
 class MetricWriter:
@@ -30,7 +31,6 @@ class MetricWriter:
             files.makedirs(workdir)
             path = files.join(workdir, "metrics.jsonl")
             self._jsonl = _AppendLocal(path) if not files.is_url(path) else _RewriteRemote(path, flush_secs)
-            from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(files.join(workdir, "tensorboard"), flush_secs=30)
 
     def write(self, step: int, scalars: dict[str, float], console: str | None = None) -> None:

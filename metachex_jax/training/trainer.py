@@ -1,15 +1,17 @@
 """Pretraining: `train_and_evaluate(config, workdir)`, read top to bottom as the run happens.
 
   1. mesh and shardings       one "data" axis over every device of every host; state replicated
-  2. input                    prepared splits of ChestX-ray14 or of a weighted mixture of datasets, in one label
-                              space with per-label masks (data/mixture.py) -> grain iterators -> global jax.Arrays;
-                              training images augmented on the host or in the train step (config.data.augment_on)
+  2. input                    the data spec (data/input/spec.py) from config.data; prepared splits of ChestX-ray14
+                              or of a weighted mixture of datasets, in one label space with per-label masks
+                              (data/input/mixture.py) -> grain iterators -> global jax.Arrays; training images
+                              augmented on the host or in the train step (config.data.augment_on)
   3. model and optimiser      MetaChexNet (or the CheXNet baseline) from config.model, optax from config.optim;
-                              its pixel contract (preprocessing.PixelContract) from config.data + config.model
+                              its pixel contract (models/contract.py) from config.data + config.model
   4. starting weights         own workdir (resume) > config.resume > config.model_init (backbone) > random
   5. steps                    one jitted train step (state donated), one jitted eval step
   6. loop                     log, evaluate on validation, reduce-on-plateau, checkpoint, stop loudly on NaN;
-                              on SIGTERM/SIGINT every process saves the same step and stops (`preemption.Preempted`)
+                              on SIGTERM/SIGINT every process saves the same step and stops
+                              (`core.preemption.Preempted`)
   7. final evaluation         the best checkpoint on the test split -> WORKDIR/eval/ (per dataset for a mixture)
 
 A mixture (config.data.datasets = "chestxray14:1,chexpert:1,...") is evaluated per dataset, each on the labels it
@@ -34,35 +36,26 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import checkpointing, convert, evaluate, files, optim, preemption, saved_model, train_state
-from metachex_jax.data import datasets, device_augment, pipeline
-from metachex_jax.data.augment import Augmentation
-from metachex_jax.errors import MissingDataError
-from metachex_jax.losses import chexnet_class_weights
-from metachex_jax.metric_writer import MetricWriter
-from metachex_jax.models import SPECS, build_model, count_params, resolve_scan_layers
-from metachex_jax.preprocessing import PixelContract
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
-def make_mesh():
-    """A 1-D device mesh over all devices; the axis is named so a model axis can be added later."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def to_global(batch: dict, sharding) -> dict:
-    """Per-host numpy batch -> global jax.Arrays sharded along the batch axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+from metachex_jax.contract.card import is_model_dir, read_card
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import files, preemption, sharding
+from metachex_jax.core.errors import MissingDataError, NonFiniteLossError
+from metachex_jax.data.input import datasets, device_augment, pipeline
+from metachex_jax.data.input.augment import Augmentation
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.evaluation import evaluate
+from metachex_jax.interop import convert
+from metachex_jax.models import SPECS, build_model, count_params, resolve_scan_layers, runs
+from metachex_jax.training import checkpointing, optim, train_state
+from metachex_jax.training.losses import chexnet_class_weights
+from metachex_jax.training.metric_writer import MetricWriter
 
 
 def restore_latest(manager, config, tx, fresh_state, replicated, data_iter=None):
     """`checkpointing.restore_latest` into this run's state. A checkpoint written with the dense blocks in the
     other form (config.model.scan_layers) is restored in that form and converted, exactly: parameters,
     BatchNorm statistics and optimiser moments."""
-    saved_scan = checkpointing.scanned_layout(manager)
+    saved_scan = runs.scanned_layout(manager)
     scan = resolve_scan_layers(config.model.scan_layers)
     target = fresh_state
     if saved_scan is not None and saved_scan != scan:
@@ -77,15 +70,16 @@ def restore_latest(manager, config, tx, fresh_state, replicated, data_iter=None)
     return step, jax.device_put(state, replicated), meta
 
 
-def jit_train_step(config, graphdef, tx, class_weights, augment_on: str, replicated, contract):
+def jit_train_step(config, graphdef, tx, class_weights, augment_on: str, replicated, contract,
+                   augmentation: Augmentation):
     """The trainer's jitted step: (state, batch, stop_flags) -> (state, metrics, 1 if any process asked to stop).
 
     State donated. With augment_on="device" the batch holds the stored images, cropped, flipped and warped here
-    (`device_augment.train_images`); `stop_flags` is `preemption.StopSignals.flags()`."""
+    by `augmentation` (`device_augment.train_images`); `stop_flags` is `preemption.StopSignals.flags()`."""
     augment = None
     if augment_on == "device":
         augment = functools.partial(device_augment.train_images, seed=config.seed, size=contract.image_size,
-                                    augmentation=Augmentation(**config.data.augment))
+                                    augmentation=augmentation)
     step_fn = train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype), class_weights,
                                           augment=augment, contract=contract)
 
@@ -114,7 +108,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         directory = files.absolute(config.resume)  # local or gs://
         if files.is_dir(files.join(directory, "checkpoints")):
             directory = files.join(directory, "checkpoints")
-        other = checkpointing.make_manager(directory, keep=1 << 30, async_save=False)
+        other = runs.make_manager(directory, keep=1 << 30, async_save=False)
         restored = restore_latest(other, config, tx, fresh_state, replicated)
         if restored is None:
             raise MissingDataError(f"config.resume={config.resume!r} holds no checkpoint")
@@ -139,9 +133,9 @@ def adopt_model_init_contract(config):
     if not config.model_init:
         return config
     path = files.absolute(config.model_init)
-    if not saved_model.is_model_dir(path):
+    if not is_model_dir(path):
         return config
-    backbone = PixelContract.from_json(saved_model.read_card(path)["input"])
+    backbone = PixelContract.from_json(read_card(path)["input"])
     wanted = {"normalization": backbone.normalization, "geometry": backbone.geometry}
     current = {k: config.model.get(k) for k in wanted}
     if current == wanted:
@@ -163,14 +157,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     contract = PixelContract.from_config(config)
 
     # 1. Mesh and shardings.
-    mesh = make_mesh()
+    mesh = sharding.make_mesh()
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     global_batch = config.batch_size_per_device * jax.device_count()
     eval_batch = config.eval_batch_size_per_device * jax.device_count()
 
     # 2. Input.
-    data = datasets.pretraining_data(config)
+    spec = DataSpec.from_config(config)
+    data = datasets.pretraining_data(spec)
     config = with_label_space(config, data.space)  # what the checkpoints record: the model's pathology names
     train_size = sum(len(splits["train"]) for splits in data.splits.values())
     steps_per_epoch = train_size // global_batch  # an epoch of a mixture: as many images as its training splits
@@ -182,18 +177,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         total_steps = min(total_steps, config.max_steps)
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or eval_every
-    manager = checkpointing.make_manager(files.join(workdir, "checkpoints"), config.keep_checkpoints)
-    saved = checkpointing.latest_meta(manager) or {}  # a resumed run keeps its input position's settings
-    workers = pipeline.workers_for_resume(config.data.workers,
-                                          pipeline.resolve_workers(config.data.workers, jax.default_backend()),
+    manager = runs.make_manager(files.join(workdir, "checkpoints"), config.keep_checkpoints)
+    saved = runs.latest_meta(manager) or {}  # a resumed run keeps its input position's settings
+    workers = pipeline.workers_for_resume(spec.workers, pipeline.resolve_workers(spec.workers, jax.default_backend()),
                                           saved.get("input_workers", 0) if saved else None)
-    augment_on = pipeline.resolve_augment_on(config.data.augment_on, jax.default_backend(), saved.get("augment_on"),
+    augment_on = pipeline.resolve_augment_on(spec.augment_on, jax.default_backend(), saved.get("augment_on"),
                                              contract.geometry)
-    augmentation = Augmentation(**config.data.augment)
     train_iter = pipeline.train_batches(
         [splits["train"] for splits in data.splits.values()], kind="labelled", global_batch_size=global_batch,
         image_size=contract.image_size, seed=config.seed,
-        augmentation=augmentation if augment_on == "host" else None,  # None: read + batch only
+        augmentation=spec.augmentation if augment_on == "host" else None,  # None: read + batch only
         weights=list(data.weights.values()) if data.is_mixture else None, num_workers=workers,
         geometry=contract.geometry)
 
@@ -224,7 +217,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      workers, augment_on)
 
     # 5. Steps.
-    train_step = jit_train_step(config, graphdef, tx, class_weights, augment_on, replicated, contract)
+    train_step = jit_train_step(config, graphdef, tx, class_weights, augment_on, replicated, contract,
+                                spec.augmentation)
     eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, jnp.dtype(config.model.dtype),
                                                    contract=contract))
 
@@ -257,7 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         with signals:
             while step < total_steps:
-                batch = to_global(next(train_iter), data_sharding)
+                batch = sharding.to_global(next(train_iter), data_sharding)
                 state, metrics, stop = train_step(state, batch, signals.flags())
                 step += 1
                 if pending is not None:
@@ -288,7 +282,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         optim.set_plateau_scale(state.opt_state, scale)
                     writer.write(step, summary_scalars("val", result),
                                  f"validation at step {step}: loss {val_loss:.4f} mean AUROC {val_auroc:.4f}")
-                    save(step, {checkpointing.BEST_METRIC: val_auroc if math.isfinite(val_auroc) else -1.0})
+                    save(step, {runs.BEST_METRIC: val_auroc if math.isfinite(val_auroc) else -1.0})
                 elif step % checkpoint_every == 0:
                     stopping |= settle(*pending)
                     save(step)
@@ -319,7 +313,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def with_label_space(config, space) -> ml_collections.ConfigDict:
     """An unlocked copy of the config whose model section names its pathology outputs (the label space), so that
-    a checkpoint's config rebuilds the model (checkpointing.load_run_model)."""
+    a checkpoint's config rebuilds the model (models.runs.load_run_model)."""
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.model.pathology_names = list(space)
     resolved.model.num_pathologies = len(space) if resolved.model.num_pathologies else 0

@@ -23,7 +23,7 @@ column and heatmap file name.
   folds that were fine-tuned; then the BatchNorm statistics are recomputed on all the training images (precise
   BN, as every fine-tuned prediction of the comparison; `finetune.bn_stats="target"` adaptation needs the
   target images, which a deployed model does not have, so deployment always uses the training images).
-- Saved as a model directory (`metachex_jax.saved_model`, kind "tb_classifier"): `predict --model=WORKDIR` uses
+- Saved as a model directory (`metachex_jax.models.saved_model`, kind "tb_classifier"): `predict --model=WORKDIR` uses
   it, `export` exports it. Its card records the start, method, training data, threshold and how it was chosen,
   the out-of-fold operating point, and the comparison's AUROC (with 95% CI) of the same cell in every protocol.
 """
@@ -37,9 +37,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from metachex_jax import files, metrics, saved_model
+from metachex_jax.core import files
+from metachex_jax.evaluation import metrics
+from metachex_jax.models import saved_model
 from metachex_jax.models.tb_classifier import TbClassifier, fold_standardisation
 from metachex_jax.transfer import sets as sets_lib
+from metachex_jax.transfer.probe import fit_probe
 
 THRESHOLD_RULES = ("sensitivity", "youden")
 
@@ -125,8 +128,6 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
                 "target": spec.target, "dataset": spec.train_set, "n_images": len(view),
                 "n_positive": int(view.y.sum())}
     if spec.method == "probe":
-        from metachex_jax.transfer.probe import fit_probe
-
         features = sets_lib.features_of(tables, view)
         fit = fit_probe(features, view.y, features[:0], settings, groups=view.patient)
         model = TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0))

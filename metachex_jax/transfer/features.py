@@ -38,11 +38,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import files, train
-from metachex_jax.data import pipeline
-from metachex_jax.labels import METADATA_TASKS
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import files, sharding
+from metachex_jax.core.labels import METADATA_TASKS
+from metachex_jax.data.input import pipeline
 from metachex_jax.models import batch_norms
-from metachex_jax.preprocessing import PixelContract
+from metachex_jax.transfer.sets import BinaryRecords
 
 FORMAT_VERSION = 3  # 2: the key holds the whole pixel contract; 3: any dataset, the "binary" batch's columns
 
@@ -73,7 +74,7 @@ def extract(model, source, *, contract: PixelContract, batch_size: int) -> tuple
 
     The first batch pays the compilation; throughput is measured over the others (0 if there are none).
     """
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     data_sharding = NamedSharding(mesh, P("data"))
     global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
     model.eval()
@@ -122,7 +123,7 @@ def calibrate_batchnorm(model, source, *, kind: str, contract: PixelContract, ba
     """
     if max_images < 1:
         raise ValueError(f"bn_statistics_images={max_images}: BatchNorm statistics need at least one image")
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     data_sharding = NamedSharding(mesh, P("data"))
     global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
     # Every host must take the same number of steps (each is a collective): the batches that are full on every
@@ -159,8 +160,6 @@ def calibrate_batchnorm(model, source, *, kind: str, contract: PixelContract, ba
 def features_for(start, records, *, batch_size: int, cache_dir: str) -> dict:
     """The cached table for (start, records: a sets.DatasetRecords), extracting it on a miss through the start's
     pixel contract. Adds `cache` ("hit"/"miss") and timings."""
-    from metachex_jax.transfer.sets import BinaryRecords
-
     key = cache_key(start.fingerprint, records.fingerprint, start.contract)
     path = files.join(files.absolute(cache_dir), f"{key}.npz")  # local or gs://
     hit = files.is_file(path)

@@ -47,11 +47,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metachex_jax import metrics, optim, train, train_state
-from metachex_jax.data import pipeline
-from metachex_jax.data.augment import Augmentation
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import errors, sharding
+from metachex_jax.data.input import pipeline
+from metachex_jax.data.input.augment import Augmentation
+from metachex_jax.evaluation import metrics
 from metachex_jax.models.tb_classifier import TbClassifier
-from metachex_jax.preprocessing import PixelContract
+from metachex_jax.training import optim, train_state
 from metachex_jax.transfer.features import calibrate_batchnorm
 from metachex_jax.transfer.sets import RecordSubset
 
@@ -103,7 +105,7 @@ def make_optimizer(settings, global_batch: int) -> optax.GradientTransformation:
 class Finetuner:
     def __init__(self, settings, *, seed: int):
         self.settings, self.seed = settings, seed
-        self.mesh = train.make_mesh()
+        self.mesh = sharding.make_mesh()
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
         self.global_batch = settings.batch_size
@@ -157,7 +159,7 @@ class Finetuner:
         with pipeline.eval_batches(source, kind="binary", global_batch_size=self.eval_batch,
                                    image_size=contract.image_size, geometry=contract.geometry) as batches:
             for local in batches:
-                batch = train.to_global({k: local[k] for k in ("image", "index", "example_mask")},
+                batch = sharding.to_global({k: local[k] for k in ("image", "index", "example_mask")},
                                         self.data_sharding)
                 prob = predict_step(state, batch["image"])
                 got = multihost_utils.process_allgather(
@@ -203,10 +205,10 @@ class Finetuner:
                                     augmentation=Augmentation(**s.augment)) as batches:
             for epoch in range(1, s.num_epochs + 1):
                 for _ in range(steps_per_epoch):
-                    state, loss = train_step(state, train.to_global(next(batches), self.data_sharding))
+                    state, loss = train_step(state, sharding.to_global(next(batches), self.data_sharding))
                 loss = float(loss)
                 if not np.isfinite(loss):
-                    raise train.NonFiniteLossError(f"fine-tuning {what}: loss is {loss} in epoch {epoch}")
+                    raise errors.NonFiniteLossError(f"fine-tuning {what}: loss is {loss} in epoch {epoch}")
                 logging.info("finetune %s epoch %d: train loss %.4f", what, epoch, loss)
                 yield epoch, state
 

@@ -22,7 +22,7 @@ import itertools
 
 import numpy as np
 
-from metachex_jax import metrics
+from metachex_jax.evaluation import metrics
 
 WIN_ALPHA = 0.05  # the family-wise level of the wins rule (the CI is the bootstrap's 95%)
 TEST_NAMES = {"delong": "DeLong", "clustered": "clustered (Obuchowski)"}

@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 import math
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from metachex_jax import files
+from metachex_jax.core import files
 
 DPI = 200
 FONT = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7.5}
@@ -39,8 +40,6 @@ def _figure(width_in: float, height_in: float, size: int | None) -> Figure:
 def write_roc_png(path: str, title: str, curves: list[tuple], size: int | None = None) -> None:
     """`curves`: (label, fpr, tpr) or (label, fpr, tpr, (fpr_grid, tpr_low, tpr_high)), the last a pointwise
     95% bootstrap band drawn as a shaded area behind the curve."""
-    import matplotlib
-
     with matplotlib.rc_context(FONT):
         figure = _figure(5.5, 5.5, size)
         ax = figure.add_subplot()
@@ -63,8 +62,6 @@ def write_reliability_png(path: str, title: str, panels: list[dict], size: int |
     """`panels`: {"label", "reliability": metrics.reliability_curve(...), "brier": float, "ece": float} each;
     one diagram per panel (observed TB fraction against the mean predicted probability per bin, marker area
     by the number of images in the bin, the diagonal = perfect calibration)."""
-    import matplotlib
-
     columns = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
     with matplotlib.rc_context(FONT):

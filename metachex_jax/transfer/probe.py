@@ -35,7 +35,7 @@ import dataclasses
 import numpy as np
 import threadpoolctl
 
-from metachex_jax import metrics
+from metachex_jax.evaluation import metrics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from metachex_jax import files, metrics, reports
+from metachex_jax.core import files
+from metachex_jax.evaluation import metrics, reports
 from metachex_jax.transfer import paired
 from metachex_jax.transfer.plot import write_reliability_png, write_roc_png
 

@@ -24,15 +24,17 @@ Montgomery is the default; any prepared datasets and binary targets work (config
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 from absl import logging
 
-from metachex_jax import files
-from metachex_jax.data import datasets as nih_datasets
-from metachex_jax.errors import ConfigError, MissingDataError
-from metachex_jax.preprocessing import PixelContract
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import files
+from metachex_jax.core.errors import ConfigError, MissingDataError
+from metachex_jax.data.input import datasets as nih_datasets
+from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.transfer import deploy as deploy_lib
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import paired as paired_lib
@@ -78,13 +80,12 @@ def _not_converged_note(start, split, fit, settings) -> str:
             f"without reaching tol={settings.tol:g} for lambda {lambdas}; the chosen lambda is {fit.l2:g}")
 
 
-def _estimate_batchnorm_statistics(start, config) -> None:
+def _estimate_batchnorm_statistics(start, config, spec: DataSpec) -> None:
     """The "random_bn" start: BatchNorm statistics from ChestX-ray14 training images (see weights.py)."""
-    nih_config = config.copy_and_resolve_references()
-    if not config.demo:
-        nih_config.data.manual_dir = ""  # the TB raw folder: never prepare ChestX-ray14 from it here
+    if spec.demo is None:
+        spec = dataclasses.replace(spec, manual_dir="")  # the TB raw folder: never prepare ChestX-ray14 from it here
     try:
-        nih_train = nih_datasets.chestxray14_splits(nih_config)["train"]
+        nih_train = nih_datasets.chestxray14_splits(spec)["train"]
     except FileNotFoundError as e:
         raise MissingDataError(f"starting weights {start.name!r} take their BatchNorm statistics from the "
                                f"ChestX-ray14 training images, which were not found:\n{e}") from e
@@ -105,8 +106,9 @@ def run(config, workdir: str) -> dict:
     # fed the pixels its weights expect (its contract), at this run's image size.
     starts = weights.load_starts(start_specs(config), config.model, config.seed, str(config.checkpoint_step),
                                  contract=PixelContract.from_config(config))
+    spec = DataSpec.from_config(config)
     needed = tuple(dict.fromkeys(d for p in protocol_list for d in p.datasets))
-    records = sets_lib.load_datasets(config, needed)
+    records = sets_lib.load_datasets(spec, needed)
     problems, splits, notes = [], {}, []
     if "probe" not in methods:
         problems += [f"starting weights {s.name!r} are a linear-probe baseline (fine-tuning would repeat 'random'); "
@@ -126,8 +128,7 @@ def run(config, workdir: str) -> dict:
             for name in (protocol.train_set, protocol.test):
                 if name not in sets_t:
                     sets_t[name] = sets_lib.transfer_set(records, tuple(name.split("+")), target,
-                                                         num_folds=config.data.num_folds,
-                                                         fold_seed=config.data.fold_seed)
+                                                         num_folds=spec.num_folds, fold_seed=spec.fold_seed)
             try:
                 splits[key] = protocols_lib.check_protocol(protocol, sets_t, need_validation="finetune" in methods)
                 protocol_targets[key], column_protocols[key] = target, protocol
@@ -146,7 +147,7 @@ def run(config, workdir: str) -> dict:
     column_names = list(protocol_targets)
     for start in starts:
         if start.kind == "random_bn":
-            _estimate_batchnorm_statistics(start, config)
+            _estimate_batchnorm_statistics(start, config, spec)
         logging.info("start %s: %s (weights %s)", start.name, start.info, start.fingerprint[:12])
 
     # 4. Features (needed by the probe and by the age/sex evaluation), per dataset; a set's are rows of them.

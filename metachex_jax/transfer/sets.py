@@ -1,11 +1,11 @@
 """The datasets a transfer run reads, and each seen through one binary target.
 
-    records = load_datasets(config, ("shenzhen", "csv"))     # name -> DatasetRecords: every record of a build
-    view = transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", config)   # -> TransferSet
+    records = load_datasets(spec, ("shenzhen", "csv"))    # name -> DatasetRecords: every record of a build
+    view = transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", num_folds=10, fold_seed=0)
 
 Any prepared dataset can be a transfer dataset: the TB sets (shenzhen, montgomery), chexpert, padchest, a csv
 dataset of one's own, chestxray14. A TARGET is a binary label named as in the shared label space
-(data/mixture.py: NIH's names, CheXpert's other observations, PadChest's Tuberculosis, a CSV's column headers);
+(data/input/mixture.py: NIH's names, CheXpert's other observations, PadChest's Tuberculosis, a CSV's column headers);
 the TB sets' `tb` label is "Tuberculosis", the name PadChest and the demo hospital use. A dataset without the
 target cannot take part in that target's protocols.
 
@@ -14,17 +14,17 @@ target is known, with per-image label `y`, `fold`, `patient` and `image_id`, and
 of the pipeline's "binary" kind (image, target, sex_male, age, age_valid, fold) for fine-tuning.
 
 Folds: the ones stored in the build when the target is the label they are stratified by (TB sets: TB; csv: its
-stratify_by label); otherwise drawn here: `data.num_folds` folds of PATIENTS, stratified by the target, seeded by
-`data.fold_seed` (labelled.py).
+stratify_by label); otherwise drawn here: `num_folds` folds of PATIENTS, stratified by the target, seeded by
+`fold_seed` (the config's data.num_folds and data.fold_seed; data/raw/labelled.py).
 Patients: the build's patient ids; every TB-set image is its own patient. Bootstrap CIs resample patients.
 
-Where the builds come from follows data/datasets.py: with `config.demo` the demo tree (Shenzhen, Montgomery and
-the hospital CSV of the pretraining demo's tree); otherwise `config.data.data_dir`, a TB set prepared first from
-`config.data.manual_dir` (the folder holding ChinaSet_AllFiles/ and MontgomerySet/), another dataset from its own
-`config.data.<name>.manual_dir`; a missing build raises a MissingDataError holding the `prepare` commands that make
-it. The fingerprint hashes a build's files (names and bytes), so the feature cache
-follows the data's content, not its path. `flagged_readings` are the TB sets' normal images whose reading names TB
-(the build's skip report, `tb.mentions_tb`), for the report.
+Where the builds come from follows data/input/datasets.py, from the run's data spec (data/input/spec.py): for a
+demo run the demo tree (Shenzhen, Montgomery and the hospital CSV of the pretraining demo's tree); otherwise its
+data_dir, a TB set prepared first from its manual_dir (config.data.manual_dir: the folder holding
+ChinaSet_AllFiles/ and MontgomerySet/), another dataset from its own (config.data.<name>.manual_dir); a missing
+build raises a MissingDataError holding the `prepare` commands that make it. The fingerprint hashes a build's files
+(names and bytes), so the feature cache follows the data's content, not its path. `flagged_readings` are the TB
+sets' normal images whose reading names TB (the build's skip report, `tb.mentions_tb`), for the report.
 """
 
 from __future__ import annotations
@@ -40,14 +40,19 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from metachex_jax import config_lib, distributed
-from metachex_jax.data import build, builders, labelled, mixture, registry
-from metachex_jax.data import datasets as data_lib
-from metachex_jax.errors import MissingDataError
+from metachex_jax.core import distributed
+from metachex_jax.core.errors import MissingDataError
+from metachex_jax.data.build import build, builders, registry
+from metachex_jax.data.input import datasets as data_lib
+from metachex_jax.data.input import mixture
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.data.raw import labelled
 
 TB_DATASETS = ("shenzhen", "montgomery")
 TB_TARGET = "Tuberculosis"
 ALL_RECORDS = "train+validation+test"
+TRANSFER_DEMO_COMMAND = ("python -m metachex_jax.main --config=configs/transfer.py:demo "
+                         "--config.init_from=/tmp/metachex_demo --workdir=/tmp/tb_demo")
 
 
 @dataclasses.dataclass
@@ -152,34 +157,32 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _tb_sources(config, datasets: tuple[str, ...]) -> dict:
+def _tb_sources(spec: DataSpec, datasets: tuple[str, ...]) -> dict:
     """{name: (all-records source, build dir)} of the TB sets, prepared first where needed (a MissingDataError
     prints the `prepare` commands that make them)."""
-    data = config.data
-    manual_dir, data_dir = data.manual_dir, os.path.expanduser(data.data_dir)
-    if config.demo:
-        nih_manual_dir, data_dir = data_lib.resolve_demo(config)
+    manual_dir, data_dir = spec.manual_dir, os.path.expanduser(spec.data_dir)
+    if spec.demo is not None:
+        nih_manual_dir, data_dir = data_lib.resolve_demo(spec)
         manual_dir = os.path.dirname(nih_manual_dir)  # the demo tree: ChinaSet_AllFiles/, MontgomerySet/
-    config_name, parameters = data_lib.required_build("shenzhen", data)  # the same for both TB sets
+    config_name, parameters = data_lib.required_build("shenzhen", spec)  # the same for both TB sets
     missing = [f"{d}/{config_name}" for d in datasets if not builders.is_complete(data_dir, d, config_name)]
     if missing and not manual_dir:
-        raise MissingDataError(data_lib.missing_data_message(data, list(datasets),
-                                                             config_lib.TRANSFER_DEMO_COMMAND))
+        raise MissingDataError(data_lib.missing_data_message(spec, list(datasets), TRANSFER_DEMO_COMMAND))
 
     def prepare_missing():
         for dataset in datasets:
             if not builders.is_complete(data_dir, dataset, config_name):
                 logging.info("preparing %s/%s from %s into %s", dataset, config_name, manual_dir, data_dir)
-                build.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution,
+                build.build_dataset(dataset, os.path.expanduser(manual_dir), data_dir, resolution=spec.resolution,
                                     progress=False, **parameters)
 
-    if config.demo:  # a local cache, prepared by the processes in turns (see datasets.resolve_demo)
+    if spec.demo is not None:  # a local cache, prepared by the processes in turns (see datasets.resolve_demo)
         distributed.one_process_at_a_time(prepare_missing, "demo TB sets")
     elif missing and jax.process_count() > 1:
         raise MissingDataError(f"{', '.join(missing)} not prepared in {data_dir}; prepare them once before a "
                                "multi-host run (not from every host at once):\n" + "\n".join(
                                    "  " + build.prepare_command(name.split("/")[0], data_dir, manual_dir=manual_dir,
-                                                                resolution=data.resolution, **parameters)
+                                                                resolution=spec.resolution, **parameters)
                                    for name in missing))
     else:
         prepare_missing()
@@ -187,18 +190,17 @@ def _tb_sources(config, datasets: tuple[str, ...]) -> dict:
                 builders.dataset_dir(data_dir, d, config_name)) for d in datasets}
 
 
-def load_datasets(config, names) -> dict[str, DatasetRecords]:
+def load_datasets(spec: DataSpec, names) -> dict[str, DatasetRecords]:
     """name -> DatasetRecords for every dataset named (module docstring: where the builds come from)."""
     names = tuple(dict.fromkeys(names))
     tb_names = tuple(n for n in names if n in TB_DATASETS)
-    found = _tb_sources(config, tb_names) if tb_names else {}
+    found = _tb_sources(spec, tb_names) if tb_names else {}
     for name in names:
         if name not in found:
-            nih_config = config
-            if name == "chestxray14" and not config.demo:  # data.manual_dir is the TB sets' raw folder here
-                nih_config = config.copy_and_resolve_references()
-                nih_config.data.manual_dir = ""
-            source = data_lib.dataset_splits(nih_config, name, (ALL_RECORDS,))[ALL_RECORDS]
+            own = spec
+            if name == "chestxray14" and spec.demo is None:  # spec.manual_dir is the TB sets' raw folder here
+                own = dataclasses.replace(spec, manual_dir="")
+            source = data_lib.dataset_splits(own, name, (ALL_RECORDS,))[ALL_RECORDS]
             found[name] = (source, epath.Path(source.dataset_info.data_dir))
     out = {}
     for name in names:
@@ -273,8 +275,8 @@ def features_of(tables: dict[str, dict], view: TransferSet) -> np.ndarray:
     return np.concatenate([tables[name]["features"][rows] for name, rows in view.parts])
 
 
-def tb_transfer_sets(config, names: tuple[str, ...] = TB_DATASETS) -> dict[str, TransferSet]:
+def tb_transfer_sets(spec: DataSpec, names: tuple[str, ...] = TB_DATASETS) -> dict[str, TransferSet]:
     """The TB sets seen through their TB label (the default comparison's sets)."""
-    records = load_datasets(config, names)
-    return {name: transfer_set(records, (name,), TB_TARGET, num_folds=config.data.num_folds,
-                               fold_seed=config.data.fold_seed) for name in names}
+    records = load_datasets(spec, names)
+    return {name: transfer_set(records, (name,), TB_TARGET, num_folds=spec.num_folds, fold_seed=spec.fold_seed)
+            for name in names}

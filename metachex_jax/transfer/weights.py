@@ -2,7 +2,7 @@
 
     load_start(spec, model_config, seed, contract=...) -> Start(name, kind, model, fingerprint, info, contract)
 
-- a pretraining workdir (holds checkpoints/): `checkpointing.load_run_model` (MetaChexNet or the CheXNet baseline,
+- a pretraining workdir (holds checkpoints/): `models.runs.load_run_model` (MetaChexNet or the CheXNet baseline,
   as the run's saved config says), checkpoint `step` ("best", "latest" or a number);
 - a `convert_torchvision` output (holds metadata.json): `convert.load_backbone` into a fresh MetaChexNet of
   `model_config` (its heads stay random and are never evaluated);
@@ -35,12 +35,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from metachex_jax import checkpointing, convert, files, saved_model
-from metachex_jax.errors import UserError
-from metachex_jax.models import build_model, resolve_scan_layers, set_block_options, unrolled
+from metachex_jax.contract.card import CARD_FILE, is_model_dir, read_card
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.core import files
+from metachex_jax.core.errors import UserError
+from metachex_jax.interop import convert
+from metachex_jax.models import build_model, resolve_scan_layers, runs, set_block_options, unrolled
 from metachex_jax.models.metachexnet import MetaChexNet
-from metachex_jax.preprocessing import PixelContract
-
 
 RANDOM_KINDS = ("random", "random_bn")
 
@@ -96,13 +97,13 @@ def _load_start(spec: str, model_config, seed: int, step: str, contract: PixelCo
     path = files.absolute(spec)  # local or gs://
     if files.is_dir(files.join(path, "checkpoints")):
         return _load_run(path, model_config, step, contract)
-    if saved_model.is_model_dir(path):
+    if is_model_dir(path):
         return _load_model_dir(path, model_config, seed, contract)
     if files.is_file(files.join(path, convert.METADATA_FILE)):
         return _load_backbone(path, model_config, seed, dataclasses.replace(contract, normalization="imagenet",
                                                                             geometry="resize_crop"))
     what = "does not exist" if not files.exists(path) else "holds neither checkpoints/ (a pretraining workdir), " \
-        f"{saved_model.CARD_FILE} (a model directory) nor {convert.METADATA_FILE} (a convert_torchvision output)"
+        f"{CARD_FILE} (a model directory) nor {convert.METADATA_FILE} (a convert_torchvision output)"
     raise StartingWeightsError(f"starting weights {spec!r}: {path} {what}; expected a pretraining workdir, a "
                                "convert_torchvision or convert_torchxrayvision output directory, 'random' or "
                                "'random_bn'")
@@ -118,7 +119,7 @@ def _with_pixels(model_config, contract: PixelContract):
 def _load_run(path: str, model_config, step: str, contract: PixelContract) -> Start:
     step_arg = step if step in ("best", "latest") else int(step)
     try:
-        model, info = checkpointing.load_run_model(path, step_arg)
+        model, info = runs.load_run_model(path, step_arg)
     except FileNotFoundError as e:
         raise StartingWeightsError(f"starting weights {path}: {e}") from e
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files: name them all
@@ -158,7 +159,7 @@ def _load_backbone(path: str, model_config, seed: int, contract: PixelContract, 
 def _load_model_dir(path: str, model_config, seed: int, contract: PixelContract) -> Start:
     """The backbone of a model directory (a converted torchxrayvision model, ...), fed by the card's contract."""
     try:
-        card = saved_model.read_card(path)
+        card = read_card(path)
         own = PixelContract.from_json(card["input"])
     except (ValueError, KeyError) as e:
         raise StartingWeightsError(f"starting weights {path}: unreadable model card: {e}") from e

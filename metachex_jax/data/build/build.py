@@ -24,11 +24,13 @@ import os
 import shlex
 from pathlib import Path
 
+import tensorflow_datasets as tfds
 from etils import epath
 
-from metachex_jax import files
-from metachex_jax.data import builders, images, registry
-from metachex_jax.data.raw_common import Problem, RawDataError
+from metachex_jax.core import files
+from metachex_jax.data.build import builders, registry
+from metachex_jax.data.raw.common import Problem, RawDataError
+from metachex_jax.imaging import images
 
 
 def remote_data_dir_message(dataset: str, data_dir: str | os.PathLike) -> str:
@@ -101,8 +103,6 @@ def build_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str | o
     """
     if files.is_url(data_dir):
         raise ValueError(remote_data_dir_message(dataset, data_dir))
-    import tensorflow_datasets as tfds
-
     family = registry.family(dataset)
     config = family.config(resolution, **parameters)
     # One build per config at a time: a second process (another host, another run) waits here, then finds the

@@ -1,7 +1,8 @@
 """TFDS builders `chestxray14`, `shenzhen`, `montgomery`, and the label-table datasets `chexpert`, `padchest` and
 `csv` (your own data): raw copies -> ArrayRecord datasets (no TensorFlow).
 
-Each is one entry of the dataset table, `registry.DATASETS`.
+Each is one entry of the dataset table, `registry.DATASETS` (which imports this module; `BUILDERS` below names
+the builder classes for the functions that find builds on disk).
 
 Build (the Python API; `tfds build` needs TensorFlow) -- or use metachex_jax.data.build.build_dataset:
 
@@ -11,7 +12,7 @@ Build (the Python API; `tfds build` needs TensorFlow) -- or use metachex_jax.dat
 Read (the exact call; importing this module is not needed to read):
 
     source = tfds.data_source("chestxray14/r256", split="train", data_dir=OUT)   # also "validation", "test"
-    record = source[i]          # dict of numpy arrays / python scalars / bytes, see data_contract.md
+    record = source[i]          # dict of numpy arrays / python scalars / bytes: the builder's `_info` features
     tb_all = tfds.data_source("shenzhen/r256", split="train+validation+test", data_dir=OUT)  # split arithmetic
                                                                                               # works (tested)
 or `builder.as_data_source()[split]`. `data_source(dataset, split, data_dir, ...)` below builds the name.
@@ -19,7 +20,7 @@ or `builder.as_data_source()[split]`. `data_source(dataset, split, data_dir, ...
 Identity: the config name carries everything that changes the content, so two builds never mix:
 `r{resolution}` with the defaults, plus `_val{fraction}_seed{seed}` (chestxray14) or `_k{k}_seed{seed}` (TB)
 when those differ from the defaults ("." in a fraction is written "p": r256_val0p05_seed3), and `_bits{n}` when
-the build overrides the bit depth of high-depth images (`bit_depth`, the reader's override, data/images.py; 0,
+the build overrides the bit depth of high-depth images (`bit_depth`, the reader's override, imaging/images.py; 0,
 the default, is the reader's rule); the label-table datasets' names are built the same way from their options
 (`chexpert_config`, `padchest_config`, `csv_config`), and a CSV dataset's also carries a fingerprint of the CSV
 file. Configs outside BUILDER_CONFIGS are built with `config=nih_config(...)` and read by name exactly like the
@@ -30,7 +31,7 @@ Versions: a build's folder is named after its builder's VERSION, and a run reads
 VERSION (`is_complete`), so a build made by an older reader is never mixed with new ones: the run prepares the
 dataset again when it knows the raw copy, or stops with the `prepare` command that rebuilds it (an older build
 found is named: `older_builds`). The pixels of chestxray14 1.3.0, TB 1.4.0 and the label-table datasets 1.1.0
-come from the reader's one-rounding rule (data/images.py, data/resize.py).
+come from the reader's one-rounding rule (imaging/images.py, imaging/resize.py).
 
 Storage (chestxray14 1.2.0+, TB 1.3.0+): pixels are a `tfds.features.Tensor(shape=(R, R, 1), dtype=uint8,
 encoding=BYTES)` (one raw byte string; TFDS without TF cannot encode numpy through tfds.features.Image), the
@@ -79,17 +80,19 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 from etils import epath
 from tensorflow_datasets.core import file_adapters
 
-from metachex_jax.data import chexpert, csv_dataset, images, labelled, nih, padchest, tb
-from metachex_jax.data.raw_common import Problem, RawDataError
-from metachex_jax.data.records import RecordSource
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.build.records import RecordSource
+from metachex_jax.data.raw import chexpert, csv_dataset, labelled, nih, padchest, tb
+from metachex_jax.data.raw.common import Problem, RawDataError
+from metachex_jax.imaging import images
 
 # What the reader's one-rounding rule changed in every family's pixels (the release note of its version bump).
 PIXELS_NOTE = ("One pixel path: every source mapped to 8 bits with one rounding, then the exact area average rounded "
-               "once (data/resize.py; Pillow's BOX filter rounded between passes and is no area average for "
+               "once (imaging/resize.py; Pillow's BOX filter rounded between passes and is no area average for "
                "non-integer ratios); 16-bit colour and gray+alpha PNGs at full depth; gray PNGs with tRNS read; "
                "JPEG EXIF orientation applied; truncated JPEGs refused; build parameter bit_depth; "
                "`orientations` in the skip report.")
@@ -278,7 +281,6 @@ class _UncompressedArrayRecords(file_adapters.ArrayRecordFileAdapter):
 
     @classmethod
     def write_examples(cls, path, iterator):
-        from array_record.python import array_record_module
         writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1,uncompressed")
         for _, serialized_example in iterator:
             writer.write(serialized_example)
@@ -746,11 +748,19 @@ class Csv(_LabelledBuilder):
         return tuple(self.builder_config.label_names)
 
 
+BUILDERS = {builder.name: builder for builder in (Chestxray14, Shenzhen, Montgomery, Chexpert, Padchest, Csv)}
+
+
+def version(dataset: str) -> str:
+    """The VERSION of `dataset`'s builder: the folder its complete builds live in."""
+    if dataset not in BUILDERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
+    return str(BUILDERS[dataset].VERSION)
+
+
 def dataset_dir(data_dir: str | os.PathLike, dataset: str, config_name: str) -> epath.Path:
     """Where a complete build lives: <data_dir>/<dataset>/<config>/<version> (data_dir local or gs://)."""
-    from metachex_jax.data import registry  # the table of families imports this module
-
-    return epath.Path(os.fspath(data_dir)) / dataset / config_name / str(registry.family(dataset).builder.VERSION)
+    return epath.Path(os.fspath(data_dir)) / dataset / config_name / version(dataset)
 
 
 def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> bool:
@@ -761,10 +771,8 @@ def is_complete(data_dir: str | os.PathLike, dataset: str, config_name: str) -> 
 def older_builds(data_dir: str | os.PathLike, dataset: str, config_name: str) -> list[str]:
     """The versions of complete builds of this config made by earlier builders: a run never reads them (the
     pixels or records differ; see Versions in the module docstring), so they are named when a build is missing."""
-    from metachex_jax.data import registry  # the table of families imports this module
-
     config_dir = epath.Path(os.fspath(data_dir)) / dataset / config_name
-    current = str(registry.family(dataset).builder.VERSION)
+    current = version(dataset)
     if not config_dir.is_dir():
         return []
     return sorted(p.name for p in config_dir.iterdir() if p.name != current and (p / "dataset_info.json").exists())

@@ -1,17 +1,17 @@
 """Every dataset family the project can prepare, in one table: `DATASETS`, name -> `DatasetFamily`.
 
 A family plugs in here. Its parts:
-  reader       data/<family>.py: raw copy -> records, every problem collected (nih.py, tb.py)
+  reader       data/raw/<family>.py: raw copy -> records, every problem collected (nih.py, tb.py)
   verify       the reader's check of a raw copy without building -> raw_common.RawCheck
   builder      its TFDS builder class (builders.py): raw copy -> ArrayRecord splits
   make_config  (resolution, **parameters) -> the builder config; its name (r256, r256_k5_seed1) is the build's
                identity on disk, so builds with different parameters never mix
   parameters   the build parameters besides resolution, with their defaults; `prepare` offers each as a flag
   kind         the record format the input pipeline turns into batches (pipeline.py: "nih", "tb" or "labelled")
-  from_config  the run config's `data` section -> the build parameters a run needs (the build it looks for)
+  from_spec    a run's data spec (data/input/spec.py) -> the build parameters it needs (the build it looks for)
   raw_copy     what --manual_dir must hold, and where to get it (for the messages that print `prepare` commands)
 
-To add a family: write data/<family>.py (reader + `verify`; a label table? reuse labelled.py's record and
+To add a family: write data/raw/<family>.py (reader + `verify`; a label table? reuse labelled.py's record and
 splits, as chexpert.py, padchest.py and csv_dataset.py do), a builder class in builders.py, and one entry in
 DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
 --dataset=chexpert` (build and --verify), `build.build_dataset` and `build.verify_raw` then know it.
@@ -24,8 +24,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from metachex_jax.data import builders, chexpert, csv_dataset, nih, padchest, tb
-from metachex_jax.data.raw_common import RawCheck
+from metachex_jax.data.build import builders
+from metachex_jax.data.raw import chexpert, csv_dataset, nih, padchest, tb
+from metachex_jax.data.raw.common import RawCheck
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ class DatasetFamily:
     parameters: dict[str, Any]  # build parameter -> default (resolution is common to all)
     verify: Callable[..., RawCheck]  # (manual_dir, *, strict_counts, **parameters) -> RawCheck
     kind: str  # record format for pipeline.py
-    from_config: Callable[[Any], dict[str, Any]]  # config.data -> parameters
+    from_spec: Callable[[Any], dict[str, Any]]  # a run's DataSpec -> parameters
     raw_copy: str  # what manual_dir holds and where to download it
 
     def resolve(self, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -69,18 +70,18 @@ _CSV_PARAMETERS = {"csv": "", "num_folds": csv_dataset.DEFAULT_NUM_FOLDS, "seed"
                    "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION, **_BIT_DEPTH}
 
 
-def _nih_from_config(data) -> dict[str, Any]:
-    return {"val_fraction": data.val_fraction, "seed": data.val_seed, "bit_depth": data.bit_depth}
+def _nih_from_spec(spec) -> dict[str, Any]:
+    return {"val_fraction": spec.val_fraction, "seed": spec.val_seed, "bit_depth": spec.bit_depth}
 
 
-def _tb_from_config(data) -> dict[str, Any]:
-    return {"num_folds": data.num_folds, "seed": data.fold_seed, "bit_depth": data.bit_depth}
+def _tb_from_spec(spec) -> dict[str, Any]:
+    return {"num_folds": spec.num_folds, "seed": spec.fold_seed, "bit_depth": spec.bit_depth}
 
 
-def _section_from_config(name: str, data) -> dict[str, Any]:
-    """A label-table dataset's build parameters: its own section of the data config (`data.chexpert`, ...), and
-    the bit-depth override that every dataset of a run shares (`data.bit_depth`)."""
-    return {key: data.bit_depth if key == "bit_depth" else data[name][key] for key in DATASETS[name].parameters}
+def _table_from_spec(name: str, spec) -> dict[str, Any]:
+    """A label-table dataset's build parameters: its own section of the data config (`spec.tables[name]`:
+    `data.chexpert`, ...), and the bit-depth override that every dataset of a run shares (`spec.bit_depth`)."""
+    return {key: spec.bit_depth if key == "bit_depth" else spec.tables[name][key] for key in DATASETS[name].parameters}
 
 
 _TB_RAW = ("the folder holding {folder}/ (CXR_png/ and ClinicalReadings/), from "
@@ -88,26 +89,26 @@ _TB_RAW = ("the folder holding {folder}/ (CXR_png/ and ClinicalReadings/), from 
 
 DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
     DatasetFamily("chestxray14", builders.Chestxray14, builders.nih_config, _NIH_PARAMETERS, nih.verify, "nih",
-                  _nih_from_config,
+                  _nih_from_spec,
                   "the folder holding Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt and the "
                   "unpacked images_001..012, from https://nihcc.app.box.com/v/ChestXray-NIHCC"),
     DatasetFamily("shenzhen", builders.Shenzhen, builders.tb_config, _TB_PARAMETERS,
-                  functools.partial(tb.verify, dataset="shenzhen"), "tb", _tb_from_config,
+                  functools.partial(tb.verify, dataset="shenzhen"), "tb", _tb_from_spec,
                   _TB_RAW.format(folder=tb.SHENZHEN.folder)),
     DatasetFamily("montgomery", builders.Montgomery, builders.tb_config, _TB_PARAMETERS,
-                  functools.partial(tb.verify, dataset="montgomery"), "tb", _tb_from_config,
+                  functools.partial(tb.verify, dataset="montgomery"), "tb", _tb_from_spec,
                   _TB_RAW.format(folder=tb.MONTGOMERY.folder)),
     DatasetFamily("chexpert", builders.Chexpert, builders.chexpert_config, _CHEXPERT_PARAMETERS, chexpert.verify,
-                  "labelled", functools.partial(_section_from_config, "chexpert"),
+                  "labelled", functools.partial(_table_from_spec, "chexpert"),
                   "the folder holding CheXpert-v1.0-small/ (or CheXpert-v1.0/), from "
                   "https://stanfordmlgroup.github.io/competitions/chexpert/"),
     DatasetFamily("padchest", builders.Padchest, builders.padchest_config, _PADCHEST_PARAMETERS, padchest.verify,
-                  "labelled", functools.partial(_section_from_config, "padchest"),
+                  "labelled", functools.partial(_table_from_spec, "padchest"),
                   "the folder holding PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) and the image "
                   "folders, from https://bimcv.cipf.es/bimcv-projects/padchest/"),
     DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled",
-                  functools.partial(_section_from_config, "csv"),
-                  "the folder the CSV's image paths are relative to (data/csv_dataset.py)"),
+                  functools.partial(_table_from_spec, "csv"),
+                  "the folder the CSV's image paths are relative to (data/raw/csv_dataset.py)"),
 )}
 
 # What each build parameter means (the `prepare` flags' help).

@@ -13,19 +13,13 @@ Evaluation: the centre S x S crop, no randomness. Centre crop (rather than resiz
 scale the model saw in training, where crops are taken at scale 1 from the same R x R images (the CheXNet
 recipe: resize to 256, random-crop 224 to train, centre-crop 224 to test).
 
-Geometry (`GEOMETRIES`; a model's pixel contract says which it expects, `metachex_jax.preprocessing`):
-- "resize_crop" (ours, CheXNet's): the stored R x R image (resized at build time), centre S x S crop to evaluate,
-  random S x S crops to train, as above.
-- "crop_resize" (torchxrayvision's): the centre square of the image (`square_box`, XRayCenterCrop's arithmetic),
-  resized to S x S by the builders' resize (`resize.resize_gray`: the exact area average, rounded once). A
-  prepared dataset's records are already R x R (the builder resized the whole image, aspect ratio not kept), so
-  on a stored record the square crop changes nothing and the record is resized R -> S: the model sees the whole
-  radiograph squeezed to a square, where from a raw non-square file (`predict`) it sees the centre square. The
-  two agree for square originals (NIH's 1024 x 1024). Training resizes to S first, then applies the affine and
-  flip (a random S x S crop of an S x S image is the whole image).
+Evaluation views and the two geometries ("resize_crop", ours; "crop_resize", torchxrayvision's) are defined in
+`metachex_jax.imaging.geometry`, which the pixel contract uses too. In "crop_resize" training resizes the stored
+record to S first, then applies the affine and flip (a random S x S crop of an S x S image is the whole image).
 
 Images stay uint8 0..255 here. Normalisation is NOT done on the host: it happens on the device in
-`metachex_jax.preprocessing.to_model_input`, the one definition of model input.
+`metachex_jax.contract.pixels` (`to_model_input` for ImageNet-style models), the one definition of model
+input.
 
 Every random draw comes from the `np.random.Generator` passed in, always in the same order, so an image's
 augmentation depends only on that generator's seed (the pipeline derives it from (seed, epoch, record index)).
@@ -34,14 +28,14 @@ augmentation depends only on that generator's seed (the pipeline derives it from
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
+import cv2
 import numpy as np
 
-from metachex_jax.data.resize import resize_gray
+from metachex_jax.imaging.geometry import GEOMETRIES, check_fits, eval_view
 
-GEOMETRIES = ("resize_crop", "crop_resize")
+cv2.setNumThreads(1)  # one thread: OpenCV's pool would compete with the input workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,43 +72,6 @@ class Augmentation:
                 or self.translate_fraction > 0)
 
 
-def as_gray_2d(image: np.ndarray) -> np.ndarray:
-    """(H, W, 1) or (H, W) uint8 -> (H, W) uint8."""
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 gray image (H, W) or (H, W, 1), got {image.dtype} {image.shape}")
-    return image
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The centre size x size crop of a (H, W) image (the evaluation transform)."""
-    height, width = image.shape
-    _check_fits(image, size)
-    top, left = (height - size) // 2, (width - size) // 2
-    return np.ascontiguousarray(image[top:top + size, left:left + size])
-
-
-def square_box(height: int, width: int) -> tuple[int, int, int]:
-    """(top, left, side) of the centre square, as torchxrayvision's XRayCenterCrop computes it."""
-    side = min(height, width)
-    return height // 2 - side // 2, width // 2 - side // 2, side
-
-
-def eval_view(image: np.ndarray, size: int, geometry: str = "resize_crop") -> np.ndarray:
-    """A (H, W) uint8 image (a stored record, or a raw image already resized) -> the model's size x size input, no
-    randomness: evaluation, feature extraction and `predict` (through the pixel contract)."""
-    if geometry == "resize_crop":
-        return center_crop(image, size)
-    if geometry == "crop_resize":
-        _check_fits(image, size)
-        top, left, side = square_box(*image.shape)
-        square = image[top:top + side, left:left + side]
-        return resize_gray(np.ascontiguousarray(square), size)
-    raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
-
-
 def train_view(image: np.ndarray, size: int, augmentation: Augmentation, rng: np.random.Generator,
                geometry: str = "resize_crop") -> np.ndarray:
     """A stored (H, W) uint8 record -> an augmented size x size training input in `geometry`."""
@@ -140,7 +97,7 @@ def geometry(uniforms, height: int, width: int, size: int, augmentation: Augment
     holding whole numbers, rotation (degrees), scale, shift (dx, dy in pixels) and flip (bool).
 
     Only arithmetic and comparisons, so the same function serves the host (numpy/Python floats, `augment_with`)
-    and the device (jax arrays of a whole batch, `metachex_jax.data.device_augment`): both augmentations have
+    and the device (jax arrays of a whole batch, `metachex_jax.data.input.device_augment`): both augmentations have
     the same parameter ranges and meaning by construction.
     """
     u_top, u_left, u_angle, u_scale, u_dx, u_dy, u_flip = (uniforms[..., i] for i in range(NUM_UNIFORMS))
@@ -158,7 +115,7 @@ def geometry(uniforms, height: int, width: int, size: int, augmentation: Augment
 def augment_with(image: np.ndarray, size: int, augmentation: Augmentation, uniforms: np.ndarray) -> np.ndarray:
     """`augment` with its NUM_UNIFORMS draws given (see `geometry`)."""
     height, width = image.shape
-    _check_fits(image, size)
+    check_fits(image, size)
     g = geometry(np.asarray(uniforms, np.float64), height, width, size, augmentation)
     top, left = int(g["top"]), int(g["left"])
     if augmentation.has_affine:
@@ -192,19 +149,6 @@ def affine_crop(image: np.ndarray, size: int, *, top: int, left: int, degrees: f
     c = cx_in - a * ox - b * oy
     f = cy_in - d * ox - e * oy
     to_input = np.array([[a, b, c + (a + b - 1) / 2], [d, e, f + (d + e - 1) / 2]])
-    return _cv2().warpAffine(np.ascontiguousarray(image), to_input, (size, size),
-                             flags=_cv2().INTER_LINEAR | _cv2().WARP_INVERSE_MAP,
-                             borderMode=_cv2().BORDER_CONSTANT, borderValue=0)
-
-
-@functools.cache
-def _cv2():
-    import cv2  # imported on first use: evaluation and device augmentation never need it
-    cv2.setNumThreads(1)
-    return cv2
-
-
-def _check_fits(image: np.ndarray, size: int) -> None:
-    if image.shape[0] < size or image.shape[1] < size:
-        raise ValueError(f"stored image {image.shape} is smaller than the model resolution {size}; "
-                         "build the dataset at a resolution >= the model resolution")
+    return cv2.warpAffine(np.ascontiguousarray(image), to_input, (size, size),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)

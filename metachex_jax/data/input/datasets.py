@@ -1,16 +1,16 @@
-"""The prepared datasets a run reads, found (or, for the demo, made) from the config's `data` section: one
-dataset or a weighted mixture (`pretraining_data`: chestxray14, chexpert, padchest and csv builds seen in one
-label space, data/mixture.py).
+"""The prepared datasets a run reads, found (or, for the demo, made) from its data spec (spec.py): one dataset or
+a weighted mixture (`pretraining_data`: chestxray14, chexpert, padchest and csv builds seen in one label space,
+mixture.py).
 
-Real data is prepared once with `python -m metachex_jax.prepare` (see the README). A run then opens the
-ArrayRecord splits with `tfds.data_source`. If the dataset is missing, the run prepares it when
-`config.data.manual_dir` (chexpert, padchest, csv: `config.data.<name>.manual_dir`) names the raw copy; otherwise
-it stops with a MissingDataError holding the exact
-`prepare` commands (`missing_data_message`, which config validation prints before any work too; a multi-process
-run refuses to prepare real data: prepare it once first). `required_build` maps the config to the build it
-reads (registry: each family's `from_config`). With `config.demo` the synthetic demo tree is generated (once)
-under `config.demo_dir` and prepared from there, by several processes in turns (`resolve_demo`).
-data_dir may be a gs:// URL of a dataset prepared elsewhere (see launch/README.md for reading it).
+Real data is prepared once with `python -m metachex_jax.prepare`. A run then opens the ArrayRecord splits with
+`tfds.data_source`. If the dataset is missing, the run prepares it when the spec names its raw copy
+(`config.data.manual_dir`; chexpert, padchest, csv: `config.data.<name>.manual_dir`); otherwise it stops with a
+MissingDataError holding the exact `prepare` commands (`missing_data_message`, which the data preflight prints
+before any work too, preflight.py; a multi-process run refuses to prepare real data: prepare it once first).
+`required_build` maps the spec to the build it reads (registry: each family's `from_spec`). For a demo run the
+synthetic demo tree is generated (once) under the demo folder and prepared from there, by several processes in
+turns (`resolve_demo`). data_dir may be a gs:// URL of a dataset prepared elsewhere (see the docs on multi-host
+runs for reading it).
 """
 
 from __future__ import annotations
@@ -22,44 +22,36 @@ import jax
 import numpy as np
 from absl import logging
 
-from metachex_jax import config_lib, distributed, files
-from metachex_jax.data import build, builders, mixture, registry
-from metachex_jax.errors import MissingDataError
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core import distributed, files
+from metachex_jax.core.errors import MissingDataError
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.build import build, builders, registry
+from metachex_jax.data.input import mixture
+from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.demo import write as demo_write
 
 NIH_SPLITS = ("train", "validation", "test")
+PRETRAIN_DEMO_COMMAND = "python -m metachex_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/metachex_demo"
 
 
-def demo_root(config) -> str:
-    """The folder of the demo tree a config uses (raw/ and tfds/ inside), `config.demo_dir` unexpanded. One folder
-    per generator version and parameters, so a prepared dataset never outlives the tree it came from."""
-    from metachex_jax import demo_data
-
-    d = config.demo_data
-    return os.path.join(config.demo_dir, f"v{demo_data.GENERATOR_VERSION}_seed{d.seed}_nih{d.num_nih}"
-                                         f"_sz{d.num_shenzhen}_mc{d.num_montgomery}_hs{d.num_hospital}_px{d.size}")
-
-
-def resolve_demo(config) -> tuple[str, str]:
+def resolve_demo(spec: DataSpec) -> tuple[str, str]:
     """Generate the demo raw tree if missing; return (manual_dir for chestxray14, data_dir).
 
-    The tree is a cache on the local disk (config.demo_dir). With several processes, they generate it in turns
-    (`distributed.one_process_at_a_time`): the first process on each disk generates it, the others reuse it. The
-    generator is deterministic, so every host's copy is the same.
+    The tree is a cache on the local disk (the spec's demo folder). With several processes, they generate it in
+    turns (`distributed.one_process_at_a_time`): the first process on each disk generates it, the others reuse it.
+    The generator is deterministic, so every host's copy is the same.
     """
-    from metachex_jax import demo_data
-
-    d = config.demo_data
-    root = os.path.expanduser(demo_root(config))
-    distributed.one_process_at_a_time(lambda: demo_data.write_demo_data(os.path.join(root, "raw"), **d), "demo tree")
-    return os.path.join(root, "raw", "ChestX-ray14"), os.path.join(root, "tfds")
+    root = os.path.expanduser(spec.demo.root)
+    distributed.one_process_at_a_time(
+        lambda: demo_write.write_demo_data(os.path.join(root, "raw"), **spec.demo.parameters()), "demo tree")
+    return os.path.join(root, "raw", demo_write.NIH_DIR), os.path.join(root, "tfds")
 
 
-def required_build(dataset: str, data) -> tuple[str, dict]:
-    """(config name, build parameters) of the build of `dataset` that a run with `data` (config.data) reads."""
+def required_build(dataset: str, spec: DataSpec) -> tuple[str, dict]:
+    """(config name, build parameters) of the build of `dataset` that a run with `spec` reads."""
     family = registry.family(dataset)
-    parameters = family.from_config(data)
-    return family.config_name(data.resolution, **parameters), parameters
+    parameters = family.from_spec(spec)
+    return family.config_name(spec.resolution, **parameters), parameters
 
 
 def manual_dir_field(dataset: str) -> str:
@@ -67,21 +59,26 @@ def manual_dir_field(dataset: str) -> str:
     return f"data.{dataset}.manual_dir" if registry.family(dataset).kind == "labelled" else "data.manual_dir"
 
 
-def missing_data_message(data, names: list[str], demo_command: str | None = None,
+def manual_dir_of(spec: DataSpec, dataset: str) -> str:
+    """The raw copy the run may prepare `dataset` from ("" = none: it must be prepared)."""
+    return spec.manual_dir_of(dataset, registry.family(dataset).kind)
+
+
+def missing_data_message(spec: DataSpec, names: list[str], demo_command: str | None = None,
                          prepare_at_start: bool = True) -> str:
-    """"" when the builds of `names` that `data` (config.data) needs are in data.data_dir; otherwise what is
-    missing and, for each, the complete `prepare` command that makes it, ready to paste but for RAW_DIR; then,
-    with `prepare_at_start`, the run's own alternative (data.manual_dir), and the demo command if given."""
-    data_dir = files.absolute(data.data_dir)
+    """"" when the builds of `names` that `spec` needs are in its data_dir; otherwise what is missing and, for each,
+    the complete `prepare` command that makes it, ready to paste but for RAW_DIR; then, with `prepare_at_start`,
+    the run's own alternative (data.manual_dir), and the demo command if given."""
+    data_dir = files.absolute(spec.data_dir)
     missing = []
     for name in sorted(names):
-        config_name, parameters = required_build(name, data)
+        config_name, parameters = required_build(name, spec)
         if not builders.is_complete(data_dir, name, config_name):
             missing.append((name, config_name, parameters))
     if not missing:
         return ""
     lines = [f"prepared dataset(s) {', '.join(f'{n}/{c}' for n, c, _ in missing)} not found in {data_dir} "
-             f"(resolution {data.resolution} for image_size {data.image_size}). Prepare them once, with RAW_DIR the "
+             f"(resolution {spec.resolution} for image_size {spec.image_size}). Prepare them once, with RAW_DIR the "
              "raw copy:"]
     remote = files.is_url(data_dir)  # builds are made locally, then copied (build.remote_data_dir_message)
     for name, config_name, parameters in missing:
@@ -92,7 +89,7 @@ def missing_data_message(data, names: list[str], demo_command: str | None = None
                          "rebuild it")
         lines.append(f"  # {name}: RAW_DIR = {registry.family(name).raw_copy}")
         lines.append("  " + build.prepare_command(name, "LOCAL_DIR" if remote else data_dir,
-                                                  resolution=data.resolution, **parameters))
+                                                  resolution=spec.resolution, **parameters))
         if remote:
             lines.append(f"  gcloud storage cp -r LOCAL_DIR/{name}/{config_name} {data_dir}/{name}/")
     if prepare_at_start and not remote:
@@ -104,53 +101,50 @@ def missing_data_message(data, names: list[str], demo_command: str | None = None
     return "\n".join(lines)
 
 
-def chestxray14_splits(config, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
+def chestxray14_splits(spec: DataSpec, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
     """{"train", "validation", "test"} (or `splits`, e.g. "train+validation+test") -> random-access sources of the
     prepared ChestX-ray14 dataset."""
-    return dataset_splits(config, "chestxray14", splits)
+    return dataset_splits(spec, "chestxray14", splits)
 
 
-def dataset_splits(config, name: str, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
+def dataset_splits(spec: DataSpec, name: str, splits: tuple[str, ...] = NIH_SPLITS) -> dict:
     """{"train", "validation", "test"} (or `splits`) -> sources of a prepared dataset: chestxray14, or a label-table
-    dataset (chexpert, padchest, csv; its build parameters in `config.data.<name>`), prepared first from its raw
-    copy (`manual_dir_field`) when missing. With config.demo, a csv dataset without a CSV file is the demo tree's
+    dataset (chexpert, padchest, csv; its build parameters in `spec.tables[name]`), prepared first from its raw
+    copy (`manual_dir_of`) when missing. For a demo run, a csv dataset without a CSV file is the demo tree's
     synthetic hospital."""
-    data = config.data
     family = registry.family(name)
     if family.kind == "tb":
         raise ValueError(f"{name} is read by the transfer code (transfer/sets.py), not as splits")
-    manual_dir = data.manual_dir if family.kind == "nih" else data[name].manual_dir
-    data_dir = os.path.expanduser(data.data_dir)
+    manual_dir = spec.manual_dir_of(name, family.kind)
+    data_dir = os.path.expanduser(spec.data_dir)
     config_name, parameters = (None, None)
-    if config.demo:
-        nih_manual_dir, data_dir = resolve_demo(config)
+    if spec.demo is not None:
+        nih_manual_dir, data_dir = resolve_demo(spec)
         manual_dir = nih_manual_dir if name == "chestxray14" else manual_dir
-        if name == "csv" and not data.csv.csv:
-            from metachex_jax import demo_data
-
-            manual_dir = os.path.join(os.path.dirname(nih_manual_dir), demo_data.HOSPITAL_DIR)
-            parameters = {**family.from_config(data), "csv": os.path.join(manual_dir, demo_data.HOSPITAL_CSV_NAME)}
-            config_name = family.config_name(data.resolution, **parameters)
+        if name == "csv" and not spec.tables["csv"]["csv"]:
+            manual_dir = os.path.join(os.path.dirname(nih_manual_dir), demo_write.HOSPITAL_DIR)
+            parameters = {**family.from_spec(spec), "csv": os.path.join(manual_dir, demo_write.HOSPITAL_CSV_NAME)}
+            config_name = family.config_name(spec.resolution, **parameters)
     if config_name is None:
-        config_name, parameters = required_build(name, data)
+        config_name, parameters = required_build(name, spec)
     full_name = f"{name}/{config_name}"
 
     def prepare_if_missing():
         if builders.is_complete(data_dir, name, config_name):
             return
         if not manual_dir:
-            demo = config_lib.PRETRAIN_DEMO_COMMAND if name == "chestxray14" else None
-            raise MissingDataError(missing_data_message(data, [name], demo))
+            demo = PRETRAIN_DEMO_COMMAND if name == "chestxray14" else None
+            raise MissingDataError(missing_data_message(spec, [name], demo))
         logging.info("preparing %s from %s into %s", full_name, manual_dir, data_dir)
-        build.build_dataset(name, os.path.expanduser(manual_dir), data_dir, resolution=data.resolution, **parameters)
+        build.build_dataset(name, os.path.expanduser(manual_dir), data_dir, resolution=spec.resolution, **parameters)
 
-    if config.demo:  # a local cache like the demo tree: prepared in turns, as resolve_demo explains
+    if spec.demo is not None:  # a local cache like the demo tree: prepared in turns, as resolve_demo explains
         distributed.one_process_at_a_time(prepare_if_missing, f"demo {name}")
     elif jax.process_count() > 1 and not builders.is_complete(data_dir, name, config_name):
         raise MissingDataError(f"{full_name} is not prepared in {data_dir}; prepare it once before a multi-host run "
                                "(not from every host at once):\n  "
                                + build.prepare_command(name, data_dir, manual_dir=manual_dir or "RAW_DIR",
-                                                       resolution=data.resolution, **parameters))
+                                                       resolution=spec.resolution, **parameters))
     else:
         prepare_if_missing()
     return {split: builders.data_source(name, split, data_dir, config_name=config_name) for split in splits}
@@ -158,10 +152,10 @@ def dataset_splits(config, name: str, splits: tuple[str, ...] = NIH_SPLITS) -> d
 
 @dataclasses.dataclass
 class PretrainingData:
-    """The datasets a pretraining run reads, every split seen in one label space (data/mixture.py)."""
+    """The datasets a pretraining run reads, every split seen in one label space (data/input/mixture.py)."""
 
-    space: tuple[str, ...]  # the model's pathology outputs: NIH's 14, then config.data.extra_labels
-    weights: dict[str, float]  # dataset -> sampling weight, in config.data.datasets order
+    space: tuple[str, ...]  # the model's pathology outputs: NIH's 14, then spec.extra_labels
+    weights: dict[str, float]  # dataset -> sampling weight, in spec.datasets order
     splits: dict[str, dict[str, mixture.HarmonisedSource]]  # dataset -> split -> records in the space
 
     @property
@@ -169,15 +163,15 @@ class PretrainingData:
         return len(self.splits) > 1
 
 
-def pretraining_data(config) -> PretrainingData:
-    """Every dataset of `config.data.datasets` (one, or a weighted mixture), prepared, in the label space."""
-    weights = mixture.parse_mixture(config.data.datasets)
-    space = mixture.label_space(config.data.extra_labels)
+def pretraining_data(spec: DataSpec) -> PretrainingData:
+    """Every dataset of `spec.datasets` (one, or a weighted mixture), prepared, in the label space."""
+    weights = mixture.parse_mixture(spec.datasets)
+    space = mixture.label_space(spec.extra_labels)
     splits = {}
     for name in weights:
         kind = registry.family(name).kind
         splits[name] = {split: mixture.HarmonisedSource(source, dataset=name, kind=kind, space=space)
-                        for split, source in dataset_splits(config, name).items()}
+                        for split, source in dataset_splits(spec, name).items()}
         missing = [label for label in space if label not in splits[name]["train"].provided]
         if missing and len(missing) == len(space):
             raise ValueError(f"{name} provides none of the labels {space}")

@@ -23,8 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from metachex_jax.data.augment import NUM_UNIFORMS, Augmentation, geometry
-
+from metachex_jax.data.input.augment import NUM_UNIFORMS, Augmentation, geometry
 
 # Folded into the seed's key first, so that these draws are not those of other users of the same seed (the
 # model's initialisation uses nnx.Rngs(seed), which also folds counts into key(seed)).

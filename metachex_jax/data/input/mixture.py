@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metachex_jax.labels import LABEL_ALIASES, PATHOLOGIES
+from metachex_jax.core.labels import LABEL_ALIASES, PATHOLOGIES
 
 UNKNOWN = -1
 

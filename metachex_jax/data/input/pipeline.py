@@ -1,8 +1,9 @@
 """The grain input pipeline: random-access record sources -> per-host numpy batches.
 
-A *source* is anything with `len()` and `__getitem__(i)` returning a record dict of the data contract
-(/work/notes/data_contract.md): `tfds.data_source(...)` splits, grain's ArrayRecordDataSource with a decoder,
-or a plain list in tests. Records are read lazily; nothing is loaded up front.
+A *source* is anything with `len()` and `__getitem__(i)` returning a record dict in the format the builders write
+(the features of each builder, data/build/builders.py: `image` (R, R, 1) uint8, the labels, sex, age, ...; the
+batch functions below list what each kind reads): `tfds.data_source(...)` splits, `records.RecordSource`, or a
+plain list in tests. Records are read lazily; nothing is loaded up front.
 
 Training (`train_batches`), per source:
 
@@ -32,7 +33,7 @@ Padding rows have image 0, index -1 and ALL masks 0 (example_mask included), so 
 count every real example exactly once.
 
 Images leave the pipeline as uint8 (B, S, S) (training with augmentation=None: (B, R, R)), values 0..255. The pipeline does NOT normalise: the device does,
-inside the jitted step, with `metachex_jax.preprocessing.to_model_input`.
+inside the jitted step, with `metachex_jax.contract.pixels.to_model_input`.
 
 Iterators (`BatchIterator`) are grain `DatasetIterator`s: `get_state()`/`set_state()` resume at exactly the same
 batch, and orbax saves them with grain's handler, e.g.
@@ -43,17 +44,22 @@ batch, and orbax saves them with grain's handler, e.g.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grain
+import jax
 import numpy as np
 
-from metachex_jax.data.augment import Augmentation, as_gray_2d, eval_view, train_view
-from metachex_jax.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.core.labels import METADATA_TASKS, PATHOLOGIES
+from metachex_jax.data.input.augment import Augmentation, train_view
+from metachex_jax.imaging.geometry import as_gray_2d, eval_view
 
 Record = dict[str, Any]
 Example = dict[str, np.ndarray]
@@ -135,7 +141,7 @@ def binary_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndar
 
 
 def labelled_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
-    """Records of the shared label space (data/mixture.py: labels 1/0/-1 = unknown) -> the multi-task batch, with
+    """Records of the shared label space (data/input/mixture.py: labels 1/0/-1 = unknown) -> the multi-task batch, with
     a 0 mask for every unknown label or metadata entry."""
     labels = np.array([r["labels"] for r in records], np.int8)
     metadata, metadata_mask = _known_or_zero(
@@ -166,7 +172,7 @@ EXAMPLE_FORMATS = {
     "tb": ExampleFormat(tb_batch, ("image", "tb", "sex_male", "age", "age_valid", "fold")),
     # one binary target of any dataset (transfer/sets.py: BinaryRecords)
     "binary": ExampleFormat(binary_batch, ("image", "target", "sex_male", "age", "age_valid", "fold")),
-    # the shared label space of data/mixture.py (HarmonisedSource records), any number of labels
+    # the shared label space of data/input/mixture.py (HarmonisedSource records), any number of labels
     "labelled": ExampleFormat(labelled_batch, ("image", "labels", "age", "age_valid", "patient_key")
                               + METADATA_TASKS),
 }
@@ -306,7 +312,6 @@ class _ReadEvalBatch(grain.transforms.Map):
 
 def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # only here: worker processes and tests with explicit hosts need not import jax
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -395,9 +400,9 @@ def resolve_augment_on(requested: str, backend: str, saved: str | None = None,
     Auto: what a checkpoint being resumed used (`saved`), else "host" on the CPU backend and "device" on GPU/TPU;
     always "host" for a "crop_resize" model (the device crops stored images, resize_crop only; asking for
     "device" there is an error).
-    Why (README, Benchmarks): on CPU the "device" is the same cores, so moving the work there gains nothing (the
-    host's crop + OpenCV affine is ~0.5 ms against a ~30 ms step per image); on an accelerator the step's
-    augmentation costs the device little, while the host's work per image drops to a read (~0.15 ms).
+    Why (measured; the docs' Benchmarks page): on CPU the "device" is the same cores, so moving the work there
+    gains nothing (the host's crop + OpenCV affine is ~0.5 ms against a ~30 ms step per image); on an accelerator
+    the step's augmentation costs the device little, while the host's work per image drops to a read (~0.15 ms).
     """
     if requested not in (*AUGMENT_ON, "auto"):
         raise ValueError(f"config.data.augment_on={requested!r}: use 'host', 'device' or 'auto'")
@@ -435,12 +440,9 @@ def resolve_workers(requested: int, backend: str, cpu_count: int | None = None) 
 
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
     """In grain's worker processes: ignore SIGINT and SIGTERM. Ctrl-C and schedulers signal the whole process
-    group; the trainer then saves a checkpoint at the next step boundary (`metachex_jax.preemption`), which
+    group; the trainer then saves a checkpoint at the next step boundary (`metachex_jax.core.preemption`), which
     needs the workers alive until it closes them. So that a worker never outlives its trainer (killed, say), it
     asks Linux for SIGKILL when its parent dies."""
-    import ctypes
-    import signal
-    import sys
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -475,15 +477,15 @@ def train_batches(sources: RandomAccessSource | Sequence[RandomAccessSource], *,
     Args:
       sources: one source, or several (all of the same `kind`) mixed by `weights`.
       kind: "nih" (ChestX-ray14 multi-task batches), "tb" (Shenzhen/Montgomery), "labelled" (records in the
-        shared label space of data/mixture.py: per-label masks; what the trainer feeds) or "binary" (one target:
-        what transfer fine-tuning feeds); a prepared dataset's kind is in data/registry.py.
+        shared label space of data/input/mixture.py: per-label masks; what the trainer feeds) or "binary" (one target:
+        what transfer fine-tuning feeds); a prepared dataset's kind is in data/build/registry.py.
       global_batch_size: summed over hosts; each host yields global_batch_size / process_count examples.
       image_size: model resolution S; images are cropped from the stored R x R (R >= S).
-      geometry: the model's pixel geometry (`augment.GEOMETRIES`; `PixelContract.geometry`): "resize_crop" crops
-        S from the stored R x R, "crop_resize" resizes the record's centre square to S.
+      geometry: the model's pixel geometry (`imaging.geometry.GEOMETRIES`; `PixelContract.geometry`): "resize_crop"
+        crops S from the stored R x R, "crop_resize" resizes the record's centre square to S.
       seed: shuffling and augmentation seed; same seed -> same batches for any worker count.
       augmentation: see `Augmentation`; `Augmentation.none()` gives centre crops; None gives the stored R x R
-        images uncropped, for augmentation in the train step (`metachex_jax.data.device_augment`): the host
+        images uncropped, for augmentation in the train step (`metachex_jax.data.input.device_augment`): the host
         then only reads and batches.
       weights: relative sampling weights of `sources` (default uniform).
       num_epochs: None repeats forever (count steps in the trainer); otherwise stops after that many passes

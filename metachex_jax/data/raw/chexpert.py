@@ -23,7 +23,7 @@ Splits: validation = valid.csv (the official validation set); test = `test_fract
 train.csv's PATIENTS, drawn with `seed` (labelled.assign_group_split; the official test set is not public); train
 = the rest of train.csv. The carve-out is recorded in the skip report (`details`).
 
-Mapping onto NIH's 14 (data/mixture.py): Atelectasis, Cardiomegaly, Consolidation, Edema, Pneumonia, Pneumothorax
+Mapping onto NIH's 14 (data/input/mixture.py): Atelectasis, Cardiomegaly, Consolidation, Edema, Pneumonia, Pneumothorax
 by name, `Pleural Effusion` -> Effusion; NIH labels CheXpert lacks (Infiltration, Mass, Nodule, Emphysema, Fibrosis,
 Pleural_Thickening, Hernia) are masked; the other observations are extra labels under their own names.
 """
@@ -37,10 +37,10 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from metachex_jax.data import labelled
-from metachex_jax.data.labelled import UNKNOWN, LabelledRaw, LabelledRecord
-from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age, parse_age_years,
+from metachex_jax.data.raw import labelled
+from metachex_jax.data.raw.common import (Problem, RawCheck, compare_counts, is_plausible_age, parse_age_years,
                                           raise_or_skip)
+from metachex_jax.data.raw.labelled import UNKNOWN, LabelledRaw, LabelledRecord
 
 DATASET = "chexpert"
 RELEASE_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
@@ -50,7 +50,7 @@ OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lun
 POLICIES = ("ignore", "ones", "zeros")
 DEFAULT_TEST_FRACTION = 0.1
 VIEWS = ("frontal", "all")
-# The published counts of train.csv (real_formats.md) and valid.csv; the verifier reports differences.
+# The published counts of CheXpert-v1.0's train.csv and valid.csv; the verifier reports differences.
 EXPECTED_COUNTS = {"train_images": 223_414, "train_patients": 64_540, "valid_images": 234, "valid_patients": 200}
 
 _COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")

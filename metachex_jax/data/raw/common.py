@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path, PurePath
 
-from metachex_jax.errors import UserError
-from metachex_jax.labels import PLAUSIBLE_AGE_YEARS
+from metachex_jax.core.errors import UserError
+from metachex_jax.core.labels import PLAUSIBLE_AGE_YEARS
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -78,7 +78,8 @@ def summarize_ignored(ignored: dict[str, list[str]], examples: int = 3) -> str:
 
 @dataclasses.dataclass
 class RawCheck:
-    """What a reader's `verify` hook finds in a raw copy (data/build.py: verify_raw adds the image decode check)."""
+    """What a reader's `verify` hook finds in a raw copy (data/build/build.py: verify_raw adds the image decode
+    check)."""
 
     root: Path  # the dataset's folder found under manual_dir
     problems: list[Problem]

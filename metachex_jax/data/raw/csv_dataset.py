@@ -12,7 +12,7 @@ The CSV (comma-separated, a header row, UTF-8; a byte-order mark is fine):
 - every other column is a LABEL, except the optional metadata columns `patient_id`, `age`, `sex`, `view` (these
   five names are matched case-insensitively). A label cell is 1, 0 (also 1.0 / 0.0) or blank = unknown (masked
   out of losses and metrics). A label column named like one of NIH's 14 (e.g. `Cardiomegaly`) is that label in
-  a mixture (data/mixture.py); others are labels of their own (e.g. `Tuberculosis`, a transfer target).
+  a mixture (data/input/mixture.py); others are labels of their own (e.g. `Tuberculosis`, a transfer target).
 - `patient_id`: groups images of one patient, so that a patient never straddles a split or a fold. Without the
   column every image is its own patient; a blank cell in it is a bad row (the grouping cannot be guaranteed).
 - `age` in years (a number, or e.g. "54Y"); `sex` M / F / male / female (any case); `view` PA / AP (any case).
@@ -42,11 +42,12 @@ import json
 import os
 import re
 from collections import Counter, defaultdict
+from csv import reader as csv_reader  # (collect_csv's argument `csv` is the CSV's path)
 from pathlib import Path
 
-from metachex_jax.data import labelled
-from metachex_jax.data.labelled import UNKNOWN, LabelledRaw, LabelledRecord
-from metachex_jax.data.raw_common import Problem, RawCheck, is_plausible_age, parse_age_years, raise_or_skip
+from metachex_jax.data.raw import labelled
+from metachex_jax.data.raw.common import Problem, RawCheck, is_plausible_age, parse_age_years, raise_or_skip
+from metachex_jax.data.raw.labelled import UNKNOWN, LabelledRaw, LabelledRecord
 
 DATASET = "csv"
 PATH_COLUMN = "path"
@@ -130,8 +131,6 @@ def collect_csv(manual_dir: str | os.PathLike, *, csv: str, num_folds: int = DEF
                 stratify_by: str = "", val_fraction: float = DEFAULT_VAL_FRACTION,
                 test_fraction: float = DEFAULT_TEST_FRACTION) -> LabelledRaw:
     """Parse the CSV, collecting every problem and flag; offending rows are left out of `records`."""
-    import csv as csv_module
-
     root = Path(manual_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{DATASET}: --manual_dir {root} (the folder image paths are relative to) "
@@ -147,7 +146,7 @@ def collect_csv(manual_dir: str | os.PathLike, *, csv: str, num_folds: int = DEF
     rows_by_file: dict[str, list[int]] = defaultdict(list)
     parsed: dict[int, LabelledRecord] = {}
     with open(layout.path, newline="", encoding="utf-8-sig") as f:
-        reader = csv_module.reader(f)
+        reader = csv_reader(f)
         next(reader)
         for line, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):

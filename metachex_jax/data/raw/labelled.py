@@ -4,7 +4,7 @@ and csv_dataset.py; their builder is builders._LabelledBuilder.
 
 A record's `labels` are in the dataset's own label names (`LabelledRaw.label_names`, stored with the build as
 `dataset_info.metadata["label_names"]`), each 1 (present), 0 (absent) or -1 (unknown: masked out of the losses
-and metrics). Mapping those names onto the shared label space (NIH's 14 first) is data/mixture.py's job.
+and metrics). Mapping those names onto the shared label space (NIH's 14 first) is data/input/mixture.py's job.
 
 Splits and folds are assigned to PATIENTS, never to images, so no patient can be in two parts by construction
 (`--verify` checks it anyway). `assign_group_split` and `assign_group_folds` are deterministic in (patients,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import Problem
+from metachex_jax.data.raw.common import Problem
 
 UNKNOWN = -1
 SPLITS = ("train", "validation", "test")

@@ -1,6 +1,6 @@
 """NIH ChestX-ray14: read the raw release (CSV + split lists + PNG tree) into per-split record lists.
 
-Layout (see /work/shared/reference/datasets.md): a folder holding `Data_Entry_2017_v2020.csv` (preferred when both
+Layout (NIH's release; the docs' Data page shows it): a folder holding `Data_Entry_2017_v2020.csv` (preferred when both
 are present) or `Data_Entry_2017.csv`, `train_val_list.txt`, `test_list.txt`, and the PNGs anywhere below it
 (`images/` from the official tarballs or the mirrors' `images_0NN/images/`). `manual_dir` may be that folder or a
 parent holding it.
@@ -36,15 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age,
-                                          not_dataset_file, parse_age_years, raise_or_skip, summarize_ignored)
-from metachex_jax.labels import NO_FINDING, PATHOLOGIES
+from metachex_jax.core.labels import NO_FINDING, PATHOLOGIES
+from metachex_jax.data.raw.common import (Problem, RawCheck, compare_counts, is_plausible_age, not_dataset_file,
+                                          parse_age_years, raise_or_skip, summarize_ignored)
 
 DATASET = "chestxray14"
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")  # first found wins
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
-# The published counts (datasets.md); the verifier reports differences.
+# The published counts (NIH's release: 112,120 images of 30,805 patients); the verifier reports differences.
 EXPECTED_COUNTS = {"images": 112_120, "patients": 30_805, "train_val": 86_524, "test": 25_596}
 
 _IMAGE_NAME_RE = re.compile(r"^(\d{8})_(\d{3})\.png$")
@@ -54,7 +54,7 @@ _SEX_COLUMNS = ("Patient Gender", "Patient Sex")
 
 @dataclasses.dataclass(frozen=True)
 class NihRecord:
-    """One image, with the fields the chestxray14 builder writes (data_contract.md)."""
+    """One image, with the fields the chestxray14 builder writes (its features: data/build/builders.py)."""
 
     image_name: str
     patient_id: int

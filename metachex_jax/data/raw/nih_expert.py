@@ -4,7 +4,7 @@ Published with the Google Cloud copy of NIH as two files, a test set (1,962 imag
 and circulated merged with a `Set Id` column (`test` / `val`). Either form is accepted: one merged file, or
 several files without `Set Id` whose names say which set they hold (a name containing "test", or "val"/
 "validation"). Columns (found by name; the bracketed ones contain commas, as in NIH's own CSV, and are read the
-way data/nih.py reads them):
+way data/raw/nih.py reads them):
 
     Image Index, Finding Labels, Follow-up #, Patient ID, Patient Age, Patient Gender, View Position,
     OriginalImage[Width, Height], OriginalImagePixelSpacing[x, y], Fracture, Pneumothorax, Airspace opacity,
@@ -24,13 +24,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from metachex_jax.data.nih import _expand_header
-from metachex_jax.data.raw_common import Problem, RawDataError
+from metachex_jax.data.raw.common import Problem, RawDataError
+from metachex_jax.data.raw.nih import _expand_header
 
 DATASET = "nih_expert"
 FINDINGS = ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")
 SETS = ("test", "val")
-# The published counts (real_formats.md).
+# The published counts of the two label files (Majkowska et al., Radiology 2019).
 EXPECTED_COUNTS = {"images": 4_376, "patients": 1_695, "test": 1_962, "val": 2_414}
 
 
@@ -112,7 +112,7 @@ def read_expert_labels(paths: str | os.PathLike | Sequence[str | os.PathLike]) -
 
 
 def summary(records: dict[str, ExpertRecord]) -> dict:
-    """Counts: images, patients, per set, YES per finding (compare with EXPECTED_COUNTS and real_formats.md)."""
+    """Counts: images, patients, per set, YES per finding (compare with EXPECTED_COUNTS, the published ones)."""
     return {"images": len(records), "patients": len({r.patient_id for r in records.values()}),
             "sets": dict(sorted(Counter(r.set_id for r in records.values()).items())),
             "yes": {f: sum(r.labels[j] for r in records.values()) for j, f in enumerate(FINDINGS)}}

@@ -40,10 +40,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from metachex_jax.data import labelled
-from metachex_jax.data.labelled import UNKNOWN, LabelledRaw, LabelledRecord
-from metachex_jax.data.raw_common import Problem, RawCheck, compare_counts, is_plausible_age, raise_or_skip
-from metachex_jax.labels import PATHOLOGIES
+from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.raw import labelled
+from metachex_jax.data.raw.common import Problem, RawCheck, compare_counts, is_plausible_age, raise_or_skip
+from metachex_jax.data.raw.labelled import UNKNOWN, LabelledRaw, LabelledRecord
 
 DATASET = "padchest"
 CSV_NAMES = ("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
@@ -52,7 +52,7 @@ FRONTAL = {"PA": 0, "AP": 1, "AP_horizontal": 1}
 VIEWS = ("frontal", "all")
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.1
-EXPECTED_COUNTS = {"images": 160_861, "patients": 67_625}  # real_formats.md
+EXPECTED_COUNTS = {"images": 160_861, "patients": 67_625}  # the published counts of the label CSV
 
 # PadChest finding -> label. NIH's 14 first (spelled as NIH spells them), then the extras PadChest adds: normal as
 # "No Finding" (CheXpert's name, so the two share it in a mixture) and tuberculosis, a transfer target. Choices

@@ -1,7 +1,8 @@
 """Shenzhen and Montgomery TB sets: read the raw folders into records with folds and a default split.
 
-Layouts (datasets.md): `ChinaSet_AllFiles/CXR_png/CHNCXR_NNNN_L.png` and `MontgomerySet/CXR_png/MCUCXR_NNNN_L.png`,
-L = 0 normal / 1 TB, each with `ClinicalReadings/<same stem>.txt`. `manual_dir` is the set's folder or its parent.
+Layouts (the NLM releases; the docs' Data page shows them): `ChinaSet_AllFiles/CXR_png/CHNCXR_NNNN_L.png` and
+`MontgomerySet/CXR_png/MCUCXR_NNNN_L.png`, L = 0 normal / 1 TB, each with `ClinicalReadings/<same stem>.txt`.
+`manual_dir` is the set's folder or its parent.
 
 Clinical readings, parsed leniently and never guessed (forms seen in the real sets are in the tests):
 - Shenzhen: first line is sex and age in any case/spacing ("male 35yrs", "male35yrs", "female  45yrs",
@@ -46,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metachex_jax.data.raw_common import (Problem, RawCheck, compare_counts, is_plausible_age,
-                                          not_dataset_file, parse_age_years, raise_or_skip, summarize_ignored)
+from metachex_jax.data.raw.common import (Problem, RawCheck, compare_counts, is_plausible_age, not_dataset_file,
+                                          parse_age_years, raise_or_skip, summarize_ignored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class TbSource:
     name: str  # the tfds builder name
     folder: str  # the set's top folder
     prefix: str  # image id prefix
-    expected_counts: dict  # published counts (datasets.md)
+    expected_counts: dict  # the release's published counts
 
 
 SHENZHEN = TbSource("shenzhen", "ChinaSet_AllFiles", "CHNCXR", {"images": 662, "normal": 326, "tb": 336})
@@ -80,7 +81,7 @@ _SHENZHEN_AGE = re.compile(r"(\d+(?:\.\d+)?\s*[a-z]*)", re.IGNORECASE)
 
 @dataclasses.dataclass(frozen=True)
 class TbRecord:
-    """One image with the fields the shenzhen/montgomery builders write (data_contract.md)."""
+    """One image with the fields the shenzhen/montgomery builders write (their features: data/build/builders.py)."""
 
     image_id: str  # e.g. "CHNCXR_0001_0"
     path: str

@@ -14,7 +14,8 @@ torchxrayvision's models expect other pixels: `to_xrv_input`, one channel, `(2 *
 `PixelContract` is the whole definition as a property of a model, saved with it (a run's config: `data.image_size`,
 `data.resolution`, `model.normalization`, `model.geometry`; a model card's "input"): its geometry on the host
 (`from_file`: the raw file is read and resized to R x R exactly as the dataset builders do, then cut to S x S
-exactly as evaluation does on a stored record, `from_stored`; the geometries are defined in `data/augment.py`) and
+exactly as evaluation does on a stored record, `from_stored`; the geometries are defined in
+`metachex_jax.imaging.geometry`) and
 its normalisation on the device (`model_input`, which also fixes the number of input channels). Training,
 evaluation, feature extraction, `predict` and export all go through it, so a model is fed the same pixels from a
 prepared dataset and from a raw file, and never another model's pixels.
@@ -30,7 +31,9 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from metachex_jax.data.file_formats import DEFAULT_MAX_PIXELS
+from metachex_jax.imaging.file_formats import DEFAULT_MAX_PIXELS
+from metachex_jax.imaging.geometry import GEOMETRIES, as_gray_2d, eval_view, square_box
+from metachex_jax.imaging.images import load_gray_with_info
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,11 +61,11 @@ def check_model_input(x) -> None:
     if hi > 10.0:
         warnings.warn(
             f"model input ranges {lo:.1f}..{hi:.1f}: looks like raw 0..255 pixels; "
-            "use metachex_jax.preprocessing.to_model_input", stacklevel=2)
+            "use metachex_jax.to_model_input", stacklevel=2)
     elif lo >= 0.0 and hi <= 1.0:
         warnings.warn(
             f"model input ranges {lo:.2f}..{hi:.2f}: looks like 0..1 pixels without ImageNet "
-            "normalisation; use metachex_jax.preprocessing.to_model_input", stacklevel=2)
+            "normalisation; use metachex_jax.to_model_input", stacklevel=2)
 
 
 def to_xrv_input(images, dtype=jnp.float32):
@@ -106,17 +109,16 @@ class PixelContract:
 
     geometry "resize_crop" (ours): resize to R x R, centre crop S x S. "crop_resize" (torchxrayvision's): centre
     square, resize to R x R (the builders' resize), then to S x S (one resize when R == S, as for converted
-    torchxrayvision models). See `metachex_jax.data.augment` for what each does to a prepared dataset's records.
+    torchxrayvision models). See `metachex_jax.imaging.geometry` for what each does to a prepared dataset's
+    records.
     """
 
     image_size: int = 224  # S: the model's input is S x S
     resolution: int = 256  # R: images are resized to R x R first (at dataset build time for training)
     normalization: str = "imagenet"  # a key of NORMALIZATIONS
-    geometry: str = "resize_crop"  # a key of augment.GEOMETRIES
+    geometry: str = "resize_crop"  # one of imaging.geometry.GEOMETRIES
 
     def __post_init__(self):
-        from metachex_jax.data.augment import GEOMETRIES
-
         if not 0 < self.image_size <= self.resolution:
             raise ValueError(f"pixel contract: image_size {self.image_size} must be in 1..resolution "
                              f"({self.resolution})")
@@ -166,15 +168,13 @@ class PixelContract:
         """(left, top, right, bottom), in an original image's pixel coordinates, of the region the model's
         S x S input shows (Grad-CAM maps are placed back there)."""
         if self.geometry == "crop_resize":
-            top, left, side = _square_box(height, width)
+            top, left, side = square_box(height, width)
             return float(left), float(top), float(left + side), float(top + side)
         offset, s, r = (self.resolution - self.image_size) // 2, self.image_size, self.resolution
         return offset * width / r, offset * height / r, (offset + s) * width / r, (offset + s) * height / r
 
     def from_stored(self, image: np.ndarray) -> np.ndarray:
         """A stored R x R record image (H, W) or (H, W, 1) -> the model's S x S uint8 (the evaluation view)."""
-        from metachex_jax.data.augment import as_gray_2d, eval_view
-
         return eval_view(as_gray_2d(image), self.image_size, self.geometry)
 
     @property
@@ -185,20 +185,13 @@ class PixelContract:
     def from_file(self, path: str | os.PathLike, *, bit_depth: int | None = None,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS):
         """A raw image file -> (S x S uint8, the reader's ImageInfo): the builders' read and resize (after the
-        square crop for "crop_resize"), then `from_stored`. Raises `metachex_jax.data.images.ImageDecodeError`
+        square crop for "crop_resize"), then `from_stored`. Raises `metachex_jax.imaging.images.ImageDecodeError`
         naming the file."""
-        from metachex_jax.data import images
-
-        stored, info = images.load_gray_with_info(path, self.resolution, bit_depth=bit_depth,
-                                                  square=self.crops_to_square, max_pixels=max_pixels)
+        stored, info = load_gray_with_info(path, self.resolution, bit_depth=bit_depth, square=self.crops_to_square,
+                                           max_pixels=max_pixels)
         return self.from_stored(stored), info
 
     def model_input(self, images, dtype=jnp.float32):
         """uint8 (N, S, S) -> the normalised model input (inside jit, on the device)."""
         return NORMALIZATIONS[self.normalization].function(images, dtype)
 
-
-def _square_box(height: int, width: int):
-    from metachex_jax.data.augment import square_box
-
-    return square_box(height, width)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from metachex_jax import losses, models
-from metachex_jax.preprocessing import PixelContract
+from metachex_jax import models
+from metachex_jax.contract.pixels import PixelContract
+from metachex_jax.training import losses
 
 
 @flax.struct.dataclass
@@ -61,7 +62,7 @@ def make_train_step(graphdef, tx, loss_config, compute_dtype, class_weights=None
 
     `contract`: the model's pixel contract; its `model_input` turns the batch's uint8 images into the model's
     input (normalisation and channels). `augment`, when given, is (uint8 images, step) -> uint8 images, applied
-    to the batch's images first (`config.data.augment_on="device"`: `metachex_jax.data.device_augment`).
+    to the batch's images first (`config.data.augment_on="device"`: `metachex_jax.data.input.device_augment`).
     """
 
     def train_step(state: TrainState, batch):

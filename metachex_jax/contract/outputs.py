@@ -1,0 +1,37 @@
+"""What a model outputs, by name: each model class says which outputs it has and of which kind (`output_kinds()`),
+and `outputs_of` turns that into the `Output`s a model card, `Predictor`, `predict`'s CSV and the heatmaps use (one
+name for each output everywhere).
+
+Kinds: "probability" (the sigmoid of a logit: each pathology by name, `view_ap` = P(AP view), `sex_male` =
+P(male), `tb` = P(TB)), "op_norm" (torchxrayvision's op-normalised probability, models/xrv.py) and "years" (age).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+OUTPUT_KINDS = ("probability", "op_norm", "years")
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    name: str
+    kind: str  # "probability" (sigmoid of a logit), "op_norm" (torchxrayvision's op-normalised one) or "years"
+    threshold: float | None = None  # decision threshold on the probability (e.g. TB screening)
+    op_threshold: float | None = None  # "op_norm" outputs: the probability that maps to 0.5 (models/xrv.py)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Output:
+        """From a model card's "outputs" entry."""
+        return cls(data["name"], data["kind"], data.get("threshold"), data.get("op_threshold"))
+
+
+def outputs_of(model, thresholds: dict | None = None) -> list[Output]:
+    """The named outputs of a Flax model (`output_kinds()`), with decision thresholds and op-norm thresholds."""
+    thresholds = thresholds or {}
+    op_thresholds = model.output_op_thresholds() if hasattr(model, "output_op_thresholds") else {}
+    return [Output(name, kind, thresholds.get(name), op_thresholds.get(name))
+            for name, kind in model.output_kinds().items()]
