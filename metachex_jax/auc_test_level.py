@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from metachex_jax.core import console
 from metachex_jax.evaluation import auc_test_level
 
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args(argv)
+    console.setup()
     result = auc_test_level.rejection_rates(args.datasets, args.patients, args.seed, args.alpha)
     for test, rate in result["rejection_rate"].items():
         print(f"{test}: rejects {rate:.2%} of {args.datasets} null data sets at alpha {args.alpha:g} "

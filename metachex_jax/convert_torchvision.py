@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from metachex_jax.core import console
 from metachex_jax.interop.convert import (CheckpointReadError, StateDictMismatchError, densenet_from_state_dict,
                                           describe, read_state_dict, save_backbone)
 from metachex_jax.models import SPECS, count_params
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    console.setup()
     try:
         state_dict = read_state_dict(args.src)
         model, dropped = densenet_from_state_dict(state_dict, num_classes=None, arch=args.arch, what=args.src)

@@ -31,6 +31,7 @@ import argparse
 import os
 import sys
 
+from metachex_jax.core import console
 from metachex_jax.interop import torchxrayvision
 
 
@@ -50,6 +51,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    console.setup()
     try:
         card = torchxrayvision.convert_to_directory(args.src, args.dest, args.weights_name, arch=args.arch,
                                                     overwrite=args.overwrite)

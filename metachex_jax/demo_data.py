@@ -12,6 +12,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from metachex_jax.core import console
 from metachex_jax.demo.write import write_demo_data
 
 
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (NIH images are size x size)")
     parser.add_argument("--num_workers", type=int, default=None, help="processes (default: CPU count)")
     args = parser.parse_args(argv)
+    console.setup()
     result = write_demo_data(args.out, args.seed, args.num_nih, args.num_shenzhen, args.num_montgomery,
                              args.size, args.num_workers, args.num_hospital)
     print(json.dumps(result, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metachex_jax.core import console
 from metachex_jax.data.raw.common import RawDataError
 from metachex_jax.evaluation import expert_labels
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     expert_labels.add_arguments(parser)
     args = parser.parse_args(argv)
+    console.setup()
     if not args.labels_csv:
         parser.error("--labels=nih_expert needs --labels_csv=FILE (the merged file, or the test and the "
                      "validation file)")

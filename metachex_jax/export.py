@@ -24,6 +24,7 @@ import argparse
 import sys
 
 from metachex_jax.contract.card import read_card
+from metachex_jax.core import console
 from metachex_jax.core.errors import ModelError
 from metachex_jax.serving import export
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated jax.export platforms (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = parser.parse_args(argv)
+    console.setup()
     step = args.step if args.step in ("best", "latest") else int(args.step)
     try:
         out = export.export(args.model, args.out, step=step, platforms=[p.strip() for p in args.platforms.split(",")],

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from metachex_jax.core import console
 from metachex_jax.evaluation import pointing_game
 
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", default="final")
     parser.add_argument("--out", default=None, help="also write the report here (JSON)")
     args = parser.parse_args(argv)
+    console.setup()
     try:
         report = pointing_game.pointing_game_run(args.model, args.nih_dir, bbox_csv=args.bbox_csv, layer=args.layer,
                                                  split_list=args.split_list or None)

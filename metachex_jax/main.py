@@ -2,7 +2,8 @@
 
 Deliberately thin: parse flags, check the config (`check`: the config's rules, `config_lib.validate`, then the
 data preflight of its trainer; every problem at once, before any work), start the multi-host runtime when asked or
-detected, print the config, and hand over to the trainer the config names (`config.trainer`). Everything else is
+detected, set up the console and the run's log file (core/console.py: WORKDIR/logs/process_<i>.log gets the config
+and every library's messages), and hand over to the trainer the config names (`config.trainer`). Everything else is
 importable from tests and notebooks (`metachex_jax.training.trainer.train_and_evaluate(config, workdir)`).
 
 Exit status: 0 done, or a pretraining run stopped by SIGTERM/SIGINT after saving its checkpoint
@@ -23,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from metachex_jax.configs import config_lib
-from metachex_jax.core import distributed, files, preemption
+from metachex_jax.core import console, distributed, files, preemption
 from metachex_jax.core.errors import ConfigError, UserError
 from metachex_jax.data.input import preflight
 from metachex_jax.data.input.spec import DataSpec
@@ -127,11 +128,14 @@ def main(argv):
         config = FLAGS.config
         check(config)
         distributed.maybe_initialize(config.distributed)
-        use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
         workdir = files.absolute(FLAGS.workdir)  # gs://... stays as it is
+        log_file = console.log_path(workdir, jax.process_index())
+        console.setup(log_file, everything=FLAGS.verbosity >= 1)  # -v 1: every library's messages on the console
+        use_compilation_cache(FLAGS.compilation_cache_dir, explicit=FLAGS["compilation_cache_dir"].present)
         if jax.process_index() == 0:
             logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-            logging.info("config:\n%s", config)
+            logging.info("config:\n%s", config, extra=console.LOG_FILE_ONLY)
+        logging.info("the config and every library's messages (checkpoint saves, ...): %s", log_file)
         run(config, workdir)
     except UserError as e:
         user_error_exit(str(e))

@@ -36,6 +36,7 @@ import argparse
 import sys
 import time
 
+from metachex_jax.core import console
 from metachex_jax.imaging.file_formats import DEFAULT_MAX_PIXELS
 from metachex_jax.serving import predict
 
@@ -69,6 +70,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = predict.Request(**vars(parse_args(argv)))
+    console.setup()
     began = time.perf_counter()
     try:
         status = predict.run(args)

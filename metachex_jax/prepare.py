@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metachex_jax.core import files
+from metachex_jax.core import console, files
 from metachex_jax.data.build import build, registry
 from metachex_jax.data.raw.common import RawDataError
 from metachex_jax.imaging import images
@@ -69,6 +69,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
+    console.setup()
     family = registry.family(args.dataset)
     parameters = {name: getattr(args, name) for name in family.parameters if getattr(args, name) is not None}
     try:

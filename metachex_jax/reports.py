@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from metachex_jax.core import console
 from metachex_jax.evaluation import reports
 
 
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recompute.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha")
     recompute.add_argument("--json", help="also write the metrics as JSON to this path")
     args = parser.parse_args(argv)
+    console.setup()
     try:
         result = reports.recompute(args.predictions_csv, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha)
     except (OSError, ValueError) as e:

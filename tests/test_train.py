@@ -122,6 +122,28 @@ def test_resume_after_sigkill_is_bit_identical(demo_dir, finished_run, tmp_path)
         np.testing.assert_array_equal(x, y)
 
 
+def test_the_console_shows_the_runs_own_lines_and_the_log_file_every_librarys(demo_dir, tmp_path):
+    """A run's console holds its own progress lines, not orbax's INFO lines for every checkpoint save and deletion;
+    those, with the whole config, are in the run's log file (WORKDIR/logs/process_0.log)."""
+    workdir = tmp_path / "run"
+    config = tiny_config(demo_dir, max_steps=3, eval_every_steps=3, checkpoint_every_steps=1)
+    cmd = [sys.executable, "-m", "metachex_jax.main", f"--config={REPO}/configs/pretrain.py:{ARG}",
+           f"--workdir={workdir}", "--compilation_cache_dir=", "--config.keep_checkpoints=1",
+           ] + overrides_as_flags(config)
+    done = subprocesses.run(cmd, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    for line in ("step 1/3 loss", "step 3/3 loss", "validation at step 3: loss", "mean AUROC"):
+        assert line in console, line
+    log = (workdir / "logs" / "process_0.log").read_text()
+    # What orbax says for each save and deletion (and TFDS while preparing), and the config, are in the log only.
+    for chatter in ("Saving checkpoint at step 2", "Queuing deletion of steps", "Finished saving checkpoint",
+                    "batch_size_per_device: 8"):
+        assert chatter in log and chatter not in console, chatter
+    assert "checkpoint_manager.py" not in console and "Downloading and preparing dataset" not in console
+    assert "step 3/3 loss" in log  # the log keeps the run's own lines too
+
+
 @pytest.fixture(scope="module")
 def finished_device_run(demo_dir, tmp_path_factory):
     """The tiny run of `finished_run` with augmentation in the train step (augment_on="device")."""

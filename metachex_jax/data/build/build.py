@@ -111,6 +111,7 @@ def build_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str | o
         removed = builders.remove_incomplete_builds(data_dir, dataset, config.name)
         reused = builders.is_complete(data_dir, dataset, config.name) and not overwrite
         if not reused:
+            tfds.disable_progress_bar()  # TFDS's bars of splits and shuffles; the build shows its own per split
             builder = family.builder(config=config, data_dir=os.fspath(data_dir), skip_bad=skip_bad,
                                      num_workers=num_workers, progress=progress, max_pixels=max_pixels)
             mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite  # replaces the complete build

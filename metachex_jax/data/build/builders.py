@@ -333,7 +333,16 @@ class _RawImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._known: dict[str, Counter] = {}  # split -> label name -> records whose label is known (not -1)
         super().__init__(**kwargs)
 
+    # TFDS prints where it prepares the dataset, and that it is done, to stdout; the build's own lines (its progress
+    # per split, and build.BuildResult.format) say the same.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     # -- subclass hooks --------------------------------------------------------------------------------------
+
     def label_names(self) -> tuple[str, ...]:
         """The names of a record's `labels` entries (TB sets have none)."""
         return ()
