@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+import docs_pages
 from metachex_jax import demo_data
 from metachex_jax.labels import NO_FINDING, PATHOLOGIES
 
@@ -380,13 +381,15 @@ def test_the_project_readers_load_the_tree_without_problems(tree):
         assert all(r.sex_male in (0, 1) and r.age > 0 for r in tb_raw.records)
 
 
-def test_readme_commands_name_the_demo_tree_the_demo_config_writes():
-    """The README's predict example points into the demo tree; its folder name carries the generator version."""
+def test_docs_commands_name_the_demo_tree_the_demo_config_writes():
+    """The README's predict example points into the demo tree; its folder name carries the generator version. So do
+    the other commands of the docs that name the demo tree (docs/applying.md's pointing game)."""
     from metachex_jax import config_lib
     from metachex_jax.data.datasets import demo_root
 
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")).read()
+    readme = docs_pages.README.read_text()
     config = config_lib.pretrain_config("demo", multitask=True)
     assert f"DEMO={demo_root(config)}/raw/ChestX-ray14\n" in readme
-    named = set(re.findall(r"~/\.cache/metachex_jax/demo/v\w+", readme))  # every command naming a demo tree
+    # every command of the docs naming a demo tree
+    named = set(re.findall(r"~/\.cache/metachex_jax/demo/v\w+", docs_pages.all_text()))
     assert named == {demo_root(config)}, named
