@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import docs_pages
 import subprocesses
 from metachex_jax.bench import MODES
 from metachex_jax.bench import __main__ as dispatcher
@@ -30,15 +31,15 @@ def last_json(text: str) -> dict:
 
 # --- the entry point ------------------------------------------------------------------------------------------
 
-def test_every_mode_is_a_module_with_main_and_listed_once_in_the_readme():
+def test_every_mode_is_a_module_with_main_and_listed_once_in_the_docs():
     assert list(MODES) == ["train", "loop", "data", "probe", "predict"]
     for mode in MODES:
         assert callable(importlib.import_module(f"metachex_jax.bench.{mode}").main)
-    readme = open(os.path.join(REPO, "README.md")).read()
+    docs = docs_pages.all_text()  # README.md and docs/*.md (the modes' table is in docs/benchmarks.md)
     for mode in MODES:
-        assert len(re.findall(rf"`python -m metachex_jax\.bench {mode}\b", readme)) == 1, mode
+        assert len(re.findall(rf"`python -m metachex_jax\.bench {mode}\b", docs)) == 1, mode
     for old in ("metachex_jax.loop_bench", "metachex_jax.data.bench", "metachex_jax.transfer.bench"):
-        assert old not in readme
+        assert old not in docs
 
 
 def test_dispatcher_lists_modes_and_refuses_unknown_ones(capsys):

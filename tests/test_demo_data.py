@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 
+import docs_pages
 import numpy as np
 import pytest
 from PIL import Image
@@ -383,10 +384,12 @@ def test_the_project_readers_load_the_tree_without_problems(tree):
         assert all(r.sex_male in (0, 1) and r.age > 0 for r in tb_raw.records)
 
 
-def test_readme_commands_name_the_demo_tree_the_demo_config_writes():
-    """The README's predict example points into the demo tree; its folder name carries the generator version."""
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")).read()
+def test_docs_commands_name_the_demo_tree_the_demo_config_writes():
+    """The README's predict example points into the demo tree; its folder name carries the generator version. So do
+    the other commands of the docs that name the demo tree (docs/applying.md's pointing game)."""
+    readme = docs_pages.README.read_text()
     demo_root = DataSpec.from_config(pretrain.get_config("demo")).demo.root
     assert f"DEMO={demo_root}/raw/ChestX-ray14\n" in readme
-    named = set(re.findall(r"~/\.cache/metachex_jax/demo/v\w+", readme))  # every command naming a demo tree
+    # every command of the docs naming a demo tree
+    named = set(re.findall(r"~/\.cache/metachex_jax/demo/v\w+", docs_pages.all_text()))
     assert named == {demo_root}, named

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from data_fixtures import make_tb_tree
@@ -638,6 +637,7 @@ def test_deploy_settings_are_checked_before_any_work(finished, setup, tmp_path):
 def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, tmp_path):
     """compare_with=random,<a convert_torchxrayvision output>: recognised by what the directory holds (model.json),
     probed and fine-tuned like any start, through its own pixel contract (1 channel, [-1024, 1024], resize)."""
+    from test_resize import exact_area_average
     from test_xrv import calibrated_densenet, xrv_input, xrv_state_dict
 
     import torch_files
@@ -669,7 +669,7 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=config.feature_cache_dir)
     assert table["cache"] == "hit"  # the run extracted the same features
     records = [as_gray_2d(montgomery.source[i]["image"]) for i in range(3)]
-    crops = np.stack([np.asarray(Image.fromarray(r).resize((RES, RES), Image.Resampling.BOX)) for r in records])
+    crops = np.stack([exact_area_average(r, RES, RES) for r in records]).astype(np.uint8)  # the one resize, brute force
     expected = np.asarray(reference.features(jnp.asarray(xrv_input(crops))))
     np.testing.assert_allclose(table["features"][:3], expected, rtol=1e-4, atol=1e-5)
 
