@@ -29,8 +29,8 @@ PUBLIC = {
     "DenseNet121": ("metachex_jax.models.densenet", "DenseNet121"),
     "DenseNet169": ("metachex_jax.models.densenet", "DenseNet169"),
     "DenseNet201": ("metachex_jax.models.densenet", "DenseNet201"),
-    "load_model": ("metachex_jax.models.saved_model", "load"),  # a model directory -> (module, card)
-    "save_model": ("metachex_jax.models.saved_model", "save"),
+    "load_model": ("metachex_jax.models.saved", "load"),  # a model directory -> (module, card)
+    "save_model": ("metachex_jax.models.saved", "save"),
     "load_run_model": ("metachex_jax.models.runs", "load_run_model"),  # a pretraining workdir's model
     "train_and_evaluate": ("metachex_jax.training.trainer", "train_and_evaluate"),  # pretraining
     "run_transfer": ("metachex_jax.transfer.run", "run"),  # the transfer comparison

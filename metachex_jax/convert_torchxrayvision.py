@@ -13,7 +13,7 @@ were never trained on) and the per-label operating thresholds, which the files d
 them in `model_urls` (torchxrayvision/models.py); `metachex_jax.interop.torchxrayvision.WEIGHTS` is a copy of that
 table, from its `TABLE_VERSION`.
 
-DEST: a model directory (`metachex_jax.models.saved_model`) of kind "torchxrayvision" (`models/xrv.py`): the 1-channel
+DEST: a model directory (`metachex_jax.models.saved`) of kind "torchxrayvision" (`models/xrv.py`): the 1-channel
 DenseNet backbone, the 18-way classifier, the labels and thresholds (`model_config`), the input contract (centre
 square, resized to 224, 1 channel, [-1024, 1024]: `PixelContract(224, 224, "xrv", "crop_resize")`), the named
 outputs, and the provenance: the source file's SHA-256, the weights name and address, the table version.

@@ -3,7 +3,7 @@
     python -m metachex_jax.export RUN_OR_TB_WORKDIR --out=DIR [--step=best] [--platforms=cpu,cuda,tpu]
     python -m metachex_jax.predict --model=DIR xray.png      # runs it (the model code is never imported)
 
-DIR holds (see `metachex_jax.models.saved_model`):
+DIR holds (see `metachex_jax.models.saved`):
 
     DIR/model.json                    the model card: input contract (`PixelContract`), output names, kinds and
                                       thresholds in order, training data, headline metrics with their 95% CIs

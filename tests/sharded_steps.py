@@ -25,7 +25,7 @@ from metachex_jax.core import sharding
 from metachex_jax.data.input import pipeline  # noqa: E402
 from metachex_jax.main import dump_stacks_on_sigusr1_if_asked  # noqa: E402
 from metachex_jax.models import build_model  # noqa: E402
-from metachex_jax.training import train_state
+from metachex_jax.training import steps as train_steps
 
 GLOBAL_BATCH, STEPS, SIZE = 16, 2, 32
 
@@ -51,9 +51,9 @@ def main():
     # Plain SGD: Adam divides by sqrt(v), which turns the last-bit noise of a near-zero gradient into a full
     # lr-sized step of either sign, hiding what this checks (the sharded forward/backward and synchronised BN).
     tx = optax.sgd(0.05)
-    graphdef, state = train_state.create(model, tx)
+    graphdef, state = train_steps.create(model, tx)
     state = jax.device_put(state, replicated)
-    step_fn = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.float32,
+    step_fn = jax.jit(train_steps.make_train_step(graphdef, tx, config.loss, jnp.float32,
                                                  contract=PixelContract.from_config(config)), donate_argnums=0)
 
     # Each process feeds its own contiguous slice of the global batch, as the input pipeline does per host.

@@ -11,9 +11,9 @@ import os
 import re
 import sys
 
+import docs_pages
 import pytest
 
-import docs_pages
 import subprocesses
 from metachex_jax.bench import MODES
 from metachex_jax.bench import __main__ as dispatcher

@@ -15,7 +15,7 @@ from metachex_jax.interop import convert
 from metachex_jax.models import (SPECS, DenseNet, batch_norms, build_model, convert_layout, count_params, ops, runs,
                                  set_block_options)
 from metachex_jax.models.densenet import StackedBatchNorm
-from metachex_jax.training import train_state
+from metachex_jax.training import steps as train_steps
 
 TINY = SPECS["densenet_tiny"]
 FORMS = {"unrolled": {}, "scanned": {"scan_layers": True}, "remat": {"remat": True},
@@ -159,22 +159,22 @@ def test_train_state_converts_between_forms_mid_training():
     states, graphdefs = {}, {}
     for scan in (True, False):
         config.scan_layers = "yes" if scan else "no"
-        graphdefs[scan], states[scan] = train_state.create(build_model(config, nnx.Rngs(0)), tx)
+        graphdefs[scan], states[scan] = train_steps.create(build_model(config, nnx.Rngs(0)), tx)
     contract = PixelContract(32, 36, "imagenet", "resize_crop")
-    steps = {scan: jax.jit(train_state.make_train_step(graphdefs[scan], tx, loss_config, jnp.float32,
+    steps = {scan: jax.jit(train_steps.make_train_step(graphdefs[scan], tx, loss_config, jnp.float32,
                                                        contract=contract))
              for scan in (True, False)}
     batches = [{k: jnp.asarray(v) for k, v in pipeline.random_nih_batch(4, 32, seed=s).items()} for s in range(3)]
     state = states[True]
     for batch in batches[:2]:
         state, _ = steps[True](state, batch)
-    converted = train_state.convert_layout(state, states[False], TINY, scan_layers=False)
-    back = train_state.convert_layout(converted, states[True], TINY, scan_layers=True)
+    converted = train_steps.convert_layout(state, states[False], TINY, scan_layers=False)
+    back = train_steps.convert_layout(converted, states[True], TINY, scan_layers=True)
     _assert_trees_equal(back, state)
     after_scanned, metrics_scanned = steps[True](state, batches[2])
     after_unrolled, metrics_unrolled = steps[False](converted, batches[2])
     np.testing.assert_allclose(metrics_unrolled["loss"], metrics_scanned["loss"], rtol=1e-5)
-    after_scanned = train_state.convert_layout(after_scanned, states[False], TINY, False)
+    after_scanned = train_steps.convert_layout(after_scanned, states[False], TINY, False)
     _assert_trees_close(after_unrolled.params, after_scanned.params, rtol=1e-4)
     _assert_trees_close(after_unrolled.batch_stats, after_scanned.batch_stats, rtol=1e-5)
 
@@ -193,12 +193,12 @@ def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
     states = {}
     for choice in ("yes", "no"):
         config.model.scan_layers = choice
-        states[choice] = jax.device_put(train_state.create(build_model(config.model, nnx.Rngs(1)), tx)[1], replicated)
-    graphdef = train_state.create(build_model(config.model, nnx.Rngs(1)), tx)[0]  # unrolled ("no")
+        states[choice] = jax.device_put(train_steps.create(build_model(config.model, nnx.Rngs(1)), tx)[1], replicated)
+    graphdef = train_steps.create(build_model(config.model, nnx.Rngs(1)), tx)[0]  # unrolled ("no")
     batch = {k: jnp.asarray(v) for k, v in pipeline.random_nih_batch(4, 32).items()}
     config.model.scan_layers = "yes"
-    scanned_graphdef = train_state.create(build_model(config.model, nnx.Rngs(1)), tx)[0]
-    trained, _ = jax.jit(train_state.make_train_step(scanned_graphdef, tx, config.loss, jnp.float32,
+    scanned_graphdef = train_steps.create(build_model(config.model, nnx.Rngs(1)), tx)[0]
+    trained, _ = jax.jit(train_steps.make_train_step(scanned_graphdef, tx, config.loss, jnp.float32,
                                                      contract=PixelContract.from_config(config)))(states["yes"], batch)
     manager = runs.make_manager(str(tmp_path / "checkpoints"), keep=2, async_save=False)
     checkpointing.save(manager, 1, trained, None, {"config": config.to_dict()})
@@ -207,8 +207,8 @@ def test_trainer_resumes_a_checkpoint_of_the_other_form(tmp_path):
     config.model.scan_layers = "no"
     step, restored, _ = trainer.restore_latest(manager, config, tx, states["no"], replicated)
     assert step == 1 and jax.tree.structure(restored) == jax.tree.structure(states["no"])
-    _assert_trees_equal(restored, train_state.convert_layout(trained, states["no"], TINY, scan_layers=False))
-    model = train_state.model_of(graphdef, restored)
+    _assert_trees_equal(restored, train_steps.convert_layout(trained, states["no"], TINY, scan_layers=False))
+    model = train_steps.model_of(graphdef, restored)
     assert model.backbone.blocks[0].layers is not None
     manager.close()
     # Evaluation and transfer read the same checkpoint: the run's saved config says "yes", a transfer config "no".

@@ -30,7 +30,8 @@ from metachex_jax.data.input import datasets, pipeline
 from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.evaluation import reports
 from metachex_jax.models import build_model, runs
-from metachex_jax.training import checkpointing, optim, train_state
+from metachex_jax.training import checkpointing, optim
+from metachex_jax.training import steps as train_steps
 
 LAUNCHER = os.path.join(REPO, "launch", "multinode.sh")
 NUM_PROCESSES = 2
@@ -237,7 +238,7 @@ def test_two_process_checkpoint_resumes_training_in_one_process(two_process_run,
     config = tiny_config(demo_dir)
     global_batch = config.batch_size_per_device * NUM_PROCESSES
     model = build_model(config.model, nnx.Rngs(config.seed))
-    _, fresh = train_state.create(model, optim.make_optimizer(config.optim, global_batch, config.max_steps))
+    _, fresh = train_steps.create(model, optim.make_optimizer(config.optim, global_batch, config.max_steps))
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     manager = runs.make_manager(str(two_process_run / "checkpoints"), keep=2, async_save=False)
     train_split = datasets.chestxray14_splits(DataSpec.from_config(config))["train"]

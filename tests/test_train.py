@@ -258,13 +258,14 @@ def test_start_order_own_workdir_then_resume_then_model_init(demo_dir, finished_
 
     from metachex_jax.interop import convert
     from metachex_jax.models import DenseNet, build_model
-    from metachex_jax.training import optim, train_state
+    from metachex_jax.training import optim
+    from metachex_jax.training import steps as train_steps
 
     donor = DenseNet("densenet_tiny", num_classes=None, rngs=nnx.Rngs(7))
     convert.save_backbone(donor, tmp_path / "backbone", source="test")
     config = tiny_config(demo_dir, model_init=str(tmp_path / "backbone"))
     tx = optim.make_optimizer(config.optim, 8, 6)
-    graphdef, fresh = train_state.create(build_model(config.model, nnx.Rngs(0)), tx)
+    graphdef, fresh = train_steps.create(build_model(config.model, nnx.Rngs(0)), tx)
     replicated = NamedSharding(sharding.make_mesh(), PartitionSpec())
     fresh = jax.device_put(fresh, replicated)
 
@@ -278,11 +279,11 @@ def test_start_order_own_workdir_then_resume_then_model_init(demo_dir, finished_
     # 3. model_init: the backbone is the donor's, the heads are the fresh random ones.
     state, _, source = start(tmp_path / "a")
     assert source.startswith("backbone from")
-    model = train_state.model_of(graphdef, state)
+    model = train_steps.model_of(graphdef, state)
     np.testing.assert_array_equal(model.backbone.conv0.kernel[...], donor.conv0.kernel[...])
     np.testing.assert_array_equal(model.backbone.norm5.mean[...], donor.norm5.mean[...])
     np.testing.assert_array_equal(model.pathology_head.kernel[...],
-                                  train_state.model_of(graphdef, fresh).pathology_head.kernel[...])
+                                  train_steps.model_of(graphdef, fresh).pathology_head.kernel[...])
     # 2. resume (another run's full state) wins over model_init.
     config.resume = str(finished_run[0])
     state, _, source = start(tmp_path / "b")

@@ -23,7 +23,8 @@ from metachex_jax.data.input import pipeline
 from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.evaluation import metrics, reports
 from metachex_jax.models.tb_classifier import TbClassifier
-from metachex_jax.training import train_state, trainer
+from metachex_jax.training import steps as train_steps
+from metachex_jax.training import trainer
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import protocols
 from metachex_jax.transfer import report as report_lib
@@ -331,7 +332,7 @@ def test_finetuned_model_predicts_with_batchnorm_statistics_of_the_fit_images(tu
     split = protocols.check_protocol("cv_montgomery", sets, need_validation=True)[0]
     out = tuner.run(start, split, sets)
     fit = RecordSubset(sets["montgomery"].source, split.fit)
-    graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), tuner.tx)
+    graphdef, _ = train_steps.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), tuner.tx)
     model = nnx.merge(graphdef, out.state.params, out.state.batch_stats)
     # Independently: the stem's BatchNorm holds the average over the fit images' full batches (of the training
     # batch size) of conv0's batch mean and variance, for the fine-tuned conv0.
@@ -394,7 +395,7 @@ def test_bn_stats_target_adapts_to_the_test_set_across_datasets_only(setup, tuni
     assert on_target.bn_images == {"validation": 8 * (n_val // 8) if n_val >= 8 else n_val,
                                    "test": 8 * (len(sets["shenzhen"]) // 8)}
     # The adapted predictions are the kept weights' with statistics recomputed on the unlabelled test images.
-    graphdef, _ = train_state.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), fit_tuner.tx)
+    graphdef, _ = train_steps.create(TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0)), fit_tuner.tx)
     test = RecordSubset(sets["shenzhen"].source, cross.test)
     np.testing.assert_allclose(on_target.test_prob, adapted_predictions(graphdef, on_target.state, test, config),
                                rtol=1e-5, atol=1e-6)
@@ -500,13 +501,13 @@ def deployed_cardiomegaly_model_has_one_output_name(workdir, demo_dir):
     predict's CSV and heatmap files (Grad-CAM died with KeyError on main), in its export, and for a card written
     before the name was recorded in model_config."""
     from metachex_jax import predict
-    from metachex_jax.models import saved_model
+    from metachex_jax.models import saved
     from metachex_jax.serving import export
     from metachex_jax.serving.predictor import Predictor
 
     card = json.loads((workdir / "model" / "model.json").read_text())
     assert [o["name"] for o in card["outputs"]] == ["Cardiomegaly"] and card["training"]["target"] == "Cardiomegaly"
-    model, _ = saved_model.load(str(workdir / "model"))
+    model, _ = saved.load(str(workdir / "model"))
     assert model.output_kinds() == {"Cardiomegaly": "probability"}
     (raw,) = list(demo_dir.glob("*/raw"))
     images = sorted(str(p) for p in (raw / "Hospital").rglob("*.png"))[:3]
@@ -545,7 +546,7 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     out-of-fold sensitivity; `predict --model=WORKDIR` on the raw files equals the model on the prepared records,
     and the exported model equals both."""
     from metachex_jax import predict
-    from metachex_jax.models import saved_model
+    from metachex_jax.models import saved
     from metachex_jax.serving import export
     from metachex_jax.serving.predictor import Predictor
 
@@ -569,7 +570,7 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     assert predict.main([f"--model={workdir}", *map(str, images), f"--out={tmp_path}/p"]) == 0
     rows = {os.path.basename(r["path"])[:-4]: r for r in csv_rows(tmp_path / "p" / "predictions.csv")}
     assert all(r["tb_decision"] == str(int(float(r["tb"]) >= threshold)) for r in rows.values())
-    model, _ = saved_model.load(str(workdir / "model"))
+    model, _ = saved.load(str(workdir / "model"))
     montgomery = sets_lib.tb_transfer_sets(DataSpec.from_config(config), ("montgomery",))["montgomery"]
     with pipeline.eval_batches(montgomery.source, kind="binary", global_batch_size=8, image_size=RES) as batches:
         for batch in batches:
@@ -593,7 +594,7 @@ def csv_rows(path):
 def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup, tmp_path):
     """methods=probe deploys the probe refitted on every training image: the folded head on the frozen backbone's
     features gives exactly the probe's own probabilities."""
-    from metachex_jax.models import saved_model
+    from metachex_jax.models import saved
     from metachex_jax.transfer.probe import ProbeSettings, fit_probe
 
     config, _, _ = finished
@@ -609,7 +610,7 @@ def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup
     fit = fit_probe(table["features"], montgomery.labels[:, 0], table["features"],
                     ProbeSettings.from_config(probe_config.probe, probe_config.seed), groups=montgomery.patient)
     assert card["training"]["l2"] == fit.l2
-    model, _ = saved_model.load(str(tmp_path / "model"))
+    model, _ = saved.load(str(tmp_path / "model"))
     folded = np.asarray(jax.nn.sigmoid(model.output_scores(jnp.asarray(table["features"]))["tb"]))
     np.testing.assert_allclose(folded, fit.test_prob, rtol=1e-4, atol=1e-6)
     assert out["deployed_model"]["threshold_rule"]["rule"] == "youden"
@@ -674,13 +675,13 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     np.testing.assert_allclose(table["features"][:3], expected, rtol=1e-4, atol=1e-5)
 
     # Deployed from that start, the TB model keeps its contract: predict feeds it 1-channel [-1024, 1024] pixels.
-    from metachex_jax.models import saved_model
+    from metachex_jax.models import saved
     from metachex_jax.serving.predictor import Predictor
 
     card = json.loads((tmp_path / "tb" / "model" / "model.json").read_text())
     assert card["training"]["start"] == "xrv_nih" and card["input"]["normalization"] == "xrv"
     predictor = Predictor.load(str(tmp_path / "tb"))
-    model, _ = saved_model.load(str(tmp_path / "tb" / "model"))
+    model, _ = saved.load(str(tmp_path / "tb" / "model"))
     assert predictor.contract == start.contract and model.backbone.in_channels == 1
     expected = np.asarray(jax.nn.sigmoid(model(jnp.asarray(xrv_input(crops)))))
     np.testing.assert_allclose(predictor(crops)["tb"], expected, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ config.data.augment_on="host" and once with "device", and reads its logged img/s
 first interval, which includes compilation, is dropped). Then times train steps alone, on one batch already on
 the device, for the same number of steps:
 
-    bare          `train_state.make_train_step` on a batch of crops: the reference of the goal (loop >= 0.97 x bare
+    bare          `train_steps.make_train_step` on a batch of crops: the reference of the goal (loop >= 0.97 x bare
                   on CPU for the demo config; >= 0.95 on a GPU with augment_on=device)
     trainer_host  the trainer's own jitted step (`trainer.jit_train_step`) with its stop-flag input and the OR over
                   processes (preemption.py): the cost of the preemption check, against bare
@@ -41,7 +41,9 @@ from metachex_jax.core.errors import UserError
 from metachex_jax.data.input import pipeline
 from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.models import build_model
-from metachex_jax.training import optim, train_state, trainer
+from metachex_jax.training import optim
+from metachex_jax.training import steps as train_steps
+from metachex_jax.training import trainer
 
 
 def load() -> float:
@@ -68,12 +70,12 @@ def loop_throughput(config, steps: int, log_every: int, augment_on: str | None =
 def bare_step_throughput(config, steps: int, trainer_step: str | None = None) -> float:
     """img/s of a jitted train step alone, on one device-resident batch.
 
-    trainer_step None: `train_state.make_train_step` on crops (the bare step); "host" / "device": the trainer's
+    trainer_step None: `train_steps.make_train_step` on crops (the bare step); "host" / "device": the trainer's
     step (`trainer.jit_train_step`, stop flags included) for that augment_on, on crops / stored images."""
     batch_size = config.batch_size_per_device * jax.device_count()
     model = build_model(config.model, nnx.Rngs(0))
     tx = optim.make_optimizer(config.optim, batch_size, steps)
-    graphdef, state = train_state.create(model, tx)
+    graphdef, state = train_steps.create(model, tx)
     mesh = sharding.make_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -82,7 +84,7 @@ def bare_step_throughput(config, steps: int, trainer_step: str | None = None) ->
     size = config.data.resolution if trainer_step == "device" else config.data.image_size
     batch = sharding.to_global(pipeline.random_nih_batch(batch_size, size), data)
     if trainer_step is None:
-        jitted = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype),
+        jitted = jax.jit(train_steps.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype),
                                                      contract=contract),
                          donate_argnums=0)
         step = lambda state: jitted(state, batch)  # noqa: E731

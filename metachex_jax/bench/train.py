@@ -1,6 +1,6 @@
 """Train-step benchmark for the DenseNet backbones: `python -m metachex_jax.bench train [--torch]`.
 
-What is timed is the trainer's own step (`train_state.make_train_step`) for the CheXNet configuration (the
+What is timed is the trainer's own step (`train_steps.make_train_step`) for the CheXNet configuration (the
 DenseNet with the 14-way pathology head alone) on one batch of random uint8 images: normalisation on the device,
 forward, sigmoid binary cross-entropy, backward, the optax Adam update and the BatchNorm running-statistics
 update, compiled with `jax.jit` with the state donated. Each form of the model (`--forms`; the dense blocks
@@ -48,7 +48,8 @@ from metachex_jax.configs import chexnet
 from metachex_jax.contract.pixels import PixelContract, to_model_input
 from metachex_jax.data.input import pipeline
 from metachex_jax.models import SPECS, build_model, count_params, resolve_scan_layers
-from metachex_jax.training import optim, train_state
+from metachex_jax.training import optim
+from metachex_jax.training import steps as train_steps
 
 NUM_CLASSES = 14  # CheXNet's head: the 14 ChestX-ray14 pathologies (torchvision's classifier size)
 LEARNING_RATE = 1e-4
@@ -111,8 +112,8 @@ def setup_jax(arch: str, batch: int, resolution: int, dtype: str, form: str = "u
     config.optim.lr, config.optim.lr_scaling = LEARNING_RATE, "none"
     model = build_model(config.model, nnx.Rngs(0))
     tx = optim.make_optimizer(config.optim, batch, total_steps=1000)
-    graphdef, state = train_state.create(model, tx)
-    step_fn = jax.jit(train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(dtype),
+    graphdef, state = train_steps.create(model, tx)
+    step_fn = jax.jit(train_steps.make_train_step(graphdef, tx, config.loss, jnp.dtype(dtype),
                                                  contract=PixelContract.from_config(config)), donate_argnums=0)
     data = {k: jnp.asarray(v) for k, v in random_batch(batch, resolution).items()}
 

@@ -3,7 +3,7 @@
     DIR/model.json      the card: {"format": "metachex_jax.model/1", "kind", "model_config", "input" (the pixel
                         contract), "outputs" [{"name", "kind", "threshold"?}], plus provenance: "source",
                         "training", "metrics", "versions", ...}
-    DIR/weights.npz     the model's state, for the Flax model (models/saved_model.py writes and reads it)
+    DIR/weights.npz     the model's state, for the Flax model (models/saved.py writes and reads it)
     DIR/exported/       (`python -m metachex_jax.export` only) the inference function serialised with jax.export and the
                         weights as numpy arrays: runs without the model code (serving/exported.py)
 

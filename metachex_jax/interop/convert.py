@@ -55,7 +55,7 @@ from flax import nnx
 from metachex_jax.contract.card import is_model_dir
 from metachex_jax.core import files
 from metachex_jax.interop import torch_pickle
-from metachex_jax.models import saved_model
+from metachex_jax.models import saved
 from metachex_jax.models.densenet import SPECS, DenseNet, DenseNetSpec, convert_layout, count_params, unrolled
 
 BACKBONE_FORMAT = "metachex_jax.backbone/1"
@@ -284,7 +284,7 @@ def _load_backbone_from_model_dir(src: str, model: nnx.Module) -> dict:
     """`load_backbone` from a model directory: its model's `.backbone`, checked key by key like a checkpoint."""
     backbone = _backbone_of(model)
     try:
-        source, card = saved_model.load(src)
+        source, card = saved.load(src)
     except Exception as e:  # noqa: BLE001 - unreadable weights: orbax raises many types, name them
         raise CheckpointReadError(f"cannot read the model directory {src}: {type(e).__name__}: {e}") from e
     source_backbone = _backbone_of(source)
@@ -525,7 +525,7 @@ def read_backbone_metadata(src: str | os.PathLike) -> dict:
 def load_backbone(src: str | os.PathLike, model: nnx.Module) -> dict:
     """Restore a `save_backbone` checkpoint into `model.backbone` (MetaChexNet) or into a bare DenseNet, in place.
 
-    SRC may also be a model directory (`saved_model`, e.g. a `convert_torchxrayvision` output): its backbone is
+    SRC may also be a model directory (`models/saved.py`, e.g. a `convert_torchxrayvision` output): its backbone is
     used. Heads and a DenseNet's classifier are left untouched. The checkpoint's architecture and every key and
     shape are checked against the model first; `StateDictMismatchError` lists all differences. Restored arrays
     take the shardings of the model's current arrays. Returns the checkpoint's metadata (for a model directory:

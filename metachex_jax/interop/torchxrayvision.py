@@ -3,7 +3,7 @@ behind `python -m metachex_jax.convert_torchxrayvision` (whose help describes SR
 
 `WEIGHTS` is a copy of torchxrayvision's `model_urls` table (torchxrayvision/models.py, `TABLE_VERSION`): the label
 names and per-label operating thresholds of each published weights file, which the files do not carry. DEST is a
-model directory (`models/saved_model.py`) of kind "torchxrayvision" (`models/xrv.py`), with the pixel contract
+model directory (`models/saved.py`) of kind "torchxrayvision" (`models/xrv.py`), with the pixel contract
 `PixelContract(224, 224, "xrv", "crop_resize")` and the source file's SHA-256. Every tensor is checked against the
 architecture (`convert.convert_state_dict`); DEST is written under a temporary name and renamed into place.
 """
@@ -27,7 +27,7 @@ from metachex_jax.contract.pixels import PixelContract
 from metachex_jax.core import files
 from metachex_jax.core.version import __version__
 from metachex_jax.interop import convert
-from metachex_jax.models import saved_model
+from metachex_jax.models import saved
 from metachex_jax.models.xrv import XRVDenseNet
 
 TABLE_VERSION = "torchxrayvision 1.5.7, torchxrayvision/models.py: model_urls"
@@ -175,5 +175,5 @@ def convert_to_directory(src: str, dest: str, weights_name: str, *, arch: str | 
     if not files.is_file(src):
         raise FileNotFoundError(f"weights file not found: {src}")
     model, card = convert_file(src, weights_name, arch=arch)
-    saved_model.save(dest, model, card)
+    saved.save(dest, model, card)
     return card

@@ -1,7 +1,7 @@
 """Export a model as a self-contained directory that runs without this project's model code: `export(MODEL,
 out)`, the library behind `python -m metachex_jax.export` (whose help describes the directory).
 
-The directory is a model directory (`saved_model`) whose card says what was exported, with DIR/exported/
+The directory is a model directory (`models/saved.py`) whose card says what was exported, with DIR/exported/
 (`exported.py`): the whole inference function (`forward.make_forward`) serialised with `jax.export`, batch-size
 polymorphic, lowered for CPU, CUDA and TPU and without shardings, and its weights. Grad-CAM is not exported.
 """

@@ -32,7 +32,7 @@ from metachex_jax.contract.pixels import PixelContract
 from metachex_jax.core import files
 from metachex_jax.core.errors import ModelError
 from metachex_jax.interop import convert
-from metachex_jax.models import MetaChexNet, runs, saved_model
+from metachex_jax.models import MetaChexNet, runs, saved
 from metachex_jax.models.densenet import DenseNetSpec
 from metachex_jax.models.xrv import op_norm
 
@@ -42,7 +42,7 @@ def load(model: str, path: str, *, step: str | int, image_size: int | None, reso
     a pretraining workdir (its `step` checkpoint) or a convert_torchvision backbone (at `image_size`/`resolution`,
     default 224 / 256)."""
     if is_model_dir(path):
-        module, card = saved_model.load(path)
+        module, card = saved.load(path)
         contract = PixelContract.from_json(card["input"])
         outputs = [Output.from_json(o) for o in card["outputs"]]
         info = {"model": path, "kind": card["kind"], "source": card.get("source")}

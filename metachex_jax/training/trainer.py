@@ -46,7 +46,7 @@ from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.evaluation import evaluate
 from metachex_jax.interop import convert
 from metachex_jax.models import SPECS, build_model, count_params, resolve_scan_layers, runs
-from metachex_jax.training import checkpointing, optim, train_state
+from metachex_jax.training import checkpointing, optim, steps
 from metachex_jax.training.losses import chexnet_class_weights
 from metachex_jax.training.metric_writer import MetricWriter
 
@@ -61,12 +61,12 @@ def restore_latest(manager, config, tx, fresh_state, replicated, data_iter=None)
     if saved_scan is not None and saved_scan != scan:
         saved_model = ml_collections.ConfigDict({**config.model.to_dict(),
                                                   "scan_layers": "yes" if saved_scan else "no"})
-        target = jax.eval_shape(lambda: train_state.create(build_model(saved_model, nnx.Rngs(0)), tx)[1])
+        target = jax.eval_shape(lambda: steps.create(build_model(saved_model, nnx.Rngs(0)), tx)[1])
     restored = checkpointing.restore_latest(manager, checkpointing.abstract(target, replicated), data_iter)
     if restored is None or target is fresh_state:
         return restored
     step, state, meta = restored
-    state = train_state.convert_layout(state, fresh_state, SPECS[config.model.arch], scan)
+    state = steps.convert_layout(state, fresh_state, SPECS[config.model.arch], scan)
     return step, jax.device_put(state, replicated), meta
 
 
@@ -80,7 +80,7 @@ def jit_train_step(config, graphdef, tx, class_weights, augment_on: str, replica
     if augment_on == "device":
         augment = functools.partial(device_augment.train_images, seed=config.seed, size=contract.image_size,
                                     augmentation=augmentation)
-    step_fn = train_state.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype), class_weights,
+    step_fn = steps.make_train_step(graphdef, tx, config.loss, jnp.dtype(config.model.dtype), class_weights,
                                           augment=augment, contract=contract)
 
     def train_step(state, batch, stop_flags):
@@ -116,7 +116,7 @@ def initial_state(config, workdir, manager, graphdef, fresh_state, replicated, t
         other.close()
         return state, {**meta, "resumed_from": config.resume}, f"full state from {config.resume} step {step}"
     if config.model_init:
-        model = train_state.model_of(graphdef, fresh_state)
+        model = steps.model_of(graphdef, fresh_state)
         convert.load_backbone(files.absolute(config.model_init), model)
         _, params, stats = nnx.split(model, nnx.Param, ...)
         state = fresh_state.replace(params=params, batch_stats=stats)
@@ -193,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # 3. Model and optimiser.
     model = build_model(config.model, nnx.Rngs(config.seed))
     tx = optim.make_optimizer(config.optim, global_batch, total_steps)
-    graphdef, state = train_state.create(model, tx)
+    graphdef, state = steps.create(model, tx)
     state = jax.device_put(state, replicated)
     class_weights = None
     if config.loss.class_weighting == "chexnet":  # per label, from the training images that know it
@@ -219,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # 5. Steps.
     train_step = jit_train_step(config, graphdef, tx, class_weights, augment_on, replicated, contract,
                                 spec.augmentation)
-    eval_step = jax.jit(train_state.make_eval_step(graphdef, config.loss, jnp.dtype(config.model.dtype),
+    eval_step = jax.jit(steps.make_eval_step(graphdef, config.loss, jnp.dtype(config.model.dtype),
                                                    contract=contract))
 
     def run_eval(split: str, step: int, tag: str) -> dict:

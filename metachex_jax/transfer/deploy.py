@@ -23,7 +23,7 @@ column and heatmap file name.
   folds that were fine-tuned; then the BatchNorm statistics are recomputed on all the training images (precise
   BN, as every fine-tuned prediction of the comparison; `finetune.bn_stats="target"` adaptation needs the
   target images, which a deployed model does not have, so deployment always uses the training images).
-- Saved as a model directory (`metachex_jax.models.saved_model`, kind "tb_classifier"): `predict --model=WORKDIR` uses
+- Saved as a model directory (`metachex_jax.models.saved`, kind "tb_classifier"): `predict --model=WORKDIR` uses
   it, `export` exports it. Its card records the start, method, training data, threshold and how it was chosen,
   the out-of-fold operating point, and the comparison's AUROC (with 95% CI) of the same cell in every protocol.
 """
@@ -39,7 +39,7 @@ from flax import nnx
 
 from metachex_jax.core import files
 from metachex_jax.evaluation import metrics
-from metachex_jax.models import saved_model
+from metachex_jax.models import saved
 from metachex_jax.models.tb_classifier import TbClassifier, fold_standardisation
 from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer.probe import fit_probe
@@ -159,7 +159,7 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
     }
     model_dir = files.join(workdir, "model")
     if jax.process_index() == 0:
-        saved_model.save(model_dir, model, card)
+        saved.save(model_dir, model, card)
     logging.info("deployable %s model (%s, trained on all of %s, threshold %.4f) saved to %s", spec.target, key,
                  spec.train_set, threshold["threshold"], model_dir)
     return {"path": model_dir, **{k: card[k] for k in ("threshold_rule", "training", "metrics")}}

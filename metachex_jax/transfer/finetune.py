@@ -53,7 +53,8 @@ from metachex_jax.data.input import pipeline
 from metachex_jax.data.input.augment import Augmentation
 from metachex_jax.evaluation import metrics
 from metachex_jax.models.tb_classifier import TbClassifier
-from metachex_jax.training import optim, train_state
+from metachex_jax.training import optim
+from metachex_jax.training import steps as train_steps
 from metachex_jax.transfer.features import calibrate_batchnorm
 from metachex_jax.transfer.sets import RecordSubset
 
@@ -72,7 +73,7 @@ class FinetuneResult:
     bn_images: dict  # images the statistics of val_prob / test_prob were recomputed on: {"validation": n, "test": n}
     test_bn_stats: str  # where the test predictions' statistics came from: "fit" or "target"
     seconds: float
-    state: train_state.TrainState  # host copy of the kept weights, statistics recomputed on the fit images
+    state: train_steps.TrainState  # host copy of the kept weights, statistics recomputed on the fit images
 
 
 def _part_configs(settings) -> dict:
@@ -141,7 +142,7 @@ class Finetuner:
             (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            return train_state.TrainState(state.step + 1, params, new_stats, opt_state), loss
+            return train_steps.TrainState(state.step + 1, params, new_stats, opt_state), loss
 
         def predict_step(state, images):
             model = nnx.merge(graphdef, state.params, state.batch_stats)
@@ -171,7 +172,7 @@ class Finetuner:
         return probs[np.argsort(index, kind="stable")].astype(np.float64)
 
     def with_precise_batchnorm(self, graphdef, state, source, contract: PixelContract
-                               ) -> tuple[train_state.TrainState, int]:
+                               ) -> tuple[train_steps.TrainState, int]:
         """`state` with its BatchNorm statistics recomputed on the images of `source` for its current weights
         (and the number of images used); `state` itself is unchanged. Full batches of `finetune.batch_size`, or
         one batch of all of them (to a multiple of the devices) when `source` holds fewer (a small validation
@@ -187,7 +188,7 @@ class Finetuner:
     def new_model(self, start):
         """(graphdef, replicated state) of a TbClassifier on a copy of the start's backbone with a new head."""
         model = TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(self.seed))
-        graphdef, state = train_state.create(model, self.tx)
+        graphdef, state = train_steps.create(model, self.tx)
         # A copy: the train step donates its state, and the start's own arrays serve the next split too.
         return graphdef, jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
 
@@ -265,4 +266,4 @@ class Finetuner:
                 kept = jax.tree.map(jnp.copy, state)
                 break
         kept, _ = self.with_precise_batchnorm(graphdef, kept, source, start.contract)
-        return train_state.model_of(graphdef, jax.device_get(kept))
+        return train_steps.model_of(graphdef, jax.device_get(kept))
