@@ -58,13 +58,15 @@ LAZY_MODULES = {
 }
 
 # What runs inside spawned worker processes (image decoding of builds and `predict`, the demo's rendering, the
-# host augmentation): none of it may import jax or tensorflow_datasets, which would cost every worker seconds.
-# Not listed: the grain input pipeline itself (grain imports jax) and the record reader (it unpickles TFDS's data
-# source in every input worker).
+# raw readers the builders' workers may call, the host augmentation): none of it may import jax or
+# tensorflow_datasets, which would cost every worker seconds. Not listed: the grain input pipeline itself (grain
+# imports jax) and the record reader (it unpickles TFDS's data source in every input worker).
 WORKER_MODULES = ["metachex_jax.core.labels", "metachex_jax.core.errors", "metachex_jax.imaging.images",
                   "metachex_jax.imaging.dicom", "metachex_jax.imaging.file_formats", "metachex_jax.imaging.resize",
                   "metachex_jax.imaging.geometry", "metachex_jax.demo.render", "metachex_jax.demo.records",
-                  "metachex_jax.demo.write", "metachex_jax.data.input.augment"]
+                  "metachex_jax.demo.write", "metachex_jax.data.input.augment",
+                  *(f"metachex_jax.data.raw.{name}" for name in ("common", "nih", "tb", "chexpert", "padchest",
+                                                                 "csv_dataset", "labelled", "nih_expert"))]
 
 
 def modules() -> dict[str, Path]:
