@@ -64,11 +64,13 @@ def start(cmd: Sequence[str], log, *, stderr_log=None, name: str | None = None, 
 
 
 def wait(children: Sequence[Child], until: Callable[[], bool] | None = None, *,
-         stall_seconds: float = STALL_SECONDS, poll_seconds: float = 0.05) -> None:
+         stall_seconds: float = STALL_SECONDS, cpu_progress_seconds: float = CPU_PROGRESS_SECONDS,
+         poll_seconds: float = 0.05) -> None:
     """Return once every child has exited or, given `until`, once `until()` holds; a child that exits while `until`
-    is still pending fails the wait. A run without progress for `stall_seconds` fails it too (see the module)."""
+    is still pending fails the wait. A run without progress for `stall_seconds` (no new output, and under
+    `cpu_progress_seconds` of CPU time) fails it too (see the module)."""
     __tracebackhide__ = True  # pytest: the failure's message says it all
-    watch = _Progress(children, stall_seconds)
+    watch = _Progress(children, stall_seconds, cpu_progress_seconds)
     while True:
         if until is None and all(c.popen.poll() is not None for c in children):
             return
@@ -100,8 +102,9 @@ class _Progress:
     """What the children have done so far, sampled every SAMPLE_SECONDS: output sizes and exits (any change is
     progress) and CPU time per child (at least CPU_PROGRESS_SECONDS more, all children together, is progress)."""
 
-    def __init__(self, children: Sequence[Child], stall_seconds: float):
-        self.children, self.stall_seconds = children, stall_seconds
+    def __init__(self, children: Sequence[Child], stall_seconds: float,
+                 cpu_progress_seconds: float = CPU_PROGRESS_SECONDS):
+        self.children, self.stall_seconds, self.cpu_progress_seconds = children, stall_seconds, cpu_progress_seconds
         self.sampled_at = 0.0
         self.since, self.done, self.cpu = time.monotonic(), self._done(), self._cpu()
 
@@ -112,7 +115,7 @@ class _Progress:
         self.sampled_at = now
         done, cpu = self._done(), self._cpu()
         more_cpu = sum(max(0.0, new - old) for new, old in zip(cpu, self.cpu))  # an exited child reads 0
-        if done != self.done or more_cpu >= CPU_PROGRESS_SECONDS:
+        if done != self.done or more_cpu >= self.cpu_progress_seconds:
             self.since, self.done, self.cpu = now, done, cpu
             return False
         return now - self.since >= self.stall_seconds
@@ -149,7 +152,7 @@ def _hung(children: Sequence[Child], watch: _Progress) -> str:
             child.popen.send_signal(signal.SIGUSR1)
     time.sleep(STACK_DUMP_SECONDS)
     _end(*children)
-    lines = [f"hung: no new output and under {CPU_PROGRESS_SECONDS:g} s of CPU time in {watch.idle_seconds():.0f} s "
+    lines = [f"hung: no new output and under {watch.cpu_progress_seconds:g} s of CPU time in {watch.idle_seconds():.0f} s "
              f"(limit {watch.stall_seconds:g} s). Each process's output, then what it printed when asked for its "
              f"Python stacks (SIGUSR1):"]
     for child, state, sizes in zip(children, states, asked_at):

@@ -11,6 +11,9 @@ import pytest
 import subprocesses
 
 STALL = 4.0  # seconds; the tests' own runs use subprocesses.STALL_SECONDS
+# CPU time that counts as progress in one STALL window here: a process waiting on an event uses none, a busy one
+# gets far more even on a loaded machine (the default, 1 s, suits the runs' 120 s window, not a 4 s one).
+CPU_PROGRESS = 0.2
 
 
 def python(code: str, stacks_on_request: bool = False) -> list[str]:
@@ -27,8 +30,10 @@ def test_a_process_that_waits_forever_is_hung_and_named_with_its_stack(tmp_path)
     waiting, done = (subprocesses.start(python(code, stacks_on_request=True), tmp_path / "waiting.txt",
                                           name="waiting"),
                      subprocesses.start(python("print('done')"), tmp_path / "done.txt", name="done"))
-    with pytest.raises(AssertionError, match=r"hung: no new output and under 1 s of CPU time") as failure:
-        subprocesses.wait([waiting, done], stall_seconds=STALL)
+    # Its start (importing jax, which a loaded machine may stretch past STALL) is waited for first.
+    subprocesses.wait([waiting], until=lambda: "started" in waiting.output())
+    with pytest.raises(AssertionError, match=r"hung: no new output and under 0.2 s of CPU time") as failure:
+        subprocesses.wait([waiting, done], stall_seconds=STALL, cpu_progress_seconds=CPU_PROGRESS)
     message = str(failure.value)
     assert "--- waiting (pid" in message and "running" in message and "started" in message
     stacks = message.split("--- waiting, stacks:")[1].split("--- done")[0]
@@ -43,7 +48,7 @@ def test_a_process_that_waits_forever_is_hung_and_named_with_its_stack(tmp_path)
 ], ids=["output without CPU time", "CPU time without output"])
 def test_a_process_that_prints_or_computes_for_longer_than_the_stall_time_is_not_hung(tmp_path, code):
     slow = subprocesses.start(python(code), tmp_path / "slow.txt")
-    subprocesses.wait([slow], stall_seconds=STALL)
+    subprocesses.wait([slow], stall_seconds=STALL, cpu_progress_seconds=CPU_PROGRESS)
     assert slow.popen.returncode == 0, slow.output()
 
 
