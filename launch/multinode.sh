@@ -11,7 +11,7 @@ Usage: $(basename "$0") --coordinator=HOST:PORT --num-processes=N --process-id=I
            --config=CONFIG --workdir=DIR [--python=PYTHON] [--dry-run] [-- MAIN_FLAGS...]
 
 Starts one process of an N-process JAX run: sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID (which metachex_jax/distributed.py passes to jax.distributed.initialize()) and replaces
+JAX_PROCESS_ID (which metachex_jax/core/distributed.py passes to jax.distributed.initialize()) and replaces
 itself with
     PYTHON -m metachex_jax.main --config=CONFIG --workdir=DIR [MAIN_FLAGS...]
 Run it on every node with the same --coordinator (the address of process 0's node, reachable from all

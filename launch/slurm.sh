@@ -12,7 +12,7 @@ Usage: $(basename "$0") --workdir=DIR [options] [-- MAIN_FLAGS...]
 Submits launch/slurm_job.sh with sbatch; in the job, srun starts
     PYTHON -m metachex_jax.main --config=CONFIG --workdir=DIR [MAIN_FLAGS...]
 once per GPU (--ntasks-per-node = --gpus-per-node). JAX detects the SLURM job and connects the processes
-(metachex_jax/distributed.py calls jax.distributed.initialize() when the job has more than one task).
+(metachex_jax/core/distributed.py calls jax.distributed.initialize() when the job has more than one task).
 Resubmitting with the same --workdir resumes from its last checkpoint. SIGTERM (sent --signal-before-limit
 seconds before the time limit, and by SLURM preemption) makes every task save a checkpoint at the same step
 and exit with status 0.

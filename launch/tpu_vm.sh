@@ -208,7 +208,7 @@ do_logs() {
 }
 
 do_stop() {
-  # SIGTERM: every worker's trainer saves a checkpoint at the same step and exits (metachex_jax/preemption.py).
+  # SIGTERM: every worker's trainer saves a checkpoint at the same step and exits (metachex_jax/core/preemption.py).
   on_workers all "if test -f $REMOTE_PID; then pid=\$(cat $REMOTE_PID); kill -TERM \$pid 2>/dev/null; \
 for i in \$(seq 300); do kill -0 \$pid 2>/dev/null || break; sleep 1; done; rm -f $REMOTE_PID; fi"
 }

@@ -114,7 +114,7 @@ def by_path(tree) -> dict[str, np.ndarray]:
 
 def test_initialize_is_called_exactly_when_asked_or_detected(tmp_path):
     """maybe_initialize in a fresh process: the coordinator variables are passed on; "no" and a plain host skip it."""
-    probe = ("import sys, jax; from metachex_jax import distributed; "
+    probe = ("import sys, jax; from metachex_jax.core import distributed; "
              "print(distributed.maybe_initialize(sys.argv[1]), jax.distributed.is_initialized(), jax.process_count())")
     coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "1",
                    "JAX_PROCESS_ID": "0"}

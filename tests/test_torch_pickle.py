@@ -234,7 +234,7 @@ def write_pickle(path: Path, body: bytes, layout: str = "zip") -> Path:
 def test_a_key_nested_a_million_deep_is_refused_without_crashing_the_process(tmp_path):
     """Hashing such a tuple overflows CPython's C stack (a segmentation fault), so it is run in another process."""
     path = write_pickle(tmp_path / "deep.pt", b"}" + b")" + b"\x85" * 1_000_000 + b"Ns")
-    code = ("import sys\nfrom metachex_jax import torch_pickle\ntry:\n    torch_pickle.load(sys.argv[1])\n"
+    code = ("import sys\nfrom metachex_jax.interop import torch_pickle\ntry:\n    torch_pickle.load(sys.argv[1])\n"
             "except torch_pickle.TorchFileError as e:\n    print(e)\n")
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
