@@ -304,9 +304,11 @@ def _check_outcome(dataset: str, plan: dict[str, list], raw: builders.RawCopy, t
         raise RawDataError(dataset, failed)
     empty = [split for split in plan if not tally.written.get(split)]
     if empty:
-        raise RawDataError(dataset, raw.problems + tally.problems,
-                           hint=f"add images (the {' and '.join(empty)} split(s) would have no records: every image "
-                                "of them was left out, for the problems above)")
+        why = {split: f"every one of its {len(plan[split])} images was left out, for the problems listed" if plan[split]
+               else "the raw copy has no images for it (too few for the split)" for split in empty}
+        raise RawDataError(dataset, raw.problems + tally.problems + [
+            Problem("empty_split", split, f"a split without records: {reason}") for split, reason in why.items()],
+            hint="add images")
 
 
 def _check_written(folder: str, written: list[shards.ShardInfo]) -> None:

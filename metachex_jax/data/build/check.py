@@ -96,6 +96,8 @@ def check_shard(task: _ShardTask) -> list[Damage]:
         except Exception as exc:  # noqa: BLE001 - a hash mismatch (RuntimeError) or a record that does not decode
             damaged.append(Damage(task.split, task.name, task.first_index + position, f"{type(exc).__name__}: "
                                                                                       f"{exc}"))
+            _closing_error(reader)  # riegeli's reader stays failed after an error: the next records get a new one
+            reader = array_record_module.ArrayRecordReader(task.path, READER_OPTIONS)
     closing = _closing_error(reader)
     if closing:
         damaged.append(Damage(task.split, task.name, None, "the file ends badly" + closing))
