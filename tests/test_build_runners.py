@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_fixtures import make_csv_tree, make_tb_tree
+from data_fixtures import make_chexpert_tree, make_csv_tree, make_padchest_tree, make_tb_tree
 from metachex_jax import prepare
 from metachex_jax.data.build import build, builders, publish, shards
 from metachex_jax.data.raw.common import RawDataError
@@ -26,7 +26,7 @@ IN_PROCESS = "--direct_running_mode=in_memory"  # the DoFns run in this process 
 def build_with(runner, dataset, manual_dir, out_dir, beam_options="", **kwargs):
     return build.build_dataset(dataset, manual_dir, out_dir, resolution=RESOLUTION, progress=False, runner=runner,
                                beam_options=beam_options, records_per_shard=PER_SHARD,
-                               num_workers=2 if runner == "local" else None, **kwargs)
+                               num_workers=kwargs.pop("num_workers", 2 if runner == "local" else None), **kwargs)
 
 
 def published(data_dir, result) -> dict:
@@ -74,6 +74,19 @@ def test_a_direct_runner_build_gives_the_local_builds_records_byte_for_byte(demo
     assert file_digests(local.path) == file_digests(beam.path)
     if dataset == "csv":
         assert ours["skip_report"]["skipped_counts"] == {"undecodable_image": 2}
+
+
+@pytest.mark.parametrize("dataset", ["shenzhen", "chexpert", "padchest"])
+def test_every_other_family_builds_on_beam_as_locally(tmp_path, dataset):
+    """The families the test above leaves out (TB readings, CheXpert's JPEG release, PadChest's 16-bit PNGs) on
+    the DirectRunner in this process: the local build's records, shards, reports and identity."""
+    raw = tmp_path / "raw"
+    {"shenzhen": lambda: make_tb_tree(raw, "shenzhen", n_normal=6, n_tb=6), "chexpert": lambda: make_chexpert_tree(raw),
+     "padchest": lambda: make_padchest_tree(raw)}[dataset]()
+    local = build_with("local", dataset, raw, tmp_path / "local", num_workers=1)
+    beam = build_with("direct", dataset, raw, tmp_path / "beam", IN_PROCESS)
+    assert published(tmp_path / "local", local) == published(tmp_path / "beam", beam)
+    assert file_digests(local.path) == file_digests(beam.path) and len(file_digests(local.path)) >= 3
 
 
 def test_two_local_builds_are_byte_identical(demo, tmp_path):
