@@ -52,19 +52,24 @@ OPTIONAL_IMPORTS = {
 }
 # Modules of the package a function may import inside itself, and why.
 LAZY_MODULES = {
+    "metachex_jax.data.build.beam_runner": "the Apache Beam runner of builds: it imports apache-beam (the `beam` "
+                                           "extra), which `prepare --runner=local` never needs",
     "metachex_jax.serving.flax_model": "the model code (flax, orbax, the networks): `Predictor.load` imports it for "
                                        "a model that is not exported; an exported model runs without it "
                                        "(tests/test_predict.py checks a fresh interpreter)",
 }
 
-# What runs inside spawned worker processes (image decoding of builds and `predict`, the demo's rendering, the
-# raw readers the builders' workers may call, the host augmentation): none of it may import jax or
-# tensorflow_datasets, which would cost every worker seconds. Not listed: the grain input pipeline itself (grain
-# imports jax) and the record reader (it unpickles TFDS's data source in every input worker).
+# What runs inside spawned worker processes (image decoding of builds and `predict`, a build's work on the local
+# pool and on Beam's workers, the check of a built dataset, the demo's rendering, the raw readers the builders'
+# workers may call, the record reader that every input worker unpickles, the host augmentation): none of it may
+# import jax or tensorflow_datasets, which would cost every worker seconds. Not listed: the grain input pipeline
+# itself (grain imports jax).
 WORKER_MODULES = ["metachex_jax.core.labels", "metachex_jax.core.errors", "metachex_jax.imaging.images",
                   "metachex_jax.imaging.dicom", "metachex_jax.imaging.file_formats", "metachex_jax.imaging.resize",
                   "metachex_jax.imaging.geometry", "metachex_jax.demo.render", "metachex_jax.demo.records",
                   "metachex_jax.demo.write", "metachex_jax.data.input.augment",
+                  *(f"metachex_jax.data.build.{name}" for name in ("layout", "work", "shards", "publish", "records",
+                                                                   "check", "beam_runner")),
                   *(f"metachex_jax.data.raw.{name}" for name in ("common", "nih", "tb", "chexpert", "padchest",
                                                                  "csv_dataset", "labelled", "nih_expert"))]
 

@@ -162,7 +162,8 @@ def test_data_reports_reads_device_host_naive_and_build_throughput(capsys):
     assert figures["source"].startswith("chestxray14/r40") and figures["build_img_per_s"] > 0
     for name in ("device", "crop_flip", "host", "naive_png"):
         assert figures[f"{name}_img_per_s"] > 0 and figures[f"{name}_img_per_cpu_s"] > 0, name
-    assert figures["read_us_tfds"] > 0 and figures["read_us_fast"] > 0
+    assert figures["read_us_tf_example"] > 0 and figures["read_us"] > 0 and figures["record_layout_version"] == "2.0.0"
+    assert figures["device_tf_example_img_per_cpu_s"] > 0
     assert figures["host_vs_naive_per_core"] == pytest.approx(
         figures["host_img_per_cpu_s"] / figures["naive_png_img_per_cpu_s"], rel=0.01)
     assert set(figures["goals_met"]) == set(data.GOALS)

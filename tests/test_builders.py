@@ -1,4 +1,5 @@
-"""TFDS builders end to end: build tiny raw trees, read back with tfds.data_source, skip reports, interrupted builds."""
+"""Builds end to end (local runner): build tiny raw trees, read them back, skip reports, killed and concurrent
+builds. The Beam runner, storage and the check of built datasets: tests/test_build_runners.py."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import textwrap
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 import subprocesses
 from data_fixtures import make_nih_tree, make_tb_tree, write_gray_png_with_trns
-from metachex_jax.data.build import builders
+from metachex_jax.data.build import builders, publish
 from metachex_jax.data.build.build import build_dataset
 from metachex_jax.data.raw import nih, tb
 from metachex_jax.data.raw.common import RawDataError
@@ -27,7 +27,7 @@ def build(dataset, raw_dir, out_dir, **kwargs):
 
 
 def read_split(dataset, out_dir, split, config_name=f"r{RESOLUTION}"):
-    source = tfds.data_source(f"{dataset}/{config_name}", split=split, data_dir=str(out_dir))
+    source = builders.data_source(dataset, split, out_dir, config_name=config_name)
     return [source[i] for i in range(len(source))]
 
 
@@ -100,10 +100,20 @@ def test_chestxray14_label_counts_are_stored_and_read_once(nih_build, caplog, tm
     assert f"has no {builders.LABEL_COUNTS_FILE} (built before" in caplog.text
 
 
+RECORD_TYPES = {  # what a record holds, by kind: the dict TFDS's data_source gave for builds before 2.0.0
+    "chestxray14": {"image": (np.uint8, (RESOLUTION, RESOLUTION, 1)), "image_name": bytes, "patient_id": int,
+                    "follow_up": int, "labels": (np.uint8, (14,)), "age": float, "age_valid": bool, "sex_male": int,
+                    "view_ap": int, "bit_depth": int},
+    "montgomery": {"image": (np.uint8, (RESOLUTION, RESOLUTION, 1)), "image_id": bytes, "tb": int, "sex_male": int,
+                   "age": float, "age_valid": bool, "fold": int, "reading": bytes, "bit_depth": int},
+}
+
+
 @pytest.mark.parametrize("dataset", ["chestxray14", "montgomery"])
-def test_fast_record_source_returns_exactly_what_tfds_returns(nih_build, tmp_path, dataset):
-    """builders.data_source (records.RecordSource) decodes every record to the dict tfds.data_source gives: same
-    keys, types, dtypes, shapes and values; images and labels are stored as raw bytes, uncompressed."""
+def test_records_hold_every_field_with_its_type_and_pickle_for_worker_processes(nih_build, tmp_path, dataset):
+    """builders.data_source (records.RecordSource) returns, for every record of every split and of split
+    arithmetic, the dict of the record kind: numpy arrays of the stored dtype and shape, Python scalars, bytes;
+    after pickling too (grain's workers); images stored uncompressed, one record per chunk."""
     import pickle
 
     from array_record.python.array_record_module import ArrayRecordReader
@@ -113,24 +123,21 @@ def test_fast_record_source_returns_exactly_what_tfds_returns(nih_build, tmp_pat
     else:
         make_tb_tree(tmp_path / "raw", dataset)
         out_dir, config_name = tmp_path / "out", build(dataset, tmp_path / "raw", tmp_path / "out").config_name
+    sizes = builders.read_skip_report(out_dir, dataset, config_name)["split_sizes"]
     for split in ("train", "validation", "test", "train+test"):
-        fast = builders.data_source(dataset, split, out_dir, config_name=config_name)
-        fast = pickle.loads(pickle.dumps(fast))  # as grain sends it to worker processes
-        expected = read_split(dataset, out_dir, split, config_name)
-        assert len(fast) == len(expected) > 0 and str(fast.split) == split
-        for i, want in enumerate(expected):
-            got = fast[i]
-            assert got.keys() == want.keys()
-            for key, value in want.items():
-                assert type(got[key]) is type(value), key
-                if isinstance(value, np.ndarray):
-                    assert (got[key].dtype, got[key].shape) == (value.dtype, value.shape), key
-                    np.testing.assert_array_equal(got[key], value, err_msg=key)
+        source = pickle.loads(pickle.dumps(builders.data_source(dataset, split, out_dir, config_name=config_name)))
+        assert len(source) == sum(sizes[s] for s in split.split("+")) > 0 and source.split == split
+        for i in range(len(source)):
+            record = source[i]
+            assert record.keys() == RECORD_TYPES[dataset].keys()
+            for key, want in RECORD_TYPES[dataset].items():
+                if isinstance(want, tuple):
+                    assert (type(record[key]), record[key].dtype, record[key].shape) == (np.ndarray, *want), key
                 else:
-                    assert got[key] == value, key
+                    assert type(record[key]) is want, key
     files = sorted(builders.dataset_dir(out_dir, dataset, config_name).glob("*.array_record-*"))
     reader = ArrayRecordReader(str(files[0]))
-    assert "uncompressed" in reader.writer_options_string()
+    assert "uncompressed" in reader.writer_options_string() and "group_size:1" in reader.writer_options_string()
     reader.close()
 
 
@@ -234,10 +241,11 @@ def test_undecodable_images_fail_the_build_naming_each_and_leave_nothing(tmp_pat
     assert {(p.kind, p.item) for p in error.value.problems} == {("undecodable_image", ids[2]),
                                                                 ("undecodable_image", ids[15])}
     assert str(tree.image_path(ids[2])) in str(error.value) and str(tree.image_path(ids[15])) in str(error.value)
-    config_dir = tmp_path / "out" / "shenzhen" / f"r{RESOLUTION}"
-    assert [p.name for p in config_dir.iterdir()] == [".build.lock"]  # neither the dataset nor a temp folder
-    with pytest.raises(ValueError):  # tfds: no such dataset
-        tfds.data_source(f"shenzhen/r{RESOLUTION}", split="train", data_dir=str(tmp_path / "out"))
+    where = builders.version_dir(tmp_path / "out", "shenzhen", f"r{RESOLUTION}")
+    assert not builders.is_complete(tmp_path / "out", "shenzhen", f"r{RESOLUTION}")
+    assert publish.build_folders(where) == []  # the failed build's folder was deleted: nothing half-written stays
+    with pytest.raises(FileNotFoundError, match="is not prepared"):
+        builders.data_source("shenzhen", "train", tmp_path / "out", resolution=RESOLUTION)
 
 
 def test_a_file_that_decodes_to_what_no_record_holds_is_that_files_problem(tmp_path, monkeypatch):
@@ -294,19 +302,19 @@ def test_tb_skip_bad_reports_disagreements_and_flags(tmp_path):
 
 KILL_SCRIPT = """
 import os, signal, sys
-from metachex_jax.data.build import builders
-import tensorflow_datasets as tfds
+from metachex_jax.data.build import build, work
 
-class KilledMidway(builders.Shenzhen, skip_registration=True):
-    name = "shenzhen"
-    def _example(self, record, image):
-        if self._written["train"] == 5:
-            os.kill(os.getpid(), signal.SIGKILL)  # as a power cut or the OOM killer would
-        return super()._example(record, image)
+process_chunk = work.process_chunk
+
+def killed_after_the_training_records(chunk):
+    if chunk.split != "train":
+        os.kill(os.getpid(), signal.SIGKILL)  # as a power cut or the OOM killer would
+    return process_chunk(chunk)
 
 if __name__ == "__main__":
-    builder = KilledMidway(config=builders.tb_config(16), data_dir=sys.argv[2], num_workers=1, progress=False)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[1]))
+    work.process_chunk = killed_after_the_training_records
+    build.build_dataset("shenzhen", sys.argv[1], sys.argv[2], resolution=16, num_workers=1, progress=False,
+                        records_per_shard=4)
 """
 
 
@@ -319,7 +327,9 @@ if __name__ == "__main__":
 """
 
 
-def test_concurrent_builds_of_one_config_build_once(tmp_path):
+def test_concurrent_builds_of_one_config_publish_one_build(tmp_path):
+    """Two processes build one config at once: both may do the work, one publishes (its info is created, never
+    replaced), the other reports the published build as reused and deletes its own folder."""
     make_tb_tree(tmp_path / "raw", "montgomery")
     script = tmp_path / "build_once.py"
     script.write_text(CONCURRENT_SCRIPT)
@@ -330,24 +340,35 @@ def test_concurrent_builds_of_one_config_build_once(tmp_path):
     assert [p.popen.returncode for p in processes] == [0, 0], [p.output(1)[-2000:] for p in processes]
     lines = sorted(p.output(0).strip().splitlines()[-1] for p in processes)
     assert lines[0].startswith("BUILT") and lines[1].startswith("REUSED") and lines[0][5:] == lines[1][6:]
-    assert len(read_split("montgomery", tmp_path / "out", "train+validation+test")) == 22
+    where = builders.version_dir(tmp_path / "out", "montgomery", "r16")
+    assert publish.build_folders(where) == [publish.read_info(where)["build"]]
+    assert len(read_split("montgomery", tmp_path / "out", "train+validation+test", "r16")) == 22
 
 
-def test_killed_build_never_reads_as_complete_and_is_cleaned_up(tmp_path):
+def test_killed_build_is_never_read_and_a_rerun_publishes_a_complete_one(tmp_path):
+    """SIGKILL in the middle of a build (shards of one split written): nothing is published, readers find no
+    dataset; a rerun publishes a complete build, the killed one's folder is never read, and --clean deletes it."""
+    from metachex_jax import prepare
+
     make_tb_tree(tmp_path / "raw", "shenzhen")
     script = tmp_path / "kill.py"
     script.write_text(textwrap.dedent(KILL_SCRIPT))
     done = subprocesses.run([sys.executable, str(script), str(tmp_path / "raw"), str(tmp_path / "out")])
     assert done.returncode == -9, done.stderr[-2000:]
-    config_dir = tmp_path / "out" / "shenzhen" / "r16"
-    assert list(config_dir.glob("incomplete.*"))  # the half-written build is there...
-    assert not builders.is_complete(tmp_path / "out", "shenzhen", "r16")  # ...but does not count as a dataset
-    with pytest.raises(ValueError):  # tfds: no such dataset
-        tfds.data_source("shenzhen/r16", split="train", data_dir=str(tmp_path / "out"))
+    where = builders.version_dir(tmp_path / "out", "shenzhen", "r16")
+    [killed] = publish.build_folders(where)
+    assert list((tmp_path / "out" / "shenzhen" / "r16" / "2.0.0" / killed).glob("shenzhen-train.array_record-*"))
+    assert not builders.is_complete(tmp_path / "out", "shenzhen", "r16")  # half-written: not a dataset
+    with pytest.raises(FileNotFoundError, match="is not prepared"):
+        builders.data_source("shenzhen", "train", tmp_path / "out", config_name="r16")
     result = build("shenzhen", tmp_path / "raw", tmp_path / "out")
-    assert result.removed_incomplete and not list(config_dir.glob("incomplete.*"))
-    assert sorted(p.name for p in config_dir.iterdir()) == [".build.lock", str(builders.Shenzhen.VERSION)]
-    assert len(read_split("shenzhen", tmp_path / "out", "train")) == result.report["split_sizes"]["train"]
+    assert not result.reused and result.unpublished == [killed] and killed in result.format()
+    assert result.path.name != killed and publish.read_info(where)["build"] == result.path.name
+    train = builders.data_source("shenzhen", "train", tmp_path / "out", config_name="r16")
+    assert len(train) == result.report["split_sizes"]["train"] == 16
+    assert prepare.main(["--dataset=shenzhen", f"--data_dir={tmp_path / 'out'}", "--resolution=16", "--clean"]) == 0
+    assert publish.build_folders(where) == [result.path.name]
+    assert len(builders.data_source("shenzhen", "train+validation+test", tmp_path / "out", config_name="r16")) == 22
 
 
 def test_build_ignores_and_reports_files_that_are_not_images_of_the_dataset(tmp_path):

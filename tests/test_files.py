@@ -17,11 +17,9 @@ from PIL import Image
 from test_metrics import multitask_predictions
 from test_reports import assert_same_arrays
 
-from metachex_jax import prepare
 from metachex_jax.contract.pixels import PixelContract
 from metachex_jax.core import distributed, files
-from metachex_jax.data.build import builders
-from metachex_jax.data.build.build import build_dataset
+from metachex_jax.data.build import builders, publish
 from metachex_jax.evaluation import evaluate, metrics, reports
 from metachex_jax.training.metric_writer import MetricWriter
 from metachex_jax.transfer import plot, weights
@@ -148,23 +146,16 @@ def test_eval_outputs_land_in_a_gs_workdir(fake_gcs):
 
 def test_builders_is_complete_and_skip_report_on_gs(fake_gcs):
     data_dir = fake_gcs.url + "/tensorflow_datasets"
-    build = builders.dataset_dir(data_dir, "shenzhen", "r16")
-    assert os.fspath(build) == f"{data_dir}/shenzhen/r16/{builders.Shenzhen.VERSION}"
+    where = builders.version_dir(data_dir, "shenzhen", "r16")
+    assert where == f"{data_dir}/shenzhen/r16/{builders.Shenzhen.VERSION}"
     assert not builders.is_complete(data_dir, "shenzhen", "r16")
-    files.write_atomic(os.fspath(build / builders.SKIP_REPORT_FILE), json.dumps({"skipped": []}))
-    assert not builders.is_complete(data_dir, "shenzhen", "r16")  # no dataset_info.json: an unfinished copy
-    files.write_atomic(os.fspath(build / "dataset_info.json"), "{}")
+    files.write_atomic(f"{where}/build-20250101T000000Z-abcdef/{builders.SKIP_REPORT_FILE}",
+                       json.dumps({"skipped": []}))
+    assert not builders.is_complete(data_dir, "shenzhen", "r16")  # no dataset_info.json: an unpublished build
+    assert publish.publish(where, {"build": "build-20250101T000000Z-abcdef"})
+    assert not publish.publish(where, {"build": "build-20250102T000000Z-abcdef"})  # created once, never replaced
     assert builders.is_complete(data_dir, "shenzhen", "r16")
     assert builders.read_skip_report(data_dir, "shenzhen", "r16") == {"skipped": []}
-
-
-def test_prepare_into_gs_is_refused_clearly(tmp_path, capsys):
-    with pytest.raises(ValueError) as e:
-        build_dataset("shenzhen", tmp_path, "gs://bucket/tfds", resolution=16)
-    assert "gs://bucket/tfds" in str(e.value) and "gsutil -m cp -r" in str(e.value) and "gcsfuse" in str(e.value)
-    with pytest.raises(SystemExit) as exit_info:
-        prepare.main(["--dataset=shenzhen", f"--manual_dir={tmp_path}", "--data_dir=gs://bucket/tfds"])
-    assert exit_info.value.code == 2 and "building into Cloud Storage is not supported" in capsys.readouterr().err
 
 
 def test_roc_png_to_gs(fake_gcs):

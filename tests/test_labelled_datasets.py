@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from data_fixtures import (CHEXPERT_OBSERVATIONS, make_chexpert_tree, make_csv_tree, make_padchest_tree, pixel_value,
                            write_png)
@@ -30,7 +29,8 @@ def build_one(dataset, manual_dir, out_dir, **kwargs):
 
 def read_all(result) -> dict[str, list[dict]]:
     return {split: [s[i] for i in range(len(s))] for split in labelled.SPLITS
-            for s in [tfds.data_source(result.tfds_name, split=split, data_dir=str(result.path.parents[2]))]}
+            for s in [builders.data_source(result.dataset, split, result.path.parents[3],
+                                           config_name=result.config_name)]}
 
 
 def text(value) -> str:
@@ -46,7 +46,7 @@ def test_chexpert_build_frontal_only_ignore_policy_and_carve_out(tmp_path, relea
     result = build_one("chexpert", tmp_path / "raw", tmp_path / "out")
     assert result.config_name == f"r{RESOLUTION}"
     records = read_all(result)
-    source = tfds.data_source(result.tfds_name, split="train", data_dir=str(tmp_path / "out"))
+    source = builders.data_source(result.dataset, "train", tmp_path / "out", config_name=result.config_name)
     assert source.dataset_info.metadata["label_names"] == list(CHEXPERT_OBSERVATIONS)
     rows = {r["Path"]: (table, r) for table, rs in tree.rows.items() for r in rs}
     seen = []
@@ -164,7 +164,7 @@ def test_padchest_build_labels_bit_depths_and_frontal_projections(tmp_path, gz):
     result = build_one("padchest", tmp_path / "raw", tmp_path / "out")
     records = read_all(result)
     every = [r for rs in records.values() for r in rs]
-    source = tfds.data_source(result.tfds_name, split="train", data_dir=str(tmp_path / "out"))
+    source = builders.data_source(result.dataset, "train", tmp_path / "out", config_name=result.config_name)
     assert source.dataset_info.metadata["label_names"] == list(padchest.LABEL_NAMES)
     assert list(padchest.LABEL_NAMES[:14]) == list(PATHOLOGIES)
     frontal = [r for r in tree.rows if r["Projection"] in ("PA", "AP", "AP_horizontal")]
@@ -238,7 +238,7 @@ def test_csv_build_round_trip_folds_splits_and_metadata_forms(tmp_path):
     records = read_all(result)
     every = {text(r["image_id"]): (split, r) for split, rs in records.items() for r in rs}
     assert sorted(every) == sorted(r["path"] for r in tree.rows)
-    source = tfds.data_source(result.tfds_name, split="train", data_dir=str(tmp_path / "out"))
+    source = builders.data_source(result.dataset, "train", tmp_path / "out", config_name=result.config_name)
     assert source.dataset_info.metadata["label_names"] == ["Tuberculosis", "Cardiomegaly"]
     for row in tree.rows:
         split, record = every[row["path"]]
@@ -320,6 +320,6 @@ def test_skip_report_records_every_build_parameter(tmp_path):
     result = build_one("padchest", tmp_path / "raw", tmp_path / "out", views="all", seed=2)
     report = json.loads((result.path / builders.SKIP_REPORT_FILE).read_text())
     assert report["build_parameters"] == {"resolution": RESOLUTION, "views": "all", "val_fraction": 0.1,
-                                          "test_fraction": 0.1, "seed": 2, "bit_depth": 0}
+                                          "test_fraction": 0.1, "seed": 2, "bit_depth": 0, "geometry": "resize_crop"}
     assert result.config_name == "r16_all_val0p1_test0p1_seed2"
     assert report["details"]["split"] == {"val_fraction": 0.1, "test_fraction": 0.1, "seed": 2, "by": "patient"}

@@ -10,14 +10,13 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from data_fixtures import make_chexpert_tree, make_csv_tree, make_nih_tree, make_padchest_tree
 from metachex_jax import export
 from metachex_jax import reports as reports_command
 from metachex_jax.configs import pretrain
 from metachex_jax.core.labels import PATHOLOGIES
-from metachex_jax.data.build import build
+from metachex_jax.data.build import build, builders
 from metachex_jax.data.input import mixture, pipeline
 from metachex_jax.data.input.augment import Augmentation
 from metachex_jax.evaluation import reports
@@ -49,7 +48,7 @@ def builds(tmp_path_factory):
                                      ("padchest", base / "padchest", {}),
                                      ("csv", base / "hospital", {"csv": str(csv_tree.csv_path)})):
         result = build.build_dataset(name, manual_dir, out, resolution=16, num_workers=1, progress=False, **kwargs)
-        sources[name] = tfds.data_source(result.tfds_name, split="train", data_dir=str(out))
+        sources[name] = builders.data_source(name, "train", out, config_name=result.config_name)
     return sources
 
 

@@ -66,12 +66,15 @@ def test_main_builds_and_prints_the_read_call(tmp_path, capsys):
     assert prepare.main(argv) == 0
     out = capsys.readouterr().out
     assert "shenzhen/r16_k3_seed0: built at" in out
-    assert f'tfds.data_source("shenzhen/r16_k3_seed0", split="train", data_dir="{tmp_path / "out"}")' in out
+    assert f'builders.data_source("shenzhen", "train", "{tmp_path / "out"}", config_name="r16_k3_seed0")' in out
     assert "skipped: 0" in out
     assert prepare.main(argv) == 0 and "already built" in capsys.readouterr().out
-    assert prepare.main(argv + ["--overwrite"]) == 0 and "r16_k3_seed0: built at" in capsys.readouterr().out
-    built = sorted(p.name for p in (tmp_path / "out" / "shenzhen" / "r16_k3_seed0").iterdir())
-    assert built == [".build.lock", str(builders.Shenzhen.VERSION)]
+    first = builders.dataset_dir(tmp_path / "out", "shenzhen", "r16_k3_seed0")
+    assert prepare.main(argv + ["--overwrite"]) == 0
+    assert "r16_k3_seed0: built at" in capsys.readouterr().out
+    version_dir = tmp_path / "out" / "shenzhen" / "r16_k3_seed0" / str(builders.Shenzhen.VERSION)
+    rebuilt = builders.dataset_dir(tmp_path / "out", "shenzhen", "r16_k3_seed0")
+    assert rebuilt != first and sorted(p.name for p in version_dir.iterdir()) == [rebuilt.name, "dataset_info.json"]
 
 
 def test_main_reports_raw_problems_and_exits_1(tmp_path, capsys):
@@ -80,14 +83,15 @@ def test_main_reports_raw_problems_and_exits_1(tmp_path, capsys):
     tree.write_reading(tb_id, "male 30yrs\nnormal\n")
     assert prepare.main(["--dataset=shenzhen", f"--manual_dir={tmp_path}", f"--data_dir={tmp_path / 'out'}"]) == 1
     assert f"[label_disagreement] {tb_id}:" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "shenzhen" / "r256" / str(builders.Shenzhen.VERSION)).exists()
+    assert not builders.is_complete(tmp_path / "out", "shenzhen", "r256")
 
 
 def test_the_dataset_table_drives_prepare_and_names_builds(tmp_path, capsys):
     assert set(registry.DATASETS) == {"chestxray14", "shenzhen", "montgomery", "chexpert", "padchest", "csv"}
     assert registry.family("chestxray14").config_name(224, val_fraction=0.05, seed=3) == "r224_val0p05_seed3"
     assert registry.family("montgomery").config_name(256) == "r256"
-    assert registry.family("shenzhen").config(256) is builders.Shenzhen.builder_configs["r256"]  # tfds's own
+    assert registry.family("shenzhen").config(256) == builders.tb_config(256)
+    assert registry.family("montgomery").config_name(256, geometry="crop_resize") == "r256_square"
     with pytest.raises(ValueError, match=r"shenzhen takes no build parameter\(s\) \['val_fraction'\]"):
         build.build_dataset("shenzhen", tmp_path, tmp_path / "out", val_fraction=0.2)
     with pytest.raises(ValueError, match="unknown dataset 'mimic'"):

@@ -171,6 +171,6 @@ def test_an_older_build_is_refused_with_its_rebuild_command(tmp_path):
     spec = DataSpec(data_dir=str(tmp_path / "tfds"), resolution=RESOLUTION, image_size=RESOLUTION)
     message = datasets.missing_data_message(spec, ["montgomery"])
     assert (f"montgomery/r{RESOLUTION} in {tmp_path / 'tfds'} was built by an older version of its builder "
-            f"(1.3.0; now {builders.Montgomery.VERSION}), whose images differ: rebuild it") in message
+            f"(1.3.0; now {builders.Montgomery.VERSION}), which this version does not read: rebuild it") in message
     assert (f"python -m metachex_jax.prepare --dataset=montgomery --manual_dir=RAW_DIR "
             f"--data_dir={tmp_path / 'tfds'} --resolution={RESOLUTION}") in message

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from data_fixtures import make_tb_tree
 from metachex_jax.configs import pretrain, transfer
 from metachex_jax.contract.pixels import PixelContract, to_model_input
+from metachex_jax.core.errors import ConfigError
 from metachex_jax.data.input import datasets as nih_datasets
 from metachex_jax.data.input import pipeline
 from metachex_jax.data.input.spec import DataSpec
@@ -651,22 +652,33 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     xrv_dir = tmp_path / "xrv-nih"
     torchxrayvision.convert_to_directory(str(tmp_path / "nih.pt"), str(xrv_dir), "densenet121-res224-nih",
                                                  arch=ARCH)
-    config = transfer_config(demo_dir, pre, tmp_path / "cache", compare_with=f"random,{xrv_dir}",
-                             methods="probe+finetune", protocols="cv_montgomery", **{"deploy.start": "xrv_nih"})
+    # On the builds of this run's geometry (resize_crop: whole images resized) the crop_resize start would not see
+    # the pixels predict gives it: refused before any work, with the run and the builds that feed it.
+    mixed = transfer_config(demo_dir, pre, tmp_path / "cache", compare_with=f"random,{xrv_dir}",
+                            methods="probe+finetune", protocols="cv_montgomery", **{"deploy.start": "xrv_nih"})
+    with pytest.raises(ConfigError) as refused:
+        run.run(mixed, str(tmp_path / "refused"))
+    message = str(refused.value)
+    assert "starting weights 'xrv_nih' take crop_resize pixels" in message and "metachexnet" not in message
+    assert "--config.model.geometry=crop_resize" in message and "--dataset=montgomery" in message
+    assert "--geometry=crop_resize" in message and not (tmp_path / "refused").exists()
+    config = transfer_config(demo_dir, "", tmp_path / "cache", compare_with=f"random,{xrv_dir}",
+                             methods="probe+finetune", protocols="cv_montgomery",
+                             **{"baselines_only": True, "model.geometry": "crop_resize", "deploy.start": "xrv_nih"})
     result = run.run(config, str(tmp_path / "tb"))
-    assert set(result["cells"]) == {f"{s}/{m}" for s in ("metachexnet", "random", "xrv_nih")
-                                    for m in ("probe", "finetune")}
+    assert set(result["cells"]) == {f"{s}/{m}" for s in ("random", "xrv_nih") for m in ("probe", "finetune")}
     assert result["cells"]["xrv_nih/finetune"]["cv_montgomery"]["n_images"] > 0
     info = result["starts"]["xrv_nih"]
     assert info["kind"] == "torchxrayvision" and info["weights_name"] == "densenet121-res224-nih"
     assert "[-1024, 1024]" in info["input"] and "ImageNet" in result["starts"]["random"]["input"]
 
-    # The start's features are the converted backbone's, on its own pixels: each TB record (R x R) resized to S
-    # (the centre square of a square record is the record) and scaled to [-1024, 1024].
+    # The start's features are the converted backbone's, on its own pixels: each TB record (R x R, the centre
+    # square of its image: the run's builds are crop_resize ones) resized to S and scaled to [-1024, 1024].
     start = load(str(xrv_dir), config)
     assert start.contract == PixelContract(RES, config.data.resolution, "xrv", "crop_resize")
     assert start.model.backbone.in_channels == 1
     montgomery = sets_lib.load_datasets(DataSpec.from_config(config), ("montgomery",))["montgomery"]
+    assert montgomery.build_dir.parent.parent.name.endswith("_square")
     table = features_lib.features_for(start, montgomery, batch_size=16, cache_dir=config.feature_cache_dir)
     assert table["cache"] == "hit"  # the run extracted the same features
     records = [as_gray_2d(montgomery.source[i]["image"]) for i in range(3)]

@@ -5,10 +5,12 @@
 
 On one split of a built dataset, in one run:
 
-    read       one record by index: `tfds.data_source` (TFDS's generic decoding) against `builders.data_source`
-               (records.RecordSource, what the trainer reads with), microseconds of CPU per record
+    read       one record by index with `builders.data_source` (records.RecordSource: the record layout of
+               builders 2.0.0, layout.py, what the trainer reads with) against the same records in the layout of
+               builders 1.x (tf.Example in ArrayRecord, decoded with protobuf's C parser as 1.x's RecordSource did;
+               written here: `TfExampleSource`), microseconds of CPU per record
     device     `pipeline.train_batches(augmentation=None)`: read + batch, all the host does with
-               config.data.augment_on="device" (goal: >= 10,000 img/s per core)
+               config.data.augment_on="device" (goal: >= 10,000 img/s per core), for both layouts
     crop_flip  read + random crop + flip on the host
     host       read + crop + flip + the affine on the host, augment_on="host" (goals: >= 1,000 img/s per core
                and >= 10x the naive loader per core)
@@ -20,11 +22,17 @@ On one split of a built dataset, in one run:
                two label-table sources, weights 1 / 2 / 0.5) against one source of the same records (goal:
                >= 0.9 of the single source's)
     sources    source builds, in-process, per CPU second, against a naive PIL loop (open, 8-bit gray, BILINEAR
-               resize to --resolution) over the same files (goal: >= 1.5x): CheXpert-small-like gray JPEGs
-               (--jpeg_images of 320 x 390) and PadChest-like 16-bit PNGs (--png16_images of --png16_size px
-               holding 12-bit data, BitsStored_DICOM 12); for each, the reader alone (`images.decode_many`) and
-               the whole `build.build_dataset`. The naive loops run first; then this process keeps large buffers
-               on the heap, as every build's decoding workers do (images._keep_large_buffers_on_the_heap).
+               resize to --resolution) over the same files (goal: >= 1.5x with --runner=local): CheXpert-small-like
+               gray JPEGs (--jpeg_images of 320 x 390) and PadChest-like 16-bit PNGs (--png16_images of
+               --png16_size px holding 12-bit data, BitsStored_DICOM 12); for each, the reader alone
+               (`images.decode_many`) and the whole `build.build_dataset` (local runner, one process). With
+               --beam, the same build on Beam's DirectRunner too (no goal: a test runner), in_memory (CPU of this
+               process) and multi_processing with two workers (CPU of this process and its children). The naive
+               loops run first; then this process keeps large buffers on the heap, as every build's decoding
+               workers do (images._keep_large_buffers_on_the_heap).
+    full size  --full_size: a build's work per image (work.process_chunk: read, decode, resize, record bytes; CPU
+               ms, in-process) on synthetic files the size of ChestX-ray14's, CheXpert's, PadChest's and
+               MIMIC-CXR's (FULL_SIZE_SOURCES): the CPU costs of the paper estimate in docs/beam.md
 
 Per core: the in-process figures run on one thread (no reader thread, no prefetch: `next()` does all the work)
 and are reported per wall-clock second and per CPU second of this process (`time.process_time`). On a machine
@@ -44,21 +52,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds  # no TensorFlow needed for array_record data sources
 from absl import flags
+from array_record.python import array_record_data_source, array_record_module
 from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2  # builders 1.x's record layout, for the comparison
 
 from metachex_jax.core.labels import PATHOLOGIES
-from metachex_jax.data.build import build, registry
-from metachex_jax.data.build.records import RecordSource
+from metachex_jax.data.build import build, builders, registry, work
 from metachex_jax.data.input import mixture, pipeline
 from metachex_jax.data.input.augment import Augmentation, augment
+from metachex_jax.data.raw import labelled
 from metachex_jax.demo.write import write_demo_data
 from metachex_jax.imaging import images
 
@@ -79,6 +89,59 @@ def timed(work, count: int) -> dict:
     work()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return {"img_per_s": count / wall, "img_per_cpu_s": count / max(cpu, 1e-9), "load": load()}
+
+
+def timed_with_children(work, count: int) -> dict:
+    """`timed`, with the CPU of the child processes that ended meanwhile (Beam's DirectRunner workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    figures = timed(work, count)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    own_cpu = count / figures["img_per_cpu_s"]
+    return {**figures, "img_per_cpu_s": count / max(own_cpu + child_cpu, 1e-9)}
+
+
+class TfExampleSource:
+    """The records of `source` in the layout of builders 1.x: each a tf.Example (raw image and label bytes,
+    int64 / float scalars, bytes text) in an uncompressed ArrayRecord file, read by index and decoded with
+    protobuf's C parser field by field, as 1.x's RecordSource did. For the read comparison only."""
+
+    def __init__(self, source, path: Path, limit: int):
+        writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1,uncompressed")
+        first = source[0]
+        self._fields = [(name, np.asarray(value).dtype, np.shape(value), type(value)) for name, value in first.items()]
+        for i in range(min(len(source), limit)):
+            example = tf_example_pb2.Example()
+            for name, value in source[i].items():
+                feature = example.features.feature[name]
+                if isinstance(value, bytes):
+                    feature.bytes_list.value.append(value)
+                elif isinstance(value, np.ndarray):
+                    feature.bytes_list.value.append(value.tobytes())
+                elif isinstance(value, float):
+                    feature.float_list.value.append(value)
+                else:
+                    feature.int64_list.value.append(int(value))
+            writer.write(example.SerializeToString(deterministic=True))
+        writer.close()
+        self._raw = array_record_data_source.ArrayRecordDataSource([os.fspath(path)])
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, index: int) -> dict:
+        features = tf_example_pb2.Example.FromString(self._raw[index]).features.feature
+        record = {}
+        for name, dtype, shape, kind in self._fields:
+            if kind is bytes:
+                record[name] = features[name].bytes_list.value[0]
+            elif kind is np.ndarray:
+                record[name] = np.frombuffer(features[name].bytes_list.value[0], dtype).reshape(shape)
+            elif kind is float:
+                record[name] = float(features[name].float_list.value[0])
+            else:
+                record[name] = kind(features[name].int64_list.value[0])
+        return record
 
 
 def measure_pipeline(source, *, kind: str, augmentation: Augmentation | None, image_size: int, batch_size: int,
@@ -260,6 +323,77 @@ def measure_source_builds(workdir: Path, args: argparse.Namespace) -> dict:
         print(f"{name:>9} source ({len(paths)} images), per CPU second: naive PIL {base:8.1f}, reader "
               f"{reader['img_per_cpu_s']:8.1f} ({reader['img_per_cpu_s'] / base:.2f}x), build "
               f"{built['img_per_cpu_s']:8.1f} ({built['img_per_cpu_s'] / base:.2f}x)  load {built['load']}")
+        for mode, options in (("in_memory", "--direct_running_mode=in_memory"),
+                              ("2_workers", "--direct_running_mode=multi_processing --direct_num_workers=2")):
+            if not args.beam:
+                break
+            beam = timed_with_children(lambda dataset=dataset, mode=mode, options=options: build.build_dataset(
+                dataset, workdir / dataset, workdir / f"tfds_direct_{mode}", resolution=args.resolution,
+                progress=False, runner="direct", beam_options=options), len(paths))
+            out[f"{name}_direct_{mode}_build_vs_naive_per_core"] = beam["img_per_cpu_s"] / base
+            print(f"{name:>9} source, DirectRunner {mode}: build {beam['img_per_cpu_s']:8.1f} per CPU second "
+                  f"({beam['img_per_cpu_s'] / base:.2f}x naive, no goal)  load {beam['load']}")
+    return out
+
+
+FULL_SIZE_SOURCES = {  # name: (what it stands for, writer of one file of that kind)
+    "nih": "ChestX-ray14: 1024 x 1024 8-bit gray PNG",
+    "chexpert": "CheXpert (full size): 2320 x 2828 8-bit gray JPEG",
+    "padchest": "PadChest: 2500 x 2500 16-bit gray PNG holding 12-bit data",
+    "mimic": "MIMIC-CXR: 2500 x 2500 uncompressed 16-bit DICOM, 12 bits stored, MONOCHROME2",
+}
+
+
+def write_full_size(kind: str, path: Path, rng: np.random.Generator) -> Path:
+    """One synthetic X-ray-like file of `kind` at a real dataset's full size (FULL_SIZE_SOURCES)."""
+    if kind == "nih":
+        Image.fromarray(synthetic_xray(rng, 1024)).save(path)
+    elif kind == "chexpert":
+        Image.fromarray(synthetic_xray(rng, 2828)[:, :2320]).save(path, quality=90)
+    elif kind == "padchest":
+        Image.fromarray(synthetic_xray(rng, 2500).astype(np.uint16) * 16 + rng.integers(0, 16, (2500, 2500),
+                                                                                        dtype=np.uint16)).save(path)
+    else:
+        import pydicom  # an optional codec (see images.py): only this benchmark writes DICOM
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (DigitalXRayImageStorageForPresentation,
+                                                                         generate_uid())
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
+        ds.Rows = ds.Columns = 2500
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = (synthetic_xray(rng, 2500).astype(np.uint16) * 16).tobytes()
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def measure_full_size_costs(workdir: Path, resolution: int, count: int = 3) -> dict:
+    """CPU milliseconds per image of a build's work (work.process_chunk: read, decode, resize, record bytes) on
+    files the size of each big dataset's (FULL_SIZE_SOURCES), in this process; the paper estimate of
+    docs/beam.md starts from these."""
+    rng = np.random.default_rng(3)
+    out = {}
+    for kind, what in FULL_SIZE_SOURCES.items():
+        suffix = {"nih": "png", "chexpert": "jpg", "padchest": "png", "mimic": "dcm"}[kind]
+        paths = [write_full_size(kind, workdir / f"full_{kind}_{i}.{suffix}", rng) for i in range(count)]
+        records = tuple(labelled.LabelledRecord(image_id=p.name, path=str(p), patient_id=p.name, labels=(1,),
+                                                age=50.0, age_valid=True, sex_male=1, view_ap=0, view="PA")
+                        for p in paths)
+        chunk = work.Chunk("train", 0, records, work.RecordSpec("labelled", resolution, ("x",)))
+        result = work.process_chunk(chunk)  # (also a warm-up: pydicom is imported on the first DICOM)
+        assert not result.tally.problems, result.tally.problems
+        figures = timed(lambda chunk=chunk: work.process_chunk(chunk), count)
+        megabytes = sum(p.stat().st_size for p in paths) / count / 1e6
+        out[f"full_size_{kind}_cpu_ms"] = 1e3 / figures["img_per_cpu_s"]
+        out[f"full_size_{kind}_file_mb"] = megabytes
+        print(f"full size, {what} ({megabytes:.1f} MB): {1e3 / figures['img_per_cpu_s']:.1f} ms of CPU per image "
+              f"to a {resolution} px record  load {figures['load']}")
     return out
 
 
@@ -268,10 +402,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add = parser.add_argument
     add("--synthetic", action=argparse.BooleanOptionalAction, default=False,
         help="build a synthetic chestxray14 dataset here and benchmark on it")
-    add("--data_dir", help="tensorflow_datasets data_dir holding a built dataset")
-    add("--dataset", default="chestxray14", help="built dataset (tfds name, e.g. chestxray14/r256)")
+    add("--data_dir", help="the data_dir holding a built dataset")
+    add("--dataset", default="chestxray14/r256", help="built dataset, DATASET/CONFIG (e.g. chestxray14/r256)")
     add("--split", default="train", help="split to read")
-    add("--num_records", type=int, default=512, help="--synthetic: raw images generated and built")
+    add("--num_records", type=int, default=512, help="--synthetic: raw images generated and built (and the records "
+                                                     "copied to builders 1.x's layout for the read comparison)")
     add("--build_size", type=int, default=512, help="--synthetic: side of those raw PNGs (the real ones: 1024)")
     add("--resolution", type=int, default=256, help="--synthetic: stored resolution")
     add("--image_size", type=int, default=224, help="model resolution")
@@ -291,6 +426,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--jpeg_images", type=int, default=2000, help="CheXpert-small-like 320 x 390 JPEGs (0 = skip)")
     add("--png16_images", type=int, default=32, help="PadChest-like 16-bit PNGs (0 = skip)")
     add("--png16_size", type=int, default=2000, help="side of those PNGs")
+    add("--full_size", action=argparse.BooleanOptionalAction, default=False,
+        help="also time a build's work per image on files of the big datasets' full sizes (the paper estimate)")
+    add("--beam", action=argparse.BooleanOptionalAction, default=False,
+        help="also time the source builds on Beam's DirectRunner (needs the beam extra)")
     args = parser.parse_args(argv)
     if not args.synthetic and not args.data_dir:
         parser.error("give --synthetic, or --data_dir (and --dataset) of a built dataset")
@@ -301,7 +440,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> dict:
     args = parse_args(argv)
-    tfds.disable_progress_bar()
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; this entry point has none
         flags.FLAGS.mark_as_parsed()
     low, high = args.scale_range
@@ -318,26 +456,31 @@ def main(argv: Sequence[str]) -> dict:
             results.update(built)
             print(f"dataset build:        {built['build_img_per_s']:9.1f} img/s ({built['build_workers']} processes, "
                   f"{args.build_size} px PNGs -> {args.resolution} px records)  load {load()}")
-        generic = tfds.data_source(dataset, split=args.split, data_dir=os.path.expanduser(data_dir))
-        source = RecordSource(generic)
-        kind = registry.family(dataset.split("/")[0]).kind
+        name, config_name = dataset.split("/")
+        source = builders.data_source(name, args.split, os.path.expanduser(data_dir), config_name=config_name)
+        old_layout = TfExampleSource(source, workdir / "tf_example.array_record", limit=args.num_records)
+        kind = registry.family(name).kind
         results.update(source=f"{dataset}/{args.split}", records=len(source),
                        stored_resolution=int(np.asarray(source[0]["image"]).shape[0]),
-                       record_layout_version=str(generic.dataset_info.version))
+                       record_layout_version=source.dataset_info.version)
 
-        results["read_us_tfds"] = measure_reads(generic, min(args.num_reads, 200))
-        results["read_us_fast"] = measure_reads(source, args.num_reads)
-        print(f"one record: tfds.data_source {results['read_us_tfds']:.0f} us, RecordSource "
-              f"{results['read_us_fast']:.0f} us of CPU  load {load()}")
+        results["read_us_tf_example"] = measure_reads(old_layout, args.num_reads)
+        results["read_us"] = measure_reads(source, args.num_reads)
+        print(f"one record: {results['read_us']:.0f} us of CPU (builders 1.x's tf.Example layout: "
+              f"{results['read_us_tf_example']:.0f} us)  load {load()}")
 
         common = dict(kind=kind, image_size=args.image_size, batch_size=args.batch_size,
                       num_batches=args.num_batches)
+        figures = measure_pipeline(old_layout, augmentation=None, **common)
+        results["device_tf_example_img_per_cpu_s"] = figures["img_per_cpu_s"]
         for name, aug in (("device", None), ("crop_flip", Augmentation()), ("host", augmentation)):
             figures = measure_pipeline(source, augmentation=aug, **common)
             results[f"{name}_img_per_s"] = figures["img_per_s"]
             results[f"{name}_img_per_cpu_s"] = figures["img_per_cpu_s"]
             print(f"{name:>9}, 1 thread: {figures['img_per_s']:9.1f} img/s, {figures['img_per_cpu_s']:9.1f} img "
                   f"per CPU second  load {figures['load']}")
+        print(f"   device, 1 thread, builders 1.x's layout: {results['device_tf_example_img_per_cpu_s']:9.1f} img per "
+              f"CPU second")
         if args.num_workers > 0:
             figures = measure_pipeline(source, augmentation=augmentation, num_workers=args.num_workers, **common)
             results[f"host_{args.num_workers}_workers_img_per_s"] = figures["img_per_s"]
@@ -367,6 +510,8 @@ def main(argv: Sequence[str]) -> dict:
             results.update(mixed)
         if args.jpeg_images or args.png16_images:
             results.update(measure_source_builds(workdir, args))
+        if args.full_size:
+            results.update(measure_full_size_costs(workdir, args.resolution))
     results["goals_met"] = {name: bool(results[name] >= goal) for name, goal in GOALS.items() if name in results}
     results["load_at_end"] = load()
     print("goals (per core, CPU rates): " + ", ".join(

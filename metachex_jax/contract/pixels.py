@@ -109,8 +109,9 @@ class PixelContract:
 
     geometry "resize_crop" (ours): resize to R x R, centre crop S x S. "crop_resize" (torchxrayvision's): centre
     square, resize to R x R (the builders' resize), then to S x S (one resize when R == S, as for converted
-    torchxrayvision models). See `metachex_jax.imaging.geometry` for what each does to a prepared dataset's
-    records.
+    torchxrayvision models). A prepared dataset is built in the geometry of the models that read it (builders.py:
+    a crop_resize build keeps the centre square, `_square`), so evaluation and `predict` feed the same pixels; see
+    `metachex_jax.imaging.geometry`.
     """
 
     image_size: int = 224  # S: the model's input is S x S

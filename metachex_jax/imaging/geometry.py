@@ -6,11 +6,10 @@ Geometries (`GEOMETRIES`; a model's pixel contract says which it expects):
 - "resize_crop" (ours, CheXNet's): the image resized to R x R (at build time), its centre S x S crop to evaluate
   (the training input pipeline takes random S x S crops of the same R x R images).
 - "crop_resize" (torchxrayvision's): the centre square of the image (`square_box`, XRayCenterCrop's arithmetic),
-  resized to S x S by the one resize (`resize.resize_gray`: the exact area average, rounded once). A prepared
-  dataset's records are already R x R (the builder resized the whole image, aspect ratio not kept), so on a
-  stored record the square crop changes nothing and the record is resized R -> S: the model sees the whole
-  radiograph squeezed to a square, where from a raw non-square file (`predict`) it sees the centre square. The
-  two agree for square originals (NIH's 1024 x 1024).
+  resized to S x S by the one resize (`resize.resize_gray`: the exact area average, rounded once). Such a model
+  reads builds of its own geometry (`prepare --geometry=crop_resize`, named `_square`: the centre square of each
+  image resized to R x R), so a stored record is already the square and the record is resized R -> S: exactly the
+  pixels `predict` makes from the raw file (square, R x R, then S x S; tested bit for bit on non-square files).
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ import numpy as np
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from metachex_jax.core import files
 from metachex_jax.imaging import dicom, file_formats
 from metachex_jax.imaging.geometry import square_box
 from metachex_jax.imaging.resize import resize_gray
@@ -254,8 +255,11 @@ def read_gray(path: str | os.PathLike, *, bit_depth: int | None = None, declared
     """
     options = {"bit_depth": bit_depth, "declared_bits": declared_bits, "max_pixels": max_pixels}
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if files.is_url(path):  # an image of a raw copy in Cloud Storage (data/build/staging.py)
+            data = files.read_bytes(path)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
         if not data:
             raise ValueError("the file is empty")
         kind = file_formats.sniff(data[:file_formats.HEAD_BYTES])

@@ -4,7 +4,9 @@ Montgomery is the default; any prepared datasets and binary targets work (config
   1. starting weights    config.init_from (required unless config.baselines_only) + config.compare_with
                          (weights.load_starts; all checked first; "random_bn" gets BatchNorm statistics from
                          ChestX-ray14 training images)
-  2. data                every dataset the protocols name, all records (sets.load_datasets); per target, the
+  2. data                every dataset the protocols name, all records (sets.load_datasets), built in the run's
+                         pixel geometry (config.model.geometry: a start of another geometry is refused first,
+                         sets.geometry_problems); per target, the
                          images whose target is known, with folds (sets.transfer_set); a protocol whose
                          datasets lack a target is skipped for it, with a note
   3. protocols           checked before any work: folds 0..k-1, both classes in every part (protocols)
@@ -108,6 +110,9 @@ def run(config, workdir: str) -> dict:
                                  contract=PixelContract.from_config(config))
     spec = DataSpec.from_config(config)
     needed = tuple(dict.fromkeys(d for p in protocol_list for d in p.datasets))
+    mismatched = sets_lib.geometry_problems(starts, spec, needed)  # before any dataset is read or prepared
+    if mismatched:
+        raise ConfigError(mismatched)
     records = sets_lib.load_datasets(spec, needed)
     problems, splits, notes = [], {}, []
     if "probe" not in methods:

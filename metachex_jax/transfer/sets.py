@@ -153,6 +153,26 @@ def build_fingerprint(build_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def geometry_problems(starts, spec: DataSpec, datasets: tuple[str, ...]) -> list[str]:
+    """Why starts cannot be compared on the builds this run reads: every start must see the pixels `predict`
+    gives it, so its records are built in its own geometry (builders.py: `_square` builds keep the centre
+    square), and the builds of a run have the run's geometry (config.model.geometry, `spec.geometry`). A start of
+    another geometry (a torchxrayvision model is "crop_resize") is refused with the run and the builds it needs."""
+    problems = []
+    for start in starts:
+        geometry = start.contract.geometry
+        if geometry == spec.geometry:
+            continue
+        other = dataclasses.replace(spec, geometry=geometry)
+        commands = [build.prepare_command(name, spec.data_dir, resolution=spec.resolution,
+                                          **data_lib.required_build(name, other)[1]) for name in datasets]
+        problems.append(f"starting weights {start.name!r} take {geometry} pixels ({start.contract.describe()}), but "
+                        f"this comparison reads builds of geometry {spec.geometry} (config.model.geometry): compare "
+                        f"{geometry} starts in a run with --config.model.geometry={geometry}, which reads the builds "
+                        "these commands make:\n    " + "\n    ".join(commands))
+    return problems
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 

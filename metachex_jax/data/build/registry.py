@@ -3,18 +3,22 @@
 A family plugs in here. Its parts:
   reader       data/raw/<family>.py: raw copy -> records, every problem collected (nih.py, tb.py)
   verify       the reader's check of a raw copy without building -> raw_common.RawCheck
-  builder      its TFDS builder class (builders.py): raw copy -> ArrayRecord splits
-  make_config  (resolution, **parameters) -> the builder config; its name (r256, r256_k5_seed1) is the build's
+  builder      its family class (builders.py): identity, VERSION, `read_raw` (raw copy -> the planned records)
+  make_config  (resolution, **parameters) -> the build's config; its name (r256, r256_k5_seed1) is the build's
                identity on disk, so builds with different parameters never mix
   parameters   the build parameters besides resolution, with their defaults; `prepare` offers each as a flag
-  kind         the record format the input pipeline turns into batches (pipeline.py: "nih", "tb" or "labelled")
+               (bit_depth and geometry, the reader's, are every family's)
+  kind         the record format (layout.py) the input pipeline turns into batches (pipeline.py: "nih", "tb" or
+               "labelled")
   from_spec    a run's data spec (data/input/spec.py) -> the build parameters it needs (the build it looks for)
   raw_copy     what --manual_dir must hold, and where to get it (for the messages that print `prepare` commands)
 
 To add a family: write data/raw/<family>.py (reader + `verify`; a label table? reuse labelled.py's record and
-splits, as chexpert.py, padchest.py and csv_dataset.py do), a builder class in builders.py, and one entry in
-DATASETS below (a new parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare
---dataset=chexpert` (build and --verify), `build.build_dataset` and `build.verify_raw` then know it.
+splits, as chexpert.py, padchest.py and csv_dataset.py do), a family class in builders.py (a label table:
+`_LabelledBuilder` with LOAD, OPTIONS, LABEL_NAMES, DESCRIPTION), and one entry in DATASETS below (a new
+parameter also gets a line in PARAMETER_HELP). `python -m metachex_jax.prepare --dataset=NAME` (build on every
+runner, local or Beam, --verify and --check_built), `build.build_dataset` and `build.verify_raw` then know it: the
+build itself (plan, work, shards, publication) has no code per family.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from metachex_jax.data.raw.common import RawCheck
 class DatasetFamily:
     name: str
     builder: type  # a builders._RawImageBuilder subclass
-    make_config: Callable[..., Any]  # (resolution, **parameters) -> tfds BuilderConfig
+    make_config: Callable[..., Any]  # (resolution, **parameters) -> builders.BuildConfig
     parameters: dict[str, Any]  # build parameter -> default (resolution is common to all)
     verify: Callable[..., RawCheck]  # (manual_dir, *, strict_counts, **parameters) -> RawCheck
     kind: str  # record format for pipeline.py
@@ -49,39 +53,44 @@ class DatasetFamily:
         return {**self.parameters, **parameters}
 
     def config(self, resolution: int = builders.DEFAULT_RESOLUTION, **parameters):
-        """The builder config for these parameters. A predefined config is returned as the builder's own object
-        (TFDS refuses an equal copy under the same name)."""
-        config = self.make_config(resolution, **self.resolve(parameters))
-        return self.builder.builder_configs.get(config.name, config)
+        """The build's config (identity and parameters) for these parameters."""
+        return self.make_config(resolution, **self.resolve(parameters))
 
     def config_name(self, resolution: int = builders.DEFAULT_RESOLUTION, **parameters) -> str:
         return self.config(resolution, **parameters).name
 
 
-_BIT_DEPTH = {"bit_depth": 0}  # every family: the reader's override for high-depth images (0: the reader's rule)
-_NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
-_TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
+# Every family's: the reader's override for high-depth images (0: the reader's rule), and the pixel geometry.
+_READER = {"bit_depth": 0, "geometry": builders.DEFAULT_GEOMETRY}
+_NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED, **_READER}
+_TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED, **_READER}
 _CHEXPERT_PARAMETERS = {"views": "frontal", "uncertainty": "ignore", "test_fraction": chexpert.DEFAULT_TEST_FRACTION,
-                        "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
+                        "seed": builders.DEFAULT_SEED, **_READER}
 _PADCHEST_PARAMETERS = {"views": "frontal", "val_fraction": padchest.DEFAULT_VAL_FRACTION,
-                        "test_fraction": padchest.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
+                        "test_fraction": padchest.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED, **_READER}
 _CSV_PARAMETERS = {"csv": "", "num_folds": csv_dataset.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED,
                    "stratify_by": "", "val_fraction": csv_dataset.DEFAULT_VAL_FRACTION,
-                   "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION, **_BIT_DEPTH}
+                   "test_fraction": csv_dataset.DEFAULT_TEST_FRACTION, **_READER}
+
+
+def _reader_from_spec(spec) -> dict[str, Any]:
+    """What every dataset of a run shares: the bit-depth override and the model's pixel geometry."""
+    return {"bit_depth": spec.bit_depth, "geometry": spec.geometry}
 
 
 def _nih_from_spec(spec) -> dict[str, Any]:
-    return {"val_fraction": spec.val_fraction, "seed": spec.val_seed, "bit_depth": spec.bit_depth}
+    return {"val_fraction": spec.val_fraction, "seed": spec.val_seed, **_reader_from_spec(spec)}
 
 
 def _tb_from_spec(spec) -> dict[str, Any]:
-    return {"num_folds": spec.num_folds, "seed": spec.fold_seed, "bit_depth": spec.bit_depth}
+    return {"num_folds": spec.num_folds, "seed": spec.fold_seed, **_reader_from_spec(spec)}
 
 
 def _table_from_spec(name: str, spec) -> dict[str, Any]:
     """A label-table dataset's build parameters: its own section of the data config (`spec.tables[name]`:
-    `data.chexpert`, ...), and the bit-depth override that every dataset of a run shares (`spec.bit_depth`)."""
-    return {key: spec.bit_depth if key == "bit_depth" else spec.tables[name][key] for key in DATASETS[name].parameters}
+    `data.chexpert`, ...), and the reader's parameters every dataset of a run shares (`_reader_from_spec`)."""
+    shared = _reader_from_spec(spec)
+    return {key: shared[key] if key in shared else spec.tables[name][key] for key in DATASETS[name].parameters}
 
 
 _TB_RAW = ("the folder holding {folder}/ (CXR_png/ and ClinicalReadings/), from "
@@ -125,6 +134,9 @@ PARAMETER_HELP = {
                      "the patients in test",
     "csv": "csv: the CSV file listing path, labels and optional patient_id, age, sex, view",
     "stratify_by": "csv: the label column folds and split are stratified by (default: the first label column)",
+    "geometry": "every dataset: the pixel geometry of the models that read the build: resize_crop (the whole image "
+                "resized to R x R) or crop_resize (its centre square kept, then resized: torchxrayvision's pixels; "
+                "part of the build's name, _square)",
     "bit_depth": "every dataset: read high-depth images (16-bit PNG/TIFF, DICOM BitsStored > 8) as this many bits "
                  "instead of the reader's rule (metadata, sBIT, the data); 8-bit images ignore it; part of the "
                  "build's name (_bits12)",

@@ -2,15 +2,15 @@
 a weighted mixture (`pretraining_data`: chestxray14, chexpert, padchest and csv builds seen in one label space,
 mixture.py).
 
-Real data is prepared once with `python -m metachex_jax.prepare`. A run then opens the ArrayRecord splits with
-`tfds.data_source`. If the dataset is missing, the run prepares it when the spec names its raw copy
+Real data is prepared once with `python -m metachex_jax.prepare`. A run then opens the published build's splits with
+`builders.data_source` (records.RecordSource). If the dataset is missing, the run prepares it when the spec names its raw copy
 (`config.data.manual_dir`; chexpert, padchest, csv: `config.data.<name>.manual_dir`); otherwise it stops with a
 MissingDataError holding the exact `prepare` commands (`missing_data_message`, which the data preflight prints
 before any work too, preflight.py; a multi-process run refuses to prepare real data: prepare it once first).
 `required_build` maps the spec to the build it reads (registry: each family's `from_spec`). For a demo run the
 synthetic demo tree is generated (once) under the demo folder and prepared from there, by several processes in
 turns (`resolve_demo`). data_dir may be a gs:// URL of a dataset prepared elsewhere (see the docs on multi-host
-runs for reading it).
+runs for reading it); a run may also prepare a missing dataset into a gs:// data_dir (data/build/build.py).
 """
 
 from __future__ import annotations
@@ -79,20 +79,16 @@ def missing_data_message(spec: DataSpec, names: list[str], demo_command: str | N
         return ""
     lines = [f"prepared dataset(s) {', '.join(f'{n}/{c}' for n, c, _ in missing)} not found in {data_dir} "
              f"(resolution {spec.resolution} for image_size {spec.image_size}). Prepare them once, with RAW_DIR the "
-             "raw copy:"]
-    remote = files.is_url(data_dir)  # builds are made locally, then copied (build.remote_data_dir_message)
+             "raw copy (local or gs://):"]
     for name, config_name, parameters in missing:
         older = builders.older_builds(data_dir, name, config_name)
         if older:
             lines.append(f"  # {name}/{config_name} in {data_dir} was built by an older version of its builder "
-                         f"({', '.join(older)}; now {registry.family(name).builder.VERSION}), whose images differ: "
-                         "rebuild it")
+                         f"({', '.join(older)}; now {registry.family(name).builder.VERSION}), which this version "
+                         "does not read: rebuild it")
         lines.append(f"  # {name}: RAW_DIR = {registry.family(name).raw_copy}")
-        lines.append("  " + build.prepare_command(name, "LOCAL_DIR" if remote else data_dir,
-                                                  resolution=spec.resolution, **parameters))
-        if remote:
-            lines.append(f"  gcloud storage cp -r LOCAL_DIR/{name}/{config_name} {data_dir}/{name}/")
-    if prepare_at_start and not remote:
+        lines.append("  " + build.prepare_command(name, data_dir, resolution=spec.resolution, **parameters))
+    if prepare_at_start:
         fields = dict.fromkeys(manual_dir_field(name) for name, _, _ in missing)
         lines.append(f"or pass {' and '.join(f'--config.{f}=RAW_DIR' for f in fields)} to prepare them at the start "
                      "of this run.")
@@ -183,7 +179,7 @@ def pretraining_data(spec: DataSpec) -> PretrainingData:
 def known_label_counts(data: PretrainingData) -> tuple[np.ndarray, np.ndarray]:
     """(positives per label of the space, training images whose label is known per label) over every dataset of a
     pretraining run, for CheXNet's class weights on a label space where datasets may lack labels. From the counts
-    each build stored (`builders.write_label_counts`); a build without them is counted by reading (`label_counts`
+    each build stored (`build.label_counts`); a build without them is counted by reading (`label_counts`
     says when)."""
     positives, known = np.zeros(len(data.space), np.int64), np.zeros(len(data.space), np.int64)
     for name, splits in data.splits.items():
@@ -211,7 +207,7 @@ def known_label_counts(data: PretrainingData) -> tuple[np.ndarray, np.ndarray]:
 def label_counts(source) -> tuple[np.ndarray, int]:
     """(positives per pathology, number of images) of a ChestX-ray14 split, for CheXNet's class weights.
 
-    Read from the counts the build stored next to the records (`builders.write_label_counts`), once per run. A
+    Read from the counts the build stored next to the records (`build.label_counts`), once per run. A
     dataset built before the builders stored them (or a source that is no built split) has none: the split's
     records are then read one by one, which decodes every image (minutes for NIH), with a warning saying how to
     avoid it. The stored counts are checked against the split's size.

@@ -1,8 +1,8 @@
 """The grain input pipeline: random-access record sources -> per-host numpy batches.
 
 A *source* is anything with `len()` and `__getitem__(i)` returning a record dict in the format the builders write
-(the features of each builder, data/build/builders.py: `image` (R, R, 1) uint8, the labels, sex, age, ...; the
-batch functions below list what each kind reads): `tfds.data_source(...)` splits, `records.RecordSource`, or a
+(the fields of each record kind, data/build/layout.py: `image` (R, R, 1) uint8, the labels, sex, age, ...; the
+batch functions below list what each kind reads): `records.RecordSource` splits (`builders.data_source`), or a
 plain list in tests. Records are read lazily; nothing is loaded up front.
 
 Training (`train_batches`), per source:

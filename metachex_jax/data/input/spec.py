@@ -50,7 +50,9 @@ class DataSpec:
     """The data side of a run (module docstring). Build parameters keep the config's names: val_fraction and
     val_seed (chestxray14's validation carve-out), num_folds and fold_seed (the TB sets' stored folds, and the
     folds drawn for datasets that store none), bit_depth (every dataset), and one mapping per label-table dataset
-    in `tables` (chexpert, padchest, csv: their sections of the config, manual_dir included)."""
+    in `tables` (chexpert, padchest, csv: their sections of the config, manual_dir included), and `geometry`, the
+model's pixel geometry (config.model.geometry): a "crop_resize" model reads builds of the centre square
+(builders.py: `_square`), so that it sees in training the pixels `predict` gives it."""
 
     data_dir: str  # where the prepared datasets are (local or gs://), unexpanded
     resolution: int  # R: the stored images are R x R
@@ -63,6 +65,7 @@ class DataSpec:
     num_folds: int = 10
     fold_seed: int = 0
     bit_depth: int = 0
+    geometry: str = "resize_crop"  # the model's pixel geometry (config.model.geometry): the builds it reads
     tables: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     workers: int = -1  # grain workers per host: -1 auto, 0 in-process, N
     augment_on: str = "auto"  # where training images are augmented: "auto", "host" or "device"
@@ -83,7 +86,9 @@ class DataSpec:
         if "augment" in data:  # (a saved config holds lists where the recipe has tuples)
             augment = dict(data["augment"])
             augmentation = Augmentation(**{**augment, "scale_range": tuple(augment["scale_range"])})
-        return cls(**plain, tables={name: dict(data[name]) for name in LABEL_TABLES if name in data},
+        geometry = str(config["model"].get("geometry", "resize_crop")) if "model" in config else "resize_crop"
+        return cls(**plain, geometry=geometry,
+                   tables={name: dict(data[name]) for name in LABEL_TABLES if name in data},
                    augmentation=augmentation, demo=demo)
 
     def manual_dir_of(self, dataset: str, kind: str) -> str:
