@@ -83,6 +83,13 @@ class BuildResult:
         if ignored:
             lines.append("  ignored, not images of the dataset: " + ", ".join(
                 f"{i['count']} {kind} (e.g. {', '.join(i['examples'][:3])})" for kind, i in ignored.items()))
+        # What a label-table reader counted for comparison with the published counts, and the labels written.
+        lines += [f"  {name}: {value}" for name, value in self.report.get("details", {}).get("counts", {}).items()]
+        counts = builders.read_label_counts_at(self.path)
+        for split, entry in (counts or {}).get("splits", {}).items():
+            if "known" in entry:
+                lines.append(f"  {split} labels (positive / known): " + ", ".join(
+                    f"{name} {entry['positives'][name]}/{known}" for name, known in entry["known"].items()))
         lines.append(f"  skip report: {self.path / 'skip_report.json'}")
         data_dir = self.path.parent.parent.parent
         lines.append(f'  read: tfds.data_source("{self.tfds_name}", split="train", data_dir="{data_dir}")')

@@ -75,7 +75,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -758,6 +758,42 @@ class Csv(_LabelledBuilder):
 
 
 BUILDERS = {builder.name: builder for builder in (Chestxray14, Shenzhen, Montgomery, Chexpert, Padchest, Csv)}
+
+
+def labelled_family(name: str, *, load, label_names: tuple[str, ...], options: dict, name_parts, description: str,
+                    homepage: str, instructions: str, version: str = "1.0.0",
+                    release_notes: dict | None = None) -> tuple[type, Callable[..., tfds.core.BuilderConfig]]:
+    """A label-table dataset declared in one call (registry.py): (its builder class, its config function).
+
+    `load(manual_dir, skip_bad=..., **options)` -> labelled.LabelledRaw (the reader); `options`: the reader's
+    options besides resolution and bit_depth, name -> default (each becomes a config field and a build
+    parameter); `name_parts(**options)` -> the config name's parts after `r<R>` (empty for the defaults; the
+    reader knows which options change the content). The builder records what every label-table builder records
+    (_LabelledBuilder) and is registered in BUILDERS.
+    """
+    fields = [("resolution", int, DEFAULT_RESOLUTION), *((k, type(v), v) for k, v in options.items()),
+              ("bit_depth", int, 0)]
+    config_class = dataclasses.make_dataclass(f"{name.title()}Config", fields, bases=(tfds.core.BuilderConfig,),
+                                              eq=False)
+
+    def make_config(resolution: int = DEFAULT_RESOLUTION, bit_depth: int = 0, **given) -> tfds.core.BuilderConfig:
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise ValueError(f"{name} takes no option(s) {unknown}; its options: {', '.join(options)}")
+        values = {**options, **given}
+        parts = [f"r{resolution}", *name_parts(**values), *_bits_suffix(bit_depth)]
+        text = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        return config_class(name="_".join(parts), resolution=resolution, bit_depth=bit_depth, **values,
+                            description=f"{resolution}x{resolution} gray; {text}{_bits_text(bit_depth)}")
+
+    builder = type(name.title().replace("_", ""), (_LabelledBuilder,), {
+        "__module__": __name__, "name": name, "VERSION": tfds.core.Version(version),
+        "RELEASE_NOTES": release_notes or {version: "Initial release."},
+        "BUILDER_CONFIGS": [make_config(r) for r in PREDEFINED_RESOLUTIONS], "LOAD": staticmethod(load),
+        "OPTIONS": tuple(options), "LABEL_NAMES": tuple(label_names), "DESCRIPTION": description,
+        "HOMEPAGE": homepage, "MANUAL_DOWNLOAD_INSTRUCTIONS": instructions})
+    BUILDERS[name] = builder
+    return builder, make_config
 
 
 def version(dataset: str) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metachex_jax.data.build import builders
-from metachex_jax.data.raw import chexpert, csv_dataset, nih, padchest, tb
+from metachex_jax.data.raw import chexpert, csv_dataset, mimic, nih, padchest, tb
 from metachex_jax.data.raw.common import RawCheck
 
 
@@ -59,6 +59,21 @@ class DatasetFamily:
 
 
 _BIT_DEPTH = {"bit_depth": 0}  # every family: the reader's override for high-depth images (0: the reader's rule)
+# The label-table families declared through builders.labelled_family: the reader's options and their defaults.
+_MIMIC_OPTIONS = {"views": "frontal", "uncertainty": "ignore", "labeler": "chexpert", "csv_dir": "",
+                  "patients_csv": ""}
+Mimic, mimic_config = builders.labelled_family(
+    "mimic", load=mimic.load_mimic, label_names=mimic.OBSERVATIONS, options=_MIMIC_OPTIONS, name_parts=mimic.name_parts,
+    description="MIMIC-CXR-JPG or MIMIC-CXR (DICOM): the CheXpert (or NegBio) labeller's study labels on each image "
+                "of the study, the official split; sex and age from MIMIC-IV when given.",
+    homepage="https://physionet.org/content/mimic-cxr-jpg/",
+    instructions="""\
+    Download MIMIC-CXR-JPG (or MIMIC-CXR, the DICOMs) from PhysioNet (credentialed access); manual_dir is the
+    release folder holding files/ (and, for the JPG release, the mimic-cxr-2.0.0-*.csv.gz files). Then run
+    python -m metachex_jax.prepare --dataset=mimic --manual_dir=THAT_FOLDER --data_dir=OUT
+        [--csv_dir=THE_JPG_RELEASE (for the DICOMs)] [--patients_csv=MIMIC-IV/hosp/patients.csv.gz]
+    """)
+
 _NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
 _TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
 _CHEXPERT_PARAMETERS = {"views": "frontal", "uncertainty": "ignore", "test_fraction": chexpert.DEFAULT_TEST_FRACTION,
@@ -106,6 +121,10 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
                   "labelled", functools.partial(_table_from_spec, "padchest"),
                   "the folder holding PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) and the image "
                   "folders, from https://bimcv.cipf.es/bimcv-projects/padchest/"),
+    DatasetFamily("mimic", Mimic, mimic_config, {**_MIMIC_OPTIONS, **_BIT_DEPTH}, mimic.verify, "labelled",
+                  functools.partial(_table_from_spec, "mimic"),
+                  "the MIMIC-CXR-JPG (or MIMIC-CXR) release folder holding files/, from "
+                  "https://physionet.org/content/mimic-cxr-jpg/ (credentialed access)"),
     DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled",
                   functools.partial(_table_from_spec, "csv"),
                   "the folder the CSV's image paths are relative to (data/raw/csv_dataset.py)"),
@@ -118,13 +137,19 @@ PARAMETER_HELP = {
     "num_folds": "shenzhen/montgomery/csv: stratified cross-validation folds stored per record",
     "seed": "the seed of the validation carve-out (chestxray14), of the folds and split (TB sets, csv), of the "
             "test carve-out (chexpert) or of the split (padchest)",
-    "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'",
-    "uncertainty": "chexpert: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
+    "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'; mimic: 'frontal' (PA and AP), 'all', "
+             "or ViewPosition values joined by '+' (PA+AP+LATERAL; 'blank' for an empty one)",
+    "uncertainty": "chexpert, mimic: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
                    "after a default: 'ignore,Atelectasis=ones,Edema=ones'",
     "test_fraction": "chexpert: fraction of train.csv's patients carved out as test; padchest, csv: fraction of "
                      "the patients in test",
     "csv": "csv: the CSV file listing path, labels and optional patient_id, age, sex, view",
     "stratify_by": "csv: the label column folds and split are stratified by (default: the first label column)",
+    "labeler": "mimic: the labeller whose study labels are read: chexpert (mimic-cxr-2.0.0-chexpert.csv.gz) or "
+               "negbio",
+    "csv_dir": "mimic: the folder holding the JPG release's CSVs (for the DICOM release, which ships none; "
+               "default: manual_dir)",
+    "patients_csv": "mimic: MIMIC-IV's hosp/patients.csv.gz, the source of sex and age (default: none; both masked)",
     "bit_depth": "every dataset: read high-depth images (16-bit PNG/TIFF, DICOM BitsStored > 8) as this many bits "
                  "instead of the reader's rule (metadata, sBIT, the data); 8-bit images ignore it; part of the "
                  "build's name (_bits12)",
