@@ -257,9 +257,9 @@ def make_tbx11k_tree(parent: Path, *, size: int = SIZE) -> TbxTree:
     (root / "annotations" / "json" / "all_test.json").write_text(json.dumps(
         {"categories": TBX_CATEGORIES, "images": [{"id": n, "file_name": f"test/unknown_{n}.png", "width": size,
                                                    "height": size} for n in (1, 2)], "annotations": []}))
-    for name in ("extra/mc+shenzhen/train/CHNCXR_0001_1.png", "extra/mc+shenzhen/val/MCUCXR_0002_0.png",
-                 "extra/da+db/train/p12.png", "extra/da+db/val/nx3.jpg"):
-        write_png(root / "imgs" / name, 77, size, mode="RGB")
+    for k, name in enumerate(("extra/mc+shenzhen/train/CHNCXR_0001_1.png", "extra/mc+shenzhen/val/MCUCXR_0002_0.png",
+                              "extra/da+db/train/p12.png", "extra/da+db/val/nx3.jpg")):
+        write_png(root / "imgs" / name, 200 + k, size, mode="RGB")
     return tree
 
 

@@ -773,7 +773,8 @@ def labelled_family(name: str, *, load, label_names: tuple[str, ...], options: d
     """
     fields = [("resolution", int, DEFAULT_RESOLUTION), *((k, type(v), v) for k, v in options.items()),
               ("bit_depth", int, 0)]
-    config_class = dataclasses.make_dataclass(f"{name.title()}Config", fields, bases=(tfds.core.BuilderConfig,),
+    camel = "".join(part.capitalize() for part in name.split("_"))
+    config_class = dataclasses.make_dataclass(f"{camel}Config", fields, bases=(tfds.core.BuilderConfig,),
                                               eq=False)
 
     def make_config(resolution: int = DEFAULT_RESOLUTION, bit_depth: int = 0, **given) -> tfds.core.BuilderConfig:
@@ -786,7 +787,7 @@ def labelled_family(name: str, *, load, label_names: tuple[str, ...], options: d
         return config_class(name="_".join(parts), resolution=resolution, bit_depth=bit_depth, **values,
                             description=f"{resolution}x{resolution} gray; {text}{_bits_text(bit_depth)}")
 
-    builder = type(name.title().replace("_", ""), (_LabelledBuilder,), {
+    builder = type(camel, (_LabelledBuilder,), {
         "__module__": __name__, "name": name, "VERSION": tfds.core.Version(version),
         "RELEASE_NOTES": release_notes or {version: "Initial release."},
         "BUILDER_CONFIGS": [make_config(r) for r in PREDEFINED_RESOLUTIONS], "LOAD": staticmethod(load),

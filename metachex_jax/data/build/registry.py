@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metachex_jax.data.build import builders
-from metachex_jax.data.raw import chexpert, csv_dataset, mimic, nih, padchest, tb
+from metachex_jax.data.raw import chexpert, csv_dataset, mimic, nih, padchest, tb, tbx11k
 from metachex_jax.data.raw.common import RawCheck
 
 
@@ -72,6 +72,20 @@ Mimic, mimic_config = builders.labelled_family(
     release folder holding files/ (and, for the JPG release, the mimic-cxr-2.0.0-*.csv.gz files). Then run
     python -m metachex_jax.prepare --dataset=mimic --manual_dir=THAT_FOLDER --data_dir=OUT
         [--csv_dir=THE_JPG_RELEASE (for the DICOMs)] [--patients_csv=MIMIC-IV/hosp/patients.csv.gz]
+    """)
+_TBX11K_OPTIONS = {"val_fraction": tbx11k.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED,
+                   "extra_folders": "exclude", "box_tolerance": tbx11k.DEFAULT_BOX_TOLERANCE}
+Tbx11k, tbx11k_config = builders.labelled_family(
+    "tbx11k", load=tbx11k.load_tbx11k, label_names=tbx11k.LABEL_NAMES, options=_TBX11K_OPTIONS,
+    name_parts=tbx11k.name_parts,
+    description="TBX11K: labels by folder (Tuberculosis) and by box (Active TB, Latent TB); test = the original "
+                "val set (the challenge's test labels are withheld), train/validation carved from the original "
+                "train set.",
+    homepage="https://github.com/yun-liu/Tuberculosis",
+    instructions="""\
+    Download TBX11K (the official zip, see https://github.com/yun-liu/Tuberculosis) and unpack it; manual_dir is
+    TBX11K/ (holding imgs/, annotations/, lists/) or its parent. Then run
+    python -m metachex_jax.prepare --dataset=tbx11k --manual_dir=THAT_FOLDER --data_dir=OUT
     """)
 
 _NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
@@ -125,6 +139,10 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
                   functools.partial(_table_from_spec, "mimic"),
                   "the MIMIC-CXR-JPG (or MIMIC-CXR) release folder holding files/, from "
                   "https://physionet.org/content/mimic-cxr-jpg/ (credentialed access)"),
+    DatasetFamily("tbx11k", Tbx11k, tbx11k_config, {**_TBX11K_OPTIONS, **_BIT_DEPTH}, tbx11k.verify, "labelled",
+                  functools.partial(_table_from_spec, "tbx11k"),
+                  "the folder holding TBX11K/ (imgs/, annotations/, lists/), from "
+                  "https://github.com/yun-liu/Tuberculosis"),
     DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled",
                   functools.partial(_table_from_spec, "csv"),
                   "the folder the CSV's image paths are relative to (data/raw/csv_dataset.py)"),
@@ -133,10 +151,11 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
 # What each build parameter means (the `prepare` flags' help).
 PARAMETER_HELP = {
     "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation; padchest, csv: "
-                    "fraction of the patients in validation",
+                    "fraction of the patients in validation; tbx11k: fraction of the original train set carved out "
+                    "as validation",
     "num_folds": "shenzhen/montgomery/csv: stratified cross-validation folds stored per record",
     "seed": "the seed of the validation carve-out (chestxray14), of the folds and split (TB sets, csv), of the "
-            "test carve-out (chexpert) or of the split (padchest)",
+            "test carve-out (chexpert), of the split (padchest) or of the train/validation carve-out (tbx11k)",
     "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'; mimic: 'frontal' (PA and AP), 'all', "
              "or ViewPosition values joined by '+' (PA+AP+LATERAL; 'blank' for an empty one)",
     "uncertainty": "chexpert, mimic: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
@@ -150,6 +169,10 @@ PARAMETER_HELP = {
     "csv_dir": "mimic: the folder holding the JPG release's CSVs (for the DICOM release, which ships none; "
                "default: manual_dir)",
     "patients_csv": "mimic: MIMIC-IV's hosp/patients.csv.gz, the source of sex and age (default: none; both masked)",
+    "extra_folders": "tbx11k: exclude (default) or include imgs/extra/ (copies of Shenzhen, Montgomery and DA/DB: "
+                     "never include them next to those datasets)",
+    "box_tolerance": "tbx11k: the largest XML/JSON box difference (pixels of 512 space) not reported as a "
+                     "disagreement",
     "bit_depth": "every dataset: read high-depth images (16-bit PNG/TIFF, DICOM BitsStored > 8) as this many bits "
                  "instead of the reader's rule (metadata, sBIT, the data); 8-bit images ignore it; part of the "
                  "build's name (_bits12)",
