@@ -61,11 +61,11 @@ def write_dicom(path: Path, stored: np.ndarray, *, bits_stored: int = 12, photom
     return path
 
 
-def dicom_for_value(value: int, bits: int, photometric: str) -> np.ndarray:
+def dicom_for_value(value: int, bits: int, photometric: str, size: int = SIZE) -> np.ndarray:
     """Stored samples that the reader maps to the 8-bit `value` (the BitsStored range, MONOCHROME1 inverted)."""
     maximum = (1 << bits) - 1
     shown = value if photometric == "MONOCHROME2" else 255 - value
-    return np.full((SIZE, SIZE), round(shown * maximum / 255), np.uint16)
+    return np.full((size, size), round(shown * maximum / 255), np.uint16)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -322,7 +322,8 @@ def make_vindr_tree(root: Path) -> VindrTree:
     for index, (split, readers, bits, photometric, syntax, tags) in enumerate(plans):
         image_id = _image_id(index)
         value = pixel_value(index)
-        write_dicom(root / split / f"{image_id}.dicom", dicom_for_value(value, bits, photometric),
+        # 32 px: OpenJPEG's default of 6 resolution levels needs at least 2^5 pixels a side
+        write_dicom(root / split / f"{image_id}.dicom", dicom_for_value(value, bits, photometric, 32),
                     bits_stored=bits, photometric=photometric, syntax=syntax, **tags)
         tree.values[image_id], tree.tags[image_id] = value, tags
         if split == "train":

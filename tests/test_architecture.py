@@ -66,7 +66,8 @@ WORKER_MODULES = ["metachex_jax.core.labels", "metachex_jax.core.errors", "metac
                   "metachex_jax.imaging.geometry", "metachex_jax.demo.render", "metachex_jax.demo.records",
                   "metachex_jax.demo.write", "metachex_jax.data.input.augment",
                   *(f"metachex_jax.data.raw.{name}" for name in ("common", "nih", "tb", "chexpert", "padchest",
-                                                                 "csv_dataset", "labelled", "nih_expert"))]
+                                                                 "csv_dataset", "labelled", "nih_expert", "mimic",
+                                                                 "tbx11k", "vindr"))]
 
 
 def modules() -> dict[str, Path]:

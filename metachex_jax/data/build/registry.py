@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metachex_jax.data.build import builders
-from metachex_jax.data.raw import chexpert, csv_dataset, mimic, nih, padchest, tb, tbx11k
+from metachex_jax.data.raw import chexpert, csv_dataset, mimic, nih, padchest, tb, tbx11k, vindr
 from metachex_jax.data.raw.common import RawCheck
 
 
@@ -87,6 +87,18 @@ Tbx11k, tbx11k_config = builders.labelled_family(
     TBX11K/ (holding imgs/, annotations/, lists/) or its parent. Then run
     python -m metachex_jax.prepare --dataset=tbx11k --manual_dir=THAT_FOLDER --data_dir=OUT
     """)
+_VINDR_OPTIONS = {"label_rule": "majority", "val_fraction": vindr.DEFAULT_VAL_FRACTION,
+                  "test_fraction": vindr.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED}
+Vindr, vindr_config = builders.labelled_family(
+    "vindr", load=vindr.load_vindr, label_names=vindr.LABEL_NAMES, options=_VINDR_OPTIONS, name_parts=vindr.name_parts,
+    description="VinDr-CXR (PhysioNet 1.0.0, or the Kaggle VinBigData copy): 22 local and 6 global labels, three "
+                "readers per training image combined by the label rule, the test set's consensus labels.",
+    homepage="https://physionet.org/content/vindr-cxr/",
+    instructions="""\
+    Download VinDr-CXR 1.0.0 from PhysioNet (credentialed access; or the Kaggle VinBigData competition data);
+    manual_dir holds train/, test/ and annotations/ (Kaggle: train/ and train.csv). Then run
+    python -m metachex_jax.prepare --dataset=vindr --manual_dir=THAT_FOLDER --data_dir=OUT [--label_rule=any]
+    """)
 
 _NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
 _TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED, **_BIT_DEPTH}
@@ -143,6 +155,10 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
                   functools.partial(_table_from_spec, "tbx11k"),
                   "the folder holding TBX11K/ (imgs/, annotations/, lists/), from "
                   "https://github.com/yun-liu/Tuberculosis"),
+    DatasetFamily("vindr", Vindr, vindr_config, {**_VINDR_OPTIONS, **_BIT_DEPTH}, vindr.verify, "labelled",
+                  functools.partial(_table_from_spec, "vindr"),
+                  "the VinDr-CXR 1.0.0 folder (train/, test/, annotations/) from "
+                  "https://physionet.org/content/vindr-cxr/, or the Kaggle VinBigData folder (train/, train.csv)"),
     DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled",
                   functools.partial(_table_from_spec, "csv"),
                   "the folder the CSV's image paths are relative to (data/raw/csv_dataset.py)"),
@@ -152,16 +168,17 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
 PARAMETER_HELP = {
     "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation; padchest, csv: "
                     "fraction of the patients in validation; tbx11k: fraction of the original train set carved out "
-                    "as validation",
+                    "as validation; vindr: fraction of the training images in validation",
     "num_folds": "shenzhen/montgomery/csv: stratified cross-validation folds stored per record",
     "seed": "the seed of the validation carve-out (chestxray14), of the folds and split (TB sets, csv), of the "
-            "test carve-out (chexpert), of the split (padchest) or of the train/validation carve-out (tbx11k)",
+            "test carve-out (chexpert), of the split (padchest) or of the train/validation carve-out (tbx11k, "
+            "vindr)",
     "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'; mimic: 'frontal' (PA and AP), 'all', "
              "or ViewPosition values joined by '+' (PA+AP+LATERAL; 'blank' for an empty one)",
     "uncertainty": "chexpert, mimic: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
                    "after a default: 'ignore,Atelectasis=ones,Edema=ones'",
     "test_fraction": "chexpert: fraction of train.csv's patients carved out as test; padchest, csv: fraction of "
-                     "the patients in test",
+                     "the patients in test; vindr (the Kaggle layout only): fraction of train.csv's images in test",
     "csv": "csv: the CSV file listing path, labels and optional patient_id, age, sex, view",
     "stratify_by": "csv: the label column folds and split are stratified by (default: the first label column)",
     "labeler": "mimic: the labeller whose study labels are read: chexpert (mimic-cxr-2.0.0-chexpert.csv.gz) or "
@@ -173,6 +190,7 @@ PARAMETER_HELP = {
                      "never include them next to those datasets)",
     "box_tolerance": "tbx11k: the largest XML/JSON box difference (pixels of 512 space) not reported as a "
                      "disagreement",
+    "label_rule": "vindr: how three readers' labels of a training image combine: majority (default) or any",
     "bit_depth": "every dataset: read high-depth images (16-bit PNG/TIFF, DICOM BitsStored > 8) as this many bits "
                  "instead of the reader's rule (metadata, sBIT, the data); 8-bit images ignore it; part of the "
                  "build's name (_bits12)",
