@@ -172,17 +172,19 @@ class TbxTree:
     xml_sizes: dict[str, tuple[int, int]]  # tb path -> the original (width, height) its XML is in
     duplicates: dict[str, str]  # val path -> the train path it is a byte copy of
     size: int
+    json_size: int = 0  # the JSON's width and height, the boxes' space (0: the images' size, as in the release)
 
     def write_annotations(self) -> None:
+        space = self.json_size or self.size
         for split, names in (("train", self.train), ("val", self.val)):
             images, annotations = [], []
             for image_id, name in enumerate(names, start=1):
-                images.append({"id": image_id, "file_name": name, "width": self.size, "height": self.size,
+                images.append({"id": image_id, "file_name": name, "width": space, "height": space,
                                "date_captured": "", "license": 1, "coco_url": "", "flickr_url": ""})
                 for category, box in self.boxes.get(name, []):
                     annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                        "iscrowd": 0, "area": box[2] * box[3], "bbox": box, "width": self.size,
-                                        "height": self.size})
+                                        "iscrowd": 0, "area": box[2] * box[3], "bbox": box, "width": space,
+                                        "height": space})
             path = self.root / "annotations" / "json" / f"TBX11K_{split}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"categories": TBX_CATEGORIES, "images": images,
@@ -195,9 +197,9 @@ class TbxTree:
         for name, (width, height) in self.xml_sizes.items():
             objects = "".join(
                 f"<object><name>{names[c]}</name><pose>unspecified</pose><truncated>0</truncated><difficult>0"
-                f"</difficult><bndbox><xmin>{round(x * width / self.size)}</xmin><ymin>{round(y * height / self.size)}"
-                f"</ymin><xmax>{round((x + w) * width / self.size)}</xmax><ymax>"
-                f"{round((y + h) * height / self.size)}</ymax></bndbox></object>"
+                f"</difficult><bndbox><xmin>{round(x * width / space)}</xmin><ymin>{round(y * height / space)}"
+                f"</ymin><xmax>{round((x + w) * width / space)}</xmax><ymax>"
+                f"{round((y + h) * height / space)}</ymax></bndbox></object>"
                 for c, (x, y, w, h) in self.boxes.get(name, []))
             stem = Path(name).stem
             path = self.root / "annotations" / "xml" / f"{stem}.xml"

@@ -455,7 +455,7 @@ def _deploy_fits_the_run(c) -> list[Problem]:
     if len(protocol.train) > 1:
         out.append((("deploy.protocol",), f"the model deployed from {column} would train on several datasets, "
                     "for which no cross-validation gives a threshold; deploy a protocol that trains on one"))
-    elif cv not in columns:
+    elif cv not in columns and not protocol.fixed_split:  # (a fixed split chooses on its own validation split)
         out.append((("deploy.protocol", "protocols"), f"the model deployed from {column} takes its threshold "
                     f"and epoch count from {cv}, which must be among protocols"))
     return out
