@@ -23,6 +23,7 @@ from metachex_jax.data.input import datasets as nih_datasets
 from metachex_jax.data.input import pipeline
 from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.evaluation import metrics, reports
+from metachex_jax.models import saved as saved_models
 from metachex_jax.models.tb_classifier import TbClassifier
 from metachex_jax.training import steps as train_steps
 from metachex_jax.training import trainer
@@ -33,6 +34,7 @@ from metachex_jax.transfer import run
 from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer import weights
 from metachex_jax.transfer.finetune import Finetuner
+from metachex_jax.transfer.probe import ProbeSettings, fit_probe
 from metachex_jax.transfer.sets import RecordSubset
 
 DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=60, size=64)
@@ -595,9 +597,6 @@ def csv_rows(path):
 def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup, tmp_path):
     """methods=probe deploys the probe refitted on every training image: the folded head on the frozen backbone's
     features gives exactly the probe's own probabilities."""
-    from metachex_jax.models import saved
-    from metachex_jax.transfer.probe import ProbeSettings, fit_probe
-
     config, _, _ = finished
     demo_dir, pre = setup
     probe_config = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe", compare_with="",
@@ -695,9 +694,6 @@ def test_fixed_split_protocol_fits_on_train_chooses_on_validation_reports_on_tes
     test split (TBX11K's original val set) only; the probe's strength is the one chosen on the validation split
     (recomputed here, and compared with scikit-learn in test_transfer_probe.py); the deployed fine-tuned model is
     the comparison's own best-epoch model (its test predictions reproduced), its threshold chosen on validation."""
-    from metachex_jax.models import saved
-    from metachex_jax.transfer.probe import ProbeSettings, fit_probe
-
     config, _, _ = finished
     demo_dir, pre = setup
     tree = make_tbx11k_tree(tmp_path / "raw")
@@ -707,12 +703,13 @@ def test_fixed_split_protocol_fits_on_train_chooses_on_validation_reports_on_tes
     workdir = tmp_path / "w"
     result = run.run(c, str(workdir))
     assert result["protocols"] == ["split_tbx11k.tuberculosis", "split_tbx11k.active_tb"]
-    records = sets_lib.load_datasets(DataSpec.from_config(c), ("tbx11k",))["tbx11k"]
+    all_records = sets_lib.load_datasets(DataSpec.from_config(c), ("tbx11k",))
+    records = all_records["tbx11k"]
     start = load(str(pre), c)
     features = features_lib.features_for(start, records, batch_size=16, cache_dir=c.feature_cache_dir)["features"]
     settings = ProbeSettings.from_config(c.probe, c.seed)
     for protocol, target in result["protocol_targets"].items():
-        view = sets_lib.transfer_set(records, ("tbx11k",), target, num_folds=3, fold_seed=0)
+        view = sets_lib.transfer_set(all_records, ("tbx11k",), target, num_folds=3, fold_seed=0)
         test = np.flatnonzero(view.split == "test")
         assert sorted(np.array(view.image_id)[test]) == sorted(n for n in tree.val if n not in tree.duplicates)
         train = np.flatnonzero(view.split != "test")
@@ -730,12 +727,12 @@ def test_fixed_split_protocol_fits_on_train_chooses_on_validation_reports_on_tes
                 np.testing.assert_allclose(cols["prob"], fit.test_prob, rtol=1e-6, atol=1e-9)
     card = json.loads((workdir / "model" / "model.json").read_text())
     assert card["training"]["protocol"] == "split_tbx11k.tuberculosis"
-    view = sets_lib.transfer_set(records, ("tbx11k",), "Tuberculosis", num_folds=3, fold_seed=0)
+    view = sets_lib.transfer_set(all_records, ("tbx11k",), "Tuberculosis", num_folds=3, fold_seed=0)
     assert card["training"]["n_images"] == int(np.sum(view.split == "train"))
     assert card["training"]["epochs"] == result["details"]["metachexnet/finetune"][
         "split_tbx11k.tuberculosis"]["best_epoch"][0]
     assert "validation predictions" in card["threshold_rule"]["chosen_on"]
-    model, _ = saved.load(str(workdir / "model"))
+    model, _ = saved_models.load(str(workdir / "model"))
     cols = reports.read_predictions_csv(workdir / "report" / "predictions" /
                                         "metachexnet_finetune_split_tbx11k.tuberculosis.csv")
     test = RecordSubset(view.source, np.flatnonzero(view.split == "test"))

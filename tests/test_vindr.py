@@ -1,7 +1,7 @@
 """VinDr-CXR on tiny trees in both layouts (PhysioNet 1.0.0 and Kaggle VinBigData; tests/dataset_trees.py), record by
 record: three readers combined by majority or any, the test set's consensus with `Other disease`, DICOMs of 10-16
 bits (MONOCHROME1, JPEG 2000, implicit VR) read back to the planted values, sex and age from the header (missing,
-unparseable and 'O' masked), Fleiss' kappa against a brute-force definition and a published example, boxes."""
+unparseable and 'O' masked), Fleiss' kappa against a brute-force definition, statsmodels and a published example, boxes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from statsmodels.stats import inter_rater
 
 from dataset_trees import KAGGLE_CLASSES, VINDR_GLOBAL_TEST, make_kaggle_vindr_tree, make_vindr_tree
 from metachex_jax.data.build import build, registry
@@ -113,6 +114,7 @@ def test_fleiss_kappa_against_its_definition_and_a_published_example(physionet):
     table = np.array([[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
                       [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]])
     assert vindr.fleiss_kappa(table) == pytest.approx(0.210, abs=5e-4)
+    assert vindr.fleiss_kappa(table) == pytest.approx(inter_rater.fleiss_kappa(table), abs=1e-12)
     rng = np.random.default_rng(0)
     for _ in range(20):
         ratings = (rng.random((int(rng.integers(3, 30)), 3)) < rng.random()).astype(int)
@@ -120,6 +122,7 @@ def test_fleiss_kappa_against_its_definition_and_a_published_example(physionet):
             continue
         counts = np.stack([(ratings == 0).sum(1), (ratings == 1).sum(1)], axis=1)
         assert vindr.fleiss_kappa(counts) == pytest.approx(brute_force_kappa(ratings), abs=1e-12)
+        assert vindr.fleiss_kappa(counts) == pytest.approx(inter_rater.fleiss_kappa(counts), abs=1e-12)
     tree, result = physionet
     kappa = result.report["details"]["fleiss_kappa"]
     readers = list(tree.train.values())

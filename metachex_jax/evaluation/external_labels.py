@@ -46,11 +46,16 @@ DATASETS = ("mimic", "vindr")
 GROUPS = {"vindr": {"Nodule/Mass": ("Nodule", "Mass")}}
 
 
+def output_group(dataset: str, label: str) -> tuple[str, ...]:
+    """The model outputs whose maximum scores `dataset`'s `label` (module docstring, 3)."""
+    return GROUPS.get(dataset, {}).get(label, (mixture.space_name(dataset, label),))
+
+
 def output_groups(dataset: str, label_names, output_names) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     """(label -> the outputs scoring it, label -> why it is not scored) for a model with `output_names`."""
     scored, not_scored = {}, {}
     for name in label_names:
-        group = GROUPS.get(dataset, {}).get(name, (mixture.space_name(dataset, name),))
+        group = output_group(dataset, name)
         if all(output in output_names for output in group):
             scored[name] = group
         else:

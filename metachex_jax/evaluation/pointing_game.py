@@ -27,19 +27,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from metachex_jax.data.raw import tbx11k, vindr
+from metachex_jax.evaluation import external_labels
 from metachex_jax.serving.gradcam import peak_in_original
 from metachex_jax.serving.predictor import Predictor
 
 Box = tuple[float, float, float, float]  # x, y, width, height
 SPLITS = ("test", "all")
-# A VinDr finding -> its model outputs (the first group the model has all of; several outputs: the one scoring
-# highest on the image). Only clear counterparts (docs/data.md's VinDr table).
-VINDR_OUTPUTS = {"Atelectasis": [("Atelectasis",)], "Cardiomegaly": [("Cardiomegaly",)],
-                 "Consolidation": [("Consolidation",)], "Edema": [("Edema",)], "Emphysema": [("Emphysema",)],
-                 "Infiltration": [("Infiltration",)], "Pleural effusion": [("Effusion",)],
-                 "Pleural thickening": [("Pleural_Thickening",)], "Pneumothorax": [("Pneumothorax",)],
-                 "Pulmonary fibrosis": [("Fibrosis",)], "Nodule/Mass": [("Nodule", "Mass")],
-                 "Lung Opacity": [("Lung Opacity",)]}
+# A VinDr finding -> its model outputs (several: the one scoring highest on the image), as the VinDr evaluation
+# scores them (external_labels.py: the output of the same name in the shared label space, Nodule/Mass by Nodule or
+# Mass; docs/data.md's VinDr table).
+VINDR_OUTPUTS = {name: [external_labels.output_group("vindr", name)] for name in vindr.LOCAL_LABELS}
 TBX11K_OUTPUTS = {"Tuberculosis": [("tb",), ("Tuberculosis",)], "Active TB": [("Active TB",)],
                   "Latent TB": [("Latent TB",)]}
 
