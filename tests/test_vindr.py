@@ -1,7 +1,8 @@
 """VinDr-CXR on tiny trees in both layouts (PhysioNet 1.0.0 and Kaggle VinBigData; tests/dataset_trees.py), record by
 record: three readers combined by majority or any, the test set's consensus with `Other disease`, DICOMs of 10-16
 bits (MONOCHROME1, JPEG 2000, implicit VR) read back to the planted values, sex and age from the header (missing,
-unparseable and 'O' masked), Fleiss' kappa against a brute-force definition, statsmodels and a published example, boxes."""
+unparseable and 'O' masked), Fleiss' kappa against a brute-force definition, statsmodels and a published example,
+boxes."""
 
 from __future__ import annotations
 
