@@ -142,8 +142,8 @@ TRANSFER_CASES = [
     ({"methods": ""}, "--config.methods='': must name one or more of probe, finetune"),
     ({"protocols": "cv_shenzhen,cv_nih"}, "--config.protocols='cv_shenzhen,cv_nih': unknown dataset(s) nih; choose "
                                           "from shenzhen, montgomery, csv"),
-    ({"protocols": "shenzhen_montgomery"}, "protocol 'shenzhen_montgomery': write cv_<dataset> or "
-                                           "<dataset>[+<dataset>...]_to_<dataset>"),
+    ({"protocols": "shenzhen_montgomery"}, "protocol 'shenzhen_montgomery': write cv_<dataset>, split_<dataset> "
+                                           "or <dataset>[+<dataset>...]_to_<dataset>"),
     ({"protocols": "shenzhen+montgomery_to_shenzhen"}, "the test dataset must not be among the training ones"),
     ({"targets": " "}, "--config.targets=' ': must be a non-empty string"),
     ({"checkpoint_step": "last"}, "--config.checkpoint_step='last': must be best, latest or a step number"),
