@@ -71,7 +71,8 @@ WORKER_MODULES = ["metachex_jax.core.labels", "metachex_jax.core.errors", "metac
                   *(f"metachex_jax.data.build.{name}" for name in ("layout", "work", "shards", "publish", "records",
                                                                    "check", "beam_runner")),
                   *(f"metachex_jax.data.raw.{name}" for name in ("common", "nih", "tb", "chexpert", "padchest",
-                                                                 "csv_dataset", "labelled", "nih_expert"))]
+                                                                 "csv_dataset", "labelled", "nih_expert", "mimic",
+                                                                 "tbx11k", "vindr"))]
 
 
 def modules() -> dict[str, Path]:

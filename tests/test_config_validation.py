@@ -66,8 +66,13 @@ PRETRAIN_CASES = [
     ({"loss.class_weighting": "inverse"}, "--config.loss.class_weighting='inverse': must be one of none, chexnet"),
     ({"loss.age_loss": "l2"}, "--config.loss.age_loss='l2': must be one of l1, huber"),
     ({"loss.huber_delta": 0.0}, "--config.loss.huber_delta=0.0: must be > 0"),
-    ({"data.datasets": "chestxray14,mimic"}, "--config.data.datasets='chestxray14,mimic': unknown mimic; "
-                                             "pretraining takes chestxray14, chexpert, padchest, csv"),
+    ({"data.datasets": "chestxray14,vindr"}, "--config.data.datasets='chestxray14,vindr': unknown vindr; "
+                                             "pretraining takes chestxray14, chexpert, padchest, csv, mimic"),
+    ({"data.mimic.views": "PA++AP"}, "--config.data.mimic.views='PA++AP': mimic: views='PA++AP': write frontal"),
+    ({"data.mimic.labeler": "chexbert"}, "--config.data.mimic.labeler='chexbert': must be one of chexpert, negbio"),
+    ({"data.tbx11k.extra_folders": "yes"}, "--config.data.tbx11k.extra_folders='yes': must be one of exclude, "
+                                           "include"),
+    ({"data.vindr.label_rule": "all"}, "--config.data.vindr.label_rule='all': must be one of majority, any"),
     ({"data.datasets": "chestxray14:0"}, "--config.data.datasets='chestxray14:0': must be name[:weight] entries"),
     ({"data.chexpert.uncertainty": "maybe"}, "--config.data.chexpert.uncertainty='maybe': uncertainty='maybe': "
                                              "unknown policy 'maybe'"),
@@ -137,8 +142,8 @@ TRANSFER_CASES = [
     ({"methods": ""}, "--config.methods='': must name one or more of probe, finetune"),
     ({"protocols": "cv_shenzhen,cv_nih"}, "--config.protocols='cv_shenzhen,cv_nih': unknown dataset(s) nih; choose "
                                           "from shenzhen, montgomery, csv"),
-    ({"protocols": "shenzhen_montgomery"}, "protocol 'shenzhen_montgomery': write cv_<dataset> or "
-                                           "<dataset>[+<dataset>...]_to_<dataset>"),
+    ({"protocols": "shenzhen_montgomery"}, "protocol 'shenzhen_montgomery': write cv_<dataset>, split_<dataset> "
+                                           "or <dataset>[+<dataset>...]_to_<dataset>"),
     ({"protocols": "shenzhen+montgomery_to_shenzhen"}, "the test dataset must not be among the training ones"),
     ({"targets": " "}, "--config.targets=' ': must be a non-empty string"),
     ({"checkpoint_step": "last"}, "--config.checkpoint_step='last': must be best, latest or a step number"),

@@ -1,5 +1,5 @@
 """Pretraining on a mixture: one label space with per-label masks from each example's own dataset (checked entry
-by entry on tiny builds of ChestX-ray14, CheXpert, PadChest and a CSV), and the trainer on a mixture of the
+by entry on tiny builds of ChestX-ray14, CheXpert, PadChest, a CSV and MIMIC-CXR-JPG), and the trainer on a mixture of the
 demo's ChestX-ray14 and hospital CSV: per-dataset evaluation, the best checkpoint on the mean over datasets, and
 its export with each step's own metrics."""
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import make_chexpert_tree, make_csv_tree, make_nih_tree, make_padchest_tree
+from dataset_trees import make_mimic_tree
 from metachex_jax import export
 from metachex_jax import reports as reports_command
 from metachex_jax.configs import pretrain
@@ -33,6 +34,7 @@ SOURCE_COLUMN = {
     "padchest": {name: name for name in PATHOLOGIES + ("No Finding", "Tuberculosis")},
     "csv": {"Tuberculosis": "Tuberculosis", "Cardiomegaly": "Cardiomegaly"},
 }
+SOURCE_COLUMN["mimic"] = SOURCE_COLUMN["chexpert"]  # CheXpert's labeller, CheXpert's names
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +45,12 @@ def builds(tmp_path_factory):
     make_chexpert_tree(base / "chexpert")
     make_padchest_tree(base / "padchest")
     csv_tree = make_csv_tree(base / "hospital")
+    mimic_tree = make_mimic_tree(base / "mimic")
     sources = {}
     for name, manual_dir, kwargs in (("chestxray14", base / "nih", {}), ("chexpert", base / "chexpert", {}),
                                      ("padchest", base / "padchest", {}),
-                                     ("csv", base / "hospital", {"csv": str(csv_tree.csv_path)})):
+                                     ("csv", base / "hospital", {"csv": str(csv_tree.csv_path)}),
+                                     ("mimic", mimic_tree.root, {"patients_csv": str(mimic_tree.patients_csv)})):
         result = build.build_dataset(name, manual_dir, out, resolution=16, num_workers=1, progress=False, **kwargs)
         sources[name] = builders.data_source(name, "train", out, config_name=result.config_name)
     return sources
@@ -81,9 +85,9 @@ def test_mixture_batches_carry_each_datasets_masks_entry_by_entry(builds):
             expected[key, i] = (name, expected_entries(name, record, space))
     seen = {name: 0 for name in builds}
     with pipeline.train_batches(harmonised, kind="labelled", global_batch_size=8, image_size=16, seed=0,
-                                augmentation=Augmentation.none(), weights=[1, 1, 1, 1], process_index=0,
+                                augmentation=Augmentation.none(), weights=[1] * len(builds), process_index=0,
                                 process_count=1) as batches:
-        for _ in range(12):
+        for _ in range(15):
             batch = next(batches)
             assert batch["pathology"].shape == batch["pathology_mask"].shape == (8, len(space))
             for row in range(8):

@@ -7,16 +7,18 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from sklearn.metrics import roc_auc_score
 
+from dataset_trees import make_mimic_tree, make_vindr_tree
 from metachex_jax import evaluate
 from metachex_jax.configs import pretrain
 from metachex_jax.core.labels import PATHOLOGIES
 from metachex_jax.data.input import datasets
 from metachex_jax.data.input.spec import DataSpec
-from metachex_jax.data.raw import nih_expert
+from metachex_jax.data.raw import mimic, nih_expert, vindr
 from metachex_jax.data.raw.common import RawDataError
-from metachex_jax.evaluation import expert_labels, metrics, reports
+from metachex_jax.evaluation import expert_labels, external_labels, metrics, reports
 from metachex_jax.serving.predictor import Predictor
 from metachex_jax.training import trainer
 
@@ -148,3 +150,96 @@ def test_bad_expert_label_files_are_named(tmp_path):
         nih_expert.read_expert_labels([str(unnamed)])
     assert nih_expert.summary({}) == {"images": 0, "patients": 0, "sets": {}, "yes": {f: 0 for f in
                                                                                      nih_expert.FINDINGS}}
+
+
+# --- other datasets' test labels (evaluation/external_labels.py) -----------------------------------------------
+
+MIMIC_TEXT = {"1.0": 1, "0.0": 0, "": 0, "-1.0": -1}  # the labeller's values, uncertain masked (`ignore`)
+NIH_COUNTERPARTS = {"mimic": {"Atelectasis": ["Atelectasis"], "Cardiomegaly": ["Cardiomegaly"],
+                              "Consolidation": ["Consolidation"], "Edema": ["Edema"], "Pleural Effusion": ["Effusion"],
+                              "Pneumonia": ["Pneumonia"], "Pneumothorax": ["Pneumothorax"]},
+                    "vindr": {"Atelectasis": ["Atelectasis"], "Cardiomegaly": ["Cardiomegaly"],
+                              "Consolidation": ["Consolidation"], "Edema": ["Edema"], "Emphysema": ["Emphysema"],
+                              "Infiltration": ["Infiltration"], "Nodule/Mass": ["Nodule", "Mass"],
+                              "Pleural effusion": ["Effusion"], "Pleural thickening": ["Pleural_Thickening"],
+                              "Pneumothorax": ["Pneumothorax"], "Pulmonary fibrosis": ["Fibrosis"],
+                              "Pneumonia": ["Pneumonia"]}}
+
+
+def check_against_sklearn(workdir, result, expected_labels: dict[str, dict[str, int]], build_dir, dataset):
+    """The scored images, their labels (from the tree's truth), the model's scores on the build's test records
+    (max over a group) and every AUROC (scikit-learn; NaN where a label has one class among the known)."""
+    cols = reports.read_predictions_csv(workdir / "eval" / f"{result['name']}_step{result['step']}_predictions.csv")
+    assert sorted(cols["image_id"]) == sorted(expected_labels)
+    scored = list(result["findings"])
+    assert {f: e["scored_from"] for f, e in result["findings"].items()} == NIH_COUNTERPARTS[dataset]
+    test = next(tfds.data_source(name, split="test", data_dir=str(build_dir))
+                for name in [f"{dataset}/{result['build']['config_name']}"])
+    index = {test[i]["image_id"].decode(): i for i in range(len(test))}
+    predictor = Predictor.load(str(workdir))
+    out = predictor(np.stack([predictor.contract.from_stored(test[index[n]]["image"]) for n in cols["image_id"]]))
+    for k, finding in enumerate(scored):
+        y = np.array([expected_labels[n][finding] for n in cols["image_id"]])
+        np.testing.assert_array_equal(cols["label"][:, k], y)
+        score = np.max([out[o] for o in NIH_COUNTERPARTS[dataset][finding]], axis=0)
+        np.testing.assert_allclose(cols["score"][:, k], score, rtol=1e-6)
+        entry, known = result["findings"][finding], y >= 0
+        assert (entry["positives"], entry["negatives"], entry["unknown"]) == (
+            int((y == 1).sum()), int((y == 0).sum()), int((~known).sum()))
+        if len(set(y[known])) == 2:
+            assert entry["auroc"]["value"] == pytest.approx(roc_auc_score(y[known], score[known]), abs=1e-12)
+        else:
+            assert entry["auroc"]["value"] is None or np.isnan(entry["auroc"]["value"])  # (JSON: null)
+    return cols
+
+
+def test_mimic_test_split_scored_with_mapped_labels_against_sklearn(run, tmp_path):
+    """An NIH run on a tiny MIMIC-CXR-JPG (tests/dataset_trees.py): the official test split's frontal images, the
+    labeller's study labels (uncertain masked), the 7 labels with an NIH counterpart; then the 2.1.0 radiologists'
+    file (its `Airspace Opacity` and `No Findings` spellings) replacing them for the studies it lists."""
+    workdir = run[0]
+    tree = make_mimic_tree(tmp_path / "mimic")
+    result = external_labels.evaluate_run(str(workdir), "mimic", manual_dir=str(tree.root),
+                                          data_dir=str(tmp_path / "tfds"), n_boot=20)
+    test = [i for i in tree.images if i["split"] == "test" and i["view"] in ("PA", "AP")]
+    truth = {i["path"]: {name: MIMIC_TEXT[tree.labels[i["study"]][name]] for name in mimic.OBSERVATIONS}
+             for i in test}
+    check_against_sklearn(workdir, result, truth, tmp_path / "tfds", "mimic")
+    assert result["accounting"] == {"test_images": 2} and not result["trained_on_dataset"]
+    assert set(result["not_scored"]) == set(mimic.OBSERVATIONS) - set(NIH_COUNTERPARTS["mimic"])
+
+    labelled_study, other = test[0]["study"], "59999999"
+    header = ["study_id", *(("Airspace Opacity" if n == "Lung Opacity" else "No Findings" if n == "No Finding"
+                             else n) for n in mimic.OBSERVATIONS)]
+    values = {labelled_study: ["1.0" if n in ("Edema", "Lung Opacity") else "" for n in mimic.OBSERVATIONS],
+              other: ["0.0"] * len(mimic.OBSERVATIONS)}
+    labels_csv = tmp_path / "mimic-cxr-2.1.0-test-set-labeled.csv"
+    labels_csv.write_text("\n".join(",".join(r) for r in [header] + [[s, *v] for s, v in values.items()]) + "\n")
+    result = external_labels.evaluate_run(str(workdir), "mimic", manual_dir=str(tree.root),
+                                          data_dir=str(tmp_path / "tfds"), labels_csv=str(labels_csv), n_boot=0)
+    assert result["name"] == "mimic_radiologists"
+    truth = {test[0]["path"]: {n: int(n in ("Edema", "Lung Opacity")) for n in mimic.OBSERVATIONS}}
+    check_against_sklearn(workdir, result, truth, tmp_path / "tfds", "mimic")
+    a = result["accounting"]
+    assert a["test_studies_without_radiologist_labels"] == {"count": 1, "images": 1, "studies": [test[1]["study"]]}
+    assert a["labelled_studies_not_in_test_split"] == {"count": 1, "studies": [other]}
+    assert result["renamed_columns"] == {"Lung Opacity": "Airspace Opacity", "No Finding": "No Findings"}
+
+
+def test_vindr_test_set_scored_with_mapped_labels_and_the_command_line(run, tmp_path, capsys):
+    """An NIH run on a tiny VinDr-CXR 1.0.0: its test set (consensus labels; `Other disease` spelled as the test
+    file does), Nodule/Mass scored from the larger of Nodule and Mass, only clear counterparts scored."""
+    workdir = run[0]
+    tree = make_vindr_tree(tmp_path / "vindr")
+    assert evaluate.main([f"--run={workdir}", "--labels=vindr", f"--manual_dir={tree.root}",
+                          f"--data_dir={tmp_path / 'tfds'}", "--n_boot=20"]) == 0
+    out = capsys.readouterr().out
+    assert "Nodule / Mass" in out and "Not scored (the model has no counterpart output): Aortic enlargement" in out
+    result = json.loads(next((workdir / "eval").glob("vindr_step*.json")).read_text())
+    truth = {image: {name: int(name in positives) for name in vindr.LABEL_NAMES}
+             for image, positives in tree.test.items()}
+    check_against_sklearn(workdir, result, truth, tmp_path / "tfds", "vindr")
+    assert result["findings"]["Nodule/Mass"]["positives"] == 1
+    assert not np.isnan(result["findings"]["Cardiomegaly"]["auroc"]["value"])
+    with pytest.raises(SystemExit):  # only MIMIC has a separate label file
+        evaluate.main([f"--run={workdir}", "--labels=vindr", "--labels_csv=x.csv"])

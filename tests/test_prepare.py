@@ -87,15 +87,16 @@ def test_main_reports_raw_problems_and_exits_1(tmp_path, capsys):
 
 
 def test_the_dataset_table_drives_prepare_and_names_builds(tmp_path, capsys):
-    assert set(registry.DATASETS) == {"chestxray14", "shenzhen", "montgomery", "chexpert", "padchest", "csv"}
+    assert set(registry.DATASETS) == {"chestxray14", "shenzhen", "montgomery", "chexpert", "padchest", "csv", "mimic",
+                                      "tbx11k", "vindr"}
     assert registry.family("chestxray14").config_name(224, val_fraction=0.05, seed=3) == "r224_val0p05_seed3"
     assert registry.family("montgomery").config_name(256) == "r256"
     assert registry.family("shenzhen").config(256) == builders.tb_config(256)
     assert registry.family("montgomery").config_name(256, geometry="crop_resize") == "r256_square"
     with pytest.raises(ValueError, match=r"shenzhen takes no build parameter\(s\) \['val_fraction'\]"):
         build.build_dataset("shenzhen", tmp_path, tmp_path / "out", val_fraction=0.2)
-    with pytest.raises(ValueError, match="unknown dataset 'mimic'"):
-        build.verify_raw("mimic", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'openi'"):
+        build.verify_raw("openi", tmp_path)
     with pytest.raises(SystemExit):
-        prepare.main(["--dataset=mimic", f"--manual_dir={tmp_path}", "--verify"])
-    assert "invalid choice: 'mimic'" in capsys.readouterr().err
+        prepare.main(["--dataset=openi", f"--manual_dir={tmp_path}", "--verify"])
+    assert "invalid choice: 'openi'" in capsys.readouterr().err

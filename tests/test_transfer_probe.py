@@ -129,10 +129,11 @@ def test_out_of_fold_scores_are_not_inflated_by_a_patients_other_images():
         probe.fit_probe(x[:6], np.array([1, 1, 0, 0, 0, 0]), x[:1], settings, groups=np.array([3, 3, 4, 5, 6, 7]))
 
 
-def tb_set(name, tb, fold):
+def tb_set(name, tb, fold, split=None):
     n = len(tb)
     return TransferSet(name, "Tuberculosis", [], None, np.asarray(tb), np.asarray(fold), np.arange(n),
-                       [f"{name}_{i}" for i in range(n)], [name] * n)
+                       [f"{name}_{i}" for i in range(n)], [name] * n,
+                       np.asarray(split if split is not None else ["train"] * n))
 
 
 def test_protocol_splits_are_disjoint_and_single_class_folds_are_named():
@@ -149,6 +150,26 @@ def test_protocol_splits_are_disjoint_and_single_class_folds_are_named():
         protocols.check_protocol(protocols.parse_protocol("cv_shenzhen"), bad, need_validation=False)
     assert "shenzhen fold 1: the test part has a single class (3 negative, 0 positive Tuberculosis)" in str(e.value)
     assert "shenzhen fold 2: the test part has a single class" in str(e.value)
+
+
+def test_fixed_split_protocol_is_the_builds_split_and_names_a_single_class_validation_part():
+    """split_<d>: train = the build's train + validation rows (fine-tuning fits on train, stops on validation),
+    test = its test rows, whatever the folds; a validation part of one class is refused, by name."""
+    tb = np.array([0, 1] * 9)
+    split = np.array(["train", "test", "validation"] * 6)
+    sets = {"tbx11k": tb_set("tbx11k", tb, np.zeros(18, int), split)}
+    (s,) = protocols.check_protocol(protocols.parse_protocol("split_tbx11k"), sets, need_validation=False)
+    rows = np.arange(18)
+    np.testing.assert_array_equal(s.train, rows[split != "test"])
+    np.testing.assert_array_equal(s.validation, rows[split == "validation"])
+    np.testing.assert_array_equal(s.fit, rows[split == "train"])
+    np.testing.assert_array_equal(s.test, rows[split == "test"])
+    one_class = np.where(split == "validation", 0, tb)
+    with pytest.raises(ValueError) as e:
+        protocols.check_protocol(protocols.parse_protocol("split_tbx11k"),
+                                 {"tbx11k": tb_set("tbx11k", one_class, np.zeros(18, int), split)},
+                                 need_validation=False)
+    assert "tbx11k its fixed split: the validation part has a single class (6 negative, 0 positive" in str(e.value)
 
 
 def test_cell_metrics_match_sklearn():

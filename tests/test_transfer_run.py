@@ -16,6 +16,7 @@ from flax import nnx
 from sklearn.metrics import roc_auc_score
 
 from data_fixtures import make_tb_tree
+from dataset_trees import make_tbx11k_tree
 from metachex_jax.configs import pretrain, transfer
 from metachex_jax.contract.pixels import PixelContract, to_model_input
 from metachex_jax.core.errors import ConfigError
@@ -23,6 +24,7 @@ from metachex_jax.data.input import datasets as nih_datasets
 from metachex_jax.data.input import pipeline
 from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.evaluation import metrics, reports
+from metachex_jax.models import saved as saved_models
 from metachex_jax.models.tb_classifier import TbClassifier
 from metachex_jax.training import steps as train_steps
 from metachex_jax.training import trainer
@@ -33,6 +35,7 @@ from metachex_jax.transfer import run
 from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer import weights
 from metachex_jax.transfer.finetune import Finetuner
+from metachex_jax.transfer.probe import ProbeSettings, fit_probe
 from metachex_jax.transfer.sets import RecordSubset
 
 DEMO = dict(seed=0, num_nih=96, num_shenzhen=36, num_montgomery=24, num_hospital=60, size=64)
@@ -595,9 +598,6 @@ def csv_rows(path):
 def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup, tmp_path):
     """methods=probe deploys the probe refitted on every training image: the folded head on the frozen backbone's
     features gives exactly the probe's own probabilities."""
-    from metachex_jax.models import saved
-    from metachex_jax.transfer.probe import ProbeSettings, fit_probe
-
     config, _, _ = finished
     demo_dir, pre = setup
     probe_config = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe", compare_with="",
@@ -697,3 +697,58 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     assert predictor.contract == start.contract and model.backbone.in_channels == 1
     expected = np.asarray(jax.nn.sigmoid(model(jnp.asarray(xrv_input(crops)))))
     np.testing.assert_allclose(predictor(crops)["tb"], expected, rtol=1e-5, atol=1e-6)
+
+
+# --- a dataset's own fixed split (split_<dataset>) --------------------------------------------------------------
+
+def test_fixed_split_protocol_fits_on_train_chooses_on_validation_reports_on_test(finished, setup, tmp_path):
+    """split_tbx11k for two targets on a tiny TBX11K (tests/dataset_trees.py): every cell reports on the build's
+    test split (TBX11K's original val set) only; the probe's strength is the one chosen on the validation split
+    (recomputed here, and compared with scikit-learn in test_transfer_probe.py); the deployed fine-tuned model is
+    the comparison's own best-epoch model (its test predictions reproduced), its threshold chosen on validation."""
+    config, _, _ = finished
+    demo_dir, pre = setup
+    tree = make_tbx11k_tree(tmp_path / "raw")
+    c = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="probe+finetune", compare_with="",
+                        protocols="split_tbx11k", targets="Tuberculosis,Active TB",
+                        **{"data.tbx11k.manual_dir": str(tree.root.parent)})
+    workdir = tmp_path / "w"
+    result = run.run(c, str(workdir))
+    assert result["protocols"] == ["split_tbx11k.tuberculosis", "split_tbx11k.active_tb"]
+    all_records = sets_lib.load_datasets(DataSpec.from_config(c), ("tbx11k",))
+    records = all_records["tbx11k"]
+    start = load(str(pre), c)
+    features = features_lib.features_for(start, records, batch_size=16, cache_dir=c.feature_cache_dir)["features"]
+    settings = ProbeSettings.from_config(c.probe, c.seed)
+    for protocol, target in result["protocol_targets"].items():
+        view = sets_lib.transfer_set(all_records, ("tbx11k",), target, num_folds=3, fold_seed=0)
+        test = np.flatnonzero(view.split == "test")
+        assert sorted(np.array(view.image_id)[test]) == sorted(n for n in tree.val if n not in tree.duplicates)
+        train = np.flatnonzero(view.split != "test")
+        validation = view.split[train] == "validation"
+        fit = fit_probe(features[view.parts[0][1]][train], view.y[train], features[view.parts[0][1]][test],
+                        settings, groups=view.patient[train], validation=validation)
+        assert result["details"]["metachexnet/probe"][protocol]["l2"] == [fit.l2]
+        for key in ("metachexnet/probe", "metachexnet/finetune"):
+            cols = reports.read_predictions_csv(workdir / "report" / "predictions" /
+                                                f"{key.replace('/', '_')}_{protocol}.csv")
+            assert list(cols["image_id"]) == [view.image_id[i] for i in test]
+            assert result["cells"][key][protocol]["auroc"]["value"] == pytest.approx(
+                roc_auc_score(cols["label"], cols["prob"]), abs=1e-12)
+            if key.endswith("probe"):
+                np.testing.assert_allclose(cols["prob"], fit.test_prob, rtol=1e-6, atol=1e-9)
+    card = json.loads((workdir / "model" / "model.json").read_text())
+    assert card["training"]["protocol"] == "split_tbx11k.tuberculosis"
+    view = sets_lib.transfer_set(all_records, ("tbx11k",), "Tuberculosis", num_folds=3, fold_seed=0)
+    assert card["training"]["n_images"] == int(np.sum(view.split == "train"))
+    assert card["training"]["epochs"] == result["details"]["metachexnet/finetune"][
+        "split_tbx11k.tuberculosis"]["best_epoch"][0]
+    assert "validation predictions" in card["threshold_rule"]["chosen_on"]
+    model, _ = saved_models.load(str(workdir / "model"))
+    cols = reports.read_predictions_csv(workdir / "report" / "predictions" /
+                                        "metachexnet_finetune_split_tbx11k.tuberculosis.csv")
+    test = RecordSubset(view.source, np.flatnonzero(view.split == "test"))
+    with pipeline.eval_batches(test, kind="binary", global_batch_size=8, image_size=RES) as batches:
+        probs = {int(i): float(p) for batch in batches for i, p in zip(
+            batch["index"], np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(batch["image"])))))) if i >= 0}
+    np.testing.assert_allclose([probs[i] for i in range(len(test))], cols["prob"], atol=1e-5)

@@ -34,6 +34,9 @@ from metachex_jax.core.errors import ConfigArgumentError, ConfigError
 from metachex_jax.core.labels import METADATA_TASKS, PATHOLOGIES
 from metachex_jax.data.input import mixture as mixture_lib
 from metachex_jax.data.raw.chexpert import parse_uncertainty
+from metachex_jax.data.raw.mimic import LABELERS, parse_views
+from metachex_jax.data.raw.tbx11k import EXTRA_CHOICES
+from metachex_jax.data.raw.vindr import LABEL_RULES
 from metachex_jax.imaging.geometry import GEOMETRIES
 from metachex_jax.models import SPECS
 from metachex_jax.transfer.protocols import column_name, parse_protocols, parse_targets
@@ -201,8 +204,9 @@ def starting_weights(value) -> str | None:
     return f"{'; '.join(wrong)} (each must be random, random_bn or an existing path)" if wrong else None
 
 
-PRETRAIN_DATASETS = ("chestxray14", "chexpert", "padchest", "csv")  # what pretraining reads (a mixture of them)
-TRANSFER_DATASETS = ("shenzhen", "montgomery", "csv", "chexpert", "padchest", "chestxray14")
+PRETRAIN_DATASETS = ("chestxray14", "chexpert", "padchest", "csv", "mimic")  # what pretraining reads (a mixture)
+TRANSFER_DATASETS = ("shenzhen", "montgomery", "csv", "chexpert", "padchest", "chestxray14", "mimic", "tbx11k",
+                     "vindr")
 
 
 def mixture(value) -> str | None:
@@ -227,6 +231,14 @@ def protocol_list(value) -> str | None:
         return "must be a comma-separated string"
     unknown = sorted({d for p in protocols for d in p.datasets} - set(TRANSFER_DATASETS))
     return f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(TRANSFER_DATASETS)}" if unknown else None
+
+
+def mimic_views(value) -> str | None:
+    try:
+        parse_views(value)
+    except (ValueError, AttributeError) as e:
+        return str(e)
+    return None
 
 
 def uncertainty_policy(value) -> str | None:
@@ -443,7 +455,7 @@ def _deploy_fits_the_run(c) -> list[Problem]:
     if len(protocol.train) > 1:
         out.append((("deploy.protocol",), f"the model deployed from {column} would train on several datasets, "
                     "for which no cross-validation gives a threshold; deploy a protocol that trains on one"))
-    elif cv not in columns:
+    elif cv not in columns and not protocol.fixed_split:  # (a fixed split chooses on its own validation split)
         out.append((("deploy.protocol", "protocols"), f"the model deployed from {column} takes its threshold "
                     f"and epoch count from {cv}, which must be among protocols"))
     return out
@@ -463,6 +475,12 @@ rules("padchest", manual_dir=existing_path, views=one_of("frontal", "all"), val_
       test_fraction=FRACTION, seed=SEED)
 rules("csv", manual_dir=existing_path, csv=existing_path, num_folds=integer(min=2), seed=SEED, stratify_by=string,
       val_fraction=FRACTION, test_fraction=FRACTION)
+rules("mimic", manual_dir=existing_path, views=mimic_views, uncertainty=uncertainty_policy, labeler=one_of(*LABELERS),
+      csv_dir=existing_path, patients_csv=existing_path)
+rules("tbx11k", manual_dir=existing_path, val_fraction=FRACTION, seed=SEED, extra_folders=one_of(*EXTRA_CHOICES),
+      box_tolerance=number(min=0))
+rules("vindr", manual_dir=existing_path, label_rule=one_of(*LABEL_RULES), val_fraction=FRACTION,
+      test_fraction=FRACTION, seed=SEED)
 rules("data", checks=(_crop_fits_stored_images,),
       datasets=mixture, extra_labels=string,  # pretraining
       num_folds=integer(min=2), fold_seed=SEED,  # transfer

@@ -140,6 +140,12 @@ def data(image_size: int, **which) -> ml_collections.ConfigDict:
         padchest=dict(manual_dir="", views="frontal", val_fraction=0.1, test_fraction=0.1, seed=0),
         # csv: the CSV file (data/raw/csv_dataset.py); with demo and no CSV, the demo tree's hospital
         csv=dict(manual_dir="", csv="", num_folds=10, seed=0, stratify_by="", val_fraction=0.1, test_fraction=0.2),
+        # mimic: MIMIC-CXR-JPG or the DICOM release (csv_dir: the JPG release's CSVs), sex and age from MIMIC-IV's
+        # patients.csv.gz when given (data/raw/mimic.py)
+        mimic=dict(manual_dir="", views="frontal", uncertainty="ignore", labeler="chexpert", csv_dir="",
+                   patients_csv=""),
+        tbx11k=dict(manual_dir="", val_fraction=0.2, seed=0, extra_folders="exclude", box_tolerance=2.0),
+        vindr=dict(manual_dir="", label_rule="majority", val_fraction=0.1, test_fraction=0.2, seed=0),
         # grain worker processes per host: -1 = auto (pipeline.resolve_workers: in-process on a CPU backend,
         # where XLA needs the cores; one per spare core on GPU/TPU hosts), 0 = in-process, N = N workers
         workers=-1,

@@ -23,7 +23,11 @@ NO_FINDING = "No Finding"
 # these).
 # CheXpert's other observations keep their own names (extra labels); PadChest's builder writes NIH's names itself
 # (data/raw/padchest.py: LABEL_FINDINGS); a CSV column is the label its header names.
-LABEL_ALIASES = {"chexpert": {"Pleural Effusion": "Effusion"}}
+# MIMIC-CXR's labels are CheXpert's; VinDr-CXR's: three NIH labels under other names, and its "No finding" is
+# CheXpert's "No Finding" (VinDr's other labels keep their names: Nodule/Mass has no single NIH counterpart).
+LABEL_ALIASES = {"chexpert": {"Pleural Effusion": "Effusion"}, "mimic": {"Pleural Effusion": "Effusion"},
+                 "vindr": {"Pleural effusion": "Effusion", "Pleural thickening": "Pleural_Thickening",
+                           "Pulmonary fibrosis": "Fibrosis", "No finding": NO_FINDING}}
 
 # The binary metadata head: one logit per entry, positive class named by the entry.
 #   view_ap:  1 = AP (anterior-posterior), 0 = PA (posterior-anterior)

@@ -197,10 +197,11 @@ def markdown(result: dict) -> str:
                                       "Positives / images"], rows) + "\n" + "\n".join(notes) + "\n")
 
 
-def write(run: str, result: dict, columns: dict) -> str:
+def write(run: str, result: dict, columns: dict, *, name: str = "nih_expert", markdown_fn=None) -> str:
+    """WORKDIR/eval/{name}_step{N}.json, .md (by `markdown_fn`, default this module's) and _predictions.csv."""
     out = files.join(files.absolute(run), "eval")
     files.makedirs(out)
-    stem = files.join(out, f"nih_expert_step{result['step']}")
+    stem = files.join(out, f"{name}_step{result['step']}")
     plain = {}
     for key, values in columns.items():  # "score[Pneumothorax]" -> a 2-D column score[...] per finding
         name, _, sub = key.partition("[")
@@ -210,11 +211,12 @@ def write(run: str, result: dict, columns: dict) -> str:
     reports.write_predictions_csv(stem + "_predictions.csv", table,
                                   column_names={n: list(p) for n, p in plain.items() if list(p) != [""]})
     reports.write_json(stem + ".json", result)
-    reports.write_text(stem + ".md", markdown(result))
+    reports.write_text(stem + ".md", (markdown_fn or markdown)(result))
     return stem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels_csv", action="append", default=[],
-                        help="the merged expert label file, or each of the test and validation files (repeat)")
-    parser.add_argument("--data_dir", help="where the ChestX-ray14 build is (default: the run's data.data_dir)")
+                        help="nih_expert: the merged expert label file, or each of the test and validation files "
+                        "(repeat); mimic: the 2.1.0 radiologist-labelled test file (optional)")
+    parser.add_argument("--data_dir", help="where the prepared build is (default: the run's data.data_dir)")

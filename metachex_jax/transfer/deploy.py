@@ -17,6 +17,9 @@ column and heatmap file name.
   the same start and method in the cross-validation protocol within the training set (`cv_<training set>` for the
   same target, which must be among the run's columns), by `deploy.threshold_rule`: "sensitivity" (default: the
   largest threshold with sensitivity >= screening.sensitivity, 0.9, WHO's triage target) or "youden".
+- A fixed split (`split_<dataset>`) deploys the comparison's own model of that split, fitted on its train split
+  and chosen on its validation split (the probe's strength; fine-tuning's best epoch, retraced with the same
+  seed), with the threshold chosen on its validation predictions; no cv_<dataset> is needed.
 - Probe: the probe refitted on all training features (inner CV chooses the L2 strength, as in every split),
   its weights on standardised features folded into a linear TB head on the start's frozen backbone.
 - Fine-tuning: no validation part is left, so training runs for the median best epoch of the cross-validation
@@ -56,6 +59,7 @@ class DeploySpec:
     train_set: str
     cv_protocol: str  # the column whose out-of-fold predictions (threshold) and best epochs are used
     threshold_rule: str
+    fixed_split: bool = False  # a split_<dataset> column: its own validation split chooses (module docstring)
 
     @property
     def output_name(self) -> str:
@@ -89,6 +93,8 @@ def deploy_spec(config, starts, column_protocols: dict, column_targets: dict[str
         train_set, target = column_protocols[protocol].train_set, column_targets[protocol]
         cv = [c for c, p in column_protocols.items()
               if p.within and p.test == train_set and column_targets[c] == target]
+        if column_protocols[protocol].fixed_split:
+            cv = [protocol]  # its own validation split gives the threshold and the epochs
         cv_protocol = cv[0] if cv else ""
         if not cv:
             problems.append(f"deploy.protocol={protocol!r} trains on {train_set}; its threshold and (fine-tuning) "
@@ -97,7 +103,8 @@ def deploy_spec(config, starts, column_protocols: dict, column_targets: dict[str
     if problems:
         raise ValueError("the deployable model cannot be made as configured (config.deploy):\n  "
                          + "\n  ".join(problems))
-    return DeploySpec(start, method, protocol, target, train_set, cv_protocol, d.threshold_rule)
+    return DeploySpec(start, method, protocol, target, train_set, cv_protocol, d.threshold_rule,
+                      column_protocols[protocol].fixed_split)
 
 
 def choose_threshold(spec: DeploySpec, y: np.ndarray, prob: np.ndarray, screening: dict) -> dict:
@@ -109,39 +116,83 @@ def choose_threshold(spec: DeploySpec, y: np.ndarray, prob: np.ndarray, screenin
         threshold = metrics.youden_threshold(y, prob)
         rule = "Youden's J on the out-of-fold predictions"
     return {"threshold": float(threshold), "rule": spec.threshold_rule, "description": rule,
-            "chosen_on": f"{spec.cv_protocol} out-of-fold predictions of {spec.start}/{spec.method} "
-                         f"({len(y)} images, {int(np.sum(y))} {spec.target})",
+            "chosen_on": f"{spec.cv_protocol} {'validation' if spec.fixed_split else 'out-of-fold'} predictions "
+                         f"of {spec.start}/{spec.method} ({len(y)} images, {int(np.sum(y))} {spec.target})",
             "oof_sensitivity": float(metrics.sensitivity(y, prob, threshold)),
             "oof_specificity": float(metrics.specificity(y, prob, threshold))}
 
 
 def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables, columns, cells, details,
-                 settings, tuner) -> dict:
+                 settings, tuner, validation_predictions=None) -> dict:
     """Fit the deployable model (every process: fine-tuning steps are collective), save it under WORKDIR/model/
     (the lead process) and return a summary of its card. `view`: the training set's images of the target
-    (sets.TransferSet); `tables`: the start's feature tables per dataset (features.py)."""
+    (sets.TransferSet); `tables`: the start's feature tables per dataset (features.py); `validation_predictions`:
+    {(start/method, column): (labels, probabilities)} of fine-tuning's validation parts (a fixed split's)."""
     start = next(s for s in starts if s.name == spec.start)
     key = f"{spec.start}/{spec.method}"
+    if spec.fixed_split:
+        model, threshold, training = _fixed_split_model(spec, config, start, key, view, tables, details, settings,
+                                                        tuner, validation_predictions or {})
+    else:
+        model, threshold, training = _model_on_every_image(spec, config, start, key, view, tables, columns,
+                                                           details, settings, tuner)
+    training = {"start": spec.start, "start_info": start.info, "method": spec.method, "protocol": spec.protocol,
+                "target": spec.target, "dataset": spec.train_set, **training}
+    return _save(spec, config, workdir, start, key, model, threshold, training, cells)
+
+
+def _fixed_split_model(spec: DeploySpec, config, start, key, view, tables, details, settings, tuner,
+                       validation_predictions):
+    """The comparison's model of a split_<dataset> column: fitted on the train split, chosen on validation."""
+    part = np.asarray(view.split)
+    rows = np.flatnonzero((part == "train") | (part == "validation"))
+    validation = part[rows] == "validation"
+    training = {"n_images": int((~validation).sum()), "n_positive": int(view.y[rows][~validation].sum()),
+                "validation_images": int(validation.sum())}
+    if spec.method == "probe":
+        features = sets_lib.features_of(tables, view)[rows]
+        fit = fit_probe(features, view.y[rows], features[:0], settings, groups=view.patient[rows],
+                        validation=validation)
+        threshold = choose_threshold(spec, view.y[rows][fit.held_out], fit.train_oof_prob[fit.held_out],
+                                     config.screening.to_dict())
+        return _probe_head(start, fit), threshold, {**training, "l2": fit.l2, "converged": fit.converged,
+                                                    "backbone": "frozen (the start's weights)"}
+    epochs = int(details[key][spec.protocol]["best_epoch"][0])
+    y, prob = validation_predictions[key, spec.protocol]
+    threshold = choose_threshold(spec, y, prob, config.screening.to_dict())
+    model = tuner.fit_all(start, sets_lib.RecordSubset(view.source, rows[~validation]), epochs,
+                          f"{spec.start} deployable model on the train split of {spec.train_set}", seed_offset=0)
+    return model, threshold, {**training, "epochs": epochs, "effective_lr": tuner.effective_lr,
+                              "batchnorm": "statistics recomputed on the train split's images"}
+
+
+def _probe_head(start, fit) -> TbClassifier:
+    """The probe folded into a linear head on the start's frozen backbone."""
+    model = TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0))
+    kernel, bias = fold_standardisation(fit.weights, fit.bias, fit.mean, fit.scale)
+    model.tb_head.kernel[...], model.tb_head.bias[...] = kernel, bias
+    return model
+
+
+def _model_on_every_image(spec: DeploySpec, config, start, key, view, tables, columns, details, settings, tuner):
+    """Fitted on every image of the training set; threshold and epochs from cv_<training set>."""
     oof = columns[spec.cv_protocol][key]
     threshold = choose_threshold(spec, oof["label"], oof["prob"], config.screening.to_dict())
-    training = {"start": spec.start, "start_info": start.info, "method": spec.method, "protocol": spec.protocol,
-                "target": spec.target, "dataset": spec.train_set, "n_images": len(view),
-                "n_positive": int(view.y.sum())}
+    training = {"n_images": len(view), "n_positive": int(view.y.sum())}
     if spec.method == "probe":
         features = sets_lib.features_of(tables, view)
         fit = fit_probe(features, view.y, features[:0], settings, groups=view.patient)
-        model = TbClassifier(nnx.clone(start.model.backbone), nnx.Rngs(0))
-        kernel, bias = fold_standardisation(fit.weights, fit.bias, fit.mean, fit.scale)
-        model.tb_head.kernel[...], model.tb_head.bias[...] = kernel, bias
-        training |= {"l2": fit.l2, "converged": fit.converged, "backbone": "frozen (the start's weights)"}
-    else:
-        best_epochs = details[key][spec.cv_protocol]["best_epoch"]
-        epochs = int(np.ceil(np.median(best_epochs)))
-        model = tuner.fit_all(start, view.source, epochs, f"{spec.start} deployable model on all of "
-                                                          f"{spec.train_set}")
-        training |= {"epochs": epochs, "cv_best_epochs": best_epochs,
-                     "batchnorm": f"statistics recomputed on all {len(view)} training images",
-                     "effective_lr": tuner.effective_lr}
+        return _probe_head(start, fit), threshold, {**training, "l2": fit.l2, "converged": fit.converged,
+                                                    "backbone": "frozen (the start's weights)"}
+    best_epochs = details[key][spec.cv_protocol]["best_epoch"]
+    epochs = int(np.ceil(np.median(best_epochs)))
+    model = tuner.fit_all(start, view.source, epochs, f"{spec.start} deployable model on all of {spec.train_set}")
+    return model, threshold, {**training, "epochs": epochs, "cv_best_epochs": best_epochs,
+                              "batchnorm": f"statistics recomputed on all {len(view)} training images",
+                              "effective_lr": tuner.effective_lr}
+
+
+def _save(spec: DeploySpec, config, workdir: str, start, key, model, threshold, training, cells) -> dict:
     model.output_name = spec.output_name  # fine-tuning trains it as "tb"; it is deployed under the target's name
     model.eval()
     card = {
@@ -160,6 +211,7 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
     model_dir = files.join(workdir, "model")
     if jax.process_index() == 0:
         saved.save(model_dir, model, card)
-    logging.info("deployable %s model (%s, trained on all of %s, threshold %.4f) saved to %s", spec.target, key,
-                 spec.train_set, threshold["threshold"], model_dir)
+    logging.info("deployable %s model (%s, trained on %s %s, threshold %.4f) saved to %s", spec.target, key,
+                 "the train split of" if spec.fixed_split else "all of", spec.train_set, threshold["threshold"],
+                 model_dir)
     return {"path": model_dir, **{k: card[k] for k in ("threshold_rule", "training", "metrics")}}

@@ -255,13 +255,16 @@ class Finetuner:
                               bn_images={"validation": val_images, "test": test_images},
                               test_bn_stats=test_bn_stats, seconds=time.perf_counter() - began, state=best[2])
 
-    def fit_all(self, start, source, num_epochs: int, what: str):
+    def fit_all(self, start, source, num_epochs: int, what: str, seed_offset: int = 999):
         """Fine-tune on every record of `source` for exactly `num_epochs` epochs (no validation part: the
-        deployable model), then recompute the BatchNorm statistics on those records. Returns the TbClassifier."""
+        deployable model), then recompute the BatchNorm statistics on those records. Returns the TbClassifier.
+        `seed_offset` 0 retraces `run`'s training of a split without folds (a fixed split's deployed model is
+        the comparison's own: the same records, seed and epochs)."""
         graphdef, state = self.new_model(start)
         if not 1 <= num_epochs <= self.settings.num_epochs:
             raise ValueError(f"{what}: {num_epochs} epochs; expected 1..finetune.num_epochs")
-        for epoch, state in self.epochs(graphdef, state, source, start.contract, self.seed * 1000 + 999, what):
+        for epoch, state in self.epochs(graphdef, state, source, start.contract, self.seed * 1000 + seed_offset,
+                                        what):
             if epoch == num_epochs:
                 kept = jax.tree.map(jnp.copy, state)
                 break

@@ -13,6 +13,11 @@ For one outer split (training rows, test rows of a feature matrix):
      of a 1024-d model on ~600 images are nearly separable and would put a threshold anywhere);
   4. predict the test rows.
 
+With a fixed validation part (a split_<dataset> protocol: `fit_probe(..., validation=mask)`), steps 1-4 become:
+standardise with the FIT rows (the training rows outside the validation part); fit every lambda on them; choose
+the lambda whose fit scores best on the validation rows; that fit (no refit) predicts the test rows, and its
+validation probabilities are the held-out scores the thresholds are chosen on (`ProbeResult.held_out`).
+
 A solve that stops at `max_iter` without reaching `tol` is not an error but is reported: `ProbeResult.converged`
 is False and `unconverged` names the lambdas (and how many of the inner-fold + refit problems) that hit the limit.
 
@@ -57,8 +62,10 @@ class ProbeSettings:
 @dataclasses.dataclass
 class ProbeResult:
     test_prob: np.ndarray  # (n_test,) P(TB)
-    train_oof_prob: np.ndarray  # (n_train,) inner out-of-fold P(TB) of the training rows at the chosen lambda
-    inner_fold: np.ndarray  # (n_train,) the inner fold of each training row (folds of patients)
+    train_oof_prob: np.ndarray  # (n_train,) held-out P(TB) of the training rows at the chosen lambda: inner out-of-
+    # fold (inner CV), or the validation rows' (a fixed validation part; NaN on the fit rows)
+    inner_fold: np.ndarray  # (n_train,) the inner fold of each training row (folds of patients); a fixed
+    # validation part: 0 for its rows, -1 for the fit rows
     l2: float  # the chosen lambda
     inner_scores: dict  # lambda -> inner-CV score (log loss: lower is better; auroc: higher)
     weights: np.ndarray  # (d,) on the standardised features
@@ -68,6 +75,11 @@ class ProbeResult:
     iterations: int  # the largest L-BFGS iteration count of the split
     converged: bool  # every solve (all lambdas, inner folds and refit) reached tol within max_iter
     unconverged: list  # [{"l2": lambda, "problems": n of (inner folds + 1)}] that stopped at max_iter
+
+    @property
+    def held_out(self) -> np.ndarray:
+        """(n_train,) bool: the training rows whose `train_oof_prob` is a held-out score (thresholds use these)."""
+        return self.inner_fold >= 0
 
 
 def stratified_group_folds(y: np.ndarray, groups, k: int, seed: int) -> np.ndarray:
@@ -195,15 +207,59 @@ def check_both_classes(y: np.ndarray, what: str) -> None:
                          "a TB classifier needs both")
 
 
-def fit_probe(x_train, y_train, x_test, settings: ProbeSettings, *, groups) -> ProbeResult:
+def fit_probe(x_train, y_train, x_test, settings: ProbeSettings, *, groups, validation=None) -> ProbeResult:
     """Steps 1-4 of the module docstring for one outer split. `groups`: (n_train,) the training rows' patients;
-    the inner folds keep each patient's images together (`stratified_group_folds`).
+    the inner folds keep each patient's images together (`stratified_group_folds`). `validation`: None (inner
+    CV), or an (n_train,) bool mask of the rows that form a fixed validation part (module docstring).
 
     BLAS runs single-threaded here: the solves are small, and multi-threaded BLAS next to XLA's threads was
     measured 15x slower on a busy 2-core machine.
     """
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        if validation is not None:
+            return _fit_probe_on_validation(x_train, y_train, x_test, settings, np.asarray(validation, bool))
         return _fit_probe(x_train, y_train, x_test, settings, groups)
+
+
+def _standardise_and_basis(x_fit):
+    """(mean, scale, z_fit, design U S, V^T) of the fit rows (steps 1 and the basis of the module docstring)."""
+    x_fit = np.asarray(x_fit, np.float64)
+    mean, scale = x_fit.mean(0), x_fit.std(0)
+    scale = np.where(scale > 1e-12, scale, 1.0)  # constant features (std 0) are left centred at 0
+    z_fit = (x_fit - mean) / scale
+    eigval, eigvec = np.linalg.eigh(z_fit @ z_fit.T)
+    keep = eigval > eigval.max() * 1e-10
+    s, u = np.sqrt(eigval[keep]), eigvec[:, keep]
+    return mean, scale, z_fit, u * s, (z_fit.T @ u / s).T
+
+
+def _fit_probe_on_validation(x_train, y_train, x_test, settings: ProbeSettings, validation) -> ProbeResult:
+    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    y_train = np.asarray(y_train, np.float64)
+    if validation.shape != y_train.shape:
+        raise ValueError(f"fit_probe: a validation mask of {validation.shape} for {y_train.shape} training labels")
+    check_both_classes(y_train[~validation], "the probe's training data without its validation part")
+    check_both_classes(y_train[validation], "the probe's validation part")
+    mean, scale, _, design, vt = _standardise_and_basis(x_train[~validation])
+    grid = np.asarray(settings.l2_grid, np.float64)
+    y_fit = y_train[~validation]
+    # Every lambda fitted on the fit rows at once (one problem per lambda).
+    coef, bias, iterations, converged = fit_logistic(design, y_fit, np.ones((len(grid), len(y_fit))), grid,
+                                                     max_iter=settings.max_iter, tol=settings.tol)
+    weights = vt.T @ coef.T  # (d, lambdas) on the standardised features
+    val_prob = _sigmoid((x_train[validation] - mean) / scale @ weights + bias)
+    scores = [_selection_score(settings.selection, y_train[validation], val_prob[:, j]) for j in range(len(grid))]
+    sign = 1.0 if settings.selection == "log_loss" else -1.0
+    order = np.argsort(-grid, kind="stable")  # ties -> the strongest regularisation
+    best = int(order[np.argmin([sign * scores[j] for j in order])])
+    held = np.full(len(y_train), np.nan)
+    held[validation] = val_prob[:, best]
+    unconverged = [{"l2": float(grid[j]), "problems": 1} for j in range(len(grid)) if not converged[j]]
+    return ProbeResult(test_prob=_sigmoid((x_test - mean) / scale @ weights[:, best] + bias[best]),
+                       train_oof_prob=held, inner_fold=np.where(validation, 0, -1), l2=float(grid[best]),
+                       inner_scores={float(g): float(sc) for g, sc in zip(grid, scores)}, weights=weights[:, best],
+                       bias=float(bias[best]), mean=mean, scale=scale, iterations=int(iterations.max()),
+                       converged=not unconverged, unconverged=sorted(unconverged, key=lambda u: u["l2"]))
 
 
 def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings, groups) -> ProbeResult:
@@ -213,17 +269,11 @@ def _fit_probe(x_train, y_train, x_test, settings: ProbeSettings, groups) -> Pro
     if groups.shape != y_train.shape:
         raise ValueError(f"fit_probe: {groups.shape} groups for {y_train.shape} training labels")
     check_both_classes(y_train, "the probe's training data")
-    # Step 1: standardise with training statistics; constant features (std 0) are left centred at 0.
-    mean, scale = x_train.mean(0), x_train.std(0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
-    z_train, z_test = (x_train - mean) / scale, (x_test - mean) / scale
-    # The basis of the training rows: z_train = U S V^T; design U S, w = V c.
-    # From the eigendecomposition of the n x n Gram matrix (cheaper than the SVD of the n x d matrix when n < d);
-    # directions with eigenvalue below 1e-10 of the largest (numerically no data) are dropped.
-    eigval, eigvec = np.linalg.eigh(z_train @ z_train.T)
-    keep = eigval > eigval.max() * 1e-10
-    s, u = np.sqrt(eigval[keep]), eigvec[:, keep]
-    design, vt = u * s, (z_train.T @ u / s).T
+    # Step 1: standardise with training statistics. The basis of the training rows: z_train = U S V^T; design U S,
+    # w = V c, from the eigendecomposition of the n x n Gram matrix (cheaper than the SVD of the n x d matrix when
+    # n < d); directions with eigenvalue below 1e-10 of the largest (numerically no data) are dropped.
+    mean, scale, _, design, vt = _standardise_and_basis(x_train)
+    z_test = (x_test - mean) / scale
 
     # Step 2: inner folds of patients (as many as the smaller class of patients allows) x lambdas, plus the refit.
     positive_groups = np.unique(groups[y_train == 1])

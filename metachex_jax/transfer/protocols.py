@@ -5,15 +5,22 @@
                                    every image once. E.g. cv_shenzhen, cv_csv.
     <a>[+<b>...]_to_<c>            the unseen-dataset test: train on every image of a (and b, ...), test on every
                                    image of c. E.g. shenzhen_to_montgomery, shenzhen+montgomery_to_csv.
+    split_<dataset>                the dataset's own fixed split, as built (its train / validation / test splits):
+                                   fit on train, choose on validation (the probe's L2 strength, fine-tuning's
+                                   epoch, every decision threshold), report on test. E.g. split_tbx11k (test = the
+                                   original val set), split_chexpert, split_mimic (the official split), split_csv,
+                                   split_shenzhen.
 
 TB_PROTOCOLS are the paper's four (the default). Split indices are into the TransferSets (`sets`) named by the
 protocol ("shenzhen", "shenzhen+montgomery", ...): images whose target is known.
 
 Fine-tuning also needs a validation part for early stopping; it is carved from the TRAINING images only: the
-fold after the test fold (CV), or fold 0 of the training set (cross-dataset), so it is stratified too.
+fold after the test fold (CV), or fold 0 of the training set (cross-dataset), so it is stratified too; a fixed
+split's is its validation split (`Split.train` is then train + validation, `Split.fit` the train split).
 
 `check_protocol` refuses (naming every offending fold) a fold whose training, validation or test part holds a
-single class, or a set whose folds are not 0..k-1: metrics and thresholds would be undefined there.
+single class, or a set whose folds are not 0..k-1: metrics and thresholds would be undefined there. A fixed
+split's validation part is always checked: the probe chooses on it too.
 """
 
 from __future__ import annotations
@@ -27,15 +34,25 @@ TB_PROTOCOLS = ("cv_shenzhen", "cv_montgomery", "shenzhen_to_montgomery", "montg
 _NAME = r"[a-z][a-z0-9]*"
 
 
+KINDS = ("cv", "cross", "split")
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     name: str
     train: tuple[str, ...]  # the datasets trained on
     test: str  # the dataset tested on
+    kind: str = "cross"  # "cv" (cv_<d>), "cross" (<a>_to_<b>) or "split" (split_<d>)
 
     @property
     def within(self) -> bool:
-        return self.train == (self.test,)
+        """k-fold cross-validation within one dataset."""
+        return self.kind == "cv"
+
+    @property
+    def fixed_split(self) -> bool:
+        """The dataset's own train / validation / test split."""
+        return self.kind == "split"
 
     @property
     def train_set(self) -> str:
@@ -50,7 +67,10 @@ class Protocol:
 def parse_protocol(name: str) -> Protocol:
     cv = re.fullmatch(rf"cv_({_NAME})", name)
     if cv:
-        return Protocol(name, (cv.group(1),), cv.group(1))
+        return Protocol(name, (cv.group(1),), cv.group(1), "cv")
+    fixed = re.fullmatch(rf"split_({_NAME})", name)
+    if fixed:
+        return Protocol(name, (fixed.group(1),), fixed.group(1), "split")
     cross = re.fullmatch(rf"({_NAME}(?:\+{_NAME})*)_to_({_NAME})", name)
     if cross:
         train = tuple(cross.group(1).split("+"))
@@ -58,8 +78,8 @@ def parse_protocol(name: str) -> Protocol:
             raise ValueError(f"protocol {name}: the test dataset must not be among the training ones, each once "
                              f"(for a test within a dataset use cv_{cross.group(2)})")
         return Protocol(name, train, cross.group(2))
-    raise ValueError(f"protocol {name!r}: write cv_<dataset> or <dataset>[+<dataset>...]_to_<dataset> "
-                     f"(e.g. {', '.join(TB_PROTOCOLS)}, shenzhen+montgomery_to_csv)")
+    raise ValueError(f"protocol {name!r}: write cv_<dataset>, split_<dataset> or <dataset>[+<dataset>...]_to_"
+                     f"<dataset> (e.g. {', '.join(TB_PROTOCOLS)}, split_tbx11k, shenzhen+montgomery_to_csv)")
 
 
 def parse_protocols(text: str) -> list[Protocol]:
@@ -102,6 +122,11 @@ class Split:
 
 def splits(protocol: Protocol, sets: dict) -> list[Split]:
     train_set, test_set = sets[protocol.train_set], sets[protocol.test]
+    if protocol.fixed_split:
+        part = np.asarray(train_set.split)
+        return [Split(protocol.name, -1, protocol.train_set, protocol.test,
+                      np.flatnonzero((part == "train") | (part == "validation")), np.flatnonzero(part == "validation"),
+                      np.flatnonzero(part == "test"))]
     if protocol.within:
         k = int(train_set.fold.max()) + 1
         out = []
@@ -138,9 +163,10 @@ def check_protocol(protocol: Protocol | str, sets: dict, need_validation: bool) 
         raise ValueError(f"protocol {protocol.name}: " + "; ".join(problems))
     result = splits(protocol, sets)
     for split in result:
-        where = f"fold {split.fold}" if split.fold >= 0 else "the whole set"
+        where = (f"fold {split.fold}" if split.fold >= 0 else "its fixed split" if protocol.fixed_split
+                 else "the whole set")
         parts = [("training part", split.train_set, split.train), ("test part", split.test_set, split.test)]
-        if need_validation:
+        if need_validation or protocol.fixed_split:
             parts += [("validation part", split.train_set, split.validation),
                       ("training part without validation", split.train_set, split.fit)]
         for label, set_name, rows in parts:

@@ -11,7 +11,8 @@ Montgomery is the default; any prepared datasets and binary targets work (config
                          datasets lack a target is skipped for it, with a note
   3. protocols           checked before any work: folds 0..k-1, both classes in every part (protocols)
   4. features            frozen pooled features + head outputs per start x dataset, cached by content (features)
-  5. linear probe        per split: standardise, inner-CV L2 strength, refit, predict (probe); a solve that hits
+  5. linear probe        per split: standardise, inner-CV L2 strength, refit, predict (probe; a split_<d>
+                         protocol: the strength chosen on its validation split); a solve that hits
                          probe.max_iter is logged and noted in the report
   6. fine-tuning         per split (the first finetune.max_folds of a CV protocol): new head, early stop,
                          precise BatchNorm statistics before every prediction (finetune)
@@ -30,6 +31,7 @@ import dataclasses
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from metachex_jax.contract.pixels import PixelContract
@@ -199,9 +201,12 @@ def run(config, workdir: str) -> dict:
                 test_features = sets_lib.features_of(per_dataset, sets_t[first.test_set])
                 for split in splits[protocol]:
                     y_train = sets_t[split.train_set].y[split.train]
+                    fixed = column_protocols[protocol].fixed_split  # choose on its validation split
                     fit = fit_probe(train_features[split.train], y_train, test_features[split.test], settings,
-                                    groups=sets_t[split.train_set].patient[split.train])
-                    thresholds = report_lib.choose_thresholds(y_train, fit.train_oof_prob, screening)
+                                    groups=sets_t[split.train_set].patient[split.train],
+                                    validation=np.isin(split.train, split.validation) if fixed else None)
+                    thresholds = report_lib.choose_thresholds(y_train[fit.held_out], fit.train_oof_prob[fit.held_out],
+                                                              screening)
                     results.append((split, fit.test_prob, thresholds))
                     for k in ("l2", "iterations", "converged"):
                         extra[k].append(getattr(fit, k))
@@ -217,6 +222,7 @@ def run(config, workdir: str) -> dict:
 
     # 6. Fine-tuning.
     tuner = None
+    validation_predictions = {}  # (start/method, column) -> (labels, probabilities): a fixed split's deployment
     if "finetune" in methods:
         s = config.finetune
         tuner = Finetuner(s, seed=config.seed)
@@ -237,6 +243,7 @@ def run(config, workdir: str) -> dict:
                 for split in chosen:
                     out = tuner.run(start, split, views[protocol_targets[protocol]])
                     thresholds = report_lib.choose_thresholds(out.val_y, out.val_prob, screening)
+                    validation_predictions[f"{start.name}/finetune", protocol] = (out.val_y, out.val_prob)
                     results.append((split, out.test_prob, thresholds))
                     for k in ("best_epoch", "epochs_run", "val_auroc", "bn_images", "test_bn_stats"):
                         extra[k].append(getattr(out, k))
@@ -265,7 +272,7 @@ def run(config, workdir: str) -> dict:
                                            tables={name: tables[deploy_spec.start, name] for name in records
                                                    if (deploy_spec.start, name) in tables},
                                            columns=columns, cells=cells, details=details, settings=settings,
-                                           tuner=tuner)
+                                           tuner=tuner, validation_predictions=validation_predictions)
         timings["deployable model s"] = time.perf_counter() - t0
 
     # 10. Report.

@@ -4,13 +4,14 @@
     view = transfer_set(records, ("shenzhen", "montgomery"), "Tuberculosis", num_folds=10, fold_seed=0)
 
 Any prepared dataset can be a transfer dataset: the TB sets (shenzhen, montgomery), chexpert, padchest, a csv
-dataset of one's own, chestxray14. A TARGET is a binary label named as in the shared label space
+dataset of one's own, chestxray14, mimic, tbx11k, vindr. A TARGET is a binary label named as in the shared label space
 (data/input/mixture.py: NIH's names, CheXpert's other observations, PadChest's Tuberculosis, a CSV's column headers);
 the TB sets' `tb` label is "Tuberculosis", the name PadChest and the demo hospital use. A dataset without the
 target cannot take part in that target's protocols.
 
 A TransferSet is one or several datasets (concatenated, for "train on A + B") restricted to the images whose
-target is known, with per-image label `y`, `fold`, `patient` and `image_id`, and `source`: random-access records
+target is known, with per-image label `y`, `fold`, `patient`, `image_id` and `split` (the build's: what a
+split_<dataset> protocol uses), and `source`: random-access records
 of the pipeline's "binary" kind (image, target, sex_male, age, age_valid, fold) for fine-tuning.
 
 Folds: the ones stored in the build when the target is the label they are stratified by (TB sets: TB; csv: its
@@ -71,6 +72,7 @@ class DatasetRecords:
     fingerprint: str
     build_dir: Path
     flagged_readings: dict[str, str] = dataclasses.field(default_factory=dict)  # image id -> reading text
+    split: np.ndarray = dataclasses.field(default_factory=lambda: np.array([], str))  # (N,) the build's split
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -138,6 +140,7 @@ class TransferSet:
     patient: np.ndarray  # (N,) int64
     image_id: list[str]
     dataset: list[str]  # each image's dataset
+    split: np.ndarray  # (N,) each image's split in its build: "train", "validation" or "test" (split_<d>)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -171,6 +174,16 @@ def geometry_problems(starts, spec: DataSpec, datasets: tuple[str, ...]) -> list
                         f"{geometry} starts in a run with --config.model.geometry={geometry}, which reads the builds "
                         "these commands make:\n    " + "\n    ".join(commands))
     return problems
+
+
+def record_splits(source) -> np.ndarray:
+    """(N,) the build split ("train", "validation", "test") of each record of a source read as several splits
+    (ALL_RECORDS: TFDS concatenates them in the order named)."""
+    names = str(source.split).split("+")
+    sizes = [source.dataset_info.splits[name].num_examples for name in names]
+    if sum(sizes) != len(source):
+        raise ValueError(f"{source}: its splits {dict(zip(names, sizes))} do not add up to its {len(source)} records")
+    return np.repeat(np.array(names), sizes)
 
 
 def _text(value) -> str:
@@ -245,7 +258,7 @@ def load_datasets(spec: DataSpec, names) -> dict[str, DatasetRecords]:
         out[name] = DatasetRecords(name, kind, source, label_names,
                                    np.asarray(labels, np.int64).reshape(len(ids), len(label_names)),
                                    np.asarray(fold, np.int64), stratified_by, np.asarray(patient, np.int64), ids,
-                                   build_fingerprint(build_dir), build_dir, flagged)
+                                   build_fingerprint(build_dir), build_dir, flagged, record_splits(source))
     return out
 
 
@@ -267,7 +280,7 @@ def transfer_set(records: dict[str, DatasetRecords], names: tuple[str, ...], tar
                  fold_seed: int) -> TransferSet:
     """The datasets `names` (concatenated in order) restricted to the images whose `target` is known."""
     parts, binary = [], []
-    y, fold, patient, image_id, dataset = [], [], [], [], []
+    y, fold, patient, image_id, dataset, split = [], [], [], [], [], []
     for name in names:
         d = records[name]
         column = d.column(target)
@@ -286,8 +299,9 @@ def transfer_set(records: dict[str, DatasetRecords], names: tuple[str, ...], tar
         patient.append(d.patient[rows])
         image_id += [d.image_id[i] for i in rows]
         dataset += [name] * len(rows)
+        split.append(d.split[rows])
     return TransferSet("+".join(names), target, parts, BinaryRecords(binary), np.concatenate(y).astype(np.int64),
-                       np.concatenate(fold), np.concatenate(patient), image_id, dataset)
+                       np.concatenate(fold), np.concatenate(patient), image_id, dataset, np.concatenate(split))
 
 
 def features_of(tables: dict[str, dict], view: TransferSet) -> np.ndarray:

@@ -108,6 +108,13 @@ class BuildResult:
         if ignored:
             lines.append("  ignored, not images of the dataset: " + ", ".join(
                 f"{i['count']} {kind} (e.g. {', '.join(i['examples'][:3])})" for kind, i in ignored.items()))
+        # What a label-table reader counted for comparison with the published counts, and the labels written.
+        lines += [f"  {name}: {value}" for name, value in self.report.get("details", {}).get("counts", {}).items()]
+        counts = builders.read_label_counts_at(self.path)
+        for split, entry in (counts or {}).get("splits", {}).items():
+            if "known" in entry:
+                lines.append(f"  {split} labels (positive / known): " + ", ".join(
+                    f"{name} {entry['positives'][name]}/{known}" for name, known in entry["known"].items()))
         if self.unpublished:
             lines.append(f"  unpublished build folders left (never read; a build may still be writing one; "
                          f"prepare --clean deletes them): {', '.join(self.unpublished)}")

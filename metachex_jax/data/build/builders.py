@@ -1,5 +1,5 @@
 """The dataset families' definitions: `chestxray14`, `shenzhen`, `montgomery`, and the label-table datasets
-`chexpert`, `padchest` and `csv` (your own data): what a build of each is called, which version of its builder
+`chexpert`, `padchest`, `mimic`, `tbx11k`, `vindr` and `csv` (your own data): what a build of each is called, which version of its builder
 made it, and how its raw copy is read. Each is one entry of the dataset table, `registry.DATASETS`.
 
 Build with `build.build_dataset` (or `python -m metachex_jax.prepare`); read with
@@ -20,15 +20,17 @@ bit depth of high-depth images (`bit_depth`, the reader's override, imaging/imag
 reader's rule), and `_square` for geometry "crop_resize": the centre square of each image is kept, then resized
 (torchxrayvision's pixels; imaging/geometry.py), where the default "resize_crop" resizes the whole image to R x R.
 The label-table datasets' names are built the same way from their options (`chexpert_config`, `padchest_config`,
-`csv_config`), and a CSV dataset's also carries a fingerprint of the CSV file. `skip_bad` and `max_pixels` (the
-reader's size limit) are not part of the identity: what they left out is in the skip report.
+`mimic_config`, `tbx11k_config`, `vindr_config`, `csv_config`), and a CSV dataset's also carries a fingerprint of
+the CSV file. `skip_bad` and `max_pixels` (the reader's size limit) are not part of the identity: what they left
+out is in the skip report.
 
 Versions: a build's folder is named after its builder's VERSION, and a run reads only builds of the current
 VERSION (`is_complete`), so a build made by an older builder is never mixed with new ones: the run prepares the
 dataset again when it knows the raw copy, or stops with the `prepare` command that rebuilds it (an older build
 found is named: `older_builds`). 2.0.0 (every family): the record layout of layout.py (raw pixels, a small label
 block, the texts; no tf.Example), shards fixed by record position, publication by info file (publish.py), the
-`geometry` parameter. Builds before 2.0.0 are not read.
+`geometry` parameter. Builds before 2.0.0 are not read. The families added on this layout (mimic, tbx11k,
+vindr) start at 2.0.0, so a version names one record layout for every family.
 
 Storage (layout.py, shards.py): per record the R x R pixels as raw bytes and a few dozen bytes of labels and
 metadata, in uncompressed ArrayRecord files, one riegeli chunk (and hash) per record. Reading is the input
@@ -50,7 +52,7 @@ from etils import epath
 from metachex_jax.core.labels import PATHOLOGIES
 from metachex_jax.data.build import publish
 from metachex_jax.data.build.records import RecordSource
-from metachex_jax.data.raw import chexpert, csv_dataset, labelled, nih, padchest, tb
+from metachex_jax.data.raw import chexpert, csv_dataset, labelled, mimic, nih, padchest, tb, tbx11k, vindr
 from metachex_jax.data.raw.common import Problem
 from metachex_jax.imaging.geometry import GEOMETRIES
 
@@ -254,6 +256,78 @@ def csv_config(resolution: int = DEFAULT_RESOLUTION, csv: str = "", num_folds: i
                                  f"{', '.join(layout.label_names)}; {num_folds} folds and a train/validation/test "
                                  f"split by patient, stratified by {stratify_by} (seed {seed})"
                                  f"{_reader_text(bit_depth, geometry)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MimicConfig(BuildConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    views: str = "frontal"
+    uncertainty: str = "ignore"
+    labeler: str = "chexpert"
+    csv_dir: str = ""  # the JPG release's CSVs, for the DICOM release ("": manual_dir)
+    patients_csv: str = ""  # MIMIC-IV's patients file, the source of sex and age ("": none)
+    bit_depth: int = 0
+    geometry: str = DEFAULT_GEOMETRY
+
+
+@dataclasses.dataclass(frozen=True)
+class Tbx11kConfig(BuildConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    val_fraction: float = tbx11k.DEFAULT_VAL_FRACTION
+    seed: int = DEFAULT_SEED
+    extra_folders: str = "exclude"
+    box_tolerance: float = tbx11k.DEFAULT_BOX_TOLERANCE
+    bit_depth: int = 0
+    geometry: str = DEFAULT_GEOMETRY
+
+
+@dataclasses.dataclass(frozen=True)
+class VindrConfig(BuildConfig):
+    resolution: int = DEFAULT_RESOLUTION
+    label_rule: str = "majority"
+    val_fraction: float = vindr.DEFAULT_VAL_FRACTION
+    test_fraction: float = vindr.DEFAULT_TEST_FRACTION
+    seed: int = DEFAULT_SEED
+    bit_depth: int = 0
+    geometry: str = DEFAULT_GEOMETRY
+
+
+def _table_config(config_class: type, name_parts, resolution: int, bit_depth: int, geometry: str, **options):
+    """A label-table config whose reader names its options' config-name parts (`name_parts(**options)`: none for
+    the defaults; the reader knows which options change the content): r{R}, those parts, `_bits{n}`, `_square`."""
+    parts = [f"r{resolution}", *name_parts(**options), *_reader_suffix(bit_depth, geometry)]
+    text = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return config_class(name="_".join(parts), resolution=resolution, bit_depth=bit_depth, geometry=geometry,
+                        description=f"{resolution}x{resolution} gray; {text}{_reader_text(bit_depth, geometry)}",
+                        **options)
+
+
+def mimic_config(resolution: int = DEFAULT_RESOLUTION, views: str = "frontal", uncertainty: str = "ignore",
+                 labeler: str = "chexpert", csv_dir: str = "", patients_csv: str = "", bit_depth: int = 0,
+                 geometry: str = DEFAULT_GEOMETRY) -> MimicConfig:
+    """r{R}, plus mimic.name_parts (views, labeller, uncertainty policy, the patients file's fingerprint),
+    `_bits{n}` and `_square` when they differ from the defaults."""
+    return _table_config(MimicConfig, mimic.name_parts, resolution, bit_depth, geometry, views=views,
+                         uncertainty=uncertainty, labeler=labeler, csv_dir=csv_dir, patients_csv=patients_csv)
+
+
+def tbx11k_config(resolution: int = DEFAULT_RESOLUTION, val_fraction: float = tbx11k.DEFAULT_VAL_FRACTION,
+                  seed: int = DEFAULT_SEED, extra_folders: str = "exclude",
+                  box_tolerance: float = tbx11k.DEFAULT_BOX_TOLERANCE, bit_depth: int = 0,
+                  geometry: str = DEFAULT_GEOMETRY) -> Tbx11kConfig:
+    """r{R}, plus tbx11k.name_parts (`_val{f}_seed{s}`, `_extra`, `_tol{t}`), `_bits{n}` and `_square` when they
+    differ from the defaults."""
+    return _table_config(Tbx11kConfig, tbx11k.name_parts, resolution, bit_depth, geometry, val_fraction=val_fraction,
+                         seed=seed, extra_folders=extra_folders, box_tolerance=box_tolerance)
+
+
+def vindr_config(resolution: int = DEFAULT_RESOLUTION, label_rule: str = "majority",
+                 val_fraction: float = vindr.DEFAULT_VAL_FRACTION, test_fraction: float = vindr.DEFAULT_TEST_FRACTION,
+                 seed: int = DEFAULT_SEED, bit_depth: int = 0, geometry: str = DEFAULT_GEOMETRY) -> VindrConfig:
+    """r{R}, plus vindr.name_parts (`_rule-any`, `_val{f}_test{f}_seed{s}`), `_bits{n}` and `_square` when they
+    differ from the defaults."""
+    return _table_config(VindrConfig, vindr.name_parts, resolution, bit_depth, geometry, label_rule=label_rule,
+                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
 
 
 def config_parameters(config: BuildConfig) -> dict:
@@ -462,7 +536,71 @@ class Csv(_LabelledBuilder):
         return tuple(self.builder_config.label_names)
 
 
-BUILDERS = {builder.name: builder for builder in (Chestxray14, Shenzhen, Montgomery, Chexpert, Padchest, Csv)}
+# The families added on the 2.0.0 record layout: their first version is the layout's.
+_NEW_ON_LAYOUT = {"2.0.0": "Initial release, on the record layout of every family's 2.0.0: " + LAYOUT_NOTE}
+
+
+class Mimic(_LabelledBuilder):
+    """MIMIC-CXR-JPG or MIMIC-CXR (DICOM): the labeller's study labels on each image of the study (mimic.py)."""
+
+    name = "mimic"
+    RELEASE_NOTES = _NEW_ON_LAYOUT
+    BUILDER_CONFIGS = [mimic_config(r) for r in PREDEFINED_RESOLUTIONS]
+    LOAD = staticmethod(mimic.load_mimic)
+    OPTIONS = ("views", "uncertainty", "labeler", "csv_dir", "patients_csv")
+    LABEL_NAMES = mimic.OBSERVATIONS
+    DESCRIPTION = ("MIMIC-CXR-JPG or MIMIC-CXR (DICOM): the CheXpert (or NegBio) labeller's study labels on each "
+                   "image of the study, the official split; sex and age from MIMIC-IV when given.")
+    HOMEPAGE = "https://physionet.org/content/mimic-cxr-jpg/"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download MIMIC-CXR-JPG (or MIMIC-CXR, the DICOMs) from PhysioNet (credentialed access); manual_dir is the
+    release folder holding files/ (and, for the JPG release, the mimic-cxr-2.0.0-*.csv.gz files). Then run
+    python -m metachex_jax.prepare --dataset=mimic --manual_dir=THAT_FOLDER --data_dir=OUT
+        [--csv_dir=THE_JPG_RELEASE (for the DICOMs)] [--patients_csv=MIMIC-IV/hosp/patients.csv.gz]
+    """
+
+
+class Tbx11k(_LabelledBuilder):
+    """TBX11K: labels by folder (Tuberculosis) and by box (Active TB, Latent TB) (tbx11k.py)."""
+
+    name = "tbx11k"
+    RELEASE_NOTES = _NEW_ON_LAYOUT
+    BUILDER_CONFIGS = [tbx11k_config(r) for r in PREDEFINED_RESOLUTIONS]
+    LOAD = staticmethod(tbx11k.load_tbx11k)
+    OPTIONS = ("val_fraction", "seed", "extra_folders", "box_tolerance")
+    LABEL_NAMES = tbx11k.LABEL_NAMES
+    DESCRIPTION = ("TBX11K: labels by folder (Tuberculosis) and by box (Active TB, Latent TB); test = the original "
+                   "val set (the challenge's test labels are withheld), train/validation carved from the original "
+                   "train set.")
+    HOMEPAGE = "https://github.com/yun-liu/Tuberculosis"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download TBX11K (the official zip, see https://github.com/yun-liu/Tuberculosis) and unpack it; manual_dir is
+    TBX11K/ (holding imgs/, annotations/, lists/) or its parent. Then run
+    python -m metachex_jax.prepare --dataset=tbx11k --manual_dir=THAT_FOLDER --data_dir=OUT
+    """
+
+
+class Vindr(_LabelledBuilder):
+    """VinDr-CXR: 22 local and 6 global labels, three readers per training image combined by a rule (vindr.py)."""
+
+    name = "vindr"
+    RELEASE_NOTES = _NEW_ON_LAYOUT
+    BUILDER_CONFIGS = [vindr_config(r) for r in PREDEFINED_RESOLUTIONS]
+    LOAD = staticmethod(vindr.load_vindr)
+    OPTIONS = ("label_rule", "val_fraction", "test_fraction", "seed")
+    LABEL_NAMES = vindr.LABEL_NAMES
+    DESCRIPTION = ("VinDr-CXR (PhysioNet 1.0.0, or the Kaggle VinBigData copy): 22 local and 6 global labels, three "
+                   "readers per training image combined by the label rule, the test set's consensus labels.")
+    HOMEPAGE = "https://physionet.org/content/vindr-cxr/"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download VinDr-CXR 1.0.0 from PhysioNet (credentialed access; or the Kaggle VinBigData competition data);
+    manual_dir holds train/, test/ and annotations/ (Kaggle: train/ and train.csv). Then run
+    python -m metachex_jax.prepare --dataset=vindr --manual_dir=THAT_FOLDER --data_dir=OUT [--label_rule=any]
+    """
+
+
+BUILDERS = {builder.name: builder for builder in (Chestxray14, Shenzhen, Montgomery, Chexpert, Padchest, Mimic,
+                                                    Tbx11k, Vindr, Csv)}
 
 
 def version(dataset: str) -> str:

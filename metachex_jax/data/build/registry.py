@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metachex_jax.data.build import builders
-from metachex_jax.data.raw import chexpert, csv_dataset, nih, padchest, tb
+from metachex_jax.data.raw import chexpert, csv_dataset, mimic, nih, padchest, tb, tbx11k, vindr
 from metachex_jax.data.raw.common import RawCheck
 
 
@@ -64,6 +64,12 @@ class DatasetFamily:
 _READER = {"bit_depth": 0, "geometry": builders.DEFAULT_GEOMETRY}
 _NIH_PARAMETERS = {"val_fraction": builders.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED, **_READER}
 _TB_PARAMETERS = {"num_folds": tb.DEFAULT_NUM_FOLDS, "seed": builders.DEFAULT_SEED, **_READER}
+_MIMIC_PARAMETERS = {"views": "frontal", "uncertainty": "ignore", "labeler": "chexpert", "csv_dir": "",
+                     "patients_csv": "", **_READER}
+_TBX11K_PARAMETERS = {"val_fraction": tbx11k.DEFAULT_VAL_FRACTION, "seed": builders.DEFAULT_SEED,
+                      "extra_folders": "exclude", "box_tolerance": tbx11k.DEFAULT_BOX_TOLERANCE, **_READER}
+_VINDR_PARAMETERS = {"label_rule": "majority", "val_fraction": vindr.DEFAULT_VAL_FRACTION,
+                     "test_fraction": vindr.DEFAULT_TEST_FRACTION, "seed": builders.DEFAULT_SEED, **_READER}
 _CHEXPERT_PARAMETERS = {"views": "frontal", "uncertainty": "ignore", "test_fraction": chexpert.DEFAULT_TEST_FRACTION,
                         "seed": builders.DEFAULT_SEED, **_READER}
 _PADCHEST_PARAMETERS = {"views": "frontal", "val_fraction": padchest.DEFAULT_VAL_FRACTION,
@@ -115,6 +121,18 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
                   "labelled", functools.partial(_table_from_spec, "padchest"),
                   "the folder holding PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) and the image "
                   "folders, from https://bimcv.cipf.es/bimcv-projects/padchest/"),
+    DatasetFamily("mimic", builders.Mimic, builders.mimic_config, _MIMIC_PARAMETERS, mimic.verify, "labelled",
+                  functools.partial(_table_from_spec, "mimic"),
+                  "the MIMIC-CXR-JPG (or MIMIC-CXR) release folder holding files/, from "
+                  "https://physionet.org/content/mimic-cxr-jpg/ (credentialed access)"),
+    DatasetFamily("tbx11k", builders.Tbx11k, builders.tbx11k_config, _TBX11K_PARAMETERS, tbx11k.verify, "labelled",
+                  functools.partial(_table_from_spec, "tbx11k"),
+                  "the folder holding TBX11K/ (imgs/, annotations/, lists/), from "
+                  "https://github.com/yun-liu/Tuberculosis"),
+    DatasetFamily("vindr", builders.Vindr, builders.vindr_config, _VINDR_PARAMETERS, vindr.verify, "labelled",
+                  functools.partial(_table_from_spec, "vindr"),
+                  "the VinDr-CXR 1.0.0 folder (train/, test/, annotations/) from "
+                  "https://physionet.org/content/vindr-cxr/, or the Kaggle VinBigData folder (train/, train.csv)"),
     DatasetFamily("csv", builders.Csv, builders.csv_config, _CSV_PARAMETERS, csv_dataset.verify, "labelled",
                   functools.partial(_table_from_spec, "csv"),
                   "the folder the CSV's image paths are relative to (data/raw/csv_dataset.py)"),
@@ -123,17 +141,30 @@ DATASETS: dict[str, DatasetFamily] = {family.name: family for family in (
 # What each build parameter means (the `prepare` flags' help).
 PARAMETER_HELP = {
     "val_fraction": "chestxray14: fraction of the train_val patients carved out as validation; padchest, csv: "
-                    "fraction of the patients in validation",
+                    "fraction of the patients in validation; tbx11k: fraction of the original train set carved out "
+                    "as validation; vindr: fraction of the training images in validation",
     "num_folds": "shenzhen/montgomery/csv: stratified cross-validation folds stored per record",
     "seed": "the seed of the validation carve-out (chestxray14), of the folds and split (TB sets, csv), of the "
-            "test carve-out (chexpert) or of the split (padchest)",
-    "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'",
-    "uncertainty": "chexpert: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
+            "test carve-out (chexpert), of the split (padchest) or of the train/validation carve-out (tbx11k, "
+            "vindr)",
+    "views": "chexpert, padchest: 'frontal' (frontal images only) or 'all'; mimic: 'frontal' (PA and AP), 'all', "
+             "or ViewPosition values joined by '+' (PA+AP+LATERAL; 'blank' for an empty one)",
+    "uncertainty": "chexpert, mimic: uncertain (-1) observations: ignore (masked), ones or zeros, optionally per label "
                    "after a default: 'ignore,Atelectasis=ones,Edema=ones'",
     "test_fraction": "chexpert: fraction of train.csv's patients carved out as test; padchest, csv: fraction of "
-                     "the patients in test",
+                     "the patients in test; vindr (the Kaggle layout only): fraction of train.csv's images in test",
     "csv": "csv: the CSV file listing path, labels and optional patient_id, age, sex, view",
     "stratify_by": "csv: the label column folds and split are stratified by (default: the first label column)",
+    "labeler": "mimic: the labeller whose study labels are read: chexpert (mimic-cxr-2.0.0-chexpert.csv.gz) or "
+               "negbio",
+    "csv_dir": "mimic: the folder holding the JPG release's CSVs (for the DICOM release, which ships none; "
+               "default: manual_dir)",
+    "patients_csv": "mimic: MIMIC-IV's hosp/patients.csv.gz, the source of sex and age (default: none; both masked)",
+    "extra_folders": "tbx11k: exclude (default) or include imgs/extra/ (copies of Shenzhen, Montgomery and DA/DB: "
+                     "never include them next to those datasets)",
+    "box_tolerance": "tbx11k: the largest XML/JSON box difference (pixels of 512 space) not reported as a "
+                     "disagreement",
+    "label_rule": "vindr: how three readers' labels of a training image combine: majority (default) or any",
     "geometry": "every dataset: the pixel geometry of the models that read the build: resize_crop (the whole image "
                 "resized to R x R) or crop_resize (its centre square kept, then resized: torchxrayvision's pixels; "
                 "part of the build's name, _square)",

@@ -17,7 +17,8 @@ from typing import Any
 from metachex_jax.data.input.augment import Augmentation
 from metachex_jax.demo.write import GENERATOR_VERSION
 
-LABEL_TABLES = ("chexpert", "padchest", "csv")  # the datasets whose build parameters are a section of their own
+# the datasets whose build parameters are a section of their own
+LABEL_TABLES = ("chexpert", "padchest", "csv", "mimic", "tbx11k", "vindr")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,12 +14,16 @@ errors, and the value is marked invalid rather than guessed.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import gzip
 import math
+import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePath
+from typing import TextIO
 
 from metachex_jax.core.errors import UserError
 from metachex_jax.core.labels import PLAUSIBLE_AGE_YEARS
@@ -107,6 +111,45 @@ def compare_counts(found: dict[str, int], expected: dict[str, int], strict: bool
         else:
             notes.append(text + " (a subset or synthetic copy; not an error)")
     return notes, problems
+
+
+def open_text(path: str | os.PathLike) -> TextIO:
+    """A CSV file for reading, gzip-compressed (`.gz`) or not; UTF-8, a byte-order mark ignored."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+    return open(path, newline="", encoding="utf-8-sig")
+
+
+def find_file(folder: str | os.PathLike, names: Sequence[str]) -> Path | None:
+    """The first of `names` (e.g. a `.csv.gz` and its unpacked `.csv`) that is a file in `folder`, or None."""
+    return next((Path(folder) / name for name in names if (Path(folder) / name).is_file()), None)
+
+
+def read_table(path: str | os.PathLike, required: Sequence[str], dataset: str,
+               ) -> tuple[list[str], list[tuple[str, dict[str, str]]], list[Problem]]:
+    """(header, [(where "file:line", {column: stripped cell})], bad_row problems) of a CSV (`.gz` or not).
+
+    Columns are found by NAME (third-party copies disagree on their order); a missing required column is a
+    ValueError naming it and the header. Blank lines are skipped; a row with another number of fields than the
+    header is a `bad_row` problem (and left out)."""
+    path = Path(path)
+    with open_text(path) as f:
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [name for name in required if name not in header]
+        if missing:
+            raise ValueError(f"{dataset}: {path} lacks column(s) {missing}; its header: {header}")
+        rows, problems = [], []
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{path.name}:{line}"
+            if len(row) != len(header):
+                problems.append(Problem("bad_row", where, f"{len(row)} fields, the header has {len(header)}"))
+                continue
+            rows.append((where, {name: cell.strip() for name, cell in zip(header, row)}))
+    return header, rows, problems
 
 
 def raise_or_skip(dataset: str, problems: list[Problem], skip_bad: bool) -> list[Problem]:

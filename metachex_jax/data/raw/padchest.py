@@ -34,7 +34,6 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
-import gzip
 import os
 import sys
 from collections import Counter, defaultdict
@@ -42,7 +41,8 @@ from pathlib import Path
 
 from metachex_jax.core.labels import PATHOLOGIES
 from metachex_jax.data.raw import labelled
-from metachex_jax.data.raw.common import Problem, RawCheck, compare_counts, is_plausible_age, raise_or_skip
+from metachex_jax.data.raw.common import (Problem, RawCheck, compare_counts, is_plausible_age, open_text,
+                                          raise_or_skip)
 from metachex_jax.data.raw.labelled import UNKNOWN, LabelledRaw, LabelledRecord
 
 DATASET = "padchest"
@@ -122,12 +122,6 @@ def _number(text: str) -> float | None:
     return value if value == value else None  # NaN
 
 
-def _open_csv(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
-    return open(path, newline="", encoding="utf-8-sig")
-
-
 def collect_padchest(manual_dir: str | os.PathLike, *, views: str = "frontal",
                      val_fraction: float = DEFAULT_VAL_FRACTION, test_fraction: float = DEFAULT_TEST_FRACTION,
                      seed: int = 0) -> LabelledRaw:
@@ -146,7 +140,7 @@ def collect_padchest(manual_dir: str | os.PathLike, *, views: str = "frontal",
     lines_of: dict[str, list[int]] = defaultdict(list)
     patients = set()
     files_in: dict[str, set[str]] = {}
-    with _open_csv(path) as f:
+    with open_text(path) as f:
         reader = csv.reader(f)
         header = [name.strip() for name in next(reader, [])]
         missing = [c for c in _COLUMNS if c not in header]
