@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import make_chexpert_tree, make_csv_tree, make_padchest_tree, make_tb_tree
+from dataset_trees import make_mimic_tree, make_tbx11k_tree, make_vindr_tree
 from metachex_jax import prepare
 from metachex_jax.data.build import build, builders, publish, shards
 from metachex_jax.data.raw.common import RawDataError
@@ -76,15 +77,22 @@ def test_a_direct_runner_build_gives_the_local_builds_records_byte_for_byte(demo
         assert ours["skip_report"]["skipped_counts"] == {"undecodable_image": 2}
 
 
-@pytest.mark.parametrize("dataset", ["shenzhen", "chexpert", "padchest"])
+@pytest.mark.parametrize("dataset", ["shenzhen", "chexpert", "padchest", "mimic", "tbx11k", "vindr"])
 def test_every_other_family_builds_on_beam_as_locally(tmp_path, dataset):
-    """The families the test above leaves out (TB readings, CheXpert's JPEG release, PadChest's 16-bit PNGs) on
-    the DirectRunner in this process: the local build's records, shards, reports and identity."""
-    raw = tmp_path / "raw"
-    {"shenzhen": lambda: make_tb_tree(raw, "shenzhen", n_normal=6, n_tb=6), "chexpert": lambda: make_chexpert_tree(raw),
-     "padchest": lambda: make_padchest_tree(raw)}[dataset]()
-    local = build_with("local", dataset, raw, tmp_path / "local", num_workers=1)
-    beam = build_with("direct", dataset, raw, tmp_path / "beam", IN_PROCESS)
+    """The families the test above leaves out (TB readings, CheXpert's JPEG release, PadChest's 16-bit PNGs,
+    MIMIC-CXR's DICOM release with its labels and MIMIC-IV's sex and age, TBX11K's RGB PNGs with labels by folder
+    and box, VinDr-CXR's DICOMs of 10 to 16 bits with three readers' labels) on the DirectRunner in this process:
+    the local build's records, shards, reports and identity."""
+    raw, options = tmp_path / "raw", {}
+    if dataset == "mimic":
+        tree = make_mimic_tree(raw, dicom=True)
+        options = {"csv_dir": str(tree.csv_dir), "patients_csv": str(tree.patients_csv)}
+    else:
+        {"shenzhen": lambda: make_tb_tree(raw, "shenzhen", n_normal=6, n_tb=6),
+         "chexpert": lambda: make_chexpert_tree(raw), "padchest": lambda: make_padchest_tree(raw),
+         "tbx11k": lambda: make_tbx11k_tree(raw), "vindr": lambda: make_vindr_tree(raw)}[dataset]()
+    local = build_with("local", dataset, raw, tmp_path / "local", num_workers=1, **options)
+    beam = build_with("direct", dataset, raw, tmp_path / "beam", IN_PROCESS, **options)
     assert published(tmp_path / "local", local) == published(tmp_path / "beam", beam)
     assert file_digests(local.path) == file_digests(beam.path) and len(file_digests(local.path)) >= 3
 

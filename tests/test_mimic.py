@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from dataset_trees import MIMIC_PATIENTS, make_mimic_tree, write_csv
-from metachex_jax.data.build import build, registry
+from metachex_jax.data.build import build, builders, registry
 from metachex_jax.data.raw import labelled, mimic
 from metachex_jax.data.raw.common import RawDataError
 
@@ -19,9 +18,9 @@ VALUES = {"1.0": 1, "0.0": 0, "-1.0": -1, "": 0}
 
 
 def read_all(result) -> dict[str, list[dict]]:
-    data_dir = str(result.path.parents[2])
+    data_dir = result.path.parents[3]
     return {split: [s[i] for i in range(len(s))] for split in labelled.SPLITS
-            for s in [tfds.data_source(result.tfds_name, split=split, data_dir=data_dir)]}
+            for s in [builders.data_source(result.dataset, split, data_dir, config_name=result.config_name)]}
 
 
 def text(value) -> str:
@@ -56,7 +55,7 @@ def jpg_build(tmp_path_factory):
 def test_jpg_build_record_by_record(jpg_build):
     tree, result = jpg_build
     records = read_all(result)
-    source = tfds.data_source(result.tfds_name, split="train", data_dir=str(result.path.parents[2]))
+    source = builders.data_source(result.dataset, "train", result.path.parents[3], config_name=result.config_name)
     assert source.dataset_info.metadata["label_names"] == list(mimic.OBSERVATIONS)
     frontal = [i for i in tree.images if i["view"] in ("PA", "AP")]
     seen = {}

@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from sklearn.metrics import roc_auc_score
 
 from dataset_trees import make_mimic_tree, make_vindr_tree
 from metachex_jax import evaluate
 from metachex_jax.configs import pretrain
 from metachex_jax.core.labels import PATHOLOGIES
+from metachex_jax.data.build import builders
 from metachex_jax.data.input import datasets
 from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.data.raw import mimic, nih_expert, vindr
@@ -173,8 +173,7 @@ def check_against_sklearn(workdir, result, expected_labels: dict[str, dict[str, 
     assert sorted(cols["image_id"]) == sorted(expected_labels)
     scored = list(result["findings"])
     assert {f: e["scored_from"] for f, e in result["findings"].items()} == NIH_COUNTERPARTS[dataset]
-    test = next(tfds.data_source(name, split="test", data_dir=str(build_dir))
-                for name in [f"{dataset}/{result['build']['config_name']}"])
+    test = builders.data_source(dataset, "test", build_dir, config_name=result["build"]["config_name"])
     index = {test[i]["image_id"].decode(): i for i in range(len(test))}
     predictor = Predictor.load(str(workdir))
     out = predictor(np.stack([predictor.contract.from_stored(test[index[n]]["image"]) for n in cols["image_id"]]))

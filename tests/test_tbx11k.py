@@ -9,10 +9,9 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from dataset_trees import make_tbx11k_tree
-from metachex_jax.data.build import build, registry
+from metachex_jax.data.build import build, builders, registry
 from metachex_jax.data.raw import labelled, tbx11k
 from metachex_jax.data.raw.common import RawDataError
 
@@ -44,11 +43,11 @@ def built(tmp_path_factory):
 
 def test_build_record_by_record(built):
     tree, result = built
-    data_dir = str(result.path.parents[2])
+    data_dir = result.path.parents[3]
     records = {text(r["image_id"]): (split, r) for split in labelled.SPLITS
-               for s in [tfds.data_source(result.tfds_name, split=split, data_dir=data_dir)]
+               for s in [builders.data_source(result.dataset, split, data_dir, config_name=result.config_name)]
                for r in (s[i] for i in range(len(s)))}
-    source = tfds.data_source(result.tfds_name, split="test", data_dir=data_dir)
+    source = builders.data_source(result.dataset, "test", data_dir, config_name=result.config_name)
     assert source.dataset_info.metadata["label_names"] == list(tbx11k.LABEL_NAMES)
     copies = {n for n in tree.val if hashlib.sha256((tree.root / "imgs" / n).read_bytes()).digest() in
               {hashlib.sha256((tree.root / "imgs" / t).read_bytes()).digest() for t in tree.train}}

@@ -10,11 +10,10 @@ import itertools
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from statsmodels.stats import inter_rater
 
 from dataset_trees import KAGGLE_CLASSES, VINDR_GLOBAL_TEST, make_kaggle_vindr_tree, make_vindr_tree
-from metachex_jax.data.build import build, registry
+from metachex_jax.data.build import build, builders, registry
 from metachex_jax.data.raw import labelled, vindr
 from metachex_jax.data.raw.common import RawDataError
 
@@ -48,9 +47,9 @@ def expected_sex_age(tags: dict) -> tuple[int, bool, float]:
 
 
 def read_records(result) -> dict[str, tuple[str, dict]]:
-    data_dir = str(result.path.parents[2])
+    data_dir = result.path.parents[3]
     return {text(r["image_id"]): (split, r) for split in labelled.SPLITS
-            for s in [tfds.data_source(result.tfds_name, split=split, data_dir=data_dir)]
+            for s in [builders.data_source(result.dataset, split, data_dir, config_name=result.config_name)]
             for r in (s[i] for i in range(len(s)))}
 
 

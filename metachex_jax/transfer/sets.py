@@ -62,7 +62,7 @@ class DatasetRecords:
 
     name: str
     kind: str  # the registry's record kind: "tb", "labelled" or "nih"
-    source: object  # random-access records (tfds data source)
+    source: object  # random-access records (records.RecordSource)
     label_names: tuple[str, ...]  # in the shared label space's names
     labels: np.ndarray  # (N, K) int8: 1 / 0 / -1 unknown
     fold: np.ndarray  # (N,) int64, -1 where the build stores none
@@ -178,9 +178,9 @@ def geometry_problems(starts, spec: DataSpec, datasets: tuple[str, ...]) -> list
 
 def record_splits(source) -> np.ndarray:
     """(N,) the build split ("train", "validation", "test") of each record of a source read as several splits
-    (ALL_RECORDS: TFDS concatenates them in the order named)."""
+    (ALL_RECORDS: records.RecordSource concatenates them in the order named)."""
     names = str(source.split).split("+")
-    sizes = [source.dataset_info.splits[name].num_examples for name in names]
+    sizes = [source.dataset_info.info["splits"][name]["num_examples"] for name in names]
     if sum(sizes) != len(source):
         raise ValueError(f"{source}: its splits {dict(zip(names, sizes))} do not add up to its {len(source)} records")
     return np.repeat(np.array(names), sizes)
