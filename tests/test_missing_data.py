@@ -90,10 +90,12 @@ def test_transfer_message_prepares_both_tb_sets_and_random_bns_chestxray14(tmp_p
     assert len(nih_train) > 0
 
 
-def test_a_bucket_data_dir_gets_a_local_prepare_and_a_copy(fake_gcs):
+def test_a_bucket_data_dir_gets_a_prepare_command_that_builds_into_the_bucket(fake_gcs):
+    """Builds are published into gs:// directly (data/build/publish.py), so the command prepares there, and a run
+    given the raw copy may prepare it at its start; no local build and copy."""
     config = pretrain.get_config("")
     config.data.data_dir = fake_gcs.url + "/tfds"
     [message] = problems(config)
-    assert (f"--data_dir=LOCAL_DIR --resolution=256 --val_fraction=0.1 --seed=0\n"
-            f"  gcloud storage cp -r LOCAL_DIR/chestxray14/r256 {fake_gcs.url}/tfds/chestxray14/") in message
-    assert "--config.data.manual_dir" not in message  # a run cannot prepare into a bucket either
+    assert (f"  python -m metachex_jax.prepare --dataset=chestxray14 --manual_dir=RAW_DIR "
+            f"--data_dir={fake_gcs.url}/tfds --resolution=256 --val_fraction=0.1 --seed=0\n") in message
+    assert "--config.data.manual_dir=RAW_DIR" in message and "gcloud storage cp" not in message

@@ -80,6 +80,10 @@ def test_build_record_by_record(built):
         members = [n for n in train_pool if n.startswith(folder)]
         assert sum(n in validation for n in members) == round(0.2 * len(members))
     assert "val copies of train images dropped: 1" in result.format()
+    test_labels = np.array([expected_labels(tree, n) for n, (s, _) in records.items() if s == "test"])
+    assert "test labels (positive / known): " + ", ".join(  # printed at build time, from the build's label counts
+        f"{name} {np.sum(test_labels[:, k] == 1)}/{np.sum(test_labels[:, k] != -1)}"
+        for k, name in enumerate(tbx11k.LABEL_NAMES)) in result.format()
 
 
 def test_xml_comparison_against_a_hand_computed_rescale(built):
