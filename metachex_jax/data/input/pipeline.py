@@ -176,9 +176,6 @@ EXAMPLE_FORMATS = {
     "labelled": ExampleFormat(labelled_batch, ("image", "labels", "age", "age_valid", "patient_key")
                               + METADATA_TASKS),
 }
-# Which example format each built dataset (builder name) uses.
-KIND_OF_DATASET = {"chestxray14": "nih", "shenzhen": "tb", "montgomery": "tb", "chexpert": "labelled",
-                   "padchest": "labelled", "csv": "labelled"}
 
 
 def _blank_padding(batch: Example, padding: np.ndarray) -> Example:
