@@ -227,9 +227,10 @@ def test_corrupt_jpeg2000_names_the_decoders_tried_not_an_install(tmp_path):
     data[siz:siz + 14] = bytes(14)
     (tmp_path / "corrupt.dcm").write_bytes(bytes(data))
     message = images.check_image(tmp_path / "corrupt.dcm")
-    plugins = get_decoder(JPEG2000Lossless).available_plugins
-    assert plugins and message.startswith(str(tmp_path / "corrupt.dcm"))
-    assert f"cannot be decoded by the installed decoders ({', '.join(plugins)}): the data are corrupt" in message
+    assert "pylibjpeg" in get_decoder(JPEG2000Lossless).available_plugins and message.startswith(
+        str(tmp_path / "corrupt.dcm"))
+    # pylibjpeg (a dependency) decodes every syntax it handles, whatever else is installed
+    assert "cannot be decoded by the installed decoders (pylibjpeg): the data are corrupt" in message
     assert "pip install" not in message and "\n" not in message
     assert images.check_image(tmp_path / "j2k.dcm") is None
 
