@@ -63,6 +63,7 @@ LAZY_MODULES = {
 # imports jax) and the record reader (it unpickles TFDS's data source in every input worker).
 WORKER_MODULES = ["metachex_jax.core.labels", "metachex_jax.core.errors", "metachex_jax.imaging.images",
                   "metachex_jax.imaging.dicom", "metachex_jax.imaging.file_formats", "metachex_jax.imaging.resize",
+                  "metachex_jax.imaging.workers",
                   "metachex_jax.imaging.geometry", "metachex_jax.demo.render", "metachex_jax.demo.records",
                   "metachex_jax.demo.write", "metachex_jax.data.input.augment",
                   *(f"metachex_jax.data.raw.{name}" for name in ("common", "nih", "tb", "chexpert", "padchest",

@@ -3,14 +3,16 @@ the stored values checked against GDCM (an independent decoder; the reader is bu
 
 from __future__ import annotations
 
+import imagecodecs
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import (MPEG2MPML, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless,
-                         generate_uid)
+from pydicom.uid import (MPEG2MPML, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGBaseline8Bit, JPEGLSLossless, RLELossless, generate_uid)
 
 from metachex_jax.imaging import dicom, images
 
@@ -329,3 +331,69 @@ def test_pixels_agree_with_gdcm_after_the_documented_mapping(tmp_path, syntax, p
     if photometric == "MONOCHROME1":
         expected = 255 - expected
     np.testing.assert_array_equal(read(tmp_path / "x.dcm")[0], expected)
+
+
+# --- defects the reader's fuzzing found (tests/reader_fuzz.py) ---------------------------------------------------
+
+def test_an_8_bit_voi_lut_indexes_every_value_not_the_low_byte(tmp_path):
+    """An 8-bit VOI LUT of more than 256 entries: pydicom's apply_voi indexed it through uint8, so a value 256 or
+    more past the first mapped value read another entry."""
+    values = np.arange(0, 700, dtype=np.uint16).reshape(20, 35)
+    table = [int(v) for v in RNG.integers(0, 256, 600)]
+    item = Dataset()
+    item.LUTDescriptor = [600, 0, 8]
+    item.add_new(0x00283006, "US", table)
+    ds = make_dataset(values, bits_stored=16)
+    ds.VOILUTSequence = Sequence([item])
+    gray, info = read(write(ds, tmp_path / "lut.dcm"))
+    expected = np.array(table, np.uint8)[np.minimum(values, 599)]  # past the LUT: its last entry
+    np.testing.assert_array_equal(gray, expected)  # 8-bit entries are 0..255 already
+    assert info.bit_depth_source == "VOI LUT sequence"
+
+
+@pytest.mark.parametrize("slope", ["NaN", "0", "inf"])
+def test_a_rescale_slope_that_is_no_usable_number_is_refused(tmp_path, slope):
+    """A NaN or 0 slope gave an all-black image without an error."""
+    ds = make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), RescaleSlope=slope, RescaleIntercept="0")
+    message = images.check_image(write(ds, tmp_path / "slope.dcm"))
+    assert message is not None and message.startswith(str(tmp_path / "slope.dcm"))
+    assert "Rescale Slope is 0" in message or "not a finite number" in message
+
+
+def _encapsulated(values: np.ndarray, frame: bytes, syntax, bits: int) -> Dataset:
+    ds = make_dataset(values, bits_stored=bits)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].is_undefined_length = True
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless])
+def test_a_cut_jpeg_frame_is_refused_not_filled_in(tmp_path, syntax):
+    """A JPEG, JPEG-LS or JPEG 2000 frame cut short (its fragment well formed): libjpeg filled the missing rows and
+    CharLS gave zeros without an error."""
+    values = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8 if syntax == JPEGBaseline8Bit else np.uint16)
+    frame = {JPEGBaseline8Bit: lambda: imagecodecs.jpeg8_encode(values),
+             JPEGLSLossless: lambda: imagecodecs.jpegls_encode(values),
+             JPEG2000Lossless: lambda: imagecodecs.jpeg2k_encode(values, codecformat="J2K", reversible=True,
+                                                                 level=0)}[syntax]()
+    bits = 8 if syntax == JPEGBaseline8Bit else 12
+    write(_encapsulated(values, frame, syntax, bits), tmp_path / "whole.dcm")
+    assert images.check_image(tmp_path / "whole.dcm") is None
+    cut = frame[:len(frame) * 2 // 3]
+    write(_encapsulated(values, cut + b"\x00" * (len(cut) % 2), syntax, bits), tmp_path / "cut.dcm")
+    message = images.check_image(tmp_path / "cut.dcm")
+    assert message is not None and message.startswith(str(tmp_path / "cut.dcm"))
+    assert "truncated" in message
+
+
+def test_an_element_of_an_undefined_value_representation_is_refused(tmp_path):
+    """A damaged header (an explicit VR that DICOM does not define) read on as if nothing were wrong."""
+    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), Modality="DX"),
+                           tmp_path / "good.dcm").read_bytes())
+    at = data.index(b"\x08\x00\x60\x00CS")  # Modality (0008,0060), VR CS
+    data[at + 4:at + 6] = b"QQ"
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and message.startswith(str(tmp_path / "bad.dcm")) and "'QQ'" in message
