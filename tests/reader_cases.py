@@ -322,10 +322,10 @@ ENCAPSULATED = DICOM_SYNTAXES[4:]
 LOSSY = (JPEG2000, HTJ2K, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless)
 
 
-def _dicom_dataset(stored: np.ndarray, bits_stored: int, signed: bool, photometric: str) -> Dataset:
+def _dicom_dataset(stored: np.ndarray, bits_stored: int, signed: bool, photometric: str, uid: str) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -432,7 +432,8 @@ def dicom_case(rng, lie: bool = False) -> Case:
     height, width = _size(rng)
     stored, bits, signed = _dicom_stored(rng, syntax, (height, width))
     photometric = "MONOCHROME1" if rng.random() < 0.4 else "MONOCHROME2"
-    ds = _dicom_dataset(stored, bits, signed, photometric)
+    uid = generate_uid(entropy_srcs=[str(rng.integers(2 ** 62))])  # from rng: the same file from the same seed
+    ds = _dicom_dataset(stored, bits, signed, photometric, uid)
     notes = [str(getattr(syntax, "name", syntax)), f"{width}x{height}", f"BitsStored {bits}",
              f"{stored.dtype}", photometric]
     integer_rescale = True

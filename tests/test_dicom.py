@@ -397,3 +397,45 @@ def test_an_element_of_an_undefined_value_representation_is_refused(tmp_path):
     (tmp_path / "bad.dcm").write_bytes(bytes(data))
     message = images.check_image(tmp_path / "bad.dcm")
     assert message is not None and message.startswith(str(tmp_path / "bad.dcm")) and "'QQ'" in message
+
+
+def test_file_meta_without_its_transfer_syntax_is_refused(tmp_path):
+    """A flipped byte turned (0002,0010) into another tag: the file was read with a guessed transfer syntax, where
+    GDCM refuses it."""
+    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
+                     .read_bytes())
+    at = data.index(b"\x02\x00\x10\x00UI")  # Transfer Syntax UID
+    data[at:at + 2] = b"\x41\x00"
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and message.startswith(str(tmp_path / "bad.dcm")) and "Transfer Syntax" in message
+
+
+def test_an_encapsulated_fragment_longer_than_the_pixel_data_is_refused(tmp_path):
+    """Bytes lost inside a JPEG-LS or JPEG lossless fragment (its length unchanged): the fragment ran into the
+    sequence delimiter and the decoders read what was left without an error."""
+    values = (np.arange(32 * 32).reshape(32, 32) % 4000).astype(np.uint16)
+    frame = imagecodecs.jpegls_encode(values)
+    data = write(_encapsulated(values, frame, JPEGLSLossless, 12), tmp_path / "whole.dcm").read_bytes()
+    assert images.check_image(tmp_path / "whole.dcm") is None
+    middle = data.index(frame) + len(frame) // 2
+    (tmp_path / "lost.dcm").write_bytes(data[:middle] + data[middle + 10:])
+    message = images.check_image(tmp_path / "lost.dcm")
+    assert message is not None and "item 1 of the encapsulated pixel data runs past its end" in message
+
+
+def test_a_sequence_item_whose_length_lies_is_refused(tmp_path):
+    """A VOI LUT Sequence item's length changed (its tag changed too, so the reader would not use it): GDCM refuses
+    the file, the reader read it."""
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]
+    item.add_new(0x00283006, "US", [255, 128, 64, 0])
+    ds = make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4))
+    ds.VOILUTSequence = Sequence([item])
+    data = bytearray(write(ds, tmp_path / "a.dcm").read_bytes())
+    at = data.index(b"\x28\x00\x10\x30SQ")
+    data[at + 2] = 0x17  # (0028,3017): no known element
+    data[at + 16] = 5  # the item's length (bytes 12-15 after the SQ's own header) now 5
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and "item 1 of the sequence (0028,3017)" in message

@@ -80,28 +80,70 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def check_complete(dataset: pydicom.Dataset, data: bytes) -> None:
-    """Refuse a damaged file before any value is used (pydicom reads what is there without a word): an element whose
-    value runs past the end of the file (cut short, or a length that lies), an explicit VR that DICOM does not
-    define (a damaged header), encapsulated pixel data cut before their closing delimiter."""
-    from pydicom.valuerep import VR  # on first use: see the comment at the top
-
+    """Refuse a damaged file before any value is used (pydicom reads what is there without a word): file meta
+    information without its Transfer Syntax UID; an element whose value runs past the end of the file or of its
+    sequence item (cut short, or a length that lies), an explicit VR that DICOM does not define (a damaged header), a
+    sequence whose items cannot be read; encapsulated pixel data cut before their closing delimiter, or whose items
+    do not follow each other up to it."""
     meta = getattr(dataset, "file_meta", None)
+    if meta is not None and len(meta) and "TransferSyntaxUID" not in meta:
+        raise DicomError("damaged DICOM header: its file meta information (group 0002) has no Transfer Syntax UID")
     deflated = meta is not None and meta.get("TransferSyntaxUID") == _DEFLATED  # positions are of the inflated data
     for part in (meta, dataset):
-        for element in part.elements() if part is not None else ():
-            if not getattr(element, "is_raw", False):
-                continue
-            if element.VR is not None and element.VR not in VR.__members__:
-                raise DicomError(f"corrupt DICOM: element {element.tag} has the value representation "
-                                 f"{element.VR!r}, which DICOM does not define")
-            value = element.value if isinstance(element.value, bytes) else None
-            if element.length != 0xFFFFFFFF and value is not None and len(value) < element.length:
-                raise DicomError(f"truncated or corrupt DICOM: element {element.tag} declares {element.length:,} "
-                                 f"bytes, the file holds {len(value):,} of them")
-            end = element.value_tell + len(value or b"")
-            if element.length == 0xFFFFFFFF and element.tag == 0x7FE00010 and not deflated \
-                    and data[end:end + 8] != _SEQUENCE_DELIMITER:
+        if part is not None:
+            _check_elements(part, data, top_level=not deflated)
+
+
+def _check_elements(dataset: pydicom.Dataset, data: bytes, top_level: bool) -> None:
+    """`check_complete` for the elements of `dataset` not yet converted, and the items of its sequences."""
+    from pydicom.datadict import dictionary_VR  # on first use: see the comment at the top
+    from pydicom.valuerep import VR
+
+    for element in list(dataset.elements()):
+        if not getattr(element, "is_raw", False):
+            continue
+        if element.VR is not None and element.VR not in VR.__members__:
+            raise DicomError(f"corrupt DICOM: element {element.tag} has the value representation "
+                             f"{element.VR!r}, which DICOM does not define")
+        value = element.value if isinstance(element.value, bytes) else None
+        if element.length != 0xFFFFFFFF and value is not None and len(value) < element.length:
+            raise DicomError(f"truncated or corrupt DICOM: element {element.tag} declares {element.length:,} "
+                             f"bytes, the file holds {len(value):,} of them")
+        if element.length == 0xFFFFFFFF and element.tag == 0x7FE00010 and value is not None:
+            end = element.value_tell + len(value)
+            if top_level and data[end:end + 8] != _SEQUENCE_DELIMITER:
                 raise DicomError("truncated DICOM: its encapsulated pixel data end without their sequence delimiter")
+            _check_items(value, "the encapsulated pixel data")
+        try:
+            vr = element.VR or dictionary_VR(element.tag)
+        except KeyError:  # a private or unknown tag in implicit VR: not read as a sequence
+            continue
+        if vr == "SQ":
+            if value is not None:
+                _check_items(value, f"the sequence {element.tag}", element.is_little_endian)
+            try:
+                items = list(dataset[element.tag].value)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a broken sequence
+                raise DicomError(f"corrupt DICOM: the sequence {element.tag} cannot be read "
+                                 f"({_one_line(exc)})") from exc
+            for item in items:
+                _check_elements(item, data, top_level=False)
+
+
+def _check_items(value: bytes, what: str, little_endian: bool = True) -> None:
+    """The items of a sequence's value or of encapsulated pixel data (PS3.5 7.5, A.4) follow each other to its end,
+    each as long as it says (an item of undefined length ends where its delimiter is found: the walk stops there)."""
+    item, order = (b"\xfe\xff\x00\xe0", "little") if little_endian else (b"\xff\xfe\xe0\x00", "big")
+    pos, count = 0, 0
+    while pos < len(value):
+        if value[pos:pos + 4] != item or pos + 8 > len(value):
+            raise DicomError(f"corrupt DICOM: item {count} of {what} does not start where the items before it end")
+        length = int.from_bytes(value[pos + 4:pos + 8], order)
+        if length == 0xFFFFFFFF:
+            return
+        pos, count = pos + 8 + length, count + 1
+        if pos > len(value):
+            raise DicomError(f"truncated or corrupt DICOM: item {count - 1} of {what} runs past its end")
 
 
 def probe(data: bytes) -> pydicom.Dataset | None:
