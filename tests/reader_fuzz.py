@@ -243,14 +243,22 @@ def judge(data: bytes, path: str, family: str, reader, send=lambda message: None
             return "unnamed_file", error[:300]
         if "MemoryError" in error:
             return "memory", error[:300]
-    problem = _check_decode_many(path, got)
-    if problem:
-        return "decode_many", problem
     send(("phase", "reference"))
     try:
         expected, refusal = reader_cases.reference(data, path), None
     except Refused as exc:
         expected, refusal = None, exc
+    outcome, detail = _compare(family, got, info, error, expected, refusal, path)
+    if outcome in SUCCESSES:
+        send(("phase", "reader"))
+        problem = _check_decode_many(path, got)
+        if problem:
+            return "decode_many", problem
+    return outcome, detail
+
+
+def _compare(family: str, got, info, error, expected, refusal, path: str) -> tuple[str, str]:
+    """The reader's result against the reference's."""
     if error is not None:
         if family == "valid" and refusal is None:
             return "refused_valid", error[len(path):][:300]
