@@ -323,7 +323,7 @@ def _worker(conn, seed: int, reader_name: str, cpu_limit_s: int, memory_limit: i
     reader = _load(reader_name)
     path = os.path.join(directory, f"worker-{os.getpid()}")
     conn.send(("ready", ""))
-    while (job := conn.recv()) is not None:
+    while (job := _next_job(conn)) is not None:
         _limit_cpu(cpu_limit_s)
         if job[0] == "bytes":  # an input found by atheris, judged again
             data, family = job[1], "corrupted"
@@ -332,6 +332,13 @@ def _worker(conn, seed: int, reader_name: str, cpu_limit_s: int, memory_limit: i
             ex = example(seed, family, fmt, index)
             data = ex.data
         conn.send(("verdict", *judge(data, path, family, reader, conn.send)))
+
+
+def _next_job(conn):
+    try:
+        return conn.recv()
+    except EOFError:  # the parent is gone
+        return None
 
 
 class Worker:
@@ -466,7 +473,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     max_seconds = None if args.minutes is None else 60 * args.minutes
     if args.atheris:
-        import reader_atheris  # optional: the `fuzz` extra
+        import reader_atheris  # optional: needs atheris
 
         report = reader_atheris.run(args.seed, max_seconds or 600, tuple(args.formats.split(",")),
                                     args.save_failures)

@@ -439,3 +439,13 @@ def test_a_sequence_item_whose_length_lies_is_refused(tmp_path):
     (tmp_path / "bad.dcm").write_bytes(bytes(data))
     message = images.check_image(tmp_path / "bad.dcm")
     assert message is not None and "item 1 of the sequence (0028,3017)" in message
+
+
+@pytest.mark.parametrize("preamble", [True, False])
+def test_a_few_bytes_after_the_last_element_are_refused(tmp_path, preamble):
+    """1 to 7 bytes after the pixel data (a cut element): pydicom drops them without a word, GDCM refuses the file."""
+    data = write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm", preamble)
+    assert images.check_image(data) is None
+    (tmp_path / "tail.dcm").write_bytes(data.read_bytes() + b"\xe0\x7f\x10\x00")
+    message = images.check_image(tmp_path / "tail.dcm")
+    assert message is not None and "4 bytes after its last element" in message

@@ -84,7 +84,8 @@ def check_complete(dataset: pydicom.Dataset, data: bytes) -> None:
     information without its Transfer Syntax UID; an element whose value runs past the end of the file or of its
     sequence item (cut short, or a length that lies), an explicit VR that DICOM does not define (a damaged header), a
     sequence whose items cannot be read; encapsulated pixel data cut before their closing delimiter, or whose items
-    do not follow each other up to it."""
+    do not follow each other up to it; 1 to 7 bytes after the last element (the start of a cut element, which
+    pydicom drops)."""
     meta = getattr(dataset, "file_meta", None)
     if meta is not None and len(meta) and "TransferSyntaxUID" not in meta:
         raise DicomError("damaged DICOM header: its file meta information (group 0002) has no Transfer Syntax UID")
@@ -92,6 +93,12 @@ def check_complete(dataset: pydicom.Dataset, data: bytes) -> None:
     for part in (meta, dataset):
         if part is not None:
             _check_elements(part, data, top_level=not deflated)
+    last = dataset.get_item(max(dataset.keys())) if len(dataset) and not deflated else None  # raw: not converted
+    if last is not None and getattr(last, "value_tell", None) is not None and isinstance(last.value, bytes):
+        end = last.value_tell + len(last.value) + (8 if last.length == 0xFFFFFFFF else 0)  # + the delimiter
+        if 0 < len(data) - end < 8:
+            raise DicomError(f"truncated DICOM: {len(data) - end} bytes after its last element, the start of "
+                             "another one cut short")
 
 
 def _check_elements(dataset: pydicom.Dataset, data: bytes, top_level: bool) -> None:
