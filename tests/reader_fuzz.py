@@ -3,8 +3,8 @@ decoders (`reader_cases.py`), seeded and bounded; or coverage-guided with atheri
 
 CI runs a short campaign (tests/test_reader_fuzz.py). Long ones print files tried and failures per format:
 
-    nice -n 19 python tests/reader_fuzz.py --minutes 20 --seed 1 --save_failures /tmp/reader-failures
-    nice -n 19 python tests/reader_fuzz.py --atheris --minutes 20 --save_failures /tmp/reader-failures
+    nice -n 19 python tests/reader_fuzz.py --minutes 20 --seed 1 --save_failures failures
+    nice -n 19 python tests/reader_fuzz.py --atheris --minutes 20 --save_failures failures
 
 Two families of examples, each file written fresh from (seed, family, format, index), so any failure is rebuilt from
 its line in the report:
@@ -26,11 +26,9 @@ loaded machine does not make it fail) and a memory limit (RLIMIT_AS), so that a 
 (with the phase: reader or reference) and the worker replaced. A reference decoder that crashes or hangs (GDCM
 aborts on some files) is counted, not a failure of the reader.
 
-With --atheris, libFuzzer mutates a corpus of valid files (a few hundred per format, written as above), guided by
-the coverage of the reader's Python code and pydicom's, Pillow's and pypng's; a custom mutator recomputes PNG CRCs
-half of the time. Each input goes through the same judge; failures are counted and saved, not raised, so the
-campaign goes on; an input that crashes or exceeds the time or memory limit ends the atheris process, which is
-restarted on the same corpus after the input is judged again in a worker (to say who crashed).
+With --atheris (`pip install -e ".[fuzz]"`), libFuzzer mutates a corpus of valid files (100 per format, written as
+above), guided by the coverage of the reader's Python code and pydicom's, Pillow's and pypng's, and every input is
+judged the same way: see `reader_atheris.py`.
 """
 
 from __future__ import annotations
