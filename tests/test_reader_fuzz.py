@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import reader_fuzz
+from pool_faults import square_or_fault
 from metachex_jax.imaging import images, workers
 
 EXAMPLES = int(os.environ.get("METACHEX_FUZZ_EXAMPLES", "60"))  # per family and format; about 30 s on a 2-core box
@@ -83,18 +84,6 @@ def test_the_harness_reports_a_faulty_reader(reader, family, outcome):
 
 
 # --- the decoding pool: one file cannot break a build or a `predict` run -----------------------------------------
-
-def square_or_fault(n: int) -> int:
-    """n * n; 3 crashes its process, 5 spins, 7 raises."""
-    if n == 3:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if n == 5:
-        while True:
-            pass
-    if n == 7:
-        raise ValueError("seven")
-    return n * n
-
 
 def test_the_worker_pool_replaces_a_worker_that_crashes_or_spins_and_reports_that_item():
     with workers.WorkerPool(2, cpu_limit_s=1) as pool:
