@@ -12,13 +12,13 @@ The reference decoders are not the libraries the reader uses for the same file:
   indices, no sBIT shift, no transparency applied) go through the conversions written out below.
 - JPEG, 8-bit gray: Pillow with truncated-image loading off (the reader uses imagecodecs). 8-bit colour and CMYK:
   imagecodecs' `jpeg8_decode` (the reader uses Pillow), its CMYK taken as stored inverted (Adobe's convention, which
-  Pillow assumes for every CMYK JPEG) and converted with Pillow's formula written out below. Both wrap libjpeg-turbo: for lossy JPEG no other codec can be compared bit for
-  bit (the standard leaves the inverse DCT's rounding to the implementation: Thomas Richter's libjpeg, through
-  pylibjpeg, differs by one level in 3% of pixels), and the reader's JPEG defects lived in the wrappers (truncated
-  files filled with grey, orientation, colour conversion, marker handling), which differ here. Lossless JPEGs
-  (which Pillow cannot read beyond 8 bits): Chris Rorden's decoder (imagecodecs' `jpegsof3`), exact. 12-bit lossy
-  JPEGs: Richter's libjpeg, within 2 of 4095. (Where damage leaves a stream decodable, such other codecs recover
-  their own way: see `Expected.codec`.)
+  Pillow assumes for every CMYK JPEG) and converted with Pillow's formula written out below. Both wrap libjpeg-turbo:
+  for lossy JPEG no other codec can be compared bit for bit (the standard leaves the inverse DCT's rounding to the
+  implementation: Thomas Richter's libjpeg, through pylibjpeg, differs by one level in 3% of pixels), and the reader's
+  JPEG defects lived in the wrappers (truncated files filled with grey, orientation, colour conversion, marker
+  handling), which differ here. Lossless JPEGs (which Pillow cannot read beyond 8 bits): Chris Rorden's decoder
+  (imagecodecs' `jpegsof3`), exact. 12-bit lossy JPEGs: Richter's libjpeg, within 4 of 4095 (the two inverse DCTs differ
+  by up to 3). (Where damage leaves a stream decodable, such other codecs recover their own way: see `Expected.codec`.)
 - DICOM: GDCM (python-gdcm; the reader uses pydicom, and pylibjpeg's decoders for compressed pixel data): GDCM's
   stored values and GDCM's reading of the attributes; the display rules (modality LUT, VOI LUT, windows, the
   BitsStored range, MONOCHROME1) written out from the standard (PS3.3 C.11) and the reader's docstring. Lossy
@@ -403,7 +403,8 @@ def _attribute_lie(rng, ds: Dataset) -> str:
         "BitsAllocated": lambda: setattr(ds, "BitsAllocated", int(rng.choice([0, 1, 12, 32, 64]))),
         "BitsStored": lambda: setattr(ds, "BitsStored", int(rng.choice([0, 1, 7, 17, 32]))),
         "HighBit": lambda: setattr(ds, "HighBit", int(rng.choice([0, 15, 31]))),
-        "PixelRepresentation": lambda: setattr(ds, "PixelRepresentation", int(rng.choice([2, 1 - ds.PixelRepresentation]))),
+        "PixelRepresentation": lambda: setattr(ds, "PixelRepresentation",
+                                               int(rng.choice([2, 1 - ds.PixelRepresentation]))),
         "SamplesPerPixel": lambda: setattr(ds, "SamplesPerPixel", int(rng.choice([0, 3]))),
         "PhotometricInterpretation": lambda: setattr(ds, "PhotometricInterpretation",
                                                      str(rng.choice(["", "RGB", "MONOCHROME3", "PALETTE COLOR"]))),
@@ -579,7 +580,7 @@ def reference_jpeg(data: bytes) -> Expected:
         return exact("jpeg", oriented(gray_from_samples(samples, 8), orientation))
     marker = _jpeg_frame_marker(data)
     orientation = exif_orientation(_first_exif_segment(data))
-    # lossless: Chris Rorden's decoder (imagecodecs' jpegsof3), exact; 12-bit: Richter's libjpeg, within 2 of 4095
+    # lossless: Chris Rorden's decoder (imagecodecs' jpegsof3), exact; 12-bit: Richter's libjpeg, within 4 of 4095
     codec, decode = ("jpegsof3", imagecodecs.jpegsof3_decode) if marker == 0xC3 else ("libjpeg", libjpeg.decode)
     try:
         samples = np.asarray(decode(data))
@@ -590,9 +591,9 @@ def reference_jpeg(data: bytes) -> Expected:
     bits = 8 if samples.dtype == np.uint8 else high_depth_bits(int(samples.max()) if samples.size else 0, None)
     if marker == 0xC3:
         return exact("jpeg", oriented(to_8bit(samples, bits), orientation), "lossless JPEG, jpegsof3", codec)
-    low = to_8bit(np.clip(samples.astype(np.int64) - 2, 0, None), bits)
-    high = to_8bit(np.clip(samples.astype(np.int64) + 2, None, 2 ** bits - 1), bits)
-    return Expected("jpeg", oriented(low, orientation), oriented(high, orientation), "12-bit JPEG, libjpeg +-2",
+    low = to_8bit(np.clip(samples.astype(np.int64) - 4, 0, None), bits)
+    high = to_8bit(np.clip(samples.astype(np.int64) + 4, None, 2 ** bits - 1), bits)
+    return Expected("jpeg", oriented(low, orientation), oriented(high, orientation), "12-bit JPEG, libjpeg +-4",
                     codec)
 
 
@@ -652,7 +653,8 @@ def reference_dicom(path: str) -> Expected:
     stored &= (1 << bits) - 1
     if signed:
         stored = np.where(stored >= 1 << (bits - 1), stored - (1 << bits), stored)
-    gray = [display(stored + delta, bits, signed, photometric, attributes) for delta in range(-tolerance, tolerance + 1)]
+    gray = [display(stored + delta, bits, signed, photometric, attributes)
+            for delta in range(-tolerance, tolerance + 1)]
     low = np.minimum.reduce([g[0] for g in gray])
     high = np.maximum.reduce([g[1] for g in gray])
     return Expected("dicom", low, high, f"GDCM, stored values +-{tolerance}" if tolerance else "GDCM", codec)

@@ -396,7 +396,8 @@ class Report:
         return "\n".join(lines) + f"\n{self.seconds:.0f} s"
 
 
-OUTCOMES = ("read", "refused", "unchecked", "reference_crash", "reference_hang", "differs", "loaded_where_reference_refuses",
+OUTCOMES = ("read", "refused", "unchecked", "reference_crash", "reference_hang", "differs",
+            "loaded_where_reference_refuses",
             "refused_valid", "reference_refused_valid", "unnamed_file", "unexpected_exception", "memory",
             "wrong_info", "decode_many", "crash", "hang")
 

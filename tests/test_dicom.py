@@ -408,7 +408,8 @@ def test_file_meta_without_its_transfer_syntax_is_refused(tmp_path):
     data[at:at + 2] = b"\x41\x00"
     (tmp_path / "bad.dcm").write_bytes(bytes(data))
     message = images.check_image(tmp_path / "bad.dcm")
-    assert message is not None and message.startswith(str(tmp_path / "bad.dcm")) and "Transfer Syntax" in message
+    assert message is not None and message.startswith(str(tmp_path / "bad.dcm"))
+    assert "damaged DICOM header" in message  # (the file meta elements after it were read into the data set too)
 
 
 def test_an_encapsulated_fragment_longer_than_the_pixel_data_is_refused(tmp_path):
@@ -449,3 +450,15 @@ def test_a_few_bytes_after_the_last_element_are_refused(tmp_path, preamble):
     (tmp_path / "tail.dcm").write_bytes(data.read_bytes() + b"\xe0\x7f\x10\x00")
     message = images.check_image(tmp_path / "tail.dcm")
     assert message is not None and "4 bytes after its last element" in message
+
+
+def test_a_file_meta_group_read_as_part_of_the_data_set_is_refused(tmp_path):
+    """A damaged first file meta tag: pydicom then reads no file meta and takes group 0002 into the data set, and
+    the reader decoded JPEG frames as native pixels with a guessed transfer syntax; GDCM fails on the file."""
+    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
+                     .read_bytes())
+    assert data[132:134] == b"\x02\x00"  # (0002,0000), the first file meta element
+    data[132] = 0x25
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and "file meta elements (group 0002) inside the data set" in message

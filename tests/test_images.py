@@ -545,3 +545,15 @@ def test_high_depth_tiff_of_another_photometric_is_refused_naming_it(tmp_path):
     (tmp_path / "cmyk.tif").write_bytes(tiff_bytes(np.zeros((2, 2, 4), np.uint16), photometric=5))
     message = images.check_image(tmp_path / "cmyk.tif")
     assert message.startswith(str(tmp_path / "cmyk.tif")) and "16-bit CMYK TIFF" in message
+
+
+def test_an_sbit_chunk_after_the_image_data_is_ignored(tmp_path):
+    """sBIT must precede IDAT; libpng and pypng ignore one that follows it, the reader applied it."""
+    values = np.array([[0, 5000, 16383]], np.uint16)  # fits 14 bits; the data rule says 16 (samples above 4095)
+    data = write_png(tmp_path / "a.png", values).read_bytes()
+    iend = data.index(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(data[:iend] + png_chunk(b"sBIT", b"\x0e") + data[iend:])
+    expected = (2 * values.astype(np.int64) * 255 + 65535) // (2 * 65535)  # round(v * 255 / 65535), half up
+    gray, info = images.load_gray_with_info(tmp_path / "late.png", None)
+    np.testing.assert_array_equal(gray, expected)
+    assert info.bit_depth == 16

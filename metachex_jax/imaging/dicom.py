@@ -9,14 +9,17 @@ a file with the 128-byte preamble, `probe(data)` one without it. The rules, in t
    file without file meta is decoded with the transfer syntax it was read with. Compressed pixel data are decoded
    by pylibjpeg's decoders (a dependency) wherever they handle the syntax, whatever else is installed, so a file
    gives the same pixels on every install (pydicom itself would take GDCM first, which aborts the process on some
-   damaged files). Refused with a clear message: a damaged file (`check_complete`: an element whose value runs
-   past the end of the file, an explicit VR DICOM does not define, encapsulated pixel data without their closing
-   delimiter, a JPEG / JPEG-LS / JPEG 2000 frame without its end marker: the decoders would fill in or decode a
-   cut frame at a lower quality without an error); no pixel data; Rows x Columns above `max_pixels` (checked before any pixel is decoded); more than one frame
-   (NumberOfFrames > 1); colour (SamplesPerPixel > 1 or a PhotometricInterpretation other than
-   MONOCHROME1/MONOCHROME2); a compressed transfer syntax with no installed decoder (the message names the syntax
-   and the packages that decode it); compressed pixel data that the installed decoders fail on (the message names
-   the decoders tried and their errors: the data are corrupt or unusual, installing more will not help).
+   damaged files). Refused with a clear message: a damaged file (`check_complete`: file meta without a Transfer
+   Syntax UID or read as part of the data set, an element whose value runs past the end of the file or of its
+   sequence item, an explicit VR DICOM does not define, sequence or encapsulated items that do not follow each
+   other to their end, encapsulated pixel data without their closing delimiter, a few bytes after the last element;
+   a JPEG / JPEG-LS / JPEG 2000 frame without its end marker: the decoders would fill in or decode a cut frame at a
+   lower quality without an error); no pixel data; Rows x Columns above `max_pixels` (checked before any pixel is
+   decoded); more than one frame (NumberOfFrames > 1); colour (SamplesPerPixel > 1 or a PhotometricInterpretation
+   other than MONOCHROME1/MONOCHROME2); a compressed transfer syntax with no installed decoder (the message names
+   the syntax and the packages that decode it); compressed pixel data that the installed decoders fail on (the
+   message names the decoders tried and their errors: the data are corrupt or unusual, installing more will not
+   help).
 2. Modality LUT: Rescale Slope / Intercept (both present and not empty; finite, the slope not 0) or a Modality
    LUT Sequence turn stored values into output units.
 3. VOI, the first of these that the file has (a multi-valued Window Center/Width uses the FIRST value; an element
@@ -81,12 +84,15 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 def check_complete(dataset: pydicom.Dataset, data: bytes) -> None:
     """Refuse a damaged file before any value is used (pydicom reads what is there without a word): file meta
-    information without its Transfer Syntax UID; an element whose value runs past the end of the file or of its
-    sequence item (cut short, or a length that lies), an explicit VR that DICOM does not define (a damaged header), a
-    sequence whose items cannot be read; encapsulated pixel data cut before their closing delimiter, or whose items
-    do not follow each other up to it; 1 to 7 bytes after the last element (the start of a cut element, which
-    pydicom drops)."""
+    information without its Transfer Syntax UID, or that pydicom read as part of the data set; an element whose value
+    runs past the end of the file or of its sequence item (cut short, or a length that lies), an explicit VR that
+    DICOM does not define (a damaged header), a sequence whose items cannot be read; encapsulated pixel data cut
+    before their closing delimiter, or whose items do not follow each other up to it; 1 to 7 bytes after the last
+    element (the start of a cut element, which pydicom drops)."""
     meta = getattr(dataset, "file_meta", None)
+    if any(tag.group == 0x0002 for tag in dataset.keys()):
+        raise DicomError("damaged DICOM header: file meta elements (group 0002) inside the data set, their group "
+                         "cannot be read as the file meta information")
     if meta is not None and len(meta) and "TransferSyntaxUID" not in meta:
         raise DicomError("damaged DICOM header: its file meta information (group 0002) has no Transfer Syntax UID")
     deflated = meta is not None and meta.get("TransferSyntaxUID") == _DEFLATED  # positions are of the inflated data

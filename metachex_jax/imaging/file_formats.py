@@ -4,9 +4,9 @@ dimensions (so that a decompression bomb is refused before anything is allocated
     sniff(head)            "png", "jpeg", "dicom" (preamble + 'DICM'), "pillow" (another format Pillow reads,
                            known by its signature: TIFF, BMP, GIF, WebP, JPEG 2000, PNM) or "unknown" (then the
                            reader tries DICOM by parsing, dicom.py, and Pillow last)
-    png_layout(data)       IHDR, sBIT, the EXIF orientation (first eXIf chunk, IFD0 tag 0x0112); walks every chunk
-                           to IEND: a truncated file, a missing IEND or a bad CRC of any chunk but IDAT is an error
-                           (libpng checks the IDAT CRCs while it decodes)
+    png_layout(data)       IHDR, sBIT (before IDAT), the EXIF orientation (first eXIf chunk, IFD0 tag 0x0112);
+                           walks every chunk to IEND: a truncated file, a missing IEND or a bad CRC of any chunk
+                           but IDAT is an error (libpng checks the IDAT CRCs while it decodes)
     jpeg_layout(data)      the frame header (SOF: size, components, precision), the EXIF orientation (first APP1
                            "Exif" segment, IFD0 tag 0x0112) and the end-of-image marker: a JPEG without EOI is
                            truncated (libjpeg-turbo would fill the missing rows with grey, Pillow refuses it)
@@ -95,7 +95,7 @@ def png_layout(data: bytes) -> PngLayout:
     """Walk every chunk of a PNG (see the module docstring); the layout it declares."""
     if not data.startswith(PNG_SIGNATURE):
         raise FormatError("not a PNG file (no PNG signature)")
-    pos, ihdr, sbit, orientation = len(PNG_SIGNATURE), None, None, None
+    pos, ihdr, sbit, orientation, after_image_data = len(PNG_SIGNATURE), None, None, None, False
     while True:
         if pos + 8 > len(data):
             raise FormatError("truncated PNG: the file ends before its IEND chunk")
@@ -112,8 +112,10 @@ def png_layout(data: bytes) -> PngLayout:
             if kind != b"IHDR" or length != 13:
                 raise FormatError("corrupt PNG: the first chunk is not a 13-byte IHDR")
             ihdr = struct.unpack(">IIBB", body[:10])
-        elif kind == b"sBIT":
+        elif kind == b"sBIT" and not after_image_data:  # an sBIT after IDAT is out of place: libpng ignores it
             sbit = body
+        elif kind == b"IDAT":
+            after_image_data = True
         elif kind == b"eXIf" and orientation is None:
             orientation = exif_orientation(body[6:] if body.startswith(b"Exif\x00\x00") else body)
         elif kind == b"IEND":
