@@ -417,7 +417,9 @@ def _attribute_lie(rng, ds: Dataset) -> str:
         "LUTDescriptor": lambda: setattr(ds, "VOILUTSequence", Sequence([_voi_lut(rng, 8, 0, 4)]))
         or setattr(ds.VOILUTSequence[0], "LUTDescriptor", [int(rng.choice([0, 2, 9])), int(rng.choice([0, 5])),
                                                            int(rng.choice([0, 8, 17]))]),
-        "PixelData": lambda: setattr(ds, "PixelData", ds.PixelData[:int(rng.integers(0, len(ds.PixelData) + 1))]),
+        # (encapsulated data keep their first item's tag: pydicom refuses to write them otherwise)
+        "PixelData": lambda: setattr(ds, "PixelData", ds.PixelData[:int(rng.integers(
+            8 if ds["PixelData"].is_undefined_length else 0, len(ds.PixelData) + 1))]),
     }
     name = str(rng.choice(sorted(lies)))
     lies[name]()

@@ -327,8 +327,11 @@ def _worker(conn, seed: int, reader_name: str, cpu_limit_s: int, memory_limit: i
             data, family = job[1], "corrupted"
         else:
             family, fmt, index = job
-            ex = example(seed, family, fmt, index)
-            data = ex.data
+            try:
+                data = example(seed, family, fmt, index).data
+            except Exception as exc:  # noqa: BLE001 - a defect of the case writers, reported as such
+                conn.send(("verdict", "writer_error", f"{type(exc).__name__}: {exc}"[:300]))
+                continue
         conn.send(("verdict", *judge(data, path, family, reader, conn.send)))
 
 
@@ -399,7 +402,7 @@ class Report:
 OUTCOMES = ("read", "refused", "unchecked", "reference_crash", "reference_hang", "differs",
             "loaded_where_reference_refuses",
             "refused_valid", "reference_refused_valid", "unnamed_file", "unexpected_exception", "memory",
-            "wrong_info", "decode_many", "crash", "hang")
+            "wrong_info", "decode_many", "crash", "hang", "writer_error")
 
 
 def _quiet_environment() -> dict:
@@ -431,10 +434,11 @@ def run_campaign(seed: int, examples: int, formats=FORMATS, families=FAMILIES, r
                             worker.stop()
                             worker = None
                         if outcome not in SUCCESSES:
-                            ex = example(seed, family, fmt, index)
+                            ex = None if outcome == "writer_error" else example(seed, family, fmt, index)
                             failures.append(f"{fmt} {family} #{index} (seed {seed}): {outcome}: {detail} "
-                                            f"[{ex.description}]")
-                            _save(save_failures, f"{fmt}-{family}-{seed}-{index}", ex.data)
+                                            f"[{ex.description if ex else ''}]")
+                            if ex is not None:
+                                _save(save_failures, f"{fmt}-{family}-{seed}-{index}", ex.data)
                 if progress_every and (index + 1) % progress_every == 0:
                     print(Report(counts, failures, time.time() - start).summary(), flush=True)
                 if max_seconds is not None and time.time() - start > max_seconds:
