@@ -622,6 +622,8 @@ def reference_dicom(path: str) -> Expected:
     reader = gdcm.ImageReader()
     reader.SetFileName(str(path))
     if not reader.Read():
+        if not _known_sop_class(path):  # a policy of GDCM's, not a decoding error: it decides nothing
+            raise Refused("GDCM reads no image of a SOP class it does not know", "GDCM's SOP class check")
         raise Refused("GDCM cannot read the file as a DICOM image")
     image = reader.GetImage()
     if image.GetNumberOfDimensions() == 3 and image.GetDimension(2) > 1:
@@ -660,6 +662,17 @@ def reference_dicom(path: str) -> Expected:
     low = np.minimum.reduce([g[0] for g in gray])
     high = np.maximum.reduce([g[1] for g in gray])
     return Expected("dicom", low, high, f"GDCM, stored values +-{tolerance}" if tolerance else "GDCM", codec)
+
+
+def _known_sop_class(path) -> bool:
+    """Whether GDCM knows the file's SOP class (its ImageReader refuses every other file, whatever its pixels)."""
+    reader = gdcm.Reader()
+    reader.SetFileName(str(path))
+    if not reader.Read():
+        return True  # not even a DICOM to GDCM: a refusal of its own
+    storage = gdcm.MediaStorage()
+    storage.SetFromFile(reader.GetFile())
+    return str(storage) != "INVALID MEDIA STORAGE"
 
 
 def _rle_frame(dataset, pixels: int, sample_bytes: int) -> bytes | None:
