@@ -58,8 +58,9 @@ def run(seed: int, max_seconds: float, formats: tuple[str, ...], save_failures: 
                             f"-seed={seed * 1000 + runs}", "-print_final_stats=1"],
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=False)
             _merge(stats, counts, failures, formats)
-            for path in sorted(glob.glob(os.path.join(artifacts, "*"))):  # the input that ended libFuzzer
-                _judge_artifact(path, counts, failures, formats, failure_folder)
+            for path in sorted(glob.glob(os.path.join(artifacts, "*"))):
+                if not os.path.basename(path).startswith("slow-unit-"):  # (slow units were judged as they ran)
+                    _judge_artifact(path, counts, failures, formats, failure_folder)  # the input that ended it
                 os.remove(path)
             runs += 1
     return reader_fuzz.Report(counts, failures, time.time() - start)
