@@ -803,8 +803,6 @@ def _voi_lut_display(values: np.ndarray, descriptor: bytes | None, data: bytes |
     table = table[:entries]
     if table.max() >= 2 ** lut_bits:
         raise Refused(f"VOI LUT entries above {lut_bits} bits")
-    if not np.all(values == np.rint(values)):
-        raise Refused("VOI LUT indexed by non-integer values")
-    index = np.clip(values.astype(np.int64) - first, 0, entries - 1)
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, entries - 1)  # nearest integer, ties to even
     return table[index] * 255 / (2 ** lut_bits - 1)
 

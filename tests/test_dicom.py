@@ -462,3 +462,27 @@ def test_a_file_meta_group_read_as_part_of_the_data_set_is_refused(tmp_path):
     (tmp_path / "bad.dcm").write_bytes(bytes(data))
     message = images.check_image(tmp_path / "bad.dcm")
     assert message is not None and "file meta elements (group 0002) inside the data set" in message
+
+
+def test_encapsulated_pixel_data_under_an_uncompressed_syntax_are_refused(tmp_path):
+    """The start of a JPEG 2000 file lost (its preamble, DICM and file meta group length): pydicom read it without
+    file meta, the syntax was guessed as uncompressed and the codestream's bytes came out as pixels."""
+    values = (np.arange(16 * 16).reshape(16, 16) % 500).astype(np.uint16)
+    frame = imagecodecs.jpeg2k_encode(values, codecformat="J2K", reversible=True, level=0)
+    data = write(_encapsulated(values, frame, JPEG2000Lossless, 12), tmp_path / "whole.dcm").read_bytes()
+    assert images.check_image(tmp_path / "whole.dcm") is None
+    (tmp_path / "lost.dcm").write_bytes(data[:116] + data[140:])
+    message = images.check_image(tmp_path / "lost.dcm")
+    assert message is not None and "encapsulated (compressed) pixel data, but the transfer syntax is" in message
+
+
+def test_a_voi_lut_is_indexed_by_the_rounded_modality_output(tmp_path):
+    """A non-integer rescale before a VOI LUT: the nearest entry, ties to even (PS3.3 leaves the rounding open)."""
+    values = np.array([[0, 1, 2, 3]], np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [8, 0, 8]
+    item.add_new(0x00283006, "US", [0, 10, 20, 30, 40, 50, 60, 70])
+    ds = make_dataset(values, RescaleSlope="1.5", RescaleIntercept="0.25")  # 0.25, 1.75, 3.25, 4.75
+    ds.VOILUTSequence = Sequence([item])
+    gray, _ = read(write(ds, tmp_path / "lut.dcm"))
+    np.testing.assert_array_equal(gray, [[0, 20, 30, 50]])

@@ -24,9 +24,9 @@ a file with the 128-byte preamble, `probe(data)` one without it. The rules, in t
    LUT Sequence turn stored values into output units.
 3. VOI, the first of these that the file has (a multi-valued Window Center/Width uses the FIRST value; an element
    that is present but empty counts as absent):
-   a. a VOI LUT Sequence (its first LUT, indexed by the rounded modality output: values below its first mapped
-      value take its first entry, values past its end its last one; the output is scaled by the LUT's bit depth,
-      8 or 10-16; entries beyond that depth or fewer than the descriptor declares are refused). It wins over a
+   a. a VOI LUT Sequence (its first LUT, indexed by the modality output rounded to the nearest integer, ties to
+      even: values below its first mapped value take its first entry, values past its end its last one; the
+      output is scaled by the LUT's bit depth, 8 or 10-16; entries beyond that depth or fewer than the descriptor declares are refused). It wins over a
       window because it is the more specific transform, as pydicom and most viewers decide;
    b. Window Center / Width with VOILUTFunction LINEAR (the default), LINEAR_EXACT or SIGMOID (DICOM PS3.3
       C.11.2.1.2), mapped straight to 0..255;
@@ -187,6 +187,10 @@ def read_dicom(dataset: pydicom.Dataset, bit_depth: int | None = None, *,
     _infer_transfer_syntax(ds)
     if "PixelData" not in ds:
         raise DicomError("DICOM file has no pixel data (PixelData element missing)")
+    syntax = ds.file_meta.TransferSyntaxUID
+    if ds.get_item(0x7FE00010).length == 0xFFFFFFFF and not syntax.is_compressed:
+        raise DicomError(f"damaged DICOM header: encapsulated (compressed) pixel data, but the transfer syntax is "
+                         f"{syntax.name}")
     file_formats.check_pixels(int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), max_pixels)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
