@@ -26,8 +26,9 @@ a file with the 128-byte preamble, `probe(data)` one without it. The rules, in t
    that is present but empty counts as absent):
    a. a VOI LUT Sequence (its first LUT, indexed by the modality output rounded to the nearest integer, ties to
       even: values below its first mapped value take its first entry, values past its end its last one; the
-      output is scaled by the LUT's bit depth, 8 or 10-16; entries beyond that depth or fewer than the descriptor declares are refused). It wins over a
-      window because it is the more specific transform, as pydicom and most viewers decide;
+      output is scaled by the LUT's bit depth, 8 or 10-16; entries beyond that depth or fewer than the descriptor
+      declares are refused). It wins over a window because it is the more specific transform, as pydicom and most
+      viewers decide;
    b. Window Center / Width with VOILUTFunction LINEAR (the default), LINEAR_EXACT or SIGMOID (DICOM PS3.3
       C.11.2.1.2), mapped straight to 0..255;
    c. neither: the range of the stored values BitsStored allows (0..2**bits - 1, or the signed range when
