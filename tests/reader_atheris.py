@@ -118,7 +118,7 @@ def _child(argv: list[str]) -> None:
         if state["worker"] is None:
             state["worker"] = reader_fuzz.Worker(context, 0, reader_fuzz.READER, 5, 2 << 30, directory)
         outcome, detail = state["worker"].run(("bytes", data), backstop_s=300)
-        if outcome in ("hang", "crash", "reference_hang", "reference_crash"):
+        if outcome in reader_fuzz.FRESH_WORKER:
             state["worker"].stop()
             state["worker"] = None
         fmt = reader_fuzz.content_format(data)

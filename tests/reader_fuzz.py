@@ -399,6 +399,7 @@ class Report:
         return "\n".join(lines) + f"\n{self.seconds:.0f} s"
 
 
+FRESH_WORKER = ("hang", "crash", "reference_hang", "reference_crash", "memory", "writer_error")  # replaced after
 OUTCOMES = ("read", "refused", "unchecked", "reference_crash", "reference_hang", "differs",
             "loaded_where_reference_refuses",
             "refused_valid", "reference_refused_valid", "unnamed_file", "unexpected_exception", "memory",
@@ -427,12 +428,15 @@ def run_campaign(seed: int, examples: int, formats=FORMATS, families=FAMILIES, r
             for index in range(examples):
                 for family in families:
                     for fmt in formats:
-                        worker = worker or Worker(context, seed, reader, cpu_limit_s, memory_limit, directory)
-                        outcome, detail = worker.run((family, fmt, index), backstop_s)
+                        for attempt in range(2):
+                            worker = worker or Worker(context, seed, reader, cpu_limit_s, memory_limit, directory)
+                            outcome, detail = worker.run((family, fmt, index), backstop_s)
+                            if outcome in FRESH_WORKER:
+                                worker.stop()
+                                worker = None
+                            if outcome not in ("memory", "writer_error"):
+                                break  # (those two: once more in a fresh worker, whose memory no file before used)
                         counts[fmt].update(["tried", f"{family} tried", outcome])
-                        if outcome in ("hang", "crash", "reference_hang", "reference_crash"):
-                            worker.stop()
-                            worker = None
                         if outcome not in SUCCESSES:
                             ex = None if outcome == "writer_error" else example(seed, family, fmt, index)
                             failures.append(f"{fmt} {family} #{index} (seed {seed}): {outcome}: {detail} "
