@@ -66,6 +66,7 @@ LAZY_MODULES = {
 # itself (grain imports jax).
 WORKER_MODULES = ["metachex_jax.core.labels", "metachex_jax.core.errors", "metachex_jax.imaging.images",
                   "metachex_jax.imaging.dicom", "metachex_jax.imaging.file_formats", "metachex_jax.imaging.resize",
+                  "metachex_jax.imaging.workers",
                   "metachex_jax.imaging.geometry", "metachex_jax.demo.render", "metachex_jax.demo.records",
                   "metachex_jax.demo.write", "metachex_jax.data.input.augment",
                   *(f"metachex_jax.data.build.{name}" for name in ("layout", "work", "shards", "publish", "records",

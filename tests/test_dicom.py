@@ -3,14 +3,16 @@ the stored values checked against GDCM (an independent decoder; the reader is bu
 
 from __future__ import annotations
 
+import imagecodecs
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import (MPEG2MPML, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless,
-                         generate_uid)
+from pydicom.uid import (MPEG2MPML, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGBaseline8Bit, JPEGLSLossless, RLELossless, generate_uid)
 
 from metachex_jax.imaging import dicom, images
 
@@ -227,9 +229,10 @@ def test_corrupt_jpeg2000_names_the_decoders_tried_not_an_install(tmp_path):
     data[siz:siz + 14] = bytes(14)
     (tmp_path / "corrupt.dcm").write_bytes(bytes(data))
     message = images.check_image(tmp_path / "corrupt.dcm")
-    plugins = get_decoder(JPEG2000Lossless).available_plugins
-    assert plugins and message.startswith(str(tmp_path / "corrupt.dcm"))
-    assert f"cannot be decoded by the installed decoders ({', '.join(plugins)}): the data are corrupt" in message
+    assert "pylibjpeg" in get_decoder(JPEG2000Lossless).available_plugins and message.startswith(
+        str(tmp_path / "corrupt.dcm"))
+    # pylibjpeg (a dependency) decodes every syntax it handles, whatever else is installed
+    assert "cannot be decoded by the installed decoders (pylibjpeg): the data are corrupt" in message
     assert "pip install" not in message and "\n" not in message
     assert images.check_image(tmp_path / "j2k.dcm") is None
 
@@ -328,3 +331,158 @@ def test_pixels_agree_with_gdcm_after_the_documented_mapping(tmp_path, syntax, p
     if photometric == "MONOCHROME1":
         expected = 255 - expected
     np.testing.assert_array_equal(read(tmp_path / "x.dcm")[0], expected)
+
+
+# --- defects the reader's fuzzing found (tests/reader_fuzz.py) ---------------------------------------------------
+
+def test_an_8_bit_voi_lut_indexes_every_value_not_the_low_byte(tmp_path):
+    """An 8-bit VOI LUT of more than 256 entries: pydicom's apply_voi indexed it through uint8, so a value 256 or
+    more past the first mapped value read another entry."""
+    values = np.arange(0, 700, dtype=np.uint16).reshape(20, 35)
+    table = [int(v) for v in RNG.integers(0, 256, 600)]
+    item = Dataset()
+    item.LUTDescriptor = [600, 0, 8]
+    item.add_new(0x00283006, "US", table)
+    ds = make_dataset(values, bits_stored=16)
+    ds.VOILUTSequence = Sequence([item])
+    gray, info = read(write(ds, tmp_path / "lut.dcm"))
+    expected = np.array(table, np.uint8)[np.minimum(values, 599)]  # past the LUT: its last entry
+    np.testing.assert_array_equal(gray, expected)  # 8-bit entries are 0..255 already
+    assert info.bit_depth_source == "VOI LUT sequence"
+
+
+@pytest.mark.parametrize("slope", ["NaN", "0", "inf"])
+def test_a_rescale_slope_that_is_no_usable_number_is_refused(tmp_path, slope):
+    """A NaN or 0 slope gave an all-black image without an error."""
+    ds = make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), RescaleSlope=slope, RescaleIntercept="0")
+    message = images.check_image(write(ds, tmp_path / "slope.dcm"))
+    assert message is not None and message.startswith(str(tmp_path / "slope.dcm"))
+    assert "Rescale Slope is 0" in message or "not a finite number" in message
+
+
+def _encapsulated(values: np.ndarray, frame: bytes, syntax, bits: int) -> Dataset:
+    ds = make_dataset(values, bits_stored=bits)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].is_undefined_length = True
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless])
+def test_a_cut_jpeg_frame_is_refused_not_filled_in(tmp_path, syntax):
+    """A JPEG, JPEG-LS or JPEG 2000 frame cut short (its fragment well formed): libjpeg filled the missing rows and
+    CharLS gave zeros without an error."""
+    values = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8 if syntax == JPEGBaseline8Bit else np.uint16)
+    frame = {JPEGBaseline8Bit: lambda: imagecodecs.jpeg8_encode(values),
+             JPEGLSLossless: lambda: imagecodecs.jpegls_encode(values),
+             JPEG2000Lossless: lambda: imagecodecs.jpeg2k_encode(values, codecformat="J2K", reversible=True,
+                                                                 level=0)}[syntax]()
+    bits = 8 if syntax == JPEGBaseline8Bit else 12
+    write(_encapsulated(values, frame, syntax, bits), tmp_path / "whole.dcm")
+    assert images.check_image(tmp_path / "whole.dcm") is None
+    cut = frame[:len(frame) * 2 // 3]
+    write(_encapsulated(values, cut + b"\x00" * (len(cut) % 2), syntax, bits), tmp_path / "cut.dcm")
+    message = images.check_image(tmp_path / "cut.dcm")
+    assert message is not None and message.startswith(str(tmp_path / "cut.dcm"))
+    assert "truncated" in message
+
+
+def test_an_element_of_an_undefined_value_representation_is_refused(tmp_path):
+    """A damaged header (an explicit VR that DICOM does not define) read on as if nothing were wrong."""
+    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), Modality="DX"),
+                           tmp_path / "good.dcm").read_bytes())
+    at = data.index(b"\x08\x00\x60\x00CS")  # Modality (0008,0060), VR CS
+    data[at + 4:at + 6] = b"QQ"
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and message.startswith(str(tmp_path / "bad.dcm")) and "'QQ'" in message
+
+
+def test_file_meta_without_its_transfer_syntax_is_refused(tmp_path):
+    """A flipped byte turned (0002,0010) into another tag: the file was read with a guessed transfer syntax, where
+    GDCM refuses it."""
+    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
+                     .read_bytes())
+    at = data.index(b"\x02\x00\x10\x00UI")  # Transfer Syntax UID
+    data[at:at + 2] = b"\x41\x00"
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and message.startswith(str(tmp_path / "bad.dcm"))
+    assert "damaged DICOM header" in message  # (the file meta elements after it were read into the data set too)
+
+
+def test_an_encapsulated_fragment_longer_than_the_pixel_data_is_refused(tmp_path):
+    """Bytes lost inside a JPEG-LS or JPEG lossless fragment (its length unchanged): the fragment ran into the
+    sequence delimiter and the decoders read what was left without an error."""
+    values = (np.arange(32 * 32).reshape(32, 32) % 4000).astype(np.uint16)
+    frame = imagecodecs.jpegls_encode(values)
+    data = write(_encapsulated(values, frame, JPEGLSLossless, 12), tmp_path / "whole.dcm").read_bytes()
+    assert images.check_image(tmp_path / "whole.dcm") is None
+    middle = data.index(frame) + len(frame) // 2
+    (tmp_path / "lost.dcm").write_bytes(data[:middle] + data[middle + 10:])
+    message = images.check_image(tmp_path / "lost.dcm")
+    assert message is not None and "item 1 of the encapsulated pixel data runs past its end" in message
+
+
+def test_a_sequence_item_whose_length_lies_is_refused(tmp_path):
+    """A VOI LUT Sequence item's length changed (its tag changed too, so the reader would not use it): GDCM refuses
+    the file, the reader read it."""
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]
+    item.add_new(0x00283006, "US", [255, 128, 64, 0])
+    ds = make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4))
+    ds.VOILUTSequence = Sequence([item])
+    data = bytearray(write(ds, tmp_path / "a.dcm").read_bytes())
+    at = data.index(b"\x28\x00\x10\x30SQ")
+    data[at + 2] = 0x17  # (0028,3017): no known element
+    data[at + 16] = 5  # the item's length (bytes 12-15 after the SQ's own header) now 5
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and "item 1 of the sequence (0028,3017)" in message
+
+
+@pytest.mark.parametrize("preamble", [True, False])
+def test_a_few_bytes_after_the_last_element_are_refused(tmp_path, preamble):
+    """1 to 7 bytes after the pixel data (a cut element): pydicom drops them without a word, GDCM refuses the file."""
+    data = write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm", preamble)
+    assert images.check_image(data) is None
+    (tmp_path / "tail.dcm").write_bytes(data.read_bytes() + b"\xe0\x7f\x10\x00")
+    message = images.check_image(tmp_path / "tail.dcm")
+    assert message is not None and "4 bytes after its last element" in message
+
+
+def test_a_file_meta_group_read_as_part_of_the_data_set_is_refused(tmp_path):
+    """A damaged first file meta tag: pydicom then reads no file meta and takes group 0002 into the data set, and
+    the reader decoded JPEG frames as native pixels with a guessed transfer syntax; GDCM fails on the file."""
+    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
+                     .read_bytes())
+    assert data[132:134] == b"\x02\x00"  # (0002,0000), the first file meta element
+    data[132] = 0x25
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    message = images.check_image(tmp_path / "bad.dcm")
+    assert message is not None and "file meta elements (group 0002) inside the data set" in message
+
+
+def test_encapsulated_pixel_data_under_an_uncompressed_syntax_are_refused(tmp_path):
+    """The start of a JPEG 2000 file lost (its preamble, DICM and file meta group length): pydicom read it without
+    file meta, the syntax was guessed as uncompressed and the codestream's bytes came out as pixels."""
+    values = (np.arange(16 * 16).reshape(16, 16) % 500).astype(np.uint16)
+    frame = imagecodecs.jpeg2k_encode(values, codecformat="J2K", reversible=True, level=0)
+    data = write(_encapsulated(values, frame, JPEG2000Lossless, 12), tmp_path / "whole.dcm").read_bytes()
+    assert images.check_image(tmp_path / "whole.dcm") is None
+    (tmp_path / "lost.dcm").write_bytes(data[:116] + data[140:])
+    message = images.check_image(tmp_path / "lost.dcm")
+    assert message is not None and "encapsulated (compressed) pixel data, but the transfer syntax is" in message
+
+
+def test_a_voi_lut_is_indexed_by_the_rounded_modality_output(tmp_path):
+    """A non-integer rescale before a VOI LUT: the nearest entry, ties to even (PS3.3 leaves the rounding open)."""
+    values = np.array([[0, 1, 2, 3]], np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [8, 0, 8]
+    item.add_new(0x00283006, "US", [0, 10, 20, 30, 40, 50, 60, 70])
+    ds = make_dataset(values, RescaleSlope="1.5", RescaleIntercept="0.25")  # 0.25, 1.75, 3.25, 4.75
+    ds.VOILUTSequence = Sequence([item])
+    gray, _ = read(write(ds, tmp_path / "lut.dcm"))
+    np.testing.assert_array_equal(gray, [[0, 20, 30, 50]])

@@ -484,3 +484,76 @@ def test_max_pixels_is_an_option(tmp_path):
     results = list(images.decode_many([tmp_path / "a.png"], 8, max_pixels=1000, progress=False))
     assert "max_pixels=1,000" in results[0][1]
 
+
+
+# --- PNG eXIf orientation and high-depth TIFF (issue 19 section 2) ---------------------------------------------
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_png_exif_orientation_is_applied_as_pillows_exif_transpose(tmp_path, orientation):
+    base = RNG.integers(0, 256, (5, 9), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[file_formats.EXIF_ORIENTATION_TAG] = orientation
+    Image.fromarray(base).save(tmp_path / "o.png", exif=exif.tobytes())  # an eXIf chunk
+    with Image.open(tmp_path / "o.png") as reference:
+        expected = np.asarray(ImageOps.exif_transpose(reference))
+    got, info = images.load_gray_with_info(tmp_path / "o.png", None)
+    np.testing.assert_array_equal(got, expected)
+    assert (info.orientation, info.height, info.width) == (orientation, *expected.shape)
+
+
+def tiff_bytes(samples: np.ndarray, photometric: int, extra_samples: int = 0) -> bytes:
+    """An uncompressed little-endian classic TIFF of uint16 samples (H, W) or (H, W, planes), one strip, written
+    here from the TIFF 6.0 layout (an independent writer)."""
+    samples = np.ascontiguousarray(samples, "<u2")
+    height, width = samples.shape[:2]
+    planes = 1 if samples.ndim == 2 else samples.shape[2]
+    pixels = samples.tobytes()
+    bits_offset = 8 + len(pixels)
+    entries = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, planes, 16 if planes <= 2 else bits_offset),
+               (259, 3, 1, 1), (262, 3, 1, photometric), (273, 4, 1, 8), (277, 3, 1, planes),
+               (278, 3, 1, height), (279, 4, 1, len(pixels))]
+    if extra_samples:
+        entries.append((338, 3, 1, 2))  # unassociated alpha
+    if planes == 2:  # two SHORTs fit in the entry itself
+        entries[2] = (258, 3, 2, 16 | (16 << 16))
+    bits = struct.pack(f"<{planes}H", *[16] * planes) if planes > 2 else b""
+    ifd_offset = bits_offset + len(bits)
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, kind, count, value) for tag, kind, count, value in entries) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", ifd_offset) + pixels + bits + ifd
+
+
+@pytest.mark.parametrize("layout", ["rgb", "rgba", "gray", "gray_alpha", "miniswhite"])
+def test_16_bit_tiff_is_read_at_full_depth(tmp_path, layout):
+    """Pillow kept only the high byte of 16-bit colour TIFFs (and cannot open gray + alpha)."""
+    planes = {"rgb": 3, "rgba": 4, "gray": 1, "gray_alpha": 2, "miniswhite": 1}[layout]
+    samples = RNG.integers(0, 4096, (6, 7, planes)).astype(np.uint16)  # 12-bit data: the bit-depth rule says 12
+    photometric = {"rgb": 2, "rgba": 2, "miniswhite": 0}.get(layout, 1)
+    (tmp_path / "t.tif").write_bytes(tiff_bytes(samples if planes > 1 else samples[..., 0], photometric,
+                                                extra_samples=planes in (2, 4)))
+    colour = samples[..., :3] if planes >= 3 else samples[..., 0]
+    luma = colour.astype(np.int64) @ [19595, 38470, 7471] if planes >= 3 else colour.astype(np.int64) * 65536
+    expected = (2 * luma * 255 + 65536 * 4095) // (2 * 65536 * 4095)  # round(L * 255 / 4095), half up
+    if layout == "miniswhite":
+        expected = 255 - expected
+    got, info = images.load_gray_with_info(tmp_path / "t.tif", None)
+    np.testing.assert_array_equal(got, expected)
+    assert (info.format, info.bit_depth) == ("tiff", 12)
+
+
+def test_high_depth_tiff_of_another_photometric_is_refused_naming_it(tmp_path):
+    (tmp_path / "cmyk.tif").write_bytes(tiff_bytes(np.zeros((2, 2, 4), np.uint16), photometric=5))
+    message = images.check_image(tmp_path / "cmyk.tif")
+    assert message.startswith(str(tmp_path / "cmyk.tif")) and "16-bit CMYK TIFF" in message
+
+
+def test_an_sbit_chunk_after_the_image_data_is_ignored(tmp_path):
+    """sBIT must precede IDAT; libpng and pypng ignore one that follows it, the reader applied it."""
+    values = np.array([[0, 5000, 16383]], np.uint16)  # fits 14 bits; the data rule says 16 (samples above 4095)
+    data = write_png(tmp_path / "a.png", values).read_bytes()
+    iend = data.index(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(data[:iend] + png_chunk(b"sBIT", b"\x0e") + data[iend:])
+    expected = (2 * values.astype(np.int64) * 255 + 65535) // (2 * 65535)  # round(v * 255 / 65535), half up
+    gray, info = images.load_gray_with_info(tmp_path / "late.png", None)
+    np.testing.assert_array_equal(gray, expected)
+    assert info.bit_depth == 16

@@ -4,11 +4,14 @@ dimensions (so that a decompression bomb is refused before anything is allocated
     sniff(head)            "png", "jpeg", "dicom" (preamble + 'DICM'), "pillow" (another format Pillow reads,
                            known by its signature: TIFF, BMP, GIF, WebP, JPEG 2000, PNM) or "unknown" (then the
                            reader tries DICOM by parsing, dicom.py, and Pillow last)
-    png_layout(data)       IHDR, sBIT; walks every chunk to IEND: a truncated file, a missing IEND or a bad CRC of
-                           any chunk but IDAT is an error (libpng checks the IDAT CRCs while it decodes)
+    png_layout(data)       IHDR, sBIT (before IDAT), the EXIF orientation (first eXIf chunk, IFD0 tag 0x0112);
+                           walks every chunk to IEND: a truncated file, a missing IEND or a bad CRC of any chunk
+                           but IDAT is an error (libpng checks the IDAT CRCs while it decodes)
     jpeg_layout(data)      the frame header (SOF: size, components, precision), the EXIF orientation (first APP1
                            "Exif" segment, IFD0 tag 0x0112) and the end-of-image marker: a JPEG without EOI is
                            truncated (libjpeg-turbo would fill the missing rows with grey, Pillow refuses it)
+    tiff_layout(data)      the first image's size, bits and samples per pixel, photometric interpretation (IFD0 of
+                           a classic TIFF; None for BigTIFF)
     check_pixels(...)      refuses width x height above `max_pixels`
 
 Every function raises `FormatError` (a ValueError) with a message that says what is wrong.
@@ -29,8 +32,9 @@ HEAD_BYTES = 132  # a DICOM preamble + 'DICM'
 
 # Signatures of the other formats Pillow reads that X-ray copies come in. A file without any known signature is
 # tried as DICOM first (files without preamble), because some of Pillow's plugins (TGA) have no signature at all.
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF, BigTIFF
 _PILLOW_SIGNATURES = (
-    b"II*\x00", b"MM\x00*",  # TIFF
+    *TIFF_SIGNATURES,
     b"BM",  # BMP
     b"GIF87a", b"GIF89a",
     b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51",  # JPEG 2000 (JP2 box, raw codestream)
@@ -76,6 +80,7 @@ class PngLayout:
     bit_depth: int  # per sample: 1, 2, 4, 8 or 16
     color_type: int  # 0 gray, 2 RGB, 3 palette, 4 gray + alpha, 6 RGBA
     significant_bits: bytes | None  # the sBIT chunk (one byte per channel), or None
+    orientation: int = 1  # EXIF orientation 1..8 of the eXIf chunk (1: as stored, or no eXIf, or unreadable)
 
     @property
     def color_significant_bits(self) -> int | None:
@@ -90,7 +95,7 @@ def png_layout(data: bytes) -> PngLayout:
     """Walk every chunk of a PNG (see the module docstring); the layout it declares."""
     if not data.startswith(PNG_SIGNATURE):
         raise FormatError("not a PNG file (no PNG signature)")
-    pos, ihdr, sbit = len(PNG_SIGNATURE), None, None
+    pos, ihdr, sbit, orientation, after_image_data = len(PNG_SIGNATURE), None, None, None, False
     while True:
         if pos + 8 > len(data):
             raise FormatError("truncated PNG: the file ends before its IEND chunk")
@@ -107,11 +112,15 @@ def png_layout(data: bytes) -> PngLayout:
             if kind != b"IHDR" or length != 13:
                 raise FormatError("corrupt PNG: the first chunk is not a 13-byte IHDR")
             ihdr = struct.unpack(">IIBB", body[:10])
-        elif kind == b"sBIT":
+        elif kind == b"sBIT" and not after_image_data:  # an sBIT after IDAT is out of place: libpng ignores it
             sbit = body
+        elif kind == b"IDAT":
+            after_image_data = True
+        elif kind == b"eXIf" and orientation is None:
+            orientation = exif_orientation(body[6:] if body.startswith(b"Exif\x00\x00") else body)
         elif kind == b"IEND":
             width, height, depth, color_type = ihdr
-            return PngLayout(width, height, depth, color_type, sbit or None)
+            return PngLayout(width, height, depth, color_type, sbit or None, orientation or 1)
         pos = end
 
 
@@ -187,3 +196,43 @@ def exif_orientation(tiff: bytes) -> int:
                                                                                                   else 12)])
             return value if 1 <= value <= 8 else 1
     return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TiffLayout:
+    width: int
+    height: int
+    bits: int  # the largest BitsPerSample
+    samples: int  # SamplesPerPixel (colour or gray, plus extra samples such as alpha)
+    photometric: int  # 0 MINISWHITE, 1 MINISBLACK, 2 RGB, 3 palette, 5 CMYK, 6 YCbCr, 8 CIELab, ...
+
+
+_TIFF_TYPES = {3: "H", 4: "I"}  # SHORT, LONG: the types of the tags read here
+
+
+def tiff_layout(data: bytes) -> TiffLayout | None:
+    """The first image's layout of a classic TIFF (IFD0); None for a BigTIFF. FormatError when IFD0 is cut or
+    lacks the image's size."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8:
+        raise FormatError("not a TIFF file")
+    magic, ifd = struct.unpack(order + "HI", data[2:8])
+    if magic == 43:
+        return None
+    if ifd + 2 > len(data):
+        raise FormatError("truncated or corrupt TIFF: its first image directory lies past the end of the file")
+    (count,) = struct.unpack(order + "H", data[ifd:ifd + 2])
+    if ifd + 2 + 12 * count > len(data):
+        raise FormatError("truncated TIFF: the file ends inside its first image directory")
+    tags = {}
+    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        tag, kind, n = struct.unpack(order + "HHI", data[entry:entry + 8])
+        if kind in _TIFF_TYPES and n:
+            size = struct.calcsize(_TIFF_TYPES[kind]) * n
+            at = entry + 8 if size <= 4 else struct.unpack(order + "I", data[entry + 8:entry + 12])[0]
+            if at + size <= len(data):
+                tags[tag] = struct.unpack(order + _TIFF_TYPES[kind] * n, data[at:at + size])
+    if 256 not in tags or 257 not in tags:
+        raise FormatError("corrupt TIFF: its first image directory gives no width or height")
+    return TiffLayout(width=tags[256][0], height=tags[257][0], bits=max(tags.get(258, (1,))),
+                      samples=tags.get(277, (1,))[0], photometric=tags.get(262, (1,))[0])

@@ -14,10 +14,16 @@ in a 16-bit PNG, a 12-bit DICOM, MONOCHROME1 or 2) gives the identical model inp
      chunk is walked: a truncated file, a missing IEND or a bad CRC is an error (libpng checks the IDAT CRCs).
    - JPEG: the markers are walked from SOI to EOI first: a JPEG without its end-of-image marker is truncated and
      refused (libjpeg-turbo would fill the missing rows with grey; Pillow refuses it too). Gray JPEGs (8- or
-     12-bit) are decoded by imagecodecs (libjpeg-turbo), colour and CMYK JPEGs by Pillow. The EXIF orientation
-     (1-8) is applied, as browsers and viewers do (Pillow's `ImageOps.exif_transpose`), on both paths; it is
-     recorded in `ImageInfo.orientation`, and width and height are those of the image as displayed.
+     12-bit, lossy or lossless) are decoded by imagecodecs (libjpeg-turbo), colour and CMYK JPEGs by Pillow
+     (which takes every CMYK JPEG as Adobe writes it, inverted). JPEG carries no checksum: damage inside the
+     compressed data that leaves the markers intact decodes to wrong pixels without an error, as in viewers.
+   - EXIF orientation (1-8) of JPEG (APP1) and PNG (eXIf): applied, as browsers and viewers do (Pillow's
+     `ImageOps.exif_transpose`), recorded in `ImageInfo.orientation`; width and height are those of the image
+     as displayed.
    - DICOM: `metachex_jax.imaging.dicom` (pydicom; its display rules are documented there).
+   - TIFF of more than 8 bits per sample: libtiff (imagecodecs) at full depth, gray or RGB with or without alpha
+     (Pillow keeps the high byte of 16-bit colour); MINISWHITE is inverted after the mapping; other photometric
+     interpretations above 8 bits (CMYK, YCbCr, ...) are refused, naming them.
    - Anything else goes to Pillow, whose full decode is forced (`LOAD_TRUNCATED_IMAGES` is never enabled).
    A file that cannot be read raises `ImageDecodeError` whose message starts with the file's path.
 2. Refused before anything is decoded (bounded memory): a header (PNG IHDR, JPEG SOF, DICOM Rows x Columns,
@@ -33,7 +39,7 @@ in a 16-bit PNG, a 12-bit DICOM, MONOCHROME1 or 2) gives the identical model inp
      R = G = B, comes out exactly);
    - 8-bit samples: L itself, rounded half up (8-bit gray is used as is); low-depth gray PNGs (1, 2, 4 bits) are
      expanded by libpng to 0..255 (1 bit: 0 / 255);
-   - high-depth samples (16-bit containers: PNG gray, gray + alpha, RGB, RGBA; 16-bit TIFF; 12-bit JPEG) are
+   - high-depth samples (16-bit containers: PNG gray, gray + alpha, RGB, RGBA; TIFF; 12-bit and lossless JPEG) are
      scaled LINEARLY, round(v x 255 / (2**bits - 1)) (for colour v = L, computed in integers, so the luma is not
      truncated to 8 bits first), never clipped at 255 and never min/max-stretched, with `bits` chosen by
      `choose_bit_depth`, in this order:
@@ -56,21 +62,21 @@ in a 16-bit PNG, a 12-bit DICOM, MONOCHROME1 or 2) gives the identical model inp
 
 `decode_many` runs `load_gray` over many files in a process pool (`decoding_pool`, every core by default; order
 preserved, so builds are deterministic) and reports failures as values instead of raising, so a caller can
-collect every bad file before deciding.
+collect every bad file before deciding. Every failure of one file is that file's error: an exception anywhere in
+its decode, crop or resize, and in a pool a decoder that crashes or spins past the per-file CPU-time limit (the
+worker is replaced, `workers.WorkerPool`).
+
+The reader is fuzzed against independent reference decoders (tests/reader_fuzz.py, docs/tests.md).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import dataclasses
 import io
-import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import imagecodecs
 import numpy as np
@@ -78,7 +84,7 @@ from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from metachex_jax.core import files
-from metachex_jax.imaging import dicom, file_formats
+from metachex_jax.imaging import dicom, file_formats, workers
 from metachex_jax.imaging.geometry import square_box
 from metachex_jax.imaging.resize import resize_gray
 
@@ -101,7 +107,7 @@ class ImageInfo:
     height: int
     bit_depth: int  # the sample depth the 0..255 scale was computed from (8 for 8-bit files)
     bit_depth_source: str  # "8-bit file", "override", "dataset metadata", "png sBIT", "data", or the DICOM rule
-    orientation: int = 1  # the JPEG EXIF orientation applied (1: none; every other format: 1)
+    orientation: int = 1  # the EXIF orientation applied, JPEG and PNG (1: none; every other format: 1)
 
 
 def choose_bit_depth(max_sample: int, *, bit_depth: int | None = None, declared_bits: int | None = None,
@@ -187,7 +193,8 @@ def _read_png(data: bytes, options: dict) -> tuple[np.ndarray, ImageInfo]:
     file_formats.check_pixels(layout.width, layout.height, options["max_pixels"])
     gray, bits, source = gray_8bit(imagecodecs.png_decode(data), sbit=layout.color_significant_bits,
                                    bit_depth=options["bit_depth"], declared_bits=options["declared_bits"])
-    return gray, ImageInfo("png", layout.width, layout.height, bits, source)
+    gray = np.ascontiguousarray(orient(gray, layout.orientation))
+    return gray, ImageInfo("png", gray.shape[1], gray.shape[0], bits, source, layout.orientation)
 
 
 def _read_jpeg(data: bytes, options: dict) -> tuple[np.ndarray, ImageInfo]:
@@ -234,6 +241,33 @@ def _pillow_samples(image: Image.Image) -> np.ndarray:
     raise ValueError(f"unsupported image mode {image.mode!r}")
 
 
+_TIFF_PHOTOMETRIC = {0: "MINISWHITE", 1: "MINISBLACK", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK", 6: "YCbCr",
+                     8: "CIELab"}
+
+
+def _read_high_depth_tiff(data: bytes, layout: file_formats.TiffLayout, options: dict
+                          ) -> tuple[np.ndarray, ImageInfo]:
+    """A TIFF of more than 8 bits per sample, by libtiff (imagecodecs) at full depth: gray or RGB, with or without
+    extra samples such as alpha (Pillow keeps only the high byte of 16-bit colour, cannot open gray + alpha or
+    separate planes, and leaves 16-bit MINISWHITE uninverted)."""
+    file_formats.check_pixels(layout.width, layout.height, options["max_pixels"])
+    colour = {0: 1, 1: 1, 2: 3}.get(layout.photometric)
+    name = _TIFF_PHOTOMETRIC.get(layout.photometric, str(layout.photometric))
+    if colour is None:
+        raise file_formats.FormatError(f"{layout.bits}-bit {name} TIFF: above 8 bits per sample only gray "
+                                       "(MINISBLACK, MINISWHITE) and RGB TIFFs are read")
+    samples = imagecodecs.tiff_decode(data)
+    planes = samples.shape[2] if samples.ndim == 3 else 1
+    if samples.ndim not in (2, 3) or planes not in (colour, colour + 1):
+        raise file_formats.FormatError(f"{name} TIFF with {planes} samples per pixel (expected {colour}, or "
+                                       f"{colour + 1} with alpha)")
+    gray, bits, source = gray_8bit(samples, bit_depth=options["bit_depth"], declared_bits=options["declared_bits"])
+    if layout.photometric == 0:  # MINISWHITE: 0 is white; inverted after the mapping, like DICOM's MONOCHROME1
+        gray = 255 - gray
+        source += ", MINISWHITE inverted"
+    return gray, ImageInfo("tiff", gray.shape[1], gray.shape[0], bits, source)
+
+
 def _read_with_pillow(data: bytes, options: dict) -> tuple[np.ndarray, ImageInfo]:
     with _pillow_open(data, options["max_pixels"]) as image:
         samples = _pillow_samples(image)
@@ -273,6 +307,10 @@ def read_gray(path: str | os.PathLike, *, bit_depth: int | None = None, declared
             dataset = dicom.probe(data)
             if dataset is not None:
                 return _read_dicom(dataset, options)
+        if data.startswith(file_formats.TIFF_SIGNATURES):
+            layout = file_formats.tiff_layout(data)
+            if layout is not None and layout.bits > 8:
+                return _read_high_depth_tiff(data, layout, options)
         return _read_with_pillow(data, options)
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... for bad files
         raise ImageDecodeError(f"{os.fspath(path)}: cannot decode image ({_reason(exc)})") from exc
@@ -319,6 +357,8 @@ class _Job:
 
 
 def _decode_one(job: _Job) -> tuple[np.ndarray | None, str | None, ImageInfo | None]:
+    """One file's (image, None, info), or (None, error naming the file, None): whatever fails for this file
+    (reading, cropping, resizing) is this file's error, never the end of a build or `predict` run."""
     try:
         image, info = load_gray_with_info(job.path, job.resolution, bit_depth=job.bit_depth,
                                           declared_bits=job.declared_bits, square=job.square,
@@ -326,10 +366,13 @@ def _decode_one(job: _Job) -> tuple[np.ndarray | None, str | None, ImageInfo | N
         return image, None, info
     except ImageDecodeError as exc:
         return None, str(exc), None
+    except Exception as exc:  # noqa: BLE001 - e.g. the resize of an image of an odd shape
+        return None, f"{job.path}: cannot decode image ({_reason(exc)})", None
 
 
-def _decode_chunk(jobs: list[_Job]) -> list[tuple[np.ndarray | None, str | None, ImageInfo | None]]:
-    return [_decode_one(job) for job in jobs]
+def _lost(job: _Job, reason: str) -> tuple[None, str, None]:
+    """The result of a file whose decoding process died or spun (workers.WorkerPool)."""
+    return None, f"{job.path}: cannot decode image ({reason})", None
 
 
 def default_num_workers() -> int:
@@ -355,21 +398,23 @@ def _keep_large_buffers_on_the_heap() -> None:
 
 
 @contextlib.contextmanager
-def decoding_pool(num_workers: int | None = None, *,
-                  pool_for_one: bool = False) -> Iterator[ProcessPoolExecutor | None]:
-    """A process pool for `decode_many` (None when num_workers == 1, unless pool_for_one: decode in this process).
+def decoding_pool(num_workers: int | None = None, *, pool_for_one: bool = False,
+                  cpu_limit_s: int = workers.DEFAULT_CPU_LIMIT_S) -> Iterator[workers.WorkerPool | None]:
+    """A pool of decoding processes for `decode_many` (None when num_workers == 1, unless pool_for_one: decode in
+    this process, without the pool's protection).
 
-    "spawn" start method: forking a process that has imported JAX or TFDS (threads) can deadlock. As with any spawn
-    pool, a script that builds datasets needs an `if __name__ == "__main__":` guard; without one the workers die
-    and the build fails with BrokenProcessPool (a ProcessPoolExecutor, unlike multiprocessing.Pool, does not hang).
-    Workers keep large buffers on the heap (`_keep_large_buffers_on_the_heap`).
+    One file cannot break the pool (`workers.WorkerPool`): a decoder that crashes or spins past `cpu_limit_s` of CPU
+    time on a file costs its worker, which is replaced, and that file is reported as bad with the reason; the other
+    files go on. "spawn" workers: a script that builds datasets needs an `if __name__ == "__main__":` guard (without
+    one the workers die as they start: RuntimeError). Workers keep large buffers on the heap
+    (`_keep_large_buffers_on_the_heap`).
     """
     num_workers = num_workers or default_num_workers()
     if num_workers <= 1 and not pool_for_one:
         yield None
         return
-    with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_keep_large_buffers_on_the_heap) as pool:
+    with workers.WorkerPool(num_workers, cpu_limit_s=cpu_limit_s,
+                            initializer=_keep_large_buffers_on_the_heap) as pool:
         yield pool
 
 
@@ -381,7 +426,7 @@ def decode_many(
     paths: Sequence[str | os.PathLike],
     resolution: int | None,
     *,
-    pool: ProcessPoolExecutor | None = None,
+    pool: workers.WorkerPool | None = None,
     desc: str = "decoding images",
     progress: bool = True,
     bit_depth: int | None = None,
@@ -391,7 +436,9 @@ def decode_many(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple]:
     """Yield (image, None) or (None, error message) for each path, in order (so builds are deterministic);
-    with `with_info`, (image, None, ImageInfo) or (None, error, None).
+    with `with_info`, (image, None, ImageInfo) or (None, error, None). Never raises for a file: every failure of
+    one (decoding, cropping, resizing, a decoder that crashes or hangs in a pool) is that file's error message,
+    which starts with its path.
 
     Decodes in `pool` (see `decoding_pool`) or, when pool is None, in this process. With resolution=None images
     are decoded at full size (a check). `bit_depth` overrides the depth of every high-depth file; `declared_bits`
@@ -403,32 +450,15 @@ def decode_many(
         raise ValueError(f"{len(declared_bits)} declared bit depths for {len(paths)} paths")
     declared = declared_bits if declared_bits is not None else [None] * len(paths)
     jobs = [_Job(os.fspath(p), resolution, bit_depth, d, square, max_pixels) for p, d in zip(paths, declared)]
-    chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar:
         if pool is None:
-            results = map(_decode_chunk, chunks)
+            results = map(_decode_one, jobs)
         else:
-            results = _ordered_bounded_map(pool, _decode_chunk, chunks,
-                                           in_flight=_CHUNKS_IN_FLIGHT_PER_WORKER * default_num_workers())
-        for chunk_results in results:
-            bar.update(len(chunk_results))
-            for result in chunk_results:
-                yield result if with_info else result[:2]
-
-
-def _ordered_bounded_map(pool: ProcessPoolExecutor, fn, items: list, in_flight: int) -> Iterator:
-    """pool.map, but with at most `in_flight` tasks submitted and not yet consumed."""
-    pending: collections.deque = collections.deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BrokenProcessPool as exc:
-        raise RuntimeError("an image decoding worker died; if this runs from a script, put the work under "
-                           "`if __name__ == '__main__':` (spawned workers re-import the main module)") from exc
+            results = pool.map(_decode_one, jobs, lost=_lost, chunk=_CHUNK,
+                               in_flight=_CHUNKS_IN_FLIGHT_PER_WORKER * pool.num_workers)
+        for result in results:
+            bar.update(1)
+            yield result if with_info else result[:2]
 
 
 def check_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:

@@ -71,6 +71,11 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def _lost_shard(task: _ShardTask, reason: str) -> list[Damage]:
+    """A checking worker died on this shard (imaging/workers.py): the whole shard is reported."""
+    return [Damage(task.split, task.name, None, f"its check's worker died ({reason})")]
+
+
 def check_shard(task: _ShardTask) -> list[Damage]:
     """Every finding in one shard (module docstring)."""
     def whole(detail: str) -> list[Damage]:
@@ -140,7 +145,8 @@ def check_build(version_dir: str, *, num_workers: int | None = None, progress: b
         records[split] = first
     damaged = []
     with images.decoding_pool(num_workers) as pool:
-        results = map(check_shard, tasks) if pool is None else pool.map(check_shard, tasks)
+        results = map(check_shard, tasks) if pool is None else pool.map(check_shard, tasks, lost=_lost_shard,
+                                                                                      chunk=1)
         for found in tqdm(results, total=len(tasks), desc="checking shards", unit="shard", disable=not progress):
             damaged += found
     order = {split: i for i, split in enumerate(info["splits"])}

@@ -4,18 +4,18 @@ machine, every core by default, and the shards written here as the records arriv
 Chunks are decoded in the pool in order (a bounded window of them in flight, so memory stays bounded when writing
 is slower), and each split's records go to its `shards.SplitWriter` in index order: the shards are the ones a Beam
 build writes (shards.py). With one worker, or `num_workers=1`, everything runs in this process.
+
+A worker that dies on a chunk (a decoder that crashes or spins past its CPU limit: imaging/workers.py) costs only
+the file that killed it: the chunk's records are decoded again one per task in a fresh pool, and the file whose
+worker dies is that file's problem in the tally, as any undecodable file.
 """
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-
 from tqdm import tqdm
 
-from metachex_jax.data.build import shards, work
+from metachex_jax.data.build import layout, shards, work
+from metachex_jax.data.raw.common import Problem
 from metachex_jax.imaging import images
 
 _CHUNKS_IN_FLIGHT_PER_WORKER = 4
@@ -31,7 +31,8 @@ def run(plan: dict[str, list], spec: work.RecordSpec, folder: str, dataset: str,
             writer = shards.SplitWriter(folder, dataset, split, len(records), per_shard)
             chunks = work.chunks(split, records, spec)
             results = map(work.process_chunk, chunks) if pool is None else \
-                _ordered_bounded_map(pool, work.process_chunk, chunks, _CHUNKS_IN_FLIGHT_PER_WORKER * workers)
+                pool.map(work.process_chunk, chunks, lost=_one_by_one, chunk=1,
+                         in_flight=_CHUNKS_IN_FLIGHT_PER_WORKER * workers)
             with tqdm(total=len(records), desc=f"{dataset} {split}", unit="img", disable=not progress,
                       mininterval=1.0) as bar:
                 for result in results:
@@ -43,17 +44,19 @@ def run(plan: dict[str, list], spec: work.RecordSpec, folder: str, dataset: str,
     return written, tally
 
 
-def _ordered_bounded_map(pool: ProcessPoolExecutor, fn, items: list, in_flight: int) -> Iterator:
-    """pool.map, but with at most `in_flight` tasks submitted and not yet consumed."""
-    pending: collections.deque = collections.deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BrokenProcessPool as exc:
-        raise RuntimeError("a decoding worker died (a decoder crashed, or the machine ran out of memory); if this "
-                           "runs from a script, put the work under `if __name__ == '__main__':` (spawned workers "
-                           "re-import the main module). Find a crashing file with prepare --verify") from exc
+def _one_by_one(chunk: work.Chunk, reason: str) -> work.ChunkResult:
+    """A worker died on `chunk` (`reason`): its records again, one per task in a fresh pool, so that only the file
+    that kills a worker is lost, as that file's problem."""
+    singles = [work.Chunk(chunk.split, chunk.start + i, (record,), chunk.spec) for i, record in enumerate(chunk.records)]
+    out, tally = [], work.Tally()
+    with images.decoding_pool(1, pool_for_one=True) as pool:
+        for result in pool.map(work.process_chunk, singles, lost=_lost_record, chunk=1):
+            out += result.records
+            tally = tally.merge(result.tally)
+    return work.ChunkResult(out, tally)
+
+
+def _lost_record(single: work.Chunk, reason: str) -> work.ChunkResult:
+    record = single.records[0]
+    problem = Problem("undecodable_image", layout.record_name(record), f"{record.path}: cannot decode image ({reason})")
+    return work.ChunkResult([], work.Tally(problems=[problem]))
