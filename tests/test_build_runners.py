@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from data_fixtures import make_chexpert_tree, make_csv_tree, make_padchest_tree, make_tb_tree
 from dataset_trees import make_mimic_tree, make_tbx11k_tree, make_vindr_tree
 from metachex_jax import prepare
-from metachex_jax.data.build import build, builders, publish, shards
+from metachex_jax.data.build import build, builders, layout, local, publish, shards, work
 from metachex_jax.data.raw.common import RawDataError
 from metachex_jax.demo.write import write_demo_data
 
@@ -228,3 +229,23 @@ def test_check_built_finds_flipped_bytes_by_split_and_index_and_damaged_shards(t
     assert report.records == result.report["split_sizes"]
     reread = builders.data_source("montgomery", "train", tmp_path / "out", resolution=RESOLUTION)
     np.testing.assert_array_equal(reread[6]["image"], train[6]["image"])  # the shard's other records still read
+
+
+def test_a_chunk_whose_worker_died_is_decoded_again_file_by_file_to_the_same_records(tmp_path):
+    """The local runner's recovery (local._one_by_one: the chunk's files one per task in a fresh pool) gives what the
+    chunk itself gives: the same record bytes at the same indexes and the same tally, a bad file named as such."""
+    make_tb_tree(tmp_path / "raw", "montgomery")
+    raw = builders.Montgomery(builders.tb_config(RESOLUTION)).read_raw(str(tmp_path / "raw"), skip_bad=False)
+    records = [r for split in ("train", "validation", "test") for r in raw.splits[split]][:4]
+    bad = records[1]
+    Path(bad.path).write_bytes(Path(bad.path).read_bytes()[:60])
+    spec = work.RecordSpec("tb", RESOLUTION, ())
+    chunk = work.Chunk("train", 7, tuple(records), spec)
+    expected = work.process_chunk(chunk)
+    again = local._one_by_one(chunk, "killed by signal 9")
+    assert [i for i, _ in again.records] == [7, 9, 10]
+    assert again.records == expected.records and again.tally.to_json() == expected.tally.to_json()
+    assert [p.item for p in again.tally.problems] == [layout.record_name(bad)]
+    lost = local._lost_record(work.Chunk("train", 9, (records[0],), spec), "killed by signal 11")
+    assert lost.records == [] and [p.item for p in lost.tally.problems] == [layout.record_name(records[0])]
+    assert records[0].path in lost.tally.problems[0].detail and "signal 11" in lost.tally.problems[0].detail
