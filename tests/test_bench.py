@@ -3,6 +3,7 @@ tiny inputs and ends with one parseable JSON line."""
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import io
@@ -21,7 +22,7 @@ import pytest
 import subprocesses
 from metachex_jax.bench import MODES
 from metachex_jax.bench import __main__ as dispatcher
-from metachex_jax.bench import results, suite
+from metachex_jax.bench import profile, results, suite
 from metachex_jax.bench import train as train_bench
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -37,7 +38,7 @@ def last_json(text: str) -> dict:
 # --- the entry point ------------------------------------------------------------------------------------------
 
 def test_every_mode_is_a_module_with_main_and_listed_once_in_the_docs():
-    assert list(MODES) == ["train", "loop", "data", "probe", "predict", "suite"]
+    assert list(MODES) == ["train", "loop", "data", "probe", "predict", "profile", "suite"]
     for mode in MODES:
         assert callable(importlib.import_module(f"metachex_jax.bench.{mode}").main)
     docs = docs_pages.all_text()  # README.md and docs/*.md (the modes' table is in docs/benchmarks.md)
@@ -285,6 +286,54 @@ def test_render_docs_adds_a_run_to_the_page(tiny_gpu_suite, tmp_path, capsys):
     (tmp_path / "benchmarks.md").write_text("no markers")
     with pytest.raises(ValueError, match="no generated section"):
         results.update_page(tmp_path / "benchmarks.md", tmp_path / "results")
+
+
+# --- profile: the train step per operation ---------------------------------------------------------------------
+
+def test_profile_classifies_a_known_function_by_phase_and_kind():
+    """A function whose operations are known (a convolution, a 1x1 matmul, a concatenation, ReLU, a reduction
+    and their gradients): its compiled HLO's operations get the phase and kind their JAX name stack and fused
+    opcodes say."""
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jnp.concatenate([x, jax.nn.relu(y)], axis=-1)
+        return jnp.mean(y @ jnp.ones((6, 2)))
+
+    def step(w, x):
+        return w - 0.1 * jax.grad(loss)(w, x)
+
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 3))
+    operations = profile.hlo_operations(jax.jit(step).lower(w, x).compile().as_text())
+    classes = {(profile.xla_phase(op["op_name"]), profile.xla_kind(op["ops"])) for op in operations.values()}
+    assert {("forward", "convolution"), ("backward", "convolution")} <= classes
+    assert all(phase in profile.PHASES and kind in profile.KINDS for phase, kind in classes)
+    assert profile.xla_kind({"convolution", "add"}) == "convolution"
+    assert profile.xla_kind({"reduce", "multiply"}) == "batchnorm"
+    assert profile.xla_kind({"concatenate", "copy"}) == "concat_copy"
+    assert profile.xla_kind({"maximum", "multiply"}) == "elementwise"
+    assert profile.xla_phase("jit(train_step)/transpose(jvp())/while/body/dot_general") == "backward"
+    assert profile.xla_phase("jit(train_step)/jvp()/conv") == "forward"
+    assert profile.xla_phase("jit(train_step)/jit(tree_bias_correction)/div") == "optimizer"
+
+
+def test_profile_self_times_subtract_nested_events():
+    event = collections.namedtuple("Event", "name start_ns duration_ns")
+    events = [event("b", 10, 20), event("while", 0, 100), event("c", 40, 30), event("d", 45, 5),
+              event("after", 100, 7)]
+    assert dict(profile.self_times(events)) == {"while": 50.0, "b": 20.0, "c": 25.0, "d": 5.0, "after": 7.0}
+
+
+def test_profile_mode_splits_the_step(capsys):
+    result = profile.main(["--arch=densenet_tiny", "--batch=2", "--resolution=32", "--steps=1"])
+    assert last_json(capsys.readouterr().out) == json.loads(json.dumps(result))
+    jax_profile = result["jax"]
+    assert sum(jax_profile["phase_share"].values()) == pytest.approx(1, abs=0.01)
+    assert sum(jax_profile["kind_share"].values()) == pytest.approx(1, abs=0.01)
+    for phase in profile.PHASES:
+        assert jax_profile["phase_share"][phase] > 0
+    assert jax_profile["ms_per_step"]["forward"]["convolution"] > 0
+    assert jax_profile["ms_per_step"]["backward"]["convolution"] > 0
 
 
 # --- data: the input pipeline -----------------------------------------------------------------------------------
