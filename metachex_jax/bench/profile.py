@@ -15,8 +15,8 @@ self time (a while loop's own time excludes its body's operations) is added up b
 
 `--torch` profiles torchvision's DenseNet with the same step in the same process (`torch.profiler`, phases from
 `record_function` labels around forward, backward and the optimizer) and groups its aten operations the same way
-(native batch norm and its backward are batchnorm; relu, threshold_backward and the optimizer's foreach ops are
-elementwise; cat and copies are concat_copy). Prints both breakdowns (ms per step and share) and the top
+(native batch norm and its backward are batchnorm; ReLU (clamp_min_), threshold_backward and the optimizer's ops
+are elementwise; cat and copies are concat_copy). Prints both breakdowns (ms per step and share) and the top
 operations; the last line is one JSON object. Shares are meaningful on a loaded machine; milliseconds are not.
 """
 
@@ -157,7 +157,8 @@ def torch_kind(name: str) -> str:
         return "pooling"
     if any(word in name for word in ("cat", "copy", "slice", "narrow", "clone", "contiguous", "empty", "zero")):
         return "concat_copy"
-    if any(word in name for word in ("relu", "threshold", "add", "mul", "div", "sqrt", "lerp", "foreach", "sub")):
+    if any(word in name for word in ("relu", "clamp", "threshold", "add", "mul", "div", "sqrt", "lerp", "foreach",
+                                     "sub")):
         return "elementwise"
     return "other"
 
