@@ -4,6 +4,7 @@ tiny inputs and ends with one parseable JSON line."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib
 import importlib.util
 import io
@@ -261,6 +262,22 @@ def test_suite_records_a_failing_benchmark_and_goes_on(tmp_path):
         out = suite.run_entry(entry, log)
     assert out["error"].startswith("SystemExit") and "rows" not in out
     assert "invalid choice: 'densenet999'" in (tmp_path / "log").read_text()
+
+
+def test_a_run_on_an_oversubscribed_machine_judges_no_goal():
+    env = {"backend": "cpu", "device": "cpu", "devices": 1, "cpu_model": "Some CPU", "cpus": 2,
+           "load_start": [1.5, 1.0, 1.0], "load_end": [1.9, 1.0, 1.0], "versions": {"jax": "0"}}
+    result = {"environment": env, "settings": {"quick": True}, "seconds": 60, "budget_s": 180, "entries": [],
+              "rows": [dataclasses.asdict(results.Row("train step", "batch 8", "1 img/s", "", ">= 1.0x", True))]}
+    assert "| >= 1.0x (met) |" in results.table(result) and "no goal is judged" not in results.table(result)
+    env["load_end"][0] = 2.5  # above the 2 CPUs
+    assert "| >= 1.0x |" in results.table(result) and "no goal is judged" in results.table(result)
+
+
+def test_suite_records_its_commands_without_machine_paths():
+    argv = suite.demo_config(suite.settings_for("cpu", quick=True, torch=False), 224)
+    assert argv[0].startswith("--config=" + suite.PACKAGE_DIR)  # what runs: the installed package's recipe
+    assert suite.portable(argv)[0] == "--config=metachex_jax/configs/pretrain.py:demo,res=224,arch=densenet121"
 
 
 def test_docs_list_the_committed_suite_results():

@@ -99,6 +99,12 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def loaded_run(env: dict) -> bool:
+    """Whether other work oversubscribed the CPUs during the run (the load average above the CPU count at its
+    start or end): then its speeds are low and its ratios unreliable (torch's threads suffer more than XLA's)."""
+    return max(env["load_start"][0], env.get("load_end", [0])[0]) > env["cpus"]
+
+
 def table(result: dict) -> str:
     """The run as markdown: a line on the machine, then one table row per headline figure."""
     env = result["environment"]
@@ -112,8 +118,12 @@ def table(result: dict) -> str:
              "",
              "| Benchmark | Setting | Figure | Reference (same run) | Goal |",
              "|---|---|---|---|---|"]
+    loaded = loaded_run(env)
+    if loaded:
+        lines.insert(1, f"\nThe load average was above the {env['cpus']} CPUs: the figures are low and the ratios "
+                        f"unreliable, so no goal is judged from this run.")
     for row in result["rows"]:
-        state = {True: " (met)", False: " (**not met**)"}.get(row.get("met"), "")
+        state = "" if loaded else {True: " (met)", False: " (**not met**)"}.get(row.get("met"), "")
         goal = f"{row['goal']}{state}" if row.get("goal") else ""
         lines.append(f"| {_cell(row['benchmark'])} | {_cell(row['setting'])} | {_cell(row['figure'])} | "
                      f"{_cell(row.get('reference', ''))} | {_cell(goal)} |")

@@ -49,6 +49,13 @@ from metachex_jax.configs import pretrain
 from metachex_jax.data.input import pipeline
 
 PRETRAIN = pretrain.__file__  # the recipe file the loops load (`configs/pretrain.py` of the package)
+PACKAGE_DIR = os.path.dirname(os.path.dirname(PRETRAIN))  # .../metachex_jax
+
+
+def portable(argv) -> list[str]:
+    """`argv` as recorded in the results: the package's own files as `metachex_jax/...` (as from a checkout's
+    root), so that a committed results file names no path of the machine it ran on."""
+    return [arg.replace(PACKAGE_DIR, "metachex_jax") for arg in argv]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +292,7 @@ def probe_rows(f: dict) -> list[Row]:
 
 def run_entry(entry: Entry, log) -> dict:
     """Runs one benchmark in this process: {"name", "mode", "argv", "seconds", "figures" | "error"}."""
-    out = {"name": entry.name, "mode": entry.mode, "argv": list(entry.argv)}
+    out = {"name": entry.name, "mode": entry.mode, "argv": portable(entry.argv)}
     log.write(f"\n=== {entry.name}: python -m metachex_jax.bench {entry.mode} {' '.join(entry.argv)}\n")
     log.flush()
     start = time.perf_counter()
