@@ -197,7 +197,8 @@ def print_breakdown(title: str, b: dict[str, Any], out) -> None:
 
 
 def run(arch: str = "densenet121", batch: int = 8, resolution: int = 224, dtype: str = "float32",
-        form: str = "scanned", steps: int = 3, torch: bool = False, out=sys.stdout) -> dict[str, Any]:
+        form: str = "scanned", steps: int = 3, torch: bool = False, out=None) -> dict[str, Any]:
+    out = out or sys.stdout  # read at call time (tests capture it)
     if form not in train_bench.FORMS:
         raise ValueError(f"unknown --form {form!r}; choose from {list(train_bench.FORMS)}")
     if torch:
