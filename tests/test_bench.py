@@ -3,20 +3,27 @@ tiny inputs and ends with one parseable JSON line."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import importlib
 import importlib.util
 import io
 import json
 import os
+import pathlib
 import re
 import sys
 
 import docs_pages
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import subprocesses
 from metachex_jax.bench import MODES
 from metachex_jax.bench import __main__ as dispatcher
+from metachex_jax.bench import profile, results, suite
 from metachex_jax.bench import train as train_bench
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -32,7 +39,7 @@ def last_json(text: str) -> dict:
 # --- the entry point ------------------------------------------------------------------------------------------
 
 def test_every_mode_is_a_module_with_main_and_listed_once_in_the_docs():
-    assert list(MODES) == ["train", "loop", "data", "probe", "predict"]
+    assert list(MODES) == ["train", "loop", "data", "probe", "predict", "profile", "suite"]
     for mode in MODES:
         assert callable(importlib.import_module(f"metachex_jax.bench.{mode}").main)
     docs = docs_pages.all_text()  # README.md and docs/*.md (the modes' table is in docs/benchmarks.md)
@@ -121,16 +128,24 @@ def test_train_rejects_bad_arguments():
         train_bench.run("densenet_tiny", resolution=32, forms=("scanned", "folded"))
 
 
-# --- loop: the training loop against the bare step ------------------------------------------------------------
+# --- loop: the training loop against the bare step, and the input ceiling (--null_step) -------------------------
 
-def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
+TINY_DEMO = ["--config.demo_data.num_nih=160", "--config.demo_data.num_shenzhen=12",
+             "--config.demo_data.num_montgomery=8", "--config.demo_data.num_hospital=0", "--config.demo_data.size=64"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """One demo folder for every loop of this module: its tree and records are generated once (same parameters as
+    `suite.tiny`'s)."""
+    return str(tmp_path_factory.mktemp("demo"))
+
+
+def test_loop_runs_the_trainer_and_the_bare_step(demo_dir, capsys):
     from metachex_jax.bench import loop
 
     config = os.path.join(REPO, "configs/pretrain.py:demo,arch=densenet_tiny,res=32")
-    demo = ["--config.demo_data.num_nih=160", "--config.demo_data.num_shenzhen=12",
-            "--config.demo_data.num_montgomery=8", "--config.demo_data.num_hospital=0",
-            "--config.demo_data.size=64"]
-    result = loop.main([f"--config={config}", f"--config.demo_dir={tmp_path}", *demo,
+    result = loop.main([f"--config={config}", f"--config.demo_dir={demo_dir}", *TINY_DEMO,
                         "--config.batch_size_per_device=8", "--steps=2", "--log_every=1", "--augment_on=device",
                         "--norepeat_bare"])
     assert last_json(capsys.readouterr().out) == result
@@ -145,6 +160,197 @@ def test_loop_runs_the_trainer_and_the_bare_step(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         loop.main(["--steps=2"])
     assert e.value.code == 2 and "--config is required" in capsys.readouterr().err
+
+
+def test_null_step_passes_the_state_through_and_reads_the_batch():
+    """The null step is the trainer's step signature with nothing but the batch's first rows read: the state
+    comes back unchanged but for its step counter, the "loss" is those rows' mean (numpy's), and a stop flag set
+    on any device is reported as in the real step."""
+    from metachex_jax.bench import loop
+    from metachex_jax.core import preemption, sharding
+    from metachex_jax.training import steps as train_steps
+
+    mesh = sharding.make_mesh()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = train_steps.TrainState(jnp.asarray(7, jnp.int32), {"w": jnp.arange(3.0)}, {}, ())
+    images = np.random.default_rng(0).integers(0, 256, (4, 12, 12), np.uint8)
+    step = loop.null_train_step(None, None, None, None, "device", replicated, None, None)
+    signals = preemption.StopSignals(data)
+    new_state, metrics, stop = step(state, sharding.to_global({"image": images}, data), signals.flags())
+    assert int(new_state.step) == 8 and np.array_equal(new_state.params["w"], [0.0, 1.0, 2.0])
+    assert float(metrics["loss"]) == pytest.approx(images[:, 0].astype(np.float64).mean(), rel=1e-6)
+    assert int(stop) == 0
+    signals.requested = True  # as SIGTERM sets it
+    assert int(step(new_state, sharding.to_global({"image": images}, data), signals.flags())[2]) == 1
+
+
+def test_null_step_loop_reports_every_worker_count(demo_dir, capsys):
+    from metachex_jax.bench import loop
+
+    result = loop.main(["--null_step", f"--config={os.path.join(REPO, 'configs/pretrain.py:demo,arch=densenet_tiny,res=32')}",
+                        f"--config.demo_dir={demo_dir}", *TINY_DEMO, "--batch=8", "--workers=0,1", "--steps=2",
+                        "--log_every=1"])
+    assert last_json(capsys.readouterr().out) == result
+    assert (result["global_batch"], result["image_size"], result["stored_resolution"]) == (8, 32, 36)
+    rates = [result[f"null_step_device_{w}_workers_img_per_s"] for w in (0, 1)]
+    assert min(rates) > 0 and result["img_per_s"] == max(rates)
+    assert result["goal_met"] == (max(rates) >= loop.NULL_STEP_GOAL)
+    with pytest.raises(SystemExit) as e:
+        loop.main(["--null_step", "--workers=0,x"])
+    assert e.value.code == 2 and "--workers takes counts" in capsys.readouterr().err
+
+
+# --- suite: every mode with settings for the backend -------------------------------------------------------------
+
+def test_suite_settings_per_backend():
+    """The settings the issue asks for: CPU quick / full, one GPU quick (bf16, 224², batch 256, scanned; the loop
+    with augment_on=device and automatic workers; predict at 256 with Grad-CAM), the full GPU suite adding float32
+    and the unrolled form."""
+    gpu = suite.settings_for("gpu", quick=True, torch=True)
+    entries = {e.name: e.argv for e in suite.plan(gpu)}
+    assert list(entries) == ["train_bfloat16", "input_ceiling", "loop_vs_step", "predict"]
+    assert {"--batch=256", "--resolution=224", "--forms=scanned", "--torch"} <= set(entries["train_bfloat16"])
+    assert {"--augment_on=device", "--config.data.workers=-1", "--config.model.dtype=bfloat16"} <= set(
+        entries["loop_vs_step"])
+    assert {"--null_step", "--workers=-1", "--batch=256"} <= set(entries["input_ceiling"])
+    assert {"--batch=256", "--dtype=bfloat16"} <= set(entries["predict"])
+    full = suite.plan(suite.settings_for("gpu", quick=False, torch=False))
+    assert {"train_bfloat16", "train_float32"} <= {e.name for e in full}
+    assert all("--forms=scanned,unrolled" in e.argv and "--torch" not in e.argv for e in full if e.mode == "train")
+    cpu = {e.name: e.argv for e in suite.plan(suite.settings_for("cpu", quick=True, torch=False))}
+    assert list(cpu) == ["train_float32", "input_ceiling", "predict"] and "--batch=8" in cpu["train_float32"]
+    cpu_full = {e.name: e.argv for e in suite.plan(suite.settings_for("cpu", quick=False, torch=False))}
+    assert "--workers=0,1,2" in cpu_full["input_ceiling"] and {"input_pipeline", "probe"} <= set(cpu_full)
+    assert suite.settings_for("cpu", True, False).budget_s == 180 and gpu.budget_s == 480
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu_suite(demo_dir, tmp_path_factory):
+    """The one-GPU --quick suite's settings at the smallest sizes, run on this CPU (the CI smoke test)."""
+    out = tmp_path_factory.mktemp("suite")
+    settings = suite.tiny(suite.settings_for("gpu", quick=True, torch=HAS_TORCH), demo_dir)
+    lines = []
+    return suite.run(settings, out, echo=lines.append), out, lines
+
+
+def test_suite_runs_every_benchmark_and_writes_json_and_markdown(tiny_gpu_suite):
+    result, out, lines = tiny_gpu_suite
+    assert [e.get("error") for e in result["entries"]] == [None] * 4
+    env = result["environment"]
+    assert env["backend"] == "cpu" and env["cpus"] >= 1 and env["cpu_model"] and "jax" in env["versions"]
+    assert len(env["load_start"]) == 3 and len(env["load_end"]) == 3
+    stem = f"{env['date']}_{env['machine']}_quick"
+    assert json.loads((out / f"{stem}.json").read_text()) == json.loads(json.dumps(result))
+    markdown = (out / f"{stem}.md").read_text()
+    assert markdown == results.table(result)
+    assert "=== predict:" in (out / f"{stem}.log").read_text()  # each mode's own output
+    benchmarks = [row["benchmark"] for row in result["rows"]]
+    for name in ("train step", "input ceiling (`loop --null_step`)", "training loop vs its bare step",
+                 "inference forward", "Grad-CAM", "files to predictions"):
+        assert name in benchmarks, name
+    for row in result["rows"]:  # every headline row is in the table, with its figure
+        assert f"| {row['benchmark']} | {row['setting']} | {row['figure']} |" in markdown
+    loop_figures = next(e["figures"] for e in result["entries"] if e["name"] == "loop_vs_step")
+    assert loop_figures["global_batch"] == 8 and "loop_device_ratio" in loop_figures
+    assert any(line.startswith("  [4/4] predict") for line in lines)
+
+
+def test_suite_records_a_failing_benchmark_and_goes_on(tmp_path):
+    entry = suite.Entry("broken", "train", ("--arch=densenet999",), suite.predict_rows)
+    with open(tmp_path / "log", "w") as log:
+        out = suite.run_entry(entry, log)
+    assert out["error"].startswith("SystemExit") and "rows" not in out
+    assert "invalid choice: 'densenet999'" in (tmp_path / "log").read_text()
+
+
+def test_a_run_on_an_oversubscribed_machine_judges_no_goal():
+    env = {"backend": "cpu", "device": "cpu", "devices": 1, "cpu_model": "Some CPU", "cpus": 2,
+           "load_start": [1.5, 1.0, 1.0], "load_end": [1.9, 1.0, 1.0], "versions": {"jax": "0"}}
+    result = {"environment": env, "settings": {"quick": True}, "seconds": 60, "budget_s": 180, "entries": [],
+              "rows": [dataclasses.asdict(results.Row("train step", "batch 8", "1 img/s", "", ">= 1.0x", True))]}
+    assert "| >= 1.0x (met) |" in results.table(result) and "no goal is judged" not in results.table(result)
+    env["load_end"][0] = 2.5  # above the 2 CPUs
+    assert "| >= 1.0x |" in results.table(result) and "no goal is judged" in results.table(result)
+
+
+def test_suite_records_its_commands_without_machine_paths():
+    argv = suite.demo_config(suite.settings_for("cpu", quick=True, torch=False), 224)
+    assert argv[0].startswith("--config=" + suite.PACKAGE_DIR)  # what runs: the installed package's recipe
+    assert suite.portable(argv)[0] == "--config=metachex_jax/configs/pretrain.py:demo,res=224,arch=densenet121"
+
+
+def test_docs_list_the_committed_suite_results():
+    """docs/benchmarks.md's generated section is what `suite --render_docs` makes of docs/results/*.json (rerun
+    it after adding a results file); every committed run is listed with its file."""
+    page = (pathlib.Path(REPO) / "docs" / "benchmarks.md").read_text()
+    section = results.docs_section(pathlib.Path(REPO) / "docs" / "results")
+    assert section in page, "docs/benchmarks.md is stale: run python -m metachex_jax.bench suite --render_docs"
+    for path in (pathlib.Path(REPO) / "docs" / "results").glob("*.json"):
+        assert f"(results/{path.name})" in section
+
+
+def test_render_docs_adds_a_run_to_the_page(tiny_gpu_suite, tmp_path, capsys):
+    result, out, _ = tiny_gpu_suite
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "run.json").write_text(json.dumps(result))
+    (tmp_path / "benchmarks.md").write_text(f"# Benchmarks\n\n{results.BEGIN}\nold\n{results.END}\n\nafter\n")
+    assert dispatcher.main(["suite", "--render_docs", f"--docs_dir={tmp_path}"]) == 0
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "old" not in page and page.endswith("after\n") and results.table(result) in page
+    assert f"#### {result['environment']['machine']}, {result['environment']['date']}" in page
+    assert "updated" in capsys.readouterr().out
+    (tmp_path / "benchmarks.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no generated section"):
+        results.update_page(tmp_path / "benchmarks.md", tmp_path / "results")
+
+
+# --- profile: the train step per operation ---------------------------------------------------------------------
+
+def test_profile_classifies_a_known_function_by_phase_and_kind():
+    """A function whose operations are known (a convolution, a 1x1 matmul, a concatenation, ReLU, a reduction
+    and their gradients): its compiled HLO's operations get the phase and kind their JAX name stack and fused
+    opcodes say."""
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jnp.concatenate([x, jax.nn.relu(y)], axis=-1)
+        return jnp.mean(y @ jnp.ones((6, 2)))
+
+    def step(w, x):
+        return w - 0.1 * jax.grad(loss)(w, x)
+
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 3))
+    operations = profile.hlo_operations(jax.jit(step).lower(w, x).compile().as_text())
+    classes = {(profile.xla_phase(op["op_name"]), profile.xla_kind(op["ops"])) for op in operations.values()}
+    assert {("forward", "convolution"), ("backward", "convolution")} <= classes
+    assert all(phase in profile.PHASES and kind in profile.KINDS for phase, kind in classes)
+    assert profile.xla_kind({"convolution", "add"}) == "convolution"
+    assert profile.xla_kind({"reduce", "multiply"}) == "batchnorm"
+    assert profile.xla_kind({"concatenate", "copy"}) == "concat_copy"
+    assert profile.xla_kind({"maximum", "multiply"}) == "elementwise"
+    assert profile.xla_phase("jit(train_step)/transpose(jvp())/while/body/dot_general") == "backward"
+    assert profile.xla_phase("jit(train_step)/jvp()/conv") == "forward"
+    assert profile.xla_phase("jit(train_step)/jit(tree_bias_correction)/div") == "optimizer"
+
+
+def test_profile_self_times_subtract_nested_events():
+    event = collections.namedtuple("Event", "name start_ns duration_ns")
+    events = [event("b", 10, 20), event("while", 0, 100), event("c", 40, 30), event("d", 45, 5),
+              event("after", 100, 7)]
+    assert dict(profile.self_times(events)) == {"while": 50.0, "b": 20.0, "c": 25.0, "d": 5.0, "after": 7.0}
+
+
+def test_profile_mode_splits_the_step(capsys):
+    result = profile.main(["--arch=densenet_tiny", "--batch=2", "--resolution=32", "--steps=1"])
+    assert last_json(capsys.readouterr().out) == json.loads(json.dumps(result))
+    jax_profile = result["jax"]
+    assert sum(jax_profile["phase_share"].values()) == pytest.approx(1, abs=0.01)
+    assert sum(jax_profile["kind_share"].values()) == pytest.approx(1, abs=0.01)
+    for phase in profile.PHASES:
+        assert jax_profile["phase_share"][phase] > 0
+    assert jax_profile["ms_per_step"]["forward"]["convolution"] > 0
+    assert jax_profile["ms_per_step"]["backward"]["convolution"] > 0
 
 
 # --- data: the input pipeline -----------------------------------------------------------------------------------

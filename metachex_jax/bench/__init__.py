@@ -15,4 +15,8 @@ MODES = {  # mode -> what it measures (its module is metachex_jax.bench.<mode>)
     "probe": "the TB linear probe (10-fold CV, inner L2 search) against scikit-learn; frozen-feature extraction",
     "predict": "inference: batched forward (--torch: against torchvision's eager inference), files to predictions "
                "with decoding overlapped, Grad-CAM cost per image",
+    "profile": "per-op profile of the train step: forward / backward / optimizer, convolutions against BatchNorm, "
+               "elementwise and concatenation (--torch: torchvision's step the same way)",
+    "suite": "all of the above with settings for the backend found (--quick: the short one), on data it makes; "
+             "writes one JSON and one markdown table with the machine, library versions and load",
 }

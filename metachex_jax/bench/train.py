@@ -103,9 +103,9 @@ def step_memory_mb(compiled) -> float:
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**20
 
 
-def setup_jax(arch: str, batch: int, resolution: int, dtype: str, form: str = "unrolled"
-              ) -> tuple[dict[str, Any], Callable]:
-    """Compiles and runs the JAX step of one form (a key of FORMS) once; returns its figures and the step to time."""
+def compile_jax_step(arch: str, batch: int, resolution: int, dtype: str, form: str = "unrolled"):
+    """The trainer's step for one form (a key of FORMS), compiled ahead of time on a random batch:
+    (compiled step, state, batch, model, compile seconds)."""
     config = chexnet.get_config(f"arch={arch},res={resolution}")
     config.model.dtype = dtype
     config.model.scan_layers, config.model.remat = FORMS[form]
@@ -116,10 +116,15 @@ def setup_jax(arch: str, batch: int, resolution: int, dtype: str, form: str = "u
     step_fn = jax.jit(train_steps.make_train_step(graphdef, tx, config.loss, jnp.dtype(dtype),
                                                  contract=PixelContract.from_config(config)), donate_argnums=0)
     data = {k: jnp.asarray(v) for k, v in random_batch(batch, resolution).items()}
-
     start = time.perf_counter()
     compiled = step_fn.lower(state, data).compile()
-    compile_s = time.perf_counter() - start
+    return compiled, state, data, model, time.perf_counter() - start
+
+
+def setup_jax(arch: str, batch: int, resolution: int, dtype: str, form: str = "unrolled"
+              ) -> tuple[dict[str, Any], Callable]:
+    """Compiles and runs the JAX step of one form (a key of FORMS) once; returns its figures and the step to time."""
+    compiled, state, data, model, compile_s = compile_jax_step(arch, batch, resolution, dtype, form)
 
     def step() -> float:
         nonlocal state
@@ -166,12 +171,15 @@ def setup_torch(arch: str, batch: int, resolution: int, dtype: str, backend: str
     images = torch.from_numpy(images_np).permute(0, 3, 1, 2).to(device).contiguous(memory_format=memory_format)
     labels = torch.from_numpy(data["pathology"]).to(device)
 
-    def step():
+    def step():  # the record_function labels name the phases for `bench profile` (free when not profiling)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autograd.profiler.record_function("forward"), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(model(images).float(), labels)
-        loss.backward()
-        optimizer.step()
+        with torch.autograd.profiler.record_function("backward"):
+            loss.backward()
+        with torch.autograd.profiler.record_function("optimizer"):
+            optimizer.step()
         loss.item()  # waits for the device
 
     return {"torch_threads": torch.get_num_threads(), "torch_device": device.type}, step

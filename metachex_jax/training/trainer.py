@@ -149,8 +149,11 @@ def adopt_model_init_contract(config):
     return config
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train, evaluate on validation periodically and on test at the end. Returns the final test metrics."""
+def train_and_evaluate(config, workdir: str, *, make_train_step=jit_train_step) -> dict:
+    """Train, evaluate on validation periodically and on test at the end. Returns the final test metrics.
+
+    `make_train_step` builds the jitted train step (`jit_train_step`'s arguments and result); `bench loop
+    --null_step` passes a trivial one, to measure what the input pipeline and this loop deliver."""
     workdir = files.absolute(workdir)
     lead = jax.process_index() == 0
     config = adopt_model_init_contract(config)
@@ -217,8 +220,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      workers, augment_on)
 
     # 5. Steps.
-    train_step = jit_train_step(config, graphdef, tx, class_weights, augment_on, replicated, contract,
-                                spec.augmentation)
+    train_step = make_train_step(config, graphdef, tx, class_weights, augment_on, replicated, contract,
+                                 spec.augmentation)
     eval_step = jax.jit(steps.make_eval_step(graphdef, config.loss, jnp.dtype(config.model.dtype),
                                                    contract=contract))
 
