@@ -23,9 +23,18 @@ column and heatmap file name.
   folds that were fine-tuned; then the BatchNorm statistics are recomputed on all the training images (precise
   BN, as every fine-tuned prediction of the comparison; `finetune.bn_stats="target"` adaptation needs the
   target images, which a deployed model does not have, so deployment always uses the training images).
+- Calibrator: Platt scaling (contract/calibration.py) fitted on the same out-of-fold predictions, in the card's
+  output entry; `predict --calibrated` adds the calibrated probability (the decision stays at the threshold: the
+  map is increasing, so the operating point is the same on either scale).
+- OOD description (contract/ood.py, `deploy.ood_quantile`; 0 = none): the deployed model's pooled features of
+  every training image; the threshold from their out-of-fold distances (each CV fold under the description of the
+  other folds), in `ood.npz` beside the card. A fine-tuned backbone was fitted on those images, so their
+  distances may run smaller than new images' alike: expect flag rates above the nominal one (a probe's backbone
+  is the start's, never fitted on them).
 - Saved as a model directory (`metachex_jax.models.saved`, kind "tb_classifier"): `predict --model=WORKDIR` uses
   it, `export` exports it. Its card records the start, method, training data, threshold and how it was chosen,
-  the out-of-fold operating point, and the comparison's AUROC (with 95% CI) of the same cell in every protocol.
+  the out-of-fold operating point, the calibrator, the OOD description, and the comparison's AUROC (with 95% CI)
+  of the same cell in every protocol.
 """
 
 from __future__ import annotations
@@ -37,10 +46,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from metachex_jax.contract import ood
+from metachex_jax.contract.calibration import fit_platt
 from metachex_jax.core import files
 from metachex_jax.evaluation import metrics
 from metachex_jax.models import saved
 from metachex_jax.models.tb_classifier import TbClassifier, fold_standardisation
+from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer.probe import fit_probe
 
@@ -115,6 +127,17 @@ def choose_threshold(spec: DeploySpec, y: np.ndarray, prob: np.ndarray, screenin
             "oof_specificity": float(metrics.specificity(y, prob, threshold))}
 
 
+def ood_description(spec: DeploySpec, model, start, view, config) -> ood.FeatureReference:
+    """The deployed model's OOD description: its features of every training image (`view`), the threshold from
+    their out-of-fold distances over the training set's CV folds."""
+    table, _ = features_lib.extract(model, view.source, contract=start.contract, batch_size=config.feature_batch_size)
+    source = {"dataset": spec.train_set, "target": spec.target, "images": len(view),
+              "reference": f"the deployed model's features of every {spec.train_set} training image",
+              "folds": f"{spec.cv_protocol} folds (by patient)"}
+    return ood.describe_out_of_fold(table["features"], view.fold, quantile=config.deploy.ood_quantile,
+                                    source=source)
+
+
 def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables, columns, cells, details,
                  settings, tuner) -> dict:
     """Fit the deployable model (every process: fine-tuning steps are collective), save it under WORKDIR/model/
@@ -144,22 +167,29 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
                      "effective_lr": tuner.effective_lr}
     model.output_name = spec.output_name  # fine-tuning trains it as "tb"; it is deployed under the target's name
     model.eval()
+    platt = fit_platt(oof["label"], oof["prob"], fitted_on=threshold["chosen_on"])
+    description = ood_description(spec, model, start, view, config) if config.deploy.ood_quantile else None
     card = {
         "kind": "tb_classifier",
         # The start's pixel contract (its normalisation also fixes the stem's input channels).
         "model_config": {"arch": config.model.arch, "normalization": start.contract.normalization,
                          "output_name": spec.output_name},
         "input": start.contract.to_json(),
-        "outputs": [{"name": spec.output_name, "kind": "probability", "threshold": threshold["threshold"]}],
+        "outputs": [{"name": spec.output_name, "kind": "probability", "threshold": threshold["threshold"],
+                     "calibration": platt.to_json()}],
         "threshold_rule": threshold,
         "training": training,
         "metrics": {protocol: {"auroc": cell["auroc"]} for protocol, cell in cells.get(key, {}).items()},
         "source": {"transfer_workdir": workdir, "demo_data": bool(config.demo)},
         "intended_use": f"research; {spec.target} screening operating point chosen on training data only",
     }
+    extra = {}
+    if description is not None:
+        card["ood"], extra[ood.FILE] = description.card_entry(), description.to_bytes()
     model_dir = files.join(workdir, "model")
     if jax.process_index() == 0:
-        saved.save(model_dir, model, card)
+        saved.save(model_dir, model, card, extra)
     logging.info("deployable %s model (%s, trained on all of %s, threshold %.4f) saved to %s", spec.target, key,
                  spec.train_set, threshold["threshold"], model_dir)
-    return {"path": model_dir, **{k: card[k] for k in ("threshold_rule", "training", "metrics")}}
+    return {"path": model_dir, "calibration": platt.to_json(), "ood": card.get("ood"),
+            **{k: card[k] for k in ("threshold_rule", "training", "metrics")}}
