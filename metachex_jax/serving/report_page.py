@@ -103,6 +103,11 @@ def overlay_thumbnail(path: str) -> str | None:
         return None
 
 
+def shown(text) -> str:
+    """A CSV value as the page shows it: 4 significant digits (1.234e-05 stays readable as such)."""
+    return "" if text in ("", None) else f"{float(text):.4g}"
+
+
 def _number(text) -> str:
     """A data attribute's number ("" when there is none: sorted last)."""
     return "" if text in ("", None) else str(text)
@@ -135,20 +140,20 @@ def _card(i: int, row: dict, result, thumbnail, overlays: dict[str, str], out_di
     parts.append("</div><table>")
     for output in outputs:
         value = row[output.name]
-        cells = [html.escape(output.name), f'<td class="v">{html.escape(str(value)[:8])}</td>']
+        cells = [html.escape(output.name), f'<td class="v">{shown(value)}</td>']
         if output.threshold is not None:
             decision = row[f"{output.name}_decision"]
             cells.append(f'<td class="{"pos" if decision == 1 else ""}">'
                          f'{"positive" if decision == 1 else "negative" if decision == 0 else ""}</td>')
         if f"{output.name}_calibrated" in row:
-            cells.append(f'<td class="v" title="calibrated">{html.escape(str(row[f"{output.name}_calibrated"])[:8])}'
+            cells.append(f'<td class="v" title="calibrated">{shown(row[f"{output.name}_calibrated"])}'
                          "</td>")
         parts.append(f"<tr><td>{cells[0]}</td>{''.join(cells[1:])}</tr>")
     parts.append("</table>")
     if "ood_distance" in row and not failed:
         badge = ('<span class="badge">out of distribution</span>' if flag == 1
                  else '<span class="badge ok">in distribution</span>')
-        parts.append(f'<p class="meta">OOD distance {html.escape(str(row["ood_distance"]))} {badge}</p>')
+        parts.append(f'<p class="meta">OOD distance {shown(row["ood_distance"])} {badge}</p>')
     if row.get("bit_depth") != "":
         parts.append(f'<p class="meta">{html.escape(str(row.get("format", "")))} {row.get("width")} x '
                      f'{row.get("height")}, {row["bit_depth"]}-bit ({html.escape(str(row["bit_depth_source"]))})</p>')
