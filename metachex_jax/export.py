@@ -14,6 +14,8 @@ DIR holds (see `metachex_jax.models.saved`):
                                       batch-size polymorphic (b is symbolic), lowered for CPU, CUDA and TPU, and
                                       without shardings, so the caller spreads batches over the devices it has
     DIR/exported/weights.npz          the weights as numpy arrays, in the function's argument order
+    DIR/ood.npz                       the model's OOD description (the card's "ood" entry), when its source has
+                                      one: predict's ood_distance and ood_flag columns
 
 Grad-CAM is not exported: `predict --heatmaps` on an exported model says so and names the workdir to use.
 """
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {args.model} -> {out}")
     print(f"  input:   {card['input']['description']}")
     print(f"  outputs: {', '.join(o['name'] for o in card['outputs']) or '(features only)'}")
+    print(f"  OOD:     {'threshold %.4g' % card['ood']['threshold'] if 'ood' in card else card.get('ood_absent')}")
     print(f"  run it:  python -m metachex_jax.predict --model={out} IMAGES...")
     return 0
 

@@ -3,6 +3,7 @@
     python -m metachex_jax.predict --model=/tmp/metachex_demo ~/xrays/ scan.dcm 'more/*.png' --out=preds
     python -m metachex_jax.predict --model=/tmp/tb_demo --list=files.txt --tta=flip
     python -m metachex_jax.predict --model=/tmp/metachex_demo img.png --heatmaps=Cardiomegaly,age --features
+    python -m metachex_jax.predict --model=/tmp/tb_demo scans/ --report --calibrated   # + index.html to review
 
 MODEL: a pretraining workdir (best checkpoint; --step), a transfer workdir (its deployable TB model), a model
 directory (a TB model, an exported model, a convert_torchxrayvision output) or a convert_torchvision backbone
@@ -15,10 +16,16 @@ counted), and globs;
 
 Writes into --out (default ./predictions):
     predictions.csv     one row per input, in input order: path, every output of the model (probabilities,
-                        age in years; `<name>_decision` for outputs with a threshold, e.g. tb), the reader's
-                        format, original size (as displayed), bit depth and its source, JPEG EXIF orientation, and
-                        `error` (empty when all went well)
-    summary.json        the model, its pixel contract and outputs, counts, failures with reasons, timings
+                        age in years; `<name>_decision` for outputs with a threshold, e.g. tb; with --calibrated
+                        `<name>_calibrated` for outputs with a calibrator), `ood_distance` and `ood_flag` (when
+                        the model carries a description of its training images, or --ood_reference gives one),
+                        the reader's format, original size (as displayed), bit depth and its source, JPEG EXIF
+                        orientation, and `error` (empty when all went well)
+    summary.json        the model, its pixel contract and outputs, counts, failures with reasons, timings, the
+                        OOD description used (or why there is none) and how many images it flagged
+    index.html          (--report) one self-contained page to review the predictions: a card per image with
+                        its thumbnail (and heatmaps), outputs, decisions, OOD flag, bit depth and error; sortable
+                        and filterable; opens from disk, no server or network
     features.npy        (--features) float32 (N, F) pooled features, row i = CSV row i (NaN rows for failures)
     heatmaps/REL/NAME.npy, NAME.png   (--heatmaps) the Grad-CAM map at model-input resolution and an overlay on
                         the original image; REL is the input's path below the inputs' common folder, extension
@@ -65,6 +72,15 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
     parser.add_argument("--image_size", type=int, default=None, help="backbone-only models: model input size")
     parser.add_argument("--resolution", type=int, default=None, help="backbone-only models: resize before crop")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="add <name>_calibrated: the calibrated probability of outputs with a calibrator (a "
+                             "transfer run's deployed model: Platt scaling fitted on its out-of-fold predictions)")
+    parser.add_argument("--ood_reference", default=None, metavar="DIR",
+                        help="reference images (a folder, file or glob) that describe what the model should see: "
+                             "the OOD distance and flag are computed against them (for models that carry no "
+                             "description, e.g. converted torchvision or torchxrayvision weights)")
+    parser.add_argument("--report", action="store_true", help="also write index.html, a page to review the "
+                                                               "predictions (self-contained)")
     return parser.parse_args(argv)
 
 

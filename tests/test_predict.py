@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -381,6 +382,7 @@ def test_export_runs_without_the_model_code_and_equals_the_workdir(run_dir, tmp_
     assert card["input"]["image_size"] == RES and card["exported"]["platforms"] == ["cpu", "cuda", "tpu"]
     assert [o["name"] for o in card["outputs"]][-1] == "age" and card["metrics"]["mean_auroc"]["value"] > 0
     assert card["training"]["demo_data"] is True
+    assert card["ood"]["file"] == "ood.npz" and (tmp_path / "exported" / "ood.npz").is_file()  # the run's
     images = [str(p) for p in nih_test_files(nih_root)[:7]]
     assert predict.main([f"--model={workdir}", *images, f"--out={tmp_path}/flax"]) == 0
     # A fresh interpreter: predict from the exported model, then check what was imported.
@@ -394,7 +396,7 @@ def test_export_runs_without_the_model_code_and_equals_the_workdir(run_dir, tmp_
     assert "IMPORTED []" in done.stdout
     flax_rows, exported_rows = (read_rows(tmp_path / d / "predictions.csv") for d in ("flax", "exp"))
     for a, b in zip(flax_rows, exported_rows):
-        for name in [*PATHOLOGIES, "view_ap", "sex_male", "age"]:
+        for name in [*PATHOLOGIES, "view_ap", "sex_male", "age", "ood_distance"]:
             assert abs(float(a[name]) - float(b[name])) <= 1e-5 * max(1.0, abs(float(a[name])))
     assert predict.main([f"--model={out}", images[0], "--heatmaps=age", f"--out={tmp_path}/h"]) == 2
     with pytest.raises(FileExistsError):
@@ -426,6 +428,19 @@ def test_backbone_directory_gives_features_only(tmp_path, run_dir):
     assert predict.main([f"--model={tmp_path}/bb", image, f"--out={tmp_path}/none"]) == 2  # nothing to output
     assert predict.main([f"--model={tmp_path}/bb", image, "--features", "--image_size=32", "--resolution=36",
                          f"--out={tmp_path}/f"]) == 0
+    assert "ood_flag" not in read_rows(tmp_path / "f" / "predictions.csv")[0]  # no description: no columns
+    why = json.loads((tmp_path / "f" / "summary.json").read_text())["ood"]["why"]
+    assert "convert_torchvision backbone carries no description" in why and "--ood_reference=DIR" in why
+    # Reference images give it one: every reference image described, the threshold from out-of-fold distances.
+    references = [str(p) for p in sorted(nih_root.rglob("*.png"))[:20]]
+    assert predict.main([f"--model={tmp_path}/bb", image, "--features", "--image_size=32", "--resolution=36",
+                         f"--ood_reference={os.path.dirname(references[0])}", f"--out={tmp_path}/r"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())["ood"]
+    assert summary["columns"] and summary["threshold_from"] == "out-of-fold distances (5 folds)"
+    assert read_rows(tmp_path / "r" / "predictions.csv")[0]["ood_flag"] in ("0", "1")
+    (tmp_path / "few").mkdir()
+    assert predict.main([f"--model={tmp_path}/bb", image, "--features", "--image_size=32", "--resolution=36",
+                         f"--ood_reference={tmp_path}/few", f"--out={tmp_path}/x"]) == 2  # no images: a usage error
     features = np.load(tmp_path / "f" / "features.npy")
     backbone.eval()
     from metachex_jax.contract.pixels import PixelContract
@@ -435,3 +450,142 @@ def test_backbone_directory_gives_features_only(tmp_path, run_dir):
 
     expected = np.asarray(backbone.features(to_model_input(jnp.asarray(crop[None]))))
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- out-of-distribution flags, the review page ----------------------------------------------------------------
+
+def shifted_copies(sources, folder):
+    """Copies unlike the training images: inverted, strongly re-exposed both ways, and other textures (white
+    noise, a checkerboard), each kind of every source image."""
+    rng = np.random.default_rng(0)
+    kinds = {"inverted": lambda x: 255 - x,
+             "darkened": lambda x: 255 * (x / 255) ** 3.0,
+             "brightened": lambda x: 255 * (x / 255) ** 0.3,
+             "noise": lambda x: rng.integers(0, 256, x.shape),
+             "checkerboard": lambda x: ((np.indices(x.shape).sum(axis=0) // 4) % 2) * 255}
+    out = {kind: [] for kind in kinds}
+    for source in sources:
+        pixels = np.asarray(Image.open(source).convert("L"), np.float64)
+        for kind, change in kinds.items():
+            path = folder / f"{kind}_{source.name}"
+            Image.fromarray(np.clip(change(pixels), 0, 255).astype(np.uint8)).save(path)
+            out[kind].append(path)
+    return out
+
+
+def validation_files(workdir, nih_root):
+    from metachex_jax.data.input import datasets
+    from metachex_jax.data.input.spec import DataSpec
+    from metachex_jax.models import runs
+
+    validation = datasets.pretraining_data(DataSpec.from_config(runs.saved_config(str(workdir)))).splits[
+        "chestxray14"]["validation"]
+    names = [validation[i]["image_name"] for i in range(len(validation))]
+    found = {p.name: p for p in nih_root.rglob("*.png")}
+    return [found[n.decode() if isinstance(n, bytes) else str(n)] for n in names]
+
+
+def test_ood_flags_held_out_images_at_the_threshold_rate_and_shifted_copies_in_their_majority(run_dir, tmp_path):
+    """Training described its best checkpoint (WORKDIR/ood/step_N.npz: training images, threshold from the
+    validation split). predict scores raw files: the validation files' largest distance is the threshold (fewer
+    than 99 of them: k = n), the test split's images are flagged at the rate that implies, and the shifted copies
+    in their majority."""
+    from scipy import stats
+
+    from metachex_jax.contract import ood
+
+    workdir, nih_root = run_dir
+    (saved,) = (workdir / "ood").glob("step_*.npz")
+    described = ood.FeatureReference.from_bytes(saved.read_bytes())
+    info = described.info
+    n, k = info["threshold_images"], info["threshold_rank"]
+    assert info["reference_images"] > n > 5 and info["source"]["run"] == str(workdir)
+    validation = validation_files(workdir, nih_root)
+    assert len(validation) == n
+    tests = nih_test_files(nih_root)
+    shifted = shifted_copies(tests, tmp_path)
+    inputs = [*validation, *tests, *(p for paths in shifted.values() for p in paths)]
+    assert predict.main([f"--model={workdir}", *map(str, inputs), f"--out={tmp_path}/p"]) == 0
+    rows = {r["path"]: r for r in read_rows(tmp_path / "p" / "predictions.csv")}
+    distance = {p: float(rows[str(p)]["ood_distance"]) for p in inputs}
+    flag = {p: int(rows[str(p)]["ood_flag"]) for p in inputs}
+    near = [p for p in inputs if abs(distance[p] - described.threshold) <= 1e-6 * described.threshold]
+    assert all(flag[p] == int(distance[p] > described.threshold) for p in inputs if p not in near)
+    assert max(distance[p] for p in validation) == pytest.approx(described.threshold, rel=1e-4)
+    # Conditional on the threshold a held-out image is flagged with probability U ~ Beta(n + 1 - k, k)
+    # (exchangeable with the validation images), so the flag count of m test images is beta-binomial: we accept
+    # its central 99.9%.
+    flagged = sum(flag[p] for p in tests)
+    low, high = stats.betabinom(len(tests), n + 1 - k, k).ppf([0.0005, 0.9995])
+    assert low <= flagged <= high, (flagged, low, high, info["expected_flag_rate"])
+    for kind, paths in shifted.items():
+        assert sum(flag[p] for p in paths) > len(paths) / 2, kind
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["ood"]["columns"] and summary["ood"]["description"] == str(saved)
+    assert summary["ood"]["flagged"] == sum(flag.values()) and summary["ood"]["scored"] == len(inputs)
+
+
+def test_ood_command_describes_a_step_as_training_did(run_dir, tmp_path, capsys):
+    from metachex_jax import ood as ood_command
+    from metachex_jax.contract import ood
+
+    workdir, nih_root = run_dir
+    (saved,) = (workdir / "ood").glob("step_*.npz")
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "ood")
+    image = str(nih_test_files(nih_root)[0])
+    assert predict.main([f"--model={copy}", image, f"--out={tmp_path}/none"]) == 0
+    assert "ood_distance" not in read_rows(tmp_path / "none" / "predictions.csv")[0]
+    why = json.loads((tmp_path / "none" / "summary.json").read_text())["ood"]
+    assert not why["columns"] and f"python -m metachex_jax.ood {copy} --step=" in why["why"]
+    assert ood_command.main([str(copy), "--step=latest", "--max_images=1000"]) == 0
+    again = ood.FeatureReference.from_bytes((copy / "ood" / saved.name).read_bytes())
+    described = ood.FeatureReference.from_bytes(saved.read_bytes())
+    assert again.threshold == pytest.approx(described.threshold, rel=1e-6)
+    np.testing.assert_allclose(again.precision, described.precision, rtol=1e-5)
+    assert ood_command.main([str(copy), "--step=99"]) == 1
+    assert "step 99 is not among the checkpoints" in capsys.readouterr().err
+
+
+def test_review_page_in_a_headless_browser(run_dir, tmp_path):
+    """`predict --report` writes index.html; Chromium opens it from disk: no console error (its
+    Content-Security-Policy turns any load from elsewhere into one), a card per CSV row, sorting by an output
+    orders the cards, the OOD filter shows the flagged ones."""
+    from browser import headless_chromium
+
+    workdir, nih_root = run_dir
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tests = nih_test_files(nih_root)[:8]
+    for source in tests:
+        shutil.copy(source, inputs / source.name)
+    shifted_copies(tests[:2], inputs)
+    (inputs / "empty.png").write_bytes(b"")
+    out = tmp_path / "p"
+    assert predict.main([f"--model={workdir}", str(inputs), f"--out={out}", "--report", "--heatmaps=Mass",
+                         "--heatmap_layer=transition3"]) == 1  # the empty file fails
+    rows = read_rows(out / "predictions.csv")
+    page = (out / "index.html").read_text()
+    assert "Content-Security-Policy" in page and "http://" not in page and "https://" not in page
+    with headless_chromium() as driver:
+        from selenium.webdriver.common.by import By  # the test extra: there once the browser is
+        from selenium.webdriver.support.ui import Select
+
+        driver.get((out / "index.html").as_uri())
+        cards = driver.find_elements(By.CSS_SELECTOR, ".card")
+        assert len(cards) == len(rows) == 19
+        column = [o["name"] for o in json.loads((out / "summary.json").read_text())["outputs"]].index("Mass")
+        Select(driver.find_element(By.ID, "sort")).select_by_visible_text("Mass")
+        shown = [c.get_attribute(f"data-o{column}") for c in driver.find_elements(By.CSS_SELECTOR, ".card")]
+        values = [float(v) for v in shown if v]
+        assert values == sorted((float(r["Mass"]) for r in rows if r["Mass"]), reverse=True)
+        assert shown[-1] == ""  # the failed file last
+        Select(driver.find_element(By.ID, "filter")).select_by_visible_text("OOD flagged")
+        visible = [c for c in driver.find_elements(By.CSS_SELECTOR, ".card") if c.is_displayed()]
+        assert len(visible) == sum(r["ood_flag"] == "1" for r in rows) > 0
+        links = driver.find_elements(By.CSS_SELECTOR, ".card a")
+        assert len(links) == sum(1 for r in rows if not r["error"])  # one heatmap each
+        assert (out / links[0].get_attribute("href").removeprefix(f"file://{out}/")).is_file()
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []

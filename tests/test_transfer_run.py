@@ -563,7 +563,8 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     assert card["training"]["epochs"] == int(np.ceil(np.median(best)))
     oof = reports.read_predictions_csv(workdir / "report" / "predictions" / "metachexnet_finetune_cv_shenzhen.csv")
     threshold = metrics.threshold_at_sensitivity(oof["label"], oof["prob"], 0.9)
-    assert card["outputs"] == [{"name": "tb", "kind": "probability", "threshold": pytest.approx(threshold)}]
+    (output,) = card["outputs"]
+    assert (output["name"], output["kind"], output["threshold"]) == ("tb", "probability", pytest.approx(threshold))
     assert np.mean(oof["prob"][oof["label"] == 1] >= threshold) >= 0.9
     assert card["metrics"]["cv_shenzhen"]["auroc"] == pytest.approx(
         result["cells"]["metachexnet/finetune"]["cv_shenzhen"]["auroc"])
@@ -752,3 +753,78 @@ def test_fixed_split_protocol_fits_on_train_chooses_on_validation_reports_on_tes
         probs = {int(i): float(p) for batch in batches for i, p in zip(
             batch["index"], np.asarray(jax.nn.sigmoid(model(to_model_input(jnp.asarray(batch["image"])))))) if i >= 0}
     np.testing.assert_allclose([probs[i] for i in range(len(test))], cols["prob"], atol=1e-5)
+
+
+def test_platt_calibration_is_nested_and_the_deployed_model_carries_a_calibrator_and_ood_description(
+        finished, setup, tmp_path):
+    """Report: each split's Platt calibrator is fitted on that split's training-side scores (the probe's inner
+    out-of-fold predictions) and applied to its held-out images only; the decisions are the same on both scales.
+    Deployed model: its calibrator is Platt on the out-of-fold predictions, `predict --calibrated` applies it; its
+    OOD description is its features of every Shenzhen image with the threshold from out-of-fold distances
+    (checked against scikit-learn's Ledoit-Wolf on the raw files' features)."""
+    from sklearn.covariance import LedoitWolf
+
+    from metachex_jax import predict
+    from metachex_jax.contract.calibration import PlattScaling, fit_platt
+    from metachex_jax.serving.predictor import Predictor
+    from metachex_jax.transfer.probe import ProbeSettings, fit_probe
+
+    config, workdir, result = finished
+    demo_dir, pre = setup
+    out = workdir / "report"
+    assert (out / "reliability_platt_cv_shenzhen.png").is_file()
+    assert "ECE after Platt" in (out / "comparison.md").read_text()
+    cell = result["cells"]["metachexnet/probe"]["cv_shenzhen"]
+    assert set(cell["calibration_platt"]) == {"brier", "ece", "reliability"}
+
+    sets = sets_lib.tb_transfer_sets(DataSpec.from_config(config))
+    shenzhen = sets["shenzhen"]
+    splits = protocols.check_protocol(protocols.parse_protocol("cv_shenzhen"), sets, need_validation=True)
+    start = load(str(pre), config)
+    records = sets_lib.load_datasets(DataSpec.from_config(config), ("shenzhen",))
+    features = sets_lib.features_of({"shenzhen": features_lib.features_for(
+        start, records["shenzhen"], batch_size=16, cache_dir=config.feature_cache_dir)}, shenzhen)
+    cols = reports.read_predictions_csv(out / "predictions" / "metachexnet_probe_cv_shenzhen.csv")
+    stored = result["details"]["metachexnet/probe"]["cv_shenzhen"]["thresholds"]
+    settings = ProbeSettings.from_config(config.probe, config.seed)
+    for split, learned in zip(splits, stored):
+        y_train = shenzhen.y[split.train]
+        fit = fit_probe(features[split.train], y_train, features[split.test], settings,
+                        groups=shenzhen.patient[split.train])
+        platt = fit_platt(y_train, fit.train_oof_prob)
+        assert (learned["platt"]["a"], learned["platt"]["b"]) == pytest.approx((platt.a, platt.b))
+        assert learned["platt"]["n"] == len(split.train)  # the training part only
+        rows = cols["fold"] == split.fold
+        np.testing.assert_allclose(cols["prob_platt"][rows], platt(cols["prob"][rows]), rtol=1e-9)
+        on_test = fit_platt(shenzhen.y[split.test], fit.test_prob)  # what fitting on the judged images gives
+        assert abs(on_test.a - platt.a) > 1e-6
+        for name in ("threshold", "threshold_sens", "threshold_spec"):
+            np.testing.assert_array_equal(cols["prob"][rows] >= cols[name][rows],
+                                          cols["prob_platt"][rows] >= platt(cols[name][rows]))
+
+    card = json.loads((workdir / "model" / "model.json").read_text())
+    oof = reports.read_predictions_csv(out / "predictions" / "metachexnet_finetune_cv_shenzhen.csv")
+    deployed = PlattScaling.from_json(card["outputs"][0]["calibration"])
+    expected = fit_platt(oof["label"], oof["prob"])
+    assert (deployed.a, deployed.b, deployed.n) == (pytest.approx(expected.a), pytest.approx(expected.b), len(oof["prob"]))
+    (raw,) = list(demo_dir.glob("*/raw"))
+    images = [raw / "ChinaSet_AllFiles" / "CXR_png" / f"{i}.png" for i in shenzhen.image_id]
+    assert predict.main([f"--model={workdir}", *map(str, images), f"--out={tmp_path}/p", "--calibrated"]) == 0
+    rows = csv_rows(tmp_path / "p" / "predictions.csv")
+    tb = np.array([float(r["tb"]) for r in rows])
+    np.testing.assert_allclose([float(r["tb_calibrated"]) for r in rows], deployed(tb), rtol=1e-6)
+    threshold = card["outputs"][0]["threshold"]
+    assert [r["tb_decision"] for r in rows] == [str(int(p >= threshold)) for p in tb]
+
+    assert card["ood"]["threshold_from"] == "out-of-fold distances (3 folds)"
+    assert card["ood"]["reference_images"] == len(shenzhen) and (workdir / "model" / "ood.npz").is_file()
+    with_features = Predictor.load(str(workdir)).predict_files(list(map(str, images)), features=True)
+    brute = np.empty(len(images))
+    for fold in np.unique(shenzhen.fold):
+        held = shenzhen.fold == fold
+        other = LedoitWolf().fit(with_features.features[~held].astype(np.float64))
+        brute[held] = np.sqrt(other.mahalanobis(with_features.features[held].astype(np.float64)))
+    k = min(int(np.ceil(config.deploy.ood_quantile * (len(images) + 1))), len(images))
+    assert card["ood"]["threshold"] == pytest.approx(np.sort(brute)[k - 1], rel=1e-4)
+    flags = np.array([int(r["ood_flag"]) for r in rows])
+    np.testing.assert_array_equal(flags, with_features.ood_flags)

@@ -154,6 +154,10 @@ def test_predict_reports_probabilities_and_op_normalised_outputs(converted, tmp_
                                rtol=1e-4, atol=1e-5)
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["input_contract"]["normalization"] == "xrv" and summary["model"]["kind"] == "torchxrayvision"
+    # Its training images are not here: no OOD columns, and the summary says why and what to give instead.
+    assert "ood_distance" not in header and "ood_flag" not in header
+    assert not summary["ood"]["columns"] and "torchxrayvision" in summary["ood"]["why"]
+    assert "--ood_reference=DIR" in summary["ood"]["why"]
 
 
 def test_raw_file_geometry_is_the_centre_square(tmp_path):
@@ -205,6 +209,7 @@ def test_export_of_the_converted_model(converted, tmp_path):
     out = export.export(str(root / "model"), str(tmp_path / "exported"), platforms=("cpu",))
     card = json.loads((tmp_path / "exported" / "model.json").read_text())
     assert card["input"]["normalization"] == "xrv" and card["training"]["data"].startswith("NIH")
+    assert "ood" not in card and "--ood_reference" in card["ood_absent"]  # nothing to carry, and why
     rng = np.random.default_rng(2)
     crops = rng.integers(0, 256, (5, SIZE, SIZE), dtype=np.uint8)
     flax_out, exported_out = Predictor.load(str(root / "model"))(crops), Predictor.load(out)(crops)

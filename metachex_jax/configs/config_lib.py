@@ -502,6 +502,12 @@ rules("pretrain", checks=(_heads_match_loss, _csv_needs_its_file), trainer=one_o
       eval_batch_size_per_device=integer(min=1), log_every_steps=integer(min=1),
       checkpoint_every_steps=integer(min=0), keep_checkpoints=integer(min=1), resume=existing_path,
       model_init=existing_path, **RUN_RULES)
+def description_size(value) -> str | None:
+    """config.ood.max_images: 0 (no description) or at least 2 images (a covariance needs two)."""
+    return integer(min=0)(value) or ("must be 0 (no description) or >= 2" if value == 1 else None)
+
+
+rules("ood", max_images=description_size, quantile=number(above=0, below=1))
 rules("probe", inner_folds=integer(min=2), l2_grid=numbers(above=0), selection=one_of("log_loss", "auroc"),
       max_iter=integer(min=1), tol=number(above=0))
 rules("finetune", max_folds=integer(min=0), num_epochs=integer(min=1), patience=integer(min=1),
@@ -509,7 +515,7 @@ rules("finetune", max_folds=integer(min=0), num_epochs=integer(min=1), patience=
       backbone_lr=number(min=0), bn_stats=one_of("fit", "target"))
 rules("screening", sensitivity=number(above=0, max=1), specificity=number(above=0, max=1))
 rules("deploy", start=string, method=one_of("", *METHODS), protocol=protocol_or_empty,
-      threshold_rule=one_of("sensitivity", "youden"))
+      threshold_rule=one_of("sensitivity", "youden"), ood_quantile=number(min=0, below=1))
 rules("transfer", checks=(_starting_weights_given, _random_bn_is_a_probe_baseline, _deploy_fits_the_run,
                           _csv_needs_its_file),
       trainer=one_of(*TRAINERS), init_from=starting_weights, baselines_only=boolean, compare_with=starting_weights,

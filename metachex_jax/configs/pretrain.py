@@ -64,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 0  # 0 = at every evaluation
     c.keep_checkpoints = 2  # the latest N are kept, plus the best by validation mean AUROC
+    # The out-of-distribution description of the best checkpoint written at the end (training/ood_reference.py):
+    # the features of at most max_images training images (0 = none), flagged beyond the `quantile` of the
+    # validation images' distances (`python -m metachex_jax.ood` makes it for another step)
+    c.ood = ml_collections.ConfigDict(dict(max_images=2000, quantile=0.99))
     # Where the starting weights come from, in this order (written once, in training/trainer.py initial_state):
     #   1. this run's own workdir (automatic resume), 2. `resume` (another run's checkpoint, full state),
     #   3. `model_init` (backbone weights only: converted ImageNet weights or another run; heads are new),

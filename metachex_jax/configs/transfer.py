@@ -120,6 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         protocol="",
         # "sensitivity": the largest threshold with out-of-fold sensitivity >= screening.sensitivity; "youden"
         threshold_rule="sensitivity",
+        # the model's OOD description (contract/ood.py): the training images' features, flagged beyond this
+        # quantile of their out-of-fold distances; 0 = no description
+        ood_quantile=0.99,
     ))
     c.calibration_bins = 10  # equal-width probability bins of the expected calibration error and reliability plots
     pretrain.run_settings(c)

@@ -4,11 +4,15 @@ name for each output everywhere).
 
 Kinds: "probability" (the sigmoid of a logit: each pathology by name, `view_ap` = P(AP view), `sex_male` =
 P(male), `tb` = P(TB)), "op_norm" (torchxrayvision's op-normalised probability, models/xrv.py) and "years" (age).
+A probability may carry a calibrator (`calibration`: Platt scaling, contract/calibration.py), as a transfer run's
+deployed model does: `predict --calibrated` adds its calibrated probability.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+from metachex_jax.contract.calibration import PlattScaling
 
 OUTPUT_KINDS = ("probability", "op_norm", "years")
 
@@ -19,14 +23,20 @@ class Output:
     kind: str  # "probability" (sigmoid of a logit), "op_norm" (torchxrayvision's op-normalised one) or "years"
     threshold: float | None = None  # decision threshold on the probability (e.g. TB screening)
     op_threshold: float | None = None  # "op_norm" outputs: the probability that maps to 0.5 (models/xrv.py)
+    calibration: PlattScaling | None = None  # "probability" outputs: a calibrator of the probability
 
     def to_json(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "calibration"}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> Output:
         """From a model card's "outputs" entry."""
-        return cls(data["name"], data["kind"], data.get("threshold"), data.get("op_threshold"))
+        calibration = data.get("calibration")
+        return cls(data["name"], data["kind"], data.get("threshold"), data.get("op_threshold"),
+                   PlattScaling.from_json(calibration) if calibration else None)
 
 
 def outputs_of(model, thresholds: dict | None = None) -> list[Output]:

@@ -40,13 +40,14 @@ BUILDERS: dict[str, Callable] = {"metachexnet": _build_metachexnet, "tb_classifi
                                  "torchxrayvision": build_xrv_model}
 
 
-def save(path: str, model, card: dict) -> None:
-    """Write `model` (an NNX module of `card["kind"]`) and its card into the directory `path` (local or gs://)."""
+def save(path: str, model, card: dict, extra: dict[str, bytes] | None = None) -> None:
+    """Write `model` (an NNX module of `card["kind"]`) and its card into the directory `path` (local or gs://),
+    with `extra` files (relative path -> bytes, e.g. the OOD description `ood.npz` the card names)."""
     if card.get("kind") not in BUILDERS:
         raise ValueError(f"unknown model kind {card.get('kind')!r}; known: {sorted(BUILDERS)}")
     buffer = io.BytesIO()  # torchvision's (unrolled) layout, whatever form the dense blocks run in
     np.savez(buffer, **_flatten(nnx.to_pure_dict(nnx.state(unrolled(model)))))
-    write_directory(path, {WEIGHTS_FILE: buffer.getvalue()}, card)
+    write_directory(path, {WEIGHTS_FILE: buffer.getvalue(), **(extra or {})}, card)
 
 
 def load(path: str):

@@ -4,6 +4,9 @@ out)`, the library behind `python -m metachex_jax.export` (whose help describes 
 The directory is a model directory (`models/saved.py`) whose card says what was exported, with DIR/exported/
 (`exported.py`): the whole inference function (`forward.make_forward`) serialised with `jax.export`, batch-size
 polymorphic, lowered for CPU, CUDA and TPU and without shardings, and its weights. Grad-CAM is not exported.
+The function returns the pooled features with the outputs, so the model's OOD description (contract/ood.py: the
+source's `ood.npz`, or a pretraining run's WORKDIR/ood/step_<N>.npz) travels with it: the card's "ood" entry and
+the directory's `ood.npz`. A source without one exports without one (the card says why).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import flax
 import jax
 import numpy as np
 
+from metachex_jax.contract import ood
 from metachex_jax.contract.card import EXPORTED_DIR, is_model_dir, read_card, write_directory
 from metachex_jax.core import files
 from metachex_jax.core.version import __version__
@@ -61,6 +65,10 @@ def model_card(predictor, model_path: str, platforms) -> dict:
                      "serialization_version": jax.export.maximum_supported_calling_convention_version},
     }
     card.update(_provenance(model_path, predictor.info))
+    if predictor.ood is not None:
+        card["ood"] = predictor.ood.card_entry()
+    else:
+        card["ood_absent"] = predictor.ood_note
     return card
 
 
@@ -127,7 +135,8 @@ def export(model_path: str, out: str, *, step: str | int = "best", platforms=DEF
     function, weights = export_predictor(predictor, platforms)
     npz = io.BytesIO()
     np.savez(npz, **{f"w{i}": w for i, w in enumerate(weights)})
-    write_directory(out, {f"{EXPORTED_DIR}/{FUNCTION_FILE}": bytes(function),
-                                      f"{EXPORTED_DIR}/{WEIGHTS_FILE}": npz.getvalue()},
-                                model_card(predictor, model_path, platforms))
+    contents = {f"{EXPORTED_DIR}/{FUNCTION_FILE}": bytes(function), f"{EXPORTED_DIR}/{WEIGHTS_FILE}": npz.getvalue()}
+    if predictor.ood is not None:
+        contents[ood.FILE] = predictor.ood.to_bytes()
+    write_directory(out, contents, model_card(predictor, model_path, platforms))
     return out

@@ -1,6 +1,6 @@
 """Apply a model to X-ray files and write the results: `run(Request(model=..., inputs=[...]))`, the library behind
 `python -m metachex_jax.predict` (its help lists the inputs it takes and the files it writes: predictions.csv,
-summary.json, features.npy, heatmaps/).
+summary.json, features.npy, heatmaps/, index.html).
 
 Every file is written atomically; the CSV and the summary before any heatmap, and again with the heatmaps'
 outcome. A file that fails at any stage (read, pixel contract, prediction, heatmap) gets its error, naming the file
@@ -26,7 +26,7 @@ from metachex_jax.core.errors import ModelError
 from metachex_jax.data.raw.common import not_dataset_file
 from metachex_jax.imaging import images as image_reader
 from metachex_jax.imaging.file_formats import DEFAULT_MAX_PIXELS
-from metachex_jax.serving import gradcam
+from metachex_jax.serving import gradcam, report_page
 from metachex_jax.serving.predictor import Predictor, file_error, one_by_one
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -55,6 +55,9 @@ class Request:
     workers: int | None = None
     image_size: int | None = None
     resolution: int | None = None
+    calibrated: bool = False
+    ood_reference: str | None = None
+    report: bool = False
 
 
 def expand_inputs(inputs: list[str], list_file: str | None = None) -> tuple[list[str], dict]:
@@ -133,7 +136,7 @@ def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str
     the overlay, the writing) gets that error; the others are still written. A batch whose Grad-CAM fails is
     computed again one file at a time."""
     ok = [i for i, e in enumerate(result.errors) if e is None]
-    base = os.path.commonpath([os.path.dirname(result.paths[i]) for i in ok]) if ok else ""
+    base = heatmap_base(result)
     written, errors = [], {}
 
     def fail(i, exc):
@@ -177,6 +180,24 @@ def write_heatmaps(predictor, result, names: list[str], layer: str, out_dir: str
     return written, errors
 
 
+def heatmap_base(result) -> str:
+    """The folder below which every predicted input's heatmap folder is named (their common folder)."""
+    ok = [i for i, e in enumerate(result.errors) if e is None]
+    return os.path.commonpath([os.path.dirname(result.paths[i]) for i in ok]) if ok else ""
+
+
+def heatmap_overlays(out_dir: str, result, names: list[str], written: list[str]) -> dict[int, dict[str, str]]:
+    """{input index: {output name: its overlay PNG, relative to out_dir}} of the heatmaps written."""
+    done, base = set(written), heatmap_base(result)
+    out: dict[int, dict[str, str]] = {}
+    for i, error in enumerate(result.errors):
+        for name in names if error is None else []:
+            png = os.path.join("heatmaps", heatmap_folder(result.paths[i], base), f"{name}.png")
+            if os.path.join(out_dir, png) in done:
+                out.setdefault(i, {})[name] = png
+    return out
+
+
 def file_errors(result, heatmap_errors: dict[int, str]) -> list[str | None]:
     """Each input's error: its prediction's (read, pixel contract, prediction), else its heatmap's, else None."""
     return [e or heatmap_errors.get(i) for i, e in enumerate(result.errors)]
@@ -213,6 +234,8 @@ def summary(predictor, result, args: Request, left_out: dict, heatmap_files: lis
                      "files": None if heatmap_files is None else len(heatmap_files), "failed": len(heatmap_errors)}
         if args.heatmaps.strip() else None,
         "features": "features.npy" if args.features else None,
+        "ood": ood_summary(predictor, result),
+        "report": report_page.PAGE if args.report else None,
     }
     for output in predictor.outputs:
         if output.threshold is not None:
@@ -220,6 +243,19 @@ def summary(predictor, result, args: Request, left_out: dict, heatmap_files: lis
             out.setdefault("decisions", {})[output.name] = {
                 "threshold": output.threshold, "positive": int(np.sum(values[~np.isnan(values)] >= output.threshold))}
     return out
+
+
+def ood_summary(predictor, result) -> dict:
+    """The OOD columns' description: where the reference came from, its threshold and how many were flagged; or
+    why there are no such columns."""
+    if predictor.ood is None:
+        return {"columns": False, "why": predictor.ood_note}
+    flags = result.ood_flags
+    info = predictor.ood.info
+    return {"columns": True, "description": predictor.ood_note, "threshold": predictor.ood.threshold,
+            "quantile": info.get("quantile"), "expected_flag_rate": info.get("expected_flag_rate"),
+            "threshold_from": info.get("threshold_from"), "reference_images": info.get("reference_images"),
+            "flagged": int(np.sum(flags == 1)), "scored": int(np.sum(flags >= 0))}
 
 
 def _count(pairs) -> list[dict]:
@@ -255,6 +291,17 @@ def run(args: Request) -> int:
         raise UsageError(str(e)) from e
     if not predictor.outputs and not args.features:
         raise UsageError(f"{args.model} has no outputs (a bare backbone): pass --features to write its features")
+    if args.calibrated and not any(o.calibration is not None for o in predictor.outputs):
+        raise UsageError(f"--calibrated: {args.model} has no calibrated output (a transfer run's deployed model "
+                         "carries one)")
+    if args.ood_reference:
+        reference_paths, _ = expand_inputs([args.ood_reference])
+        try:
+            predictor.ood = predictor.reference_from_files(reference_paths, bit_depth=args.bit_depth,
+                                                           workers=args.workers, max_pixels=args.max_pixels)
+        except ValueError as e:
+            raise UsageError(f"--ood_reference={args.ood_reference}: {e}") from e
+        predictor.ood_note = f"--ood_reference={os.path.abspath(args.ood_reference)}"
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     skipped = {k: len(v) for k, v in left_out.items() if v}
@@ -262,7 +309,9 @@ def run(args: Request) -> int:
           file=sys.stderr)
 
     result = predictor.predict_files(paths, tta=args.tta, features=args.features, bit_depth=args.bit_depth,
-                                     workers=args.workers, progress=True, max_pixels=args.max_pixels)
+                                     workers=args.workers, progress=True, max_pixels=args.max_pixels,
+                                     calibrated=args.calibrated,
+                                     thumbnails=report_page.THUMBNAIL if args.report else None)
     if args.features:
         write_npy(os.path.join(out_dir, "features.npy"), result.features)
     # The predictions are on disk before any heatmap is made; the heatmaps' outcome is then added to both files.
@@ -271,8 +320,19 @@ def run(args: Request) -> int:
         heatmap_files, heatmap_errors = write_heatmaps(predictor, result, heatmaps, args.heatmap_layer, out_dir,
                                                        args.bit_depth, args.max_pixels)
         report = write_report(out_dir, predictor, result, args, left_out, heatmap_files, heatmap_errors)
+    else:
+        heatmap_files, heatmap_errors = [], {}
+    if args.report:
+        report_page.write_page(out_dir, result, csv_rows(result, heatmap_errors), report,
+                               heatmap_overlays(out_dir, result, heatmaps, heatmap_files))
     print(f"{report['predicted']} of {report['images']} images predicted in {result.seconds:.1f} s "
           f"({report['images_per_s']:.1f} img/s) -> {out_dir}/predictions.csv", file=sys.stderr)
+    if predictor.ood is None:
+        print(f"no OOD columns: {predictor.ood_note}", file=sys.stderr)
+    else:
+        print(f"OOD: {report['ood']['flagged']} of {report['ood']['scored']} images flagged (distance > "
+              f"{predictor.ood.threshold:.4g}; about {report['ood']['expected_flag_rate']:.1%} of images like the "
+              "training images are)", file=sys.stderr)
     for failure in report["failures"]:
         print(f"failed: {failure['error']}", file=sys.stderr)
     return 1 if report["failed"] else 0

@@ -17,7 +17,13 @@ Named outputs (contract/outputs.py), in the model's order: probabilities (sigmoi
 name, `view_ap` = P(AP view), `sex_male` = P(male), `tb` = P(TB)), `age` in years, and for a converted
 torchxrayvision model each trained label's probability `L` and op-normalised value `L_opnorm` (models/xrv.py). An
 output with a decision threshold (the TB model's) also gets `<name>_decision` (1 when the probability >= the
-threshold) in `predict_files` results.
+threshold) in `predict_files` results, and one with a calibrator (a deployed TB model's Platt scaling,
+contract/calibration.py) `<name>_calibrated` when asked for (`calibrated=True`).
+
+Out-of-distribution score (contract/ood.py): `predictor.ood` is the model's description of its training images in
+feature space (a model directory's `ood.npz`, a pretraining run's WORKDIR/ood/step_<N>.npz) or None, and then
+`predictor.ood_note` says why; `reference_from_files` makes one from reference images. With a description,
+`predict_files` gives every file its Mahalanobis distance and flag (`ood_distance`, `ood_flag`).
 
 Preprocessing is the model's `PixelContract` (contract/pixels.py): the same functions the dataset builders and the
 evaluation path of training use, so predicting a raw file equals evaluating the prepared record of that file.
@@ -37,8 +43,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 from tqdm import tqdm
 
+from metachex_jax.contract import ood as ood_lib
 from metachex_jax.contract.card import EXPORTED_DIR, is_model_dir, read_card
 from metachex_jax.contract.outputs import Output
 from metachex_jax.contract.pixels import PixelContract
@@ -61,6 +69,10 @@ class FilePredictions:
     infos: list  # image_reader.ImageInfo or None
     errors: list  # str or None
     seconds: float
+    ood_distance: np.ndarray | None = None  # (N,) Mahalanobis distances (NaN where the file failed)
+    ood_threshold: float | None = None
+    calibrated: bool = False  # rows() adds `<name>_calibrated` for outputs with a calibrator
+    thumbnails: list | None = None  # uint8 gray (t, t) per file (None where it failed), when asked for
 
     @property
     def failed(self) -> list[int]:
@@ -69,9 +81,18 @@ class FilePredictions:
     def column(self, name: str) -> np.ndarray:
         return self.values[:, [o.name for o in self.outputs].index(name)]
 
+    @property
+    def ood_flags(self) -> np.ndarray | None:
+        """(N,) 1 flagged, 0 not, -1 where the file failed; None without a description."""
+        if self.ood_distance is None:
+            return None
+        return np.where(np.isnan(self.ood_distance), -1, (self.ood_distance > self.ood_threshold).astype(int))
+
     def rows(self) -> list[dict]:
-        """One dict per image: path, every output (+ decisions), the reader's decisions, error."""
+        """One dict per image: path, every output (+ decisions, calibrated probabilities), the OOD distance and
+        flag, the reader's decisions, error."""
         rows = []
+        flags = self.ood_flags
         for i, path in enumerate(self.paths):
             row = {"path": path}
             for j, output in enumerate(self.outputs):
@@ -79,6 +100,12 @@ class FilePredictions:
                 row[output.name] = "" if np.isnan(value) else f"{value:.8g}"
                 if output.threshold is not None:
                     row[f"{output.name}_decision"] = "" if np.isnan(value) else int(value >= output.threshold)
+                if self.calibrated and output.calibration is not None:
+                    row[f"{output.name}_calibrated"] = "" if np.isnan(value) else f"{output.calibration(value):.8g}"
+            if flags is not None:
+                distance = self.ood_distance[i]
+                row["ood_distance"] = "" if np.isnan(distance) else f"{distance:.8g}"
+                row["ood_flag"] = "" if flags[i] < 0 else int(flags[i])
             info = self.infos[i]
             row["format"] = info.format if info else ""
             row["width"] = info.width if info else ""
@@ -109,6 +136,36 @@ class _ExportedModel:
         return self._forward(self.weights, images)
 
 
+def saved_reference(path: str, info: dict) -> tuple[ood_lib.FeatureReference | None, str]:
+    """(the OOD description saved with the model at `path`, where it came from) or (None, why there is none)."""
+    if is_model_dir(path):
+        entry = read_card(path).get("ood")
+        if not entry:
+            what = {"torchxrayvision": "a converted torchxrayvision model, whose training images are not here"}.get(
+                info.get("kind"), "a model saved without one")
+            return None, f"{path}: the model card has no OOD description ({what}); give --ood_reference=DIR"
+        where = files.join(path, entry["file"])
+    elif info.get("kind") == "pretraining run":
+        where = ood_lib.run_reference_path(files.join, path, info["step"])
+        if not files.is_file(where):
+            return None, (f"no OOD description for step {info['step']} of {path} ({where} is missing: a run "
+                          "from before descriptions existed, or another step); make it with `python -m "
+                          f"metachex_jax.ood {path} --step={info['step']}`, or give --ood_reference=DIR")
+    else:
+        return None, (f"{path}: a convert_torchvision backbone carries no description of its training images; give "
+                      "--ood_reference=DIR")
+    return ood_lib.FeatureReference.from_bytes(files.read_bytes(where), where), where
+
+
+def thumbnail(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 gray image shrunk (area average) to at most size x size."""
+    image = np.asarray(image)
+    image = image[..., 0] if image.ndim == 3 else image
+    if max(image.shape) <= size:
+        return image.astype(np.uint8)
+    return np.asarray(Image.fromarray(image.astype(np.uint8)).resize((size, size), Image.Resampling.BOX))
+
+
 def file_error(path: str, stage: str, exc: BaseException) -> str:
     """The error of a file that failed at `stage` after it was read ("pixel contract", "prediction", "heatmap")."""
     return f"{path}: {stage} failed ({type(exc).__name__}: {exc})"
@@ -127,11 +184,13 @@ class Predictor:
     """A model ready to apply to images; build it with `Predictor.load(MODEL)`."""
 
     def __init__(self, backend, outputs: list[Output], contract: PixelContract, info: dict,
-                 batch_size: int = 32):
+                 batch_size: int = 32, ood: ood_lib.FeatureReference | None = None, ood_note: str = ""):
         self._backend = backend
         self.outputs = list(outputs)
         self.contract = contract
         self.info = info  # what was loaded (json-ready), for summaries
+        self.ood = ood  # the model's description of its training images in feature space, or None:
+        self.ood_note = ood_note  # where it came from, or why there is none
         devices = jax.local_devices()
         self.mesh = Mesh(np.asarray(devices), ("data",))
         self._sharding = NamedSharding(self.mesh, P("data"))
@@ -166,7 +225,11 @@ class Predictor:
             if value is not None and value != saved:
                 raise ModelError(f"--{name}={value}, but the model was trained with {name} {saved}: its pixel "
                                  f"contract is fixed ({contract.describe()})")
-        return cls(backend, outputs, contract, info, batch_size)
+        ood, note = saved_reference(path, info)
+        if ood is not None and ood.num_features != backend.num_features:
+            raise ModelError(f"{note}: describes {ood.num_features} features, but the model has "
+                             f"{backend.num_features}")
+        return cls(backend, outputs, contract, info, batch_size, ood, note)
 
     # ----- what the model offers ---------------------------------------------------------------------------
     @property
@@ -245,9 +308,14 @@ class Predictor:
 
     def predict_files(self, paths: Sequence[str], *, tta: str | None = None, features: bool = False,
                       bit_depth: int | None = None, workers: int | None = None, progress: bool = False,
-                      max_pixels: int | None = image_reader.DEFAULT_MAX_PIXELS) -> FilePredictions:
+                      max_pixels: int | None = image_reader.DEFAULT_MAX_PIXELS, calibrated: bool = False,
+                      thumbnails: int | None = None) -> FilePredictions:
         """Read, preprocess and predict every file; a file that fails at any stage (read, pixel contract,
         prediction) gets its error, naming the file and the stage, and the rest run.
+
+        With an OOD description (`self.ood`) every file gets its distance and flag. `calibrated`: the rows add
+        each calibrated output's calibrated probability. `thumbnails=T`: each file's stored image (the whole
+        image at the contract's resolution R), shrunk to T x T when R > T, for review pages.
 
         Files are decoded in `workers` processes (default: every core when there are many files) ahead of the
         device, which computes batch k while the host assembles batch k + 1. A batch that fails is run again one
@@ -257,7 +325,9 @@ class Predictor:
         paths = [str(p) for p in paths]
         n = len(paths)
         values = np.full((n, len(self.outputs)), np.nan)
-        feats = np.full((n, self.num_features), np.nan, np.float32) if features else None
+        keep_features = features or self.ood is not None
+        feats = np.full((n, self.num_features), np.nan, np.float32) if keep_features else None
+        small: list | None = [None] * n if thumbnails else None
         infos: list = [None] * n
         errors: list = [None] * n
         if workers is None:
@@ -300,6 +370,8 @@ class Predictor:
             for i, (stored, error, info) in enumerate(decoded):
                 infos[i] = info
                 errors[i] = error
+                if error is None and small is not None:
+                    small[i] = thumbnail(stored, thumbnails)
                 if error is None:
                     try:
                         crops.append(self.contract.from_stored(stored))
@@ -317,7 +389,25 @@ class Predictor:
             if pending is not None:
                 finish(pending)
                 bar.update(len(pending[0]))
-        return FilePredictions(paths, self.outputs, values, feats, infos, errors, time.perf_counter() - began)
+        distance = self.ood.distance(feats) if self.ood is not None else None
+        return FilePredictions(paths, self.outputs, values, feats if features else None, infos, errors,
+                               time.perf_counter() - began, distance,
+                               self.ood.threshold if self.ood is not None else None, calibrated, small)
+
+    def reference_from_files(self, paths: Sequence[str], *, quantile: float = ood_lib.DEFAULT_QUANTILE,
+                             folds: int = 5, seed: int = 0, **read_options) -> ood_lib.FeatureReference:
+        """An OOD description made from reference images (e.g. a converted model's, whose training images are
+        not at hand): every image in the description, the threshold from out-of-fold distances over `folds`
+        seeded random folds. Every file must be read (ValueError naming each that fails)."""
+        if len(paths) < 2 * folds:
+            raise ValueError(f"{len(paths)} reference images: at least {2 * folds} are needed for {folds} folds")
+        result = self.predict_files(paths, features=True, **read_options)
+        if result.failed:
+            raise ValueError(f"{len(result.failed)} of {len(paths)} reference images failed:\n  "
+                             + "\n  ".join(result.errors[i] for i in result.failed))
+        return ood_lib.describe_out_of_fold(result.features, ood_lib.seeded_folds(len(paths), folds, seed),
+                                            quantile=quantile,
+                                            source={"reference_images": len(paths), "folds": folds, "seed": seed})
 
     # ----- Grad-CAM ----------------------------------------------------------------------------------------
     def gradcam(self, images, names: Sequence[str], *, layer: str = "final") -> dict[str, np.ndarray]:

@@ -13,12 +13,14 @@
                               on SIGTERM/SIGINT every process saves the same step and stops
                               (`core.preemption.Preempted`)
   7. final evaluation         the best checkpoint on the test split -> WORKDIR/eval/ (per dataset for a mixture)
+  8. OOD description          the best checkpoint's features of a sample of training images, threshold from
+                              validation images -> WORKDIR/ood/step_<N>.npz (config.ood; training/ood_reference.py)
 
 A mixture (config.data.datasets = "chestxray14:1,chexpert:1,...") is evaluated per dataset, each on the labels it
 has; the best checkpoint is the one with the highest mean over datasets of each dataset's validation mean AUROC,
 which reduce-on-plateau also watches when optim.plateau_on = "mean_auroc" (the mixture configs' setting).
 
-Everything a run writes lives in the workdir: checkpoints/, eval/, metrics.jsonl, tensorboard/.
+Everything a run writes lives in the workdir: checkpoints/, eval/, ood/, metrics.jsonl, tensorboard/.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.evaluation import evaluate
 from metachex_jax.interop import convert
 from metachex_jax.models import SPECS, build_model, count_params, resolve_scan_layers, runs
-from metachex_jax.training import checkpointing, optim, steps
+from metachex_jax.training import checkpointing, ood_reference, optim, steps
 from metachex_jax.training.losses import chexnet_class_weights
 from metachex_jax.training.metric_writer import MetricWriter
 
@@ -306,6 +308,12 @@ def train_and_evaluate(config, workdir: str, *, make_train_step=jit_train_step) 
         writer.write(step, summary_scalars("test", final),
                      f"test (best validation checkpoint, step {best_step}): "
                      f"mean AUROC {final['mean_auroc']['value']:.4f}")
+
+        # 8. The description of the best checkpoint's training images in feature space (predict's OOD flags).
+        manager.wait_until_finished()
+        if lead and config.ood.max_images:
+            ood_reference.describe_run(workdir, step=best_step, max_images=config.ood.max_images,
+                                       quantile=config.ood.quantile, seed=config.seed)
         return final
     finally:
         manager.wait_until_finished()

@@ -26,9 +26,18 @@ column and heatmap file name.
   folds that were fine-tuned; then the BatchNorm statistics are recomputed on all the training images (precise
   BN, as every fine-tuned prediction of the comparison; `finetune.bn_stats="target"` adaptation needs the
   target images, which a deployed model does not have, so deployment always uses the training images).
+- Calibrator: Platt scaling (contract/calibration.py) fitted on the same out-of-fold predictions, in the card's
+  output entry; `predict --calibrated` adds the calibrated probability (the decision stays at the threshold: the
+  map is increasing, so the operating point is the same on either scale).
+- OOD description (contract/ood.py, `deploy.ood_quantile`; 0 = none): the deployed model's pooled features of
+  every training image; the threshold from their out-of-fold distances (each CV fold under the description of the
+  other folds), in `ood.npz` beside the card. A fine-tuned backbone was fitted on those images, so their
+  distances may run smaller than new images' alike: expect flag rates above the nominal one (a probe's backbone
+  is the start's, never fitted on them).
 - Saved as a model directory (`metachex_jax.models.saved`, kind "tb_classifier"): `predict --model=WORKDIR` uses
   it, `export` exports it. Its card records the start, method, training data, threshold and how it was chosen,
-  the out-of-fold operating point, and the comparison's AUROC (with 95% CI) of the same cell in every protocol.
+  the out-of-fold operating point, the calibrator, the OOD description, and the comparison's AUROC (with 95% CI)
+  of the same cell in every protocol.
 """
 
 from __future__ import annotations
@@ -40,10 +49,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from metachex_jax.contract import ood
+from metachex_jax.contract.calibration import fit_platt
 from metachex_jax.core import files
 from metachex_jax.evaluation import metrics
 from metachex_jax.models import saved
 from metachex_jax.models.tb_classifier import TbClassifier, fold_standardisation
+from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import sets as sets_lib
 from metachex_jax.transfer.probe import fit_probe
 
@@ -122,6 +134,25 @@ def choose_threshold(spec: DeploySpec, y: np.ndarray, prob: np.ndarray, screenin
             "oof_specificity": float(metrics.specificity(y, prob, threshold))}
 
 
+def ood_description(spec: DeploySpec, model, start, view, config) -> ood.FeatureReference:
+    """The deployed model's OOD description: its features of every training image (`view`), the threshold from
+    their out-of-fold distances over the training set's CV folds; for a dataset's fixed split (split_<dataset>),
+    its features of the train split's images, the threshold from the validation split's distances."""
+    table, _ = features_lib.extract(model, view.source, contract=start.contract, batch_size=config.feature_batch_size)
+    if spec.fixed_split:
+        part = np.asarray(view.split)
+        source = {"dataset": spec.train_set, "target": spec.target, "images": int(np.sum(part == "train")),
+                  "reference": f"the deployed model's features of the {spec.train_set} train split's images",
+                  "heldout": f"its validation split ({int(np.sum(part == 'validation'))} images)"}
+        return ood.describe(table["features"][part == "train"], table["features"][part == "validation"],
+                            quantile=config.deploy.ood_quantile, source=source)
+    source = {"dataset": spec.train_set, "target": spec.target, "images": len(view),
+              "reference": f"the deployed model's features of every {spec.train_set} training image",
+              "folds": f"{spec.cv_protocol} folds (by patient)"}
+    return ood.describe_out_of_fold(table["features"], view.fold, quantile=config.deploy.ood_quantile,
+                                    source=source)
+
+
 def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables, columns, cells, details,
                  settings, tuner, validation_predictions=None) -> dict:
     """Fit the deployable model (every process: fine-tuning steps are collective), save it under WORKDIR/model/
@@ -131,14 +162,14 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
     start = next(s for s in starts if s.name == spec.start)
     key = f"{spec.start}/{spec.method}"
     if spec.fixed_split:
-        model, threshold, training = _fixed_split_model(spec, config, start, key, view, tables, details, settings,
-                                                        tuner, validation_predictions or {})
+        model, threshold, training, scores = _fixed_split_model(spec, config, start, key, view, tables, details,
+                                                                settings, tuner, validation_predictions or {})
     else:
-        model, threshold, training = _model_on_every_image(spec, config, start, key, view, tables, columns,
-                                                           details, settings, tuner)
+        model, threshold, training, scores = _model_on_every_image(spec, config, start, key, view, tables, columns,
+                                                                   details, settings, tuner)
     training = {"start": spec.start, "start_info": start.info, "method": spec.method, "protocol": spec.protocol,
                 "target": spec.target, "dataset": spec.train_set, **training}
-    return _save(spec, config, workdir, start, key, model, threshold, training, cells)
+    return _save(spec, config, workdir, start, view, key, model, threshold, scores, training, cells)
 
 
 def _fixed_split_model(spec: DeploySpec, config, start, key, view, tables, details, settings, tuner,
@@ -153,17 +184,17 @@ def _fixed_split_model(spec: DeploySpec, config, start, key, view, tables, detai
         features = sets_lib.features_of(tables, view)[rows]
         fit = fit_probe(features, view.y[rows], features[:0], settings, groups=view.patient[rows],
                         validation=validation)
-        threshold = choose_threshold(spec, view.y[rows][fit.held_out], fit.train_oof_prob[fit.held_out],
-                                     config.screening.to_dict())
+        scores = view.y[rows][fit.held_out], fit.train_oof_prob[fit.held_out]
+        threshold = choose_threshold(spec, *scores, config.screening.to_dict())
         return _probe_head(start, fit), threshold, {**training, "l2": fit.l2, "converged": fit.converged,
-                                                    "backbone": "frozen (the start's weights)"}
+                                                    "backbone": "frozen (the start's weights)"}, scores
     epochs = int(details[key][spec.protocol]["best_epoch"][0])
     y, prob = validation_predictions[key, spec.protocol]
     threshold = choose_threshold(spec, y, prob, config.screening.to_dict())
     model = tuner.fit_all(start, sets_lib.RecordSubset(view.source, rows[~validation]), epochs,
                           f"{spec.start} deployable model on the train split of {spec.train_set}", seed_offset=0)
     return model, threshold, {**training, "epochs": epochs, "effective_lr": tuner.effective_lr,
-                              "batchnorm": "statistics recomputed on the train split's images"}
+                              "batchnorm": "statistics recomputed on the train split's images"}, (y, prob)
 
 
 def _probe_head(start, fit) -> TbClassifier:
@@ -177,41 +208,52 @@ def _probe_head(start, fit) -> TbClassifier:
 def _model_on_every_image(spec: DeploySpec, config, start, key, view, tables, columns, details, settings, tuner):
     """Fitted on every image of the training set; threshold and epochs from cv_<training set>."""
     oof = columns[spec.cv_protocol][key]
-    threshold = choose_threshold(spec, oof["label"], oof["prob"], config.screening.to_dict())
+    scores = oof["label"], oof["prob"]
+    threshold = choose_threshold(spec, *scores, config.screening.to_dict())
     training = {"n_images": len(view), "n_positive": int(view.y.sum())}
     if spec.method == "probe":
         features = sets_lib.features_of(tables, view)
         fit = fit_probe(features, view.y, features[:0], settings, groups=view.patient)
         return _probe_head(start, fit), threshold, {**training, "l2": fit.l2, "converged": fit.converged,
-                                                    "backbone": "frozen (the start's weights)"}
+                                                    "backbone": "frozen (the start's weights)"}, scores
     best_epochs = details[key][spec.cv_protocol]["best_epoch"]
     epochs = int(np.ceil(np.median(best_epochs)))
     model = tuner.fit_all(start, view.source, epochs, f"{spec.start} deployable model on all of {spec.train_set}")
     return model, threshold, {**training, "epochs": epochs, "cv_best_epochs": best_epochs,
                               "batchnorm": f"statistics recomputed on all {len(view)} training images",
-                              "effective_lr": tuner.effective_lr}
+                              "effective_lr": tuner.effective_lr}, scores
 
 
-def _save(spec: DeploySpec, config, workdir: str, start, key, model, threshold, training, cells) -> dict:
+def _save(spec: DeploySpec, config, workdir: str, start, view, key, model, threshold, scores, training,
+          cells) -> dict:
+    """The model directory: weights and card (threshold, calibrator fitted on `scores`, the predictions the threshold
+    was chosen on; OOD description)."""
     model.output_name = spec.output_name  # fine-tuning trains it as "tb"; it is deployed under the target's name
     model.eval()
+    platt = fit_platt(*scores, fitted_on=threshold["chosen_on"])
+    description = ood_description(spec, model, start, view, config) if config.deploy.ood_quantile else None
     card = {
         "kind": "tb_classifier",
         # The start's pixel contract (its normalisation also fixes the stem's input channels).
         "model_config": {"arch": config.model.arch, "normalization": start.contract.normalization,
                          "output_name": spec.output_name},
         "input": start.contract.to_json(),
-        "outputs": [{"name": spec.output_name, "kind": "probability", "threshold": threshold["threshold"]}],
+        "outputs": [{"name": spec.output_name, "kind": "probability", "threshold": threshold["threshold"],
+                     "calibration": platt.to_json()}],
         "threshold_rule": threshold,
         "training": training,
         "metrics": {protocol: {"auroc": cell["auroc"]} for protocol, cell in cells.get(key, {}).items()},
         "source": {"transfer_workdir": workdir, "demo_data": bool(config.demo)},
         "intended_use": f"research; {spec.target} screening operating point chosen on training data only",
     }
+    extra = {}
+    if description is not None:
+        card["ood"], extra[ood.FILE] = description.card_entry(), description.to_bytes()
     model_dir = files.join(workdir, "model")
     if jax.process_index() == 0:
-        saved.save(model_dir, model, card)
+        saved.save(model_dir, model, card, extra)
     logging.info("deployable %s model (%s, trained on %s %s, threshold %.4f) saved to %s", spec.target, key,
                  "the train split of" if spec.fixed_split else "all of", spec.train_set, threshold["threshold"],
                  model_dir)
-    return {"path": model_dir, **{k: card[k] for k in ("threshold_rule", "training", "metrics")}}
+    return {"path": model_dir, "calibration": platt.to_json(), "ood": card.get("ood"),
+            **{k: card[k] for k in ("threshold_rule", "training", "metrics")}}

@@ -60,7 +60,7 @@ def _forward(model, images, contract: PixelContract):
     shape)."""
     features = model.features(contract.model_input(images))
     out = {"features": features}
-    heads = model.heads(features)
+    heads = model.heads(features) if hasattr(model, "heads") else {}  # a TB model (deploy.py): features only
     if "metadata" in heads:
         out["sex_male_prob"] = jax.nn.sigmoid(heads["metadata"][:, METADATA_TASKS.index("sex_male")])
     if "age" in heads:

@@ -10,6 +10,9 @@ test predictions' BatchNorm rule, finetune.py):
     threshold_sens / margin_sens  the highest threshold reaching the sensitivity target (screening: 0.90)
     threshold_spec / margin_spec  the lowest threshold reaching the specificity target (screening: 0.70)
 Thresholded metrics use "positive when margin >= 0", so they are recomputable from the CSV alone.
+Each split also fits a Platt calibrator on the same training-side scores (`learned_on_training`) and applies it to
+its held-out predictions: `prob_platt` (nested: never fitted on the images it is judged on; strictly increasing,
+so the thresholded metrics are the same on either scale).
 
 Metrics (`cell_metrics`), each with a 95% bootstrap CI over patients (each TB-set image is its own patient;
 every metric of a cell sees the same resamples):
@@ -19,7 +22,8 @@ every metric of a cell sees the same resamples):
   targets (sensitivity >= 0.90 with specificity >= 0.70) are met by the point estimates and by the CIs' lower
   bounds; the test-set oracle values (specificity at 90% sensitivity, sensitivity at 70% specificity, with the
   threshold chosen on the test images themselves: optimistic, labelled as such);
-- calibration: Brier score, expected calibration error, the reliability curve.
+- calibration: Brier score, expected calibration error, the reliability curve; the same after Platt scaling
+  (`calibration_platt`).
 Paired comparisons between cells are `paired.py`'s.
 
 Files (`write_report`, into WORKDIR/report/, each written atomically):
@@ -28,6 +32,7 @@ Files (`write_report`, into WORKDIR/report/, each written atomically):
                                      metrics, age/sex, flags (probe convergence, flagged readings), timings
     roc_<protocol>.png               ROC curves with bootstrap bands of every start x method on that protocol
     reliability_<protocol>.png       one reliability diagram per start x method
+    reliability_platt_<protocol>.png the same after each split's Platt scaling
     predictions/<start>_<method>_<protocol>.csv   per-image predictions (reports.write_predictions_csv)
 """
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from metachex_jax.contract.calibration import PlattScaling, fit_platt
 from metachex_jax.core import files
 from metachex_jax.evaluation import metrics, reports
 from metachex_jax.transfer import paired
@@ -50,8 +56,16 @@ def choose_thresholds(y, score, screening) -> dict[str, float]:
             "spec": metrics.threshold_at_specificity(y, score, screening["specificity"])}
 
 
+def learned_on_training(y, score, screening) -> dict:
+    """What a split learns from its training-side scores, never from its held-out images: the decision thresholds
+    (`choose_thresholds`) and, under "platt", the Platt calibrator applied to its held-out predictions."""
+    return {**choose_thresholds(y, score, screening),
+            "platt": fit_platt(y, score, fitted_on=f"the split's training-side scores ({len(y)} images)").to_json()}
+
+
 def cell_columns(split_results: list[tuple], sets: dict) -> dict[str, np.ndarray]:
-    """Per-image columns from [(split, test_prob, thresholds), ...] of one cell (thresholds: choose_thresholds)."""
+    """Per-image columns from [(split, test_prob, thresholds), ...] of one cell (thresholds: choose_thresholds,
+    or learned_on_training: then also each split's Platt-calibrated probabilities, `prob_platt`)."""
     names = {"threshold": "youden", "threshold_sens": "sens", "threshold_spec": "spec"}
     cols = {k: [] for k in ("image_id", "dataset", "index", "patient", "fold", "label", "prob", *names)}
     for split, prob, thresholds in split_results:
@@ -65,6 +79,10 @@ def cell_columns(split_results: list[tuple], sets: dict) -> dict[str, np.ndarray
         cols["prob"].append(np.asarray(prob, np.float64))
         for column, name in names.items():
             cols[column].append(np.full(len(split.test), thresholds[name], np.float64))
+        if "platt" in thresholds:
+            cols.setdefault("prob_platt", []).append(PlattScaling.from_json(thresholds["platt"])(prob))
+    if "prob_platt" in cols and len(cols["prob_platt"]) != len(cols["prob"]):
+        raise ValueError("some splits of the cell have a Platt calibrator and some do not")
     out = {k: np.asarray(v) if k in ("image_id", "dataset") else np.concatenate(v) for k, v in cols.items()}
     for column in names:
         out[column.replace("threshold", "margin")] = out["prob"] - out[column]
@@ -136,6 +154,8 @@ def cell_metrics(cols: dict, n_boot: int, seed: int, screening, calibration_bins
         "operating_points": operating_points(y, prob, cols, screening, n_boot, seed),
         "calibration": calibration(y, prob, groups, calibration_bins, n_boot, seed),
     }
+    if "prob_platt" in cols:
+        out["calibration_platt"] = calibration(y, cols["prob_platt"], groups, calibration_bins, n_boot, seed)
     fpr, tpr, _ = metrics.roc_curve(y, prob)
     low, high = metrics.roc_band(y, prob, groups=groups, fpr_grid=ROC_GRID, n_boot=n_boot, seed=seed)
     out["roc_curve"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
@@ -258,8 +278,9 @@ def _operating_point_tables(result: dict) -> list[str]:
             oracle = points["oracle"]
             oracle_rows.append([key, protocol, _ci_cell(oracle["specificity_at_sensitivity_target"]),
                                 _ci_cell(oracle["sensitivity_at_specificity_target"])])
-            cal = cell["calibration"]
-            calibration_rows.append([key, protocol, _ci_cell(cal["brier"]), _ci_cell(cal["ece"])])
+            cal, platt = cell["calibration"], cell.get("calibration_platt")
+            calibration_rows.append([key, protocol, _ci_cell(cal["brier"]), _ci_cell(cal["ece"]),
+                                     _ci_cell(platt and platt["brier"]), _ci_cell(platt and platt["ece"])])
     return [
         "## Screening operating points", "",
         f"WHO's target product profile for a TB triage test: sensitivity >= {sens_t:g} with specificity >= "
@@ -274,8 +295,12 @@ def _operating_point_tables(result: dict) -> list[str]:
         "## Calibration", "",
         f"Brier score and expected calibration error ({result['calibration_bins']} equal-width bins) of the "
         "predicted probabilities, 95% bootstrap CIs (ECE is biased upwards on small samples, so its interval "
-        "may sit above the point estimate); reliability diagrams in reliability_<protocol>.png.", "",
-        reports.markdown_table(["start / method", "protocol", "Brier", "ECE"], calibration_rows),
+        "may sit above the point estimate); reliability diagrams in reliability_<protocol>.png. After Platt: "
+        "each split's held-out probabilities through a Platt calibrator fitted on that split's training-side "
+        "scores only (the same scores its thresholds come from), reliability_platt_<protocol>.png; the map is "
+        "increasing, so the thresholded metrics above do not change.", "",
+        reports.markdown_table(["start / method", "protocol", "Brier", "ECE", "Brier after Platt",
+                                "ECE after Platt"], calibration_rows),
     ]
 
 
@@ -335,10 +360,12 @@ def write_report(out_dir: str, result: dict, predictions: dict[str, dict]) -> No
                    (c["roc_band"]["fpr"], c["roc_band"]["tpr_low"], c["roc_band"]["tpr_high"])) for key, c in cells]
         target = result["protocol_targets"][protocol]
         write_roc_png(files.join(out_dir, f"roc_{protocol}.png"), f"{target}, {protocol}", curves)
-        panels = [{"label": key, "reliability": c["calibration"]["reliability"],
-                   "brier": c["calibration"]["brier"]["value"], "ece": c["calibration"]["ece"]["value"]}
-                  for key, c in cells]
-        write_reliability_png(files.join(out_dir, f"reliability_{protocol}.png"), f"Calibration, {protocol}",
-                              panels)
+        for name, entry, title in (("reliability", "calibration", "Calibration"),
+                                   ("reliability_platt", "calibration_platt", "After Platt scaling")):
+            panels = [{"label": key, "reliability": c[entry]["reliability"], "brier": c[entry]["brier"]["value"],
+                       "ece": c[entry]["ece"]["value"]} for key, c in cells if entry in c]
+            if panels:
+                write_reliability_png(files.join(out_dir, f"{name}_{protocol}.png"), f"{title}, {protocol}",
+                                      panels)
     reports.write_json(files.join(out_dir, "comparison.json"), result)
     reports.write_text(files.join(out_dir, "comparison.md"), markdown(result))

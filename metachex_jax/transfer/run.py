@@ -16,7 +16,8 @@ Montgomery is the default; any prepared datasets and binary targets work (config
                          probe.max_iter is logged and noted in the report
   6. fine-tuning         per split (the first finetune.max_folds of a CV protocol): new head, early stop,
                          precise BatchNorm statistics before every prediction (finetune)
-     (5, 6)              thresholds per split from training-side scores only (report.choose_thresholds)
+     (5, 6)              thresholds and a Platt calibrator per split from training-side scores only
+                         (report.learned_on_training)
   7. cell metrics        AUROC, operating points, calibration per cell (report.cell_metrics); every pair of
                          cells compared on their common test images per protocol (paired)
   8. age and sex         the MetaChexNet heads on each dataset vs its ages and sexes (report.age_sex_metrics)
@@ -205,8 +206,8 @@ def run(config, workdir: str) -> dict:
                     fit = fit_probe(train_features[split.train], y_train, test_features[split.test], settings,
                                     groups=sets_t[split.train_set].patient[split.train],
                                     validation=np.isin(split.train, split.validation) if fixed else None)
-                    thresholds = report_lib.choose_thresholds(y_train[fit.held_out], fit.train_oof_prob[fit.held_out],
-                                                              screening)
+                    thresholds = report_lib.learned_on_training(y_train[fit.held_out],
+                                                                fit.train_oof_prob[fit.held_out], screening)
                     results.append((split, fit.test_prob, thresholds))
                     for k in ("l2", "iterations", "converged"):
                         extra[k].append(getattr(fit, k))
@@ -242,7 +243,7 @@ def run(config, workdir: str) -> dict:
                 t0 = time.perf_counter()
                 for split in chosen:
                     out = tuner.run(start, split, views[protocol_targets[protocol]])
-                    thresholds = report_lib.choose_thresholds(out.val_y, out.val_prob, screening)
+                    thresholds = report_lib.learned_on_training(out.val_y, out.val_prob, screening)
                     validation_predictions[f"{start.name}/finetune", protocol] = (out.val_y, out.val_prob)
                     results.append((split, out.test_prob, thresholds))
                     for k in ("best_epoch", "epochs_run", "val_auroc", "bn_images", "test_bn_stats"):
