@@ -116,10 +116,11 @@ def choose_threshold(spec: DeploySpec, y: np.ndarray, prob: np.ndarray, screenin
 
 
 def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables, columns, cells, details,
-                 settings, tuner) -> dict:
+                 settings, tuner, start_choice: str = "") -> dict:
     """Fit the deployable model (every process: fine-tuning steps are collective), save it under WORKDIR/model/
     (the lead process) and return a summary of its card. `view`: the training set's images of the target
-    (sets.TransferSet); `tables`: the start's feature tables per dataset (features.py)."""
+    (sets.TransferSet); `tables`: the start's feature tables per dataset (features.py); `start_choice`: why this
+    run of a start with several runs (groups.resolve_deploy), recorded in the card."""
     start = next(s for s in starts if s.name == spec.start)
     key = f"{spec.start}/{spec.method}"
     oof = columns[spec.cv_protocol][key]
@@ -127,6 +128,8 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
     training = {"start": spec.start, "start_info": start.info, "method": spec.method, "protocol": spec.protocol,
                 "target": spec.target, "dataset": spec.train_set, "n_images": len(view),
                 "n_positive": int(view.y.sum())}
+    if start_choice:
+        training["start_choice"] = start_choice
     if spec.method == "probe":
         features = sets_lib.features_of(tables, view)
         fit = fit_probe(features, view.y, features[:0], settings, groups=view.patient)
