@@ -25,6 +25,7 @@ from metachex_jax.evaluation import metrics, reports
 from metachex_jax.models.tb_classifier import TbClassifier
 from metachex_jax.training import steps as train_steps
 from metachex_jax.training import trainer
+from metachex_jax.transfer import curves as curves_lib
 from metachex_jax.transfer import features as features_lib
 from metachex_jax.transfer import groups
 from metachex_jax.transfer import protocols
@@ -211,6 +212,35 @@ def test_label_efficiency_curves_are_reproducible_from_their_predictions(finishe
         assert set(entry["reaches_target"]) == set(entry["points"]) and len(entry["no_win_from"]) == 1
     md = (report_dir / "comparison.md").read_text()
     assert "## Label efficiency" in md and "Smallest size from which no larger size has a win" in md
+
+
+def test_finetuning_curves_take_their_validation_part_out_of_the_draw(finished, setup, tmp_path):
+    """train_sizes_finetune: each draw is fine-tuned (its validation fifth taken out of the draw) and predicts the
+    full run's fine-tuned held-out images; a size whose fit part is below one batch is skipped with a note."""
+    config, _, _ = finished
+    demo_dir, pre = setup
+    c = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="finetune", compare_with="random",
+                        protocols="cv_shenzhen", train_sizes="10,20,all", train_draws=2, train_sizes_finetune=True,
+                        **{"finetune.batch_size": 16})
+    result = run.run(c, str(tmp_path))
+    entry = result["curves"]["protocols"]["cv_shenzhen"]
+    assert set(entry["points"]) == {"metachexnet/finetune", "random/finetune"}
+    assert any("size 10 skipped" in n and "finetune.batch_size=16" in n for n in result["curves"]["notes"])
+    full = reports.read_predictions_csv(tmp_path / "report" / "predictions" / "metachexnet_finetune_cv_shenzhen.csv")
+    for key, points in entry["points"].items():
+        assert [p["size"] for p in points] == [20, "all"]
+        start, method = key.split("/")
+        cols = reports.read_predictions_csv(tmp_path / "report" / "curves" / f"{start}_{method}_cv_shenzhen.csv")
+        for point in points:
+            here = cols["size"] == str(point["size"])
+            per_draw = [roc_auc_score(cols["label"][here & (cols["draw"] == d)], cols["prob"][here & (cols["draw"] == d)])
+                        for d in range(point["draws"])]
+            assert point["auroc_draws"] == pytest.approx(per_draw, abs=1e-12)
+            assert list(cols["image_id"][here & (cols["draw"] == 0)]) == list(full["image_id"])  # the first fold's
+        assert points[-1]["mean"] == pytest.approx(result["cells"][key]["cv_shenzhen"]["auroc"]["value"], abs=1e-12)
+    y = np.r_[np.zeros(14, np.int64), np.ones(6, np.int64)]
+    validation = curves_lib.validation_part(y, np.arange(20), seed=0)
+    assert 0 < len(validation) < 20 and set(y[validation].tolist()) == {0, 1}  # a stratified part of the draw
 
 
 def test_several_pretraining_runs_as_one_start(finished, setup, tmp_path):
