@@ -109,7 +109,8 @@ def test_a_damaged_start_loses_to_the_real_one(pretrained, tmp_path):
     c.update_from_flattened_dict({
         "init_from": str(workdir), "compare_with": str(tmp_path / "damaged"), "data.data_dir": str(tmp_path / "tfds"),
         "data.csv.csv": str(csv_path), "data.csv.manual_dir": str(tmp_path / "task"), "data.csv.num_folds": 5,
-        "init_name": "pretrained", "protocols": "cv_csv", "targets": "Ring", "feature_cache_dir": str(tmp_path / "cache"), "n_boot": 200,
+        "init_name": "pretrained", "protocols": "cv_csv", "targets": "Ring", "feature_cache_dir": str(tmp_path / "cache"),
+        "n_boot": 200,
         "deploy.start": "none", "probe.inner_folds": 5})
     result = run.run(c, str(tmp_path / "tb"))
     assert list(result["starts"]) == ["pretrained", "chexnet"]  # the damaged copy: a run without metadata heads

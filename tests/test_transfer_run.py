@@ -233,8 +233,8 @@ def test_finetuning_curves_take_their_validation_part_out_of_the_draw(finished, 
         cols = reports.read_predictions_csv(tmp_path / "report" / "curves" / f"{start}_{method}_cv_shenzhen.csv")
         for point in points:
             here = cols["size"] == str(point["size"])
-            per_draw = [roc_auc_score(cols["label"][here & (cols["draw"] == d)], cols["prob"][here & (cols["draw"] == d)])
-                        for d in range(point["draws"])]
+            per_draw = [roc_auc_score(cols["label"][here & (cols["draw"] == d)],
+                                      cols["prob"][here & (cols["draw"] == d)]) for d in range(point["draws"])]
             assert point["auroc_draws"] == pytest.approx(per_draw, abs=1e-12)
             assert list(cols["image_id"][here & (cols["draw"] == 0)]) == list(full["image_id"])  # the first fold's
         assert points[-1]["mean"] == pytest.approx(result["cells"][key]["cv_shenzhen"]["auroc"]["value"], abs=1e-12)
