@@ -329,26 +329,20 @@ def test_cardiomegaly_brightens_the_heart_region():
                   0.05, 0.3, 0.3, 0.45)
         for i in range(2 * n)
     ]
-    assert roc_auc_score(labels, stats) > 0.7  # among the exposure and device nuisance (generator v5): 0.76
-    # Paired: the same image with Cardiomegaly is brighter there, every time.
-    with_it = [_box_mean(_render(i, _factors(i, findings=frozenset(["Cardiomegaly"]))), 0.05, 0.3, 0.3, 0.45)
-               for i in range(12)]
-    assert all(a > _box_mean(_render(i, _factors(i)), 0.05, 0.3, 0.3, 0.45) for i, a in enumerate(with_it))
+    assert roc_auc_score(labels, stats) > 0.85
 
 
 def test_tb_sits_in_the_upper_zones():
     n = 40
     images = [_render(i, _factors(i, tb=i >= n, view_ap=False, style="shenzhen")) for i in range(2 * n)]
     upper = [_box_mean(x, -0.6, -0.2, 0.2, 0.65) + _box_mean(x, -0.6, -0.2, -0.65, -0.2) for x in images]
-    # Faint by design (generator v5): the upper zones' brightness alone separates TB only weakly among the nuisance
-    # (exposure, devices), so a model must find the lesions' shapes (docs/data.md)
-    assert 0.5 < roc_auc_score(np.r_[np.zeros(n), np.ones(n)], upper) < 0.75
-    # Paired: the same image with and without TB differs above the lung mid-line only, unless the TB plan adds a
-    # basal pleural effusion (~15% of TB images; here 2 of 10).
-    diffs = [np.abs(_render(i, _factors(i, tb=True, style="shenzhen")) - _render(i, _factors(i, style="shenzhen")))
-             for i in range(10)]
-    upper_only = [d[: SIZE // 2].sum() > 100 * d[SIZE // 2:].sum() for d in diffs]
-    assert all(d[: SIZE // 2].sum() > 3 for d in diffs) and sum(upper_only) >= 7, upper_only
+    assert roc_auc_score(np.r_[np.zeros(n), np.ones(n)], upper) > 0.75
+    # Paired: the same image with and without TB differs mostly above the lung mid-line.
+    diff = sum(
+        np.abs(_render(i, _factors(i, tb=True, style="shenzhen")) - _render(i, _factors(i, style="shenzhen")))
+        for i in range(8)
+    )
+    assert diff[: SIZE // 2].sum() > 3 * diff[SIZE // 2:].sum()
 
 
 def test_sex_and_view_are_decodable_from_pixels_but_not_trivially():
@@ -357,28 +351,25 @@ def test_sex_and_view_are_decodable_from_pixels_but_not_trivially():
     factors = [_factors(i) for i in range(600)]
     half = SIZE // 2  # 2x2-average downsampling
     pixels = np.stack([_render(i, f).reshape(half, 2, half, 2).mean((1, 3)).ravel() for i, f in enumerate(factors)])
-    # (generator v5's exposure and device nuisance lowers the pixel-linear decoders: sex ~0.83, view ~0.95)
-    for task, low, high in (("sex_male", 0.75, 0.985), ("view_ap", 0.9, 1.0)):
+    for task, low, high in (("sex_male", 0.88, 0.985), ("view_ap", 0.97, 1.0)):
         target = np.array([getattr(f, task) for f in factors])
         model = LogisticRegression(C=10.0, max_iter=5000).fit(pixels[:400], target[:400])
         assert low < roc_auc_score(target[400:], model.decision_function(pixels[400:])) <= high, task
 
 
 def test_age_sets_rib_contrast():
+    factors = [_factors(i) for i in range(80)]
+    ages = np.array([f.age for f in factors])
+
     def rib_contrast(image):
         h, w = image.shape
         lung = image[int(h * 0.3): int(h * 0.6), int(w * 0.62): int(w * 0.8)]
         return np.abs(np.diff(lung, axis=0)).mean()
 
-    factors = [_factors(i) for i in range(80)]
-    ages = np.array([f.age for f in factors])
     contrast = np.array([rib_contrast(_render(i, f)) for i, f in enumerate(factors)])
-    # among the noise-level and exposure nuisance (generator v5) a weak but clear rank correlation (-0.33) ...
-    assert np.corrcoef(np.argsort(np.argsort(ages)), np.argsort(np.argsort(contrast)))[0, 1] < -0.25
-    # ... and the same image at an older age has fainter ribs, every time
-    for i in range(10):
-        young, old = (rib_contrast(_render(i, _factors(i, age=age))) for age in (20.0, 80.0))
-        assert old < young, i
+    assert np.corrcoef(np.argsort(np.argsort(ages)), np.argsort(np.argsort(contrast)))[0, 1] < -0.85
+
+
 def test_the_project_readers_load_the_tree_without_problems(tree):
     from metachex_jax.data.raw import nih, tb
 

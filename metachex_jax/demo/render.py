@@ -50,9 +50,7 @@ fainter than findings. Sex and view cues overlap between the classes, so they ar
   Age (years)         bone density: ribs, clavicles and spine get fainter linearly with age
   TB                  upper-zone patchy opacities (the NIH textures), satellite nodules, cavities in ~45%,
                       sometimes a pleural effusion or apical fibrotic lines
-  TB (version 5)      the same, smaller (0.6x radii) and fainter (0.55x density): hard for untrained features
-Nuisance, alike in every set and class: position, scale, rotation, thorax shape, heart size, exposure window,
-gamma and gradient, blur and noise levels, devices (ECG electrodes and lead wires, a side marker, collimation)."""
+Nuisance: position, scale, rotation, thorax shape, heart size, exposure window, gamma, blur and noise."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,8 +59,7 @@ gamma and gradient, blur and noise levels, devices (ECG electrodes and lead wire
 
 DATASET_CODES = {"chestxray14": 1, "shenzhen": 2, "montgomery": 3, "hospital": 4}
 PURPOSE_METADATA, PURPOSE_IMAGE = 0, 1
-COMPONENTS = ("pose", "anatomy", "vessels", "style", "noise", "tb", "tb_lesions", "tb_effusion", "tb_fibrosis",
-              "devices")
+COMPONENTS = ("pose", "anatomy", "vessels", "style", "noise", "tb", "tb_lesions", "tb_effusion", "tb_fibrosis")
 COMPONENTS += PATHOLOGIES
 COMPONENT_CODES = {name: code for code, name in enumerate(COMPONENTS)}
 
@@ -232,9 +229,9 @@ class _Canvas:
         h, w = shape
         self.shape = shape
         self.px_per_unit = min(h, w) / 2.0
-        shift_u, shift_v = pose_rng.normal(0.0, POSE_SHIFT, size=2).tolist()
-        zoom = 1.0 + float(pose_rng.normal(0.0, POSE_ZOOM))
-        angle = float(pose_rng.normal(0.0, POSE_ANGLE))
+        shift_u, shift_v = pose_rng.normal(0.0, 0.03, size=2).tolist()
+        zoom = 1.0 + float(pose_rng.normal(0.0, 0.03))
+        angle = float(pose_rng.normal(0.0, 0.03))
         u0 = ((np.arange(w) - (w - 1) / 2.0) / self.px_per_unit)[None, :]
         v0 = ((np.arange(h) - (h - 1) / 2.0) / self.px_per_unit)[:, None]
         cos, sin = math.cos(angle), math.sin(angle)
@@ -245,15 +242,6 @@ class _Canvas:
 
     def noise(self, rng: np.random.Generator, sigma: float) -> np.ndarray:
         return _smooth_noise(rng, self.shape, sigma, self.px_per_unit)
-
-
-# Nuisance and TB strength (generator version 5): pose jitter (shift and zoom in half-widths, angle in radians), and
-# TB lesions drawn smaller (TB_SIZE x the radii) and fainter (TB_SCALE x the densities) than the NIH findings they
-# are made of, so that an untrained network's features miss them among the nuisance while features that learned
-# those primitives from the NIH labels find them (docs/data.md, "What is planted, and why transfer must help").
-POSE_SHIFT, POSE_ZOOM, POSE_ANGLE = 0.05, 0.05, 0.05
-TB_SCALE = 0.55
-TB_SIZE = 0.6
 
 
 # (texture scale, threshold, roughness, softness): Consolidation = coarse, Pneumonia = medium, Infiltration = fine;
@@ -514,25 +502,25 @@ def _paint_tb(ch: _Chest) -> None:
     for side in plan.sides:
         for _ in range(int(rng.integers(1, 3))):
             cu, cv = ch.lungs[side].point(rng, (-0.85, -0.25))
-            radius = TB_SIZE * float(rng.uniform(0.08, 0.13))
+            radius = float(rng.uniform(0.08, 0.13))
             texture = OPACITY_TEXTURES[str(rng.choice(sorted(OPACITY_TEXTURES)))]
-            ch.lesions += TB_SCALE * 0.24 * _patchy_opacity(ch.canvas, rng, (cu, cv), radius, *texture)
+            ch.lesions += 0.24 * _patchy_opacity(ch.canvas, rng, (cu, cv), radius, *texture)
             count = int(rng.integers(2, 5))
             offsets = rng.normal(0.0, radius, (count, 2)) * (1.3, 1.0)
             satellites = [(cu + du, cv + dv) for du, dv in offsets.tolist()]
-            ch.lesions += TB_SCALE * 0.22 * _nodules(ch.canvas, satellites, rng.uniform(0.015, 0.028, count))
+            ch.lesions += 0.22 * _nodules(ch.canvas, satellites, rng.uniform(0.015, 0.028, count))
     if plan.cavity:
         cu, cv = ch.lungs[plan.sides[0]].point(rng, (-0.8, -0.35), (-0.3, 0.5))
-        radius = TB_SIZE * float(rng.uniform(0.04, 0.07))
+        radius = float(rng.uniform(0.04, 0.07))
         outer = _soft_disk(u, v, cu, cv, radius, 0.008)
         inner = _soft_disk(u, v, cu, cv, 0.65 * radius, 0.008)
-        ch.lesions += TB_SCALE * 0.3 * (outer - inner)
-        ch.density -= TB_SCALE * 0.08 * inner
+        ch.lesions += 0.3 * (outer - inner)
+        ch.density -= 0.08 * inner
     if plan.effusion_side:
         _add_effusion(ch, plan.effusion_side, ch.rng("tb_effusion"))
     if plan.fibrosis:
         upper = np.maximum(*(_soft_step(-0.35 - lung.local(u, v)[1], 0.1) for lung in ch.lungs.values()))
-        ch.lesions += TB_SCALE * 0.15 * _reticulation(ch.canvas, ch.rng("tb_fibrosis")) * upper
+        ch.lesions += 0.15 * _reticulation(ch.canvas, ch.rng("tb_fibrosis")) * upper
 
 
 def _bones(ch: _Chest) -> np.ndarray:
@@ -556,45 +544,6 @@ def _bones(ch: _Chest) -> np.ndarray:
         breast = _ellipse(u, v, side * 0.43 * ch.thorax_w, 0.36, 0.27, 0.19, 0.05) * _soft_step(v - 0.3, 0.06)
         density += ch.breast * breast
     return density
-
-
-def _devices(ch: _Chest) -> np.ndarray:
-    """Things on or around the patient that carry no label: ECG electrodes and their wires, a side marker,
-    collimation. Drawn from the "devices" stream, alike for every set and class."""
-    c, rng = ch.canvas, ch.rng("devices")
-    u, v = c.u, c.v
-    out = np.zeros(c.shape, np.float32)
-    electrodes = []
-    for _ in range(int(rng.integers(0, 5))):
-        eu, ev = float(rng.uniform(-0.8, 0.8)), float(rng.uniform(-0.8, 0.7))
-        electrodes.append((eu, ev))
-        out += 0.08 * _soft_disk(u, v, eu, ev, float(rng.uniform(0.04, 0.06)), 0.01)
-        out += 0.5 * _soft_disk(u, v, eu, ev, float(rng.uniform(0.012, 0.02)), 0.006)
-    for eu, ev in electrodes:
-        if rng.random() < 0.6:  # a lead wire to the image edge: a bright smooth curve
-            end = (float(rng.uniform(-1.1, 1.1)), float(rng.choice([-1.1, 1.1])))
-            mid = ((eu + end[0]) / 2 + float(rng.normal(0, 0.25)), (ev + end[1]) / 2 + float(rng.normal(0, 0.25)))
-            t = np.linspace(0.0, 1.0, 12)
-            pts = [((1 - s) ** 2 * eu + 2 * (1 - s) * s * mid[0] + s * s * end[0],
-                    (1 - s) ** 2 * ev + 2 * (1 - s) * s * mid[1] + s * s * end[1]) for s in t]
-            dist = np.min([_segment_distance(u, v, p0, p1) for p0, p1 in zip(pts[:-1], pts[1:])], axis=0)
-            out += 0.25 * np.exp(-((dist / 0.008) ** 2))
-    if rng.random() < 0.7:  # a side marker ("L"-shaped lead letter) near a top corner
-        mu, mv = float(rng.choice([-1, 1])) * float(rng.uniform(0.55, 0.85)), float(rng.uniform(-0.95, -0.7))
-        bar = _soft_step(0.012 - np.abs(u - mu), 0.005) * _soft_step(0.06 - np.abs(v - mv), 0.005)
-        foot = _soft_step(0.012 - np.abs(v - mv - 0.05), 0.005) * _soft_step(u - mu + 0.01, 0.005) * \
-            _soft_step(mu + 0.05 - u, 0.005)
-        out += 0.8 * np.maximum(bar, foot)
-    if rng.random() < 0.5:  # collimation: unexposed (bright) bands along some edges
-        h, w = c.shape
-        top, bottom, left, right = rng.uniform(0.0, 0.12, 4).tolist()
-        vmax, umax = (h - 1) / 2 / c.px_per_unit, (w - 1) / 2 / c.px_per_unit
-        v0 = (np.arange(h) - (h - 1) / 2)[:, None] / c.px_per_unit
-        u0 = (np.arange(w) - (w - 1) / 2)[None, :] / c.px_per_unit
-        outside = np.maximum(np.maximum(_soft_step(-vmax + top - v0, 0.01), _soft_step(v0 - vmax + bottom, 0.01)),
-                             np.maximum(_soft_step(-umax + left - u0, 0.01), _soft_step(u0 - umax + right, 0.01)))
-        out += 0.9 * outside
-    return out
 
 
 def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFactors) -> dict[str, np.ndarray]:
@@ -628,21 +577,16 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
     density -= (0.42 if "Emphysema" in factors.findings else 0.33) * ch.air
     density += ch.lesions * lungs_total * (1.0 - 0.6 * ch.heart)
     density += _bones(ch)
-    density += _devices(ch)
 
     # Acquisition: exposure window, gamma, blur, noise.
     style = STYLES[factors.style]
     look = ch.rng("style")
-    low = style.window_low + float(look.normal(0.0, 0.05))
-    high = max(style.window_high + float(look.normal(0.0, 0.08)), low + 0.5)
-    gamma = style.gamma * float(np.exp(look.normal(0.0, 0.2)))
-    angle = float(look.uniform(0.0, 2.0 * np.pi))  # an exposure gradient (heel effect, tilted detector)
-    density = density + float(look.uniform(0.0, 0.12)) * (math.cos(angle) * ch.canvas.u + math.sin(angle) * ch.canvas.v)
-    blur = style.blur * float(look.uniform(0.7, 1.6))
-    noise = style.noise_std * float(look.uniform(0.5, 2.5))
+    low = style.window_low + float(look.normal(0.0, 0.02))
+    high = style.window_high + float(look.normal(0.0, 0.03))
+    gamma = style.gamma * (1.0 + float(look.normal(0.0, 0.05)))
     image = np.clip((density - low) / (high - low), 0.0, 1.0) ** gamma
-    image = _gaussian_blur(image, blur * ch.canvas.px_per_unit)
-    image += noise * ch.rng("noise").standard_normal(ch.canvas.shape, dtype=np.float32)
+    image = _gaussian_blur(image, style.blur * ch.canvas.px_per_unit)
+    image += style.noise_std * ch.rng("noise").standard_normal(ch.canvas.shape, dtype=np.float32)
     lung_mask = {side: ch.lung_field[side] * (1.0 - ch.heart) > 0.5 for side in (-1, 1)}
     return {"image": np.clip(image, 0.0, 1.0), "left_lung": lung_mask[1], "right_lung": lung_mask[-1],
             "boxes": {name: box for name, box in boxes.items() if box is not None}}

@@ -48,7 +48,7 @@ from metachex_jax.demo.records import (HospitalRecord, NIHRecord, TBRecord, mont
 from metachex_jax.demo.render import BOX_FINDINGS, PLANTED_SIGNALS, ChestFactors, image_key, render_chest
 
 GENERATOR = "metachex_jax.demo_data"  # the command that writes a tree (its marker records it)
-GENERATOR_VERSION = 5  # 3: BBox_List_2017.csv; 4: the Hospital CSV dataset; 5: fainter TB, more nuisance
+GENERATOR_VERSION = 4  # 3: BBox_List_2017.csv; 4: the Hospital CSV dataset
 MARKER_NAME = "demo_data_complete.json"
 README_NAME = "README_SYNTHETIC.txt"
 NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, HOSPITAL_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet", "Hospital"

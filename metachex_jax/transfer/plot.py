@@ -55,7 +55,7 @@ def write_roc_png(path: str, title: str, curves: list[tuple], size: int | None =
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
                ylabel="true positive rate (sensitivity)", title=title, aspect="equal")
         ax.grid(True, linewidth=0.4, color="0.9")
-        ax.legend(loc="lower right", frameon=False)
+        ax.legend(loc="best", frameon=False)
         _save(figure, path, size)
 
 
@@ -111,5 +111,5 @@ def write_curve_png(path: str, title: str, series: list[tuple], target: float | 
         ax.set(ylim=(min(0.4, ax.get_ylim()[0]), 1.01), xlabel="labelled training images (log scale)",
                ylabel="AUROC (held-out images)", title=title)
         ax.grid(True, linewidth=0.4, color="0.9")
-        ax.legend(loc="lower right", frameon=False)
+        ax.legend(loc="best", frameon=False)
         _save(figure, path, size)
