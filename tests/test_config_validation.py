@@ -148,7 +148,13 @@ TRANSFER_CASES = [
     ({"targets": " "}, "--config.targets=' ': must be a non-empty string"),
     ({"checkpoint_step": "last"}, "--config.checkpoint_step='last': must be best, latest or a step number"),
     ({"init_from": "/no/such/run"}, "--config.init_from='/no/such/run': /no/such/run does not exist (each must be "
-                                    "random, random_bn or an existing path)"),
+                                    "random, random_bn, an existing path or a glob pattern that matches)"),
+    ({"init_from": "/no/such/seed_*"}, "--config.init_from='/no/such/seed_*': /no/such/seed_* matches nothing"),
+    ({"train_sizes": "10,x,0"}, "--config.train_sizes='10,x,0': x, 0: each size must be a number of images >= 1 "
+                                "or all"),
+    ({"train_sizes": "10,all,10"}, "--config.train_sizes='10,all,10': names a size twice"),
+    ({"train_draws": 0}, "--config.train_draws=0: must be >= 1"),
+    ({"curve_target_auroc": 1.5}, "--config.curve_target_auroc=1.5: must be <= 1"),
     ({"compare_with": "random,/no/such"}, "/no/such does not exist"),
     ({"compare_with": ""}, "--config.baselines_only=True, --config.compare_with='': baselines_only needs baselines"),
     ({"baselines_only": False}, "--config.init_from='': empty: set it to the weights under study"),
@@ -216,6 +222,9 @@ def test_existing_paths_pass(tmp_path):
     assert config_lib.problems(pretrain(resume=str(tmp_path / "run"), model_init=str(tmp_path / "run"))) == []
     assert config_lib.problems(transfer(init_from=str(tmp_path / "run"), compare_with=f"random,{tmp_path}",
                                         baselines_only=False)) == []
+    (tmp_path / "run_2").mkdir()  # several runs as one start: a comma list and glob patterns
+    assert config_lib.problems(transfer(init_from=f"{tmp_path}/run,{tmp_path}/run_[0-9]", baselines_only=False,
+                                        compare_with=f"random,{tmp_path}/ru*")) == []
 
 
 def test_every_problem_in_one_error():

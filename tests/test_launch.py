@@ -46,7 +46,7 @@ def remote_command(argv: list[str]) -> str:
 
 def test_there_are_the_expected_scripts():
     assert {os.path.basename(s) for s in ENTRY_POINTS} == {"tpu_vm.sh", "multinode.sh", "slurm.sh",
-                                                          "slurm_job.sh"}
+                                                          "slurm_job.sh", "seeds.sh"}
     for script in ENTRY_POINTS:
         assert os.access(script, os.X_OK), f"{script} is not executable"
 
@@ -200,3 +200,41 @@ def test_slurm_names_every_bad_argument_and_job_script_needs_a_job():
         assert problem in done.stderr
     outside = launch("slurm_job.sh", "python3", "-m", "metachex_jax.main")
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+
+
+def test_seeds_one_run_per_seed_here_then_the_transfer_on_all_of_them():
+    lines = dry_run("seeds.sh", "--seeds=0,1,2", "--workdir=/runs/demo", "--config=configs/pretrain.py:demo",
+                    "--python=/venv/bin/python", "--transfer=configs/transfer.py:demo",
+                    "--transfer-flag=--config.demo_dir=/d", "--", "--config.demo_dir=/d")
+    main = ["/venv/bin/python", "-m", "metachex_jax.main"]
+    assert lines == [[*main, "--config=configs/pretrain.py:demo", f"--workdir=/runs/demo/seed_{s}",
+                      f"--config.seed={s}", "--config.demo_dir=/d"] for s in (0, 1, 2)] + [
+        [*main, "--config=configs/transfer.py:demo", "--config.init_from=/runs/demo/seed_*",
+         "--workdir=/runs/demo/transfer", "--config.demo_dir=/d"]]
+
+
+def test_seeds_as_slurm_jobs_or_tpu_vms():
+    slurm = dry_run("seeds.sh", "--on=slurm", "--seeds=0,1", "--workdir=/shared/runs/m", "--gpus-per-node=4",
+                    "--name=exp", "--python=/opt/venv/bin/python", "--", "--config.data.data_dir=/shared/tfds")
+    assert slurm == [["bash", os.path.join(LAUNCH, "slurm.sh"), f"--job-name=exp-seed{s}", "--config=configs/pretrain.py",
+                      f"--workdir=/shared/runs/m/seed_{s}", "--python=/opt/venv/bin/python", "--gpus-per-node=4",
+                      "--", f"--config.seed={s}", "--config.data.data_dir=/shared/tfds"] for s in (0, 1)]
+    # each submission is what slurm.sh itself makes of those arguments
+    [submit] = dry_run("slurm.sh", *slurm[1][2:])
+    assert "--job-name=exp-seed1" in submit and submit[-2:] == ["--config.seed=1", "--config.data.data_dir=/shared/tfds"]
+    tpu = dry_run("seeds.sh", "--on=tpu", "--seeds=4", "--workdir=gs://b/runs/m", "--zone=us-central2-b", "--spot",
+                  "--name=exp")
+    assert tpu == [["bash", os.path.join(LAUNCH, "tpu_vm.sh"), "up", "--name=exp-seed4", "--config=configs/pretrain.py",
+                    "--workdir=gs://b/runs/m/seed_4", "--no-follow", "--zone=us-central2-b", "--spot", "--",
+                    "--config.seed=4"]]
+
+
+def test_seeds_names_every_bad_argument():
+    done = launch("seeds.sh", "--seeds=0,x,0", "--workdir=gs://b/w", "--transfer=configs/transfer.py",
+                  "--gpus-per-node=4")
+    assert done.returncode == 2
+    for problem in ("--seeds: 'x' is not a non-negative integer", "--seeds names a seed twice",
+                    "--on=local needs a local or shared --workdir", "unknown option(s) for --on=local: --gpus-per-node=4"):
+        assert problem in done.stderr
+    done = launch("seeds.sh", "--on=tpu", "--seeds=0", "--workdir=/local", "--transfer=configs/transfer.py")
+    assert "--on=tpu needs --workdir=gs://" in done.stderr and "--on=local only" in done.stderr

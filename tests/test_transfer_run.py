@@ -28,7 +28,9 @@ from metachex_jax.models import saved as saved_models
 from metachex_jax.models.tb_classifier import TbClassifier
 from metachex_jax.training import steps as train_steps
 from metachex_jax.training import trainer
+from metachex_jax.transfer import curves as curves_lib
 from metachex_jax.transfer import features as features_lib
+from metachex_jax.transfer import groups
 from metachex_jax.transfer import protocols
 from metachex_jax.transfer import report as report_lib
 from metachex_jax.transfer import run
@@ -149,6 +151,152 @@ def test_report_has_every_cell_and_metrics_match_sklearn(finished):
     age_sex = saved["age_sex"]["metachexnet"]["shenzhen"]
     assert age_sex["n_age_known"] > 0 and age_sex["age_mae_years"]["value"] > 0
     assert "random" not in saved["age_sex"]
+
+
+def training_images(saved_predictions: dict, protocol: str, fold: str) -> dict:
+    """image id -> label of a split's training images, from the full run's per-image probe predictions (the CV
+    CSV of the training set: every image with its fold)."""
+    train = protocol.split("_to_")[0].replace("cv_", "")
+    cols = saved_predictions[f"cv_{train}"]
+    keep = cols["fold"] != int(fold) if protocol.startswith("cv_") else np.ones(len(cols["fold"]), bool)
+    return dict(zip(cols["image_id"][keep].tolist(), cols["label"][keep].tolist()))
+
+
+def test_label_efficiency_curves_are_reproducible_from_their_predictions(finished):
+    """The demo config's curves (sizes 10, 20, 50, all; 3 draws): every plotted point is the mean over draws of the
+    scikit-learn AUROC of its saved per-image predictions; 'all' is the full run's cell; each draw is a seeded,
+    stratified subset of its split's training images; the paired comparisons per size follow the win rule."""
+    config, workdir, result = finished
+    report_dir = workdir / "report"
+    saved = json.loads((report_dir / "comparison.json").read_text())
+    curves = saved["curves"]
+    draws = json.loads((report_dir / "curves" / "draws.json").read_text())
+    full = {p: reports.read_predictions_csv(report_dir / "predictions" / f"metachexnet_probe_{p}.csv")
+            for p in protocols.TB_PROTOCOLS}
+    assert any("size 50 is at least every split's training set" in n for n in curves["notes"])  # tiny sets
+    for protocol, entry in curves["protocols"].items():
+        assert (report_dir / "curves" / f"curve_{protocol}.png").stat().st_size > 1000
+        assert entry["sizes"][0] == 10 and entry["sizes"][-1] == "all"
+        assert set(entry["points"]) == {"metachexnet/probe", "random/probe", "random_bn/probe"}
+        for key, points in entry["points"].items():
+            start, method = key.split("/")
+            cols = reports.read_predictions_csv(report_dir / "curves" / f"{start}_{method}_{protocol}.csv")
+            for point in points:
+                here = cols["size"] == str(point["size"])
+                per_draw = [roc_auc_score(cols["label"][here & (cols["draw"] == d)],
+                                          cols["prob"][here & (cols["draw"] == d)]) for d in range(point["draws"])]
+                assert point["mean"] == pytest.approx(np.mean(per_draw), abs=1e-12)
+                assert point["auroc_draws"] == pytest.approx(per_draw, abs=1e-12)
+                assert point["min"] <= point["mean"] <= point["max"]
+                assert point["draws"] == (1 if point["size"] == "all" else config.train_draws)
+                # the same held-out images as the full run, in its order
+                assert list(cols["image_id"][here & (cols["draw"] == 0)]) == list(full[protocol]["image_id"])
+            assert points[-1]["mean"] == pytest.approx(saved["cells"][key][protocol]["auroc"]["value"], abs=1e-12)
+        for size, per_draw in draws[protocol].items():
+            assert len(per_draw) == config.train_draws and per_draw[0] != per_draw[1]
+            for drawn in per_draw:
+                for fold, ids in drawn.items():
+                    labels = training_images(full, protocol, fold)
+                    assert set(ids) <= set(labels) and len(ids) == len(set(ids)) == int(size)
+                    assert min(sum(labels[i] == c for i in ids) for c in (0, 1)) >= 5
+        for c in entry["paired"]:
+            mean_of = {}
+            for side in ("a", "b"):
+                start, method = c[side].split("/")
+                cols = reports.read_predictions_csv(report_dir / "curves" / f"{start}_{method}_{protocol}.csv")
+                here = cols["size"] == str(c["size"])
+                mean_of[side] = np.mean([roc_auc_score(cols["label"][here & (cols["draw"] == d)],
+                                                       cols["prob"][here & (cols["draw"] == d)])
+                                         for d in range(int(cols["draw"][here].max()) + 1)])
+            assert c["difference"]["value"] == pytest.approx(mean_of["a"] - mean_of["b"], abs=1e-12)
+            won = c["p_holm"] < 0.05 and (c["difference"]["ci_low"] > 0 if c["test"]["difference"] > 0
+                                          else c["difference"]["ci_high"] < 0)
+            assert c["wins"] == ((c["a"] if c["test"]["difference"] > 0 else c["b"]) if won else None)
+        assert len(entry["paired"]) == 3 * len(entry["sizes"])  # 3 pairs of probe starts at every size
+        assert set(entry["reaches_target"]) == set(entry["points"]) and len(entry["no_win_from"]) == 1
+    md = (report_dir / "comparison.md").read_text()
+    assert "## Label efficiency" in md and "Smallest size from which no larger size has a win" in md
+
+
+def test_finetuning_curves_take_their_validation_part_out_of_the_draw(finished, setup, tmp_path):
+    """train_sizes_finetune: each draw is fine-tuned (its validation fifth taken out of the draw) and predicts the
+    full run's fine-tuned held-out images; a size whose fit part is below one batch is skipped with a note."""
+    config, _, _ = finished
+    demo_dir, pre = setup
+    c = transfer_config(demo_dir, pre, config.feature_cache_dir, methods="finetune", compare_with="random",
+                        protocols="cv_shenzhen", train_sizes="10,20,all", train_draws=2, train_sizes_finetune=True,
+                        **{"finetune.batch_size": 12})  # the full fold fits 12 images, a draw of 10 fewer
+    result = run.run(c, str(tmp_path))
+    entry = result["curves"]["protocols"]["cv_shenzhen"]
+    assert set(entry["points"]) == {"metachexnet/finetune", "random/finetune"}
+    assert any("size 10 skipped" in n and "finetune.batch_size=12" in n for n in result["curves"]["notes"])
+    full = reports.read_predictions_csv(tmp_path / "report" / "predictions" / "metachexnet_finetune_cv_shenzhen.csv")
+    for key, points in entry["points"].items():
+        assert [p["size"] for p in points] == [20, "all"]
+        start, method = key.split("/")
+        cols = reports.read_predictions_csv(tmp_path / "report" / "curves" / f"{start}_{method}_cv_shenzhen.csv")
+        for point in points:
+            here = cols["size"] == str(point["size"])
+            per_draw = [roc_auc_score(cols["label"][here & (cols["draw"] == d)],
+                                      cols["prob"][here & (cols["draw"] == d)]) for d in range(point["draws"])]
+            assert point["auroc_draws"] == pytest.approx(per_draw, abs=1e-12)
+            assert list(cols["image_id"][here & (cols["draw"] == 0)]) == list(full["image_id"])  # the first fold's
+        assert points[-1]["mean"] == pytest.approx(result["cells"][key]["cv_shenzhen"]["auroc"]["value"], abs=1e-12)
+    y = np.r_[np.zeros(14, np.int64), np.ones(6, np.int64)]
+    validation = curves_lib.validation_part(y, np.arange(20), seed=0)
+    assert 0 < len(validation) < 20 and set(y[validation].tolist()) == {0, 1}  # a stratified part of the draw
+
+
+def test_several_pretraining_runs_as_one_start(finished, setup, tmp_path):
+    """init_from as a glob of runs: a start of two runs, a cell per run, the comparison once per replicate (each
+    its own Holm family), the mean and standard deviation across runs, the decision across runs, and the deployed
+    run chosen by its pretraining's validation result (here the second copy's, raised in its saved bookkeeping)."""
+    config, _, single = finished
+    demo_dir, pre = setup
+    runs = tmp_path / "runs"
+    for name in ("seed_a", "seed_b"):
+        shutil.copytree(pre, runs / name)
+    metas = sorted((runs / "seed_b" / "checkpoints").glob("*/meta/metadata"), key=lambda p: int(p.parts[-3]))
+    meta = json.loads(metas[-1].read_text())
+    meta["best"]["val_mean_auroc"] += 0.1
+    metas[-1].write_text(json.dumps(meta))
+    grouped = transfer_config(demo_dir, f"{runs}/seed_*", config.feature_cache_dir, methods="probe",
+                              protocols="cv_shenzhen,cv_montgomery", train_sizes="10,all")
+    result = run.run(grouped, str(tmp_path / "tb"))
+    names = {"metachexnet@0", "metachexnet@1", "random", "random_bn"}
+    assert set(result["starts"]) == names
+    assert [result["starts"][f"metachexnet@{k}"]["source"] for k in (0, 1)] == [str(runs / "seed_a"),
+                                                                                  str(runs / "seed_b")]
+    assert {result["starts"][n]["group"] for n in names} == {"metachexnet", "random", "random_bn"}
+    for protocol in ("cv_shenzhen", "cv_montgomery"):
+        for k in (0, 1):  # the same weights as the single run: the same cell
+            assert result["cells"][f"metachexnet@{k}/probe"][protocol]["auroc"] == pytest.approx(
+                single["cells"]["metachexnet/probe"][protocol]["auroc"])
+        comparisons = result["paired"][protocol]
+        for r in (0, 1):
+            family = [c for c in comparisons if c["replicate"] == r]
+            assert {c["a"] for c in family} | {c["b"] for c in family} == {
+                f"metachexnet@{r}/probe", "random/probe", "random_bn/probe"}
+            np.testing.assert_allclose([c["p_holm"] for c in family],
+                                       metrics.holm_adjust([c["test"]["p_value"] for c in family]))
+        across = result["groups"]["cells"]["metachexnet/probe"][protocol]
+        assert across["runs"] == ["metachexnet@0", "metachexnet@1"] and across["std"] == pytest.approx(0.0)
+        assert across["mean"] == pytest.approx(single["cells"]["metachexnet/probe"][protocol]["auroc"]["value"])
+        for decision in result["groups"]["paired"][protocol]:
+            calls = {(r["wins"] or "").split("@")[0].replace("/probe", "") for r in decision["runs"]}
+            assert len(decision["runs"]) == 2 and decision["same_sign"]  # identical runs agree
+            assert (decision["wins"] or "").replace("/probe", "") == calls.pop()
+        assert len(result["curves"]["protocols"][protocol]["no_win_from"]) == 2  # per replicate
+    card = json.loads((tmp_path / "tb" / "model" / "model.json").read_text())
+    assert card["training"]["start"] == "metachexnet@1" and "best validation" in card["training"]["start_choice"]
+    assert card["training"]["start_info"]["source"] == str(runs / "seed_b")
+    md = (tmp_path / "tb" / "report" / "comparison.md").read_text()
+    assert "## Several runs per start" in md and "metachexnet@1/probe" in md
+    shutil.copytree(pre, runs / "seed_c")  # 3 runs against 2: no replicate pairing
+    bad = transfer_config(demo_dir, f"{runs}/seed_[ab]", config.feature_cache_dir, methods="probe",
+                          compare_with=f"random,{runs}/seed_*")
+    with pytest.raises(weights.StartingWeightsError, match="must have the same number of runs"):
+        run.run(bad, str(tmp_path / "bad"))
 
 
 def test_random_bn_gets_precise_batchnorm_statistics_from_nih_training_images(setup):
@@ -292,12 +440,12 @@ def test_init_from_is_required_unless_baselines_only(finished, setup, tmp_path):
     config, _, result = finished
     demo_dir, _ = setup
     with pytest.raises(ValueError, match=r"config.init_from is empty.*baselines_only=True"):
-        run.start_specs(transfer_config(demo_dir, "", config.feature_cache_dir))
+        groups.group_specs(transfer_config(demo_dir, "", config.feature_cache_dir))
     with pytest.raises(ValueError, match="baselines_only=True but config.init_from"):
-        run.start_specs(transfer_config(demo_dir, "/some/run", "", baselines_only=True))
+        groups.group_specs(transfer_config(demo_dir, "/some/run", "", baselines_only=True))
     baselines = transfer_config(demo_dir, "", config.feature_cache_dir, baselines_only=True, methods="probe",
                                 compare_with="random")
-    assert run.start_specs(baselines) == ["random"]
+    assert groups.group_specs(baselines) == [groups.GroupSpec("", ("random",))]
     out = run.run(baselines, str(tmp_path))
     assert set(out["cells"]) == {"random/probe"}
     assert out["cells"]["random/probe"] == result["cells"]["random/probe"]

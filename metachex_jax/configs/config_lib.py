@@ -197,11 +197,31 @@ def names_from(choices: Callable[[], tuple[str, ...]] | tuple[str, ...]) -> Rule
 
 
 def starting_weights(value) -> str | None:
-    """A comma-separated string of "random", "random_bn" and paths that exist ("" = none)."""
+    """A comma-separated string of "random", "random_bn", paths that exist and glob patterns that match ("" =
+    none)."""
     if not isinstance(value, str):
         return "must be a comma-separated string"
-    wrong = [existing_path(item) for item in split_list(value) if item not in RANDOM_STARTS and existing_path(item)]
-    return f"{'; '.join(wrong)} (each must be random, random_bn or an existing path)" if wrong else None
+    wrong = []
+    for item in split_list(value):
+        if item in RANDOM_STARTS:
+            continue
+        if files.has_glob(item):
+            wrong += [] if files.glob(item) else [f"{files.absolute(item)} matches nothing"]
+        elif existing_path(item):
+            wrong.append(existing_path(item))
+    return (f"{'; '.join(wrong)} (each must be random, random_bn, an existing path or a glob pattern that matches)"
+            if wrong else None)
+
+
+def train_sizes(value) -> str | None:
+    """"" (no curves) or comma-separated image counts >= 1 and/or "all", each once."""
+    if not isinstance(value, str):
+        return "must be a string of comma-separated sizes"
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    wrong = [v for v in items if v != "all" and not (v.isdigit() and int(v) >= 1)]
+    if wrong:
+        return f"{', '.join(wrong)}: each size must be a number of images >= 1 or all (e.g. 10,20,50,all)"
+    return "names a size twice" if len(set(items)) < len(items) else None
 
 
 PRETRAIN_DATASETS = ("chestxray14", "chexpert", "padchest", "csv", "mimic")  # what pretraining reads (a mixture)
@@ -521,4 +541,5 @@ rules("transfer", checks=(_starting_weights_given, _random_bn_is_a_probe_baselin
       trainer=one_of(*TRAINERS), init_from=starting_weights, baselines_only=boolean, compare_with=starting_weights,
       bn_statistics_images=integer(min=1), checkpoint_step=checkpoint_step, methods=names_from(METHODS),
       targets=text, protocols=protocol_list, feature_cache_dir=text, feature_batch_size=integer(min=1),
-      calibration_bins=integer(min=1), **RUN_RULES)
+      calibration_bins=integer(min=1), init_name=string, train_sizes=train_sizes, train_draws=integer(min=1),
+      train_sizes_finetune=boolean, curve_target_auroc=number(above=0, max=1), **RUN_RULES)

@@ -61,9 +61,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Starting weights, compared side by side. Each is a pretraining workdir (MetaChexNet or CheXNet; its best
     # checkpoint), a convert_torchvision output directory (e.g. ImageNet weights), a model directory such as a
     # convert_torchxrayvision output (fed its own pixels: 1 channel, [-1024, 1024], centre square), or "random".
-    c.init_from = arg.init  # the weights under study; required unless baselines_only
+    # The weights under study, required unless baselines_only: one run, or several runs as ONE start (a comma list
+    # and/or glob patterns, e.g. /runs/metachexnet_seed*: seeds of one config); transfer/groups.py
+    c.init_from = arg.init
+    c.init_name = ""  # the report's name of that start; "" = the weights' own (metachexnet, chexnet, imagenet, ...)
     c.baselines_only = False  # True: run the compare_with baselines without init_from (else its absence is an error)
-    # More starting weights: comma-separated paths, "random" (BatchNorm at its initial statistics) and/or
+    # More starting weights, one start per entry (a glob pattern: its matches, several runs as one start):
+    # comma-separated paths, "random" (BatchNorm at its initial statistics) and/or
     # "random_bn" (random weights, BatchNorm statistics from bn_statistics_images ChestX-ray14 training images read
     # from data.data_dir at this resolution: needs that dataset prepared).
     c.compare_with = "random"
@@ -125,6 +129,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ood_quantile=0.99,
     ))
     c.calibration_bins = 10  # equal-width probability bins of the expected calibration error and reliability plots
+    # Label-efficiency curves (transfer/curves.py): the probe (and, with train_sizes_finetune, the fine-tuning) on
+    # train_draws stratified, patient-grouped draws of each size of every split's training images, evaluated on the
+    # full run's held-out images. Sizes: comma-separated image counts and "all" (e.g. "10,20,50,100,all"; "" = no
+    # curves); a size that cannot leave 5 images of each class is skipped with a note.
+    c.train_sizes = ""
+    c.train_draws = 3
+    c.train_sizes_finetune = False
+    c.curve_target_auroc = 0.9  # the report names the smallest size whose mean AUROC reaches it
     pretrain.run_settings(c)
     if arg.demo:
         c.demo = True
@@ -136,6 +148,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.finetune.patience = 2
         c.finetune.batch_size = 32
         c.n_boot = 200
+        c.train_sizes = "10,20,50,all"
     if arg.runlocal:
         c.finetune.max_folds = 1
         c.finetune.num_epochs = 1

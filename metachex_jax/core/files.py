@@ -9,6 +9,7 @@ fsspec's `gcsfs` (it must be installed: `pip install gcsfs`); local paths use th
     join(base, *parts)            os.path.join for both kinds (a URL is joined with "/")
     makedirs(path)                os.makedirs(exist_ok=True); a no-op for a URL (object stores have no folders)
     exists(path), is_file(path), is_dir(path)
+    glob(pattern)                 the sorted paths matching a pattern (* ? [..] in any part after the first)
     read_text(path), read_bytes(path)
     write_atomic(path, data)      str or bytes; readers see the old file or the new one, never a partial one
 
@@ -66,6 +67,27 @@ def is_file(path: PathLike) -> bool:
 
 def is_dir(path: PathLike) -> bool:
     return _path(path).is_dir()
+
+
+GLOB_CHARACTERS = "*?["
+
+
+def has_glob(path: PathLike) -> bool:
+    return any(c in os.fspath(path) for c in GLOB_CHARACTERS)
+
+
+def glob(pattern: PathLike) -> list[str]:
+    """The paths matching `pattern` (local or remote), sorted; [] when none does. The pattern's parts before the
+    first one with a wildcard are a folder that is listed (e.g. /runs/seed* or gs://b/runs/*/seed_[012])."""
+    pattern = os.fspath(pattern)
+    url = is_url(pattern)
+    parts = pattern.split("/")
+    first = next((i for i, part in enumerate(parts) if has_glob(part)), len(parts))
+    if first == len(parts):
+        return [pattern] if exists(pattern) else []
+    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    base = base if url else absolute(base)
+    return sorted(os.fspath(p) for p in _path(base).glob("/".join(parts[first:])))
 
 
 def read_text(path: PathLike) -> str:

@@ -594,7 +594,16 @@ def delong_placements(y_true, score) -> tuple[float, np.ndarray, np.ndarray]:
     V10[i] = fraction of negatives scoring below positive i (ties count half); V01[j] = fraction of positives
     scoring above negative j. AUROC = mean(V10) = mean(V01). Computed from midranks (Sun & Xu 2014,
     "Fast implementation of DeLong's algorithm", IEEE SPL 21(11)): O(N log N) instead of O(m n).
+
+    `score` may also be (D, N): D score vectors of the same cases (e.g. models fitted on D draws of training
+    data). Then the AUROC is the mean of their D AUROCs and V10 / V01 the means of their placement values: the
+    structural components of that mean (an average of U-statistics is the U-statistic of the averaged kernel), so
+    the tests below compare mean AUROCs over draws, with the variance that comes from the cases.
     """
+    if np.ndim(score) == 2:
+        parts = [delong_placements(y_true, row) for row in np.asarray(score)]
+        return (float(np.mean([p[0] for p in parts])), np.mean([p[1] for p in parts], axis=0),
+                np.mean([p[2] for p in parts], axis=0))
     y, s, _ = _binary_inputs(y_true, score, None)
     positive, negative = s[y == 1], s[y == 0]
     m, n = len(positive), len(negative)
@@ -627,7 +636,8 @@ def delong_test(y_true, score_a, score_b) -> dict[str, float]:
 
     Returns {"auroc_a", "auroc_b", "difference", "se", "z", "p_value"} (two-sided normal p-value; see
     `_normal_test` for a zero variance). Cases are assumed independent (one image per patient, as in the TB
-    sets); with several images per patient use `clustered_auc_test`.
+    sets); with several images per patient use `clustered_auc_test`. Either score may be (D, N): the mean AUROC
+    of D score vectors (`delong_placements`).
     """
     auc_a, v10_a, v01_a = delong_placements(y_true, score_a)
     auc_b, v10_b, v01_b = delong_placements(y_true, score_b)
@@ -656,9 +666,9 @@ def clustered_auc_test(y_true, score_a, score_b, clusters) -> dict[str, float]:
 
     `clusters`: (N,) any hashable patient keys (an image without a patient id is its own cluster: give it a key
     of its own). Returns `delong_test`'s dict plus "n_clusters". Raises unless at least 2 clusters hold each
-    class.
+    class. Either score may be (D, N): the mean AUROC of D score vectors (`delong_placements`).
     """
-    y, _, _ = _binary_inputs(y_true, score_a, None)
+    y = _check_binary("y_true", _check_1d("y_true", y_true), np.ones(np.shape(y_true)[:1], bool))
     clusters = _check_1d("clusters", clusters, len(y))
     _, cluster = np.unique(clusters, return_inverse=True)
     cluster = cluster.reshape(-1)

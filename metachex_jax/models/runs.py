@@ -90,7 +90,8 @@ def load_run_model(run_dir: str, step: int | str = "best"):
     model = nnx.merge(graphdef, params, stats)
     model.eval()
     return model, {"run_dir": run_dir, "step": int(step), "arch": model_config.arch,
-                   "config": latest_meta["config"]}
+                   "config": latest_meta["config"],
+                   "val_mean_auroc": (latest_meta.get("best") or {}).get("val_mean_auroc")}  # the run's best
 
 
 def scanned_layout(manager: ocp.CheckpointManager) -> bool | None:

@@ -6,6 +6,8 @@ Entry point: `python -m metachex_jax.main --config=configs/transfer.py[:demo] --
 
     weights.py     starting weights (pretraining workdir, converted backbone or model directory, random) + content
                    fingerprint + each start's pixel contract
+    groups.py      the starts as named groups of runs (several pretraining runs, e.g. seeds, as one start):
+                   replicates, the decision across runs, which run deploys
     sets.py        the prepared datasets (all records) + a content fingerprint of each build; each seen through
                    one binary target (images with a known label, folds by patient)
     protocols.py   k-fold CV within a dataset, train on some / test on another; fold/class checks
@@ -18,6 +20,8 @@ Entry point: `python -m metachex_jax.main --config=configs/transfer.py[:demo] --
                    JSON / markdown / CSV; plot.py draws the ROC and reliability figures (matplotlib)
     paired.py      every pair of cells on their common test images: paired bootstrap, DeLong or the clustered
                    test (patients with several images), Holm, who wins (Holm p < 0.05 and the CI on the same side)
+    curves.py      label-efficiency curves: stratified, patient-grouped draws of each training size, the probe
+                   (and fine-tuning) per draw on the full run's held-out images, their points, comparisons, files
     deploy.py      the deployable model (TB by default): config.deploy's start, method and protocol column on
                    every training image, threshold from out-of-fold predictions -> WORKDIR/model/ (for predict
                    and export)

@@ -154,11 +154,12 @@ def ood_description(spec: DeploySpec, model, start, view, config) -> ood.Feature
 
 
 def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables, columns, cells, details,
-                 settings, tuner, validation_predictions=None) -> dict:
+                 settings, tuner, validation_predictions=None, start_choice: str = "") -> dict:
     """Fit the deployable model (every process: fine-tuning steps are collective), save it under WORKDIR/model/
     (the lead process) and return a summary of its card. `view`: the training set's images of the target
     (sets.TransferSet); `tables`: the start's feature tables per dataset (features.py); `validation_predictions`:
-    {(start/method, column): (labels, probabilities)} of fine-tuning's validation parts (a fixed split's)."""
+    {(start/method, column): (labels, probabilities)} of fine-tuning's validation parts (a fixed split's);
+    `start_choice`: why this run of a start with several runs (groups.resolve_deploy), recorded in the card."""
     start = next(s for s in starts if s.name == spec.start)
     key = f"{spec.start}/{spec.method}"
     if spec.fixed_split:
@@ -169,6 +170,8 @@ def fit_and_save(spec: DeploySpec, config, workdir: str, *, starts, view, tables
                                                                    details, settings, tuner)
     training = {"start": spec.start, "start_info": start.info, "method": spec.method, "protocol": spec.protocol,
                 "target": spec.target, "dataset": spec.train_set, **training}
+    if start_choice:
+        training["start_choice"] = start_choice
     return _save(spec, config, workdir, start, view, key, model, threshold, scores, training, cells)
 
 

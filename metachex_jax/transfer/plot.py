@@ -2,6 +2,7 @@
 
     write_roc_png(path, title, curves)                 ROC curves, each with its bootstrap band when given
     write_reliability_png(path, title, panels)         one reliability diagram per cell
+    write_curve_png(path, title, series, target)       label-efficiency curves: AUROC against training images
 
 Sized and lettered for a paper column (5.5 in wide at 200 dpi unless `size` pixels are asked for); written
 atomically to a local or gs:// path (`files.write_atomic`).
@@ -54,7 +55,7 @@ def write_roc_png(path: str, title: str, curves: list[tuple], size: int | None =
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
                ylabel="true positive rate (sensitivity)", title=title, aspect="equal")
         ax.grid(True, linewidth=0.4, color="0.9")
-        ax.legend(loc="lower right", frameon=False)
+        ax.legend(loc="best", frameon=False)
         _save(figure, path, size)
 
 
@@ -83,4 +84,32 @@ def write_reliability_png(path: str, title: str, panels: list[dict], size: int |
                 ax.set_xlabel("mean predicted P(TB)")
             ax.grid(True, linewidth=0.4, color="0.9")
         figure.tight_layout(h_pad=1.2)
+        _save(figure, path, size)
+
+
+def write_curve_png(path: str, title: str, series: list[tuple], target: float | None = None,
+                    size: int | None = None) -> None:
+    """`series`: (label, n_train, mean, band_low, band_high, ci_low, ci_high), one value per size each: the mean
+    AUROC over draws as a line with markers, the band across draws shaded, the bootstrap CI of the mean as error
+    bars; the x axis (training images) is logarithmic, `target` a dotted horizontal line."""
+    with matplotlib.rc_context(FONT):
+        figure = _figure(5.5, 4.2, size)
+        ax = figure.add_subplot()
+        ticks = sorted({round(x) for s in series for x in s[1]})
+        for i, (label, x, mean, low, high, ci_low, ci_high) in enumerate(series):
+            x, mean = np.asarray(x, np.float64), np.asarray(mean, np.float64)
+            color = f"C{i % 10}"
+            ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+            errors = np.stack([mean - np.asarray(ci_low), np.asarray(ci_high) - mean])
+            ax.errorbar(x, mean, yerr=np.clip(errors, 0, None), color=color, marker="o", markersize=3.5,
+                        linewidth=1.4, capsize=2.5, label=label)
+        if target is not None:
+            ax.axhline(target, color="0.5", linewidth=0.8, linestyle=":", label=f"AUROC {target:g}")
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set(ylim=(min(0.4, ax.get_ylim()[0]), 1.01), xlabel="labelled training images (log scale)",
+               ylabel="AUROC (held-out images)", title=title)
+        ax.grid(True, linewidth=0.4, color="0.9")
+        ax.legend(loc="best", frameon=False)
         _save(figure, path, size)

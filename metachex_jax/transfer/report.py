@@ -43,6 +43,8 @@ import numpy as np
 from metachex_jax.contract.calibration import PlattScaling, fit_platt
 from metachex_jax.core import files
 from metachex_jax.evaluation import metrics, reports
+from metachex_jax.transfer import curves as curves_lib
+from metachex_jax.transfer import groups as groups_lib
 from metachex_jax.transfer import paired
 from metachex_jax.transfer.plot import write_reliability_png, write_roc_png
 
@@ -324,6 +326,10 @@ def markdown(result: dict) -> str:
     lines = [f"# Transfer comparison: {targets}", ""] + _auroc_table(result)
     if result.get("paired"):
         lines += _who_wins_tables(result)
+    if result.get("groups"):
+        lines += groups_lib.markdown_lines(result["groups"])
+    if result.get("curves"):
+        lines += curves_lib.markdown_lines(result["curves"])
     lines += _operating_point_tables(result)
     lines += ["## At Youden's threshold", "",
               "Accuracy / sensitivity / specificity at the threshold chosen on the training data (Youden's J):", ""]

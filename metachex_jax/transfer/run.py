@@ -1,9 +1,10 @@
 """The transfer comparison, `run(config, workdir)`, read top to bottom as the run happens. TB on Shenzhen and
 Montgomery is the default; any prepared datasets and binary targets work (config.protocols, config.targets):
 
-  1. starting weights    config.init_from (required unless config.baselines_only) + config.compare_with
-                         (weights.load_starts; all checked first; "random_bn" gets BatchNorm statistics from
-                         ChestX-ray14 training images)
+  1. starting weights    config.init_from (required unless config.baselines_only: one run, or several runs
+                         as one start) + config.compare_with, as named groups of runs (groups.load_groups; all
+                         checked first; "random_bn" gets BatchNorm statistics from ChestX-ray14 training
+                         images)
   2. data                every dataset the protocols name, all records (sets.load_datasets), built in the run's
                          pixel geometry (config.model.geometry: a start of another geometry is refused first,
                          sets.geometry_problems); per target, the
@@ -18,12 +19,17 @@ Montgomery is the default; any prepared datasets and binary targets work (config
                          precise BatchNorm statistics before every prediction (finetune)
      (5, 6)              thresholds and a Platt calibrator per split from training-side scores only
                          (report.learned_on_training)
+  6b. label efficiency   config.train_sizes: the probe (and with config.train_sizes_finetune the fine-tuning) on
+                         draws of each size of every split's training images, the same held-out images (curves)
   7. cell metrics        AUROC, operating points, calibration per cell (report.cell_metrics); every pair of
-                         cells compared on their common test images per protocol (paired)
+                         cells compared on their common test images per protocol (paired), once per replicate
+                         when a start has several runs, then decided across the runs (groups.summarise)
   8. age and sex         the MetaChexNet heads on each dataset vs its ages and sexes (report.age_sex_metrics)
-  9. deployable model    config.deploy's start, method and protocol column fitted on every training image,
+  9. deployable model    config.deploy's start (of a start with several runs: the run with the best validation
+                         result of its pretraining), method and protocol column fitted on every training image,
                          threshold from out-of-fold predictions -> WORKDIR/model/ for `predict` (deploy)
- 10. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report)
+ 10. report              WORKDIR/report/: JSON, markdown, ROC and reliability PNGs, per-image CSVs (report);
+                         the label-efficiency curves' figures and predictions in WORKDIR/report/curves/
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ from metachex_jax.core import files
 from metachex_jax.core.errors import ConfigError, MissingDataError
 from metachex_jax.data.input import datasets as nih_datasets
 from metachex_jax.data.input.spec import DataSpec
+from metachex_jax.transfer import curves as curves_lib
 from metachex_jax.transfer import deploy as deploy_lib
 from metachex_jax.transfer import features as features_lib
+from metachex_jax.transfer import groups as groups_lib
 from metachex_jax.transfer import paired as paired_lib
 from metachex_jax.transfer import protocols as protocols_lib
 from metachex_jax.transfer import report as report_lib
@@ -59,23 +67,6 @@ def parse_methods(text: str) -> list[str]:
     if unknown or not names:
         raise ValueError(f"config.methods: unknown {unknown} (or none given); use probe, finetune or probe+finetune")
     return names
-
-
-def start_specs(config) -> list[str]:
-    """init_from, then the compare_with baselines. Without init_from a run would silently compare baselines
-    only, so that needs config.baselines_only=True."""
-    init_from = config.init_from.strip()
-    if not init_from and not config.baselines_only:
-        raise ValueError("config.init_from is empty: set it to the weights under study (a pretraining workdir, a "
-                         "convert_torchvision or a convert_torchxrayvision output), or set config.baselines_only=True "
-                         "to compare only "
-                         f"config.compare_with ({config.compare_with!r})")
-    if init_from and config.baselines_only:
-        raise ValueError(f"config.baselines_only=True but config.init_from={init_from!r} is set; drop one of them")
-    specs = [s.strip() for s in [init_from, *config.compare_with.split(",")] if s.strip()]
-    if not specs:
-        raise ValueError("no starting weights: config.baselines_only=True needs config.compare_with")
-    return specs
 
 
 def _not_converged_note(start, split, fit, settings) -> str:
@@ -109,8 +100,9 @@ def run(config, workdir: str) -> dict:
 
     # 1-3. Starting weights, data, protocols: every input is checked before the long work starts. Each start is
     # fed the pixels its weights expect (its contract), at this run's image size.
-    starts = weights.load_starts(start_specs(config), config.model, config.seed, str(config.checkpoint_step),
-                                 contract=PixelContract.from_config(config))
+    groups = groups_lib.load_groups(groups_lib.group_specs(config), config.model, config.seed,
+                                    str(config.checkpoint_step), contract=PixelContract.from_config(config))
+    starts = [start for group in groups for start in group.starts]
     spec = DataSpec.from_config(config)
     needed = tuple(dict.fromkeys(d for p in protocol_list for d in p.datasets))
     mismatched = sets_lib.geometry_problems(starts, spec, needed)  # before any dataset is read or prepared
@@ -146,8 +138,9 @@ def run(config, workdir: str) -> dict:
         if not any(t == target for t in protocol_targets.values()) and not problems:
             problems.append(f"no protocol can run for target {target!r}: " + "; ".join(
                 n for n in notes if n.endswith(f"has no {target} label")))
+    deploy_config, deploy_choice = groups_lib.resolve_deploy(config, groups)
     try:
-        deploy_spec = deploy_lib.deploy_spec(config, starts, column_protocols, protocol_targets, methods)
+        deploy_spec = deploy_lib.deploy_spec(deploy_config, starts, column_protocols, protocol_targets, methods)
     except ValueError as e:
         problems.append(str(e))
     if problems:  # the data cannot serve this config (its folds, methods, deployment): errors the user fixes
@@ -254,9 +247,40 @@ def run(config, workdir: str) -> dict:
                 timings[f"finetune {start.name} {protocol} ({len(chosen)} splits) s"] = extra["seconds"]
                 add_cell(start, "finetune", protocol, results, extra)
 
-    # 7. Paired comparisons of the cells, per protocol (the cell metrics were computed in add_cell).
-    paired = {protocol: paired_lib.paired_comparisons(columns[protocol], config.n_boot, config.seed)
-              for protocol in column_names if len(columns.get(protocol, {})) > 1}
+    # 6b. Label-efficiency curves.
+    replicates = [[s.name for s in replicate] for replicate in groups_lib.replicates(groups)]
+    curves, curve_predictions = None, None
+    sizes = curves_lib.parse_sizes(config.train_sizes)
+    if sizes:
+        t0 = time.perf_counter()
+        plans = curves_lib.plan_draws(splits, views, protocol_targets, sizes=sizes, draws=config.train_draws,
+                                      seed=config.seed)
+        curve_predictions, curve_notes = {}, []
+        if "probe" in methods:
+            curve_predictions = curves_lib.probe_curves(plans, starts, tables, views, protocol_targets, splits,
+                                                        settings, columns)
+        if config.train_sizes_finetune and "finetune" in methods:
+            tuned, curve_notes = curves_lib.finetune_curves(plans, starts, tuner, views, protocol_targets, splits,
+                                                            columns, config.seed)
+            for protocol, per_key in tuned.items():
+                curve_predictions.setdefault(protocol, {}).update(per_key)
+        held_out = {protocol: {key.split("/")[1]: cols for key, cols in reversed(columns[protocol].items())}
+                    for protocol in column_names}
+        curves = curves_lib.summarise(curve_predictions, plans, held_out, n_boot=config.n_boot, seed=config.seed,
+                                      target_auroc=config.curve_target_auroc, replicates=replicates,
+                                      notes=curve_notes)
+        timings["label-efficiency curves s"] = time.perf_counter() - t0
+
+    # 7. Paired comparisons of the cells, per protocol and replicate (the cell metrics were computed in add_cell).
+    paired = {}
+    for protocol in column_names:
+        for r, names in enumerate(replicates):
+            family = {key: cols for key, cols in columns.get(protocol, {}).items() if key.split("/")[0] in names}
+            if len(family) > 1:
+                comparisons = paired_lib.paired_comparisons(family, config.n_boot, config.seed)
+                for c in comparisons if len(replicates) > 1 else ():
+                    c["replicate"] = r
+                paired.setdefault(protocol, []).extend(comparisons)
 
     # 8. Age and sex, externally.
     age_sex = {start.name: {name: report_lib.age_sex_metrics(tables[start.name, name], dataset.patient,
@@ -273,7 +297,8 @@ def run(config, workdir: str) -> dict:
                                            tables={name: tables[deploy_spec.start, name] for name in records
                                                    if (deploy_spec.start, name) in tables},
                                            columns=columns, cells=cells, details=details, settings=settings,
-                                           tuner=tuner, validation_predictions=validation_predictions)
+                                           tuner=tuner, validation_predictions=validation_predictions,
+                                           start_choice=deploy_choice)
         timings["deployable model s"] = time.perf_counter() - t0
 
     # 10. Report.
@@ -285,6 +310,8 @@ def run(config, workdir: str) -> dict:
         "methods": methods,
         "cells": cells,
         "paired": paired,
+        "groups": groups_lib.summarise(cells, paired, groups),
+        "curves": curves,
         "screening": screening,
         "calibration_bins": config.calibration_bins,
         "finetune": finetune_info if "finetune" in methods else None,
@@ -293,7 +320,7 @@ def run(config, workdir: str) -> dict:
         "deployed_model": deployed,
         "notes": notes,
         "timings": timings,
-        "starts": {s.name: {**s.info, "weights_fingerprint": s.fingerprint} for s in starts},
+        "starts": {s.name: {**s.info, "group": s.group, "weights_fingerprint": s.fingerprint} for s in starts},
         "datasets": {name: {"build": str(d.build_dir), "fingerprint": d.fingerprint, "n_images": len(d),
                             "targets": {t: {"known": int((d.labels[:, d.column(t)] >= 0).sum()),
                                             "positive": int((d.labels[:, d.column(t)] == 1).sum())}
@@ -306,5 +333,8 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         out_dir = files.join(workdir, "report")
         report_lib.write_report(out_dir, result, predictions)
+        if curves is not None:
+            curves_lib.write_curves(files.join(out_dir, "curves"), curves, curve_predictions, plans, held_out, splits,
+                                    views, protocol_targets)
         logging.info("report written to %s\n%s", out_dir, report_lib.markdown(result))
     return result

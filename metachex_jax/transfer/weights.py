@@ -58,6 +58,7 @@ class Start:
     fingerprint: str
     info: dict  # where the weights came from (json-ready)
     contract: PixelContract  # the pixels this start's model takes (see the module docstring)
+    group: str = ""  # the start (groups.py) this is a run of; its name by default
 
     @property
     def has_trained_metadata_heads(self) -> bool:
@@ -132,7 +133,8 @@ def _load_run(path: str, model_config, step: str, contract: PixelContract) -> St
     contract = dataclasses.replace(contract, normalization=own.normalization, geometry=own.geometry)
     name = "metachexnet" if model.metadata_head is not None else "chexnet"
     info = {"source": path, "step": info["step"], "arch": info["arch"],
-            "multitask": model.metadata_head is not None, "input": contract.describe()}
+            "multitask": model.metadata_head is not None, "input": contract.describe(),
+            "val_mean_auroc": info["val_mean_auroc"]}
     return Start(name, "run", model, weights_fingerprint(model), info, contract)
 
 
@@ -168,22 +170,3 @@ def _load_model_dir(path: str, model_config, seed: int, contract: PixelContract)
                                    "directory it was exported from")
     return _load_backbone(path, model_config, seed,
                           dataclasses.replace(contract, normalization=own.normalization, geometry=own.geometry), card)
-
-
-def load_starts(specs: list[str], model_config, seed: int, step: str = "best", *,
-                contract: PixelContract) -> list[Start]:
-    """Every start (errors collected and raised together); duplicate names get a numeric suffix."""
-    starts, errors = [], []
-    for spec in specs:
-        try:
-            starts.append(load_start(spec, model_config, seed, step, contract=contract))
-        except StartingWeightsError as e:
-            errors.append(str(e))
-    if errors:
-        raise StartingWeightsError("\n".join(errors))
-    seen: dict[str, int] = {}
-    for start in starts:
-        seen[start.name] = seen.get(start.name, 0) + 1
-        if seen[start.name] > 1:
-            start.name = f"{start.name}{seen[start.name]}"
-    return starts
