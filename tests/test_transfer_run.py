@@ -13,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from data_fixtures import make_tb_tree
 from dataset_trees import make_tbx11k_tree
+from metachex_jax import predict
 from metachex_jax.configs import pretrain, transfer
+from metachex_jax.contract.calibration import PlattScaling, fit_platt
 from metachex_jax.contract.pixels import PixelContract, to_model_input
 from metachex_jax.core.errors import ConfigError
 from metachex_jax.data.input import datasets as nih_datasets
@@ -26,6 +29,8 @@ from metachex_jax.data.input.spec import DataSpec
 from metachex_jax.evaluation import metrics, reports
 from metachex_jax.models import saved as saved_models
 from metachex_jax.models.tb_classifier import TbClassifier
+from metachex_jax.serving import export
+from metachex_jax.serving.predictor import Predictor
 from metachex_jax.training import steps as train_steps
 from metachex_jax.training import trainer
 from metachex_jax.transfer import curves as curves_lib
@@ -652,14 +657,10 @@ def deployed_cardiomegaly_model_has_one_output_name(workdir, demo_dir):
     """The deployed model of a target other than TB: "Cardiomegaly" on its card, as the classifier's output, in
     predict's CSV and heatmap files (Grad-CAM died with KeyError on main), in its export, and for a card written
     before the name was recorded in model_config."""
-    from metachex_jax import predict
-    from metachex_jax.models import saved
-    from metachex_jax.serving import export
-    from metachex_jax.serving.predictor import Predictor
 
     card = json.loads((workdir / "model" / "model.json").read_text())
     assert [o["name"] for o in card["outputs"]] == ["Cardiomegaly"] and card["training"]["target"] == "Cardiomegaly"
-    model, _ = saved.load(str(workdir / "model"))
+    model, _ = saved_models.load(str(workdir / "model"))
     assert model.output_kinds() == {"Cardiomegaly": "probability"}
     (raw,) = list(demo_dir.glob("*/raw"))
     images = sorted(str(p) for p in (raw / "Hospital").rglob("*.png"))[:3]
@@ -697,10 +698,6 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     """The run's WORKDIR/model/: fine-tuned on all of Shenzhen for the CV's median best epoch, threshold at 90%
     out-of-fold sensitivity; `predict --model=WORKDIR` on the raw files equals the model on the prepared records,
     and the exported model equals both."""
-    from metachex_jax import predict
-    from metachex_jax.models import saved
-    from metachex_jax.serving import export
-    from metachex_jax.serving.predictor import Predictor
 
     config, workdir, result = finished
     demo_dir, _ = setup
@@ -723,7 +720,7 @@ def test_deployable_model_threshold_training_and_predict_round_trip(finished, se
     assert predict.main([f"--model={workdir}", *map(str, images), f"--out={tmp_path}/p"]) == 0
     rows = {os.path.basename(r["path"])[:-4]: r for r in csv_rows(tmp_path / "p" / "predictions.csv")}
     assert all(r["tb_decision"] == str(int(float(r["tb"]) >= threshold)) for r in rows.values())
-    model, _ = saved.load(str(workdir / "model"))
+    model, _ = saved_models.load(str(workdir / "model"))
     montgomery = sets_lib.tb_transfer_sets(DataSpec.from_config(config), ("montgomery",))["montgomery"]
     with pipeline.eval_batches(montgomery.source, kind="binary", global_batch_size=8, image_size=RES) as batches:
         for batch in batches:
@@ -760,7 +757,7 @@ def test_deployed_probe_is_the_refitted_probe_folded_into_a_head(finished, setup
     fit = fit_probe(table["features"], montgomery.labels[:, 0], table["features"],
                     ProbeSettings.from_config(probe_config.probe, probe_config.seed), groups=montgomery.patient)
     assert card["training"]["l2"] == fit.l2
-    model, _ = saved.load(str(tmp_path / "model"))
+    model, _ = saved_models.load(str(tmp_path / "model"))
     folded = np.asarray(jax.nn.sigmoid(model.output_scores(jnp.asarray(table["features"]))["tb"]))
     np.testing.assert_allclose(folded, fit.test_prob, rtol=1e-4, atol=1e-6)
     assert out["deployed_model"]["threshold_rule"]["rule"] == "youden"
@@ -836,13 +833,11 @@ def test_a_converted_torchxrayvision_model_is_a_start_fed_its_own_pixels(setup, 
     np.testing.assert_allclose(table["features"][:3], expected, rtol=1e-4, atol=1e-5)
 
     # Deployed from that start, the TB model keeps its contract: predict feeds it 1-channel [-1024, 1024] pixels.
-    from metachex_jax.models import saved
-    from metachex_jax.serving.predictor import Predictor
 
     card = json.loads((tmp_path / "tb" / "model" / "model.json").read_text())
     assert card["training"]["start"] == "xrv_nih" and card["input"]["normalization"] == "xrv"
     predictor = Predictor.load(str(tmp_path / "tb"))
-    model, _ = saved.load(str(tmp_path / "tb" / "model"))
+    model, _ = saved_models.load(str(tmp_path / "tb" / "model"))
     assert predictor.contract == start.contract and model.backbone.in_channels == 1
     expected = np.asarray(jax.nn.sigmoid(model(jnp.asarray(xrv_input(crops)))))
     np.testing.assert_allclose(predictor(crops)["tb"], expected, rtol=1e-5, atol=1e-6)
@@ -910,12 +905,7 @@ def test_platt_calibration_is_nested_and_the_deployed_model_carries_a_calibrator
     Deployed model: its calibrator is Platt on the out-of-fold predictions, `predict --calibrated` applies it; its
     OOD description is its features of every Shenzhen image with the threshold from out-of-fold distances
     (checked against scikit-learn's Ledoit-Wolf on the raw files' features)."""
-    from sklearn.covariance import LedoitWolf
 
-    from metachex_jax import predict
-    from metachex_jax.contract.calibration import PlattScaling, fit_platt
-    from metachex_jax.serving.predictor import Predictor
-    from metachex_jax.transfer.probe import ProbeSettings, fit_probe
 
     config, workdir, result = finished
     demo_dir, pre = setup

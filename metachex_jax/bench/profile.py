@@ -137,7 +137,7 @@ def profile_jax(arch: str, batch: int, resolution: int, dtype: str, form: str, s
                 state, metrics = compiled(state, data)
             jax.block_until_ready(metrics)
         profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
-    samples, unmatched = [], 0.0
+    samples = []
     for plane in profile.planes:
         for line in plane.lines:
             for name, ns in self_times([e for e in line.events if e.name in operations]):

@@ -35,7 +35,6 @@ import importlib
 import importlib.util
 import json
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable

@@ -52,7 +52,7 @@ from etils import epath
 from metachex_jax.core.labels import PATHOLOGIES
 from metachex_jax.data.build import publish
 from metachex_jax.data.build.records import RecordSource
-from metachex_jax.data.raw import chexpert, csv_dataset, labelled, mimic, nih, padchest, tb, tbx11k, vindr
+from metachex_jax.data.raw import chexpert, csv_dataset, mimic, nih, padchest, tb, tbx11k, vindr
 from metachex_jax.data.raw.common import Problem
 from metachex_jax.imaging.geometry import GEOMETRIES
 
