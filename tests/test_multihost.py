@@ -151,6 +151,9 @@ def test_two_processes_train_evaluate_log_once_and_checkpoint(two_process_run, d
     iterator_files = sorted(os.listdir(workdir / "checkpoints" / "6" / "data_iter"))
     assert all(any(f"process_{i}-of-{NUM_PROCESSES}" in name for name in iterator_files)
                for i in range(NUM_PROCESSES)), iterator_files
+    # No OOD description in a multi-process run (loading a checkpoint is collective): said, with the command.
+    assert not (workdir / "ood").exists()
+    assert f"python -m metachex_jax.ood {workdir} --step=6" in output(workdir, 0)
 
 
 def test_killed_two_process_run_resumes_bit_identical(two_process_run, demo_dir, tmp_path):

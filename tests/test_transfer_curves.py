@@ -83,7 +83,7 @@ def test_draws_are_stratified_whole_patients_and_seeded():
 def a_cv_protocol(n=60, folds=3):
     y = (np.arange(n) % 5 < 2).astype(np.int64)
     view = TransferSet("tb", "Tuberculosis", [("tb", np.arange(n))], None, y, np.arange(n) % folds, np.arange(n),
-                       [f"img{i}" for i in range(n)], ["tb"] * n)
+                       [f"img{i}" for i in range(n)], ["tb"] * n, np.array(["train"] * n))
     protocol = protocols.parse_protocol("cv_tb")
     return {"cv_tb": protocols.check_protocol(protocol, {"tb": view}, need_validation=False)}, {"T": {"tb": view}}
 

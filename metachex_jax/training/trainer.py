@@ -310,8 +310,12 @@ def train_and_evaluate(config, workdir: str, *, make_train_step=jit_train_step) 
                      f"mean AUROC {final['mean_auroc']['value']:.4f}")
 
         # 8. The description of the best checkpoint's training images in feature space (predict's OOD flags).
+        # One process only: loading a checkpoint is collective in a multi-process run, and the others are done.
         manager.wait_until_finished()
-        if lead and config.ood.max_images:
+        if config.ood.max_images and jax.process_count() > 1:
+            logging.warning("no OOD description written in this multi-process run; write it afterwards in one "
+                            "process: python -m metachex_jax.ood %s --step=%d", workdir, best_step)
+        elif config.ood.max_images:
             ood_reference.describe_run(workdir, step=best_step, max_images=config.ood.max_images,
                                        quantile=config.ood.quantile, seed=config.seed)
         return final
