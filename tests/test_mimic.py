@@ -152,15 +152,18 @@ def test_radiologist_test_labels_accept_both_spellings(tmp_path, no_finding):
                             for n in mimic.OBSERVATIONS)]
     rows = [["50000005", *("1.0" if n in ("Airspace Opacity", "Edema") else "" for n in header[1:])],
             ["50000006", *("1.0" if n == no_finding else "0.0" for n in header[1:])]]
+    rows[0][header.index("Cardiomegaly")] = "-1.0"  # uncertain, if any: unknown
     path = write_csv(tmp_path / "mimic-cxr-2.1.0-test-set-labeled.csv", header, rows)
     labels, info = mimic.read_test_labels(path)
     opacity, nothing = mimic.OBSERVATIONS.index("Lung Opacity"), mimic.OBSERVATIONS.index("No Finding")
     assert labels["50000005"][opacity] == 1 and labels["50000005"][mimic.OBSERVATIONS.index("Edema")] == 1
-    assert sum(labels["50000005"]) == 2 and labels["50000006"][nothing] == 1 and sum(labels["50000006"]) == 1
+    assert labels["50000005"][mimic.OBSERVATIONS.index("Cardiomegaly")] == labelled.UNKNOWN
+    assert labels["50000005"].count(1) == 2 and labels["50000005"].count(0) == 11
+    assert labels["50000006"][nothing] == 1 and sum(labels["50000006"]) == 1
     assert info["columns"]["Lung Opacity"] == "Airspace Opacity"
-    rows[1][3] = "yes"
+    rows[1][header.index("Airspace Opacity")] = "yes"
     write_csv(path, header, rows)
-    with pytest.raises(RawDataError, match="study 50000006"):
+    with pytest.raises(RawDataError, match="study 50000006.*Airspace Opacity='yes'"):  # the file's spelling
         mimic.read_test_labels(path)
 
 

@@ -54,7 +54,8 @@ VIEWS = ("frontal", "all")
 EXPECTED_COUNTS = {"train_images": 223_414, "train_patients": 64_540, "valid_images": 234, "valid_patients": 200}
 
 _COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
-_VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1, "": 0}
+_VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1, "": 0}  # blank: not mentioned, negative
+_UNCERTAIN_AS = {"ignore": UNKNOWN, "ones": 1, "zeros": 0}  # an uncertain (-1) value under each policy
 _PATIENT = re.compile(r"(?:^|/)(patient\d+)/")
 
 
@@ -91,6 +92,27 @@ def uncertainty_name(text: str) -> str:
         return ""
     overrides = [f"{name.replace(' ', '')}-{p}" for name, p in policies.items() if p != default]
     return "-".join(["unc", default, *overrides])
+
+
+def observation_labels(cell: dict[str, str], policies: dict[str, str], uncertain: Counter,
+                       columns: dict[str, str] | None = None) -> tuple[list[int], list[str]]:
+    """A row's observation cells -> its labels in OBSERVATIONS order and its bad values (`Column='text'`).
+
+    1.0 and 0.0 are kept, blank is negative, -1.0 (uncertain) follows its observation's policy (`policies`, from
+    parse_uncertainty) and is counted in `uncertain`. `columns` maps an observation to the row's column where
+    the file spells it otherwise (default: the observation's own name). CheXpert's CSVs and MIMIC-CXR's labeller
+    files share these values."""
+    labels, bad = [], []
+    for name in OBSERVATIONS:
+        column = (columns or {}).get(name, name)
+        value = _VALUES.get(cell[column])
+        if value is None:
+            bad.append(f"{column}={cell[column]!r}")
+        elif value == -1:
+            uncertain[name] += 1
+            value = _UNCERTAIN_AS[policies[name]]
+        labels.append(value)
+    return labels, bad
 
 
 def find_release(manual_dir: str | os.PathLike) -> Path:
@@ -163,15 +185,7 @@ def collect_chexpert(manual_dir: str | os.PathLike, *, views: str = "frontal", u
             if cell["AP/PA"] not in ("AP", "PA", "LL", "RL", ""):
                 row_problems.append(Problem("bad_view", listed, f"{where}: AP/PA {cell['AP/PA']!r} "
                                             "(AP/PA/LL/RL or blank)"))
-            labels, bad = [], []
-            for name in OBSERVATIONS:
-                value = _VALUES.get(cell[name])
-                if value is None:
-                    bad.append(f"{name}={cell[name]!r}")
-                elif value == -1:
-                    uncertain[name] += 1
-                    value = {"ignore": UNKNOWN, "ones": 1, "zeros": 0}[policies[name]]
-                labels.append(value)
+            labels, bad = observation_labels(cell, policies, uncertain)
             if bad:
                 row_problems.append(Problem("unknown_label_value", listed,
                                             f"{where}: {', '.join(bad)} (1.0, 0.0, -1.0 or blank)"))

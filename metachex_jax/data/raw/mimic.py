@@ -70,7 +70,7 @@ RECALLED_SPLIT_IMAGES = {"train": 368_960, "validation": 2_991, "test": 5_159}
 # The 2.1.0 radiologist-labelled test file's spellings of CheXpert's observation names.
 TEST_FILE_SPELLINGS = {"Lung Opacity": ("Airspace Opacity",), "No Finding": ("No Findings",)}
 _PATIENT_COLUMNS = ("subject_id", "gender", "anchor_age", "anchor_year")
-_VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1, "": 0}
+_UNCERTAIN_MASKED = chexpert.parse_uncertainty("ignore")  # the radiologists' test labels: -1.0, if any, is unknown
 _DICOM_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 
 
@@ -171,15 +171,7 @@ def read_study_labels(path: Path, policies: dict[str, str], subject_column: bool
     for where, cell in rows:
         study = cell["study_id"]
         seen[study].append(where)
-        values, bad = [], []
-        for name in OBSERVATIONS:
-            value = _VALUES.get(cell[name])
-            if value is None:
-                bad.append(f"{name}={cell[name]!r}")
-            elif value == -1:
-                uncertain[name] += 1
-                value = {"ignore": UNKNOWN, "ones": 1, "zeros": 0}[policies[name]]
-            values.append(value)
+        values, bad = chexpert.observation_labels(cell, policies, uncertain)
         if bad or not study.isdigit():
             problems.append(Problem("unknown_label_value", f"study {study}", f"{where}: {', '.join(bad) or 'study_id'}"
                                     " (1.0, 0.0, -1.0 or blank)"))
@@ -371,13 +363,7 @@ def read_test_labels(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]
                          f"header: {header}")
     labels, seen = {}, defaultdict(list)
     for where, cell in rows:
-        values, bad = [], []
-        for name in OBSERVATIONS:
-            text = cell[column[name]]
-            value = _VALUES.get(text)
-            if value is None:
-                bad.append(f"{column[name]}={text!r}")
-            values.append(UNKNOWN if value in (None, -1) else value)
+        values, bad = chexpert.observation_labels(cell, _UNCERTAIN_MASKED, Counter(), columns=column)
         seen[cell["study_id"]].append(where)
         if bad or not cell["study_id"].isdigit():
             problems.append(Problem("unknown_label_value", f"study {cell['study_id']}",
