@@ -46,6 +46,18 @@ def test_local_write_atomic_keeps_the_old_file_and_no_temporary(tmp_path, monkey
     assert path.read_text() == "two\n" and os.listdir(path.parent) == ["a.txt"]
 
 
+def test_write_atomic_exclusive_creates_once_locally_and_on_gs(tmp_path, fake_gcs):
+    """exclusive=True (how a build is published): the first writer creates the file, a second one gets
+    FileExistsError and changes nothing; no temporary file stays."""
+    for path in (str(tmp_path / "out" / "info.json"), fake_gcs.url + "/out/info.json"):
+        files.write_atomic(path, "first\n", exclusive=True)  # creates the folder
+        with pytest.raises(FileExistsError):
+            files.write_atomic(path, "second\n", exclusive=True)
+        assert files.read_text(path) == "first\n"
+    assert os.listdir(tmp_path / "out") == ["info.json"]
+    assert oct((tmp_path / "out" / "info.json").stat().st_mode & 0o777) == "0o644"
+
+
 def test_gs_write_read_and_helpers(fake_gcs):
     url = fake_gcs.url + "/run/x/a.txt"
     assert not files.exists(url) and not files.is_file(url)

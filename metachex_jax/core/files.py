@@ -12,6 +12,7 @@ fsspec's `gcsfs` (it must be installed: `pip install gcsfs`); local paths use th
     glob(pattern)                 the sorted paths matching a pattern (* ? [..] in any part after the first)
     read_text(path), read_bytes(path)
     write_atomic(path, data)      str or bytes; readers see the old file or the new one, never a partial one
+                                  (exclusive=True: create only, FileExistsError when the file exists)
 
 Atomic writes: a local file is written to a temporary file in the same folder and moved over the target with
 os.replace (atomic on POSIX). A remote object is written with ONE upload of the complete bytes, which Cloud
@@ -26,6 +27,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import fsspec
 from etils import epath
 
 PathLike = str | os.PathLike
@@ -98,13 +100,21 @@ def read_bytes(path: PathLike) -> bytes:
     return _path(path).read_bytes()
 
 
-def write_atomic(path: PathLike, data: str | bytes) -> None:
-    """Write `data` (str: as UTF-8, newlines unchanged) to `path` so that no reader ever sees a partial file."""
+def write_atomic(path: PathLike, data: str | bytes, *, exclusive: bool = False) -> None:
+    """Write `data` (str: as UTF-8, newlines unchanged) to `path` so that no reader ever sees a partial file.
+
+    `exclusive`: create `path`, never replace it: FileExistsError when it exists, and nothing is written (of two
+    writers, the first wins). Cloud Storage: a create-only upload (gcsfs mode "xb", ifGenerationMatch=0); a local
+    file: os.link of the complete temporary file, which fails when the name exists."""
     path = os.fspath(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     if is_url(path):
         # One upload of the complete object: atomic on Cloud Storage (see the module docstring).
-        _path(path).write_bytes(payload)
+        if exclusive:
+            with fsspec.open(path, "xb") as f:
+                f.write(payload)
+        else:
+            _path(path).write_bytes(payload)
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -115,7 +125,10 @@ def write_atomic(path: PathLike, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        if exclusive:
+            os.link(tmp, path)  # fails when the name exists; the temporary name is removed below
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):  # os.replace moved it; anything else leaves it
+            os.unlink(tmp)

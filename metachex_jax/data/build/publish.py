@@ -14,12 +14,13 @@ on Cloud Storage appears only when its upload has finished, and a local info fil
 and linked into place. The skip report and the label counts live in the build's folder, so they always belong to
 the records they describe.
 
-Two builds of one config at once: both write their own folders; the info is CREATED, never replaced (Cloud
-Storage: a create-only upload, gcsfs mode "xb" = ifGenerationMatch=0; locally: os.link, which fails when the name
-exists), so the first to finish publishes and the second finds the name taken, deletes its own folder and reports
-the published build as reused. Builds are deterministic, so both would have published the same records.
-`--overwrite` replaces the info (last writer wins, atomically) and then deletes the build it replaced; a run that
-is reading that build at that moment loses its files (Cloud Storage) or keeps them until it closes them (POSIX).
+Two builds of one config at once: both write their own folders; the info is CREATED, never replaced
+(files.write_atomic with exclusive=True; Cloud Storage: a create-only upload, gcsfs mode "xb" =
+ifGenerationMatch=0; locally: os.link, which fails when the name exists), so the first to finish publishes and the
+second finds the name taken, deletes its own folder and reports the published build as reused. Builds are
+deterministic, so both would have published the same records. `--overwrite` replaces the info (last writer wins,
+atomically) and then deletes the build it replaced; a run that is reading that build at that moment loses its
+files (Cloud Storage) or keeps them until it closes them (POSIX).
 
 Leftovers: a killed build's folder is never named by an info, so nothing reads it. A build deletes unreferenced
 folders older than STALE_AFTER (by the time in their name; a younger one may be a live build elsewhere), and
@@ -30,12 +31,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import secrets
-import tempfile
 
-import fsspec
 from etils import epath
 
 from metachex_jax.core import files
@@ -85,30 +83,10 @@ def publish(version_dir: str, info: dict, *, replace: bool = False) -> bool:
         files.write_atomic(path, payload)
         return True
     try:
-        _create(path, payload)
+        files.write_atomic(path, payload, exclusive=True)
     except FileExistsError:
         return False
     return True
-
-
-def _create(path: str, payload: bytes) -> None:
-    """Create `path` holding `payload`, complete or not at all; FileExistsError when it exists."""
-    if files.is_url(path):
-        with fsspec.open(path, "xb") as f:  # Cloud Storage: one upload with ifGenerationMatch=0
-            f.write(payload)
-        return
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.link(tmp, path)  # fails when the name exists; readers never see a partial file
-    finally:
-        os.unlink(tmp)
 
 
 def build_folders(version_dir: str) -> list[str]:
