@@ -89,27 +89,35 @@ def _ages(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
     return age, valid.astype(np.float32)
 
 
-def nih_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
-    """ChestX-ray14 records and their (already cropped) images -> the multi-task batch."""
-    bad = [int(i) for i, r in zip(indices, records) if np.shape(r["labels"]) != (len(PATHOLOGIES),)]
-    if bad:
-        raise ValueError(f"records {bad}: labels must have shape ({len(PATHOLOGIES)},)")
-    pathology = np.array([r["labels"] for r in records], np.float32)
+def _multitask_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray, pathology: np.ndarray,
+                     pathology_mask: np.ndarray, patient_id: np.ndarray) -> Example:
+    """The multi-task batch around its pathology labels, their mask and the patient ids (what the record kinds
+    differ in): the metadata and age with their masks, index and example mask."""
     metadata, metadata_mask = _known_or_zero(
         np.array([[r[name] for name in METADATA_TASKS] for r in records], np.float32))
     age, age_mask = _ages(records)
     return {
         "image": images,
         "pathology": pathology,
-        "pathology_mask": np.ones_like(pathology),
+        "pathology_mask": pathology_mask,
         "metadata": metadata,
         "metadata_mask": metadata_mask,
         "age": age,
         "age_mask": age_mask,
-        "patient_id": np.array([r["patient_id"] for r in records], np.int64),
+        "patient_id": patient_id,
         "index": np.asarray(indices, np.int64),
         "example_mask": np.ones(len(records), np.float32),
     }
+
+
+def nih_batch(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
+    """ChestX-ray14 records and their (already cropped) images -> the multi-task batch."""
+    bad = [int(i) for i, r in zip(indices, records) if np.shape(r["labels"]) != (len(PATHOLOGIES),)]
+    if bad:
+        raise ValueError(f"records {bad}: labels must have shape ({len(PATHOLOGIES)},)")
+    pathology = np.array([r["labels"] for r in records], np.float32)
+    return _multitask_batch(records, images, indices, pathology, np.ones_like(pathology),
+                            np.array([r["patient_id"] for r in records], np.int64))
 
 
 def _transfer_fields(records: Sequence[Record], images: np.ndarray, indices: np.ndarray) -> Example:
@@ -144,21 +152,8 @@ def labelled_batch(records: Sequence[Record], images: np.ndarray, indices: np.nd
     """Records of the shared label space (data/input/mixture.py: labels 1/0/-1 = unknown) -> the multi-task batch, with
     a 0 mask for every unknown label or metadata entry."""
     labels = np.array([r["labels"] for r in records], np.int8)
-    metadata, metadata_mask = _known_or_zero(
-        np.array([[r[name] for name in METADATA_TASKS] for r in records], np.float32))
-    age, age_mask = _ages(records)
-    return {
-        "image": images,
-        "pathology": (labels == 1).astype(np.float32),
-        "pathology_mask": (labels >= 0).astype(np.float32),
-        "metadata": metadata,
-        "metadata_mask": metadata_mask,
-        "age": age,
-        "age_mask": age_mask,
-        "patient_id": np.array([r["patient_key"] for r in records], np.int64),
-        "index": np.asarray(indices, np.int64),
-        "example_mask": np.ones(len(records), np.float32),
-    }
+    return _multitask_batch(records, images, indices, (labels == 1).astype(np.float32),
+                            (labels >= 0).astype(np.float32), np.array([r["patient_key"] for r in records], np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
