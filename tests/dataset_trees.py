@@ -1,6 +1,7 @@
 """Tiny raw trees of MIMIC-CXR(-JPG), TBX11K and VinDr-CXR in their exact layouts, every pitfall of the reference
-planted, for tests/test_more_datasets.py. Images are 16-24 px and constant (`pixel_value(i)`), so a build can be
-checked pixel by pixel; each tree keeps the truth it wrote (rows, values) for the tests to compare against.
+planted, for the datasets' tests (test_mimic.py, test_tbx11k.py, test_vindr.py, ...). Images are 16-24 px and
+constant (`pixel_value(i)`), so a build can be checked pixel by pixel; each tree keeps the truth it wrote (rows,
+values) for the tests to compare against. Also the DICOM writer the tests share (`dicom_dataset`, `write_dicom`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def write_csv(path: Path, header, rows, gz: bool = False) -> Path:
     return path
 
 
-def write_dicom(path: Path, stored: np.ndarray, *, bits_stored: int = 12, photometric: str = "MONOCHROME2",
-                syntax=ExplicitVRLittleEndian, **elements) -> Path:
-    """A 16-bit single-frame DX file as pydicom writes it (`syntax` JPEG2000Lossless compresses it)."""
+def dicom_dataset(pixels: np.ndarray, *, bits_stored: int = 12, photometric: str = "MONOCHROME2",
+                  signed: bool = False, **elements) -> Dataset:
+    """A single-frame DX image as pydicom writes it (samples per pixel and bits allocated from `pixels`' shape and
+    dtype); `elements` are set on the dataset (e.g. WindowCenter)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -46,14 +48,27 @@ def write_dicom(path: Path, stored: np.ndarray, *, bits_stored: int = 12, photom
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
-    ds.PixelData = np.asarray(stored, np.uint16).tobytes()
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 1 if pixels.ndim == 2 else pixels.shape[-1]
+    ds.PhotometricInterpretation = photometric
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = 8 * pixels.dtype.itemsize
+    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PixelData = pixels.tobytes()
     for name, value in elements.items():
         setattr(ds, name, value)
+    return ds
+
+
+def write_dicom(path: Path, stored: np.ndarray, *, bits_stored: int = 12, photometric: str = "MONOCHROME2",
+                syntax=ExplicitVRLittleEndian, **elements) -> Path:
+    """A 16-bit single-frame DX file as pydicom writes it (`syntax` JPEG2000Lossless compresses it)."""
+    stored = np.asarray(stored, np.uint16)
+    ds = dicom_dataset(stored, bits_stored=bits_stored, photometric=photometric, **elements)
     if syntax == JPEG2000Lossless:
-        ds.compress(JPEG2000Lossless, np.asarray(stored, np.uint16), encoding_plugin="pylibjpeg")
+        ds.compress(JPEG2000Lossless, stored, encoding_plugin="pylibjpeg")
     elif syntax == ImplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,40 +8,15 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import (MPEG2MPML, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGBaseline8Bit, JPEGLSLossless, RLELossless, generate_uid)
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
+from dataset_trees import dicom_dataset
 from metachex_jax.imaging import dicom, images
 
 RNG = np.random.default_rng(0)
-
-
-def make_dataset(pixels: np.ndarray, *, bits_stored: int = 12, photometric: str = "MONOCHROME2",
-                 signed: bool = False, **elements) -> Dataset:
-    """A single-frame DX image as pydicom writes it; `elements` are set on the dataset (e.g. WindowCenter)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel = 1 if pixels.ndim == 2 else pixels.shape[-1]
-    ds.PhotometricInterpretation = photometric
-    if pixels.ndim == 3:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = 8 * pixels.dtype.itemsize
-    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
-    ds.PixelRepresentation = int(signed)
-    ds.PixelData = pixels.tobytes()
-    for name, value in elements.items():
-        setattr(ds, name, value)
-    return ds
 
 
 def write(ds: Dataset, path, preamble: bool = True):
@@ -65,7 +40,7 @@ def stored_range_scale(values, bits):
 def test_bits_stored_range_maps_linearly_with_or_without_preamble(tmp_path):
     values = np.array([[0, 4095], [2048, 100]], np.uint16)
     for preamble in (True, False):
-        path = write(make_dataset(values), tmp_path / f"p{preamble}.dcm", preamble)
+        path = write(dicom_dataset(values), tmp_path / f"p{preamble}.dcm", preamble)
         head = path.read_bytes()[:132]
         assert (head[128:132] == b"DICM") == preamble
         gray, info = read(path)
@@ -73,7 +48,7 @@ def test_bits_stored_range_maps_linearly_with_or_without_preamble(tmp_path):
         assert (info.format, info.bit_depth) == ("dicom", 12)
         assert info.bit_depth_source == "BitsStored range (12 bits)"
     # A dataset written with no file meta at all (implicit VR little endian, starting with a group 0008 tag).
-    ds = make_dataset(values)
+    ds = dicom_dataset(values)
     del ds.file_meta
     ds.save_as(tmp_path / "bare", implicit_vr=True, little_endian=True, enforce_file_format=False)
     assert (tmp_path / "bare").read_bytes()[:2] == b"\x08\x00"
@@ -84,13 +59,13 @@ def test_bits_stored_range_maps_linearly_with_or_without_preamble(tmp_path):
 
 def test_extension_does_not_matter(tmp_path):
     values = RNG.integers(0, 4096, (8, 8)).astype(np.uint16)
-    write(make_dataset(values), tmp_path / "image.png")  # a DICOM named .png
+    write(dicom_dataset(values), tmp_path / "image.png")  # a DICOM named .png
     np.testing.assert_array_equal(read(tmp_path / "image.png")[0], stored_range_scale(values, 12))
 
 
 def test_monochrome1_is_inverted(tmp_path):
     values = np.array([[0, 4095, 1000]], np.uint16)
-    write(make_dataset(values, photometric="MONOCHROME1"), tmp_path / "m1.dcm")
+    write(dicom_dataset(values, photometric="MONOCHROME1"), tmp_path / "m1.dcm")
     gray, info = read(tmp_path / "m1.dcm")
     np.testing.assert_array_equal(gray, 255 - stored_range_scale(values, 12))
     assert "MONOCHROME1 inverted" in info.bit_depth_source
@@ -99,13 +74,13 @@ def test_monochrome1_is_inverted(tmp_path):
 def test_rescale_then_stored_range(tmp_path):
     """Slope/intercept move the output range too, so without a window the result is the stored-range scaling."""
     values = np.array([[0, 4095, 1000]], np.uint16)
-    write(make_dataset(values, RescaleSlope=2, RescaleIntercept=-1024), tmp_path / "r.dcm")
+    write(dicom_dataset(values, RescaleSlope=2, RescaleIntercept=-1024), tmp_path / "r.dcm")
     np.testing.assert_array_equal(read(tmp_path / "r.dcm")[0], stored_range_scale(values, 12))
 
 
 def test_signed_pixels_use_the_signed_range(tmp_path):
     values = np.array([[-2048, 2047, 0]], np.int16)
-    write(make_dataset(values, signed=True), tmp_path / "s.dcm")
+    write(dicom_dataset(values, signed=True), tmp_path / "s.dcm")
     expected = np.rint((values.astype(np.float64) + 2048) * 255.0 / 4095).astype(np.uint8)
     np.testing.assert_array_equal(read(tmp_path / "s.dcm")[0], expected)
 
@@ -119,7 +94,7 @@ def linear_window(x, c, w):
 
 def test_window_after_rescale_first_of_multiple_values(tmp_path):
     values = np.array([[0, 500, 1000, 1500, 2000, 4095]], np.uint16)
-    ds = make_dataset(values, RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=[0, 400], WindowWidth=[2000, 50])
+    ds = dicom_dataset(values, RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=[0, 400], WindowWidth=[2000, 50])
     write(ds, tmp_path / "w.dcm")
     gray, info = read(tmp_path / "w.dcm")
     expected = np.rint(linear_window(values.astype(np.float64) - 1000, 0, 2000)).astype(np.uint8)
@@ -130,7 +105,7 @@ def test_window_after_rescale_first_of_multiple_values(tmp_path):
 @pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
 def test_other_voi_functions(tmp_path, function):
     values = np.array([[0, 1000, 2000, 3000, 4095]], np.uint16)
-    write(make_dataset(values, WindowCenter=2000, WindowWidth=1000, VOILUTFunction=function), tmp_path / "f.dcm")
+    write(dicom_dataset(values, WindowCenter=2000, WindowWidth=1000, VOILUTFunction=function), tmp_path / "f.dcm")
     x = values.astype(np.float64)
     if function == "LINEAR_EXACT":
         expected = np.clip(((x - 2000) / 1000 + 0.5) * 255, 0, 255)
@@ -144,7 +119,7 @@ def test_voi_lut_sequence_wins_over_the_window(tmp_path):
     item = Dataset()
     item.LUTDescriptor = [4, 0, 8]  # 4 entries, first mapped value 0, 8 bits per entry
     item.add_new(0x00283006, "US", [255, 128, 64, 0])  # LUTData: an inverting LUT
-    ds = make_dataset(values, WindowCenter=2000, WindowWidth=100)
+    ds = dicom_dataset(values, WindowCenter=2000, WindowWidth=100)
     ds.VOILUTSequence = Sequence([item])
     write(ds, tmp_path / "lut.dcm")
     gray, info = read(tmp_path / "lut.dcm")
@@ -154,7 +129,7 @@ def test_voi_lut_sequence_wins_over_the_window(tmp_path):
 
 def test_rle_compressed_is_decoded(tmp_path):
     values = RNG.integers(0, 4096, (16, 16)).astype(np.uint16)
-    ds = make_dataset(values)
+    ds = dicom_dataset(values)
     ds.compress(RLELossless)
     write(ds, tmp_path / "rle.dcm")
     assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == RLELossless
@@ -166,7 +141,7 @@ def test_jpeg2000_compressed_is_decoded_by_the_pylibjpeg_plugin(tmp_path):
     from pydicom.uid import JPEG2000Lossless
 
     values = RNG.integers(0, 4096, (64, 64)).astype(np.uint16)  # openjpeg refuses very small images
-    ds = make_dataset(values)
+    ds = dicom_dataset(values)
     ds.compress(JPEG2000Lossless)
     write(ds, tmp_path / "j2k.dcm")
     np.testing.assert_array_equal(read(tmp_path / "j2k.dcm")[0], stored_range_scale(values, 12))
@@ -174,16 +149,16 @@ def test_jpeg2000_compressed_is_decoded_by_the_pylibjpeg_plugin(tmp_path):
 
 def test_refusals_name_the_file_and_the_reason(tmp_path):
     gray8 = RNG.integers(0, 256, (4, 4), dtype=np.uint8)
-    write(make_dataset(gray8, bits_stored=8, NumberOfFrames=2), tmp_path / "multi.dcm")
-    write(make_dataset(np.stack([gray8] * 3, -1), bits_stored=8, photometric="RGB"), tmp_path / "colour.dcm")
-    ds = make_dataset(gray8, bits_stored=8)
+    write(dicom_dataset(gray8, bits_stored=8, NumberOfFrames=2), tmp_path / "multi.dcm")
+    write(dicom_dataset(np.stack([gray8] * 3, -1), bits_stored=8, photometric="RGB"), tmp_path / "colour.dcm")
+    ds = dicom_dataset(gray8, bits_stored=8)
     del ds.PixelData
     write(ds, tmp_path / "nopixels.dcm")
-    ds = make_dataset(gray8, bits_stored=8)
+    ds = dicom_dataset(gray8, bits_stored=8)
     ds.file_meta.TransferSyntaxUID = MPEG2MPML  # a video syntax: no installable decoder handles it
     ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
     write(ds, tmp_path / "mpeg.dcm")
-    full = write(make_dataset(gray8, bits_stored=8), tmp_path / "ok.dcm").read_bytes()
+    full = write(dicom_dataset(gray8, bits_stored=8), tmp_path / "ok.dcm").read_bytes()
     (tmp_path / "truncated.dcm").write_bytes(full[:-10])
     expected = {
         "multi.dcm": "multi-frame DICOM (2 frames)",
@@ -211,7 +186,7 @@ def test_window_function_rejects_bad_widths():
 def test_dicom_resized_like_any_other_image(tmp_path):
     values = np.zeros((32, 32), np.uint16)
     values[:16] = 4095
-    write(make_dataset(values), tmp_path / "big.dcm")
+    write(dicom_dataset(values), tmp_path / "big.dcm")
     small = images.load_gray(tmp_path / "big.dcm", 8)
     np.testing.assert_array_equal(small[:4], 255)
     np.testing.assert_array_equal(small[4:], 0)
@@ -222,7 +197,7 @@ def test_corrupt_jpeg2000_names_the_decoders_tried_not_an_install(tmp_path):
     from pydicom.pixels import get_decoder
     from pydicom.uid import JPEG2000Lossless
 
-    ds = make_dataset(RNG.integers(0, 4096, (64, 64)).astype(np.uint16))
+    ds = dicom_dataset(RNG.integers(0, 4096, (64, 64)).astype(np.uint16))
     ds.compress(JPEG2000Lossless)
     data = bytearray(write(ds, tmp_path / "j2k.dcm").read_bytes())
     siz = data.index(b"\xff\x4f\xff\x51") + 6  # the codestream's image size: zeroed
@@ -240,7 +215,7 @@ def test_corrupt_jpeg2000_names_the_decoders_tried_not_an_install(tmp_path):
 def test_empty_window_elements_count_as_absent(tmp_path):
     """Defect 1e: Window Center / Width present but empty raised TypeError."""
     values = np.array([[0, 4095], [2048, 100]], np.uint16)
-    ds = make_dataset(values)
+    ds = dicom_dataset(values)
     ds.add_new(0x00281050, "DS", None)  # Window Center, empty
     ds.add_new(0x00281051, "DS", None)  # Window Width, empty
     write(ds, tmp_path / "empty.dcm")
@@ -258,7 +233,7 @@ def test_empty_window_elements_count_as_absent(tmp_path):
 def test_dicom_without_preamble_is_recognised_by_parsing_whatever_its_first_element(tmp_path, first):
     """Defect 1f: a file without preamble whose first element is not in group 0002 or 0008 was "not an image"."""
     values = RNG.integers(0, 4096, (9, 7)).astype(np.uint16)
-    ds = make_dataset(values)
+    ds = dicom_dataset(values)
     del ds.file_meta
     for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality"):  # group 0008
         delattr(ds, keyword)
@@ -293,13 +268,13 @@ def test_tiff_and_random_bytes_are_not_taken_for_dicom(tmp_path):
 
 def test_bit_depth_override_on_dicom_applies_to_high_depth_files_only(tmp_path):
     eight = RNG.integers(0, 256, (4, 4)).astype(np.uint8)
-    write(make_dataset(eight, bits_stored=8), tmp_path / "eight.dcm")
+    write(dicom_dataset(eight, bits_stored=8), tmp_path / "eight.dcm")
     gray, info = read(tmp_path / "eight.dcm", bit_depth=12)
     np.testing.assert_array_equal(gray, eight)
     assert (info.bit_depth, info.bit_depth_source) == (8, "BitsStored range (8 bits) (bit_depth=12 not applied: "
                                                           "8-bit file)")
     twelve = np.array([[0, 4095]], np.uint16)
-    write(make_dataset(twelve), tmp_path / "twelve.dcm")
+    write(dicom_dataset(twelve), tmp_path / "twelve.dcm")
     with pytest.raises(images.ImageDecodeError, match="bit_depth=10 was requested but samples reach 4095"):
         read(tmp_path / "twelve.dcm", bit_depth=10)
 
@@ -322,7 +297,7 @@ def test_pixels_agree_with_gdcm_after_the_documented_mapping(tmp_path, syntax, p
     from pydicom.uid import JPEG2000Lossless
 
     values = RNG.integers(0, 4096, (64, 48)).astype(np.uint16)
-    ds = make_dataset(values, photometric=photometric, RescaleSlope=1, RescaleIntercept=0)
+    ds = dicom_dataset(values, photometric=photometric, RescaleSlope=1, RescaleIntercept=0)
     if syntax != "uncompressed":
         ds.compress(RLELossless if syntax == "RLE" else JPEG2000Lossless)
     write(ds, tmp_path / "x.dcm")
@@ -343,7 +318,7 @@ def test_an_8_bit_voi_lut_indexes_every_value_not_the_low_byte(tmp_path):
     item = Dataset()
     item.LUTDescriptor = [600, 0, 8]
     item.add_new(0x00283006, "US", table)
-    ds = make_dataset(values, bits_stored=16)
+    ds = dicom_dataset(values, bits_stored=16)
     ds.VOILUTSequence = Sequence([item])
     gray, info = read(write(ds, tmp_path / "lut.dcm"))
     expected = np.array(table, np.uint8)[np.minimum(values, 599)]  # past the LUT: its last entry
@@ -354,14 +329,14 @@ def test_an_8_bit_voi_lut_indexes_every_value_not_the_low_byte(tmp_path):
 @pytest.mark.parametrize("slope", ["NaN", "0", "inf"])
 def test_a_rescale_slope_that_is_no_usable_number_is_refused(tmp_path, slope):
     """A NaN or 0 slope gave an all-black image without an error."""
-    ds = make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), RescaleSlope=slope, RescaleIntercept="0")
+    ds = dicom_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), RescaleSlope=slope, RescaleIntercept="0")
     message = images.check_image(write(ds, tmp_path / "slope.dcm"))
     assert message is not None and message.startswith(str(tmp_path / "slope.dcm"))
     assert "Rescale Slope is 0" in message or "not a finite number" in message
 
 
 def _encapsulated(values: np.ndarray, frame: bytes, syntax, bits: int) -> Dataset:
-    ds = make_dataset(values, bits_stored=bits)
+    ds = dicom_dataset(values, bits_stored=bits)
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].is_undefined_length = True
     ds["PixelData"].VR = "OB"
@@ -390,7 +365,7 @@ def test_a_cut_jpeg_frame_is_refused_not_filled_in(tmp_path, syntax):
 
 def test_an_element_of_an_undefined_value_representation_is_refused(tmp_path):
     """A damaged header (an explicit VR that DICOM does not define) read on as if nothing were wrong."""
-    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), Modality="DX"),
+    data = bytearray(write(dicom_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4), Modality="DX"),
                            tmp_path / "good.dcm").read_bytes())
     at = data.index(b"\x08\x00\x60\x00CS")  # Modality (0008,0060), VR CS
     data[at + 4:at + 6] = b"QQ"
@@ -402,7 +377,7 @@ def test_an_element_of_an_undefined_value_representation_is_refused(tmp_path):
 def test_file_meta_without_its_transfer_syntax_is_refused(tmp_path):
     """A flipped byte turned (0002,0010) into another tag: the file was read with a guessed transfer syntax, where
     GDCM refuses it."""
-    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
+    data = bytearray(write(dicom_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
                      .read_bytes())
     at = data.index(b"\x02\x00\x10\x00UI")  # Transfer Syntax UID
     data[at:at + 2] = b"\x41\x00"
@@ -431,7 +406,7 @@ def test_a_sequence_item_whose_length_lies_is_refused(tmp_path):
     item = Dataset()
     item.LUTDescriptor = [4, 0, 8]
     item.add_new(0x00283006, "US", [255, 128, 64, 0])
-    ds = make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4))
+    ds = dicom_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4))
     ds.VOILUTSequence = Sequence([item])
     data = bytearray(write(ds, tmp_path / "a.dcm").read_bytes())
     at = data.index(b"\x28\x00\x10\x30SQ")
@@ -445,7 +420,7 @@ def test_a_sequence_item_whose_length_lies_is_refused(tmp_path):
 @pytest.mark.parametrize("preamble", [True, False])
 def test_a_few_bytes_after_the_last_element_are_refused(tmp_path, preamble):
     """1 to 7 bytes after the pixel data (a cut element): pydicom drops them without a word, GDCM refuses the file."""
-    data = write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm", preamble)
+    data = write(dicom_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm", preamble)
     assert images.check_image(data) is None
     (tmp_path / "tail.dcm").write_bytes(data.read_bytes() + b"\xe0\x7f\x10\x00")
     message = images.check_image(tmp_path / "tail.dcm")
@@ -455,7 +430,7 @@ def test_a_few_bytes_after_the_last_element_are_refused(tmp_path, preamble):
 def test_a_file_meta_group_read_as_part_of_the_data_set_is_refused(tmp_path):
     """A damaged first file meta tag: pydicom then reads no file meta and takes group 0002 into the data set, and
     the reader decoded JPEG frames as native pixels with a guessed transfer syntax; GDCM fails on the file."""
-    data = bytearray(write(make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
+    data = bytearray(write(dicom_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4)), tmp_path / "a.dcm")
                      .read_bytes())
     assert data[132:134] == b"\x02\x00"  # (0002,0000), the first file meta element
     data[132] = 0x25
@@ -482,7 +457,7 @@ def test_a_voi_lut_is_indexed_by_the_rounded_modality_output(tmp_path):
     item = Dataset()
     item.LUTDescriptor = [8, 0, 8]
     item.add_new(0x00283006, "US", [0, 10, 20, 30, 40, 50, 60, 70])
-    ds = make_dataset(values, RescaleSlope="1.5", RescaleIntercept="0.25")  # 0.25, 1.75, 3.25, 4.75
+    ds = dicom_dataset(values, RescaleSlope="1.5", RescaleIntercept="0.25")  # 0.25, 1.75, 3.25, 4.75
     ds.VOILUTSequence = Sequence([item])
     gray, _ = read(write(ds, tmp_path / "lut.dcm"))
     np.testing.assert_array_equal(gray, [[0, 20, 30, 50]])

@@ -11,8 +11,9 @@ import zlib
 import numpy as np
 import png
 import pytest
+from dataset_trees import dicom_dataset
 from PIL import Image, ImageFile, ImageOps
-from test_dicom import make_dataset, write
+from test_dicom import write
 
 from metachex_jax.imaging import file_formats, images, resize
 
@@ -366,8 +367,8 @@ def encodings(tmp_path, pixels: np.ndarray) -> dict:
         "palette.png": write_png(tmp_path / "palette.png", np.argsort(permutation)[pixels].astype(np.uint8),
                                  palette=palette),
         "tiff": tmp_path / "image.tif",
-        "monochrome2.dcm": write(make_dataset(twelve), tmp_path / "monochrome2.dcm"),
-        "monochrome1.dcm": write(make_dataset((4095 - twelve).astype(np.uint16), photometric="MONOCHROME1"),
+        "monochrome2.dcm": write(dicom_dataset(twelve), tmp_path / "monochrome2.dcm"),
+        "monochrome1.dcm": write(dicom_dataset((4095 - twelve).astype(np.uint16), photometric="MONOCHROME1"),
                                  tmp_path / "monochrome1.dcm"),
     }
     Image.fromarray(pixels).save(files["tiff"], format="TIFF")
@@ -451,7 +452,7 @@ def bomb_files(tmp_path) -> dict:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small.bmp")
     bmp = bytearray((tmp_path / "small.bmp").read_bytes())
     bmp[18:26] = struct.pack("<ii", 30_000, 30_000)
-    ds = make_dataset(np.zeros((8, 8), np.uint16))
+    ds = dicom_dataset(np.zeros((8, 8), np.uint16))
     ds.Rows, ds.Columns = 60_000, 60_000
     files = {"bomb.png": png_bomb, "bomb.jpg": bytes(jpeg), "bomb.bmp": bytes(bmp)}
     for name, content in files.items():

@@ -21,6 +21,7 @@ from flax import nnx
 from PIL import Image
 
 from data_fixtures import write_gray_png_with_trns
+from dataset_trees import write_dicom
 from metachex_jax import predict
 from metachex_jax.core.errors import ModelError
 from metachex_jax.core.labels import PATHOLOGIES
@@ -248,12 +249,11 @@ def test_usage_errors_stop_before_any_work(run_dir, tmp_path, capsys):
 
 
 def test_other_formats_and_bit_depths_through_predict(run_dir, tmp_path):
-    pydicom_test = pytest.importorskip("test_dicom")
     workdir, _ = run_dir
     rng = np.random.default_rng(1)
     twelve = rng.integers(0, 4096, (80, 60)).astype(np.uint16)
     Image.fromarray(twelve).save(tmp_path / "twelve_bit.png")
-    pydicom_test.write(pydicom_test.make_dataset(twelve), tmp_path / "scan")  # DICOM without an extension
+    write_dicom(tmp_path / "scan", twelve)  # DICOM without an extension
     Image.fromarray((twelve >> 4).astype(np.uint8), mode="L").save(tmp_path / "jpeg_named.png", format="JPEG")
     status = predict.main([f"--model={workdir}", str(tmp_path / "twelve_bit.png"), str(tmp_path / "scan"),
                            str(tmp_path / "jpeg_named.png"), f"--out={tmp_path}/p"])
@@ -334,14 +334,13 @@ def test_heatmap_files_mirror_input_paths_and_overlay_the_original(run_dir, tmp_
 def test_heatmaps_of_files_differing_only_by_extension_keep_their_own_folders(run_dir, tmp_path):
     """a.png, a.dcm and an extensionless DICOM `a` side by side: three heatmap folders, each holding the map of its
     own file (Grad-CAM of that file's model input, computed directly)."""
-    pydicom_test = pytest.importorskip("test_dicom")
     workdir, nih_root = run_dir
     inputs = tmp_path / "in"
     inputs.mkdir()
     sources = [np.asarray(Image.open(p).convert("L")) for p in nih_test_files(nih_root)[:3]]  # three different X-rays
     Image.fromarray(sources[0]).save(inputs / "a.png")
     for pixels, name in ((sources[1], "a.dcm"), (sources[2], "a")):  # as 12-bit DICOM
-        pydicom_test.write(pydicom_test.make_dataset(np.rint(pixels * (4095 / 255)).astype(np.uint16)), inputs / name)
+        write_dicom(inputs / name, np.rint(pixels * (4095 / 255)).astype(np.uint16))
     status = predict.main([f"--model={workdir}", str(inputs), "--heatmaps=Mass,age", "--heatmap_layer=transition3",
                            f"--out={tmp_path}/p"])
     assert status == 0
