@@ -142,9 +142,9 @@ def test_shenzhen_layout_readings_and_variants(tree):
     for name, is_tb in zip(images, tb):
         lines = (china / "ClinicalReadings" / (name[:-4] + ".txt")).read_text().splitlines()
         assert first_line.fullmatch(lines[0]), lines[0]
-        assert (lines[1] == "normal") != is_tb, lines
-        if is_tb:
-            assert "PTB" in lines[1]
+        assert ("PTB" in lines[1]) == is_tb, lines
+        key = render.image_key(0, "shenzhen", int(name[7:11]) - 1)  # the tree's seed is 0
+        assert (lines[1] == "normal") == (not is_tb and not render.sample_other_disease(key)), lines
         with Image.open(china / "CXR_png" / name) as im:
             modes.add(im.mode)
             sizes.add(im.size)
@@ -165,7 +165,7 @@ def test_montgomery_layout_readings_16bit_and_masks(tree):
     for name in names:
         text = (mont / "ClinicalReadings" / (name[:-4] + ".txt")).read_text().splitlines()
         assert re.fullmatch(r"Patient's Sex: [MF]", text[0]) and re.fullmatch(r"Patient's Age: \d{3}Y", text[1])
-        assert (text[2] == "normal") == name.endswith("_0.png")
+        assert ("consistent with TB" in text[2]) == name.endswith("_1.png"), text
         with Image.open(mont / "CXR_png" / name) as im:
             modes.add(im.mode)
             pixels = np.asarray(im)
@@ -329,20 +329,32 @@ def test_cardiomegaly_brightens_the_heart_region():
                   0.05, 0.3, 0.3, 0.45)
         for i in range(2 * n)
     ]
-    assert roc_auc_score(labels, stats) > 0.85
+    assert roc_auc_score(labels, stats) > 0.7  # among the exposure and device nuisance (generator v5): 0.76
+    # Paired: the same image with Cardiomegaly is brighter there, every time.
+    with_it = [_box_mean(_render(i, _factors(i, findings=frozenset(["Cardiomegaly"]))), 0.05, 0.3, 0.3, 0.45)
+               for i in range(12)]
+    assert all(a > _box_mean(_render(i, _factors(i)), 0.05, 0.3, 0.3, 0.45) for i, a in enumerate(with_it))
 
 
-def test_tb_sits_in_the_upper_zones():
-    n = 40
-    images = [_render(i, _factors(i, tb=i >= n, view_ap=False, style="shenzhen")) for i in range(2 * n)]
-    upper = [_box_mean(x, -0.6, -0.2, 0.2, 0.65) + _box_mean(x, -0.6, -0.2, -0.65, -0.2) for x in images]
-    assert roc_auc_score(np.r_[np.zeros(n), np.ones(n)], upper) > 0.75
-    # Paired: the same image with and without TB differs mostly above the lung mid-line.
-    diff = sum(
-        np.abs(_render(i, _factors(i, tb=True, style="shenzhen")) - _render(i, _factors(i, style="shenzhen")))
-        for i in range(8)
-    )
-    assert diff[: SIZE // 2].sum() > 3 * diff[SIZE // 2:].sum()
+def test_a_tb_sign_is_exactly_its_nih_finding_and_other_disease_is_common():
+    """Version 6: a TB image is the same image with its sign's NIH finding (pixel for pixel, geometry included);
+    the three signs and the other disease occur at their designed rates."""
+    signs, other = [], []
+    for i in range(12):
+        key = render.image_key(0, "shenzhen", i)
+        sign = render.sample_tb_plan(key).sign
+        signs.append(sign)
+        as_tb = render.render_chest(key, (SIZE, SIZE), _factors(i, tb=True, style="shenzhen"))["image"]
+        as_finding = render.render_chest(
+            key, (SIZE, SIZE), _factors(i, findings=frozenset([render.TB_SIGNS[sign]]), style="shenzhen"))["image"]
+        plain = render.render_chest(key, (SIZE, SIZE), _factors(i, style="shenzhen"))["image"]
+        assert np.array_equal(as_tb, as_finding) and np.abs(as_tb - plain).max() > 0.2, (i, sign)
+    assert set(signs) == set(render.TB_SIGNS)
+    for i in range(400):
+        other.append(render.sample_other_disease(render.image_key(0, "montgomery", i)))
+    assert 0.85 < np.mean([bool(o) for o in other]) < 0.95 and all(len(o) <= 1 for o in other)
+    assert set().union(*other) == set(render.OTHER_DISEASE)
+    assert not set(render.OTHER_DISEASE) & set(render.TB_SIGNS.values())  # TB's signs are never "other disease"
 
 
 def test_sex_and_view_are_decodable_from_pixels_but_not_trivially():
@@ -351,25 +363,28 @@ def test_sex_and_view_are_decodable_from_pixels_but_not_trivially():
     factors = [_factors(i) for i in range(600)]
     half = SIZE // 2  # 2x2-average downsampling
     pixels = np.stack([_render(i, f).reshape(half, 2, half, 2).mean((1, 3)).ravel() for i, f in enumerate(factors)])
-    for task, low, high in (("sex_male", 0.88, 0.985), ("view_ap", 0.97, 1.0)):
+    # (generator v5's exposure and device nuisance lowers the pixel-linear decoders: sex ~0.83, view ~0.95)
+    for task, low, high in (("sex_male", 0.75, 0.985), ("view_ap", 0.9, 1.0)):
         target = np.array([getattr(f, task) for f in factors])
         model = LogisticRegression(C=10.0, max_iter=5000).fit(pixels[:400], target[:400])
         assert low < roc_auc_score(target[400:], model.decision_function(pixels[400:])) <= high, task
 
 
 def test_age_sets_rib_contrast():
-    factors = [_factors(i) for i in range(80)]
-    ages = np.array([f.age for f in factors])
-
     def rib_contrast(image):
         h, w = image.shape
         lung = image[int(h * 0.3): int(h * 0.6), int(w * 0.62): int(w * 0.8)]
         return np.abs(np.diff(lung, axis=0)).mean()
 
+    factors = [_factors(i) for i in range(80)]
+    ages = np.array([f.age for f in factors])
     contrast = np.array([rib_contrast(_render(i, f)) for i, f in enumerate(factors)])
-    assert np.corrcoef(np.argsort(np.argsort(ages)), np.argsort(np.argsort(contrast)))[0, 1] < -0.85
-
-
+    # among the noise-level and exposure nuisance (generator v5) a weak but clear rank correlation (-0.33) ...
+    assert np.corrcoef(np.argsort(np.argsort(ages)), np.argsort(np.argsort(contrast)))[0, 1] < -0.25
+    # ... and the same image at an older age has fainter ribs, every time
+    for i in range(10):
+        young, old = (rib_contrast(_render(i, _factors(i, age=age))) for age in (20.0, 80.0))
+        assert old < young, i
 def test_the_project_readers_load_the_tree_without_problems(tree):
     from metachex_jax.data.raw import nih, tb
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from metachex_jax.core.labels import PATHOLOGIES
-from metachex_jax.demo.render import ChestFactors, metadata_rng, sample_tb_plan
+from metachex_jax.demo.render import ChestFactors, atelectasis_side, metadata_rng, sample_other_disease, sample_tb_plan
 
 # Per-image prevalence, scaled up from the real v2020 ranking so that even Hernia has 9% positives: a 2,000-image
 # set then has >= 30 positives per label in test and ~15 in a 10% validation carve, enough for AUROC to mean something.
@@ -205,28 +205,31 @@ def sample_hospital_records(seed: int, num_images: int, size: int) -> list[Hospi
 
 
 _SIDE_WORDS = {-1: "right", 1: "left"}  # image side -> patient side
+_DISEASE_WORDS = {"Infiltration": "infiltrate", "Consolidation": "consolidation", "Pneumonia": "pneumonia",
+                  "Fibrosis": "basal fibrosis", "Pleural_Thickening": "pleural thickening", "Edema": "pulmonary edema",
+                  "Effusion": "pleural effusion"}
+
+
+def _tb_sign_words(key: Sequence[int]) -> str:
+    sign = sample_tb_plan(key).sign
+    if sign == "volume_loss":
+        return f"{_SIDE_WORDS[atelectasis_side(key)]} lower lobe volume loss"
+    return {"tuberculoma": "tuberculoma", "nodules": "nodular lesions"}[sign]
+
+
+def _other_disease_words(key: Sequence[int]) -> list[str]:
+    return [_DISEASE_WORDS[name] for name in sorted(sample_other_disease(key))]
 
 
 def shenzhen_reading(record: TBRecord, key: Sequence[int]) -> str:
-    if not record.tb:
-        return f"{record.age_text}\nnormal\n"
-    plan = sample_tb_plan(key)
-    where = "bilateral" if len(plan.sides) == 2 else _SIDE_WORDS[plan.sides[0]]
-    parts = [f"{where} upper PTB" + (" with cavity" if plan.cavity else "")]
-    if plan.fibrosis:
-        parts.append("fibrous lesions in upper lobes")
-    if plan.effusion_side:
-        parts.append(f"{_SIDE_WORDS[plan.effusion_side]} pleural effusion")
-    return f"{record.age_text}\n{', '.join(parts)}\n"
+    """The reading names the image's TB sign and other disease (none: "normal")."""
+    parts = ([f"PTB with {_tb_sign_words(key)}"] if record.tb else []) + _other_disease_words(key)
+    return f"{record.age_text}\n{', '.join(parts) or 'normal'}\n"
 
 
 def montgomery_reading(record: TBRecord, key: Sequence[int]) -> str:
     header = f"Patient's Sex: {'M' if record.sex_male else 'F'}\nPatient's Age: {record.age_text}\n"
+    other = "".join(f" {words.capitalize()}." for words in _other_disease_words(key))
     if not record.tb:
-        return header + "normal\n"
-    plan = sample_tb_plan(key)
-    where = "Bilateral upper lobe" if len(plan.sides) == 2 else f"{_SIDE_WORDS[plan.sides[0]].capitalize()} upper lobe"
-    text = f"{where} {'cavitary ' if plan.cavity else ''}infiltrates, consistent with TB."
-    if plan.effusion_side:
-        text += f" Small {_SIDE_WORDS[plan.effusion_side]} pleural effusion."
-    return header + text + "\n"
+        return header + (other.strip() or "normal") + "\n"
+    return header + f"{_tb_sign_words(key).capitalize()}, consistent with TB." + other + "\n"

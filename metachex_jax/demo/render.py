@@ -4,8 +4,9 @@
   view, acquisition style). Anatomy is analytic in isotropic normalised coordinates (lungs are tapered
   superellipses cut by diaphragm domes), so lung masks come for free and any image size works. Densities are
   added up, then windowed, gamma-mapped, blurred and noised; everything is vectorised numpy (FFT blurs).
-- Each factor changes the image in its own way (see PLANTED_SIGNALS); TB reuses the NIH opacity, nodule and
-  fibrosis primitives but places them in the upper zones, so NIH pretraining has something to transfer.
+- Each factor changes the image in its own way (see PLANTED_SIGNALS). A TB image carries one sign drawn with an
+  NIH painter (volume loss, a tuberculoma, nodules), and every TB-set image may carry other lung disease (the NIH
+  opacity, effusion, edema and fibrosis painters): telling TB from other disease is what the NIH labels teach.
 - Randomness: every image draws from `np.random.default_rng((seed, dataset, purpose, index, component))`, one
   stream per component (pose, anatomy, each finding, ...). Parallelism therefore cannot change a byte, and
   toggling one finding leaves every other part of the image identical (the tests use this).
@@ -48,9 +49,12 @@ fainter than findings. Sex and view cues overlap between the classes, so they ar
   View AP             magnification: larger heart, wider mediastinum; clavicles higher and scapulae over the
                       lungs (ranges overlap with PA)
   Age (years)         bone density: ribs, clavicles and spine get fainter linearly with age
-  TB                  upper-zone patchy opacities (the NIH textures), satellite nodules, cavities in ~45%,
-                      sometimes a pleural effusion or apical fibrotic lines
-Nuisance: position, scale, rotation, thorax shape, heart size, exposure window, gamma, blur and noise."""
+  TB (version 6)      one sign per image, drawn with an NIH painter: volume loss (Atelectasis: a plate-like
+                      band, the hemidiaphragm raised), a tuberculoma (Mass) or nodules (Nodule)
+  Other disease       TB-set images of both classes: one of Infiltration, Consolidation, Pneumonia, Fibrosis,
+                      Pleural_Thickening, Edema, Effusion in 90% (a screening population's other findings)
+Nuisance, alike in every set and class: position, scale, rotation, thorax shape, heart size, exposure window,
+gamma and gradient, blur and noise levels, devices (ECG electrodes and lead wires, a side marker, collimation)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,8 +63,11 @@ Nuisance: position, scale, rotation, thorax shape, heart size, exposure window, 
 
 DATASET_CODES = {"chestxray14": 1, "shenzhen": 2, "montgomery": 3, "hospital": 4}
 PURPOSE_METADATA, PURPOSE_IMAGE = 0, 1
-COMPONENTS = ("pose", "anatomy", "vessels", "style", "noise", "tb", "tb_lesions", "tb_effusion", "tb_fibrosis")
+# tb_lesions, tb_effusion, tb_fibrosis: version 5's TB streams, unused, kept so later components keep their streams
+COMPONENTS = ("pose", "anatomy", "vessels", "style", "noise", "tb", "tb_lesions", "tb_effusion", "tb_fibrosis",
+              "devices")
 COMPONENTS += PATHOLOGIES
+COMPONENTS += ("other_disease",)  # appended (version 6): earlier components keep their streams
 COMPONENT_CODES = {name: code for code, name in enumerate(COMPONENTS)}
 
 
@@ -161,25 +168,30 @@ class ChestFactors:
     style: str = "chestxray14"
 
 
+# Generator version 6. A TB image carries one sign, drawn by the NIH painter named here, so its look is exactly what
+# the NIH-like labels teach; every TB-set image (both classes) carries other lung disease in OTHER_DISEASE_FRACTION of
+# cases. Features that learned the NIH findings tell the TB signs from the other disease; an untrained network's
+# features mostly see "something abnormal" (docs/data.md, "What is planted, and why transfer must help").
+TB_SIGNS = {"volume_loss": "Atelectasis", "tuberculoma": "Mass", "nodules": "Nodule"}
+OTHER_DISEASE = ("Infiltration", "Consolidation", "Pneumonia", "Fibrosis", "Pleural_Thickening", "Edema", "Effusion")
+OTHER_DISEASE_FRACTION = 0.9
+
+
 @dataclasses.dataclass(frozen=True)
 class TBPlan:
-    """Where the TB lesions go; drawn from the image's "tb" stream so the reading text matches the image."""
+    """An image's TB sign (a key of TB_SIGNS); drawn from its "tb" stream so the reading text matches the image."""
 
-    sides: tuple[int, ...]  # -1 = image left (patient right), +1 = image right (patient left)
-    cavity: bool
-    effusion_side: int  # 0 = none
-    fibrosis: bool
+    sign: str
 
 
 def sample_tb_plan(key: Sequence[int]) -> TBPlan:
-    rng = component_rng(key, "tb")
-    sides = (-1, 1) if rng.random() < 0.35 else (int(rng.choice([-1, 1])),)
-    return TBPlan(
-        sides=sides,
-        cavity=bool(rng.random() < 0.45),
-        effusion_side=int(rng.choice([-1, 1])) if rng.random() < 0.15 else 0,
-        fibrosis=bool(rng.random() < 0.25),
-    )
+    return TBPlan(sign=str(component_rng(key, "tb").choice(sorted(TB_SIGNS))))
+
+
+def sample_other_disease(key: Sequence[int]) -> frozenset[str]:
+    """The other lung disease a TB-set image carries (none or one of OTHER_DISEASE), from its own stream."""
+    rng = component_rng(key, "other_disease")
+    return frozenset({str(rng.choice(OTHER_DISEASE))}) if rng.random() < OTHER_DISEASE_FRACTION else frozenset()
 
 
 @dataclasses.dataclass
@@ -229,9 +241,9 @@ class _Canvas:
         h, w = shape
         self.shape = shape
         self.px_per_unit = min(h, w) / 2.0
-        shift_u, shift_v = pose_rng.normal(0.0, 0.03, size=2).tolist()
-        zoom = 1.0 + float(pose_rng.normal(0.0, 0.03))
-        angle = float(pose_rng.normal(0.0, 0.03))
+        shift_u, shift_v = pose_rng.normal(0.0, POSE_SHIFT, size=2).tolist()
+        zoom = 1.0 + float(pose_rng.normal(0.0, POSE_ZOOM))
+        angle = float(pose_rng.normal(0.0, POSE_ANGLE))
         u0 = ((np.arange(w) - (w - 1) / 2.0) / self.px_per_unit)[None, :]
         v0 = ((np.arange(h) - (h - 1) / 2.0) / self.px_per_unit)[:, None]
         cos, sin = math.cos(angle), math.sin(angle)
@@ -244,8 +256,11 @@ class _Canvas:
         return _smooth_noise(rng, self.shape, sigma, self.px_per_unit)
 
 
+# Pose jitter (generator version 5): shift and zoom in half-widths, angle in radians.
+POSE_SHIFT, POSE_ZOOM, POSE_ANGLE = 0.05, 0.05, 0.05
+
+
 # (texture scale, threshold, roughness, softness): Consolidation = coarse, Pneumonia = medium, Infiltration = fine;
-# TB lesions pick one of the same three, which is what makes NIH pretraining useful for TB.
 OPACITY_TEXTURES = {
     "coarse": (0.06, 0.45, 0.2, 0.12),
     "medium": (0.03, 0.45, 0.4, 0.12),
@@ -254,14 +269,14 @@ OPACITY_TEXTURES = {
 
 
 def _patchy_opacity(c: _Canvas, rng, center, radius, texture, threshold, roughness, softness):
-    """Shared opacity primitive (consolidation, pneumonia, infiltration, TB): a textured, thresholded blob."""
+    """Shared opacity primitive (consolidation, pneumonia, infiltration): a textured, thresholded blob."""
     cu, cv = center
     envelope = np.exp(-((c.u - cu) ** 2 + (c.v - cv) ** 2) / (2.0 * radius**2))
     return np.clip((envelope * (1.0 + roughness * c.noise(rng, texture)) - threshold) / softness, 0.0, 1.0)
 
 
 def _nodules(c: _Canvas, centers, radii) -> np.ndarray:
-    """Shared small round bright spots (Nodule, TB satellite nodules)."""
+    """Shared small round bright spots (Nodule)."""
     out = np.zeros(c.shape, np.float32)
     for (cu, cv), r in zip(centers, np.asarray(radii).tolist()):
         out = np.maximum(out, _soft_disk(c.u, c.v, cu, cv, r, 0.3 * r + 0.5 / c.px_per_unit))
@@ -269,7 +284,7 @@ def _nodules(c: _Canvas, centers, radii) -> np.ndarray:
 
 
 def _reticulation(c: _Canvas, rng) -> np.ndarray:
-    """Shared reticular network of fine lines (Fibrosis, TB fibrotic change)."""
+    """Shared reticular network of fine lines (Fibrosis)."""
     return _ridges(c.noise(rng, 0.03), 0.3)  # mesh ~0.1 units: resolved at 64 px
 
 
@@ -311,7 +326,7 @@ class _Chest:
         return self.lungs[int(rng.choice([-1, 1]))].point(rng, zone)
 
 
-def _atelectasis_side(key: Sequence[int]) -> int:
+def atelectasis_side(key: Sequence[int]) -> int:
     """The collapsed side: the first draw of the Atelectasis stream (the geometry and the painter agree)."""
     return int(component_rng(key, "Atelectasis").choice([-1, 1]))
 
@@ -348,7 +363,7 @@ def _build_anatomy(key: Sequence[int], shape: tuple[int, int], factors: ChestFac
         for side in (-1, 1)
     }
     if has("Atelectasis"):  # volume loss raises the hemidiaphragm on the collapsed side
-        lungs[_atelectasis_side(key)].dome_top -= 0.1
+        lungs[atelectasis_side(key)].dome_top -= 0.1
 
     body = _ellipse(u, v, 0.0, 0.12, 0.88 * thorax_w, 1.35, edge)
     for side in (-1, 1):  # shoulders
@@ -404,7 +419,7 @@ def _paint_pneumothorax(ch: _Chest, rng) -> None:
 
 def _paint_atelectasis(ch: _Chest, rng) -> None:
     u, v = ch.canvas.u, ch.canvas.v
-    side = int(rng.choice([-1, 1]))  # == _atelectasis_side(key): the same first draw
+    side = int(rng.choice([-1, 1]))  # == atelectasis_side(key): the same first draw
     pu, pv = ch.lungs[side].point(rng, (0.05, 0.45))
     angle = float(rng.uniform(-0.35, 0.35))
     across = np.abs((u - pu) * math.sin(angle) - (v - pv) * math.cos(angle))
@@ -494,35 +509,6 @@ FINDING_PAINTERS = {
 }
 
 
-def _paint_tb(ch: _Chest) -> None:
-    """TB: the NIH opacity, nodule and fibrosis primitives, placed in the upper zones, plus cavities."""
-    plan = sample_tb_plan(ch.key)
-    rng = ch.rng("tb_lesions")
-    u, v = ch.canvas.u, ch.canvas.v
-    for side in plan.sides:
-        for _ in range(int(rng.integers(1, 3))):
-            cu, cv = ch.lungs[side].point(rng, (-0.85, -0.25))
-            radius = float(rng.uniform(0.08, 0.13))
-            texture = OPACITY_TEXTURES[str(rng.choice(sorted(OPACITY_TEXTURES)))]
-            ch.lesions += 0.24 * _patchy_opacity(ch.canvas, rng, (cu, cv), radius, *texture)
-            count = int(rng.integers(2, 5))
-            offsets = rng.normal(0.0, radius, (count, 2)) * (1.3, 1.0)
-            satellites = [(cu + du, cv + dv) for du, dv in offsets.tolist()]
-            ch.lesions += 0.22 * _nodules(ch.canvas, satellites, rng.uniform(0.015, 0.028, count))
-    if plan.cavity:
-        cu, cv = ch.lungs[plan.sides[0]].point(rng, (-0.8, -0.35), (-0.3, 0.5))
-        radius = float(rng.uniform(0.04, 0.07))
-        outer = _soft_disk(u, v, cu, cv, radius, 0.008)
-        inner = _soft_disk(u, v, cu, cv, 0.65 * radius, 0.008)
-        ch.lesions += 0.3 * (outer - inner)
-        ch.density -= 0.08 * inner
-    if plan.effusion_side:
-        _add_effusion(ch, plan.effusion_side, ch.rng("tb_effusion"))
-    if plan.fibrosis:
-        upper = np.maximum(*(_soft_step(-0.35 - lung.local(u, v)[1], 0.1) for lung in ch.lungs.values()))
-        ch.lesions += 0.15 * _reticulation(ch.canvas, ch.rng("tb_fibrosis")) * upper
-
-
 def _bones(ch: _Chest) -> np.ndarray:
     """Ribs, clavicles, scapulae, spine (all scaled by bone density, i.e. age) and breast shadows."""
     u, v = ch.canvas.u, ch.canvas.v
@@ -546,6 +532,45 @@ def _bones(ch: _Chest) -> np.ndarray:
     return density
 
 
+def _devices(ch: _Chest) -> np.ndarray:
+    """Things on or around the patient that carry no label: ECG electrodes and their wires, a side marker,
+    collimation. Drawn from the "devices" stream, alike for every set and class."""
+    c, rng = ch.canvas, ch.rng("devices")
+    u, v = c.u, c.v
+    out = np.zeros(c.shape, np.float32)
+    electrodes = []
+    for _ in range(int(rng.integers(0, 5))):
+        eu, ev = float(rng.uniform(-0.8, 0.8)), float(rng.uniform(-0.8, 0.7))
+        electrodes.append((eu, ev))
+        out += 0.08 * _soft_disk(u, v, eu, ev, float(rng.uniform(0.04, 0.06)), 0.01)
+        out += 0.5 * _soft_disk(u, v, eu, ev, float(rng.uniform(0.012, 0.02)), 0.006)
+    for eu, ev in electrodes:
+        if rng.random() < 0.6:  # a lead wire to the image edge: a bright smooth curve
+            end = (float(rng.uniform(-1.1, 1.1)), float(rng.choice([-1.1, 1.1])))
+            mid = ((eu + end[0]) / 2 + float(rng.normal(0, 0.25)), (ev + end[1]) / 2 + float(rng.normal(0, 0.25)))
+            t = np.linspace(0.0, 1.0, 12)
+            pts = [((1 - s) ** 2 * eu + 2 * (1 - s) * s * mid[0] + s * s * end[0],
+                    (1 - s) ** 2 * ev + 2 * (1 - s) * s * mid[1] + s * s * end[1]) for s in t]
+            dist = np.min([_segment_distance(u, v, p0, p1) for p0, p1 in zip(pts[:-1], pts[1:])], axis=0)
+            out += 0.25 * np.exp(-((dist / 0.008) ** 2))
+    if rng.random() < 0.7:  # a side marker ("L"-shaped lead letter) near a top corner
+        mu, mv = float(rng.choice([-1, 1])) * float(rng.uniform(0.55, 0.85)), float(rng.uniform(-0.95, -0.7))
+        bar = _soft_step(0.012 - np.abs(u - mu), 0.005) * _soft_step(0.06 - np.abs(v - mv), 0.005)
+        foot = _soft_step(0.012 - np.abs(v - mv - 0.05), 0.005) * _soft_step(u - mu + 0.01, 0.005) * \
+            _soft_step(mu + 0.05 - u, 0.005)
+        out += 0.8 * np.maximum(bar, foot)
+    if rng.random() < 0.5:  # collimation: unexposed (bright) bands along some edges
+        h, w = c.shape
+        top, bottom, left, right = rng.uniform(0.0, 0.12, 4).tolist()
+        vmax, umax = (h - 1) / 2 / c.px_per_unit, (w - 1) / 2 / c.px_per_unit
+        v0 = (np.arange(h) - (h - 1) / 2)[:, None] / c.px_per_unit
+        u0 = (np.arange(w) - (w - 1) / 2)[None, :] / c.px_per_unit
+        outside = np.maximum(np.maximum(_soft_step(-vmax + top - v0, 0.01), _soft_step(v0 - vmax + bottom, 0.01)),
+                             np.maximum(_soft_step(-umax + left - u0, 0.01), _soft_step(u0 - umax + right, 0.01)))
+        out += 0.9 * outside
+    return out
+
+
 def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFactors) -> dict[str, np.ndarray]:
     """Draws one radiograph.
 
@@ -557,6 +582,8 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
     unknown = sorted(set(factors.findings) - set(PATHOLOGIES))
     if unknown:
         raise ValueError(f"unknown findings {unknown}; expected names from {PATHOLOGIES}")
+    if factors.tb:  # the TB sign is an NIH painter's finding (geometry included: volume loss raises a dome)
+        factors = dataclasses.replace(factors, findings=factors.findings | {TB_SIGNS[sample_tb_plan(key).sign]})
     ch = _build_anatomy(key, shape, factors)
     layers = {}  # a boxed finding -> what its painter changed (for its bounding box)
     for name in PATHOLOGIES:
@@ -565,8 +592,6 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
             FINDING_PAINTERS[name](ch, ch.rng(name))
             if before is not None:
                 layers[name] = (np.abs(ch.lesions - before[0]), np.abs(ch.density - before[1]) + np.abs(ch.air - before[2]))
-    if factors.tb:
-        _paint_tb(ch)
 
     lungs_total = np.maximum(ch.lung_field[-1], ch.lung_field[1])
     boxes = {name: _bounding_box(lesion * lungs_total + other) for name, (lesion, other) in layers.items()}
@@ -577,16 +602,21 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
     density -= (0.42 if "Emphysema" in factors.findings else 0.33) * ch.air
     density += ch.lesions * lungs_total * (1.0 - 0.6 * ch.heart)
     density += _bones(ch)
+    density += _devices(ch)
 
     # Acquisition: exposure window, gamma, blur, noise.
     style = STYLES[factors.style]
     look = ch.rng("style")
-    low = style.window_low + float(look.normal(0.0, 0.02))
-    high = style.window_high + float(look.normal(0.0, 0.03))
-    gamma = style.gamma * (1.0 + float(look.normal(0.0, 0.05)))
+    low = style.window_low + float(look.normal(0.0, 0.05))
+    high = max(style.window_high + float(look.normal(0.0, 0.08)), low + 0.5)
+    gamma = style.gamma * float(np.exp(look.normal(0.0, 0.2)))
+    angle = float(look.uniform(0.0, 2.0 * np.pi))  # an exposure gradient (heel effect, tilted detector)
+    density = density + float(look.uniform(0.0, 0.12)) * (math.cos(angle) * ch.canvas.u + math.sin(angle) * ch.canvas.v)
+    blur = style.blur * float(look.uniform(0.7, 1.6))
+    noise = style.noise_std * float(look.uniform(0.5, 2.5))
     image = np.clip((density - low) / (high - low), 0.0, 1.0) ** gamma
-    image = _gaussian_blur(image, style.blur * ch.canvas.px_per_unit)
-    image += style.noise_std * ch.rng("noise").standard_normal(ch.canvas.shape, dtype=np.float32)
+    image = _gaussian_blur(image, blur * ch.canvas.px_per_unit)
+    image += noise * ch.rng("noise").standard_normal(ch.canvas.shape, dtype=np.float32)
     lung_mask = {side: ch.lung_field[side] * (1.0 - ch.heart) > 0.5 for side in (-1, 1)}
     return {"image": np.clip(image, 0.0, 1.0), "left_lung": lung_mask[1], "right_lung": lung_mask[-1],
             "boxes": {name: box for name, box in boxes.items() if box is not None}}

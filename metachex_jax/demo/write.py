@@ -45,10 +45,11 @@ from metachex_jax.core.labels import NO_FINDING
 from metachex_jax.demo.records import (HospitalRecord, NIHRecord, TBRecord, montgomery_reading, sample_hospital_records,
                                        sample_montgomery_records, sample_nih_records, sample_shenzhen_records,
                                        shenzhen_reading)
-from metachex_jax.demo.render import BOX_FINDINGS, PLANTED_SIGNALS, ChestFactors, image_key, render_chest
+from metachex_jax.demo.render import (BOX_FINDINGS, PLANTED_SIGNALS, ChestFactors, image_key, render_chest,
+                                      sample_other_disease)
 
 GENERATOR = "metachex_jax.demo_data"  # the command that writes a tree (its marker records it)
-GENERATOR_VERSION = 4  # 3: BBox_List_2017.csv; 4: the Hospital CSV dataset
+GENERATOR_VERSION = 6  # 3: BBox_List_2017.csv; 4: the Hospital CSV dataset; 5: more nuisance; 6: TB signs, other disease
 MARKER_NAME = "demo_data_complete.json"
 README_NAME = "README_SYNTHETIC.txt"
 NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, HOSPITAL_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet", "Hospital"
@@ -174,7 +175,7 @@ def _tb_files(root: str, seed: int, dataset: str, records: list[TBRecord]) -> li
         masks = None
         if dataset == "montgomery":
             masks = tuple(os.path.join(folder, "ManualMask", m, r.image_id + ".png") for m in ("leftMask", "rightMask"))
-        factors = ChestFactors(frozenset(), r.tb, r.sex_male, r.age_years, False, dataset)
+        factors = ChestFactors(sample_other_disease(key), r.tb, r.sex_male, r.age_years, False, dataset)
         path = os.path.join(folder, "CXR_png", r.image_id + ".png")
         jobs.append(ImageJob(key, r.shape, factors, path, r.mode, masks))
     return jobs
