@@ -23,7 +23,7 @@ import pytest
 import subprocesses
 from metachex_jax.bench import MODES
 from metachex_jax.bench import __main__ as dispatcher
-from metachex_jax.bench import profile, results, suite
+from metachex_jax.bench import features, profile, results, suite
 from metachex_jax.bench import train as train_bench
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -39,7 +39,7 @@ def last_json(text: str) -> dict:
 # --- the entry point ------------------------------------------------------------------------------------------
 
 def test_every_mode_is_a_module_with_main_and_listed_once_in_the_docs():
-    assert list(MODES) == ["train", "loop", "data", "probe", "predict", "profile", "suite"]
+    assert list(MODES) == ["train", "loop", "data", "probe", "features", "predict", "profile", "suite"]
     for mode in MODES:
         assert callable(importlib.import_module(f"metachex_jax.bench.{mode}").main)
     docs = docs_pages.all_text()  # README.md and docs/*.md (the modes' table is in docs/benchmarks.md)
@@ -387,6 +387,21 @@ def test_data_reports_reads_device_host_naive_and_build_throughput(capsys):
 
 
 # --- probe: the TB linear probe ---------------------------------------------------------------------------------
+
+def test_features_probes_each_label_and_its_auroc_is_scikit_learns(capsys):
+    """The per-label figures are scikit-learn's AUROC of the saved out-of-fold probabilities; labels too rare for the
+    probe's inner search are left out, not guessed."""
+    from sklearn.metrics import roc_auc_score
+
+    result = features.main(["--images=120", "--folds=2", "--arch=densenet_tiny", "--image_size=32",
+                            "--render_size=64"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["auroc"] == result["auroc"]
+    assert list(result["auroc"]) == ["random"] and 0 < len(result["labels"]) <= 14
+    for label, y in result["labels"].items():
+        assert min(sum(y), len(y) - sum(y)) >= 10  # 2 folds: >= 5 of each class in every training half
+        assert result["auroc"]["random"][label] == pytest.approx(
+            roc_auc_score(y, result["oof"]["random"][label]), abs=1e-12)
+
 
 def test_probe_runs_the_cross_validated_probe_and_its_references(capsys):
     from metachex_jax.bench import probe

@@ -13,6 +13,8 @@ MODES = {  # mode -> what it measures (its module is metachex_jax.bench.<mode>)
     "loop": "the full training loop (input + step + logging) of a config against its bare train step",
     "data": "the input pipeline's img/s against a naive per-sample PNG decode + resize loader; dataset build img/s",
     "probe": "the TB linear probe (10-fold CV, inner L2 search) against scikit-learn; frozen-feature extraction",
+    "features": "what a pretraining run's pooled features know: per-label linear-probe AUROC on fresh NIH-like "
+                "demo images against an untrained network's features",
     "predict": "inference: batched forward (--torch: against torchvision's eager inference), files to predictions "
                "with decoding overlapped, Grad-CAM cost per image",
     "profile": "per-op profile of the train step: forward / backward / optimizer, convolutions against BatchNorm, "
