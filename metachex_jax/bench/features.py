@@ -26,10 +26,10 @@ from metachex_jax.demo.records import sample_nih_records
 from metachex_jax.demo.render import ChestFactors, image_key, render_chest
 from metachex_jax.demo.write import to_png_array
 from metachex_jax.evaluation import metrics
-from metachex_jax.imaging.geometry import eval_view
 from metachex_jax.imaging.resize import resize_gray
 from metachex_jax.models import build_model
 from metachex_jax.models.runs import load_run_model
+from metachex_jax.transfer.features import _forward
 from metachex_jax.transfer.probe import ProbeSettings, fit_probe, stratified_group_folds
 
 
@@ -40,15 +40,15 @@ def nih_images(seed: int, count: int, contract: PixelContract, render_size: int 
         factors = ChestFactors(frozenset(record.findings), False, record.sex == "M", float(record.age),
                                record.view == "AP", "chestxray14")
         pixels = to_png_array(render_chest(image_key(seed, "chestxray14", i), (render_size,) * 2, factors)["image"], "L")
-        images.append(eval_view(resize_gray(pixels, contract.resolution), contract.image_size, contract.geometry))
+        images.append(contract.from_stored(resize_gray(pixels, contract.resolution)))
         labels.append([name in record.findings for name in PATHOLOGIES])
     return np.stack(images), np.asarray(labels, np.int64)
 
 
 def pooled_features(model, images: np.ndarray, contract: PixelContract, batch: int = 100) -> np.ndarray:
+    """The transfer's own feature pass (transfer/features.py), batch by batch."""
     model.eval()
-    forward = nnx.jit(lambda m, x: m.features(contract.model_input(x)))
-    return np.concatenate([np.asarray(forward(model, jnp.asarray(images[i:i + batch])))
+    return np.concatenate([np.asarray(_forward(model, jnp.asarray(images[i:i + batch]), contract)["features"])
                            for i in range(0, len(images), batch)])
 
 
