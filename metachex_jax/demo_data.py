@@ -1,7 +1,7 @@
 """Write the synthetic demo data (metachex_jax/demo/write.py: the trees in the real datasets' layouts):
 
-    python -m metachex_jax.demo_data --out=DIR [--seed=0] [--num_nih=2000] [--num_shenzhen=300]
-        [--num_montgomery=100] [--num_hospital=200] [--size=256] [--num_workers=N]
+    python -m metachex_jax.demo_data --out=DIR [--seed=0] [--num_nih=2000] [--num_shenzhen=662]
+        [--num_montgomery=138] [--num_hospital=200] [--size=256] [--num_workers=N]
 
 Prints the tree's paths, parameters and counts as JSON; a folder holding the same tree is reused.
 """
@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to create (or reuse if it holds the same demo tree)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_nih", type=int, default=2000)
-    parser.add_argument("--num_shenzhen", type=int, default=300)
-    parser.add_argument("--num_montgomery", type=int, default=100)
+    parser.add_argument("--num_shenzhen", type=int, default=662)
+    parser.add_argument("--num_montgomery", type=int, default=138)
     parser.add_argument("--num_hospital", type=int, default=200, help="images of the hospital CSV dataset")
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (NIH images are size x size)")
     parser.add_argument("--num_workers", type=int, default=None, help="processes (default: CPU count)")

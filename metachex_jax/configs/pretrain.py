@@ -206,8 +206,8 @@ def run_settings(c: ml_collections.ConfigDict) -> None:
     c.demo_data = ml_collections.ConfigDict(dict(
         seed=0,
         num_nih=2000,
-        num_shenzhen=300,
-        num_montgomery=100,
+        num_shenzhen=662,  # the real sets' sizes (Shenzhen 662, Montgomery 138)
+        num_montgomery=138,
         num_hospital=200,  # the hospital CSV dataset (Hospital/labels.csv)
         size=256,
     ))

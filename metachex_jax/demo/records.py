@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from metachex_jax.core.labels import PATHOLOGIES
-from metachex_jax.demo.render import ChestFactors, atelectasis_side, metadata_rng, sample_other_disease, sample_tb_plan
+from metachex_jax.demo.render import ChestFactors, atelectasis_side, metadata_rng, sample_other_disease
 
 # Per-image prevalence, scaled up from the real v2020 ranking so that even Hernia has 9% positives: a 2,000-image
 # set then has >= 30 positives per label in test and ~15 in a 10% validation carve, enough for AUROC to mean something.
@@ -211,10 +211,7 @@ _DISEASE_WORDS = {"Infiltration": "infiltrate", "Consolidation": "consolidation"
 
 
 def _tb_sign_words(key: Sequence[int]) -> str:
-    sign = sample_tb_plan(key).sign
-    if sign == "volume_loss":
-        return f"{_SIDE_WORDS[atelectasis_side(key)]} lower lobe volume loss"
-    return {"tuberculoma": "tuberculoma", "nodules": "nodular lesions"}[sign]
+    return f"{_SIDE_WORDS[atelectasis_side(key)]} lower lobe volume loss"
 
 
 def _other_disease_words(key: Sequence[int]) -> list[str]:

@@ -4,9 +4,9 @@
   view, acquisition style). Anatomy is analytic in isotropic normalised coordinates (lungs are tapered
   superellipses cut by diaphragm domes), so lung masks come for free and any image size works. Densities are
   added up, then windowed, gamma-mapped, blurred and noised; everything is vectorised numpy (FFT blurs).
-- Each factor changes the image in its own way (see PLANTED_SIGNALS). A TB image carries one sign drawn with an
-  NIH painter (volume loss, a tuberculoma, nodules), and every TB-set image may carry other lung disease (the NIH
-  opacity, effusion, edema and fibrosis painters): telling TB from other disease is what the NIH labels teach.
+- Each factor changes the image in its own way (see PLANTED_SIGNALS). A TB image carries its sign, volume loss,
+  drawn with the NIH Atelectasis painter, and every TB-set image may carry other lung disease (the NIH opacity,
+  effusion, edema and fibrosis painters): telling TB from other disease is what the NIH labels teach.
 - Randomness: every image draws from `np.random.default_rng((seed, dataset, purpose, index, component))`, one
   stream per component (pose, anatomy, each finding, ...). Parallelism therefore cannot change a byte, and
   toggling one finding leaves every other part of the image identical (the tests use this).
@@ -49,8 +49,8 @@ fainter than findings. Sex and view cues overlap between the classes, so they ar
   View AP             magnification: larger heart, wider mediastinum; clavicles higher and scapulae over the
                       lungs (ranges overlap with PA)
   Age (years)         bone density: ribs, clavicles and spine get fainter linearly with age
-  TB (version 6)      one sign per image, drawn with an NIH painter: volume loss (Atelectasis: a plate-like
-                      band, the hemidiaphragm raised), a tuberculoma (Mass) or nodules (Nodule)
+  TB (version 7)      volume loss, drawn with the NIH Atelectasis painter (a plate-like band, the hemidiaphragm
+                      raised on that side)
   Other disease       TB-set images of both classes: one of Infiltration, Consolidation, Pneumonia, Fibrosis,
                       Pleural_Thickening, Edema, Effusion in 90% (a screening population's other findings)
 Nuisance, alike in every set and class: position, scale, rotation, thorax shape, heart size, exposure window,
@@ -63,7 +63,8 @@ gamma and gradient, blur and noise levels, devices (ECG electrodes and lead wire
 
 DATASET_CODES = {"chestxray14": 1, "shenzhen": 2, "montgomery": 3, "hospital": 4}
 PURPOSE_METADATA, PURPOSE_IMAGE = 0, 1
-# tb_lesions, tb_effusion, tb_fibrosis: version 5's TB streams, unused, kept so later components keep their streams
+# tb (version 6's sign choice), tb_lesions, tb_effusion, tb_fibrosis (version 5's TB): unused, kept so later
+# components keep their streams
 COMPONENTS = ("pose", "anatomy", "vessels", "style", "noise", "tb", "tb_lesions", "tb_effusion", "tb_fibrosis",
               "devices")
 COMPONENTS += PATHOLOGIES
@@ -168,24 +169,15 @@ class ChestFactors:
     style: str = "chestxray14"
 
 
-# Generator version 6. A TB image carries one sign, drawn by the NIH painter named here, so its look is exactly what
-# the NIH-like labels teach; every TB-set image (both classes) carries other lung disease in OTHER_DISEASE_FRACTION of
-# cases. Features that learned the NIH findings tell the TB signs from the other disease; an untrained network's
-# features mostly see "something abnormal" (docs/data.md, "What is planted, and why transfer must help").
-TB_SIGNS = {"volume_loss": "Atelectasis", "tuberculoma": "Mass", "nodules": "Nodule"}
+# Generator version 7. A TB image carries volume loss drawn by the NIH Atelectasis painter, so its look is exactly
+# what the NIH-like labels teach; every TB-set image (both classes) carries other lung disease in
+# OTHER_DISEASE_FRACTION of cases. Features that learned the NIH findings tell the TB sign from the other disease;
+# an untrained network's features mostly see "something abnormal" (docs/data.md, "What is planted, and why transfer
+# must help"). Version 6 drew one of three signs (volume loss, a tuberculoma = Mass, nodules = Nodule); the
+# 10-epoch demo pretraining separates only volume loss clearly better than random features do.
+TB_SIGN = "Atelectasis"
 OTHER_DISEASE = ("Infiltration", "Consolidation", "Pneumonia", "Fibrosis", "Pleural_Thickening", "Edema", "Effusion")
 OTHER_DISEASE_FRACTION = 0.9
-
-
-@dataclasses.dataclass(frozen=True)
-class TBPlan:
-    """An image's TB sign (a key of TB_SIGNS); drawn from its "tb" stream so the reading text matches the image."""
-
-    sign: str
-
-
-def sample_tb_plan(key: Sequence[int]) -> TBPlan:
-    return TBPlan(sign=str(component_rng(key, "tb").choice(sorted(TB_SIGNS))))
 
 
 def sample_other_disease(key: Sequence[int]) -> frozenset[str]:
@@ -583,7 +575,7 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
     if unknown:
         raise ValueError(f"unknown findings {unknown}; expected names from {PATHOLOGIES}")
     if factors.tb:  # the TB sign is an NIH painter's finding (geometry included: volume loss raises a dome)
-        factors = dataclasses.replace(factors, findings=factors.findings | {TB_SIGNS[sample_tb_plan(key).sign]})
+        factors = dataclasses.replace(factors, findings=factors.findings | {TB_SIGN})
     ch = _build_anatomy(key, shape, factors)
     layers = {}  # a boxed finding -> what its painter changed (for its bounding box)
     for name in PATHOLOGIES:

@@ -49,7 +49,9 @@ from metachex_jax.demo.render import (BOX_FINDINGS, PLANTED_SIGNALS, ChestFactor
                                       sample_other_disease)
 
 GENERATOR = "metachex_jax.demo_data"  # the command that writes a tree (its marker records it)
-GENERATOR_VERSION = 6  # 3: BBox_List_2017.csv; 4: the Hospital CSV dataset; 5: more nuisance; 6: TB signs, other disease
+# 3: BBox_List_2017.csv; 4: the Hospital CSV dataset; 5: more nuisance; 6: TB signs, other disease; 7: volume loss
+# the one TB sign, the TB sets at the real sizes (662, 138)
+GENERATOR_VERSION = 7
 MARKER_NAME = "demo_data_complete.json"
 README_NAME = "README_SYNTHETIC.txt"
 NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, HOSPITAL_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet", "Hospital"
@@ -300,8 +302,8 @@ def write_demo_data(
     out_dir: str | os.PathLike,
     seed: int = 0,
     num_nih: int = 2000,
-    num_shenzhen: int = 300,
-    num_montgomery: int = 100,
+    num_shenzhen: int = 662,
+    num_montgomery: int = 138,
     size: int = 256,
     num_workers: int | None = None,
     num_hospital: int = 200,
