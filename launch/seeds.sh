@@ -36,7 +36,7 @@ Options:
   -h, --help             this message
 Everything after -- goes to every run's metachex_jax.main unchanged (not to the transfer run).
 
-The synthetic demo's 3-seed check (docs/transfer.md, "The demo's label efficiency"):
+The synthetic demo's 3-seed check (docs/transfer.md, "The demo's results"):
   $(basename "$0") --seeds=0,1,2 --workdir=/tmp/metachex_demo_seeds --config=configs/pretrain.py:demo \\
       --transfer=configs/transfer.py:demo
 USAGE

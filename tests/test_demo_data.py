@@ -145,6 +145,9 @@ def test_shenzhen_layout_readings_and_variants(tree):
         assert ("PTB" in lines[1]) == is_tb, lines
         key = render.image_key(0, "shenzhen", int(name[7:11]) - 1)  # the tree's seed is 0
         assert (lines[1] == "normal") == (not is_tb and not render.sample_other_disease(key)), lines
+        if is_tb:  # the reading names the side the Atelectasis painter collapsed (image side -1 = patient's right)
+            side = {-1: "right", 1: "left"}[render.atelectasis_side(key)]
+            assert lines[1].startswith(f"PTB with {side} lower lobe volume loss"), lines
         with Image.open(china / "CXR_png" / name) as im:
             modes.add(im.mode)
             sizes.add(im.size)
