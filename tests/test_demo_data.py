@@ -145,9 +145,8 @@ def test_shenzhen_layout_readings_and_variants(tree):
         assert ("PTB" in lines[1]) == is_tb, lines
         key = render.image_key(0, "shenzhen", int(name[7:11]) - 1)  # the tree's seed is 0
         assert (lines[1] == "normal") == (not is_tb and not render.sample_other_disease(key)), lines
-        if is_tb:  # the reading names the side the Atelectasis painter collapsed (image side -1 = patient's right)
-            side = {-1: "right", 1: "left"}[render.atelectasis_side(key)]
-            assert lines[1].startswith(f"PTB with {side} lower lobe volume loss"), lines
+        if is_tb:  # the reading names the TB sign the generator draws
+            assert lines[1].startswith("PTB with a retrocardiac cavity with an air-fluid level"), lines
         with Image.open(china / "CXR_png" / name) as im:
             modes.add(im.mode)
             sizes.add(im.size)
@@ -340,15 +339,19 @@ def test_cardiomegaly_brightens_the_heart_region():
 
 
 def test_a_tb_sign_is_exactly_its_nih_finding_and_other_disease_is_common():
-    """Version 7: a TB image is the same image with the NIH Atelectasis finding (pixel for pixel, its raised
-    hemidiaphragm included); other disease occurs at its designed rate, never as the TB sign."""
+    """Version 8: a TB image is the same image with the NIH Hernia finding (pixel for pixel), and the change is a
+    dark (gas) bubble behind the heart; other disease occurs at its designed rate, never as the TB sign."""
     for i in range(6):
         key = render.image_key(0, "shenzhen", i)
         as_tb = render.render_chest(key, (SIZE, SIZE), _factors(i, tb=True, style="shenzhen"))["image"]
         as_finding = render.render_chest(
-            key, (SIZE, SIZE), _factors(i, findings=frozenset(["Atelectasis"]), style="shenzhen"))["image"]
+            key, (SIZE, SIZE), _factors(i, findings=frozenset(["Hernia"]), style="shenzhen"))["image"]
         plain = render.render_chest(key, (SIZE, SIZE), _factors(i, style="shenzhen"))["image"]
         assert np.array_equal(as_tb, as_finding) and np.abs(as_tb - plain).max() > 0.2, i
+        # Where the image changed: a compact region in the middle third, below the image's centre (the heart)
+        rows, cols = np.nonzero(np.abs(as_tb - plain) > 0.05)
+        assert SIZE / 3 < cols.mean() < 2 * SIZE / 3 and rows.mean() > SIZE / 2, (i, rows.mean(), cols.mean())
+        assert (as_tb - plain).sum() < 0, i  # gas is darker than the tissue it replaces
     other = [render.sample_other_disease(render.image_key(0, "montgomery", i)) for i in range(400)]
     assert 0.85 < np.mean([bool(o) for o in other]) < 0.95 and all(len(o) <= 1 for o in other)
     assert set().union(*other) == set(render.OTHER_DISEASE)

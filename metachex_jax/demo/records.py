@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from metachex_jax.core.labels import PATHOLOGIES
-from metachex_jax.demo.render import ChestFactors, atelectasis_side, metadata_rng, sample_other_disease
+from metachex_jax.demo.render import ChestFactors, metadata_rng, sample_other_disease
 
 # Per-image prevalence, scaled up from the real v2020 ranking so that even Hernia has 9% positives: a 2,000-image
 # set then has >= 30 positives per label in test and ~15 in a 10% validation carve, enough for AUROC to mean something.
@@ -204,14 +204,12 @@ def sample_hospital_records(seed: int, num_images: int, size: int) -> list[Hospi
     return records
 
 
-_SIDE_WORDS = {-1: "right", 1: "left"}  # image side -> patient side
 _DISEASE_WORDS = {"Infiltration": "infiltrate", "Consolidation": "consolidation", "Pneumonia": "pneumonia",
                   "Fibrosis": "basal fibrosis", "Pleural_Thickening": "pleural thickening", "Edema": "pulmonary edema",
                   "Effusion": "pleural effusion"}
 
 
-def _tb_sign_words(key: Sequence[int]) -> str:
-    return f"{_SIDE_WORDS[atelectasis_side(key)]} lower lobe volume loss"
+TB_SIGN_WORDS = "a retrocardiac cavity with an air-fluid level"  # what render.TB_SIGN draws
 
 
 def _other_disease_words(key: Sequence[int]) -> list[str]:
@@ -220,7 +218,7 @@ def _other_disease_words(key: Sequence[int]) -> list[str]:
 
 def shenzhen_reading(record: TBRecord, key: Sequence[int]) -> str:
     """The reading names the image's TB sign and other disease (none: "normal")."""
-    parts = ([f"PTB with {_tb_sign_words(key)}"] if record.tb else []) + _other_disease_words(key)
+    parts = ([f"PTB with {TB_SIGN_WORDS}"] if record.tb else []) + _other_disease_words(key)
     return f"{record.age_text}\n{', '.join(parts) or 'normal'}\n"
 
 
@@ -229,4 +227,4 @@ def montgomery_reading(record: TBRecord, key: Sequence[int]) -> str:
     other = "".join(f" {words.capitalize()}." for words in _other_disease_words(key))
     if not record.tb:
         return header + (other.strip() or "normal") + "\n"
-    return header + f"{_tb_sign_words(key).capitalize()}, consistent with TB." + other + "\n"
+    return header + f"{TB_SIGN_WORDS.capitalize()}, consistent with TB." + other + "\n"
