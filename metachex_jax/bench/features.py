@@ -29,7 +29,7 @@ from metachex_jax.evaluation import metrics
 from metachex_jax.imaging.resize import resize_gray
 from metachex_jax.models import build_model
 from metachex_jax.models.runs import load_run_model
-from metachex_jax.transfer.features import _forward
+from metachex_jax.transfer.features import forward_batch
 from metachex_jax.transfer.probe import ProbeSettings, fit_probe, stratified_group_folds
 
 
@@ -48,7 +48,7 @@ def nih_images(seed: int, count: int, contract: PixelContract, render_size: int 
 def pooled_features(model, images: np.ndarray, contract: PixelContract, batch: int = 100) -> np.ndarray:
     """The transfer's own feature pass (transfer/features.py), batch by batch."""
     model.eval()
-    return np.concatenate([np.asarray(_forward(model, jnp.asarray(images[i:i + batch]), contract)["features"])
+    return np.concatenate([np.asarray(forward_batch(model, jnp.asarray(images[i:i + batch]), contract)["features"])
                            for i in range(0, len(images), batch)])
 
 

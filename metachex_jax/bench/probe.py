@@ -30,7 +30,7 @@ from metachex_jax.configs import pretrain
 from metachex_jax.contract.pixels import PixelContract
 from metachex_jax.evaluation import metrics
 from metachex_jax.models import build_model
-from metachex_jax.transfer.features import _forward
+from metachex_jax.transfer.features import forward_batch
 from metachex_jax.transfer.probe import ProbeSettings, fit_probe, stratified_group_folds
 
 NUM_IMAGES, NUM_TB, NUM_FEATURES = 662, 336, 1024  # the real Shenzhen set; DenseNet-121's pooled features
@@ -87,11 +87,11 @@ def extraction_throughput(arch: str, resolution: int, batch: int, batches: int) 
     contract = PixelContract(resolution, resolution, config.normalization, config.geometry)
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution), np.uint8))
     start = time.perf_counter()
-    jax.block_until_ready(_forward(model, images, contract))
+    jax.block_until_ready(forward_batch(model, images, contract))
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(batches):
-        out = _forward(model, images, contract)
+        out = forward_batch(model, images, contract)
     jax.block_until_ready(out)
     return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "arch": arch,
             "resolution": resolution, "batch": batch, "extract_compile_s": compile_s,

@@ -173,8 +173,9 @@ class ChestFactors:
 # look is exactly what the NIH-like labels teach; every TB-set image (both classes) carries other lung disease in
 # OTHER_DISEASE_FRACTION of cases. Features that learned the NIH findings tell the TB sign from the other disease;
 # an untrained network's features see it less clearly (docs/data.md, "What is planted, and why transfer must help").
-# Version 7 drew volume loss (the Atelectasis painter), which the 64 px demo pretraining learns poorly (validation
-# AUROC 0.67): its lead over random features depended on the data draw. The Hernia painter's bubble is learned well.
+# Version 7 drew volume loss (the Atelectasis painter), which the 64 px demo pretraining learns only moderately
+# (probe AUROC 0.78): its lead over random features depended on the data draw. The Hernia painter's bubble is
+# learned almost perfectly (0.99).
 TB_SIGN = "Hernia"
 OTHER_DISEASE = ("Infiltration", "Consolidation", "Pneumonia", "Fibrosis", "Pleural_Thickening", "Edema", "Effusion")
 OTHER_DISEASE_FRACTION = 0.9

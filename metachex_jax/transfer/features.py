@@ -55,7 +55,7 @@ def cache_key(weights_fingerprint: str, dataset_fingerprint: str, contract: Pixe
 
 
 @functools.partial(nnx.jit, static_argnums=2)
-def _forward(model, images, contract: PixelContract):
+def forward_batch(model, images, contract: PixelContract):
     """Features and head outputs of uint8 images (nnx.jit: compiled once per model structure, contract and
     shape)."""
     features = model.features(contract.model_input(images))
@@ -84,7 +84,7 @@ def extract(model, source, *, contract: PixelContract, batch_size: int) -> tuple
                                image_size=contract.image_size, geometry=contract.geometry) as batches:
         for local in batches:
             batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in local.items()}
-            out = _forward(model, batch["image"], contract)
+            out = forward_batch(model, batch["image"], contract)
             keep = {k: v for k, v in batch.items() if k != "image"}
             gathered = multihost_utils.process_allgather({**keep, **out}, tiled=True)
             for k, v in gathered.items():
