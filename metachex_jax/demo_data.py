@@ -9,6 +9,7 @@ Prints the tree's paths, parameters and counts as JSON; a folder holding the sam
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from collections.abc import Sequence
 
@@ -20,12 +21,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Synthetic demo data: chest-X-ray-like PNGs with "
                                      "planted, learnable signals, in the REAL on-disk layouts.")
     parser.add_argument("--out", required=True, help="folder to create (or reuse if it holds the same demo tree)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_nih", type=int, default=2000)
-    parser.add_argument("--num_shenzhen", type=int, default=662)
-    parser.add_argument("--num_montgomery", type=int, default=138)
-    parser.add_argument("--num_hospital", type=int, default=200, help="images of the hospital CSV dataset")
-    parser.add_argument("--size", type=int, default=256, help="image size in pixels (NIH images are size x size)")
+    default = {name: p.default for name, p in inspect.signature(write_demo_data).parameters.items()}  # one source
+    parser.add_argument("--seed", type=int, default=default["seed"])
+    parser.add_argument("--num_nih", type=int, default=default["num_nih"])
+    parser.add_argument("--num_shenzhen", type=int, default=default["num_shenzhen"])
+    parser.add_argument("--num_montgomery", type=int, default=default["num_montgomery"])
+    parser.add_argument("--num_hospital", type=int, default=default["num_hospital"],
+                        help="images of the hospital CSV dataset")
+    parser.add_argument("--size", type=int, default=default["size"],
+                        help="image size in pixels (NIH images are size x size)")
     parser.add_argument("--num_workers", type=int, default=None, help="processes (default: CPU count)")
     args = parser.parse_args(argv)
     console.setup()

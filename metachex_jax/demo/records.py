@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from metachex_jax.core.labels import PATHOLOGIES
-from metachex_jax.demo.render import ChestFactors, metadata_rng, sample_other_disease
+from metachex_jax.demo.render import TB_SIGN, ChestFactors, metadata_rng, sample_other_disease
 
 # Per-image prevalence, scaled up from the real v2020 ranking so that even Hernia has 9% positives: a 2,000-image
 # set then has >= 30 positives per label in test and ~15 in a 10% validation carve, enough for AUROC to mean something.
@@ -209,7 +209,7 @@ _DISEASE_WORDS = {"Infiltration": "infiltrate", "Consolidation": "consolidation"
                   "Effusion": "pleural effusion"}
 
 
-TB_SIGN_WORDS = "a retrocardiac cavity with an air-fluid level"  # what render.TB_SIGN draws
+TB_SIGN_WORDS = {"Hernia": "a retrocardiac cavity with an air-fluid level"}[TB_SIGN]  # what the image shows
 
 
 def _other_disease_words(key: Sequence[int]) -> list[str]:
