@@ -289,7 +289,9 @@ def test_several_pretraining_runs_as_one_start(finished, setup, tmp_path):
         assert across["mean"] == pytest.approx(single["cells"]["metachexnet/probe"][protocol]["auroc"]["value"])
         for decision in result["groups"]["paired"][protocol]:
             calls = {(r["wins"] or "").split("@")[0].replace("/probe", "") for r in decision["runs"]}
-            assert len(decision["runs"]) == 2 and decision["same_sign"]  # identical runs agree
+            differences = [r["difference"]["value"] for r in decision["runs"]]
+            assert len(differences) == 2 and differences[0] == differences[1]  # identical runs agree
+            assert decision["same_sign"] == (differences[0] != 0)  # a zero difference has no sign
             assert (decision["wins"] or "").replace("/probe", "") == calls.pop()
         assert len(result["curves"]["protocols"][protocol]["no_win_from"]) == 2  # per replicate
     card = json.loads((tmp_path / "tb" / "model" / "model.json").read_text())

@@ -4,9 +4,10 @@
   view, acquisition style). Anatomy is analytic in isotropic normalised coordinates (lungs are tapered
   superellipses cut by diaphragm domes), so lung masks come for free and any image size works. Densities are
   added up, then windowed, gamma-mapped, blurred and noised; everything is vectorised numpy (FFT blurs).
-- Each factor changes the image in its own way (see PLANTED_SIGNALS). A TB image carries its sign, a cavity with
-  an air-fluid level drawn with the NIH Hernia painter, and every TB-set image may carry other lung disease (the
-  NIH opacity, effusion, edema and fibrosis painters): telling TB from other disease is what the NIH labels teach.
+- Each factor changes the image in its own way (see PLANTED_SIGNALS). A TB image carries its sign, a faint cavity
+  with an air-fluid level drawn with the NIH Hernia painter, and every TB-set image may carry other lung disease
+  (the NIH opacity, effusion, edema and fibrosis painters): telling TB from other disease is what the NIH labels
+  teach.
 - Randomness: every image draws from `np.random.default_rng((seed, dataset, purpose, index, component))`, one
   stream per component (pose, anatomy, each finding, ...). Parallelism therefore cannot change a byte, and
   toggling one finding leaves every other part of the image identical (the tests use this).
@@ -49,8 +50,9 @@ fainter than findings. Sex and view cues overlap between the classes, so they ar
   View AP             magnification: larger heart, wider mediastinum; clavicles higher and scapulae over the
                       lungs (ranges overlap with PA)
   Age (years)         bone density: ribs, clavicles and spine get fainter linearly with age
-  TB (version 8)      a cavity with an air-fluid level, drawn with the NIH Hernia painter (a walled gas bubble
-                      with a fluid level behind the heart: the hernia's place, not TB's usual upper zones)
+  TB (version 9)      a faint cavity with an air-fluid level: the NIH Hernia painter's walled gas bubble with a
+                      fluid level behind the heart (the hernia's place, not TB's usual upper zones) at 60% of
+                      its contrast
   Other disease       TB-set images of both classes: one of Infiltration, Consolidation, Pneumonia, Fibrosis,
                       Pleural_Thickening, Edema, Effusion in 90% (a screening population's other findings)
 Nuisance, alike in every set and class: position, scale, rotation, thorax shape, heart size, exposure window,
@@ -169,14 +171,16 @@ class ChestFactors:
     style: str = "chestxray14"
 
 
-# Generator version 8. A TB image carries a cavity with an air-fluid level, drawn by the NIH Hernia painter, so its
-# look is exactly what the NIH-like labels teach; every TB-set image (both classes) carries other lung disease in
-# OTHER_DISEASE_FRACTION of cases. Features that learned the NIH findings tell the TB sign from the other disease;
-# an untrained network's features see it less clearly (docs/data.md, "What is planted, and why transfer must help").
-# Version 7 drew volume loss (the Atelectasis painter), which the 64 px demo pretraining learns only moderately
-# (probe AUROC 0.78): its lead over random features depended on the data draw. The Hernia painter's bubble is
-# learned almost perfectly (0.99).
+# Generator version 9. A TB image carries a cavity with an air-fluid level, drawn by the NIH Hernia painter at
+# TB_SIGN_CONTRAST of the hernia's contrast, so its look is what the NIH-like labels teach, only fainter; every
+# TB-set image (both classes) carries other lung disease in OTHER_DISEASE_FRACTION of cases. Features that learned
+# the bubble from the NIH labels still see the faint one and tell it from the other disease; an untrained network's
+# features barely do (docs/data.md, "What is planted, and why transfer must help").
+# Version 8 drew the cavity at full contrast: random features separated it too (probe AUROC 0.94 within the
+# Shenzhen-like set), and the MetaChexNet probe's lead across sets was too small to decide on 138 images.
+# Version 7 drew volume loss (the Atelectasis painter), which the 64 px demo pretraining learns only moderately.
 TB_SIGN = "Hernia"
+TB_SIGN_CONTRAST = 0.6  # the fraction of the painter's change (in density) a TB image gets
 OTHER_DISEASE = ("Infiltration", "Consolidation", "Pneumonia", "Fibrosis", "Pleural_Thickening", "Edema", "Effusion")
 OTHER_DISEASE_FRACTION = 0.9
 
@@ -575,15 +579,21 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
     unknown = sorted(set(factors.findings) - set(PATHOLOGIES))
     if unknown:
         raise ValueError(f"unknown findings {unknown}; expected names from {PATHOLOGIES}")
-    if factors.tb:  # the TB sign is an NIH painter's finding, drawn exactly as in the NIH-like images
+    # The TB sign is an NIH painter's finding, drawn fainter (TB_SIGN_CONTRAST) unless the image has it anyway
+    faint_sign = TB_SIGN if factors.tb and TB_SIGN not in factors.findings else None
+    if factors.tb:
         factors = dataclasses.replace(factors, findings=factors.findings | {TB_SIGN})
     ch = _build_anatomy(key, shape, factors)
     layers = {}  # a boxed finding -> what its painter changed (for its bounding box)
     for name in PATHOLOGIES:
         if name in factors.findings and name in FINDING_PAINTERS:
-            before = (ch.lesions.copy(), ch.density.copy(), ch.air.copy()) if name in BOX_FINDINGS else None
+            copied = name in BOX_FINDINGS or name == faint_sign
+            before = (ch.lesions.copy(), ch.density.copy(), ch.air.copy()) if copied else None
             FINDING_PAINTERS[name](ch, ch.rng(name))
-            if before is not None:
+            if name == faint_sign:  # keep TB_SIGN_CONTRAST of the painter's change to each layer
+                for layer, old in zip(("lesions", "density", "air"), before):
+                    setattr(ch, layer, old + TB_SIGN_CONTRAST * (getattr(ch, layer) - old))
+            if name in BOX_FINDINGS:
                 layers[name] = (np.abs(ch.lesions - before[0]), np.abs(ch.density - before[1]) + np.abs(ch.air - before[2]))
 
     lungs_total = np.maximum(ch.lung_field[-1], ch.lung_field[1])

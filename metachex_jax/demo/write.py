@@ -50,8 +50,9 @@ from metachex_jax.demo.render import (BOX_FINDINGS, PLANTED_SIGNALS, ChestFactor
 
 GENERATOR = "metachex_jax.demo_data"  # the command that writes a tree (its marker records it)
 # 3: BBox_List_2017.csv; 4: the Hospital CSV dataset; 5: more nuisance; 6: TB signs, other disease; 7: volume loss
-# the one TB sign, the TB sets at the real sizes (662, 138); 8: a cavity (the Hernia painter) the one TB sign
-GENERATOR_VERSION = 8
+# the one TB sign, the TB sets at the real sizes (662, 138); 8: a cavity (the Hernia painter) the one TB sign;
+# 9: the cavity at 60% of the hernia's contrast (NIH-like images unchanged)
+GENERATOR_VERSION = 9
 MARKER_NAME = "demo_data_complete.json"
 README_NAME = "README_SYNTHETIC.txt"
 NIH_DIR, SHENZHEN_DIR, MONTGOMERY_DIR, HOSPITAL_DIR = "ChestX-ray14", "ChinaSet_AllFiles", "MontgomerySet", "Hospital"
