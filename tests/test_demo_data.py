@@ -343,9 +343,11 @@ def test_a_tb_sign_is_a_faint_nih_finding_and_other_disease_is_common(monkeypatc
     contrast: a dark (gas) bubble behind the heart, where the hernia would be, but fainter. At full contrast it is
     the NIH finding's image. Other disease occurs at its designed rate, never as the TB sign."""
     def images(i):
+        """TB, the NIH Hernia finding instead, neither; odd images also carry other disease (never faded)."""
+        other = frozenset([render.OTHER_DISEASE[i % len(render.OTHER_DISEASE)]] if i % 2 else [])
         key = render.image_key(0, "shenzhen", i)
         return [render.render_chest(key, (SIZE, SIZE), _factors(i, **kw, style="shenzhen"))["image"]
-                for kw in ({"tb": True}, {"findings": frozenset(["Hernia"])}, {})]
+                for kw in ({"tb": True, "findings": other}, {"findings": other | {"Hernia"}}, {"findings": other})]
 
     assert 0.3 <= render.TB_SIGN_CONTRAST <= 0.8  # faint, but there
     for i in range(6):

@@ -175,7 +175,7 @@ class ChestFactors:
 # TB_SIGN_CONTRAST of the hernia's contrast, so its look is what the NIH-like labels teach, only fainter; every
 # TB-set image (both classes) carries other lung disease in OTHER_DISEASE_FRACTION of cases. Features that learned
 # the bubble from the NIH labels still see the faint one and tell it from the other disease; an untrained network's
-# features barely do (docs/data.md, "What is planted, and why transfer must help").
+# features see it far less well (docs/data.md, "What is planted, and why transfer must help").
 # Version 8 drew the cavity at full contrast: random features separated it too (probe AUROC 0.94 within the
 # Shenzhen-like set), and the MetaChexNet probe's lead across sets was too small to decide on 138 images.
 # Version 7 drew volume loss (the Atelectasis painter), which the 64 px demo pretraining learns only moderately.
@@ -579,7 +579,8 @@ def render_chest(key: Sequence[int], shape: tuple[int, int], factors: ChestFacto
     unknown = sorted(set(factors.findings) - set(PATHOLOGIES))
     if unknown:
         raise ValueError(f"unknown findings {unknown}; expected names from {PATHOLOGIES}")
-    # The TB sign is an NIH painter's finding, drawn fainter (TB_SIGN_CONTRAST) unless the image has it anyway
+    # The TB sign is an NIH painter's finding, drawn fainter (TB_SIGN_CONTRAST), unless the image also carries that
+    # finding as an NIH label (no TB-set image does: it is never other disease)
     faint_sign = TB_SIGN if factors.tb and TB_SIGN not in factors.findings else None
     if factors.tb:
         factors = dataclasses.replace(factors, findings=factors.findings | {TB_SIGN})
