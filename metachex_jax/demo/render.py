@@ -28,7 +28,18 @@ from metachex_jax.core.labels import PATHOLOGIES
 BOX_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
                 "Pneumothorax")
 
-PLANTED_SIGNALS = """\
+# Generator version 9. A TB image carries a cavity with an air-fluid level, drawn by the NIH Hernia painter at
+# TB_SIGN_CONTRAST of the hernia's contrast, so its look is what the NIH-like labels teach, only fainter; every
+# TB-set image (both classes) carries other lung disease in OTHER_DISEASE_FRACTION of cases. Features that learned
+# the bubble from the NIH labels still see the faint one and tell it from the other disease; an untrained network's
+# features see it far less well (docs/data.md, "What is planted, and why transfer must help").
+# Version 8 drew the cavity at full contrast: random features separated it too (probe AUROC 0.94 within the
+# Shenzhen-like set), and the MetaChexNet probe's lead across sets was too small to decide on 138 images.
+# Version 7 drew volume loss (the Atelectasis painter), which the 64 px demo pretraining learns only moderately.
+TB_SIGN = "Hernia"
+TB_SIGN_CONTRAST = 0.6  # the fraction of the painter's change (in density) a TB image gets
+
+PLANTED_SIGNALS = f"""\
 Planted signals (each factor changes the image in its own way, with random nuisance variation). Findings are
 sized and contrasted to stay visible at the demo's 64 px (a lesion >= ~3 px wide, line >= ~1 px); ribs are
 fainter than findings. Sex and view cues overlap between the classes, so they are learnable but not trivial:
@@ -51,7 +62,7 @@ fainter than findings. Sex and view cues overlap between the classes, so they ar
                       lungs (ranges overlap with PA)
   Age (years)         bone density: ribs, clavicles and spine get fainter linearly with age
   TB (version 9)      a faint cavity with an air-fluid level: the NIH Hernia painter's walled gas bubble with a
-                      fluid level behind the heart (the hernia's place, not TB's usual upper zones) at 60% of
+                      fluid level behind the heart (the hernia's place, not TB's usual upper zones) at {TB_SIGN_CONTRAST:.0%} of
                       its contrast
   Other disease       TB-set images of both classes: one of Infiltration, Consolidation, Pneumonia, Fibrosis,
                       Pleural_Thickening, Edema, Effusion in 90% (a screening population's other findings)
@@ -171,16 +182,6 @@ class ChestFactors:
     style: str = "chestxray14"
 
 
-# Generator version 9. A TB image carries a cavity with an air-fluid level, drawn by the NIH Hernia painter at
-# TB_SIGN_CONTRAST of the hernia's contrast, so its look is what the NIH-like labels teach, only fainter; every
-# TB-set image (both classes) carries other lung disease in OTHER_DISEASE_FRACTION of cases. Features that learned
-# the bubble from the NIH labels still see the faint one and tell it from the other disease; an untrained network's
-# features see it far less well (docs/data.md, "What is planted, and why transfer must help").
-# Version 8 drew the cavity at full contrast: random features separated it too (probe AUROC 0.94 within the
-# Shenzhen-like set), and the MetaChexNet probe's lead across sets was too small to decide on 138 images.
-# Version 7 drew volume loss (the Atelectasis painter), which the 64 px demo pretraining learns only moderately.
-TB_SIGN = "Hernia"
-TB_SIGN_CONTRAST = 0.6  # the fraction of the painter's change (in density) a TB image gets
 OTHER_DISEASE = ("Infiltration", "Consolidation", "Pneumonia", "Fibrosis", "Pleural_Thickening", "Edema", "Effusion")
 OTHER_DISEASE_FRACTION = 0.9
 
